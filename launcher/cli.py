@@ -1,0 +1,255 @@
+"""The `fitquant` command: parse arguments, call the library, render a table or JSON.
+
+This is the only module that imports click or rich or calls sys.exit. Library imports happen
+inside commands so that `fitquant --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from launcher.errors import FitquantError
+
+
+class _Group(click.Group):
+    """Turns every FitquantError into one red line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FitquantError as exc:
+            if ctx.params.get("debug"):
+                raise
+            _error_line(exc)
+            sys.exit(1)
+
+
+def _error_line(exc: Exception) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}"
+    )
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fitquant")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Pick the best GGUF quant that fits entirely on this machine's GPU, start it, verify it."""
+
+
+def _context(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from launcher.units import parse_context
+
+    if value is None:
+        return None
+    try:
+        return parse_context(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _ngl(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.lower() in ("all", "-1"):
+        return -1
+    try:
+        number = int(value)
+    except ValueError:
+        number = -2
+    if number < 0:
+        raise click.BadParameter(f"{value!r} is not a layer count; write a number like 20, or 'all'")
+    return number
+
+
+_KV_TYPES = click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(model: str | None, as_json: bool) -> None:
+    """Show what a GGUF model's header means for memory (no download: header only).
+
+    MODEL is a local .gguf path or an http(s) URL; without it, the embedded default model.
+    """
+    from launcher import read_model_facts
+    from launcher.model import facts_to_json
+
+    facts = read_model_facts(model)
+    data = facts_to_json(facts)
+    if as_json:
+        _print_json(data)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.units import format_bytes
+
+    table = Table(title=f"{facts.source}", show_header=False, title_justify="left")
+    rows = [
+        ("architecture", f"{facts.architecture}" + ("" if facts.known else " (unknown: approximate)")),
+        ("parameters", f"{facts.n_params / 1e9:.3f} B"),
+        ("file type", str(data["file_type"])),
+        ("tensor bytes", format_bytes(facts.tensor_bytes_total)),
+        ("layers", str(facts.n_layer) + (f" ({facts.n_layer_nextn} MTP)" if facts.n_layer_nextn else "")),
+        ("embedding / vocab", f"{facts.n_embd} / {facts.n_vocab}"),
+        ("KV heads", _compact(facts.n_head_kv)),
+        ("head size K / V", f"{facts.head_dim_k} / {facts.head_dim_v}"),
+        ("training context", str(facts.n_ctx_train)),
+    ]
+    if facts.swa_type != "none":
+        rows.append(("sliding window", f"{facts.sliding_window} ({facts.swa_type}) on {len(facts.swa_layers)} layers"))
+    if facts.is_mla:
+        rows.append(("MLA", f"K-only cache, kv_lora_rank {facts.kv_lora_rank}"))
+    if facts.expert_count:
+        rows.append(("experts", f"{facts.expert_used_count} of {facts.expert_count} per token"))
+    if facts.recurrent_layers:
+        rows.append(("recurrent layers", f"{len(facts.recurrent_layers)} (state {facts.n_embd_r}+{facts.n_embd_s})"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console = Console()
+    console.print(table)
+    for note in facts.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def _compact(values: list[int]) -> str:
+    if values and all(v == values[0] for v in values):
+        return f"{values[0]} (all {len(values)} layers)"
+    return ",".join(str(v) for v in values)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--ctx", "n_ctx", callback=_context, help="Context in tokens: 32768, 32k, 128K. Default: the model's.")
+@click.option("--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V.")
+@click.option("--kv-k", "kv_k", type=_KV_TYPES, help="K cache type (overrides --kv).")
+@click.option("--kv-v", "kv_v", type=_KV_TYPES, help="V cache type (overrides --kv).")
+@click.option("--ngl", callback=_ngl, help="Layers to offload to the GPU: a number or 'all'. Default: all with a GPU.")
+@click.option("--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel sequences (slots).")  # fmt: skip
+@click.option("--kv-unified/--no-kv-unified", default=None,
+              help="One KV buffer shared by all slots (llama-server's default with several slots).")  # fmt: skip
+@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
+@click.option("--swa-full", is_flag=True, help="Full-size cache for sliding-window layers.")
+@click.option("--ubatch", "n_ubatch", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Physical batch size (n_ubatch).")  # fmt: skip
+@click.option("--vram", help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB for two.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (sizes in bytes).")
+def estimate(
+    model: str | None,
+    n_ctx: int | None,
+    kv: str,
+    kv_k: str | None,
+    kv_v: str | None,
+    ngl: int | None,
+    n_parallel: int,
+    kv_unified: bool | None,
+    flash_attn: str,
+    swa_full: bool,
+    n_ubatch: int,
+    vram: str | None,
+    as_json: bool,
+) -> None:
+    """Estimate the memory a llama.cpp configuration needs, per device and per component.
+
+    MODEL is a local .gguf path or an http(s) URL; without it, the embedded default model.
+    """
+    from launcher import read_model_facts
+    from launcher.estimate import Settings
+    from launcher.estimate import estimate as estimate_bytes
+
+    facts = read_model_facts(model)
+    gpus = _gpus(vram)
+    settings = Settings(
+        n_ctx=n_ctx or facts.n_ctx_train or 4096,
+        type_k=kv_k or kv,
+        type_v=kv_v or kv,
+        flash_attn=flash_attn,
+        n_gpu_layers=(-1 if gpus else 0) if ngl is None else ngl,
+        n_parallel=n_parallel,
+        kv_unified=(n_parallel > 1) if kv_unified is None else kv_unified,
+        swa_full=swa_full,
+        n_ubatch=n_ubatch,
+    )
+    result = estimate_bytes(facts, settings, gpus=gpus)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    _render_estimate(result)
+
+
+def _gpus(vram: str | None) -> list:
+    """GPUs to place layers on: described with --vram, else probed (none on a CPU-only machine)."""
+    from launcher.estimate import GPU
+
+    if vram:
+        from launcher.units import parse_bytes
+
+        sizes = []
+        for item in vram.split(","):
+            try:
+                sizes.append(parse_bytes(item))
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="'--vram'") from None
+        return [GPU(f"GPU{i}", split_weight=size) for i, size in enumerate(sizes)]
+    try:
+        from launcher.hardware import detect_hardware
+    except ImportError:
+        return []
+    snapshot = detect_hardware()
+    return [
+        GPU(f"GPU{i}", split_weight=device.free_bytes or 1, backend=device.kind)
+        for i, device in enumerate(snapshot.devices)
+        if not device.integrated
+    ]
+
+
+def _render_estimate(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.units import format_bytes
+
+    s = result.settings
+    title = (
+        f"{result.model}\n{result.architecture}, ctx {result.n_ctx}"
+        + (f" ({s.n_parallel} slots)" if s.n_parallel > 1 else "")
+        + f", KV {s.type_k}/{s.type_v}, flash attention {'on' if result.flash_attn else 'off'}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("device", "weights", "KV cache", "recurrent", "compute", "output", "overhead", "total"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for d in result.devices:
+        table.add_row(
+            d.name, *(format_bytes(v) for v in (d.weights_bytes, d.kv_bytes, d.recurrent_bytes, d.compute_bytes,
+                                                 d.output_bytes, d.overhead_bytes, d.total_bytes))
+        )  # fmt: skip
+    if len(result.devices) > 1:
+        table.add_row(
+            "all", *(format_bytes(v) for v in (result.weights_bytes, result.kv_bytes, result.recurrent_bytes,
+                                                result.compute_bytes, result.output_bytes, result.overhead_bytes,
+                                                result.total_bytes)), style="bold"
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    for cache in result.kv_caches:
+        console.print(
+            f"KV cache {cache.kind}: {cache.cells} cells x {cache.n_stream} stream(s), {len(cache.layers)} layers, "
+            f"K {format_bytes(cache.k_bytes)}, V {format_bytes(cache.v_bytes)}"
+        )
+    console.print(f"compute buffer: {result.compute_source}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")

@@ -1,0 +1,515 @@
+"""Estimate: the bytes a llama.cpp configuration takes on each device. Pure.
+
+Mirrors the build of llama.cpp that llama-cpp-python 0.3.36 vendors (paths below are in
+ggml-org/llama.cpp). Weights, KV cache and recurrent state follow llama.cpp's own arithmetic and
+match it exactly; the compute buffer is a model of what `sched_reserve` reserves for the worst-case
+prompt-processing graph, calibrated against the CPU backend (see scripts/bench_estimate.py). On GPU
+backends the compute figure is labelled an estimate until measured there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.errors import EstimateError
+from launcher.model import ModelFacts
+
+MiB = 1024**2
+
+# KV cache types llama.cpp accepts (common/arg.cpp kv_cache_types): ggml block size and bytes per block.
+KV_CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+    "iq4_nl": (32, 18),
+}
+_FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
+
+# Runtime memory outside llama.cpp's buffers: CUDA context + cuBLAS workspace + pool slack
+# (memory-model.md §5: ~250 MiB CUDA context as gguf-parser-go's --platform-footprint, plus the
+# 254 MiB of growth llama.cpp's fit-params README measured beyond its projection). Metal keeps
+# its command buffers in the working set; the CPU backend has nothing llama.cpp does not log.
+RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "cuda": 512 * MiB, "rocm": 512 * MiB, "metal": 256 * MiB}
+
+
+def _pad(value: int, multiple: int) -> int:
+    """GGML_PAD."""
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One llama.cpp configuration, named as llama_context_params names it."""
+
+    n_ctx: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: str = "auto"  # "on" | "off" | "auto"
+    n_gpu_layers: int = 0  # -1: all (n_layer + 1, the output layer included)
+    n_parallel: int = 1  # n_seq_max
+    kv_unified: bool = False
+    swa_full: bool = False
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_rs_seq: int = 0  # recurrent-state snapshots per sequence
+
+    def __post_init__(self) -> None:
+        for name in ("type_k", "type_v"):
+            value = getattr(self, name)
+            if value not in KV_CACHE_TYPES:
+                allowed = ", ".join(KV_CACHE_TYPES)
+                raise EstimateError(f"unsupported KV cache type {value!r} for {name}; use one of {allowed}")
+        if self.flash_attn not in ("on", "off", "auto"):
+            raise EstimateError(f"flash_attn must be on, off or auto, got {self.flash_attn!r}")
+        if self.n_ctx <= 0:
+            raise EstimateError(f"context must be positive, got {self.n_ctx}")
+        if self.n_parallel < 1:
+            raise EstimateError(f"n_parallel must be at least 1, got {self.n_parallel}")
+        if self.n_ubatch < 1 or self.n_batch < 1:
+            raise EstimateError("n_batch and n_ubatch must be at least 1")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU the estimate places layers on: a name and its share of the layer split (free memory)."""
+
+    name: str
+    split_weight: float = 1.0
+    backend: str = "cuda"
+
+
+@dataclass
+class DeviceEstimate:
+    """Bytes one device will hold, by component."""
+
+    name: str
+    backend: str
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0
+    output_bytes: int = 0
+    overhead_bytes: int = 0
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.kv_bytes
+            + self.recurrent_bytes
+            + self.compute_bytes
+            + self.output_bytes
+            + self.overhead_bytes
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "layers": len(self.layers),
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes,
+            "recurrent_bytes": self.recurrent_bytes,
+            "compute_bytes": self.compute_bytes,
+            "output_bytes": self.output_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """One KV cache as llama.cpp builds it (the iSWA pair is two of these)."""
+
+    kind: str  # "non-SWA" | "SWA" | "full"
+    cells: int  # per stream
+    n_stream: int
+    layers: tuple[int, ...]
+    k_bytes: int
+    v_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.k_bytes + self.v_bytes
+
+
+@dataclass
+class MemoryEstimate:
+    """The bytes a configuration needs, per device and per component."""
+
+    model: str
+    architecture: str
+    settings: Settings
+    n_ctx: int  # as llama.cpp will set it (padded to 256, a multiple of n_parallel streams)
+    n_ctx_seq: int
+    flash_attn: bool
+    n_gpu_layers: int  # resolved: layers offloaded, output layer included
+    devices: list[DeviceEstimate]
+    kv_caches: list[KVCache]
+    approximate: bool
+    notes: list[str]
+    compute_source: str  # "model (calibrated on CPU)" or "estimate (not yet measured on this backend)"
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(device, name) for device in self.devices)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self._sum("weights_bytes")
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._sum("kv_bytes")
+
+    @property
+    def recurrent_bytes(self) -> int:
+        return self._sum("recurrent_bytes")
+
+    @property
+    def compute_bytes(self) -> int:
+        return self._sum("compute_bytes")
+
+    @property
+    def output_bytes(self) -> int:
+        return self._sum("output_bytes")
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self._sum("overhead_bytes")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._sum("total_bytes")
+
+    def device(self, name: str) -> DeviceEstimate | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `fitquant estimate --json` document (schema_version 1, sizes in bytes)."""
+        s = self.settings
+        return {
+            "schema_version": 1,
+            "model": self.model,
+            "architecture": self.architecture,
+            "n_ctx": self.n_ctx,
+            "n_ctx_seq": self.n_ctx_seq,
+            "n_parallel": s.n_parallel,
+            "kv_unified": s.kv_unified,
+            "cache_type_k": s.type_k,
+            "cache_type_v": s.type_v,
+            "flash_attn": self.flash_attn,
+            "swa_full": s.swa_full,
+            "n_ubatch": s.n_ubatch,
+            "n_gpu_layers": self.n_gpu_layers,
+            "approximate": self.approximate,
+            "compute_source": self.compute_source,
+            "notes": list(self.notes),
+            "kv_caches": [
+                {
+                    "kind": c.kind,
+                    "cells": c.cells,
+                    "streams": c.n_stream,
+                    "layers": len(c.layers),
+                    "k_bytes": c.k_bytes,
+                    "v_bytes": c.v_bytes,
+                }
+                for c in self.kv_caches
+            ],
+            "devices": [device.to_json() for device in self.devices],
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes,
+            "recurrent_bytes": self.recurrent_bytes,
+            "compute_bytes": self.compute_bytes,
+            "output_bytes": self.output_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def cache_row_bytes(cache_type: str, n_elements: int) -> int:
+    """ggml_row_size: bytes of one row of n_elements in a cache type (must fill whole blocks)."""
+    block, block_bytes = KV_CACHE_TYPES[cache_type]
+    if n_elements % block:
+        raise EstimateError(
+            f"KV cache type {cache_type} needs rows that are a multiple of {block} elements, "
+            f"this model has {n_elements}; use f16"
+        )
+    return n_elements // block * block_bytes
+
+
+def resolve_flash_attn(facts: ModelFacts, settings: Settings) -> bool:
+    """llama_init_from_model's flash-attention rules (src/llama-context.cpp)."""
+    quantized_v = settings.type_v not in _FLOAT_CACHE_TYPES
+    if facts.architecture == "grok":
+        if quantized_v:
+            raise EstimateError("grok runs without flash attention, so its V cache cannot be quantized")
+        return False
+    if settings.flash_attn == "off":
+        if quantized_v:
+            raise EstimateError(
+                f"a quantized V cache ({settings.type_v}) requires flash attention; use --flash-attn on "
+                "or an f16 V cache"
+            )
+        return False
+    # "auto" resolves to on wherever the backend runs flash attention (CPU, CUDA, Metal, Vulkan all do).
+    return True
+
+
+def _check_types(facts: ModelFacts, settings: Settings, flash_attn: bool) -> None:
+    if facts.is_mla and settings.type_k != settings.type_v:
+        raise EstimateError("MLA models (deepseek2 and kin) need the same K and V cache type")
+    if flash_attn and settings.type_k not in _FLOAT_CACHE_TYPES:
+        head = facts.head_dim_k
+        if head % 32:
+            raise EstimateError(
+                f"quantized K cache with flash attention needs a head size divisible by 32, not {head}"
+            )
+
+
+def kv_caches(facts: ModelFacts, settings: Settings, *, flash_attn: bool) -> tuple[list[KVCache], int, int]:
+    """The KV caches llama.cpp creates, and (n_ctx, n_ctx_seq) as llama_context sets them.
+
+    src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256); per-sequence streams when not unified.
+    src/llama-kv-cache-iswa.cpp: SWA cells = GGML_PAD(min(size, n_swa*(unified ? n_seq : 1) + n_ubatch), 256).
+    src/llama-kv-cache.cpp: K [n_embd_k_gqa, cells, n_stream]; V likewise (padded to the largest layer
+    when transposed, i.e. without flash attention); MLA keeps no V.
+    """
+    np_ = settings.n_parallel
+    n_ctx = _pad(settings.n_ctx, 256)
+    if settings.kv_unified:
+        n_ctx_seq = n_ctx
+        n_stream = 1
+    else:
+        n_ctx_seq = _pad(n_ctx // np_, 256)
+        n_ctx = n_ctx_seq * np_
+        n_stream = np_
+    if not facts.has_memory:
+        return [], n_ctx, n_ctx_seq
+    n_batch = min(n_ctx, settings.n_batch)
+    n_ubatch = min(n_batch, settings.n_ubatch)
+    kv_layers = [layer for layer in facts.layers if layer.has_kv]
+    if not kv_layers:
+        return [], n_ctx, n_ctx_seq
+    v_trans = not flash_attn
+    v_width_max = facts.n_embd_v_gqa_max
+
+    def build(kind: str, layers: list, cells: int) -> KVCache:
+        k_bytes = v_bytes = 0
+        for layer in layers:
+            k_bytes += cache_row_bytes(settings.type_k, layer.n_embd_k_gqa) * cells * n_stream
+            if not facts.is_mla:
+                width = v_width_max if v_trans else layer.n_embd_v_gqa
+                v_bytes += cache_row_bytes(settings.type_v, width) * cells * n_stream
+        return KVCache(kind, cells, n_stream, tuple(layer.index for layer in layers), k_bytes, v_bytes)
+
+    if facts.swa_type == "none":
+        return [build("full", kv_layers, n_ctx_seq)], n_ctx, n_ctx_seq
+    size_swa = n_ctx_seq
+    if not settings.swa_full:
+        window = facts.sliding_window * (np_ if settings.kv_unified else 1) + n_ubatch
+        size_swa = _pad(min(n_ctx_seq, window), 256)
+    caches = [
+        build("non-SWA", [layer for layer in kv_layers if not layer.swa], n_ctx_seq),
+        build("SWA", [layer for layer in kv_layers if layer.swa], size_swa),
+    ]
+    return caches, n_ctx, n_ctx_seq
+
+
+def recurrent_state_bytes_per_layer(facts: ModelFacts, settings: Settings) -> int:
+    """src/llama-memory-recurrent.cpp: F32 rows of n_embd_r + n_embd_s; max(1, n_seq) x (1 + n_rs_seq)."""
+    rows = max(1, settings.n_parallel) * (1 + settings.n_rs_seq)
+    return (facts.n_embd_r + facts.n_embd_s) * 4 * rows
+
+
+def _layer_devices(facts: ModelFacts, n_gpu_layers: int, gpus: list[GPU]) -> list[str]:
+    """Device of each layer 0..n_layer (the last is the output layer): src/llama-model.cpp load_tensors.
+
+    i_gpu_start = max(n_layer + 1 - ngl, 0); GPU layers split by cumulative share of free memory.
+    """
+    n_layer = facts.n_layer
+    if not gpus:
+        return ["CPU"] * (n_layer + 1)
+    total = sum(g.split_weight for g in gpus) or 1.0
+    bounds, acc = [], 0.0
+    for g in gpus:
+        acc += g.split_weight
+        bounds.append(acc / total)
+    i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)
+    act = min(n_gpu_layers, n_layer + 1)
+    result = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            result.append("CPU")
+            continue
+        position = (il - i_gpu_start) / act
+        index = next((i for i, b in enumerate(bounds) if position < b), len(gpus) - 1)
+        result.append(gpus[index].name)
+    return result
+
+
+def _compute_bytes_by_device(
+    facts: ModelFacts,
+    settings: Settings,
+    caches: list[KVCache],
+    layer_device: list[str],
+    *,
+    n_ctx: int,
+    flash_attn: bool,
+) -> dict[str, int]:
+    """The compute buffer `sched_reserve` reserves on each backend (src/llama-context.cpp).
+
+    The worst case is the prompt-processing graph: n_tokens = min(n_ctx, n_ubatch), one output per
+    token, n_seq streams. ggml-alloc reuses memory, so the buffer is the peak of what is live at once:
+    - during attention: the KQ masks (inputs, live until the last layer), and without flash attention
+      the KQ scores [n_kv, n_tokens, n_head] in F32 (softmax works in place);
+    - during the feed-forward: the masks plus the FFN activations (MoE: one per selected expert);
+    - at the output: the logits [n_vocab, n_outputs] in F32 (the masks are freed by then).
+    Each term is a tensor llama.cpp's graph creates; the activation counts are calibrated on the CPU
+    backend against measured figures (scripts/bench_estimate.py).
+    """
+    n_batch = min(n_ctx, settings.n_batch)
+    n_tokens = min(n_batch, settings.n_ubatch)
+    n_seq = settings.n_parallel
+    if n_tokens % n_seq:
+        n_tokens = _pad(n_tokens, n_seq)
+    f32 = 4
+    mask_elt = (
+        2 if flash_attn else 4
+    )  # flash attention takes an F16 mask (llama-graph.cpp build_attn_inp_kq_mask)
+    cells = {layer: cache.cells for cache in caches for layer in cache.layers}
+    mask_bytes = sum(cache.cells * n_tokens * mask_elt for cache in caches if cache.layers)
+    n_embd = facts.n_embd
+    per_device: dict[str, int] = {}
+
+    def peak(device: str, value: int) -> None:
+        per_device[device] = max(per_device.get(device, 0), value)
+
+    for layer in facts.layers[: facts.n_layer - facts.n_layer_nextn]:
+        device = layer_device[layer.index]
+        q_dim = layer.n_head * layer.head_dim_k
+        kv_dim = layer.n_embd_k_gqa + layer.n_embd_v_gqa
+        # residual stream, normed input, Q (+rope/scale copies), K and V projections
+        attn_act = (2 * n_embd + 3 * q_dim + kv_dim) * n_tokens * f32
+        attn = mask_bytes + attn_act
+        if layer.has_kv and not flash_attn:
+            attn += cells[layer.index] * n_tokens * layer.n_head * f32  # KQ scores
+            if facts.is_mla:
+                attn += cells[layer.index] * facts.kv_lora_rank * 2  # V made contiguous from the K view
+        if layer.recurrent:
+            # conv input window and SSM scan output per token (src/models/graph-context-mamba.cpp)
+            d_inner = facts.ssm_d_inner or n_embd
+            attn = max(attn, mask_bytes + (2 * n_embd + 4 * d_inner) * n_tokens * f32)
+        n_ff = facts.n_ff[layer.index] if facts.n_ff else 0
+        if facts.expert_count and layer.expert_bytes:
+            n_ff_exp = max(n_ff, 1)
+            ffn_act = (
+                (2 * n_embd + facts.expert_count + 3 * facts.expert_used_count * n_ff_exp) * n_tokens * f32
+            )
+        else:
+            ffn_act = (2 * n_embd + 2 * n_ff) * n_tokens * f32
+        peak(device, max(attn, mask_bytes + ffn_act))
+    # Output layer: logits for every token of the batch, plus the final norm and its input.
+    out_device = layer_device[facts.n_layer]
+    peak(out_device, (facts.n_vocab + 2 * n_embd) * n_tokens * f32)
+    # With layers off the CPU the host still runs the input layer (token embedding rows).
+    if any(d != "CPU" for d in layer_device):
+        peak("CPU", n_embd * n_tokens * f32)
+    return per_device
+
+
+def estimate(
+    facts: ModelFacts,
+    settings: Settings,
+    *,
+    gpus: list[GPU] | None = None,
+) -> MemoryEstimate:
+    """Bytes per device for one configuration. Without GPUs, or with n_gpu_layers 0, all on the CPU."""
+    gpus = list(gpus or [])
+    flash_attn = resolve_flash_attn(facts, settings)
+    _check_types(facts, settings, flash_attn)
+    n_layer = facts.n_layer
+    ngl = n_layer + 1 if settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, n_layer + 1)
+    if not gpus:
+        ngl = 0
+    layer_device = _layer_devices(facts, ngl, gpus)
+    backend_of = {g.name: g.backend for g in gpus}
+    names = ["CPU"] + [g.name for g in gpus if g.name in layer_device]
+    devices = {name: DeviceEstimate(name, backend_of.get(name, "cpu")) for name in names}
+
+    # Weights: blocks on their layer's device, input layer on the CPU, output layer on layer n_layer's.
+    out_device = layer_device[n_layer]
+    for layer in facts.layers:
+        device = devices[layer_device[layer.index]]
+        device.weights_bytes += layer.weight_bytes
+        device.layers.append(layer.index)
+    devices["CPU"].weights_bytes += facts.input_bytes + facts.other_bytes
+    output_weights = facts.output_bytes
+    if facts.output_tied and out_device == "CPU":
+        # The tied output is token_embd itself; on the host both views share one copy.
+        output_weights -= facts.token_embd_bytes
+    devices[out_device].weights_bytes += output_weights
+
+    caches, n_ctx, n_ctx_seq = kv_caches(facts, settings, flash_attn=flash_attn)
+    for cache in caches:
+        per_layer_k = cache.k_bytes // max(1, len(cache.layers))
+        per_layer_v = cache.v_bytes // max(1, len(cache.layers))
+        # Split per layer only to place it; the layers of one cache are alike except for GQA width.
+        if len({facts.layers[i].n_embd_k_gqa for i in cache.layers}) <= 1:
+            for il in cache.layers:
+                devices[layer_device[il]].kv_bytes += per_layer_k + per_layer_v
+        else:
+            for il in cache.layers:
+                layer = facts.layers[il]
+                k = cache_row_bytes(settings.type_k, layer.n_embd_k_gqa) * cache.cells * cache.n_stream
+                v = cache.v_bytes // max(1, len(cache.layers)) if not facts.is_mla else 0
+                devices[layer_device[il]].kv_bytes += k + v
+
+    rs_per_layer = recurrent_state_bytes_per_layer(facts, settings)
+    for layer in facts.layers[: n_layer - facts.n_layer_nextn]:
+        if layer.recurrent:
+            devices[layer_device[layer.index]].recurrent_bytes += rs_per_layer
+
+    for name, value in _compute_bytes_by_device(
+        facts, settings, caches, layer_device, n_ctx=n_ctx, flash_attn=flash_attn
+    ).items():
+        devices[name].compute_bytes += value
+
+    # Output buffer: logits for n_seq outputs on the host (llama_context::output_reserve).
+    devices["CPU"].output_bytes = facts.n_vocab * 4 * settings.n_parallel
+    for device in devices.values():
+        device.overhead_bytes = RUNTIME_OVERHEAD_BYTES.get(device.backend, 0)
+
+    notes = list(facts.notes)
+    if settings.n_ctx > facts.n_ctx_train > 0:
+        notes.append(f"context {settings.n_ctx} exceeds the model's training context {facts.n_ctx_train}")
+    if gpus and 0 < ngl < n_layer + 1:
+        notes.append(f"partial offload: {ngl} of {n_layer + 1} layers on the GPU, the rest on the CPU")
+    gpu_backends = {g.backend for g in gpus if g.name in layer_device}
+    compute_source = (
+        "estimate for "
+        + "/".join(sorted(gpu_backends))
+        + " (calibrated on the CPU backend, not yet measured)"
+        if gpu_backends
+        else "model calibrated on the CPU backend"
+    )
+    return MemoryEstimate(
+        model=facts.source,
+        architecture=facts.architecture,
+        settings=settings,
+        n_ctx=n_ctx,
+        n_ctx_seq=n_ctx_seq,
+        flash_attn=flash_attn,
+        n_gpu_layers=ngl,
+        devices=list(devices.values()),
+        kv_caches=caches,
+        approximate=not facts.known,
+        notes=notes,
+        compute_source=compute_source,
+    )
