@@ -110,13 +110,17 @@ def inspect(model: str | None, as_json: bool) -> None:
         ("training context", str(facts.n_ctx_train)),
     ]
     if facts.swa_type != "none":
-        rows.append(("sliding window", f"{facts.sliding_window} ({facts.swa_type}) on {len(facts.swa_layers)} layers"))
+        rows.append(
+            ("sliding window", f"{facts.sliding_window} ({facts.swa_type}) on {len(facts.swa_layers)} layers")
+        )
     if facts.is_mla:
         rows.append(("MLA", f"K-only cache, kv_lora_rank {facts.kv_lora_rank}"))
     if facts.expert_count:
         rows.append(("experts", f"{facts.expert_used_count} of {facts.expert_count} per token"))
     if facts.recurrent_layers:
-        rows.append(("recurrent layers", f"{len(facts.recurrent_layers)} (state {facts.n_embd_r}+{facts.n_embd_s})"))
+        rows.append(
+            ("recurrent layers", f"{len(facts.recurrent_layers)} (state {facts.n_embd_r}+{facts.n_embd_s})")
+        )
     for key, value in rows:
         table.add_row(key, value)
     console = Console()
@@ -133,11 +137,17 @@ def _compact(values: list[int]) -> str:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--ctx", "n_ctx", callback=_context, help="Context in tokens: 32768, 32k, 128K. Default: the model's.")
-@click.option("--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V.")
+@click.option(
+    "--ctx", "n_ctx", callback=_context, help="Context in tokens: 32768, 32k, 128K. Default: the model's."
+)
+@click.option(
+    "--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V."
+)
 @click.option("--kv-k", "kv_k", type=_KV_TYPES, help="K cache type (overrides --kv).")
 @click.option("--kv-v", "kv_v", type=_KV_TYPES, help="V cache type (overrides --kv).")
-@click.option("--ngl", callback=_ngl, help="Layers to offload to the GPU: a number or 'all'. Default: all with a GPU.")
+@click.option(
+    "--ngl", callback=_ngl, help="Layers to offload to the GPU: a number or 'all'. Default: all with a GPU."
+)
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel sequences (slots).")  # fmt: skip
 @click.option("--kv-unified/--no-kv-unified", default=None,
@@ -230,19 +240,26 @@ def _render_estimate(result: Any) -> None:
         + f", KV {s.type_k}/{s.type_v}, flash attention {'on' if result.flash_attn else 'off'}"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("device", "weights", "KV cache", "recurrent", "compute", "output", "overhead", "total"):
-        table.add_column(column, justify="left" if column == "device" else "right")
+    columns = [
+        ("weights", "weights_bytes"),
+        ("KV cache", "kv_bytes"),
+        ("recurrent", "recurrent_bytes"),
+        ("compute", "compute_bytes"),
+        ("output", "output_bytes"),
+        ("runtime", "overhead_bytes"),
+        ("total", "total_bytes"),
+    ]
+    # Leave out components this configuration does not have (recurrent state, runtime overhead on CPU).
+    columns = [
+        (label, attr) for label, attr in columns if label in ("weights", "total") or getattr(result, attr)
+    ]
+    table.add_column("device")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
     for d in result.devices:
-        table.add_row(
-            d.name, *(format_bytes(v) for v in (d.weights_bytes, d.kv_bytes, d.recurrent_bytes, d.compute_bytes,
-                                                 d.output_bytes, d.overhead_bytes, d.total_bytes))
-        )  # fmt: skip
+        table.add_row(d.name, *(format_bytes(getattr(d, attr)) for _, attr in columns))
     if len(result.devices) > 1:
-        table.add_row(
-            "all", *(format_bytes(v) for v in (result.weights_bytes, result.kv_bytes, result.recurrent_bytes,
-                                                result.compute_bytes, result.output_bytes, result.overhead_bytes,
-                                                result.total_bytes)), style="bold"
-        )  # fmt: skip
+        table.add_row("all", *(format_bytes(getattr(result, attr)) for _, attr in columns), style="bold")
     console = Console()
     console.print(table)
     for cache in result.kv_caches:

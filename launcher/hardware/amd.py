@@ -1,4 +1,4 @@
-"""AMD GPUs from the amdgpu driver's sysfs, with no ROCm library needed (the route Ollama's discover/amd_linux.go takes).
+"""AMD GPUs from the amdgpu driver's sysfs, no ROCm library needed (as Ollama's discover/amd_linux.go does).
 
 Layout read (under `sysfs_root`, normally /sys):
 
@@ -70,7 +70,10 @@ def parse_kfd_properties(text: str) -> dict[str, int]:
 
 
 def gfx_target(version: int) -> str:
-    """KFD gfx_target_version (major*10000 + minor*100 + stepping) -> LLVM name: 110003 -> gfx1103, 90010 -> gfx90a."""
+    """KFD gfx_target_version (major*10000 + minor*100 + stepping) -> LLVM name.
+
+    110003 -> gfx1103, 90010 -> gfx90a.
+    """
     major, minor, stepping = version // 10000, version // 100 % 100, version % 100
     return f"gfx{major}{minor:x}{stepping:x}"
 
@@ -111,7 +114,9 @@ def amd_devices(
     devices = []
     for position, system_index in enumerate(chosen):
         gpu = reading.gpus[system_index]
-        device, device_notes = _device(gpu, position, system_index, uuids[system_index], reading, ram_available_bytes)
+        device, device_notes = _device(
+            gpu, position, system_index, uuids[system_index], reading, ram_available_bytes
+        )
         devices.append(device)
         notes.extend(device_notes)
     return devices, notes

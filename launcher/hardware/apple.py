@@ -168,8 +168,8 @@ def metal_working_set(memsize_bytes: int, wired_limit_mb: int | None) -> tuple[i
         )
     working_set = default_working_set_bytes(memsize_bytes)
     return working_set, (
-        f"Metal working set estimated at {format_bytes(working_set)} of {format_bytes(memsize_bytes)} unified "
-        "memory (macOS default); `sudo sysctl iogpu.wired_limit_mb=<MiB>` raises it"
+        f"Metal working set estimated at {format_bytes(working_set)} of {format_bytes(memsize_bytes)} "
+        "unified memory (macOS default); `sudo sysctl iogpu.wired_limit_mb=<MiB>` raises it"
     )
 
 

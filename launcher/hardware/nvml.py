@@ -120,7 +120,11 @@ def _read_gpu(nvml: Any, index: int, failures: tuple[type[Exception], ...]) -> N
             gpu.memory_error = _describe(exc)
             memory = None
     if memory is not None:
-        gpu.total_bytes, gpu.free_bytes, gpu.used_bytes = int(memory.total), int(memory.free), int(memory.used)
+        gpu.total_bytes, gpu.free_bytes, gpu.used_bytes = (
+            int(memory.total),
+            int(memory.free),
+            int(memory.used),
+        )
     gpu.processes, gpu.processes_error = _read_processes(nvml, handle, failures)
     return gpu
 
@@ -171,12 +175,12 @@ def nvidia_devices(
         raise HardwareError(f"NVML failed while listing GPUs: {reading.error}")
     uuids = [gpu.uuid for gpu in reading.gpus]
     chosen, notes = cuda_visible(env, uuids)
-    if len(chosen) > 1 and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
-        if len({reading.gpus[i].name for i in chosen}) > 1:
-            notes.append(
-                "GPUs are numbered in PCI bus order (NVML); CUDA numbers them fastest first unless "
-                "CUDA_DEVICE_ORDER=PCI_BUS_ID is set, so runtimes may number these GPUs differently"
-            )
+    mixed = len({reading.gpus[i].name for i in chosen}) > 1
+    if mixed and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        notes.append(
+            "GPUs are numbered in PCI bus order (NVML); CUDA numbers them fastest first unless "
+            "CUDA_DEVICE_ORDER=PCI_BUS_ID is set, so runtimes may number these GPUs differently"
+        )
     devices = []
     for position, system_index in enumerate(chosen):
         gpu = reading.gpus[system_index]
@@ -199,7 +203,9 @@ def _device(
     unified = False
     if gpu.memory_error:
         if not gpu.memory_error.startswith("NVMLError_NotSupported"):
-            raise HardwareError(f"NVML could not read the memory of GPU {gpu.index} ({name}): {gpu.memory_error}")
+            raise HardwareError(
+                f"NVML could not read the memory of GPU {gpu.index} ({name}): {gpu.memory_error}"
+            )
         # GB10 (DGX Spark) and Jetson have no memory of their own: NVML declines to size it.
         unified = True
         total, free, used = ram_total_bytes, ram_available_bytes, None
@@ -211,7 +217,9 @@ def _device(
         free = min(free, total)
     processes = None
     if gpu.processes is not None:
-        processes = tuple(GpuProcess(pid=pid, name=pname, used_bytes=pused) for pid, pname, pused in gpu.processes)
+        processes = tuple(
+            GpuProcess(pid=pid, name=pname, used_bytes=pused) for pid, pname, pused in gpu.processes
+        )
     device = Device(
         kind="cuda",
         index=position,

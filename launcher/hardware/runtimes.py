@@ -7,6 +7,7 @@ Both are quick looks, not launches: importing llama_cpp (about 0.2 s for a CPU b
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -59,10 +60,8 @@ def ollama_url(host: str | None) -> str:
     elif scheme in ("http", "https"):
         port = 80 if scheme == "http" else 443
     split = urllib.parse.urlsplit(f"{scheme}://{hostport}")
-    try:
+    with contextlib.suppress(ValueError):  # a port that is not a number: keep the default
         port = split.port or port
-    except ValueError:
-        pass
     hostname = split.hostname or "127.0.0.1"
     if ":" in hostname:
         hostname = f"[{hostname}]"

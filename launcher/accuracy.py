@@ -1,0 +1,135 @@
+"""Accuracy: compare estimates with llama.cpp's own figures for the same configuration.
+
+Shared by the test suite (which asserts the tolerances) and scripts/bench_estimate.py (which prints
+the table). The oracle is llama.cpp itself, run by launcher.engine with `no_alloc`.
+
+Tolerances (the foundation issue's contract):
+- weights, KV cache and recurrent state: exact, to the precision llama.cpp prints (MiB, 2 decimals);
+  weights against `llama_model_size`, which is exact in bytes;
+- compute buffer: within 10% or 16 MiB, whichever is larger;
+- total: within 2% or 32 MiB, whichever is larger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.estimate import MemoryEstimate, Settings
+from launcher.model import ModelFacts
+
+MiB = 1024**2
+# llama.cpp prints "%7.2f" of a float: compare at that precision, allowing the last digit's rounding.
+PRINT_PRECISION_MIB = 0.0051
+
+
+@dataclass(frozen=True)
+class Check:
+    """One component of one configuration: what fitquant predicted and what llama.cpp reported."""
+
+    component: str  # "weights" | "kv" | "kv:SWA" | "recurrent" | "compute" | "total"
+    predicted_mib: float
+    measured_mib: float
+    tolerance_mib: float
+    exact: bool  # compared at llama.cpp's print precision rather than within a tolerance
+
+    @property
+    def error_mib(self) -> float:
+        return self.predicted_mib - self.measured_mib
+
+    @property
+    def error_ratio(self) -> float:
+        return self.error_mib / self.measured_mib if self.measured_mib else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.error_mib) <= self.tolerance_mib
+
+
+def engine_settings(settings: Settings) -> Any:
+    """The launcher.engine settings that run `settings` on llama.cpp's CPU backend."""
+    from launcher.engine import EngineSettings
+
+    return EngineSettings(
+        n_ctx=settings.n_ctx,
+        n_gpu_layers=settings.n_gpu_layers,
+        type_k=settings.type_k,
+        type_v=settings.type_v,
+        flash_attn=settings.flash_attn,
+        n_parallel=settings.n_parallel,
+        kv_unified=settings.kv_unified,
+        swa_full=settings.swa_full,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+    )
+
+
+def settings_matrix(
+    facts: ModelFacts, *, contexts: tuple[int, ...] = (4096, 32768, 131072)
+) -> Iterator[Settings]:
+    """Every setting the contract covers for one model: contexts the model allows, K/V f16 (flash
+    attention off and on) and q8_0, one slot and four (unified and per-sequence), swa_full off and on."""
+    allowed = [c for c in contexts if not facts.n_ctx_train or c <= max(facts.n_ctx_train, contexts[0])]
+    kv_modes = (("f16", "off"), ("f16", "on"), ("q8_0", "on"))
+    slots = ((1, False), (4, True), (4, False))
+    swa_modes = (False, True) if facts.swa_type != "none" else (False,)
+    for n_ctx in allowed:
+        for cache_type, flash_attn in kv_modes:
+            for n_parallel, unified in slots:
+                for swa_full in swa_modes:
+                    yield Settings(
+                        n_ctx=n_ctx,
+                        type_k=cache_type,
+                        type_v=cache_type,
+                        flash_attn=flash_attn,
+                        n_parallel=n_parallel,
+                        kv_unified=unified,
+                        swa_full=swa_full,
+                    )
+
+
+def compare(estimate: MemoryEstimate, measurement: Any) -> list[Check]:
+    """Checks of one estimate against one launcher.engine measurement of the same settings."""
+    checks: list[Check] = []
+
+    def exact(component: str, predicted_bytes: int, measured_mib: float) -> None:
+        checks.append(Check(component, predicted_bytes / MiB, measured_mib, PRINT_PRECISION_MIB, True))
+
+    weights_exact = estimate.weights_bytes == measurement.model_size_bytes
+    checks.append(
+        Check("weights", estimate.weights_bytes / MiB, measurement.model_size_bytes / MiB, 0.0, True)
+        if weights_exact
+        else Check("weights", estimate.weights_bytes / MiB, measurement.model_size_bytes / MiB, -1.0, True)
+    )
+    caches = [c for c in estimate.kv_caches if c.layers or len(estimate.kv_caches) == 1]
+    measured_caches = list(measurement.kv_caches)
+    if len(caches) == len(measured_caches):
+        for predicted, measured in zip(caches, measured_caches):
+            name = "kv" if predicted.kind in ("full", "non-SWA") else "kv:SWA"
+            exact(name, predicted.total_bytes, measured.total_mib)
+            if predicted.cells != measured.cells:
+                checks.append(Check(name + " cells", predicted.cells, measured.cells, 0.0, True))
+    else:
+        checks.append(
+            Check("kv caches", float(len(caches)), float(len(measured_caches)), 0.0, True)
+        )  # a different number of caches is a failure in itself
+    measured_rs = sum(rs.total_mib for rs in measurement.rs_caches)
+    if estimate.recurrent_bytes or measured_rs:
+        exact("recurrent", estimate.recurrent_bytes, measured_rs)
+    measured_compute = measurement.total_mib("compute")
+    predicted_compute = estimate.compute_bytes / MiB
+    checks.append(
+        Check("compute", predicted_compute, measured_compute, max(0.10 * measured_compute, 16.0), False)
+    )
+    measured_kv = sum(c.total_mib for c in measured_caches)
+    measured_total = (
+        measurement.model_size_bytes / MiB + measured_kv + measured_rs + measured_compute
+        + measurement.total_mib("output")
+    )  # fmt: skip
+    predicted_total = (
+        estimate.weights_bytes + estimate.kv_bytes + estimate.recurrent_bytes + estimate.compute_bytes
+        + estimate.output_bytes
+    ) / MiB  # fmt: skip
+    checks.append(Check("total", predicted_total, measured_total, max(0.02 * measured_total, 32.0), False))
+    return checks
