@@ -105,7 +105,7 @@ def compare(estimate: MemoryEstimate, measurement: Any) -> list[Check]:
     caches = [c for c in estimate.kv_caches if c.layers or len(estimate.kv_caches) == 1]
     measured_caches = list(measurement.kv_caches)
     if len(caches) == len(measured_caches):
-        for predicted, measured in zip(caches, measured_caches):
+        for predicted, measured in zip(caches, measured_caches, strict=True):
             name = "kv" if predicted.kind in ("full", "non-SWA") else "kv:SWA"
             exact(name, predicted.total_bytes, measured.total_mib)
             if predicted.cells != measured.cells:

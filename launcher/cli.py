@@ -48,6 +48,116 @@ def main(debug: bool) -> None:
     """Pick the best GGUF quant that fits entirely on this machine's GPU, start it, verify it."""
 
 
+def _vram_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
+    """--vram 12GiB or 24GiB,24GiB: one size per GPU, in bytes."""
+    from launcher.hardware import parse_vram_list
+
+    if value is None:
+        return None
+    try:
+        return parse_vram_list(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _byte_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """--ram 64GiB, --unified 32GiB: a positive size in bytes."""
+    from launcher.units import parse_bytes
+
+    if value is None:
+        return None
+    try:
+        size = parse_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} is not a usable size; it must be more than 0")
+    return size
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (sizes in bytes).")
+@click.option("--doctor", is_flag=True, help="Print every probe's raw readings as JSON, for bug reports.")
+@click.option(
+    "--vram", callback=_vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB for two."
+)
+@click.option("--ram", callback=_byte_size, help="Describe the host's RAM instead of probing: 64GiB.")
+@click.option("--unified", callback=_byte_size, help="Describe an Apple Silicon Mac's unified memory: 32GiB.")
+def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, unified: int | None) -> None:
+    """Show the GPUs, the memory free on each now, RAM and CPU of this machine, or of a described one."""
+    from launcher.hardware import collect_readings, describe_machine, detect_hardware
+
+    described = vram is not None or ram is not None or unified is not None
+    if doctor:
+        if described:
+            raise click.UsageError(
+                "--doctor reads this machine; it cannot be combined with --vram, --ram or --unified"
+            )
+        _print_json(collect_readings())
+        return
+    if described:
+        try:
+            snapshot = describe_machine(vram=vram, ram=ram, unified=unified)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    else:
+        snapshot = detect_hardware(probe_backends=True)
+    if as_json:
+        _print_json(snapshot.to_json())
+        return
+    _render_hardware(snapshot)
+
+
+def _render_hardware(snapshot: Any) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from launcher.units import format_bytes
+
+    def size(value: int | None) -> str:
+        return "?" if value is None else format_bytes(value)
+
+    console = Console(highlight=False)
+    title = "Described machine" if snapshot.described else "This machine"
+    if snapshot.devices:
+        table = Table(title=title, title_justify="left")
+        optional = {"compute": "compute_capability", "driver": "driver"}
+        shown = [name for name, field in optional.items() if any(getattr(d, field) for d in snapshot.devices)]
+        for column in ["#", "kind", "name", "total", "free", "used", "memory", *shown]:
+            numeric = column in ("total", "free", "used")
+            table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
+        for device in snapshot.devices:
+            table.add_row(
+                str(device.index), device.kind, escape(device.name), size(device.total_bytes),
+                size(device.free_bytes), size(device.used_bytes),
+                "unified" if device.unified else "dedicated",
+                *(escape(getattr(device, optional[name]) or "") for name in shown),
+            )  # fmt: skip
+        console.print(table)
+        for device in snapshot.devices:
+            for process in device.processes or ():
+                console.print(
+                    f"  GPU {device.index}: pid {process.pid} {escape(process.name or '?')} "
+                    f"holds {size(process.used_bytes)}"
+                )
+    else:
+        console.print(f"{title}: no GPU")
+    ram_total, ram_available = size(snapshot.ram_total_bytes), size(snapshot.ram_available_bytes)
+    console.print(f"RAM: {ram_total} total, {ram_available} available")
+    cpu = snapshot.cpu
+    if cpu.model or cpu.logical_cores:
+        cores = f"{cpu.physical_cores or '?'} cores, {cpu.logical_cores or '?'} threads"
+        console.print(f"CPU: {escape(cpu.model or 'unknown')} ({cores})")
+    if snapshot.backends is not None:
+        offload = {True: "yes", False: "no (CPU-only build)", None: "not installed"}
+        console.print(f"llama-cpp-python GPU offload: {offload[snapshot.backends.llama_cpp_gpu_offload]}")
+        ollama = snapshot.backends.ollama
+        console.print(f"Ollama: {ollama.version} at {ollama.url}" if ollama else "Ollama: not answering")
+    for note in snapshot.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
 def _context(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     from launcher.units import parse_context
 
@@ -156,7 +266,8 @@ def _compact(values: list[int]) -> str:
 @click.option("--swa-full", is_flag=True, help="Full-size cache for sliding-window layers.")
 @click.option("--ubatch", "n_ubatch", type=click.IntRange(min=1), default=512, show_default=True,
               help="Physical batch size (n_ubatch).")  # fmt: skip
-@click.option("--vram", help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB for two.")
+@click.option("--vram", callback=_vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB.")
+@click.option("--unified", callback=_byte_size, help="Describe an Apple Silicon Mac's unified memory: 32GiB.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (sizes in bytes).")
 def estimate(
     model: str | None,
@@ -170,7 +281,8 @@ def estimate(
     flash_attn: str,
     swa_full: bool,
     n_ubatch: int,
-    vram: str | None,
+    vram: list[int] | None,
+    unified: int | None,
     as_json: bool,
 ) -> None:
     """Estimate the memory a llama.cpp configuration needs, per device and per component.
@@ -182,7 +294,7 @@ def estimate(
     from launcher.estimate import estimate as estimate_bytes
 
     facts = read_model_facts(model)
-    gpus = _gpus(vram)
+    gpus = _gpus(vram, unified)
     settings = Settings(
         n_ctx=n_ctx or facts.n_ctx_train or 4096,
         type_k=kv_k or kv,
@@ -201,30 +313,14 @@ def estimate(
     _render_estimate(result)
 
 
-def _gpus(vram: str | None) -> list:
-    """GPUs to place layers on: described with --vram, else probed (none on a CPU-only machine)."""
+def _gpus(vram: list[int] | None, unified: int | None) -> list:
+    """GPUs to place layers on: described with --vram/--unified, else probed (none on a CPU-only machine)."""
     from launcher.estimate import GPU
+    from launcher.hardware import resolve_machine
 
-    if vram:
-        from launcher.units import parse_bytes
-
-        sizes = []
-        for item in vram.split(","):
-            try:
-                sizes.append(parse_bytes(item))
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="'--vram'") from None
-        return [GPU(f"GPU{i}", split_weight=size) for i, size in enumerate(sizes)]
-    try:
-        from launcher.hardware import detect_hardware
-    except ImportError:
-        return []
-    snapshot = detect_hardware()
-    return [
-        GPU(f"GPU{i}", split_weight=device.free_bytes or 1, backend=device.kind)
-        for i, device in enumerate(snapshot.devices)
-        if not device.integrated
-    ]
+    snapshot = resolve_machine(vram=vram, unified=unified)
+    # Layers split by free memory, as llama.cpp does without --tensor-split (src/llama-model.cpp).
+    return [GPU(f"GPU{d.index}", split_weight=d.free_bytes or 1, backend=d.kind) for d in snapshot.devices]
 
 
 def _render_estimate(result: Any) -> None:

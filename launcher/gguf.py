@@ -269,19 +269,21 @@ class _Reader:
     def remaining(self) -> int:
         return max(self.limit - self.pos, 0)
 
-    def short(self, need: int, what: str = "") -> NoReturn:
-        rem = self.remaining()
-        what = f"{what} " if what else ""
-        if self.over_max and need > rem:
-            self.fail(f"{what}needs {need} bytes but the header may use only {rem} more ({self.end_desc})")
-        self.fail(f"truncated: {what}needs {need} bytes but only {rem} remain before {self.end_desc}")
+    def short(self, need: int, what: str = "", rem: int | None = None) -> NoReturn:
+        """Fail at `pos`: `need` bytes from there do not fit in the `rem` that remain (default: from pos)."""
+        rem = self.remaining() if rem is None else rem
+        what = f" for {what}" if what else ""
+        if self.over_max:
+            self.fail(f"header too large: need {need} bytes{what}, only {rem} more allowed by {self.end_desc}")
+        self.fail(f"truncated: need {need} bytes{what}, only {rem} remain before {self.end_desc}")
 
     def check(self, count: int, min_size: int, what: str, offset: int) -> None:
         """Reject `count` items of at least `min_size` bytes each if they cannot fit in what remains."""
         need = count * min_size
-        if need > self.limit - self.pos:
+        rem = self.limit - self.pos
+        if need > rem:
             self.pos = offset
-            self.short(need, what)
+            self.short(need, what, rem)
 
     def need(self, n: int) -> int:
         """Make bytes [pos, pos + n) available and return the index of `pos` in `buf`."""
@@ -328,7 +330,7 @@ class _Reader:
         n = self.u64()
         if n > self.limit - self.pos:
             self.pos = at
-            self.short(n + 8, f"{what} of length {n}")
+            self.short(n, f"{what} of length {n}", self.limit - at - 8)
         i = self.need(n)
         self.pos += n
         return bytes(self.buf[i : i + n])
@@ -338,7 +340,7 @@ class _Reader:
         n = self.u64()
         if n > self.limit - self.pos:
             self.pos = at
-            self.short(n + 8, f"string of length {n}")
+            self.short(n, f"string of length {n}", self.limit - at - 8)
         i = self.need(n)
         self.pos += n
         return str(self.buf[i : i + n], "utf-8", "replace")
@@ -359,7 +361,7 @@ def _strings(r: _Reader, count: int, keep: bool) -> list[str] | None:
         n = unpack(buf, p)[0]
         if n > lim - p - 8:
             r.pos = base + p
-            r.short(n + 8, f"string of length {n}")
+            r.short(n, f"string of length {n}", lim - p - 8)
         p += 8
         if p + n > end:
             r.pos = base + p
@@ -489,7 +491,7 @@ def _parse_inner(r: _Reader, *, max_array_len: int, file_size: int | None, shard
     r.check(n_kv, _MIN_KV_BYTES, f"{n_kv} metadata pairs", at)
     if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > r.remaining():
         r.step = "read counts"
-        r.check(1, n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES, "the metadata and tensor infos", 8)
+        r.check(1, n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES, "metadata and tensor infos", 8)
 
     metadata: dict[str, Any] = {}
     align_type, align_at = _T_UINT32, 0
@@ -687,7 +689,10 @@ def _shard_locations(loc: str, remote: bool) -> list[str]:
     if remote:
         from urllib.parse import urlsplit, urlunsplit
 
-        parts = urlsplit(loc)
+        try:
+            parts = urlsplit(loc)
+        except ValueError as exc:
+            raise GGUFFormatError(f"read header: invalid URL ({exc})", source=_redact(loc)) from None
         head, _, name = parts.path.rpartition("/")
     else:
         head, name = os.path.split(loc)
@@ -703,12 +708,11 @@ def _shard_locations(loc: str, remote: bool) -> list[str]:
     return [os.path.join(head, n) for n in names]
 
 
-def _read_set(
-    locations: list[str], remote: bool, client: Any, max_array_len: int, max_header_bytes: int
-) -> GGUFHeader:
+def _read_set(locations: list[str], remote: bool, client: Any, max_array_len: int, max_header_bytes: int) -> GGUFHeader:
     shown = [_redact(x) for x in locations]
     n = len(locations)
-    first, first_size = _read_one(locations[0], remote, client, max_array_len, max_header_bytes, 0)
+    label = f"shard 1 of {n}: " if n > 1 else ""
+    first, first_size = _read_one(locations[0], remote, client, max_array_len, max_header_bytes, 0, label)
     meta = first.metadata
     split_count = meta.get("split.count")
     if split_count is not None and (not isinstance(split_count, int) or isinstance(split_count, bool)):
@@ -734,7 +738,8 @@ def _read_set(
     sizes: list[int | None] = [first_size]
     seen = {t.name for t in tensors}
     for i in range(1, n):
-        part, size = _read_one(locations[i], remote, client, max_array_len, max_header_bytes, i)
+        label = f"shard {i + 1} of {n}: "
+        part, size = _read_one(locations[i], remote, client, max_array_len, max_header_bytes, i, label)
         no = part.metadata.get("split.no")
         if no != i:
             raise GGUFFormatError(f"read split set: split.no is {no!r}, expected {i}", source=shown[i])
@@ -743,9 +748,7 @@ def _read_set(
             raise GGUFFormatError(f"read split set: split.count is {count!r}, expected {n}", source=shown[i])
         for t in part.tensors:
             if t.name in seen:
-                raise GGUFFormatError(
-                    f"read split set: tensor {t.name!r} is also in an earlier shard", source=shown[i]
-                )
+                raise GGUFFormatError(f"read split set: tensor {t.name!r} is also in an earlier shard", source=shown[i])
             seen.add(t.name)
         tensors.extend(part.tensors)
         sizes.append(size)
@@ -769,15 +772,15 @@ def _read_set(
 
 
 def _read_one(
-    loc: str, remote: bool, client: Any, max_array_len: int, max_header_bytes: int, shard: int
+    loc: str, remote: bool, client: Any, max_array_len: int, max_header_bytes: int, shard: int, label: str
 ) -> tuple[_Parsed, int | None]:
     shown = _redact(loc)
     src: _FileSource | _HttpSource
     if remote:
-        src = _HttpSource(loc, client, shown)
+        src = _HttpSource(loc, client, shown, label)
         first_chunk, chunk_max = _HTTP_FIRST_CHUNK, _HTTP_CHUNK_MAX
     else:
-        src = _FileSource(loc, shown)
+        src = _FileSource(loc, shown, label)
         first_chunk, chunk_max = _FILE_FIRST_CHUNK, _FILE_CHUNK_MAX
     try:
         first = src.fetch(0, min(first_chunk, max_header_bytes))
@@ -795,6 +798,7 @@ def _read_one(
             fetch=src.fetch,
             chunk=min(first_chunk * 2, chunk_max),
             chunk_max=chunk_max,
+            prefix=label,
         )
         return _parse(r, max_array_len=max_array_len, file_size=size, shard=shard), size
     finally:
@@ -802,20 +806,24 @@ def _read_one(
 
 
 class _FileSource:
-    def __init__(self, path: str, shown: str) -> None:
+    def __init__(self, path: str, shown: str, label: str) -> None:
         self.shown = shown
+        self.label = label
         try:
             self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
             self.size: int | None = os.fstat(self.file.fileno()).st_size
         except OSError as exc:
-            raise GGUFFormatError(f"open: {exc.strerror or exc}", source=shown) from None
+            missing = " (missing shard)" if label and isinstance(exc, FileNotFoundError) else ""
+            raise GGUFFormatError(f"{label}open: {exc.strerror or exc}{missing}", source=shown) from None
 
     def fetch(self, offset: int, n: int) -> bytes:
         try:
             self.file.seek(offset)
             return self.file.read(n)
         except OSError as exc:
-            raise GGUFFormatError(f"read: {exc.strerror or exc}", source=self.shown, offset=offset) from None
+            raise GGUFFormatError(
+                f"{self.label}read: {exc.strerror or exc}", source=self.shown, offset=offset
+            ) from None
 
     def close(self) -> None:
         self.file.close()
@@ -851,9 +859,10 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$"
 class _HttpSource:
     """Reads byte ranges of one URL; switches to reading one streamed body if the server ignores Range."""
 
-    def __init__(self, url: str, client: httpx.Client, shown: str) -> None:
+    def __init__(self, url: str, client: httpx.Client, shown: str, label: str) -> None:
         from urllib.parse import urlsplit
 
+        self.label = label
         self.url = url
         self.client = client
         self.shown = shown
@@ -897,7 +906,7 @@ class _HttpSource:
             retry=retry_if_exception_type(_Transient),
             reraise=True,
         )
-        what = f"read bytes {start}-{start + length - 1}"
+        what = f"{self.label}read bytes {start}-{start + length - 1}"
         try:
             for attempt in retrying:
                 with attempt:
@@ -908,10 +917,8 @@ class _HttpSource:
             raise GGUFFormatError(f"{what}: {self._scrub(str(exc))}{tries}", source=self.shown) from None
         except _Fatal as exc:
             raise GGUFFormatError(f"{what}: {self._scrub(str(exc))}", source=self.shown) from None
-        except httpx.HTTPError as exc:
-            raise GGUFFormatError(
-                f"{what}: {type(exc).__name__}: {self._scrub(str(exc))}", source=self.shown
-            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise GGUFFormatError(f"{what}: {type(exc).__name__}: {self._scrub(str(exc))}", source=self.shown) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _scrub(self, text: str) -> str:
@@ -989,8 +996,10 @@ class _HttpSource:
 
         assert self.stream_iter is not None
         if offset < self.stream_pos:
-            raise GGUFFormatError(f"read bytes from {offset}: the stream is already past them", source=self.shown)
-        buf = self.stream_buf
+            raise GGUFFormatError(
+                f"{self.label}read bytes from {offset}: the stream is already past them", source=self.shown
+            )
+        buf = bytearray(self.stream_buf)
         try:
             while self.stream_pos + len(buf) < offset + n:
                 chunk = next(self.stream_iter, None)
@@ -1000,16 +1009,17 @@ class _HttpSource:
                 # drop what lies before `offset` as it arrives, so memory stays bounded
                 if self.stream_pos + len(buf) <= offset:
                     self.stream_pos += len(buf)
-                    buf = b""
+                    buf.clear()
         except httpx.HTTPError as exc:
             raise GGUFFormatError(
-                f"read bytes from {offset}: {type(exc).__name__}: {self._scrub(str(exc))}", source=self.shown
+                f"{self.label}read bytes from {offset}: {type(exc).__name__}: {self._scrub(str(exc))}",
+                source=self.shown,
             ) from None
         lo = max(offset - self.stream_pos, 0)
-        data = buf[lo : lo + n]
+        data = bytes(buf[lo : lo + n])
         consumed = lo + len(data)
         self.stream_pos += consumed
-        self.stream_buf = buf[consumed:]
+        self.stream_buf = bytes(buf[consumed:])
         return data
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ from launcher.hardware.types import (
     HardwareSnapshot,
     OllamaServer,
 )
-from launcher.units import format_bytes, parse_bytes
+from launcher.units import parse_bytes
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -70,8 +70,10 @@ __all__ = [
     "collect_readings",
     "describe_machine",
     "detect_hardware",
+    "interpret_readings",
     "parse_vram_list",
     "probe",
+    "read_machine",
     "resolve_machine",
 ]
 
@@ -229,7 +231,7 @@ def describe_machine(
             Device(
                 kind="metal",
                 index=0,
-                name=f"Apple GPU (described, {format_bytes(unified)} unified)",
+                name="Apple GPU (described)",
                 total_bytes=working_set,
                 free_bytes=working_set,
                 used_bytes=0,
@@ -243,7 +245,7 @@ def describe_machine(
             Device(
                 kind=kind,
                 index=index,
-                name=f"GPU {index} (described, {format_bytes(size)})",
+                name=f"GPU {index} (described)",
                 total_bytes=size,
                 free_bytes=size,
                 used_bytes=0,
@@ -297,7 +299,7 @@ def collect_readings(
 
     env = os.environ if env is None else env
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
-    packages = {}
+    packages: dict[str, str | None] = {}
     for package in ("fitquant", "nvidia-ml-py", "psutil", "llama-cpp-python"):
         try:
             packages[package] = version(package)
@@ -312,9 +314,7 @@ def collect_readings(
     }
     report["environment"] = {name: env[name] for name in VISIBILITY_VARIABLES if name in env}
     try:
-        readings = read_machine(
-            nvml=nvml, sysfs_root=sysfs_root, proc_root=proc_root, run=run, platform=platform
-        )
+        readings = read_machine(nvml=nvml, sysfs_root=sysfs_root, proc_root=proc_root, run=run, platform=platform)
     except Exception as exc:  # a bug report must come out even when a probe crashes
         report["error"] = f"{type(exc).__name__}: {exc}"
         return report

@@ -114,9 +114,7 @@ def amd_devices(
     devices = []
     for position, system_index in enumerate(chosen):
         gpu = reading.gpus[system_index]
-        device, device_notes = _device(
-            gpu, position, system_index, uuids[system_index], reading, ram_available_bytes
-        )
+        device, device_notes = _device(gpu, position, system_index, uuids[system_index], reading, ram_available_bytes)
         devices.append(device)
         notes.extend(device_notes)
     return devices, notes

@@ -87,8 +87,9 @@ def parse_sysctl(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
         name, sep, value = line.partition(":")
-        if sep and name.strip() and " " not in name.strip():
-            values[name.strip()] = value.strip()
+        name = name.strip()
+        if sep and "." in name and " " not in name:  # "sysctl: unknown oid ..." is not a value
+            values[name] = value.strip()
     return values
 
 

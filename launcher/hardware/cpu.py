@@ -27,9 +27,7 @@ class HostReading:
 
     @property
     def cpu(self) -> CpuInfo:
-        return CpuInfo(
-            model=self.cpu_model, physical_cores=self.physical_cores, logical_cores=self.logical_cores
-        )
+        return CpuInfo(model=self.cpu_model, physical_cores=self.physical_cores, logical_cores=self.logical_cores)
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -70,7 +68,7 @@ def parse_cpu_model(text: str) -> str | None:
 
 def read_host(proc_root: str | Path = "/proc") -> HostReading:
     """Read RAM and CPU facts from procfs, falling back to psutil where procfs is absent."""
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     root = Path(proc_root)
     total = available = None

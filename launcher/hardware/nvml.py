@@ -71,7 +71,7 @@ def read_nvml(nvml: Any = None) -> NvmlReading:
         with warnings.catch_warnings():
             # The deprecated `pynvml` distribution's shim warns on import; nvidia-ml-py does not.
             warnings.simplefilter("ignore", FutureWarning)
-            import pynvml
+            import pynvml  # type: ignore[import-untyped]
     except ImportError:
         return NvmlReading(init_error="ImportError: nvidia-ml-py is not installed")
     if nvml is None:
@@ -112,7 +112,7 @@ def _read_gpu(nvml: Any, index: int, failures: tuple[type[Exception], ...]) -> N
     try:
         memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=NVML_MEMORY_V2)
         gpu.memory_version, gpu.reserved_bytes = 2, int(memory.reserved)
-    except (*failures, TypeError):  # TypeError: a pynvml too old to take `version`
+    except (*failures, TypeError):  # type: ignore[misc]  # TypeError: a pynvml too old to take `version`
         try:
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             gpu.memory_version = 1
@@ -203,9 +203,7 @@ def _device(
     unified = False
     if gpu.memory_error:
         if not gpu.memory_error.startswith("NVMLError_NotSupported"):
-            raise HardwareError(
-                f"NVML could not read the memory of GPU {gpu.index} ({name}): {gpu.memory_error}"
-            )
+            raise HardwareError(f"NVML could not read the memory of GPU {gpu.index} ({name}): {gpu.memory_error}")
         # GB10 (DGX Spark) and Jetson have no memory of their own: NVML declines to size it.
         unified = True
         total, free, used = ram_total_bytes, ram_available_bytes, None
@@ -217,9 +215,7 @@ def _device(
         free = min(free, total)
     processes = None
     if gpu.processes is not None:
-        processes = tuple(
-            GpuProcess(pid=pid, name=pname, used_bytes=pused) for pid, pname, pused in gpu.processes
-        )
+        processes = tuple(GpuProcess(pid=pid, name=pname, used_bytes=pused) for pid, pname, pused in gpu.processes)
     device = Device(
         kind="cuda",
         index=position,

@@ -18,9 +18,7 @@ from launcher.hardware.types import BackendSupport, OllamaServer
 OLLAMA_DEFAULT_PORT = 11434
 
 
-def probe_backends(
-    *, env: Mapping[str, str] | None = None, timeout: float = 0.3, client: Any = None
-) -> BackendSupport:
+def probe_backends(*, env: Mapping[str, str] | None = None, timeout: float = 0.3, client: Any = None) -> BackendSupport:
     """Ask llama_cpp whether it can offload to a GPU and whether Ollama answers, concurrently."""
     import os
 

