@@ -12,8 +12,9 @@ Tolerances (the foundation issue's contract):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from launcher.estimate import MemoryEstimate, Settings
@@ -65,9 +66,7 @@ def engine_settings(settings: Settings) -> Any:
     )
 
 
-def settings_matrix(
-    facts: ModelFacts, *, contexts: tuple[int, ...] = (4096, 32768, 131072)
-) -> Iterator[Settings]:
+def settings_matrix(facts: ModelFacts, *, contexts: tuple[int, ...] = (4096, 32768, 131072)) -> Iterator[Settings]:
     """Every setting the contract covers for one model: contexts the model allows, K/V f16 (flash
     attention off and on) and q8_0, one slot and four (unified and per-sequence), swa_full off and on."""
     allowed = [c for c in contexts if not facts.n_ctx_train or c <= max(facts.n_ctx_train, contexts[0])]
@@ -119,9 +118,7 @@ def compare(estimate: MemoryEstimate, measurement: Any) -> list[Check]:
         exact("recurrent", estimate.recurrent_bytes, measured_rs)
     measured_compute = measurement.total_mib("compute")
     predicted_compute = estimate.compute_bytes / MiB
-    checks.append(
-        Check("compute", predicted_compute, measured_compute, max(0.10 * measured_compute, 16.0), False)
-    )
+    checks.append(Check("compute", predicted_compute, measured_compute, max(0.10 * measured_compute, 16.0), False))
     measured_kv = sum(c.total_mib for c in measured_caches)
     measured_total = (
         measurement.model_size_bytes / MiB + measured_kv + measured_rs + measured_compute
@@ -133,3 +130,50 @@ def compare(estimate: MemoryEstimate, measurement: Any) -> list[Check]:
     ) / MiB  # fmt: skip
     checks.append(Check("total", predicted_total, measured_total, max(0.02 * measured_total, 32.0), False))
     return checks
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of one model: its checks, or why llama.cpp could not measure it."""
+
+    model: str
+    settings: Settings
+    checks: tuple[Check, ...]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(check.ok for check in self.checks)
+
+
+def run_matrix(models: Iterable[tuple[str, Path]], *, full: bool = True) -> list[Row]:
+    """Estimate and measure every setting of the contract (or only 4k f16 when not `full`) for each model.
+
+    All measurements run in one llama.cpp worker process (launcher.engine.measure_many).
+    """
+    from launcher.engine import measure_many
+    from launcher.estimate import estimate
+    from launcher.gguf import read_header
+    from launcher.model import model_facts
+
+    jobs, plan = [], []
+    for name, path in models:
+        facts = model_facts(read_header(path))
+        matrix = list(settings_matrix(facts)) if full else [Settings(n_ctx=4096)]
+        for settings in matrix:
+            plan.append((name, facts, settings))
+            jobs.append((path, engine_settings(settings)))
+    rows = []
+    for (name, facts, settings), measured in zip(plan, measure_many(jobs), strict=True):
+        if isinstance(measured, Exception):
+            rows.append(Row(name, settings, (), str(measured)))
+        else:
+            rows.append(Row(name, settings, tuple(compare(estimate(facts, settings), measured))))
+    return rows
+
+
+def describe(settings: Settings) -> str:
+    """Short label of a setting: '32k q8_0 fa-on np4u swa-full'."""
+    s = settings
+    slots = f"np{s.n_parallel}{'u' if s.kv_unified and s.n_parallel > 1 else ''}"
+    return f"{s.n_ctx // 1024}k {s.type_k} fa-{s.flash_attn} {slots}{' swa-full' if s.swa_full else ''}"

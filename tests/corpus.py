@@ -101,6 +101,15 @@ class Family:
 # vocabulary
 
 
+_WORDS = (
+    "the of and to in is was for on that with as by at it from his an be are this which or were her "
+    "not have had one also first their new after has its who two but they been other all more into "
+    "time she can when some year may most only over there world used these such three any many well "
+    "because then where known while through between state later part city under both during made "
+    "since being"
+)
+
+
 def _vocab() -> dict[str, Any]:
     """A small SentencePiece vocabulary: control tokens, the 256 byte tokens, and some word pieces."""
     # llama.cpp's vocab loader looks some chat tokens up by name (a model named "phi3" needs <|endoftext|>)
@@ -111,13 +120,7 @@ def _vocab() -> dict[str, Any]:
         tokens.append(f"<0x{b:02X}>")
         types.append(6)  # BYTE
         scores.append(0.0)
-    words = (
-        "the of and to in is was for on that with as by at it from his an be are this which or were her "
-        "not have had one also first their new after has its who two but they been other all more into "
-        "time she can when some year may most only over there world used these such three any many well "
-        "because then where known while through between state later part city under both during made "
-        "since being"
-    ).split()
+    words = _WORDS.split()
     pieces = ["▁"] + [f"▁{w}" for w in words] + list("abcdefghijklmnopqrstuvwxyz")
     for i, p in enumerate(dict.fromkeys(pieces)):
         tokens.append(p)
@@ -158,8 +161,15 @@ class _T:
         return tuple(self.items)
 
 
-def _base_kv(arch: str, *, n_layer: int, n_head: int | list[int], n_head_kv: int | list[int] | None,
-             n_ff: int | list[int] | None, name: str) -> dict[str, Any]:
+def _base_kv(
+    arch: str,
+    *,
+    n_layer: int,
+    n_head: int | list[int],
+    n_head_kv: int | list[int] | None,
+    n_ff: int | list[int] | None,
+    name: str,
+) -> dict[str, Any]:
     kv: dict[str, Any] = {
         "general.name": name,
         "general.file_type": 1,  # MOSTLY_F16
@@ -191,8 +201,9 @@ def _dense_ffn(t: _T, i: int, n_ff: int = N_FF) -> None:
     t(f"blk.{i}.ffn_up.weight", N_EMBD, n_ff)
 
 
-def _attn(t: _T, i: int, *, n_head: int, n_head_kv: int, head: int, bias: bool = False, qk_norm: bool = False,
-          q_mult: int = 1) -> None:
+def _attn(
+    t: _T, i: int, *, n_head: int, n_head_kv: int, head: int, bias: bool = False, qk_norm: bool = False, q_mult: int = 1
+) -> None:
     t(f"blk.{i}.attn_q.weight", N_EMBD, n_head * head * q_mult)
     t(f"blk.{i}.attn_k.weight", N_EMBD, n_head_kv * head)
     t(f"blk.{i}.attn_v.weight", N_EMBD, n_head_kv * head)
@@ -271,8 +282,14 @@ def fam_gemma3() -> Family:
         t(f"blk.{i}.ffn_norm.weight", N_EMBD)
         _dense_ffn(t, i)
         t(f"blk.{i}.post_ffw_norm.weight", N_EMBD)
-    return Family("tiny-gemma3", arch, kv, t.done(), notes="SWA 1024, 5 of 6 layers SWA, tied",
-                  extra={"n_swa": GEMMA3_SWA, "swa_layers": 5, "full_layers": 1})
+    return Family(
+        "tiny-gemma3",
+        arch,
+        kv,
+        t.done(),
+        notes="SWA 1024, 5 of 6 layers SWA, tied",
+        extra={"n_swa": GEMMA3_SWA, "swa_layers": 5, "full_layers": 1},
+    )
 
 
 GPT_OSS_SWA = 128
@@ -305,9 +322,15 @@ def fam_gpt_oss() -> Family:
         t(f"blk.{i}.ffn_down_exps.bias", N_EMBD, NE)
         t(f"blk.{i}.ffn_up_exps.weight", N_EMBD, N_FF_EXP, NE)
         t(f"blk.{i}.ffn_up_exps.bias", N_FF_EXP, NE)
-    return Family("tiny-gpt-oss", arch, kv, t.done(), quants=(*LADDER, "MXFP4_MOE"),
-                  notes="SWA 128 on even layers, 4 experts (2 used), attention sinks",
-                  extra={"n_swa": GPT_OSS_SWA, "swa_layers": 2, "full_layers": 2})
+    return Family(
+        "tiny-gpt-oss",
+        arch,
+        kv,
+        t.done(),
+        quants=(*LADDER, "MXFP4_MOE"),
+        notes="SWA 128 on even layers, 4 experts (2 used), attention sinks",
+        extra={"n_swa": GPT_OSS_SWA, "swa_layers": 2, "full_layers": 2},
+    )
 
 
 def fam_qwen3moe() -> Family:
@@ -380,9 +403,14 @@ def fam_deepseek2() -> Family:
             t(f"blk.{i}.ffn_gate_shexp.weight", N_EMBD, N_FF_EXP)
             t(f"blk.{i}.ffn_down_shexp.weight", N_FF_EXP, N_EMBD)
             t(f"blk.{i}.ffn_up_shexp.weight", N_EMBD, N_FF_EXP)
-    return Family("tiny-deepseek2", arch, kv, t.done(),
-                  notes="MLA (kv_lora 256, rope 64, K cache 320/token/layer), q_lora, 1 dense + 3 MoE layers",
-                  extra={"mla_k": DS_KV_LORA + DS_ROPE})
+    return Family(
+        "tiny-deepseek2",
+        arch,
+        kv,
+        t.done(),
+        notes="MLA (kv_lora 256, rope 64, K cache 320/token/layer), q_lora, 1 dense + 3 MoE layers",
+        extra={"mla_k": DS_KV_LORA + DS_ROPE},
+    )
 
 
 def fam_phi3() -> Family:
@@ -448,8 +476,14 @@ def fam_granitehybrid() -> Family:
             _attn(t, i, n_head=H, n_head_kv=HKV, head=D)
         t(f"blk.{i}.ffn_norm.weight", N_EMBD)
         _dense_ffn(t, i)
-    return Family("tiny-granitehybrid", arch, kv, t.done(), notes="3 Mamba-2 layers + 1 attention layer",
-                  extra={"attn_layers": 1, "recurrent_layers": 3})
+    return Family(
+        "tiny-granitehybrid",
+        arch,
+        kv,
+        t.done(),
+        notes="3 Mamba-2 layers + 1 attention layer",
+        extra={"attn_layers": 1, "recurrent_layers": 3},
+    )
 
 
 def fam_mamba2() -> Family:
@@ -461,8 +495,14 @@ def fam_mamba2() -> Family:
     for i in range(L):
         t(f"blk.{i}.attn_norm.weight", N_EMBD)
         _mamba2_mixer(t, i)
-    return Family("tiny-mamba2", arch, kv, t.done(), notes="pure recurrent (RS state only, no KV)",
-                  extra={"attn_layers": 0, "recurrent_layers": 4})
+    return Family(
+        "tiny-mamba2",
+        arch,
+        kv,
+        t.done(),
+        notes="pure recurrent (RS state only, no KV)",
+        extra={"attn_layers": 0, "recurrent_layers": 4},
+    )
 
 
 def fam_lfm2() -> Family:
@@ -484,8 +524,14 @@ def fam_lfm2() -> Family:
             t(f"blk.{i}.shortconv.conv.weight", LCACHE, N_EMBD)
             t(f"blk.{i}.shortconv.in_proj.weight", N_EMBD, 3 * N_EMBD)
             t(f"blk.{i}.shortconv.out_proj.weight", N_EMBD, N_EMBD)
-    return Family("tiny-lfm2", arch, kv, t.done(), notes="3 short-conv layers + 1 attention layer",
-                  extra={"attn_layers": 1, "recurrent_layers": 3})
+    return Family(
+        "tiny-lfm2",
+        arch,
+        kv,
+        t.done(),
+        notes="3 short-conv layers + 1 attention layer",
+        extra={"attn_layers": 1, "recurrent_layers": 3},
+    )
 
 
 # Qwen3-Next gated delta net dims
@@ -533,8 +579,14 @@ def fam_qwen3next() -> Family:
         t(f"blk.{i}.ffn_gate_shexp.weight", N_EMBD, N_FF_EXP)
         t(f"blk.{i}.ffn_down_shexp.weight", N_FF_EXP, N_EMBD)
         t(f"blk.{i}.ffn_up_shexp.weight", N_EMBD, N_FF_EXP)
-    return Family("tiny-qwen3next", arch, kv, t.done(), notes="3 gated-delta-net layers + 1 attention, MoE",
-                  extra={"attn_layers": 1, "recurrent_layers": 3})
+    return Family(
+        "tiny-qwen3next",
+        arch,
+        kv,
+        t.done(),
+        notes="3 gated-delta-net layers + 1 attention, MoE",
+        extra={"attn_layers": 1, "recurrent_layers": 3},
+    )
 
 
 FAMILY_BUILDERS = (
@@ -796,6 +848,7 @@ def build_corpus(root: Path | None = None, *, jobs: int | None = None, timeout_s
             "refused": refused,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache may be shared
         try:
             os.replace(tmp, final)
         except OSError:
@@ -837,6 +890,7 @@ def gemma3_270m_path(cache_dir: Path | None = None) -> Path | None:
     tmp = Path(tmp_name)
     try:
         pkg.assemble(tmp, overwrite=True)  # verifies the sha256
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import corpus as corpus_mod
 import pytest
 
-import corpus as corpus_mod
 from launcher import engine
 from launcher.engine import EngineMeasurement, EngineSettings
 from launcher.errors import EngineError
@@ -36,7 +36,7 @@ def _ok(r: EngineMeasurement | EngineError) -> EngineMeasurement:
 def corpus_4096(corpus: list[corpus_mod.CorpusModel]) -> dict[str, EngineMeasurement | EngineError]:
     """Every corpus model measured at n_ctx 4096 (defaults otherwise), with one worker."""
     results = engine.measure_many([(m.path, EngineSettings(n_ctx=4096)) for m in corpus])
-    return {m.name: r for m, r in zip(corpus, results)}
+    return {m.name: r for m, r in zip(corpus, results, strict=True)}
 
 
 def _measure1(path: str | os.PathLike[str], s: EngineSettings) -> EngineMeasurement | EngineError:
@@ -156,8 +156,11 @@ def test_deepseek2_mla_caches_k_only(corpus: list[corpus_mod.CorpusModel]) -> No
     path = _by_name(corpus)["tiny-deepseek2-Q4_K_M"].path
     f16, q8, mixed = engine.measure(
         path,
-        [EngineSettings(4096), EngineSettings(4096, type_k="q8_0", type_v="q8_0"),
-         EngineSettings(4096, type_k="q8_0", type_v="f16")],
+        [
+            EngineSettings(4096),
+            EngineSettings(4096, type_k="q8_0", type_v="q8_0"),
+            EngineSettings(4096, type_k="q8_0", type_v="f16"),
+        ],
     )
     [c] = _ok(f16).kv_caches
     assert c.v_mib == 0.0 and c.layers == 4
@@ -170,9 +173,11 @@ def test_quantized_v_without_flash_attention_is_refused(corpus: list[corpus_mod.
     path = _by_name(corpus)["tiny-qwen3-Q4_K_M"].path
     off, auto, k_only = engine.measure(
         path,
-        [EngineSettings(4096, type_v="q8_0", flash_attn="off"),
-         EngineSettings(4096, type_v="q8_0", flash_attn="auto"),
-         EngineSettings(4096, type_k="q4_0", flash_attn="off")],
+        [
+            EngineSettings(4096, type_v="q8_0", flash_attn="off"),
+            EngineSettings(4096, type_v="q8_0", flash_attn="auto"),
+            EngineSettings(4096, type_k="q4_0", flash_attn="off"),
+        ],
     )
     assert isinstance(off, EngineError)
     assert "quantized V cache requires flash_attn" in str(off)
@@ -182,8 +187,10 @@ def test_quantized_v_without_flash_attention_is_refused(corpus: list[corpus_mod.
 
 def test_hybrid_state_does_not_grow_with_context(corpus: list[corpus_mod.CorpusModel]) -> None:
     path = _by_name(corpus)["tiny-granitehybrid-Q4_K_M"].path
-    a, b, c = (_ok(r) for r in engine.measure(
-        path, [EngineSettings(4096), EngineSettings(65536), EngineSettings(4096, n_parallel=2)]))
+    a, b, c = (
+        _ok(r)
+        for r in engine.measure(path, [EngineSettings(4096), EngineSettings(65536), EngineSettings(4096, n_parallel=2)])
+    )
     assert a.total_mib("RS") == b.total_mib("RS")
     assert c.total_mib("RS") > a.total_mib("RS")  # one state per sequence
     assert b.total_mib("KV") == pytest.approx(16 * a.total_mib("KV"), abs=0.02)
@@ -206,7 +213,7 @@ def test_bad_files_give_engine_errors(tmp_path: Path, corpus: list[corpus_mod.Co
     empty.write_bytes(b"")
     paths = [not_gguf, bad_version, truncated, empty, tmp_path / "missing.gguf", good]
     results = engine.measure_many([(p, EngineSettings(2048)) for p in paths])
-    for p, r in zip(paths[:-1], results[:-1]):
+    for p, r in zip(paths[:-1], results[:-1], strict=True):
         assert isinstance(r, EngineError), p
         assert str(p) in str(r)
     assert "invalid magic" in str(results[0])
@@ -233,8 +240,12 @@ def test_worker_crash_is_contained(tmp_path: Path, corpus: list[corpus_mod.Corpu
     crasher = tmp_path / "crash.gguf"
     _write_crasher(crasher)
     good = _by_name(corpus)["tiny-qwen2-Q4_K_M"].path
-    jobs = [(good, EngineSettings(4096)), (crasher, EngineSettings(4096)), (crasher, EngineSettings(8192)),
-            (good, EngineSettings(8192))]
+    jobs = [
+        (good, EngineSettings(4096)),
+        (crasher, EngineSettings(4096)),
+        (crasher, EngineSettings(8192)),
+        (good, EngineSettings(8192)),
+    ]
     first, crash1, crash2, last = engine.measure_many(jobs)
     assert _ok(first).n_ctx == 4096
     for r in (crash1, crash2):
@@ -279,9 +290,9 @@ def test_real_gemma3_270m(gemma3_270m_path: Path) -> None:
 
 def _sparse_copy(real: Path, dst: Path) -> None:
     """The real header followed by an all-zero (sparse) data region of the real size."""
-    import gguf
+    from launcher.gguf import read_header
 
-    header_len = gguf.GGUFReader(str(real)).data_offset
+    header_len = read_header(str(real)).data_offset
     with real.open("rb") as f:
         header = f.read(header_len)
     with dst.open("wb") as f:
@@ -300,9 +311,44 @@ def test_sparse_copy_measures_like_the_real_file(gemma3_270m_path: Path, tmp_pat
     ]
     real = engine.measure(gemma3_270m_path, settings)
     fake = engine.measure(sparse, settings)
-    for a, b in zip(real, fake):
+    for a, b in zip(real, fake, strict=True):
         a, b = _ok(a), _ok(b)
         assert a.buffers == b.buffers
         assert a.kv_caches == b.kv_caches and a.rs_caches == b.rs_caches
         assert (a.model_size_bytes, a.n_params, a.n_ctx, a.n_ctx_seq, a.flash_attn) == (
-            b.model_size_bytes, b.n_params, b.n_ctx, b.n_ctx_seq, b.flash_attn)
+            b.model_size_bytes,
+            b.n_params,
+            b.n_ctx,
+            b.n_ctx_seq,
+            b.flash_attn,
+        )
+
+
+def test_a_worker_that_cannot_start_fails_every_job_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus: list[corpus_mod.CorpusModel]
+) -> None:
+    broken = tmp_path / "shadow" / "llama_cpp"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('broken llama_cpp for the test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))
+    good = _by_name(corpus)["tiny-llama-Q4_0"].path
+    results = engine.measure_many([(good, EngineSettings(4096))] * 3)
+    for r in results:
+        assert isinstance(r, EngineError)
+        assert "failed to start" in str(r) and "broken llama_cpp for the test" in str(r)
+
+
+def test_fallback_without_the_memory_breakdown(
+    monkeypatch: pytest.MonkeyPatch, corpus: list[corpus_mod.CorpusModel], corpus_4096: dict
+) -> None:
+    """Where llama_get_memory_breakdown cannot be called, model and KV come from exact fallbacks."""
+    monkeypatch.setenv("FITQUANT_ENGINE_NO_BREAKDOWN", "1")
+    for name in ("tiny-gemma3-Q8_0", "tiny-granitehybrid-Q4_K_M"):
+        exact = _ok(corpus_4096[name])
+        r = _ok(_measure1(_by_name(corpus)[name].path, EngineSettings(4096)))
+        assert not r.exact
+        assert r.total_bytes("model") == r.model_size_bytes == exact.model_size_bytes
+        assert {b.source for b in r.buffers if b.kind == "model"} == {"model-size"}
+        assert r.total_mib("KV") == pytest.approx(exact.total_mib("KV"), abs=0.011)
+        for kind in ("compute", "RS", "output"):
+            assert r.total_mib(kind) == pytest.approx(exact.total_mib(kind), abs=0.011)
