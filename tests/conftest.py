@@ -31,7 +31,7 @@ def corpus_root() -> Path:
 @pytest.fixture(scope="session")
 def corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.fail("llama-cpp-python is not installed: scripts/setup test installs it (the corpus needs its quantizer)")
+        pytest.fail("llama-cpp-python is not installed: scripts/setup test installs it (the corpus needs it)")
     return corpus_mod.build_corpus(corpus_root)
 
 

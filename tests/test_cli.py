@@ -1,0 +1,125 @@
+"""`fitquant inspect` and `fitquant estimate`: exit codes, exact error lines, JSON contracts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import main
+
+ESTIMATE_DEVICE_KEYS = {
+    "name", "weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_bytes", "overhead_bytes",
+    "total_bytes",
+}  # fmt: skip
+INSPECT_KEYS = {
+    "architecture", "n_layer", "n_head_kv", "head_dim_k", "head_dim_v", "context_length", "sliding_window",
+    "swa_layers", "expert_count", "expert_used_count", "file_type", "n_params", "tensor_bytes_total",
+}  # fmt: skip
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_estimate_json_contract(gemma3_270m_path: Path):
+    code, out, _ = run("estimate", str(gemma3_270m_path), "--ctx", "32k", "--ngl", "0", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["schema_version"] == 1
+    assert data["architecture"] == "gemma3"
+    assert data["n_ctx"] == 32768
+    assert [d["name"] for d in data["devices"]] == ["CPU"]
+    device = data["devices"][0]
+    assert ESTIMATE_DEVICE_KEYS <= set(device)
+    for key in ("weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "total_bytes"):
+        assert data[key] == sum(d[key] for d in data["devices"])
+    assert device["total_bytes"] == sum(device[k] for k in ESTIMATE_DEVICE_KEYS - {"name", "total_bytes"})
+    # q8_0 is the default KV type: 3 global layers x 32768 cells + 15 SWA layers x 1024 cells, 256 x 1.0625 B each
+    assert data["kv_bytes"] == 2 * (3 * 32768 + 15 * 1024) * 256 // 32 * 34
+    assert data["weights_bytes"] == 246587904
+
+
+def test_cli_estimate_on_a_described_gpu_offloads_all_but_the_input_layer(gemma3_270m_path: Path):
+    code, out, _ = run("estimate", str(gemma3_270m_path), "--ctx", "4096", "--vram", "12GiB", "--json")
+    assert code == 0
+    data = json.loads(out)
+    names = [d["name"] for d in data["devices"]]
+    assert names == ["CPU", "GPU0"]
+    assert data["n_gpu_layers"] == 19
+    cpu, gpu = data["devices"]
+    assert cpu["kv_bytes"] == 0 and gpu["kv_bytes"] > 0
+    # token_embd (Q8_0, 640 x 262144) stays on the CPU; the output layer uses a copy of it on the GPU
+    assert cpu["weights_bytes"] == 640 * 262144 // 32 * 34
+
+
+def test_cli_estimate_partial_offload_keeps_some_layers_on_cpu(gemma3_270m_path: Path):
+    code, out, _ = run("estimate", str(gemma3_270m_path), "--ctx", "4096", "--vram", "12GiB", "--ngl", "5", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["devices"][0]["kv_bytes"] > 0 and data["devices"][1]["kv_bytes"] > 0
+    assert any("partial offload" in note for note in data["notes"])
+
+
+def test_cli_inspect_json_contract(gemma3_270m_path: Path):
+    code, out, _ = run("inspect", str(gemma3_270m_path), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert INSPECT_KEYS <= set(data)
+    assert data["n_head_kv"] == [1] * 18
+    assert data["swa_layers"] == [i for i in range(18) if i % 6 != 5]
+    assert data["file_type"] == "Q4_K_M"
+    assert data["tensor_bytes_total"] == 246587904
+
+
+def test_cli_human_output_names_the_components(gemma3_270m_path: Path):
+    code, out, _ = run("estimate", str(gemma3_270m_path), "--ctx", "128K", "--kv", "f16")
+    assert code == 0
+    assert "KV cache" in out and "compute" in out and "gemma3, ctx 131072" in out
+    assert "exceeds the model's training context 32768" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (["estimate", "/nonexistent/model.gguf"], 1, "GGUFFormatError: /nonexistent/model.gguf: open: No such file or directory"),
+        (["estimate", "{model}", "--ctx", "12q"], 2, "Error: Invalid value for '--ctx': '12q' is not a context length; write it like 32768, 32k or 128K"),
+        (["estimate", "{model}", "--ngl", "lots"], 2, "Error: Invalid value for '--ngl': 'lots' is not a layer count; write a number like 20, or 'all'"),
+        (["estimate", "{model}", "--vram", "12XB"], 2, "Error: Invalid value for '--vram': '12XB' is not a size; write it like 24GiB, 12GB or 512MiB"),
+        (["estimate", "{model}", "--kv", "q8_0", "--flash-attn", "off"], 1, "EstimateError: a quantized V cache (q8_0) requires flash attention; use --flash-attn on or an f16 V cache"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_clear_line(gemma3_270m_path: Path, args, code, line):
+    args = [a.replace("{model}", str(gemma3_270m_path)) for a in args]
+    result = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code
+    assert result.stderr.strip().splitlines()[-1] == line
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_not_a_gguf_file(tmp_path: Path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("hello world, not a model")
+    result = subprocess.run([sys.executable, "-m", "launcher", "inspect", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"GGUFFormatError: {path} at byte 0: read magic: not a GGUF file: magic is b'hell', expected b'GGUF'"
+    )
+
+
+def test_cli_without_a_model_uses_the_embedded_default(monkeypatch, tmp_path: Path):
+    code, out, _ = run("inspect", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["architecture"] == "gemma3"
+    assert data["model"].startswith(str(tmp_path))  # assembled under FITQUANT_HOME
+    # the second call finds it verified and does not assemble again
+    marker = Path(data["model"] + ".verified")
+    before = marker.stat().st_mtime_ns
+    assert run("inspect", "--json")[0] == 0
+    assert marker.stat().st_mtime_ns == before
