@@ -46,7 +46,7 @@ resolve_fused_ops: Flash Attention enabled
 sched_reserve:        CPU compute buffer size =   514.50 MiB
 sched_reserve: graph: nodes = 727, splits = 1, input objects = 4, input tensors = 9
 sched_reserve: reserve took 3.07 ms, sched copies = 1
-"""  # noqa: E501, W291
+"""  # noqa: W291
 
 # Captured from this llama.cpp: the corpus' tiny granitehybrid (3 Mamba-2 layers + 1 attention layer).
 GRANITE_HYBRID = """\
@@ -65,7 +65,7 @@ llama_memory_recurrent:        CPU RS buffer size =     0.40 MiB
 llama_memory_recurrent: size =    0.40 MiB (     1 cells,   4 layers,  1 seqs  0 rs_seq), R (f32):    0.02 MiB, S (f32):    0.38 MiB, P (f32):    0.00 MiB
 resolve_fused_ops: Flash Attention enabled
 sched_reserve:        CPU compute buffer size =    12.18 MiB
-"""  # noqa: E501, W291
+"""  # noqa: W291
 
 # Captured from this llama.cpp: tiny deepseek2 with MLA (only K is cached).
 DEEPSEEK2_MLA = """\
@@ -98,7 +98,7 @@ SERVER_CUDA = """\
 0.02.100.000 I resolve_fused_ops: Flash Attention enabled
 0.02.200.000 I sched_reserve:      CUDA0 compute buffer size =   522.63 MiB
 0.02.200.001 I sched_reserve:  CUDA_Host compute buffer size =   146.07 MiB
-"""  # noqa: E501, W291
+"""  # noqa: W291
 
 # 2024 builds (llama.cpp b3xxx, Ollama <= 0.5): llm_load_tensors / llama_new_context_with_model names.
 OLD_2024 = """\
@@ -131,7 +131,7 @@ llama_kv_cache_unified: size =  512.00 MiB (  4096 cells,  32 layers,  1 seqs), 
 llama_memory_recurrent:      CUDA0 RS buffer size =    15.56 MiB
 llama_memory_recurrent: size =   15.56 MiB (     1 cells,  48 layers,  1 seqs), R (f32):    0.56 MiB, S (f32):   15.00 MiB
 llama_context:      CUDA0 compute buffer size =   300.75 MiB
-"""  # noqa: E501
+"""
 
 
 def test_real_gemma3_no_alloc_log() -> None:
@@ -279,7 +279,7 @@ def test_memory_breakdown_table() -> None:
 llama_memory_breakdown_print: | memory breakdown [MiB] | total   free    self   model   context   compute    unaccounted |
 llama_memory_breakdown_print: |   - CUDA0 (RTX 5090)   | 32606 = 30330 + (21832 = 16386 +    4950 +     495) +      -19555 |
 llama_memory_breakdown_print: |   - Host               |                   1234 =  1000 +     200 +      34                |
-"""  # noqa: E501
+"""
     gpu, host = parse(text).breakdown
     assert (gpu.name, gpu.description) == ("CUDA0", "RTX 5090")
     assert (gpu.total_mib, gpu.free_mib, gpu.self_mib, gpu.model_mib, gpu.context_mib, gpu.compute_mib) == (
