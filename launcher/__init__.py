@@ -1,16 +1,62 @@
 """fitquant: run the best GGUF quant of a model that fits entirely on this machine's GPU.
 
-The library is the product; the `fitquant` command is a thin shell over it. Pipeline verbs are
-exported here and imported lazily so that `import launcher` (and `fitquant --help`) stays instant.
+The library is the product; the `fitquant` command is a thin shell over it. The pipeline verbs and
+types are exported here and imported lazily, so `import launcher` (and `fitquant --help`) stays instant.
+
+    header = read_header("model.gguf")            # or an http(s) URL: only the header is fetched
+    facts = model_facts(header)                   # what memory depends on, per layer
+    result = estimate(facts, Settings(n_ctx=32768, type_k="q8_0", type_v="q8_0"), gpus=[GPU("GPU0")])
+    machine = detect_hardware()                   # or describe_machine(vram=[12 * 2**30])
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
 
+# name -> module that defines it
+_EXPORTS = {
+    "read_header": "launcher.gguf",
+    "parse_header": "launcher.gguf",
+    "GGUFHeader": "launcher.gguf",
+    "TensorInfo": "launcher.gguf",
+    "model_facts": "launcher.model",
+    "ModelFacts": "launcher.model",
+    "estimate": "launcher.estimate",
+    "Settings": "launcher.estimate",
+    "GPU": "launcher.estimate",
+    "MemoryEstimate": "launcher.estimate",
+    "detect_hardware": "launcher.hardware",
+    "describe_machine": "launcher.hardware",
+    "HardwareSnapshot": "launcher.hardware",
+    "measure": "launcher.engine",
+    "EngineSettings": "launcher.engine",
+    "EngineMeasurement": "launcher.engine",
+    "embedded_model_path": "launcher.embedded",
+    "FitquantError": "launcher.errors",
+    "GGUFFormatError": "launcher.errors",
+    "ModelError": "launcher.errors",
+    "EstimateError": "launcher.errors",
+    "HardwareError": "launcher.errors",
+    "EngineError": "launcher.errors",
+}
 
-def read_model_facts(model: str | None = None):  # -> launcher.model.ModelFacts
-    """Header and facts of a model: a local GGUF path, an http(s) URL, or None for the embedded default."""
+__all__ = sorted([*_EXPORTS, "read_model_facts", "estimate_memory"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'launcher' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def read_model_facts(model: str | None = None) -> Any:
+    """Facts of a model: a local GGUF path, an http(s) URL, or None for the embedded default model."""
     from launcher.gguf import read_header
     from launcher.model import model_facts
 
@@ -21,8 +67,8 @@ def read_model_facts(model: str | None = None):  # -> launcher.model.ModelFacts
     return model_facts(read_header(model))
 
 
-def estimate_memory(model: str | None = None, settings=None, *, gpus=None):  # -> MemoryEstimate
-    """Estimate the bytes per device of running `model` with `settings` (launcher.estimate.Settings)."""
+def estimate_memory(model: str | None = None, settings: Any = None, *, gpus: Any = None) -> Any:
+    """Bytes per device of running `model` with `settings` (launcher.estimate.Settings; default: its context)."""
     from launcher.estimate import Settings, estimate
 
     facts = read_model_facts(model)
