@@ -607,7 +607,7 @@ def _parse_inner(r: _Reader, *, max_array_len: int, file_size: int | None, shard
                 r.fail(
                     f"tensor {ti.name!r} ends at byte {end}, past the end of the file ({file_size} bytes): "
                     "the file is truncated",
-                    data_offset + ti.offset,
+                    min(data_offset + ti.offset, file_size),
                 )
     return _Parsed(version, metadata, tensors, alignment, data_offset)
 

