@@ -32,9 +32,7 @@ def _error_line(exc: Exception) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}"
-    )
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}")
 
 
 def _print_json(data: Any) -> None:
@@ -78,9 +76,7 @@ def _byte_size(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (sizes in bytes).")
 @click.option("--doctor", is_flag=True, help="Print every probe's raw readings as JSON, for bug reports.")
-@click.option(
-    "--vram", callback=_vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB for two."
-)
+@click.option("--vram", callback=_vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB for two.")
 @click.option("--ram", callback=_byte_size, help="Describe the host's RAM instead of probing: 64GiB.")
 @click.option("--unified", callback=_byte_size, help="Describe an Apple Silicon Mac's unified memory: 32GiB.")
 def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, unified: int | None) -> None:
@@ -90,9 +86,7 @@ def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, uni
     described = vram is not None or ram is not None or unified is not None
     if doctor:
         if described:
-            raise click.UsageError(
-                "--doctor reads this machine; it cannot be combined with --vram, --ram or --unified"
-            )
+            raise click.UsageError("--doctor reads this machine; it cannot be combined with --vram, --ram or --unified")
         _print_json(collect_readings())
         return
     if described:
@@ -220,17 +214,13 @@ def inspect(model: str | None, as_json: bool) -> None:
         ("training context", str(facts.n_ctx_train)),
     ]
     if facts.swa_type != "none":
-        rows.append(
-            ("sliding window", f"{facts.sliding_window} ({facts.swa_type}) on {len(facts.swa_layers)} layers")
-        )
+        rows.append(("sliding window", f"{facts.sliding_window} ({facts.swa_type}) on {len(facts.swa_layers)} layers"))
     if facts.is_mla:
         rows.append(("MLA", f"K-only cache, kv_lora_rank {facts.kv_lora_rank}"))
     if facts.expert_count:
         rows.append(("experts", f"{facts.expert_used_count} of {facts.expert_count} per token"))
     if facts.recurrent_layers:
-        rows.append(
-            ("recurrent layers", f"{len(facts.recurrent_layers)} (state {facts.n_embd_r}+{facts.n_embd_s})")
-        )
+        rows.append(("recurrent layers", f"{len(facts.recurrent_layers)} (state {facts.n_embd_r}+{facts.n_embd_s})"))
     for key, value in rows:
         table.add_row(key, value)
     console = Console()
@@ -247,17 +237,11 @@ def _compact(values: list[int]) -> str:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option(
-    "--ctx", "n_ctx", callback=_context, help="Context in tokens: 32768, 32k, 128K. Default: the model's."
-)
-@click.option(
-    "--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V."
-)
+@click.option("--ctx", "n_ctx", callback=_context, help="Context in tokens: 32768, 32k, 128K. Default: the model's.")
+@click.option("--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V.")
 @click.option("--kv-k", "kv_k", type=_KV_TYPES, help="K cache type (overrides --kv).")
 @click.option("--kv-v", "kv_v", type=_KV_TYPES, help="V cache type (overrides --kv).")
-@click.option(
-    "--ngl", callback=_ngl, help="Layers to offload to the GPU: a number or 'all'. Default: all with a GPU."
-)
+@click.option("--ngl", callback=_ngl, help="Layers to offload to the GPU: a number or 'all'. Default: all with a GPU.")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel sequences (slots).")  # fmt: skip
 @click.option("--kv-unified/--no-kv-unified", default=None,
@@ -346,9 +330,7 @@ def _render_estimate(result: Any) -> None:
         ("total", "total_bytes"),
     ]
     # Leave out components this configuration does not have (recurrent state, runtime overhead on CPU).
-    columns = [
-        (label, attr) for label, attr in columns if label in ("weights", "total") or getattr(result, attr)
-    ]
+    columns = [(label, attr) for label, attr in columns if label in ("weights", "total") or getattr(result, attr)]
     table.add_column("device")
     for label, _ in columns:
         table.add_column(label, justify="right")

@@ -33,9 +33,7 @@ def embedded_model_path() -> Path:
 
         package = importlib.import_module(PACKAGE)
     except ImportError:
-        raise CatalogError(
-            f"no model given and the embedded default model is not installed; {EXTRA_HINT}"
-        ) from None
+        raise CatalogError(f"no model given and the embedded default model is not installed; {EXTRA_HINT}") from None
     folder = cache_dir() / "models"
     path = folder / package.MODEL_NAME
     marker = folder / (package.MODEL_NAME + ".verified")

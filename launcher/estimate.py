@@ -268,9 +268,7 @@ def _check_types(facts: ModelFacts, settings: Settings, flash_attn: bool) -> Non
     if flash_attn and settings.type_k not in _FLOAT_CACHE_TYPES:
         head = facts.head_dim_k
         if head % 32:
-            raise EstimateError(
-                f"quantized K cache with flash attention needs a head size divisible by 32, not {head}"
-            )
+            raise EstimateError(f"quantized K cache with flash attention needs a head size divisible by 32, not {head}")
 
 
 def kv_caches(facts: ModelFacts, settings: Settings, *, flash_attn: bool) -> tuple[list[KVCache], int, int]:
@@ -380,9 +378,7 @@ def _compute_bytes_by_device(
     if n_tokens % n_seq:
         n_tokens = _pad(n_tokens, n_seq)
     f32 = 4
-    mask_elt = (
-        2 if flash_attn else 4
-    )  # flash attention takes an F16 mask (llama-graph.cpp build_attn_inp_kq_mask)
+    mask_elt = 2 if flash_attn else 4  # flash attention takes an F16 mask (llama-graph.cpp build_attn_inp_kq_mask)
     cells = {layer: cache.cells for cache in caches for layer in cache.layers}
     streams = {layer: cache.n_stream for cache in caches for layer in cache.layers}
     mask_bytes = sum(cache.cells * n_tokens * mask_elt for cache in caches if cache.layers)
@@ -408,18 +404,28 @@ def _compute_bytes_by_device(
             # conv input window and SSM scan output per token (src/models/graph-context-mamba.cpp)
             d_inner = facts.ssm_d_inner or n_embd
             attn = max(attn, mask_bytes + (2 * n_embd + 4 * d_inner) * n_tokens * f32)
-        n_ff = facts.n_ff[layer.index] if facts.n_ff else 0
-        if facts.expert_count and layer.expert_bytes:
-            n_ff_exp = max(n_ff, 1)
-            ffn_act = (
-                (2 * n_embd + facts.expert_count + 3 * facts.expert_used_count * n_ff_exp) * n_tokens * f32
-            )
+        if layer.expert_width:
+            # router logits and probabilities, then per selected expert: up, gate, activation, down
+            used = facts.expert_used_count
+            ffn_floats = 2 * facts.expert_count + used * (3 * layer.expert_width + n_embd)
+            ffn_floats += 3 * layer.shared_expert_width
+        elif layer.ffn_fused:
+            ffn_floats = layer.ffn_width + layer.ffn_width // 2  # fused gate+up output, then the activation
         else:
-            ffn_act = (2 * n_embd + 2 * n_ff) * n_tokens * f32
+            ffn_floats = 2 * layer.ffn_width  # gate and up outputs (the activation works in place)
+        ffn_act = (2 * n_embd + ffn_floats) * n_tokens * f32
         peak(device, max(attn, mask_bytes + ffn_act))
-    # Output layer: logits for every token of the batch, plus the final norm and its input.
+    # Output layer: logits for every token of the batch, plus the final norm and its input. The logits go
+    # above whatever the last block's feed-forward left in place: ggml-alloc cannot fit them in its holes.
+    # Calibrated: nothing for separate gate/up (llama, qwen3, gemma3), the activation for a fused gate+up
+    # (phi3), the selected experts' activations for MoE (granite-4.0-h, gpt-oss, deepseek2, qwen3moe).
+    last = facts.layers[facts.n_layer - facts.n_layer_nextn - 1]
+    if last.expert_width:
+        ffn_left = facts.expert_used_count * last.expert_width
+    else:
+        ffn_left = last.ffn_width // 2 if last.ffn_fused else 0
     out_device = layer_device[facts.n_layer]
-    peak(out_device, (facts.n_vocab + 2 * n_embd) * n_tokens * f32)
+    peak(out_device, (facts.n_vocab + 2 * n_embd + ffn_left) * n_tokens * f32)
     # With layers off the CPU the host still runs the input layer (token embedding rows).
     if any(d != "CPU" for d in layer_device):
         peak("CPU", n_embd * n_tokens * f32)
@@ -495,9 +501,7 @@ def estimate(
         notes.append(f"partial offload: {ngl} of {n_layer + 1} layers on the GPU, the rest on the CPU")
     gpu_backends = {g.backend for g in gpus if g.name in layer_device}
     compute_source = (
-        "estimate for "
-        + "/".join(sorted(gpu_backends))
-        + " (calibrated on the CPU backend, not yet measured)"
+        "estimate for " + "/".join(sorted(gpu_backends)) + " (calibrated on the CPU backend, not yet measured)"
         if gpu_backends
         else "model calibrated on the CPU backend"
     )

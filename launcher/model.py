@@ -167,9 +167,7 @@ class _SwaRule:
     """How an architecture turns on sliding-window attention (src/models/<arch>.cpp load_arch_hparams)."""
 
     pattern: int  # default n_pattern for llama_hparams::set_swa_pattern
-    when: (
-        str  # "always" | "key>0" (only if sliding_window is present and > 0) | "llama4" | "exaone4" | "lfm2"
-    )
+    when: str  # "always" | "key>0" (only if sliding_window is present and > 0) | "llama4" | "exaone4" | "lfm2"
     dense_first: bool = False
     default_window: int | None = None  # n_swa when the key is absent
     forced_window: int | None = None  # n_swa regardless of the key
@@ -222,6 +220,10 @@ class LayerFacts:
     has_kv: bool  # owns KV cells in the attention cache
     weight_bytes: int  # every blk.<i>.* tensor
     expert_bytes: int  # the MoE expert tensors among them
+    ffn_width: int = 0  # dense FFN up-projection output per token (2 x n_ff when gate and up are fused)
+    ffn_fused: bool = False  # ffn_up holds gate and up together (phi3)
+    expert_width: int = 0  # one expert's FFN width (n_ff_exp)
+    shared_expert_width: int = 0  # shared experts' FFN width
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -313,9 +315,7 @@ def _per_layer(header: GGUFHeader, key: str, n_layer: int, default: int | None) 
         raise ModelError(f"{header.source}: '{key}' has {value.count} entries, expected {n_layer}")
     if isinstance(value, list):
         if len(value) != n_layer:
-            raise ModelError(
-                f"{header.source}: '{key}' has {len(value)} entries, expected one per layer ({n_layer})"
-            )
+            raise ModelError(f"{header.source}: '{key}' has {len(value)} entries, expected one per layer ({n_layer})")
         return [_int(v, key, header.source) for v in value]
     return [_int(value, key, header.source)] * n_layer
 
@@ -342,11 +342,7 @@ def _swa_layers(
     if rule is None:
         return none
     window_key = header.get(f"{arch}.attention.sliding_window")
-    window = (
-        _int(window_key, f"{arch}.attention.sliding_window", header.source)
-        if window_key is not None
-        else None
-    )
+    window = _int(window_key, f"{arch}.attention.sliding_window", header.source) if window_key is not None else None
     if rule.when == "key>0" and not window:
         return none
     if rule.when == "llama4" and window_key is not None and window == 0:
@@ -370,9 +366,7 @@ def _swa_layers(
         flags = [bool(v) for v in pattern][:n_layer_all]
         flags += [False] * (n_layer_all - len(flags))
     else:
-        n_pattern = (
-            rule.pattern if pattern is None else _int(pattern, "sliding_window_pattern", header.source)
-        )
+        n_pattern = rule.pattern if pattern is None else _int(pattern, "sliding_window_pattern", header.source)
         flags = _swa_pattern(n_layer_main, n_layer_all, n_pattern, rule.dense_first)
     if not any(flags):
         return none
@@ -446,9 +440,7 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
     notes: list[str] = []
     known = arch in _PLAIN_ATTENTION or arch in _NO_MEMORY or arch in _RECURRENT or arch in _HYBRID
     if not known:
-        notes.append(
-            f"architecture '{arch}' is not one fitquant knows: KV cache sized as generic GQA (approximate)"
-        )
+        notes.append(f"architecture '{arch}' is not one fitquant knows: KV cache sized as generic GQA (approximate)")
 
     def required(name: str) -> int:
         value = header.get(f"{arch}.{name}")
@@ -510,6 +502,28 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
             return not recurrent[il] and n_ff[il] == 0
         return not recurrent[il]
 
+    # Activation widths per layer, read from the weight shapes (robust to per-layer and per-arch keys).
+    ffn_width, ffn_fused, expert_width, shared_width = (
+        [0] * n_layer_all,
+        [False] * n_layer_all,
+        [0] * n_layer_all,
+        [0] * n_layer_all,
+    )
+    for il in range(n_layer_all):
+        up = header.tensor(f"blk.{il}.ffn_up.weight")
+        if up is not None and len(up.shape) >= 2:
+            ffn_width[il] = up.shape[1]
+            ffn_fused[il] = header.tensor(f"blk.{il}.ffn_gate.weight") is None
+        exps = header.tensor(f"blk.{il}.ffn_up_exps.weight")
+        fused_exps = header.tensor(f"blk.{il}.ffn_gate_up_exps.weight")
+        if exps is not None and len(exps.shape) >= 2:
+            expert_width[il] = exps.shape[1]
+        elif fused_exps is not None and len(fused_exps.shape) >= 2:
+            expert_width[il] = fused_exps.shape[1] // 2
+        shexp = header.tensor(f"blk.{il}.ffn_up_shexp.weight")
+        if shexp is not None and len(shexp.shape) >= 2:
+            shared_width[il] = shexp.shape[1]
+
     # Weights per layer, and the layers' MoE experts.
     layer_bytes = [0] * n_layer_all
     expert_bytes = [0] * n_layer_all
@@ -552,6 +566,10 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
                 has_kv=owns_kv(il),
                 weight_bytes=layer_bytes[il],
                 expert_bytes=expert_bytes[il],
+                ffn_width=ffn_width[il] or (n_ff[il] if n_ff else 0),
+                ffn_fused=ffn_fused[il],
+                expert_width=expert_width[il],
+                shared_expert_width=shared_width[il],
             )
         )
 

@@ -48,6 +48,10 @@ def main() -> int:
     full = [(m.name, m.path) for m in corpus if m.quant == "Q4_K_M"]
     if gemma is not None:
         full.append(("gemma-3-270m-Q4_K_M", gemma))
+    import corpus_real
+
+    # Real dimensions of popular models, as header-only sparse files: the compute buffer at full size.
+    full += [(m.name, m.path) for m in corpus_real.build_real_corpus(corpus_mod.default_root())]
     ladder = [(m.name, m.path) for m in corpus if m.quant != "Q4_K_M"]
     from launcher.accuracy import describe, run_matrix
 
@@ -76,6 +80,21 @@ def main() -> int:
                 f"{row.model:<28} {describe(row.settings):<26} {check.component:<10} {check.predicted_mib:>9.2f}Mi"
                 f" {check.measured_mib:>9.2f}Mi {check.error_mib:>+8.2f}M  {'yes' if check.ok else 'NO'}"
             )
+    print()
+    print(f"{'model':<28} {'worst compute error':>20} {'worst total error':>18}")
+    by_model: dict[str, list] = {}
+    for row in rows:
+        by_model.setdefault(row.model, []).extend(row.checks)
+    for model, checks in by_model.items():
+        compute = [c for c in checks if c.component == "compute"]
+        total = [c for c in checks if c.component == "total"]
+        if len(compute) < 2:  # ladder rungs: one setting each, summarised by the weights check
+            continue
+        wc = max(compute, key=lambda c: abs(c.error_mib))
+        wt = max(total, key=lambda c: abs(c.error_mib))
+        print(
+            f"{model:<28} {wc.error_mib:>+10.2f} MiB {wc.error_ratio:>+7.1%} {wt.error_mib:>+8.2f} MiB {wt.error_ratio:>+7.1%}"
+        )
     print()
     print(f"{len(rows)} configurations, {checked} checks, {failures} out of tolerance")
     print("largest error per component (MiB, and relative where the figure is at least 1 MiB):")

@@ -27,17 +27,19 @@ def _failures(rows) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def full_matrix_rows(corpus, gemma3_270m_path):
+def full_matrix_rows(corpus, real_corpus, gemma3_270m_path):
+    # tiny models of every family, the real Gemma 3 270M, and header-only copies of real-size models
     models = [(m.name, m.path) for m in corpus if m.quant == "Q4_K_M"]
     models.append(("gemma-3-270m-Q4_K_M", gemma3_270m_path))
+    models += [(m.name, m.path) for m in real_corpus]
     return run_matrix(models)
 
 
 def test_estimate_matches_llama_cpp_for_every_family_and_setting(full_matrix_rows):
-    assert len({row.model for row in full_matrix_rows}) >= 10
+    assert len({row.model for row in full_matrix_rows}) >= 20
     # contexts 4k/32k/128k x f16 (flash attention off, on) and q8_0 x 1 slot and 4 (unified, per sequence)
     # x swa_full off/on for SWA models
-    assert len(full_matrix_rows) >= 300
+    assert len(full_matrix_rows) >= 600
     assert _failures(full_matrix_rows) == []
 
 

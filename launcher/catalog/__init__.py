@@ -1,0 +1,226 @@
+"""The catalog: which quants of a model exist, with their files, sizes, hashes and parsed GGUF headers.
+
+Contract: `list_candidates(model)` takes a model reference as a user types it and returns one
+`Candidate` per quant (`launcher.catalog.types`): a normalised label (Q4_K_M, UD-Q4_K_XL, IQ4_XS, BF16, ...),
+every file (all shards, with size, URL or local path, and the published sha256 where there is one), the
+vision projector if any, and the header (metadata and tensor infos, read without downloading weights). It
+raises `CatalogError`, one line that starts with the model as given and says what went wrong; nothing else
+escapes. Sources do their own I/O and translate their libraries' exceptions themselves.
+
+References (`parse_reference`):
+
+    (none)                                  the embedded default model (local)
+    ./x.gguf, /models/, x-00001-of-00003.gguf  local: a file, a split set, a folder of quants (`local`)
+    hf.co/user/repo[:QUANT], huggingface.co/user/repo, user/repo[@revision][:QUANT]
+                                            Hugging Face (`huggingface`); a user/repo that is no existing path
+    ollama://name[:tag]                     a model pulled into the local Ollama server (`ollama_local`)
+    name[:tag] (qwen3:14b, gemma3)          the Ollama registry (`ollama`)
+
+`:QUANT` keeps only that quant (case-insensitive) for Hugging Face and local references; for Ollama names
+the part after `:` is the tag. Listings and headers are cached (`launcher.catalog.cache`): `refresh=True`
+lists again, `offline=True` uses only the cache.
+
+`candidates_to_json` gives the `fitquant quants --json` document (schema_version 1), sorted by quality.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from launcher.catalog.types import Candidate, CandidateFile
+from launcher.errors import CatalogError, GGUFFormatError
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "Candidate",
+    "CandidateFile",
+    "ModelReference",
+    "candidates_to_json",
+    "list_candidates",
+    "parse_reference",
+    "sort_by_quality",
+]
+
+JSON_SCHEMA_VERSION = 1
+
+_HF_PREFIXES = (
+    "hf.co/",
+    "huggingface.co/",
+    "https://hf.co/",
+    "https://huggingface.co/",
+    "http://hf.co/",
+    "http://huggingface.co/",
+)
+_OLLAMA_LOCAL_PREFIX = "ollama://"
+# user/repo[@revision][:QUANT]; Hub names: letters, digits, "-", "_", "." (huggingface_hub validate_repo_id)
+_HF_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^:@\s]+))?(?::(?P<quant>[\w.-]+))?$")
+# [host/][namespace/]model[:tag] (Ollama types/model/name.go); a host has a dot or a port
+_OLLAMA_RE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)?(?:[\w.-]+/)?[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A parsed model reference: which source, what name there, and an optional quant filter."""
+
+    kind: str  # "embedded" | "local" | "huggingface" | "ollama" | "ollama-local"
+    name: str  # a path, "user/repo", or an Ollama "name:tag" ("" for the embedded model)
+    quant: str | None = None  # the :QUANT filter (Hugging Face and local only)
+    revision: str | None = None  # Hugging Face only
+
+
+def parse_reference(model: str | None) -> ModelReference:
+    """Decide where `model` comes from (see the module docstring); raises CatalogError for what fits no form."""
+    if model is None or not model.strip():
+        return ModelReference("embedded", "")
+    text = model.strip()
+    lower = text.lower()
+    if lower.startswith(_OLLAMA_LOCAL_PREFIX):
+        name = text[len(_OLLAMA_LOCAL_PREFIX) :]
+        if not name or not _OLLAMA_RE.match(name):
+            raise CatalogError(f"{model}: not an Ollama model name; write ollama://name[:tag], e.g. ollama://qwen3:14b")
+        return ModelReference("ollama-local", name)
+    for prefix in _HF_PREFIXES:
+        if lower.startswith(prefix):
+            return _hf_reference(model, text[len(prefix) :].rstrip("/"))
+    expanded = os.path.expanduser(text)
+    if os.path.exists(expanded):
+        return ModelReference("local", expanded)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and tail and "/" not in tail and os.path.exists(os.path.expanduser(head)):
+        return ModelReference("local", os.path.expanduser(head), quant=tail)
+    if text in (".", "..", "~") or text.startswith(("./", "../", "/", "~/")) or lower.endswith(".gguf"):
+        return ModelReference("local", expanded)
+    if text.count("/") == 1:
+        return _hf_reference(model, text)
+    if _OLLAMA_RE.match(text) and (text.count("/") == 0 or "." in text.split("/", 1)[0]):
+        return ModelReference("ollama", text)
+    raise CatalogError(
+        f"{model}: not a GGUF file or folder here, a Hugging Face repository (user/repo) or an Ollama model (name:tag)"
+    )
+
+
+def _hf_reference(model: str, rest: str) -> ModelReference:
+    m = _HF_RE.match(rest)
+    if m is None:
+        raise CatalogError(
+            f"{model}: not a Hugging Face repository; write user/repo[:QUANT], e.g. unsloth/Qwen3-14B-GGUF:Q4_K_M"
+        )
+    return ModelReference("huggingface", m["repo"], quant=m["quant"], revision=m["rev"])
+
+
+def list_candidates(
+    model: str | None,
+    *,
+    client: httpx.Client | None = None,
+    refresh: bool = False,
+    offline: bool = False,
+) -> list[Candidate]:
+    """Every quant of `model` (any reference form; None = the embedded default) as Candidates with headers.
+
+    `client` is used for HTTP (tests inject one); `refresh` lists again instead of using a fresh cached
+    listing; `offline` uses only cached listings and headers. Raises CatalogError (one line).
+    """
+    ref = parse_reference(model)
+    shown = model.strip() if model and model.strip() else "the embedded default model"
+    try:
+        if ref.kind == "embedded":
+            from launcher.catalog import local
+            from launcher.embedded import embedded_model_path
+
+            path = embedded_model_path()
+            return local.list_candidates(path, model=str(path))
+        if ref.kind == "local":
+            from launcher.catalog import local
+
+            return local.list_candidates(ref.name, model=shown, quant=ref.quant)
+        if ref.kind == "huggingface":
+            from launcher.catalog import huggingface
+
+            return huggingface.list_candidates(
+                ref.name,
+                model=shown,
+                quant=ref.quant,
+                revision=ref.revision or "main",
+                client=client,
+                refresh=refresh,
+                offline=offline,
+            )
+        if ref.kind == "ollama-local":
+            ollama_local = _ollama_module("ollama_local", shown, "a local Ollama server")
+            return list(ollama_local.list_candidates(ref.name, client=client))
+        ollama = _ollama_module("ollama", shown, "the Ollama registry")
+        return list(ollama.list_candidates(ref.name, client=client, refresh=refresh, offline=offline))
+    except GGUFFormatError as exc:
+        raise CatalogError(f"{shown}: {exc}") from None
+
+
+def _ollama_module(name: str, shown: str, what: str) -> Any:
+    from importlib import import_module
+
+    module_name = f"launcher.catalog.{name}"
+    try:
+        return import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise CatalogError(f"{shown}: listing models from {what} is not available in this version") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quality order and the JSON document
+
+
+def _quant_info(c: Candidate) -> Any:
+    from launcher.quants import quant_info
+
+    return quant_info(c.quant, c.bits_per_weight)
+
+
+def sort_by_quality(candidates: list[Candidate]) -> list[tuple[Candidate, Any]]:
+    """(candidate, launcher.quants.QuantInfo) pairs, best quality first (rank, then size, both descending)."""
+    pairs = [(c, _quant_info(c)) for c in candidates]
+    pairs.sort(key=lambda p: (p[1].rank is None, -(p[1].rank or 0), -p[0].size_bytes, p[0].quant))
+    return pairs
+
+
+def _file_json(f: CandidateFile | None) -> dict[str, Any] | None:
+    if f is None:
+        return None
+    return {"name": f.name, "size_bytes": f.size_bytes, "url": f.url, "sha256": f.sha256, "local_path": f.local_path}
+
+
+def candidates_to_json(model: str | None, candidates: list[Candidate]) -> dict[str, Any]:
+    """The `fitquant quants --json` document: schema_version 1, the model, and the candidates best first.
+
+    Per candidate: quant, size_bytes, bits_per_weight (measured from the header, else the label's nominal
+    figure), quality_rank (higher is better), kld and kld_source (published mean KL-divergence, or null),
+    files, projector, source, ollama_model, architecture, n_params and notes.
+    """
+    rows = []
+    for c, info in sort_by_quality(candidates):
+        bpw = c.bits_per_weight
+        if bpw is None:
+            bpw = info.nominal_bpw
+        rows.append(
+            {
+                "quant": c.quant,
+                "size_bytes": c.size_bytes,
+                "bits_per_weight": None if bpw is None else round(bpw, 4),
+                "quality_rank": info.rank,
+                "kld": info.kld,
+                "kld_source": info.kld_source,
+                "files": [_file_json(f) for f in c.files],
+                "projector": _file_json(c.projector),
+                "source": c.source,
+                "ollama_model": c.ollama_model,
+                "architecture": c.header.architecture if c.header else None,
+                "n_params": c.header.n_params if c.header else None,
+                "notes": list(c.notes),
+            }
+        )
+    return {"schema_version": JSON_SCHEMA_VERSION, "model": model, "candidates": rows}

@@ -1,0 +1,212 @@
+"""The catalog's on-disk cache, under `cache_dir()/catalog/`: parsed headers and repository listings.
+
+- Headers are keyed by content hash (a Hugging Face LFS sha256, an Ollama blob digest; `header_key` combines
+  the hashes of a split set's shards). Content does not change under its hash, so they never expire. They are
+  stored as JSON (metadata values, tensor infos), never pickled, and come back equal to what was parsed.
+- Listings (any JSON value a source wants to keep: a repository tree, a tag's manifest, a negative answer)
+  are keyed by (source, key) and carry the time they were fetched; the caller decides what is fresh
+  (`LISTING_TTL_S`) and may fall back to a stale one when the network is down.
+
+Writes go to a temporary file renamed into place, so readers never see half an entry. An entry that cannot be
+read or does not have the expected shape is treated as missing (and overwritten by the next store); a cache
+that cannot be written is skipped. Nothing here raises for the cache's sake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.gguf import GGUFHeader, SkippedArray, TensorInfo
+from launcher.paths import cache_dir
+
+__all__ = [
+    "LISTING_TTL_S",
+    "CachedListing",
+    "catalog_cache_dir",
+    "describe_time",
+    "header_key",
+    "load_header",
+    "load_listing",
+    "store_header",
+    "store_listing",
+]
+
+LISTING_TTL_S = 600.0  # a repository listing younger than this is used without asking the server
+_FORMAT = 1  # bump when the stored shape changes: older entries are then ignored
+_HEX = set("0123456789abcdef")
+
+
+def catalog_cache_dir() -> Path:
+    """`cache_dir()/catalog`, where headers and listings live."""
+    return cache_dir() / "catalog"
+
+
+def header_key(hashes: Sequence[str]) -> str:
+    """The cache key of a header: the content hash of a single file, or a hash over a split set's shard hashes."""
+    cleaned = [h.removeprefix("sha256:").lower() for h in hashes]
+    if len(cleaned) == 1 and len(cleaned[0]) == 64 and set(cleaned[0]) <= _HEX:
+        return cleaned[0]
+    return hashlib.sha256("\n".join(cleaned).encode()).hexdigest()
+
+
+def _header_path(key: str) -> Path:
+    safe = hashlib.sha256(key.encode()).hexdigest() if not (len(key) == 64 and set(key) <= _HEX) else key
+    return catalog_cache_dir() / "headers" / safe[:2] / f"{safe}.json"
+
+
+def _listing_path(source: str, key: str) -> Path:
+    digest = hashlib.sha256(f"{source}\n{key}".encode()).hexdigest()
+    return catalog_cache_dir() / "listings" / f"{digest}.json"
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except (OSError, TypeError, ValueError):
+        pass  # a cache that cannot be written is no cache, not an error
+
+
+def _read(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Headers
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, SkippedArray):
+        return {"skipped": [value.element_type, value.count]}  # metadata holds no dicts: unambiguous
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        etype, count = value["skipped"]
+        if not (isinstance(etype, int) and isinstance(count, int)):
+            raise TypeError("bad skipped array")
+        return SkippedArray(etype, count)
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if value is None:
+        raise TypeError("null metadata value")
+    return value
+
+
+def store_header(key: str, header: GGUFHeader) -> None:
+    """Keep `header` under `key` (see `header_key`)."""
+    entry = {
+        "format": _FORMAT,
+        "key": key,
+        "version": header.version,
+        "alignment": header.alignment,
+        "data_offset": header.data_offset,
+        "file_size": header.file_size,
+        "metadata": {k: _encode(v) for k, v in header.metadata.items()},
+        "tensors": [
+            [t.name, list(t.shape), t.ggml_type, t.offset, t.n_elements, t.n_bytes, t.shard] for t in header.tensors
+        ],
+    }
+    _write_atomic(_header_path(key), entry)
+
+
+def load_header(key: str, *, source: str, shards: Sequence[str] | None = None) -> GGUFHeader | None:
+    """The header stored under `key`, with `source` and `shards` (where it is now), or None if missing or corrupt."""
+    entry = _read(_header_path(key))
+    try:
+        if not isinstance(entry, dict) or entry.get("format") != _FORMAT or entry.get("key") != key:
+            return None
+        metadata = {str(k): _decode(v) for k, v in entry["metadata"].items()}
+        tensors = []
+        for row in entry["tensors"]:
+            name, shape, ggml_type, offset, n_elements, n_bytes, shard = row
+            ints = (ggml_type, offset, n_elements, n_bytes, shard, *shape)
+            if not isinstance(name, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+                return None
+            tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset, n_elements, n_bytes, shard))
+        file_size = entry["file_size"]
+        fields = (entry["version"], entry["alignment"], entry["data_offset"])
+        if not all(isinstance(x, int) for x in fields) or not (file_size is None or isinstance(file_size, int)):
+            return None
+        return GGUFHeader(
+            source=source,
+            version=entry["version"],
+            metadata=metadata,
+            tensors=tuple(tensors),
+            alignment=entry["alignment"],
+            data_offset=entry["data_offset"],
+            file_size=file_size,
+            shards=tuple(shards) if shards else (source,),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Listings
+
+
+@dataclass(frozen=True)
+class CachedListing:
+    """A stored listing: the JSON value a source kept, and when it was fetched (seconds since the epoch)."""
+
+    data: Any
+    fetched_at: float
+
+    def age_s(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.fetched_at
+
+    def is_fresh(self, ttl_s: float = LISTING_TTL_S, now: float | None = None) -> bool:
+        return 0 <= self.age_s(now) < ttl_s
+
+
+def store_listing(source: str, key: str, data: Any, *, fetched_at: float | None = None) -> None:
+    """Keep `data` (JSON-serialisable) as the listing of `key` ("endpoint|repo|revision") from `source`."""
+    entry = {
+        "format": _FORMAT,
+        "source": source,
+        "key": key,
+        "fetched_at": time.time() if fetched_at is None else fetched_at,
+        "data": data,
+    }
+    _write_atomic(_listing_path(source, key), entry)
+
+
+def load_listing(source: str, key: str) -> CachedListing | None:
+    """The listing stored for (`source`, `key`), fresh or not, or None if missing or corrupt."""
+    entry = _read(_listing_path(source, key))
+    if not isinstance(entry, dict) or entry.get("format") != _FORMAT:
+        return None
+    if entry.get("source") != source or entry.get("key") != key or "data" not in entry:
+        return None
+    fetched_at = entry.get("fetched_at")
+    if not isinstance(fetched_at, (int, float)) or isinstance(fetched_at, bool):
+        return None
+    return CachedListing(entry["data"], float(fetched_at))
+
+
+def describe_time(timestamp: float) -> str:
+    """A listing's time for a note: "2026-05-01 14:03" (local time)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))

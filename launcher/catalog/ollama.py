@@ -1,0 +1,806 @@
+"""The Ollama registry as a catalog source: every quant of a library model, with sizes and headers, no weights.
+
+Names are `[host/][namespace/]model[:tag]` (Ollama's types/model/name.go; defaults registry.ollama.ai, library,
+latest). The default host's base URL is https://registry.ollama.ai, or FITQUANT_OLLAMA_REGISTRY (mirrors, tests).
+
+Per tag: `GET /v2/{ns}/{model}/manifests/{tag}` (Accept: the Docker manifest v2 type) gives the model layer's size
+and digest and the projector layer; the config blob gives `file_type` ("Q4_K_M") and `model_type` ("8.0B"); it is
+content-addressed, so its fields are kept for good; the model blob's GGUF header is read by Range requests on
+`/v2/{ns}/{model}/blobs/{digest}` (the registry answers 307 to its blob store; `launcher.gguf.read_header` follows).
+
+The registry has no tag-list API, so:
+- `name:tag` where the tag is not a size (`qwen3:14b-q8_0`, `gemma3:27b-it-qat`): that one manifest.
+- `name:size` (`qwen3:14b`, `qwen3:30b-a3b`, `llama3.1:8b-instruct`): the tag itself and `{tag}-{quant}` for every
+  suffix in QUANT_SUFFIXES; for a pure size also `{size}-{variant}-{quant}` for the older families' VARIANTS
+  (`llama3.1:8b-instruct-q4_K_M`). All probed concurrently.
+- a bare `name` (or `name:latest`): `latest` is fetched, then its size is looked for: the header's
+  `general.size_label` and the config's `model_type` give candidate sizes ("14B" -> 14b; "14.8B" -> 14.8b, 14b,
+  15b; "268.10M" -> 268m, 270m, 0.3b), each probed as a tag; the sizes whose tag holds the same model blob as
+  `latest` are expanded as above. When none does, `latest` alone is listed, with a note saying so.
+Tags holding the same model blob are one candidate: the tag with a quant suffix is kept, the others are noted.
+A probe's 404 is remembered for NEGATIVE_TTL_S in `cache_dir()/catalog/ollama-tags.json`, so the next expansion
+asks only for the tags that exist (`refresh=True` forgets them; a tag the user names is always asked). The same
+file keeps each listing, which `offline=True` replays without the network.
+
+Failures: 404 on the tag asked -> "not found"; 401 -> the registry wants authentication (private models are not
+supported); 5xx, 408, 429, connection errors, timeouts and bodies cut short are retried (RETRY_ATTEMPTS, waits
+from RETRY_WAIT_S) and then, like a redirect loop or a malformed manifest, end in one CatalogError line that names
+the model and the cause. httpx exceptions are translated in `_Registry._get_once` and nowhere else. A header that
+cannot be read leaves that candidate's `header` None with a note; if no candidate's header can be read the
+listing fails with the first cause.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from launcher.catalog.types import Candidate, CandidateFile
+from launcher.errors import CatalogError, GGUFFormatError
+from launcher.quants import file_type_label, normalize_label, quant_info
+
+if TYPE_CHECKING:
+    import httpx
+
+    from launcher.gguf import GGUFHeader
+
+__all__ = [
+    "DEFAULT_REGISTRY",
+    "MANIFEST_ACCEPT",
+    "QUANT_SUFFIXES",
+    "VARIANTS",
+    "OllamaName",
+    "list_candidates",
+    "parse_name",
+    "size_candidates",
+]
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_REGISTRY = f"https://{DEFAULT_HOST}"
+REGISTRY_ENV = "FITQUANT_OLLAMA_REGISTRY"
+MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_MODEL = "application/vnd.ollama.image.model"
+MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
+
+# Tag suffixes Ollama's library uses for quants (compared case-insensitively by the registry's users, sent as is).
+QUANT_SUFFIXES: tuple[str, ...] = (
+    "q4_K_M",
+    "q4_K_S",
+    "q5_K_M",
+    "q5_K_S",
+    "q6_K",
+    "q8_0",
+    "fp16",
+    "bf16",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q3_K_M",
+    "q3_K_S",
+    "q3_K_L",
+    "q2_K",
+)
+# Older families put a variant between size and quant: llama3.1:8b-instruct-q4_K_M, llama2:7b-chat-q4_0,
+# gemma3:12b-it-q8_0.
+VARIANTS: tuple[str, ...] = ("instruct", "text", "chat", "it")
+
+NEGATIVE_TTL_S = 24 * 3600.0
+RETRY_ATTEMPTS = 3
+RETRY_WAIT_S = 0.25  # exponential backoff: 0.25 s, 0.5 s (module-level so tests can set 0)
+RETRY_WAIT_MAX_S = 2.0
+TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+MAX_CONCURRENCY = 16
+MAX_JSON_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
+_STORE_FILE = "ollama-tags.json"
+_STORE_VERSION = 1
+_STORE_MAX_CONFIGS = 4000
+_STORE_MAX_LISTINGS = 500
+
+_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(:\d{1,5})?$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SIZE = r"(?:e?\d+(?:\.\d+)?[kmbt](?:-a\d+(?:\.\d+)?[mb])?|\d+x\d+(?:\.\d+)?[mb])"
+_SIZE_RE = re.compile(rf"^{_SIZE}$", re.IGNORECASE)
+_SIZE_VARIANT_RE = re.compile(rf"^{_SIZE}-(?:{'|'.join(VARIANTS)})$", re.IGNORECASE)
+_MODEL_TYPE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT])\s*$", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names
+
+
+@dataclass(frozen=True)
+class OllamaName:
+    """A parsed Ollama model name; `tag` is None when the name has none."""
+
+    host: str | None  # None: the default registry (FITQUANT_OLLAMA_REGISTRY or registry.ollama.ai)
+    namespace: str
+    model: str
+    tag: str | None
+
+    def with_tag(self, tag: str) -> str:
+        """How Ollama itself names `tag` of this model: "qwen3:14b-q4_K_M", "user/m:tag", "host/ns/m:tag"."""
+        if self.host is not None:
+            return f"{self.host}/{self.namespace}/{self.model}:{tag}"
+        if self.namespace != "library":
+            return f"{self.namespace}/{self.model}:{tag}"
+        return f"{self.model}:{tag}"
+
+
+def parse_name(name: str) -> OllamaName:
+    """Split `[host/][namespace/]model[:tag]`; raises CatalogError for a name Ollama would refuse."""
+    text = name.strip()
+    head, tag = text, None
+    colon = text.rfind(":")
+    if colon > text.rfind("/"):
+        head, tag = text[:colon], text[colon + 1 :]
+    parts = head.split("/")
+    host: str | None = None
+    if len(parts) == 3:
+        host, namespace, model = parts
+    elif len(parts) == 2:
+        namespace, model = parts
+    elif len(parts) == 1:
+        namespace, model = "library", parts[0]
+    else:
+        namespace = model = ""
+    ok = (
+        bool(model)
+        and _PART_RE.match(model) is not None
+        and _PART_RE.match(namespace) is not None
+        and (host is None or _HOST_RE.match(host) is not None)
+        and (tag is None or _TAG_RE.match(tag) is not None)
+    )
+    if not ok:
+        raise CatalogError(f"ollama registry: invalid model name {name!r} (expected [host/][namespace/]model[:tag])")
+    if host is not None and host.lower() == DEFAULT_HOST:
+        host = None
+    return OllamaName(host=host, namespace=namespace, model=model, tag=tag)
+
+
+def _registry_base(host: str | None) -> str:
+    if host is not None:
+        return f"https://{host}"
+    value = os.environ.get(REGISTRY_ENV, "").strip().rstrip("/")
+    if not value:
+        return DEFAULT_REGISTRY
+    if not value.lower().startswith(("http://", "https://")):
+        raise CatalogError(f"ollama registry: {REGISTRY_ENV}={value!r} is not an http(s) URL")
+    return value
+
+
+def _quant_of_tag(tag: str) -> str | None:
+    """The known quant label a tag ends with ("8b-instruct-q4_K_M" -> "Q4_K_M"), else None."""
+    last = tag.rsplit("-", 1)[-1]
+    try:
+        label = normalize_label(last)
+    except ValueError:
+        return None
+    return label if quant_info(label).known else None
+
+
+def _expansion(base: str) -> list[str]:
+    """The tags to try for a size tag: itself, then `{base}-{quant}` (and the variants for a pure size)."""
+    tags = [base] + [f"{base}-{q}" for q in QUANT_SUFFIXES]
+    if _SIZE_RE.match(base):
+        tags += [f"{base}-{v}-{q}" for v in VARIANTS for q in QUANT_SUFFIXES]
+    return tags
+
+
+def _is_size_tag(tag: str) -> bool:
+    return bool(_SIZE_RE.match(tag) or _SIZE_VARIANT_RE.match(tag))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def size_candidates(size_label: Any, model_type: Any) -> list[str]:
+    """Size tags worth trying for a model: from general.size_label ("14B") and the config's model_type ("14.8B")."""
+    out: list[str] = []
+    if isinstance(size_label, str):
+        for part in size_label.split(","):
+            s = part.strip().lower()
+            if _SIZE_RE.match(s):
+                out.append(s)
+    m = _MODEL_TYPE_RE.match(model_type) if isinstance(model_type, str) else None
+    if m is not None:
+        value, unit = float(m[1]), m[2].lower()
+        out.append(f"{_fmt(value)}{unit}")
+        if value >= 1:
+            out += [f"{_fmt(round(value, 1))}{unit}", f"{int(value)}{unit}", f"{round(value)}{unit}"]
+        if unit == "m":
+            out += [f"{round(value)}m", f"{round(value, -1):.0f}m"]
+            if value >= 50:
+                out.append(f"{_fmt(round(value / 1000, 1))}b")
+    return [s for s in dict.fromkeys(out) if _SIZE_RE.match(s)][:6]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a manifest says
+
+
+@dataclass(frozen=True)
+class _Layer:
+    digest: str
+    size: int
+
+
+@dataclass
+class _Tag:
+    tag: str
+    model: _Layer | None
+    projector: _Layer | None
+    config_digest: str | None
+    config_size: int
+    n_model_layers: int
+    config: dict[str, Any] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def layer(x: _Layer | None) -> list[Any] | None:
+            return None if x is None else [x.digest, x.size]
+
+        return {
+            "tag": self.tag,
+            "model": layer(self.model),
+            "projector": layer(self.projector),
+            "config_digest": self.config_digest,
+            "config": self.config,
+            "n_model_layers": self.n_model_layers,
+            "aliases": self.aliases,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Tag:
+        def layer(x: Any) -> _Layer | None:
+            return None if not x else _Layer(str(x[0]), int(x[1]))
+
+        return cls(
+            tag=str(d["tag"]),
+            model=layer(d.get("model")),
+            projector=layer(d.get("projector")),
+            config_digest=d.get("config_digest"),
+            config_size=0,
+            n_model_layers=int(d.get("n_model_layers", 1)),
+            config=dict(d.get("config") or {}),
+            aliases=[str(a) for a in d.get("aliases", [])],
+        )
+
+
+class _Fatal(Exception):
+    """Not worth retrying: the message is the cause, as the user will read it."""
+
+
+class _Transient(Exception):
+    """Worth retrying (5xx, 408, 429, network errors, a body cut short)."""
+
+
+def _parse_manifest(body: bytes, tag: str, where: str) -> _Tag:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise _Fatal(f"the manifest from {where} is not JSON") from None
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    if not isinstance(layers, list):
+        raise _Fatal(f"the answer from {where} is not an image manifest (no 'layers')")
+
+    def layer(entry: Any) -> _Layer:
+        if not isinstance(entry, dict):
+            raise _Fatal(f"the manifest from {where} has a malformed layer")
+        digest, size = entry.get("digest"), entry.get("size")
+        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+            raise _Fatal(f"the manifest from {where} has a malformed digest {str(digest)[:80]!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _Fatal(f"the manifest from {where} has a malformed layer size {str(size)[:40]!r}")
+        return _Layer(digest, size)
+
+    models = [layer(x) for x in layers if isinstance(x, dict) and x.get("mediaType") == MEDIA_MODEL]
+    projectors = [layer(x) for x in layers if isinstance(x, dict) and x.get("mediaType") == MEDIA_PROJECTOR]
+    config = doc.get("config")
+    config_layer = layer(config) if isinstance(config, dict) else None
+    return _Tag(
+        tag=tag,
+        model=models[0] if models else None,
+        projector=projectors[0] if projectors else None,
+        config_digest=config_layer.digest if config_layer else None,
+        config_size=config_layer.size if config_layer else 0,
+        n_model_layers=len(models),
+    )
+
+
+def _config_fields(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise _Fatal(f"the config blob from {where} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise _Fatal(f"the config blob from {where} is not a JSON object")
+    keep = ("file_type", "model_type", "model_family", "model_format", "requires")
+    return {k: doc[k] for k in keep if isinstance(doc.get(k), str)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The negative-answer and listing store
+
+
+class _Store:
+    """cache_dir()/catalog/ollama-tags.json: 404s with their time, config fields by digest, listings by name."""
+
+    def __init__(self) -> None:
+        from launcher.paths import cache_dir
+
+        self.path = cache_dir() / "catalog" / _STORE_FILE
+        self.lock = threading.Lock()
+        self.dirty = False
+        self.missing: dict[str, float] = {}
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.listings: dict[str, dict[str, Any]] = {}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and doc.get("version") == _STORE_VERSION:
+                self.missing = {str(k): float(v) for k, v in dict(doc.get("missing", {})).items()}
+                self.configs = {str(k): dict(v) for k, v in dict(doc.get("configs", {})).items()}
+                self.listings = {str(k): dict(v) for k, v in dict(doc.get("listings", {})).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # missing or corrupt: start empty, the next save replaces it
+
+    def is_missing(self, key: str) -> bool:
+        at = self.missing.get(key)
+        return at is not None and 0 <= time.time() - at < NEGATIVE_TTL_S
+
+    def set_missing(self, key: str, missing: bool) -> None:
+        with self.lock:
+            if missing:
+                self.missing[key] = time.time()
+            elif self.missing.pop(key, None) is None:
+                return
+            self.dirty = True
+
+    def config(self, digest: str) -> dict[str, Any] | None:
+        return self.configs.get(digest)
+
+    def set_config(self, digest: str, fields: dict[str, Any]) -> None:
+        with self.lock:
+            self.configs[digest] = fields
+            self.dirty = True
+
+    def set_listing(self, key: str, tags: list[_Tag]) -> None:
+        with self.lock:
+            self.listings.pop(key, None)
+            self.listings[key] = {"at": time.time(), "tags": [t.to_json() for t in tags]}
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        now = time.time()
+        missing = {k: v for k, v in self.missing.items() if 0 <= now - v < NEGATIVE_TTL_S}
+        configs = dict(list(self.configs.items())[-_STORE_MAX_CONFIGS:])
+        listings = dict(list(self.listings.items())[-_STORE_MAX_LISTINGS:])
+        doc = {"version": _STORE_VERSION, "missing": missing, "configs": configs, "listings": listings}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ollama-tags.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(doc, f, separators=(",", ":"))
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError:
+            pass  # a cache that cannot be written only costs requests next time
+        self.dirty = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry client
+
+T = TypeVar("T")
+R = TypeVar("R")
+HeaderLoader = Callable[[CandidateFile], "GGUFHeader | None"]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _Registry:
+    def __init__(
+        self, given: str, name: OllamaName, base: str, client: httpx.Client, store: _Store, refresh: bool
+    ) -> None:
+        self.given = given
+        self.name = name
+        self.base = base
+        self.client = client
+        self.store = store
+        self.refresh = refresh
+        self.repo = f"{name.namespace}/{name.model}"
+        self.headers: dict[str, tuple[GGUFHeader | None, str | None]] = {}
+        self.header_lock = threading.Lock()
+
+    # -- errors ------------------------------------------------------------------------------------------------
+
+    def error(self, cause: str, tag: str | None = None) -> CatalogError:
+        which = f" (tag {tag!r})" if tag is not None and tag != self.name.tag else ""
+        return CatalogError(_one_line(f"ollama registry: model {self.given!r}{which}: {cause}"))
+
+    def tags_hint(self) -> str:
+        if self.name.host is not None:
+            return ""
+        return f"; see https://ollama.com/{self.name.namespace}/{self.name.model}/tags"
+
+    # -- HTTP --------------------------------------------------------------------------------------------------
+
+    def url(self, kind: str, ref: str) -> str:
+        return f"{self.base}/v2/{self.repo}/{kind}/{ref}"
+
+    def get(self, url: str, *, accept: str, tag: str | None, limit: int = MAX_JSON_BYTES) -> bytes | None:
+        """The body of a 200 answer, or None for a 404; any other outcome raises CatalogError."""
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+        retrying = Retrying(
+            stop=stop_after_attempt(RETRY_ATTEMPTS),
+            wait=wait_exponential(multiplier=RETRY_WAIT_S, max=RETRY_WAIT_MAX_S),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._get_once(url, accept, limit)
+        except _Transient as exc:
+            n = attempt.retry_state.attempt_number
+            raise self.error(f"{exc}" + (f" (after {n} attempts)" if n > 1 else ""), tag) from None
+        except _Fatal as exc:
+            raise self.error(str(exc), tag) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get_once(self, url: str, accept: str, limit: int) -> bytes | None:
+        import httpx
+
+        try:
+            with self.client.stream("GET", url, headers={"Accept": accept}, follow_redirects=True) as response:
+                status = response.status_code
+                if status == 200:
+                    body = bytearray()
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise _Fatal(f"the answer from {url} is larger than {limit} bytes")
+                    return bytes(body)
+                if status == 404:
+                    return None
+                reason = f"HTTP {status} {response.reason_phrase}".rstrip()
+                if status == 401:
+                    raise _Fatal(
+                        f"the registry wants authentication ({reason} from {url}); fitquant reads public models "
+                        f"only: pull it with 'ollama pull' and use the local Ollama's copy"
+                    )
+                if status == 403:
+                    raise _Fatal(f"access denied ({reason} from {url})")
+                if status in (408, 429) or status >= 500:
+                    raise _Transient(f"{reason} from {url}")
+                raise _Fatal(f"{reason} from {url}")
+        except httpx.TooManyRedirects:
+            raise _Fatal(f"too many redirects from {url} (a redirect loop?)") from None
+        except httpx.ConnectError as exc:
+            raise _Transient(f"cannot connect to {self.base} ({exc})") from None
+        except httpx.TimeoutException as exc:
+            raise _Transient(f"no answer from {url} in time ({type(exc).__name__})") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise _Transient(f"the answer from {url} was cut short ({type(exc).__name__}: {exc})") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"{type(exc).__name__} on {url}: {exc}") from None
+        except httpx.InvalidURL as exc:
+            raise _Fatal(f"invalid URL {url} ({exc})") from None
+
+    # -- tags --------------------------------------------------------------------------------------------------
+
+    def missing_key(self, tag: str) -> str:
+        return f"{self.base}|{self.repo}:{tag}"
+
+    def probe(self, tag: str, *, speculative: bool) -> _Tag | None:
+        """The manifest of `tag`, or None when the registry has no such tag (speculative 404s are remembered)."""
+        key = self.missing_key(tag)
+        if speculative and not self.refresh and self.store.is_missing(key):
+            return None
+        url = self.url("manifests", tag)
+        body = self.get(url, accept=MANIFEST_ACCEPT, tag=tag)
+        self.store.set_missing(key, body is None)
+        if body is None:
+            return None
+        try:
+            return _parse_manifest(body, tag, url)
+        except _Fatal as exc:
+            raise self.error(str(exc), tag) from None
+
+    def probe_many(self, tags: Iterable[str], *, speculative: bool) -> list[_Tag]:
+        found = _parallel(lambda t: self.probe(t, speculative=speculative), list(dict.fromkeys(tags)))
+        return [t for t in found if t is not None]
+
+    def config(self, t: _Tag) -> None:
+        """Fill t.config from the config blob (content-addressed: read once, kept in the store)."""
+        if t.config_digest is None or t.config:
+            return
+        cached = self.store.config(t.config_digest)
+        if cached is not None:
+            t.config = dict(cached)
+            return
+        if t.config_size > MAX_CONFIG_BYTES:
+            return
+        url = self.url("blobs", t.config_digest)
+        body = self.get(url, accept="application/json, */*", tag=t.tag, limit=MAX_CONFIG_BYTES)
+        if body is None:
+            return
+        try:
+            t.config = _config_fields(body, url)
+        except _Fatal as exc:
+            raise self.error(str(exc), t.tag) from None
+        self.store.set_config(t.config_digest, t.config)
+
+    # -- resolution --------------------------------------------------------------------------------------------
+
+    def resolve(self, header: Callable[[_Tag], tuple[GGUFHeader | None, str | None]]) -> tuple[list[_Tag], str | None]:
+        """Every tag of the model the name asks for, aliases merged; and a note for the whole listing."""
+        tag = self.name.tag
+        note = None
+        if tag is None or tag == "latest":
+            latest = self.probe("latest", speculative=False)
+            if latest is None:
+                raise self.error(f"not found at {self.base} (no tag 'latest'{self.tags_hint()})")
+            found = [latest]
+            if latest.model is not None:
+                self.config(latest)
+                head, _ = header(latest)
+                sizes = size_candidates(
+                    head.get("general.size_label") if head is not None else None, latest.config.get("model_type")
+                )
+                aliases = self.probe_many(sizes, speculative=True)
+                matched = [a for a in aliases if a.model is not None and a.model.digest == latest.model.digest]
+                asked = {"latest", *sizes}
+                for alias in matched:
+                    found.append(alias)
+                    more = [x for x in _expansion(alias.tag) if x not in asked]
+                    asked.update(more)
+                    found += self.probe_many(more, speculative=True)
+                if not matched:
+                    example = self.name.with_tag("<size>")
+                    note = f"could not tell which size 'latest' is; name one ({example}) to list its other quants"
+        elif _is_size_tag(tag):
+            tried = _expansion(tag)
+            found = self.probe_many(tried[:1], speculative=False) + self.probe_many(tried[1:], speculative=True)
+            if not found:
+                raise self.error(
+                    f"not found at {self.base} (none of the {len(tried)} tags tried for {tag!r} exists"
+                    f"{self.tags_hint()})"
+                )
+        else:
+            one = self.probe(tag, speculative=False)
+            if one is None:
+                raise self.error(f"not found at {self.base} (no tag {tag!r}{self.tags_hint()})")
+            found = [one]
+        return _merge_aliases(found), note
+
+
+def _merge_aliases(found: list[_Tag]) -> list[_Tag]:
+    """One _Tag per model blob: the first with a quant suffix wins, the other tags become its aliases."""
+    groups: dict[str, list[_Tag]] = {}
+    out: list[_Tag] = []
+    for t in found:
+        if t.model is None:
+            out.append(t)
+            continue
+        groups.setdefault(t.model.digest, []).append(t)
+    for group in groups.values():
+        keep = next((t for t in group if _quant_of_tag(t.tag) is not None), group[0])
+        seen = {keep.tag}
+        for t in group:
+            if t.tag not in seen:
+                keep.aliases.append(t.tag)
+                seen.add(t.tag)
+        out.append(keep)
+    return out
+
+
+def _parallel(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """fn over items on a thread pool, results in order; the first failure (in order) is raised."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(MAX_CONCURRENCY, len(items)))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def _label(t: _Tag, header: GGUFHeader | None) -> tuple[str, str | None]:
+    """The quant label: the config's file_type, else the tag's suffix, else the header's general.file_type."""
+    file_type = t.config.get("file_type")
+    if isinstance(file_type, str) and file_type.strip():
+        return normalize_label(file_type), None
+    from_tag = _quant_of_tag(t.tag)
+    if from_tag is not None:
+        return from_tag, None
+    if header is not None:
+        ft = header.get("general.file_type")
+        from_header = file_type_label(ft if isinstance(ft, int) else None)
+        if from_header is not None:
+            return from_header, None
+    return normalize_label(t.tag), f"quant not declared: labelled by its tag {t.tag!r}"
+
+
+def _file(layer: _Layer, blob_url: str) -> CandidateFile:
+    return CandidateFile(name=layer.digest, size_bytes=layer.size, url=blob_url, sha256=layer.digest.split(":", 1)[1])
+
+
+def _candidate(
+    given: str, name: OllamaName, base: str, t: _Tag, header: GGUFHeader | None, notes: list[str]
+) -> Candidate:
+    assert t.model is not None
+    repo = f"{base}/v2/{name.namespace}/{name.model}/blobs"
+    label, label_note = _label(t, header)
+    notes = list(notes)
+    if label_note:
+        notes.append(label_note)
+    if t.aliases:
+        notes.append("also tagged " + ", ".join(t.aliases))
+    if t.n_model_layers > 1:
+        notes.append(f"the manifest has {t.n_model_layers} model layers; the first is listed")
+    if t.config.get("requires"):
+        notes.append(f"needs Ollama {t.config['requires']} or newer")
+    projector = _file(t.projector, f"{repo}/{t.projector.digest}") if t.projector is not None else None
+    return Candidate(
+        model=given,
+        source="ollama",
+        quant=label,
+        files=(_file(t.model, f"{repo}/{t.model.digest}"),),
+        header=header,
+        projector=projector,
+        ollama_model=name.with_tag(t.tag),
+        notes=tuple(notes),
+    )
+
+
+def _sorted(cands: list[Candidate]) -> list[Candidate]:
+    def key(c: Candidate) -> tuple[float, int]:
+        return (-quant_info(c.quant, c.bits_per_weight).rank, -c.size_bytes)
+
+    return sorted(cands, key=key)
+
+
+def list_candidates(
+    name: str,
+    *,
+    client: httpx.Client | None = None,
+    refresh: bool = False,
+    offline: bool = False,
+    header_loader: HeaderLoader | None = None,
+) -> list[Candidate]:
+    """Every quant of an Ollama registry model (`name`, `name:tag`, `ns/name:tag`, `host/ns/name:tag`).
+
+    `header_loader(file)` returns a model blob's header (e.g. from a cache; None when it has none); by default
+    it is read from the registry with Range requests. `offline` replays the last listing kept on disk.
+    Raises CatalogError (one line naming the model and the cause).
+    """
+    parsed = parse_name(name)
+    base = _registry_base(parsed.host)
+    store = _Store()
+    key = f"{base}|{parsed.namespace}/{parsed.model}:{'' if parsed.tag in (None, 'latest') else parsed.tag}"
+    if offline:
+        return _offline(name, parsed, base, store, key, header_loader)
+    own_client = None
+    if client is None:
+        import httpx
+
+        from launcher import __version__
+
+        own_client = client = httpx.Client(
+            follow_redirects=True,
+            timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            headers={"User-Agent": f"fitquant/{__version__}"},
+            limits=httpx.Limits(max_connections=MAX_CONCURRENCY + 4, max_keepalive_connections=MAX_CONCURRENCY),
+        )
+    registry = _Registry(name, parsed, base, client, store, refresh)
+    failed: set[str] = set()  # model digests whose header could not be read
+
+    def load(t: _Tag) -> tuple[GGUFHeader | None, str | None]:
+        """The header of t's model blob and, when there is none, why; once per blob."""
+        assert t.model is not None
+        digest = t.model.digest
+        with registry.header_lock:
+            if digest in registry.headers:
+                return registry.headers[digest]
+        file = _file(t.model, registry.url("blobs", digest))
+        try:
+            if header_loader is not None:
+                head = header_loader(file)
+                result = (head, None if head is not None else "header not read: the header loader has none")
+            else:
+                from launcher.gguf import read_header
+
+                result = (read_header(file.url or "", client=client), None)
+        except GGUFFormatError as exc:
+            failed.add(digest)
+            result = (None, _one_line(f"header not read: {exc}"))
+        with registry.header_lock:
+            registry.headers[digest] = result
+        return result
+
+    try:
+        tags, note = registry.resolve(load)
+        with_model = [t for t in tags if t.model is not None]
+        if not with_model:
+            raise registry.error(
+                "no GGUF model layer in its manifest (a hosted-only '-cloud' tag, or a format fitquant cannot read)"
+            )
+        _parallel(registry.config, with_model)
+        heads = _parallel(load, with_model)
+        if len(failed) == len(with_model):  # nothing to plan with: say why, once
+            first = next(err for _, err in heads if err)
+            raise registry.error(first.replace("header not read: ", "cannot read the GGUF header: ", 1))
+        cands = []
+        for t, (head, err) in zip(with_model, heads, strict=True):
+            notes = [n for n in (err, note if t.tag == "latest" else None) if n]
+            cands.append(_candidate(name, parsed, base, t, head, notes))
+        store.set_listing(key, with_model)
+        return _sorted(cands)
+    finally:
+        store.save()
+        if own_client is not None:
+            own_client.close()
+
+
+def _offline(
+    given: str, name: OllamaName, base: str, store: _Store, key: str, header_loader: HeaderLoader | None
+) -> list[Candidate]:
+    listing = store.listings.get(key)
+    if not listing or not listing.get("tags"):
+        raise CatalogError(
+            f"ollama registry: model {given!r}: offline, and no listing of it is kept (list it once online)"
+        )
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(listing.get("at", 0))))
+    cands = []
+    for entry in listing["tags"]:
+        try:
+            t = _Tag.from_json(entry)
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+        if t.model is None:
+            continue
+        file = _file(t.model, f"{base}/v2/{name.namespace}/{name.model}/blobs/{t.model.digest}")
+        head = None
+        notes = [f"offline: listing of {when}"]
+        try:
+            head = header_loader(file) if header_loader is not None else None
+            if head is None:
+                notes.append("offline: header not read")
+        except GGUFFormatError as exc:
+            notes.append(_one_line(f"header not read: {exc}"))
+        cands.append(_candidate(given, name, base, t, head, notes))
+    if not cands:
+        raise CatalogError(f"ollama registry: model {given!r}: offline, and the kept listing is unreadable")
+    return _sorted(cands)
