@@ -93,7 +93,8 @@ def main() -> int:
         wc = max(compute, key=lambda c: abs(c.error_mib))
         wt = max(total, key=lambda c: abs(c.error_mib))
         print(
-            f"{model:<28} {wc.error_mib:>+10.2f} MiB {wc.error_ratio:>+7.1%} {wt.error_mib:>+8.2f} MiB {wt.error_ratio:>+7.1%}"
+            f"{model:<28} {wc.error_mib:>+10.2f} MiB {wc.error_ratio:>+7.1%}"
+            f" {wt.error_mib:>+8.2f} MiB {wt.error_ratio:>+7.1%}"
         )
     print()
     print(f"{len(rows)} configurations, {checked} checks, {failures} out of tolerance")
