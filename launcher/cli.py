@@ -348,3 +348,220 @@ def _render_estimate(result: Any) -> None:
     console.print(f"compute buffer: {result.compute_source}")
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def _reserve_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    from launcher.units import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--ctx", "n_ctx", callback=_context, default="8192", show_default=True,
+              help="Target context in tokens: 32768, 32k, 128K.")  # fmt: skip
+@click.option("--kv", "kv", type=_KV_TYPES, default="q8_0", show_default=True, help="KV cache type for K and V.")
+@click.option("--kv-k", "kv_k", type=_KV_TYPES, help="K cache type (overrides --kv).")
+@click.option("--kv-v", "kv_v", type=_KV_TYPES, help="V cache type (overrides --kv).")
+@click.option("--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel sequences (slots); the context is shared between them.")  # fmt: skip
+@click.option("--vram", callback=_vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB.")
+@click.option("--ram", callback=_byte_size, help="Describe the host's RAM instead of probing: 64GiB.")
+@click.option("--unified", callback=_byte_size, help="Describe an Apple Silicon Mac's unified memory: 32GiB.")
+@click.option("--reserve", callback=_reserve_size, default="1GiB", show_default=True,
+              help="Memory to keep free on every device.")  # fmt: skip
+@click.option("--min-quant", help="Quality floor, e.g. Q4_K_M (default: by model size).")
+@click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
+@click.option("--vision/--no-vision", default=False, help="Count the vision projector (mmproj) when there is one.")
+@click.option("--engine/--no-engine", default=True, show_default=True,
+              help="Confirm the choice with a llama.cpp dry run when llama-cpp-python is installed.")  # fmt: skip
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="llama-server port.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Plan as JSON (docs/plan.schema.json).")
+def plan(
+    model: str | None,
+    n_ctx: int,
+    kv: str,
+    kv_k: str | None,
+    kv_v: str | None,
+    n_parallel: int,
+    vram: list[int] | None,
+    ram: int | None,
+    unified: int | None,
+    reserve: int,
+    min_quant: str | None,
+    strict: bool,
+    vision: bool,
+    engine: bool,
+    port: int,
+    as_json: bool,
+) -> None:
+    """Choose the best quant, context and offload for this machine, explain why, and show how to launch it.
+
+    MODEL: a local .gguf file or folder of quants, hf.co/user/repo, an Ollama name (qwen3:14b), or
+    nothing for the embedded default model.
+    """
+    from launcher.errors import NoFitError
+    from launcher.fit import fit
+    from launcher.hardware import resolve_machine
+    from launcher.plan import Policy
+
+    if min_quant is not None:
+        from launcher.quants import known_labels, normalize_label
+
+        min_quant = normalize_label(min_quant)
+        if min_quant not in known_labels():
+            raise click.BadParameter(
+                f"{min_quant!r} is not a quant fitquant knows, e.g. Q4_K_M", param_hint="'--min-quant'"
+            )
+    kv_k, kv_v = kv_k or kv, kv_v or kv
+    policy = Policy(
+        n_ctx=n_ctx,
+        type_k=kv_k,
+        type_v=kv_v,
+        flash_attn="on" if kv_v not in ("f32", "f16", "bf16") else "auto",
+        n_parallel=n_parallel,
+        reserve_bytes=reserve,
+        min_quant=min_quant,
+        strict=strict,
+        vision=vision,
+    )
+    machine = resolve_machine(vram=vram, ram=ram, unified=unified)
+    result = fit(model, policy, machine=machine, confirm=engine)
+    if as_json:
+        _print_json(result.to_json(port=port))
+    else:
+        _render_plan(result, port=port)
+    if result.chosen is None:
+        raise NoFitError(result.reason, candidates=result.candidates)
+
+
+def _bar(option: Any, budget_bytes: int, width: int = 24) -> str:
+    """A stacked bar of what the option needs on its busiest device against that device's budget."""
+    est = option.estimate
+    device = max(est.devices, key=lambda d: d.total_bytes)
+    parts = [
+        (device.weights_bytes, "█", "cyan"),
+        (device.kv_bytes + device.recurrent_bytes, "█", "magenta"),
+        (device.compute_bytes + device.output_bytes, "█", "yellow"),
+        (device.overhead_bytes, "█", "white"),
+    ]
+    scale = max(budget_bytes, device.total_bytes, 1)
+    out, used = "", 0
+    for value, char, color in parts:
+        cells = round(value / scale * width)
+        cells = min(cells, width - used)
+        if cells:
+            out += f"[{color}]{char * cells}[/{color}]"
+            used += cells
+    out += "[dim]" + "·" * (width - used) + "[/dim]"
+    return out + ("[red]▶[/red]" if device.total_bytes > budget_bytes else " ")
+
+
+def _render_plan(result: Any, *, port: int) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from launcher.plan import llama_server_argv, ollama_config, shell_line
+    from launcher.units import format_bytes
+
+    console = Console()
+    budget = max((b.usable_bytes for b in result.budgets), default=0)
+    where = ", ".join(f"{b.name} {format_bytes(b.usable_bytes)} usable" for b in result.budgets)
+    table = Table(title=f"{result.model} at {result.policy.n_ctx} tokens on {where}", title_justify="left")
+    for column in ("quant", "file", "bpw", "needs", "weights KV compute runtime", "fits"):
+        table.add_column(column, justify="right" if column in ("file", "bpw", "needs") else "left")
+    for option in result.candidates:
+        chosen = result.chosen is not None and option.quant == result.chosen.quant
+        bpw = option.candidate.bits_per_weight
+        fits = "[green]yes[/green]" if option.fits else "[red]no[/red]"
+        if option.fits and not option.above_floor:
+            fits = "[yellow]below floor[/yellow]"
+        table.add_row(
+            ("▶ " if chosen else "  ") + option.quant,
+            format_bytes(option.candidate.size_bytes),
+            f"{bpw:.2f}" if bpw else "-",
+            format_bytes(max(option.needs.values())),
+            _bar(option, budget),
+            fits,
+            style="bold green" if chosen and result.mode in ("gpu", "cpu") else ("bold" if chosen else None),
+        )
+    console.print(table)
+    console.print(f"[bold]{escape(result.reason)}[/bold]")
+    for option in result.alternatives:
+        console.print(f"  alternative: {option.quant} at {option.n_ctx} tokens, {option.n_gpu_layers} layers on GPU"
+                      f"{' (experts on CPU)' if option.cpu_moe else ''}: {escape(option.reason)}")  # fmt: skip
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if result.chosen is None:
+        return
+    figures = result.chosen.figures
+    console.print(f"figures for the choice: {'measured by llama.cpp (dry run)' if figures == 'engine' else 'estimate'}")
+    console.print("\n[bold]llama-server[/bold]")
+    console.print(escape(shell_line(llama_server_argv(result, port=port))), soft_wrap=True)
+    config = ollama_config(result)
+    console.print("\n[bold]Ollama[/bold]")
+    env = " ".join(f"{k}={v}" for k, v in config["env"].items())
+    console.print(escape(f"{env} ollama serve"), soft_wrap=True)
+    console.print(escape(f"model {config['model']}  options {config['options']}"), soft_wrap=True)
+    console.print(escape(config["modelfile"].rstrip()))
+    for note in config["notes"]:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (sizes in bytes).")
+@click.option("--refresh", is_flag=True, help="List the model's source again instead of using the cached listing.")
+@click.option("--offline", is_flag=True, help="Use only cached listings and headers (no network).")
+def quants(model: str | None, as_json: bool, refresh: bool, offline: bool) -> None:
+    """List every quant of a model: size, bits per weight, quality rank, KLD (headers only, no download).
+
+    MODEL is an Ollama name (qwen3:14b), a Hugging Face repository (user/repo or hf.co/user/repo[:QUANT]),
+    ollama://name[:tag] for a local Ollama server, or a local .gguf file, split set or folder;
+    without it, the embedded default model.
+    """
+    from launcher.catalog import candidates_to_json, list_candidates
+
+    data = candidates_to_json(model, list_candidates(model, refresh=refresh, offline=offline))
+    if as_json:
+        _print_json(data)
+        return
+    _render_quants(data)
+
+
+def _render_quants(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from launcher.units import format_bytes
+
+    rows = data["candidates"]
+    table = Table(title=escape(data["model"] or "embedded default model"), title_justify="left")
+    for name, justify in (("quant", "left"), ("size", "right"), ("bits/weight", "right"), ("quality", "right"),
+                          ("KLD", "right"), ("files", "right"), ("source", "left")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        bpw, rank, kld, source = row["bits_per_weight"], row["quality_rank"], row["kld"], row["source"]
+        if source.startswith("ollama") and row["ollama_model"]:
+            source = f"{source} {row['ollama_model']}"  # the tag to pull
+        table.add_row(
+            escape(row["quant"]),
+            format_bytes(row["size_bytes"]),
+            "?" if bpw is None else f"{bpw:.2f}",
+            "?" if rank is None else f"{rank:g}",
+            "" if kld is None else f"{kld:.4f}",
+            str(len(row["files"])),
+            escape(source),
+        )
+    console = Console()
+    console.print(table)
+    projectors = {r["projector"]["name"]: r["projector"]["size_bytes"] for r in rows if r["projector"]}
+    for name, size in projectors.items():
+        console.print(f"vision projector: {escape(name)} ({format_bytes(size)}), used with every quant")
+    for note in dict.fromkeys(n for r in rows for n in r["notes"]):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")

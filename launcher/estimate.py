@@ -31,11 +31,11 @@ KV_CACHE_TYPES: dict[str, tuple[int, int]] = {
 }
 _FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
 
-# Runtime memory outside llama.cpp's buffers: CUDA context + cuBLAS workspace + pool slack
-# (memory-model.md §5: ~250 MiB CUDA context as gguf-parser-go's --platform-footprint, plus the
-# 254 MiB of growth llama.cpp's fit-params README measured beyond its projection). Metal keeps
-# its command buffers in the working set; the CPU backend has nothing llama.cpp does not log.
-RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "cuda": 512 * MiB, "rocm": 512 * MiB, "metal": 256 * MiB}
+# Runtime memory outside llama.cpp's buffers, per GPU: the CUDA/HIP context and cuBLAS/hipBLAS handles
+# (memory-model.md §5: 250 MiB VRAM, gguf-parser-go's --platform-footprint default). Growth beyond what
+# llama.cpp reserves (pool fragmentation, FA scratch: 254 MiB measured by llama.cpp's fit-params README)
+# is what the per-device reserve (1 GiB by default, like llama.cpp's --fit-target) is for.
+RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "cuda": 256 * MiB, "rocm": 256 * MiB, "metal": 128 * MiB}
 
 
 def _pad(value: int, multiple: int) -> int:
@@ -58,6 +58,7 @@ class Settings:
     n_batch: int = 2048
     n_ubatch: int = 512
     n_rs_seq: int = 0  # recurrent-state snapshots per sequence
+    cpu_moe: bool = False  # MoE expert tensors stay on the CPU (--cpu-moe / -ot exps=CPU)
 
     def __post_init__(self) -> None:
         for name in ("type_k", "type_v"):
@@ -426,9 +427,14 @@ def _compute_bytes_by_device(
         ffn_left = last.ffn_width // 2 if last.ffn_fused else 0
     out_device = layer_device[facts.n_layer]
     peak(out_device, (facts.n_vocab + 2 * n_embd + ffn_left) * n_tokens * f32)
-    # With layers off the CPU the host still runs the input layer (token embedding rows).
+    # With layers off the CPU the host still runs the input layer (token embedding rows), and with the
+    # experts on the CPU it runs their feed-forward too.
     if any(d != "CPU" for d in layer_device):
-        peak("CPU", n_embd * n_tokens * f32)
+        host = n_embd * n_tokens * f32
+        if settings.cpu_moe:
+            host = max(host, max((2 * n_embd + facts.expert_used_count * (3 * layer.expert_width + n_embd))
+                                 * n_tokens * f32 for layer in facts.layers))  # fmt: skip
+        peak("CPU", host)
     return per_device
 
 
@@ -457,6 +463,10 @@ def estimate(
         device = devices[layer_device[layer.index]]
         device.weights_bytes += layer.weight_bytes
         device.layers.append(layer.index)
+        if settings.cpu_moe and device.name != "CPU" and layer.expert_bytes:
+            # tensor overrides keep the experts in host memory; attention and KV stay on the GPU
+            device.weights_bytes -= layer.expert_bytes
+            devices["CPU"].weights_bytes += layer.expert_bytes
     devices["CPU"].weights_bytes += facts.input_bytes + facts.other_bytes
     output_weights = facts.output_bytes
     if facts.output_tied and out_device == "CPU":

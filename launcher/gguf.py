@@ -178,6 +178,9 @@ class GGUFHeader:
     data_offset: int
     file_size: int | None
     shards: tuple[str, ...]
+    # per shard: where its tensor data starts (its header size) and its file size when known
+    shard_data_offsets: tuple[int, ...] = ()
+    shard_sizes: tuple[int | None, ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The metadata value of `key`, or `default`."""
@@ -744,6 +747,7 @@ def _read_set(locations: list[str], remote: bool, client: Any, max_array_len: in
 
     tensors = list(first.tensors)
     sizes: list[int | None] = [first_size]
+    offsets = [first.data_offset]
     seen = {t.name for t in tensors}
     for i in range(1, n):
         label = f"shard {i + 1} of {n}: "
@@ -760,6 +764,7 @@ def _read_set(locations: list[str], remote: bool, client: Any, max_array_len: in
             seen.add(t.name)
         tensors.extend(part.tensors)
         sizes.append(size)
+        offsets.append(part.data_offset)
     expected = meta.get("split.tensors.count")
     if n > 1 and expected is not None and expected != len(tensors):
         raise GGUFFormatError(
@@ -776,7 +781,37 @@ def _read_set(locations: list[str], remote: bool, client: Any, max_array_len: in
         data_offset=first.data_offset,
         file_size=total,
         shards=tuple(shown),
+        shard_data_offsets=tuple(offsets),
+        shard_sizes=tuple(sizes),
     )
+
+
+def read_prefix(source: str | os.PathLike[str], n_bytes: int, *, client: httpx.Client | None = None) -> bytes:
+    """The first `n_bytes` of a local file or an http(s) URL (Range requests): a header without tensor data.
+
+    Raises GGUFFormatError when the source cannot be read or is shorter than `n_bytes`.
+    """
+    loc = os.fspath(source)
+    shown = _redact(loc)
+    if _is_url(loc):
+        import httpx as _httpx
+
+        own = client is None
+        timeout = _httpx.Timeout(_HTTP_TIMEOUT_S, connect=_HTTP_CONNECT_TIMEOUT_S)
+        http = client or _httpx.Client(follow_redirects=True, timeout=timeout)
+        src: _FileSource | _HttpSource = _HttpSource(loc, http, shown, "")
+    else:
+        own, http = False, None
+        src = _FileSource(loc, shown, "")
+    try:
+        data = src.fetch(0, n_bytes)
+    finally:
+        src.close()
+        if own and http is not None:
+            http.close()
+    if len(data) < n_bytes:
+        raise GGUFFormatError(f"read header bytes: got {len(data)} of {n_bytes}", source=shown)
+    return data
 
 
 def _read_one(

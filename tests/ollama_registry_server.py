@@ -7,7 +7,7 @@
 
 Knobs: `latency_s` (sleep before every answer), `fault(path, *kinds, forever=False)` with kinds an HTTP status
 (500, 401, ...), "truncate" (announce the whole body, send half, hang up), "loop" (307 to itself) or "drop"
-(hang up without an answer). Records requests per path (`requests`), request headers (`seen_headers`) and body
+(hang up without an answer); "truncate" on a /store/ path sends half of the blob range it announces. Records requests per path (`requests`), request headers (`seen_headers`) and body
 bytes sent per blob digest (`served`).
 """
 
@@ -186,6 +186,8 @@ class RegistryServer:
             self._reply(h, 307, {"Location": path})
         elif kind == "drop":
             h.close_connection = True
+        elif kind == "truncate" and path.startswith("/store/"):
+            self._blob(h, path[len("/store/") :], truncate=True)
         elif kind == "truncate":
             body = b'{"schemaVersion":2,' + b" " * 4000 + b"}"
             h.send_response(200)
@@ -198,7 +200,7 @@ class RegistryServer:
         else:
             raise ValueError(f"unknown fault {kind!r}")
 
-    def _blob(self, h: BaseHTTPRequestHandler, digest: str) -> None:
+    def _blob(self, h: BaseHTTPRequestHandler, digest: str, *, truncate: bool = False) -> None:
         data = self.blobs[digest]
         size = len(data)
         start, end = 0, size - 1
@@ -217,6 +219,8 @@ class RegistryServer:
         h.send_header("Content-Length", str(end - start + 1))
         h.send_header("Accept-Ranges", "bytes")
         h.end_headers()
+        if truncate:  # half of what was announced, then hang up
+            end = start + (end - start + 1) // 2 - 1
         pos = start
         while pos <= end:
             piece = data[pos : min(pos + _PIECE, end + 1)]

@@ -14,6 +14,7 @@ that cannot be written is skipped. Nothing here raises for the cache's sake.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,50 +116,75 @@ def _decode(value: Any) -> Any:
     return value
 
 
+_PLACED = ("source", "shards")  # where a header is now: the caller gives them when it loads one
+_STRUCTURED = ("metadata", "tensors")
+
+
+def _header_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(GGUFHeader)]
+
+
+def _tensor_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(TensorInfo)]
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _ints(value: Any) -> Any:
+    """A stored scalar field back: ints, None, and tuples of them (lists in JSON); anything else is corrupt."""
+    if isinstance(value, list):
+        return tuple(_ints(v) for v in value)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"unexpected {type(value).__name__} in a header field")
+
+
 def store_header(key: str, header: GGUFHeader) -> None:
-    """Keep `header` under `key` (see `header_key`)."""
+    """Keep `header` under `key` (see `header_key`); its `source` and `shards` are not kept (see `load_header`)."""
+    tensor_fields = _tensor_fields()
     entry = {
         "format": _FORMAT,
         "key": key,
-        "version": header.version,
-        "alignment": header.alignment,
-        "data_offset": header.data_offset,
-        "file_size": header.file_size,
+        "fields": _header_fields(),
+        "tensor_fields": tensor_fields,
+        "values": {
+            name: _plain(getattr(header, name))
+            for name in _header_fields()
+            if name not in _PLACED and name not in _STRUCTURED
+        },
         "metadata": {k: _encode(v) for k, v in header.metadata.items()},
-        "tensors": [
-            [t.name, list(t.shape), t.ggml_type, t.offset, t.n_elements, t.n_bytes, t.shard] for t in header.tensors
-        ],
+        "tensors": [[_plain(getattr(t, name)) for name in tensor_fields] for t in header.tensors],
     }
     _write_atomic(_header_path(key), entry)
 
 
 def load_header(key: str, *, source: str, shards: Sequence[str] | None = None) -> GGUFHeader | None:
-    """The header stored under `key`, with `source` and `shards` (where it is now), or None if missing or corrupt."""
+    """The header stored under `key`, placed at `source` / `shards` (where it is now); None if missing or corrupt.
+
+    An entry written when GGUFHeader or TensorInfo had other fields counts as missing.
+    """
     entry = _read(_header_path(key))
     try:
         if not isinstance(entry, dict) or entry.get("format") != _FORMAT or entry.get("key") != key:
             return None
+        tensor_fields = _tensor_fields()
+        if entry["fields"] != _header_fields() or entry["tensor_fields"] != tensor_fields:
+            return None
         metadata = {str(k): _decode(v) for k, v in entry["metadata"].items()}
         tensors = []
         for row in entry["tensors"]:
-            name, shape, ggml_type, offset, n_elements, n_bytes, shard = row
-            ints = (ggml_type, offset, n_elements, n_bytes, shard, *shape)
-            if not isinstance(name, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
+            if len(row) != len(tensor_fields) or not isinstance(row[0], str):
                 return None
-            tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset, n_elements, n_bytes, shard))
-        file_size = entry["file_size"]
-        fields = (entry["version"], entry["alignment"], entry["data_offset"])
-        if not all(isinstance(x, int) for x in fields) or not (file_size is None or isinstance(file_size, int)):
-            return None
+            tensors.append(TensorInfo(row[0], *(_ints(v) for v in row[1:])))
+        values = {name: _ints(value) for name, value in entry["values"].items()}
         return GGUFHeader(
+            **values,
             source=source,
-            version=entry["version"],
+            shards=tuple(shards) if shards else (source,),
             metadata=metadata,
             tensors=tuple(tensors),
-            alignment=entry["alignment"],
-            data_offset=entry["data_offset"],
-            file_size=file_size,
-            shards=tuple(shards) if shards else (source,),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -178,8 +204,9 @@ class CachedListing:
     def age_s(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.fetched_at
 
-    def is_fresh(self, ttl_s: float = LISTING_TTL_S, now: float | None = None) -> bool:
-        return 0 <= self.age_s(now) < ttl_s
+    def is_fresh(self, ttl_s: float | None = None, now: float | None = None) -> bool:
+        """Younger than `ttl_s` (default `LISTING_TTL_S`), and not from the future."""
+        return 0 <= self.age_s(now) < (LISTING_TTL_S if ttl_s is None else ttl_s)
 
 
 def store_listing(source: str, key: str, data: Any, *, fetched_at: float | None = None) -> None:

@@ -80,10 +80,15 @@ def _group(paths: list[Path]) -> tuple[list[list[Path]], list[str]]:
     return out, notes
 
 
+def _name_label(path: Path) -> str | None:
+    # the file name, else its folder's (per-quant folders); folders further up name other things
+    return labels.quant_label(f"{path.parent.name}/{path.name}")
+
+
 def _candidate(
     files: list[Path], model: str, header: GGUFHeader | None, projector: CandidateFile | None, notes: tuple[str, ...]
 ) -> Candidate:
-    label = labels.quant_label(str(files[0]))
+    label = _name_label(files[0])
     if label is None and header is not None:
         label = labels.label_from_file_type(header.get("general.file_type"))
     return Candidate(
@@ -149,8 +154,8 @@ def _folder(folder: Path, model: str, quant: str | None) -> list[Candidate]:
     if quant is not None:
         # read only what the filter can keep: named groups of that label, and unnamed ones (their header names them)
         want = labels.normalize_label(quant)
-        named = [g for g in groups if (labels.quant_label(str(g[0])) or "").upper() == want]
-        unnamed = [g for g in groups if labels.quant_label(str(g[0])) is None]
+        named = [g for g in groups if (_name_label(g[0]) or "").upper() == want]
+        unnamed = [g for g in groups if _name_label(g[0]) is None]
         if named or unnamed:
             groups = named + unnamed
     found: list[Candidate] = []

@@ -106,7 +106,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 _STORE_FILE = "ollama-tags.json"
 _STORE_VERSION = 1
 _STORE_MAX_CONFIGS = 4000
-_STORE_MAX_LISTINGS = 500
+SOURCE = "ollama"  # the listing cache's source name
 
 _PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(:\d{1,5})?$")
@@ -221,9 +221,9 @@ def size_candidates(size_label: Any, model_type: Any) -> list[str]:
         value, unit = float(m[1]), m[2].lower()
         out.append(f"{_fmt(value)}{unit}")
         if value >= 1:
-            out += [f"{_fmt(round(value, 1))}{unit}", f"{int(value)}{unit}", f"{round(value)}{unit}"]
+            out += [f"{_fmt(round(value, 1))}{unit}", f"{int(value)}{unit}", f"{int(value + 0.5)}{unit}"]
         if unit == "m":
-            out += [f"{round(value)}m", f"{round(value, -1):.0f}m"]
+            out += [f"{int(value + 0.5)}m", f"{int(value / 10 + 0.5) * 10}m"]
             if value >= 50:
                 out.append(f"{_fmt(round(value / 1000, 1))}b")
     return [s for s in dict.fromkeys(out) if _SIZE_RE.match(s)][:6]
@@ -288,6 +288,14 @@ class _Fatal(Exception):
 class _Transient(Exception):
     """Worth retrying (5xx, 408, 429, network errors, a body cut short)."""
 
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable  # no answer at all: a cached listing may stand in
+
+
+class _Unreachable(CatalogError):
+    """The registry did not answer (connection refused, timeouts): the caller may fall back to a cached listing."""
+
 
 def _parse_manifest(body: bytes, tag: str, where: str) -> _Tag:
     try:
@@ -338,7 +346,7 @@ def _config_fields(body: bytes, where: str) -> dict[str, Any]:
 
 
 class _Store:
-    """cache_dir()/catalog/ollama-tags.json: 404s with their time, config fields by digest, listings by name."""
+    """cache_dir()/catalog/ollama-tags.json: tags that answered 404 (with the time), config fields by digest."""
 
     def __init__(self) -> None:
         from launcher.paths import cache_dir
@@ -348,15 +356,13 @@ class _Store:
         self.dirty = False
         self.missing: dict[str, float] = {}
         self.configs: dict[str, dict[str, Any]] = {}
-        self.listings: dict[str, dict[str, Any]] = {}
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             if isinstance(doc, dict) and doc.get("version") == _STORE_VERSION:
                 self.missing = {str(k): float(v) for k, v in dict(doc.get("missing", {})).items()}
                 self.configs = {str(k): dict(v) for k, v in dict(doc.get("configs", {})).items()}
-                self.listings = {str(k): dict(v) for k, v in dict(doc.get("listings", {})).items()}
         except (OSError, ValueError, TypeError, AttributeError):
-            pass  # missing or corrupt: start empty, the next save replaces it
+            self.missing, self.configs = {}, {}  # missing or corrupt: start empty, the next save replaces it
 
     def is_missing(self, key: str) -> bool:
         at = self.missing.get(key)
@@ -378,20 +384,13 @@ class _Store:
             self.configs[digest] = fields
             self.dirty = True
 
-    def set_listing(self, key: str, tags: list[_Tag]) -> None:
-        with self.lock:
-            self.listings.pop(key, None)
-            self.listings[key] = {"at": time.time(), "tags": [t.to_json() for t in tags]}
-            self.dirty = True
-
     def save(self) -> None:
         if not self.dirty:
             return
         now = time.time()
         missing = {k: v for k, v in self.missing.items() if 0 <= now - v < NEGATIVE_TTL_S}
         configs = dict(list(self.configs.items())[-_STORE_MAX_CONFIGS:])
-        listings = dict(list(self.listings.items())[-_STORE_MAX_LISTINGS:])
-        doc = {"version": _STORE_VERSION, "missing": missing, "configs": configs, "listings": listings}
+        doc = {"version": _STORE_VERSION, "missing": missing, "configs": configs}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ollama-tags.", suffix=".tmp")
@@ -465,7 +464,8 @@ class _Registry:
                     return self._get_once(url, accept, limit)
         except _Transient as exc:
             n = attempt.retry_state.attempt_number
-            raise self.error(f"{exc}" + (f" (after {n} attempts)" if n > 1 else ""), tag) from None
+            error = self.error(f"{exc}" + (f" (after {n} attempts)" if n > 1 else ""), tag)
+            raise (_Unreachable(str(error)) if exc.unreachable else error) from None
         except _Fatal as exc:
             raise self.error(str(exc), tag) from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -499,9 +499,9 @@ class _Registry:
         except httpx.TooManyRedirects:
             raise _Fatal(f"too many redirects from {url} (a redirect loop?)") from None
         except httpx.ConnectError as exc:
-            raise _Transient(f"cannot connect to {self.base} ({exc})") from None
+            raise _Transient(f"cannot connect to {self.base} ({exc})", unreachable=True) from None
         except httpx.TimeoutException as exc:
-            raise _Transient(f"no answer from {url} in time ({type(exc).__name__})") from None
+            raise _Transient(f"no answer from {url} in time ({type(exc).__name__})", unreachable=True) from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             raise _Transient(f"the answer from {url} was cut short ({type(exc).__name__}: {exc})") from None
         except httpx.TransportError as exc:
@@ -692,26 +692,52 @@ def _sorted(cands: list[Candidate]) -> list[Candidate]:
     return sorted(cands, key=key)
 
 
+def _listing_key(base: str, name: OllamaName) -> str:
+    return f"{base}|{name.namespace}/{name.model}|{'' if name.tag in (None, 'latest') else name.tag}"
+
+
+def _cached_listing(key: str) -> tuple[list[_Tag], str | None, Any] | None:
+    """(tags, listing note, the CachedListing) kept for `key`, or None (missing or unreadable)."""
+    from launcher.catalog import cache
+
+    cached = cache.load_listing(SOURCE, key)
+    if cached is None or not isinstance(cached.data, dict):
+        return None
+    try:
+        tags = [_Tag.from_json(d) for d in cached.data["tags"]]
+        note = cached.data.get("note")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if not tags or any(t.model is None for t in tags) or not (note is None or isinstance(note, str)):
+        return None
+    return tags, note, cached
+
+
 def list_candidates(
     name: str,
     *,
     client: httpx.Client | None = None,
     refresh: bool = False,
     offline: bool = False,
-    header_loader: HeaderLoader | None = None,
 ) -> list[Candidate]:
     """Every quant of an Ollama registry model (`name`, `name:tag`, `ns/name:tag`, `host/ns/name:tag`).
 
-    `header_loader(file)` returns a model blob's header (e.g. from a cache; None when it has none); by default
-    it is read from the registry with Range requests. `offline` replays the last listing kept on disk.
-    Raises CatalogError (one line naming the model and the cause).
+    A listing younger than `launcher.catalog.cache.LISTING_TTL_S` is used as it is unless `refresh`; `offline`
+    uses only cached listings and headers; a registry that does not answer falls back to a cached listing with a
+    note. Headers are cached by blob digest. Raises CatalogError (one line naming the model and the cause).
     """
+    from launcher.catalog import cache
+
     parsed = parse_name(name)
     base = _registry_base(parsed.host)
-    store = _Store()
-    key = f"{base}|{parsed.namespace}/{parsed.model}:{'' if parsed.tag in (None, 'latest') else parsed.tag}"
+    key = _listing_key(base, parsed)
+    kept = _cached_listing(key)
     if offline:
-        return _offline(name, parsed, base, store, key, header_loader)
+        if kept is None:
+            raise CatalogError(
+                f"ollama registry: model {name!r}: offline, and it has not been listed before (list it once online)"
+            )
+        return _candidates(name, parsed, base, kept[0], kept[1], None, offline_since=kept[2].fetched_at)
     own_client = None
     if client is None:
         import httpx
@@ -724,83 +750,101 @@ def list_candidates(
             headers={"User-Agent": f"fitquant/{__version__}"},
             limits=httpx.Limits(max_connections=MAX_CONCURRENCY + 4, max_keepalive_connections=MAX_CONCURRENCY),
         )
-    registry = _Registry(name, parsed, base, client, store, refresh)
-    failed: set[str] = set()  # model digests whose header could not be read
-
-    def load(t: _Tag) -> tuple[GGUFHeader | None, str | None]:
-        """The header of t's model blob and, when there is none, why; once per blob."""
-        assert t.model is not None
-        digest = t.model.digest
-        with registry.header_lock:
-            if digest in registry.headers:
-                return registry.headers[digest]
-        file = _file(t.model, registry.url("blobs", digest))
-        try:
-            if header_loader is not None:
-                head = header_loader(file)
-                result = (head, None if head is not None else "header not read: the header loader has none")
-            else:
-                from launcher.gguf import read_header
-
-                result = (read_header(file.url or "", client=client), None)
-        except GGUFFormatError as exc:
-            failed.add(digest)
-            result = (None, _one_line(f"header not read: {exc}"))
-        with registry.header_lock:
-            registry.headers[digest] = result
-        return result
-
+    store = _Store()
     try:
-        tags, note = registry.resolve(load)
-        with_model = [t for t in tags if t.model is not None]
-        if not with_model:
-            raise registry.error(
-                "no GGUF model layer in its manifest (a hosted-only '-cloud' tag, or a format fitquant cannot read)"
-            )
-        _parallel(registry.config, with_model)
-        heads = _parallel(load, with_model)
-        if len(failed) == len(with_model):  # nothing to plan with: say why, once
-            first = next(err for _, err in heads if err)
-            raise registry.error(first.replace("header not read: ", "cannot read the GGUF header: ", 1))
-        cands = []
-        for t, (head, err) in zip(with_model, heads, strict=True):
-            notes = [n for n in (err, note if t.tag == "latest" else None) if n]
-            cands.append(_candidate(name, parsed, base, t, head, notes))
-        store.set_listing(key, with_model)
-        return _sorted(cands)
+        if kept is not None and not refresh and kept[2].is_fresh():
+            return _candidates(name, parsed, base, kept[0], kept[1], client)
+        registry = _Registry(name, parsed, base, client, store, refresh)
+        headers = _Headers(base, parsed, client)
+        try:
+            tags, note = registry.resolve(headers.get)
+            with_model = [t for t in tags if t.model is not None]
+            if not with_model:
+                raise registry.error(
+                    "no GGUF model layer in its manifest (a hosted-only '-cloud' tag, or a format fitquant cannot read)"
+                )
+            _parallel(registry.config, with_model)
+        except _Unreachable:
+            if kept is None:
+                raise
+            return _candidates(name, parsed, base, kept[0], kept[1], client, offline_since=kept[2].fetched_at)
+        cache.store_listing(SOURCE, key, {"tags": [t.to_json() for t in with_model], "note": note})
+        return _candidates(name, parsed, base, with_model, note, client, headers=headers)
     finally:
         store.save()
         if own_client is not None:
             own_client.close()
 
 
-def _offline(
-    given: str, name: OllamaName, base: str, store: _Store, key: str, header_loader: HeaderLoader | None
+class _Headers:
+    """Model blob headers, once per digest: from the header cache, else read by Range requests (and kept)."""
+
+    def __init__(self, base: str, name: OllamaName, client: httpx.Client | None) -> None:
+        self.repo_url = f"{base}/v2/{name.namespace}/{name.model}/blobs"
+        self.client = client
+        self.lock = threading.Lock()
+        self.done: dict[str, tuple[GGUFHeader | None, str | None]] = {}
+        self.failed: set[str] = set()  # digests whose header could not be read (not: not cached while offline)
+
+    def get(self, t: _Tag) -> tuple[GGUFHeader | None, str | None]:
+        """(header, None), or (None, why not)."""
+        from launcher.catalog import cache
+
+        assert t.model is not None
+        digest = t.model.digest
+        with self.lock:
+            if digest in self.done:
+                return self.done[digest]
+        url = f"{self.repo_url}/{digest}"
+        key = cache.header_key([digest])
+        head = cache.load_header(key, source=url)
+        result: tuple[GGUFHeader | None, str | None] = (head, None)
+        if head is None and self.client is None:
+            result = (None, "offline: header not cached")
+        elif head is None:
+            from launcher.gguf import read_header
+
+            try:
+                head = read_header(url, client=self.client)
+                cache.store_header(key, head)
+                result = (head, None)
+            except GGUFFormatError as exc:
+                with self.lock:
+                    self.failed.add(digest)
+                result = (None, _one_line(f"header not read: {exc}"))
+        with self.lock:
+            self.done[digest] = result
+        return result
+
+
+def _candidates(
+    given: str,
+    name: OllamaName,
+    base: str,
+    tags: list[_Tag],
+    note: str | None,
+    client: httpx.Client | None,
+    *,
+    headers: _Headers | None = None,
+    offline_since: float | None = None,
 ) -> list[Candidate]:
-    listing = store.listings.get(key)
-    if not listing or not listing.get("tags"):
-        raise CatalogError(
-            f"ollama registry: model {given!r}: offline, and no listing of it is kept (list it once online)"
-        )
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(listing.get("at", 0))))
+    """Candidates of the tags (model layer present), headers read concurrently; best quality first."""
+    from launcher.catalog import cache
+
+    headers = headers or _Headers(base, name, None if offline_since is not None and client is None else client)
+    heads = _parallel(headers.get, tags)
+    if len(headers.failed) == len(tags):  # nothing to plan with: say why, once
+        first = next(err for _, err in heads if err)
+        cause = first.replace("header not read: ", "cannot read the GGUF header: ", 1)
+        raise CatalogError(_one_line(f"ollama registry: model {given!r}: {cause}"))
     cands = []
-    for entry in listing["tags"]:
-        try:
-            t = _Tag.from_json(entry)
-        except (KeyError, TypeError, ValueError, IndexError):
-            continue
-        if t.model is None:
-            continue
-        file = _file(t.model, f"{base}/v2/{name.namespace}/{name.model}/blobs/{t.model.digest}")
-        head = None
-        notes = [f"offline: listing of {when}"]
-        try:
-            head = header_loader(file) if header_loader is not None else None
-            if head is None:
-                notes.append("offline: header not read")
-        except GGUFFormatError as exc:
-            notes.append(_one_line(f"header not read: {exc}"))
+    for t, (head, err) in zip(tags, heads, strict=True):
+        notes = []
+        if offline_since is not None:
+            notes.append(f"offline: using cached listing from {cache.describe_time(offline_since)}")
+        if err:
+            notes.append(err)
+        if note and t.tag == "latest":
+            notes.append(note)
         cands.append(_candidate(given, name, base, t, head, notes))
-    if not cands:
-        raise CatalogError(f"ollama registry: model {given!r}: offline, and the kept listing is unreadable")
     return _sorted(cands)

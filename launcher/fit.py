@@ -1,0 +1,167 @@
+"""fit(): the whole decision for one model on one machine, in one call.
+
+catalog (candidates and headers) -> hardware (budgets) -> plan (pure) -> engine confirmation (llama.cpp
+dry runs of the chosen configuration and the neighbours the decision hinged on, when llama-cpp-python is
+installed) -> the final Plan, saying which figures came from the engine and which from the estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.plan import Option, Plan, Policy, budgets_for, make_plan
+
+# Rounds of measure-and-replan: an engine figure can move the decision to a neighbour, which is then
+# measured in turn.
+CONFIRM_ROUNDS = 3
+
+
+def _decisive(plan: Plan) -> list[Option]:
+    """The chosen option and its neighbours: the next better quant (rejected) and the next one down."""
+    if plan.chosen is None:
+        return []
+    ordered = plan.candidates
+    picked = [plan.chosen]
+    index = next((i for i, o in enumerate(ordered) if o.quant == plan.chosen.quant), None)
+    if index is not None:
+        if index > 0:
+            picked.append(ordered[index - 1])
+        if index + 1 < len(ordered):
+            picked.append(ordered[index + 1])
+    return [o for o in picked if not o.cpu_moe]  # llama.cpp's dry run takes no tensor overrides here
+
+
+def fit(
+    model: str | None,
+    policy: Policy,
+    *,
+    machine: Any = None,
+    candidates: list[Any] | None = None,
+    confirm: bool = True,
+    client: Any = None,
+) -> Plan:
+    """Plan `model` for `machine` (a HardwareSnapshot; probed when None) under `policy`."""
+    from launcher.catalog import list_candidates
+
+    if candidates is None:
+        candidates = list_candidates(model, client=client)
+    if machine is None:
+        from launcher.hardware import detect_hardware
+
+        machine = detect_hardware()
+    budgets = budgets_for(machine.devices, ram_available_bytes=machine.ram_available_bytes,
+                          reserve_bytes=policy.reserve_bytes)  # fmt: skip
+    shown = model or "the embedded default model"
+    plan = make_plan(shown, candidates, budgets, policy)
+    if not confirm:
+        plan.notes.append("engine confirmation off: every figure is fitquant's estimate")
+        return plan
+    from launcher.engine import engine_available
+
+    if not engine_available():
+        plan.notes.append("llama-cpp-python is not installed: figures are estimates (pip install 'fitquant[llamacpp]')")
+        return plan
+    from launcher.confirm import engine_offloads, measure_options
+
+    has_gpu = any(b.name != "CPU" for b in budgets)
+    if has_gpu and not engine_offloads():
+        # The installed llama.cpp has no GPU backend, so it cannot size CUDA/Metal buffers: its CPU figures
+        # would not describe the GPU. Keep the estimate and say so.
+        plan.notes.append(
+            "the installed llama.cpp is a CPU-only build: GPU figures are estimates "
+            "(a CUDA or Metal build of llama-cpp-python measures them)"
+        )
+        return plan
+    measured: dict[tuple[str, int, int, bool], dict[str, int]] = {}
+    for _ in range(CONFIRM_ROUNDS):
+        todo = [o for o in _decisive(plan) if (o.quant, o.n_ctx, o.n_gpu_layers, o.cpu_moe) not in measured]
+        if not todo:
+            break
+        measured.update(measure_options(todo, client=client))
+        plan = make_plan(shown, candidates, budgets, policy, measured=measured)
+    if plan.mode == "reduced-context" and plan.chosen is not None:
+        refined = _refine_context(plan, measured, client)
+        if refined is not None and refined.n_ctx != plan.chosen.n_ctx:
+            estimated = plan.chosen.n_ctx
+            plan.alternatives = [refined if o is plan.chosen else o for o in plan.alternatives]
+            plan.chosen = refined
+            plan.reason = plan.reason.rsplit(";", 1)[0] + f"; {refined.quant} fits entirely at {refined.n_ctx} tokens"
+            plan.notes.append(f"llama.cpp's own figures moved the largest context from {estimated} to {refined.n_ctx}")
+    if plan.chosen is not None and plan.chosen.figures == "engine":
+        plan.notes.append("the chosen configuration was measured by llama.cpp itself (dry run, no allocation)")
+    return plan
+
+
+def _refine_context(
+    plan: Plan, measured: dict[tuple[str, int, int, bool], dict[str, int]], client: Any
+) -> Option | None:
+    """Find, with llama.cpp's own figures, the largest context at which the reduced-context choice fits.
+
+    Starts from the estimate's answer and brackets the boundary in 256-token steps, then bisects; every
+    probe is a dry run, recorded in `measured`. Returns the engine-measured option at the boundary, or None
+    when llama.cpp could not measure it.
+    """
+    from launcher.confirm import measure_options
+    from launcher.plan import CONTEXT_STEP, check_fit, evaluate
+
+    chosen = plan.chosen
+    assert chosen is not None
+    budgets, policy, floor = plan.budgets, plan.policy, plan.floor
+    limit = policy.n_ctx // CONTEXT_STEP
+
+    probed: dict[int, Option] = {}
+
+    def fits(steps: int) -> bool:
+        option = evaluate(chosen.candidate, chosen.facts, policy, budgets, n_ctx=steps * CONTEXT_STEP, floor=floor)
+        key = (option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
+        if key not in measured:
+            measured.update(measure_options([option], client=client))
+        if key not in measured:
+            raise _Unmeasurable
+        option.needs = option.engine_needs = dict(measured[key])
+        option.figures = "engine"
+        check_fit(option, budgets)
+        probed[steps] = option
+        return option.fits
+
+    try:
+        low = _bracket_and_bisect(fits, max(1, chosen.n_ctx // CONTEXT_STEP), limit)
+    except _Unmeasurable:
+        return None
+    return probed.get(low) if low else None
+
+
+class _Unmeasurable(Exception):
+    pass
+
+
+def _bracket_and_bisect(fits: Any, start: int, limit: int) -> int:
+    """The largest n in 1..limit with fits(n), assuming fits is monotone; 0 when none. Few probes near start."""
+    step = 1
+    if fits(start):
+        low, high = start, limit + 1
+        while True:
+            probe = min(limit, low + step)
+            if probe == low:
+                return low
+            if not fits(probe):
+                high = probe
+                break
+            low, step = probe, step * 2
+    else:
+        high = start
+        while True:
+            probe = max(1, high - step)
+            if fits(probe):
+                low = probe
+                break
+            if probe == 1:
+                return 0
+            high, step = probe, step * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low

@@ -1,0 +1,484 @@
+"""Plan: the best quant, context and offload for a machine, why, and how to launch it. Pure.
+
+Inputs are data: candidates (launcher.catalog) with their parsed headers, the machine's devices
+(launcher.hardware, probed or described), a target context and a policy. Output is a Plan: the chosen
+configuration, every candidate ranked with fit or no fit and why, the alternatives when nothing fits
+at the target, and both launch configurations (llama-server argv, Ollama model/options/env).
+
+Policy (../shared/DESIGN.md "What fits means"): the highest-quality quant that runs entirely on the
+GPU(s) at the target context with the chosen KV cache type, never below the quality floor for the
+model's size. A configuration fits a device when everything the device will hold plus the reserve
+(1 GiB per GPU by default) is at most its free memory. When nothing above the floor fits: the largest
+context that does with the best quant above the floor, else a partial offload labelled as running
+partly on the CPU (MoE: experts to the CPU first, attention and KV stay on the GPU). `strict` accepts
+nothing but a full fit. Without a GPU it plans for system RAM with no layers offloaded.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from launcher.catalog.types import Candidate
+from launcher.estimate import GPU, MemoryEstimate, Settings, estimate
+from launcher.model import ModelFacts, model_facts
+from launcher.quants import at_least, quality_floor, quant_info
+from launcher.units import GiB, format_bytes
+
+SCHEMA_VERSION = 1
+CONTEXT_STEP = 256  # llama.cpp pads n_ctx to 256 (src/llama-context.cpp)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the user asked for, and the rules of choice."""
+
+    n_ctx: int
+    type_k: str = "q8_0"
+    type_v: str = "q8_0"
+    flash_attn: str = "on"  # a quantized V cache requires it
+    n_parallel: int = 1
+    kv_unified: bool | None = None  # None: unified when several slots share one context (llama-server's default)
+    n_ubatch: int = 512
+    reserve_bytes: int = GiB  # kept free on every device
+    min_quant: str | None = None  # quality floor override; None = by model size
+    strict: bool = False  # nothing but a full fit at the target context
+    vision: bool = False  # count the vision projector (mmproj) when the model has one
+    min_context: int = 4096  # smallest reduced context worth proposing
+
+    def settings(self, n_ctx: int | None = None, *, n_gpu_layers: int = -1, cpu_moe: bool = False) -> Settings:
+        unified = self.kv_unified if self.kv_unified is not None else self.n_parallel > 1
+        return Settings(
+            n_ctx=n_ctx or self.n_ctx,
+            type_k=self.type_k,
+            type_v=self.type_v,
+            flash_attn=self.flash_attn,
+            n_gpu_layers=n_gpu_layers,
+            n_parallel=self.n_parallel,
+            kv_unified=unified,
+            n_ubatch=self.n_ubatch,
+            cpu_moe=cpu_moe,
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One device the plan may fill: its free memory now and what to keep free."""
+
+    name: str  # "GPU0", "GPU1", ... or "CPU" (system RAM when there is no GPU)
+    backend: str  # "cuda" | "rocm" | "metal" | "cpu"
+    free_bytes: int
+    reserve_bytes: int
+
+    @property
+    def usable_bytes(self) -> int:
+        return max(0, self.free_bytes - self.reserve_bytes)
+
+
+@dataclass
+class Option:
+    """One candidate at one configuration, with what it needs on each device and whether that fits."""
+
+    candidate: Candidate
+    facts: ModelFacts
+    n_ctx: int
+    n_gpu_layers: int
+    cpu_moe: bool
+    estimate: MemoryEstimate
+    needs: dict[str, int]  # device -> bytes (estimate, or engine-measured when confirmed)
+    fits: bool
+    reason: str
+    quality_rank: float
+    above_floor: bool
+    figures: str = "estimate"  # "estimate" | "engine (llama.cpp dry run, <backend> backend)"
+    engine_needs: dict[str, int] | None = None
+
+    @property
+    def quant(self) -> str:
+        return self.candidate.quant
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.needs.values())
+
+    @property
+    def fully_offloaded(self) -> bool:
+        return self.n_gpu_layers >= self.facts.n_layer + 1 and not self.cpu_moe
+
+
+@dataclass
+class Plan:
+    """The decision: the chosen option (None when nothing fits), how it runs, and why."""
+
+    model: str
+    policy: Policy
+    budgets: list[Budget]
+    floor: str
+    mode: str  # "gpu" | "reduced-context" | "moe-cpu-experts" | "partial-offload" | "cpu" | "none"
+    reason: str
+    chosen: Option | None
+    candidates: list[Option]  # every candidate at the target context, best quality first
+    alternatives: list[Option] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits_on_gpu(self) -> bool:
+        return self.chosen is not None and self.mode in ("gpu", "reduced-context")
+
+    def to_json(self, *, port: int = 8080) -> dict[str, Any]:
+        """The Plan contract (docs/plan.schema.json); sizes in bytes."""
+        chosen = None
+        if self.chosen is not None:
+            c = self.chosen
+            chosen = {
+                **_option_json(c),
+                "files": [_file_json(f) for f in c.candidate.files],
+                "devices": [d.to_json() for d in c.estimate.devices],
+                "mode": self.mode,
+            }
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "policy": {
+                "n_ctx": self.policy.n_ctx,
+                "cache_type_k": self.policy.type_k,
+                "cache_type_v": self.policy.type_v,
+                "flash_attn": self.policy.flash_attn,
+                "n_parallel": self.policy.n_parallel,
+                "reserve_bytes": self.policy.reserve_bytes,
+                "quality_floor": self.floor,
+                "strict": self.policy.strict,
+                "vision": self.policy.vision,
+            },
+            "budgets": [
+                {"name": b.name, "backend": b.backend, "free_bytes": b.free_bytes, "reserve_bytes": b.reserve_bytes}
+                for b in self.budgets
+            ],
+            "mode": self.mode,
+            "fits_on_gpu": self.fits_on_gpu,
+            "reason": self.reason,
+            "chosen": chosen,
+            "candidates": [_option_json(o) for o in self.candidates],
+            "alternatives": [{**_option_json(o), "mode": _mode_of(o)} for o in self.alternatives],
+            "notes": list(self.notes),
+            "llama_server_argv": llama_server_argv(self, port=port) if self.chosen else None,
+            "ollama": ollama_config(self) if self.chosen else None,
+        }
+
+
+def _file_json(f: Any) -> dict[str, Any]:
+    return {"name": f.name, "size_bytes": f.size_bytes, "url": f.url, "local_path": f.local_path, "sha256": f.sha256}
+
+
+def _option_json(o: Option) -> dict[str, Any]:
+    return {
+        "quant": o.quant,
+        "size_bytes": o.candidate.size_bytes,
+        "bits_per_weight": o.candidate.bits_per_weight,
+        "quality_rank": o.quality_rank,
+        "above_floor": o.above_floor,
+        "n_ctx": o.n_ctx,
+        "n_gpu_layers": o.n_gpu_layers,
+        "cpu_moe": o.cpu_moe,
+        "fits": o.fits,
+        "fits_on_gpu": o.fits and o.fully_offloaded and any(n != "CPU" for n in o.needs),
+        "reason": o.reason,
+        "total_bytes": o.total_bytes,
+        "needs_bytes": dict(o.needs),
+        "figures": o.figures,
+    }
+
+
+def _mode_of(o: Option) -> str:
+    if o.cpu_moe:
+        return "moe-cpu-experts"
+    if not o.fully_offloaded and any(n != "CPU" for n in o.needs):
+        return "partial-offload"
+    return "reduced-context"
+
+
+def budgets_for(devices: Sequence[Any], *, ram_available_bytes: int | None, reserve_bytes: int) -> list[Budget]:
+    """Budgets from hardware devices (objects with kind, index, free_bytes); system RAM when there is none."""
+    gpus = [
+        Budget(f"GPU{d.index}", d.kind, int(d.free_bytes or 0), reserve_bytes)
+        for d in devices
+        if d.free_bytes is not None
+    ]
+    if gpus:
+        return gpus
+    return [Budget("CPU", "cpu", int(ram_available_bytes or 0), reserve_bytes)]
+
+
+def _gpus(budgets: list[Budget]) -> list[GPU]:
+    # llama.cpp splits layers by free memory when no --tensor-split is given (src/llama-model.cpp)
+    return [GPU(b.name, split_weight=max(1, b.usable_bytes), backend=b.backend) for b in budgets if b.name != "CPU"]
+
+
+def evaluate(
+    candidate: Candidate,
+    facts: ModelFacts,
+    policy: Policy,
+    budgets: list[Budget],
+    *,
+    n_ctx: int | None = None,
+    n_gpu_layers: int = -1,
+    cpu_moe: bool = False,
+    floor: str,
+) -> Option:
+    """Estimate one candidate at one configuration and check it against every budget."""
+    gpu_budgets = [b for b in budgets if b.name != "CPU"]
+    settings = policy.settings(n_ctx, n_gpu_layers=n_gpu_layers if gpu_budgets else 0, cpu_moe=cpu_moe)
+    result = estimate(facts, settings, gpus=_gpus(budgets))
+    needs = {d.name: d.total_bytes for d in result.devices}
+    if policy.vision and candidate.projector is not None and gpu_budgets:
+        first = gpu_budgets[0].name
+        # projector weights plus its image-encoding compute; llama-server reserves both (memory-model.md §4)
+        needs[first] = needs.get(first, 0) + candidate.projector.size_bytes + candidate.projector.size_bytes // 2
+    info = quant_info(candidate.quant, candidate.bits_per_weight)
+    above = at_least(candidate.quant, floor, bits_per_weight=candidate.bits_per_weight)
+    option = Option(
+        candidate=candidate,
+        facts=facts,
+        n_ctx=result.n_ctx,
+        n_gpu_layers=result.n_gpu_layers,
+        cpu_moe=cpu_moe,
+        estimate=result,
+        needs=needs,
+        fits=False,
+        reason="",
+        quality_rank=info.rank,
+        above_floor=above,
+    )
+    check_fit(option, budgets)
+    return option
+
+
+def check_fit(option: Option, budgets: list[Budget]) -> None:
+    """Set option.fits and option.reason from option.needs against the budgets."""
+    gpu_budgets = [b for b in budgets if b.name != "CPU"]
+    checked = gpu_budgets or budgets
+    worst = None
+    for budget in checked:
+        need = option.needs.get(budget.name, 0)
+        if need > budget.usable_bytes:
+            over = need - budget.usable_bytes
+            if worst is None or over > worst[0]:
+                worst = (over, budget, need)
+    if worst is not None:
+        _, budget, need = worst
+        option.fits = False
+        option.reason = (
+            f"needs {format_bytes(need)} on {budget.name}, {format_bytes(budget.usable_bytes)} usable "
+            f"({format_bytes(budget.free_bytes)} free less {format_bytes(budget.reserve_bytes)} reserve)"
+        )
+        return
+    option.fits = True
+    parts = [
+        f"{format_bytes(option.needs.get(b.name, 0))} of {format_bytes(b.usable_bytes)} on {b.name}" for b in checked
+    ]
+    option.reason = "fits: " + ", ".join(parts)
+    if gpu_budgets and option.needs.get("CPU", 0) and not option.fully_offloaded:
+        option.reason += f", {format_bytes(option.needs['CPU'])} on the CPU"
+
+
+def _largest_context(ev: Any, policy: Policy) -> Option | None:
+    """The largest context (a multiple of 256) at which the candidate fits: exact per layer, not linear."""
+    low, high = 1, policy.n_ctx // CONTEXT_STEP  # in steps
+    best = None
+    while low <= high:
+        mid = (low + high) // 2
+        option = ev(n_ctx=mid * CONTEXT_STEP)
+        if option.fits:
+            best, low = option, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def _partial_offload(ev: Any, facts: ModelFacts) -> Option | None:
+    """The most layers that fit on the GPU(s) at the target context (the output layer goes first)."""
+    low, high = 1, facts.n_layer  # n_layer + 1 would be a full offload, already rejected
+    best = None
+    while low <= high:
+        mid = (low + high) // 2
+        option = ev(n_gpu_layers=mid)
+        if option.fits:
+            best, low = option, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def make_plan(
+    model: str,
+    candidates: Sequence[Candidate],
+    budgets: list[Budget],
+    policy: Policy,
+    *,
+    measured: dict[tuple[str, int, int, bool], dict[str, int]] | None = None,
+) -> Plan:
+    """Choose among `candidates` for `budgets` under `policy`. Pure.
+
+    `measured` maps (quant, n_ctx, n_gpu_layers, cpu_moe) to engine-measured bytes per device; those
+    figures replace the estimate where given (launcher.confirm produces them).
+    """
+    usable = [c for c in candidates if c.header is not None]
+    notes = [f"{c.quant}: no header ({'; '.join(c.notes) or 'unreadable'}), not considered" for c in candidates
+             if c.header is None]  # fmt: skip
+    if not usable:
+        return Plan(model, policy, budgets, "-", "none", "no candidate has a readable GGUF header", None, [], [], notes)
+    facts_of = {id(c): model_facts(c.header) for c in usable}  # type: ignore[arg-type]
+    n_params = max(f.n_params for f in facts_of.values())
+    floor = policy.min_quant or quality_floor(n_params)
+    has_gpu = any(b.name != "CPU" for b in budgets)
+
+    def with_measurement(option: Option) -> Option:
+        key = (option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
+        if measured and key in measured:
+            option.engine_needs = dict(measured[key])
+            option.needs = dict(measured[key])
+            option.figures = "engine"
+            check_fit(option, budgets)
+        return option
+
+    def evaluator(option: Option) -> Any:
+        def ev(**kwargs: Any) -> Option:
+            return with_measurement(evaluate(option.candidate, option.facts, policy, budgets, floor=floor, **kwargs))
+
+        return ev
+
+    options = [with_measurement(evaluate(c, facts_of[id(c)], policy, budgets, floor=floor)) for c in usable]
+    options.sort(key=lambda o: (-o.quality_rank, o.candidate.size_bytes))
+    where = "the GPU" + ("s" if sum(b.name != "CPU" for b in budgets) > 1 else "") if has_gpu else "system RAM"
+    fitting = [o for o in options if o.fits and o.above_floor]
+    if fitting:
+        chosen = fitting[0]
+        better = [o for o in options if o.quality_rank > chosen.quality_rank]
+        why = f"{chosen.quant} is the highest-quality quant that fits entirely in {where} at {chosen.n_ctx} tokens"
+        if better:
+            why += f" ({better[-1].quant} {better[-1].reason})"
+        if not has_gpu:
+            notes.append("no GPU found: planned for system RAM with no layers offloaded (ngl 0)")
+        return Plan(model, policy, budgets, floor, "gpu" if has_gpu else "cpu", why, chosen, options, [], notes)
+
+    above = [o for o in options if o.above_floor]
+    below_fit = [o for o in options if o.fits and not o.above_floor]
+    if below_fit:
+        notes.append(
+            f"{below_fit[0].quant} would fit but is below the quality floor {floor} for a model of "
+            f"{n_params / 1e9:.1f}B parameters (--min-quant lowers it)"
+        )
+    if not above:
+        reason = f"no candidate reaches the quality floor {floor}"
+        return Plan(model, policy, budgets, floor, "none", reason, None, options, [], notes)
+
+    alternatives: list[Option] = []
+    best_context = None
+    for option in above:  # best quality first
+        reduced = _largest_context(evaluator(option), policy)
+        if reduced is not None and reduced.n_ctx >= min(policy.min_context, policy.n_ctx):
+            best_context = reduced
+            alternatives.append(best_context)
+            break
+    offload = None
+    if has_gpu:
+        top = above[0]
+        if top.facts.expert_count:
+            moe = evaluator(top)(cpu_moe=True)
+            if moe.fits:
+                offload = moe
+        if offload is None:
+            offload = _partial_offload(evaluator(top), top.facts)
+        if offload is not None:
+            alternatives.append(offload)
+    smallest = above[-1]
+    notes.append(
+        f"{smallest.quant} at {policy.n_ctx} tokens would need {format_bytes(max(smallest.needs.values()))} on one "
+        f"device ({format_bytes(max(smallest.needs.values()) + policy.reserve_bytes)} free with the reserve)"
+    )
+    target_reason = f"nothing above the quality floor {floor} fits in {where} at {policy.n_ctx} tokens"
+    if policy.strict:
+        return Plan(model, policy, budgets, floor, "none", target_reason + " (--strict)", None, options, alternatives,
+                    notes)  # fmt: skip
+    if best_context is not None:
+        why = f"{target_reason}; {best_context.quant} fits entirely at {best_context.n_ctx} tokens"
+        return Plan(model, policy, budgets, floor, "reduced-context", why, best_context, options, alternatives, notes)
+    if offload is not None:
+        mode = "moe-cpu-experts" if offload.cpu_moe else "partial-offload"
+        how = (
+            "with its MoE experts on the CPU (attention and KV cache stay on the GPU)"
+            if offload.cpu_moe
+            else f"with {offload.n_gpu_layers} of {offload.facts.n_layer + 1} layers on the GPU"
+        )
+        why = f"{target_reason}; {offload.quant} runs partly on the CPU {how}"
+        return Plan(model, policy, budgets, floor, mode, why, offload, options, alternatives, notes)
+    return Plan(model, policy, budgets, floor, "none", target_reason, None, options, alternatives, notes)
+
+
+def _model_argument(candidate: Candidate) -> list[str]:
+    first = candidate.files[0] if candidate.files else None
+    if first is not None and first.local_path:
+        return ["-m", first.local_path]
+    if candidate.source == "huggingface" and candidate.ollama_model:
+        # hf.co/user/repo:QUANT -> llama-server -hf user/repo:QUANT (downloads every shard)
+        return ["-hf", candidate.ollama_model.removeprefix("hf.co/")]
+    if first is not None and first.url:
+        return ["-mu", first.url]
+    return ["-m", candidate.model]
+
+
+def llama_server_argv(plan: Plan, *, port: int = 8080, host: str = "127.0.0.1") -> list[str]:
+    """The llama-server command line for the chosen option (fit off: the plan already did the fitting)."""
+    c = plan.chosen
+    if c is None:
+        raise ValueError("the plan has no chosen configuration")
+    p = plan.policy
+    argv = ["llama-server", *_model_argument(c.candidate)]
+    argv += ["-c", str(c.n_ctx), "-ngl", str(c.n_gpu_layers), "-ctk", p.type_k, "-ctv", p.type_v]
+    argv += ["-fa", "on" if c.estimate.flash_attn else "off", "--fit", "off", "-np", str(p.n_parallel)]
+    if c.estimate.settings.kv_unified:
+        argv.append("--kv-unified")
+    gpus = [b for b in plan.budgets if b.name != "CPU"]
+    if len(gpus) > 1:
+        argv += ["-ts", ",".join(str(max(1, b.usable_bytes // 2**20)) for b in gpus)]
+    if c.cpu_moe:
+        argv += ["-ot", r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"]
+    if p.vision and c.candidate.projector is not None:
+        proj = c.candidate.projector
+        argv += ["--mmproj", proj.local_path or proj.url or proj.name]
+    argv += ["--host", host, "--port", str(port)]
+    return argv
+
+
+def ollama_config(plan: Plan) -> dict[str, Any]:
+    """The Ollama form of the chosen option: model name, request options, server environment, Modelfile."""
+    c = plan.chosen
+    if c is None:
+        raise ValueError("the plan has no chosen configuration")
+    p = plan.policy
+    first = c.candidate.files[0] if c.candidate.files else None
+    name = c.candidate.ollama_model or (first.local_path if first and first.local_path else c.candidate.model)
+    # Ollama passes -c num_ctx x num_parallel to llama-server: num_ctx is per slot.
+    options = {"num_ctx": c.n_ctx // max(1, p.n_parallel), "num_gpu": c.n_gpu_layers}
+    env = {
+        "OLLAMA_KV_CACHE_TYPE": p.type_k,
+        "OLLAMA_FLASH_ATTENTION": "1" if c.estimate.flash_attn else "0",
+        "OLLAMA_NUM_PARALLEL": str(p.n_parallel),
+    }
+    notes = []
+    if p.type_k != p.type_v:
+        notes.append("Ollama has one KV cache type for K and V; OLLAMA_KV_CACHE_TYPE uses the K type")
+    if c.cpu_moe:
+        notes.append("Ollama cannot pin MoE experts to the CPU; use llama-server for this plan")
+    modelfile = f"FROM {name}\nPARAMETER num_ctx {options['num_ctx']}\nPARAMETER num_gpu {options['num_gpu']}\n"
+    return {"model": name, "options": options, "env": env, "modelfile": modelfile, "notes": notes}
+
+
+def shell_line(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def with_context(policy: Policy, n_ctx: int) -> Policy:
+    return replace(policy, n_ctx=n_ctx)
