@@ -543,19 +543,18 @@ def _render_quants(data: dict[str, Any]) -> None:
     rows = data["candidates"]
     table = Table(title=escape(data["model"] or "embedded default model"), title_justify="left")
     for name, justify in (("quant", "left"), ("size", "right"), ("bits/weight", "right"), ("quality", "right"),
-                          ("KLD", "right"), ("files", "right"), ("source", "left")):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+                          ("KLD", "right"), ("source", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=name == "source")  # type: ignore[arg-type]
     for row in rows:
         bpw, rank, kld, source = row["bits_per_weight"], row["quality_rank"], row["kld"], row["source"]
         if source.startswith("ollama") and row["ollama_model"]:
             source = f"{source} {row['ollama_model']}"  # the tag to pull
         table.add_row(
             escape(row["quant"]),
-            format_bytes(row["size_bytes"]),
+            format_bytes(row["size_bytes"]) + (f" ({len(row['files'])} files)" if len(row["files"]) > 1 else ""),
             "?" if bpw is None else f"{bpw:.2f}",
             "?" if rank is None else f"{rank:g}",
             "" if kld is None else f"{kld:.4f}",
-            str(len(row["files"])),
             escape(source),
         )
     console = Console()

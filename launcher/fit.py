@@ -12,22 +12,29 @@ from typing import Any
 from launcher.plan import Option, Plan, Policy, budgets_for, make_plan
 
 # Rounds of measure-and-replan: an engine figure can move the decision to a neighbour, which is then
-# measured in turn.
-CONFIRM_ROUNDS = 3
+# measured in turn; each round measures up to three options, so a ladder is walked in a few rounds.
+CONFIRM_ROUNDS = 12
+
+
+def _near_miss(option: Option, plan: Plan) -> bool:
+    """Rejected by the estimate, but by less than the estimate's compute tolerance (10% or 16 MiB)."""
+    margin = max(16 * 2**20, option.estimate.compute_bytes // 10)
+    return all(option.needs.get(b.name, 0) - b.usable_bytes <= margin for b in plan.budgets)
 
 
 def _decisive(plan: Plan) -> list[Option]:
-    """The chosen option and its neighbours: the next better quant (rejected) and the next one down."""
-    if plan.chosen is None:
-        return []
-    ordered = plan.candidates
-    picked = [plan.chosen]
-    index = next((i for i, o in enumerate(ordered) if o.quant == plan.chosen.quant), None)
-    if index is not None:
-        if index > 0:
-            picked.append(ordered[index - 1])
-        if index + 1 < len(ordered):
-            picked.append(ordered[index + 1])
+    """What the decision hinges on: the chosen option, every better quant the estimate rejected by a
+    margin within its error, and the next quant down."""
+    ordered = [o for o in plan.candidates if o.above_floor]
+    if plan.chosen is not None and plan.mode in ("gpu", "cpu"):
+        rank = plan.chosen.quality_rank
+        picked = [plan.chosen] + [o for o in ordered if o.quality_rank > rank and _near_miss(o, plan)]
+        below = [o for o in ordered if o.quality_rank < rank]
+        picked += below[:1]
+    else:
+        picked = [o for o in ordered if _near_miss(o, plan)]
+        if plan.chosen is not None:
+            picked.append(plan.chosen)
     return [o for o in picked if not o.cpu_moe]  # llama.cpp's dry run takes no tensor overrides here
 
 

@@ -247,7 +247,9 @@ class HFServer:
             return
         self._json(h, 404, {"error": "not found"})
 
-    def _repo(self, h: BaseHTTPRequestHandler, repo_id: str, revision: str, authorized: bool, files: bool) -> Repo | None:
+    def _repo(
+        self, h: BaseHTTPRequestHandler, repo_id: str, revision: str, authorized: bool, files: bool
+    ) -> Repo | None:
         repo = self.repos.get(repo_id)
         if repo is None:
             self._json(h, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})

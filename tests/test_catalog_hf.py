@@ -76,10 +76,20 @@ def test_hf_lists_every_quant_reading_only_headers(server, repo12):
         (f,) = c.files
         assert (f.name, f.size_bytes, f.sha256) == (name, served.size, served.sha256)
         assert f.url == f"{server.endpoint}/{REPO}/resolve/main/{name}" and f.local_path is None
-        assert (c.source, c.model, c.ollama_model, c.projector, c.notes) == ("huggingface", REPO, f"hf.co/{REPO}:{c.quant}", None, ())
+        assert (c.source, c.model, c.ollama_model, c.projector, c.notes) == (
+            "huggingface",
+            REPO,
+            f"hf.co/{REPO}:{c.quant}",
+            None,
+            (),
+        )
         ref = read_header(served.source)
         assert c.header is not None
-        assert (c.header.metadata, c.header.tensors, c.header.data_offset) == (ref.metadata, ref.tensors, ref.data_offset)
+        assert (c.header.metadata, c.header.tensors, c.header.data_offset) == (
+            ref.metadata,
+            ref.tensors,
+            ref.data_offset,
+        )
         assert c.header.file_size == served.size and c.header.source == f.url
         # the bound: header bytes plus at most one read-ahead chunk (1 MiB), per quant
         assert 0 < server.served[(REPO, name)] <= _header_size(served) + MiB
@@ -346,13 +356,16 @@ def test_hf_server_errors_are_retried_then_reported(server, repo12):
 
 
 def test_hf_transient_failures_are_retried(server, repo12):
+    # one header read, so that the failures below fall on its attempts (3): 500, then a truncated body
     server.fail("/tree/", "status", status=502, times=1)
     server.fail("/tree/", "drop", times=1)
-    server.fail("/blobs/", "truncate", times=2)
-    server.fail("/blobs/", "drop", times=2)
-    server.fail("/resolve/", "status", status=500, times=2)
-    found = hf.list_candidates(REPO)
-    assert len(found) == 12 and all(c.header is not None and c.notes == () for c in found)
+    server.fail("/resolve/", "status", status=500, times=1)
+    server.fail("/blobs/", "truncate", times=1)
+    (c,) = hf.list_candidates(REPO, quant="Q8_0")
+    assert c.header is not None and c.notes == ()
+    assert all(f.times == 0 for f in server.failures)
+    server.fail("/blobs/", "drop", times=1)  # and a connection dropped before any answer
+    assert len(hf.list_candidates(REPO, quant="Q6_K")) == 1 and server.failures[-1].times == 0
 
 
 def test_hf_truncated_listing(server, repo12):

@@ -38,7 +38,9 @@ def _split(folder: Path, name: str = "split-Q8_0.gguf", file_type: int = 7) -> l
 
 
 def _projector(path: Path) -> Path:
-    (p,) = write_gguf(path, arch="clip", values=[("general.type", "mmproj", None), ("clip.has_vision_encoder", True, None)])
+    (p,) = write_gguf(
+        path, arch="clip", values=[("general.type", "mmproj", None), ("clip.has_vision_encoder", True, None)]
+    )
     return p
 
 
@@ -113,7 +115,9 @@ def test_local_folder_leaves_out_incomplete_split_sets_with_a_note(ladder):
     paths[2].unlink()
     found = local.list_candidates(ladder)
     assert len(found) == 9
-    note = f"{ladder}/broken-Q8_0-00001-of-00003.gguf: split set of 3 files is missing 1 of them (shard 3 first); left out"
+    note = (
+        f"{ladder}/broken-Q8_0-00001-of-00003.gguf: split set of 3 files is missing 1 of them (shard 3 first); left out"
+    )
     assert all(c.notes == (note,) for c in found)
 
 
@@ -131,7 +135,10 @@ def test_local_quant_filter(ladder):
     assert c.quant == "Q4_K_M"
     with pytest.raises(CatalogError) as err:
         local.list_candidates(ladder, quant="Q9_K", model="models")
-    assert str(err.value) == "models: no quant Q9_K here; available: F16, IQ4_XS, Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0"
+    assert (
+        str(err.value)
+        == "models: no quant Q9_K here; available: F16, IQ4_XS, Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0"
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,7 +146,10 @@ def test_local_quant_filter(ladder):
     [
         (lambda d: None, "{d}: the folder holds no GGUF files"),
         (lambda d: _projector(d / "mmproj-F16.gguf"), "{d}: the folder holds only vision projectors (mmproj)"),
-        (lambda d: (d / "x.gguf").write_bytes(b"nope"), "{d}: {d}/x.gguf at byte 0: read magic: not a GGUF file: magic is b'nope', expected b'GGUF'"),
+        (
+            lambda d: (d / "x.gguf").write_bytes(b"nope"),
+            "{d}: {d}/x.gguf at byte 0: read magic: not a GGUF file: magic is b'nope', expected b'GGUF'",
+        ),
     ],
 )
 def test_local_folder_errors(tmp_path, make, message):

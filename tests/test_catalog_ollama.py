@@ -23,6 +23,7 @@ import pytest
 from ollama_registry_server import RegistryServer
 
 from launcher import gguf as lg
+from launcher.catalog import cache
 from launcher.catalog import ollama as ol
 from launcher.catalog import ollama_local as oll
 from launcher.catalog.types import Candidate
@@ -217,20 +218,33 @@ class TestOllamaRegistry_Listing:
         assert c.ollama_model == "someone/tiny:1b-q8_0"
         assert c.files[0].url is not None and "/v2/someone/tiny/blobs/" in c.files[0].url
 
-    def test_second_expansion_asks_only_the_tags_that_exist(self, registry: RegistryServer) -> None:
+    def test_a_fresh_listing_asks_nothing(self, registry: RegistryServer) -> None:
         first = ol.list_candidates("tiny:1b")
+        registry.reset_counts()
+        second = ol.list_candidates("tiny:1b")
+        assert [(c.ollama_model, c.quant, c.files, c.notes) for c in second] == [
+            (c.ollama_model, c.quant, c.files, c.notes) for c in first
+        ]
+        assert all(c.header is not None for c in second)
+        assert sum(registry.requests.values()) == 0
+
+    def test_second_expansion_asks_only_the_tags_that_exist(self, registry: RegistryServer, monkeypatch) -> None:
+        first = ol.list_candidates("tiny:1b")
+        monkeypatch.setattr(cache, "LISTING_TTL_S", 0.0)  # the kept listing is stale: ask the registry again
         registry.reset_counts()
         second = ol.list_candidates("tiny:1b")
         assert [c.ollama_model for c in second] == [c.ollama_model for c in first]
         assert registry.manifest_requests(TINY) == {t: 1 for t in ["1b", *TINY_TAGS]}
-        config_requests = [p for p in registry.requests if p.startswith("/v2/") and "/blobs/" in p]
-        # config blobs are content-addressed and kept: only the model blobs are asked again (for their headers)
-        assert len(config_requests) == len(TINY_TAGS)
+        # config blobs are content-addressed and kept, headers are kept by digest: no blob is asked again
+        assert [p for p in registry.requests if "/blobs/" in p or p.startswith("/store/")] == []
+        assert sum(registry.served.values()) == 0
+        assert all(c.header is not None for c in second)
         store = json.loads((cache_dir() / "catalog" / "ollama-tags.json").read_text())
         assert len(store["missing"]) == N_SIZE_PROBES - 1 - len(TINY_TAGS)
 
-    def test_forgotten_404s_are_asked_again(self, registry: RegistryServer) -> None:
+    def test_forgotten_404s_are_asked_again(self, registry: RegistryServer, monkeypatch) -> None:
         ol.list_candidates("tiny:1b")
+        monkeypatch.setattr(cache, "LISTING_TTL_S", 0.0)
         path = cache_dir() / "catalog" / "ollama-tags.json"
         store = json.loads(path.read_text())
         store["missing"] = {k: v - 2 * ol.NEGATIVE_TTL_S for k, v in store["missing"].items()}
@@ -267,8 +281,12 @@ class TestOllamaRegistry_Listing:
             served = registry.served[c.files[0].name]
             assert 0 < served <= c.header.data_offset + 1024 * 1024, (c.quant, served)
             assert served < c.size_bytes
+        registry.reset_counts()
+        assert len(ol.list_candidates("tiny", refresh=True)) == len(cands)
+        assert sum(registry.served.values()) == 0  # headers are kept by digest
 
-    def test_probes_run_concurrently(self, registry: RegistryServer) -> None:
+    def test_probes_run_concurrently(self, registry: RegistryServer, monkeypatch) -> None:
+        monkeypatch.setattr(cache, "LISTING_TTL_S", 0.0)
         registry.latency_s = 0.05
         t0 = time.perf_counter()
         assert len(ol.list_candidates("tiny:1b")) == len(TINY_TAGS)
@@ -320,38 +338,36 @@ class TestOllamaRegistry_Listing:
         assert note.startswith("header not read: ") and "HTTP 500" in note and "after 3 attempts" in note
         assert all(c.header is not None for t, c in tags.items() if t != "1b-q8_0")
 
-    def test_header_loader_replaces_the_range_reads(self, registry: RegistryServer, ladder) -> None:
-        seen = []
-
-        def loader(file):
-            seen.append(file.sha256)
-            return read_header(ladder["Q8_0"])
-
-        (c,) = ol.list_candidates("tiny:1b-q8_0", header_loader=loader)
-        assert seen == [digest_of(ladder["Q8_0"]).split(":")[1]]
-        assert c.header is not None
-        assert not registry.served.get(c.files[0].name)
-
-    def test_offline_replays_the_kept_listing(self, registry: RegistryServer, ladder) -> None:
+    def test_offline_uses_the_kept_listing_and_headers(self, registry: RegistryServer) -> None:
         online = ol.list_candidates("tiny:1b")
         registry.close()
         offline = ol.list_candidates("tiny:1b", offline=True)
         assert [(c.ollama_model, c.quant, c.files) for c in offline] == [
             (c.ollama_model, c.quant, c.files) for c in online
         ]
-        for c in offline:
-            assert c.header is None
-            assert c.notes[0].startswith("offline: listing of ")
-            assert "offline: header not read" in c.notes
-        by_digest = {digest_of(p).split(":")[1]: p for p in ladder.values()}
-        with_headers = ol.list_candidates(
-            "tiny:1b", offline=True, header_loader=lambda f: read_header(by_digest[f.sha256])
-        )
-        assert all(c.header is not None for c in with_headers)
+        for c, o in zip(offline, online, strict=True):
+            assert c.header is not None and o.header is not None and c.header.metadata == o.header.metadata
+            assert c.notes[0].startswith("offline: using cached listing from ")
+            assert c.notes[1:] == o.notes
+
+    def test_offline_without_cached_headers(self, registry: RegistryServer) -> None:
+        ol.list_candidates("tiny:1b-q8_0")
+        shutil.rmtree(cache_dir() / "catalog" / "headers")
+        (c,) = ol.list_candidates("tiny:1b-q8_0", offline=True)
+        assert c.header is None
+        assert c.notes[1:] == ("offline: header not cached",)
+
+    def test_registry_down_falls_back_to_the_kept_listing(self, registry: RegistryServer, monkeypatch) -> None:
+        ol.list_candidates("tiny:1b")
+        monkeypatch.setattr(cache, "LISTING_TTL_S", 0.0)
+        registry.close()
+        cands = ol.list_candidates("tiny:1b")
+        assert {c.quant for c in cands} == set(TINY_TAGS.values())
+        assert all(c.header is not None and c.notes[0].startswith("offline: using cached listing from ") for c in cands)
 
     def test_offline_without_a_kept_listing(self, registry: RegistryServer) -> None:
         assert error_line("tiny:1b", offline=True) == (
-            "ollama registry: model 'tiny:1b': offline, and no listing of it is kept (list it once online)"
+            "ollama registry: model 'tiny:1b': offline, and it has not been listed before (list it once online)"
         )
         assert sum(registry.requests.values()) == 0
 

@@ -18,9 +18,13 @@ The registry has no tag-list API, so:
   15b; "268.10M" -> 268m, 270m, 0.3b), each probed as a tag; the sizes whose tag holds the same model blob as
   `latest` are expanded as above. When none does, `latest` alone is listed, with a note saying so.
 Tags holding the same model blob are one candidate: the tag with a quant suffix is kept, the others are noted.
-A probe's 404 is remembered for NEGATIVE_TTL_S in `cache_dir()/catalog/ollama-tags.json`, so the next expansion
-asks only for the tags that exist (`refresh=True` forgets them; a tag the user names is always asked). The same
-file keeps each listing, which `offline=True` replays without the network.
+
+Caches (under cache_dir()/catalog): a probe's 404 is remembered for NEGATIVE_TTL_S in `ollama-tags.json` (with
+the config fields by digest), so the next expansion asks only for the tags that exist (`refresh=True` forgets
+them; a tag the user names is always asked). The listing (tags, layers, config fields) is kept through
+`launcher.catalog.cache`: younger than its LISTING_TTL_S it is used without asking the registry (unless
+`refresh`); `offline=True`, or a registry that does not answer, uses it with a note. Headers are kept by blob
+digest, so listing a model twice reads no header bytes the second time.
 
 Failures: 404 on the tag asked -> "not found"; 401 -> the registry wants authentication (private models are not
 supported); 5xx, 408, 429, connection errors, timeouts and bodies cut short are retried (RETRY_ATTEMPTS, waits
@@ -411,7 +415,6 @@ class _Store:
 
 T = TypeVar("T")
 R = TypeVar("R")
-HeaderLoader = Callable[[CandidateFile], "GGUFHeader | None"]
 
 
 def _one_line(text: str) -> str:
@@ -429,8 +432,6 @@ class _Registry:
         self.store = store
         self.refresh = refresh
         self.repo = f"{name.namespace}/{name.model}"
-        self.headers: dict[str, tuple[GGUFHeader | None, str | None]] = {}
-        self.header_lock = threading.Lock()
 
     # -- errors ------------------------------------------------------------------------------------------------
 
@@ -767,7 +768,7 @@ def list_candidates(
         except _Unreachable:
             if kept is None:
                 raise
-            return _candidates(name, parsed, base, kept[0], kept[1], client, offline_since=kept[2].fetched_at)
+            return _candidates(name, parsed, base, kept[0], kept[1], None, offline_since=kept[2].fetched_at)
         cache.store_listing(SOURCE, key, {"tags": [t.to_json() for t in with_model], "note": note})
         return _candidates(name, parsed, base, with_model, note, client, headers=headers)
     finally:
@@ -831,7 +832,7 @@ def _candidates(
     """Candidates of the tags (model layer present), headers read concurrently; best quality first."""
     from launcher.catalog import cache
 
-    headers = headers or _Headers(base, name, None if offline_since is not None and client is None else client)
+    headers = headers or _Headers(base, name, client)
     heads = _parallel(headers.get, tags)
     if len(headers.failed) == len(tags):  # nothing to plan with: say why, once
         first = next(err for _, err in heads if err)
