@@ -111,7 +111,7 @@ def measure_options(options: list[Any], *, client: Any = None) -> dict[tuple[str
     for option in options:
         try:
             path = model_file(option.candidate, client=client)
-        except Exception:  # noqa: BLE001 - a candidate we cannot copy keeps its estimate
+        except Exception:  # a candidate we cannot copy keeps its estimate
             continue
         settings = option.estimate.settings
         jobs.append((path, engine_settings(settings)))

@@ -7,6 +7,7 @@ reserve), the way a user would ask "what is the best quant of this model that fi
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -68,10 +69,10 @@ def ladders(corpus, tmp_path_factory):
 def budgets_between(values: list[int]) -> list[int]:
     """Six budgets: below the smallest footprint, between neighbours, and above the largest."""
     distinct = sorted(set(values))
-    cuts = [distinct[0] - MiB // 4] + [(a + b) // 2 for a, b in zip(distinct, distinct[1:], strict=False)]
+    cuts = [distinct[0] - MiB // 4] + [(a + b) // 2 for a, b in itertools.pairwise(distinct)]
     cuts.append(distinct[-1] + MiB)
     step = max(1, len(cuts) // 6)
-    picked = cuts[::step][:5] + [cuts[-1]]
+    picked = [*cuts[::step][:5], cuts[-1]]
     assert len(set(picked)) >= 6 or len(cuts) < 6
     return sorted(set(picked))
 
