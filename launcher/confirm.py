@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.catalog.types import Candidate
-from launcher.errors import EngineError
+from launcher.errors import EngineError, FitquantError
 from launcher.paths import cache_dir
 
 MiB = 1024**2
@@ -111,7 +111,7 @@ def measure_options(options: list[Any], *, client: Any = None) -> dict[tuple[str
     for option in options:
         try:
             path = model_file(option.candidate, client=client)
-        except Exception:  # a candidate we cannot copy keeps its estimate
+        except (FitquantError, OSError):  # a candidate we cannot copy keeps its estimate
             continue
         settings = option.estimate.settings
         jobs.append((path, engine_settings(settings)))
