@@ -138,7 +138,7 @@ def test_references_dispatch_to_the_ollama_sources(monkeypatch):
     assert catalog.list_candidates("qwen3:14b", refresh=True) == []
     assert catalog.list_candidates("ollama://qwen3:14b") == []
     assert calls == [
-        ("registry", "qwen3:14b", ["client", "header_loader", "offline", "refresh"]),
+        ("registry", "qwen3:14b", ["client", "offline", "refresh"]),
         ("local", "qwen3:14b", ["client"]),
     ]
 
@@ -253,3 +253,26 @@ def test_cli_quants_embedded_default(corpus, monkeypatch):
     assert code == 0
     data = json.loads(out)
     assert data["model"] is None and [r["quant"] for r in data["candidates"]] == ["Q4_K_M"]
+
+
+def test_ollama_registry_headers_come_from_the_catalog_cache(corpus, monkeypatch):
+    from ollama_registry_server import RegistryServer
+
+    from launcher.catalog import ollama
+
+    monkeypatch.setattr(ollama, "RETRY_WAIT_S", 0.0)
+    q8 = next(m.path for m in corpus if m.family_name == "tiny-llama" and m.quant == "Q8_0")
+    srv = RegistryServer()
+    try:
+        monkeypatch.setenv("FITQUANT_OLLAMA_REGISTRY", srv.url)
+        srv.add_tag("library/tiny", "1b-q8_0", q8, file_type="Q8_0")
+        (first,) = catalog.list_candidates("tiny:1b-q8_0")
+        assert first.header is not None and sum(srv.served.values()) > 0
+        srv.reset_counts()
+        (again,) = catalog.list_candidates("tiny:1b-q8_0")
+        assert sum(srv.served.values()) == 0  # the model blob's header came from the cache, by digest
+        assert again.header is not None and again.header.tensors == first.header.tensors
+        (offline,) = catalog.list_candidates("tiny:1b-q8_0", offline=True)
+        assert offline.header is not None and offline.header.tensors == first.header.tensors
+    finally:
+        srv.close()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +35,6 @@ from launcher.errors import CatalogError, GGUFFormatError
 
 if TYPE_CHECKING:
     import httpx
-
-    from launcher.gguf import GGUFHeader
 
 __all__ = [
     "Candidate",
@@ -50,8 +47,6 @@ __all__ = [
 ]
 
 JSON_SCHEMA_VERSION = 1
-_HEADER_TIMEOUT_S = 10.0  # range reads of Ollama blobs, when the caller gives no client
-_HEADER_CONNECT_TIMEOUT_S = 5.0
 
 _HF_PREFIXES = (
     "hf.co/",
@@ -159,61 +154,9 @@ def list_candidates(
             ollama_local = _ollama_module("ollama_local", shown, "a local Ollama server")
             return list(ollama_local.list_candidates(ref.name, client=client))
         ollama = _ollama_module("ollama", shown, "the Ollama registry")
-        with _CachedHeaders(client, offline) as loader:
-            return list(
-                ollama.list_candidates(ref.name, client=client, refresh=refresh, offline=offline, header_loader=loader)
-            )
+        return list(ollama.list_candidates(ref.name, client=client, refresh=refresh, offline=offline))
     except GGUFFormatError as exc:
         raise CatalogError(f"{shown}: {exc}") from None
-
-
-class _CachedHeaders:
-    """A header loader for the Ollama registry: the header cache first (keyed by blob digest), else a range read.
-
-    Used as a context manager; it owns the HTTP client it opens when the caller gave none.
-    """
-
-    def __init__(self, client: httpx.Client | None, offline: bool) -> None:
-        self.client = client
-        self.offline = offline
-        self.own: httpx.Client | None = None
-        self.lock = threading.Lock()
-
-    def __enter__(self) -> _CachedHeaders:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.own is not None:
-            self.own.close()
-
-    def _http(self) -> httpx.Client:
-        if self.client is not None:
-            return self.client
-        with self.lock:
-            if self.own is None:
-                import httpx
-
-                timeout = httpx.Timeout(_HEADER_TIMEOUT_S, connect=_HEADER_CONNECT_TIMEOUT_S)
-                self.own = httpx.Client(follow_redirects=True, timeout=timeout)
-            return self.own
-
-    def __call__(self, file: CandidateFile) -> GGUFHeader | None:
-        from launcher.catalog import cache
-        from launcher.gguf import read_header
-
-        if not file.url:
-            return None
-        key = cache.header_key([file.sha256]) if file.sha256 else None
-        if key is not None:
-            header = cache.load_header(key, source=file.url)
-            if header is not None:
-                return header
-        if self.offline:
-            return None
-        header = read_header(file.url, client=self._http())
-        if key is not None:
-            cache.store_header(key, header)
-        return header
 
 
 def _ollama_module(name: str, shown: str, what: str) -> Any:

@@ -125,7 +125,7 @@ def _entries(page: Any) -> list[_Entry]:
         if not isinstance(item, dict) or item.get("type") != "file":
             continue
         try:
-            f = RepoFile(**item)
+            f = RepoFile(**item)  # type: ignore[no-untyped-call]
             size = int(f.lfs.size if f.lfs is not None else f.size)
             sha256 = str(f.lfs.sha256) if f.lfs is not None else None
         except (KeyError, TypeError, ValueError) as exc:
