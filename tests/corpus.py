@@ -771,7 +771,7 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "fitquant-test-corpus"
 
 
-def _load_manifest(d: Path, digest: str) -> list[CorpusModel] | None:
+def load_manifest(d: Path, digest: str) -> list[CorpusModel] | None:
     try:
         data = json.loads((d / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -807,7 +807,7 @@ def build_corpus(root: Path | None = None, *, jobs: int | None = None, timeout_s
     spec = build_spec(fams)
     digest = spec_hash(spec)
     final = root / f"corpus-{digest[:16]}"
-    cached = _load_manifest(final, digest)
+    cached = load_manifest(final, digest)
     if cached is not None:
         return cached
 
@@ -853,13 +853,13 @@ def build_corpus(root: Path | None = None, *, jobs: int | None = None, timeout_s
             os.replace(tmp, final)
         except OSError:
             # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
-            if _load_manifest(final, digest) is None:
+            if load_manifest(final, digest) is None:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    models = _load_manifest(final, digest)
+    models = load_manifest(final, digest)
     if models is None:
         raise RuntimeError(f"corpus at {final} is incomplete after building")
     return models

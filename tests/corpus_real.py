@@ -28,7 +28,6 @@ Run `python tests/corpus_real.py [ROOT]` to build (or reuse) the files and print
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from corpus import CorpusModel, default_root
+from corpus import CorpusModel, default_root, load_manifest, spec_hash
 from gguf_factory import VT, gguf_bytes, gstr, kv, tensor_info, u32, u64
 
 BUILDER_VERSION = 1
@@ -652,29 +651,6 @@ def build_spec(models: list[RealModel] | None = None) -> dict[str, Any]:
     return {"builder": BUILDER_VERSION, "alignment": ALIGNMENT, "models": [m.spec() for m in models]}
 
 
-def spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _load_manifest(d: Path, digest: str) -> list[CorpusModel] | None:
-    try:
-        data = json.loads((d / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if data.get("hash") != digest:
-        return None
-    out = []
-    for rec in data["models"]:
-        p = d / rec["file"]
-        try:
-            if p.stat().st_size != rec["size"]:
-                return None
-        except OSError:
-            return None
-        out.append(CorpusModel(rec["arch"], rec["quant"], p, rec["family"]))
-    return out
-
-
 def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
     """Build (or reuse) the real-dimension sparse GGUFs under `root/real-<hash>/`; return them."""
     root = default_root() if root is None else Path(root)
@@ -682,7 +658,7 @@ def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
     spec = build_spec(models)
     digest = spec_hash(spec)
     final = root / f"real-{digest[:16]}"
-    cached = _load_manifest(final, digest)
+    cached = load_manifest(final, digest)
     if cached is not None:
         return cached
     root.mkdir(parents=True, exist_ok=True)
@@ -711,13 +687,13 @@ def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
             os.replace(tmp, final)
         except OSError:
             # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
-            if _load_manifest(final, digest) is None:
+            if load_manifest(final, digest) is None:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    out = _load_manifest(final, digest)
+    out = load_manifest(final, digest)
     if out is None:
         raise RuntimeError(f"real-dimension corpus at {final} is incomplete after building")
     return out

@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from http_range import begin_range_reply
+
 _PIECE = 64 * 1024
 _POINTER_SIZE = 134
 
@@ -345,24 +347,11 @@ class HFServer:
         except (ValueError, IndexError, KeyError):
             self._json(h, 404, {"error": "no such blob"})
             return
-        size = f.size
-        start, end = 0, size - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range", ""))
-        if m:
-            start = int(m[1])
-            end = min(int(m[2]) if m[2] else size - 1, size - 1)
-            if start >= size:
-                self._reply(h, 416, {"Content-Range": f"bytes */{size}"})
-                return
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            h.send_response(200)
+        span = begin_range_reply(h, f.size, headers={"ETag": f'"{f.sha256}"'})
+        if span is None:
+            return
+        start, end = span
         length = end - start + 1
-        h.send_header("Content-Length", str(length))
-        h.send_header("Accept-Ranges", "bytes")
-        h.send_header("ETag", f'"{f.sha256}"')
-        h.end_headers()
         if truncate:
             length //= 2
             h.close_connection = True

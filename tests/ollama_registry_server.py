@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from http_range import begin_range_reply
+
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 MEDIA = "application/vnd.ollama.image."
@@ -202,23 +204,10 @@ class RegistryServer:
 
     def _blob(self, h: BaseHTTPRequestHandler, digest: str, *, truncate: bool = False) -> None:
         data = self.blobs[digest]
-        size = len(data)
-        start, end = 0, size - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range", ""))
-        if m:
-            start = int(m[1])
-            end = min(int(m[2]) if m[2] else size - 1, size - 1)
-            if start >= size:
-                self._reply(h, 416, {"Content-Range": f"bytes */{size}"})
-                return
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            h.send_response(200)
-        h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(end - start + 1))
-        h.send_header("Accept-Ranges", "bytes")
-        h.end_headers()
+        span = begin_range_reply(h, len(data), headers={"Content-Type": "application/octet-stream"})
+        if span is None:
+            return
+        start, end = span
         if truncate:  # half of what was announced, then hang up
             end = start + (end - start + 1) // 2 - 1
         pos = start

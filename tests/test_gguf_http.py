@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gguf_factory import QT, VT, big_vocab_file, write_gguf
+from http_range import begin_range_reply
 
 from launcher import gguf as lg
 from launcher.errors import GGUFFormatError
@@ -77,23 +78,11 @@ class FakeHub:
         if file is None or not file.is_file():
             self._reply(h, 404)
             return
-        size = file.stat().st_size
-        start, end = 0, size - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range", ""))
-        if m and not self.ignore_range:
-            start = int(m[1])
-            end = min(int(m[2]) if m[2] else size - 1, size - 1)
-            if start >= size:
-                self._reply(h, 416, {"Content-Range": f"bytes */{size}"})
-                return
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            h.send_response(200)
+        span = begin_range_reply(h, file.stat().st_size, honour_range=not self.ignore_range)
+        if span is None:
+            return
+        start, end = span
         length = end - start + 1
-        h.send_header("Content-Length", str(length))
-        h.send_header("Accept-Ranges", "bytes")
-        h.end_headers()
         if self.short_body:
             length //= 2
         with open(file, "rb") as f:
