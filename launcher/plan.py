@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.catalog.types import Candidate
@@ -477,8 +477,5 @@ def ollama_config(plan: Plan) -> dict[str, Any]:
 
 
 def shell_line(argv: list[str]) -> str:
+    """The argv as one line a shell reads back the same."""
     return shlex.join(argv)
-
-
-def with_context(policy: Policy, n_ctx: int) -> Policy:
-    return replace(policy, n_ctx=n_ctx)

@@ -105,14 +105,16 @@ def test_plan_matches_the_llama_cpp_oracle(ladders):
     assert mismatches == 0
 
 
-def test_plan_largest_context_is_within_one_step_of_the_oracle(ladders):
-    folder, prints = ladders["tiny-gemma3"]
+@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("short_by_mib", [1, 6])
+def test_plan_largest_context_is_within_one_step_of_the_oracle(ladders, family_name, short_by_mib):
+    folder, prints = ladders[family_name]
     candidates = list_candidates(str(folder))
     smallest = min(b for (q, c), b in prints.items() if c == 65536)
-    budget = smallest - 2 * MiB  # nothing fits at 64k: the plan must find the largest context that does
+    budget = smallest - short_by_mib * MiB  # nothing fits at 64k: the plan must find the largest context that does
     policy = Policy(n_ctx=65536, reserve_bytes=0, min_quant="Q2_K", min_context=256)
     plan = fit(str(folder), policy, machine=describe_machine(ram=budget), candidates=candidates)
-    assert plan.mode == "reduced-context"
+    assert plan.mode == "reduced-context", plan.reason
     chosen = plan.chosen
     path = next(c.files[0].local_path for c in candidates if c.quant == chosen.quant)
 
@@ -120,9 +122,10 @@ def test_plan_largest_context_is_within_one_step_of_the_oracle(ladders):
         settings = engine_settings(Settings(n_ctx=n_ctx, type_k="q8_0", type_v="q8_0", flash_attn="on"))
         return footprint(measure_many([(path, settings)])[0]) <= budget
 
-    assert oracle_fits(chosen.n_ctx)
-    assert not oracle_fits(chosen.n_ctx + 2 * 256)  # the oracle's largest is at most one step further
     assert chosen.figures == "engine"
+    assert oracle_fits(chosen.n_ctx)
+    # the oracle's largest context is at most one 256-token step further
+    assert not oracle_fits(chosen.n_ctx + 2 * 256)
 
 
 def test_plan_engine_confirmation_on_real_file_and_sparse_copy_agree(gemma3_270m_path, tmp_path):
@@ -263,3 +266,22 @@ def test_plan_cli_strict_no_fit_is_one_line_and_exit_1(corpus, tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("NoFitError: nothing above the quality floor Q4_K_M fits")
+
+
+def test_plan_launch_names_remote_models_the_way_each_runtime_does(family):
+    local = next(c for c in family("tiny-llama") if c.quant == "Q4_K_M")
+    hf = Candidate("unsloth/Tiny-GGUF", "huggingface", "Q4_K_M",
+                   (CandidateFile("Tiny-Q4_K_M.gguf", local.size_bytes, url="https://hf.example/resolve/main/Tiny-Q4_K_M.gguf"),),
+                   local.header, ollama_model="hf.co/unsloth/Tiny-GGUF:Q4_K_M")  # fmt: skip
+    plan = _gpu_plan([hf], [1024], n_ctx=4096)
+    argv = llama_server_argv(plan)
+    assert argv[1:3] == ["-hf", "unsloth/Tiny-GGUF:Q4_K_M"]
+    assert ollama_config(plan)["model"] == "hf.co/unsloth/Tiny-GGUF:Q4_K_M"
+    registry = Candidate("tiny:1b", "ollama", "Q4_K_M", (CandidateFile("sha256:abc", local.size_bytes),), local.header,
+                         ollama_model="tiny:1b-q4_K_M")  # fmt: skip
+    plan = _gpu_plan([registry], [1024], n_ctx=8192, n_parallel=2)
+    config = ollama_config(plan)
+    assert config["model"] == "tiny:1b-q4_K_M"
+    assert config["options"]["num_ctx"] == 4096  # per slot: Ollama multiplies by OLLAMA_NUM_PARALLEL
+    assert config["env"]["OLLAMA_NUM_PARALLEL"] == "2"
+    assert "--kv-unified" in llama_server_argv(plan)
