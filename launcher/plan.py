@@ -132,10 +132,12 @@ class Plan:
         chosen = None
         if self.chosen is not None:
             c = self.chosen
+            usable = {b.name: b.usable_bytes for b in self.budgets}
             chosen = {
                 **_option_json(c),
                 "files": [_file_json(f) for f in c.candidate.files],
                 "devices": [d.to_json() for d in c.estimate.devices],
+                "headroom_bytes": {name: usable[name] - c.needs.get(name, 0) for name in usable},
                 "mode": self.mode,
             }
         return {
