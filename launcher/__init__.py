@@ -7,6 +7,7 @@ types are exported here and imported lazily, so `import launcher` (and `fitquant
     facts = model_facts(header)                   # what memory depends on, per layer
     result = estimate(facts, Settings(n_ctx=32768, type_k="q8_0", type_v="q8_0"), gpus=[GPU("GPU0")])
     machine = detect_hardware()                   # or describe_machine(vram=[12 * 2**30])
+    plan = fit("unsloth/Qwen3-14B-GGUF", Policy(n_ctx=32768), machine=machine)  # choose, confirm, explain
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ _EXPORTS = {
     "EngineSettings": "launcher.engine",
     "EngineMeasurement": "launcher.engine",
     "embedded_model_path": "launcher.embedded",
+    "list_candidates": "launcher.catalog",
+    "Candidate": "launcher.catalog.types",
+    "fit": "launcher.fit",
+    "make_plan": "launcher.plan",
+    "Policy": "launcher.plan",
+    "Plan": "launcher.plan",
+    "CatalogError": "launcher.errors",
+    "NoFitError": "launcher.errors",
     "FitquantError": "launcher.errors",
     "GGUFFormatError": "launcher.errors",
     "ModelError": "launcher.errors",

@@ -285,3 +285,30 @@ def test_plan_launch_names_remote_models_the_way_each_runtime_does(family):
     assert config["options"]["num_ctx"] == 4096  # per slot: Ollama multiplies by OLLAMA_NUM_PARALLEL
     assert config["env"]["OLLAMA_NUM_PARALLEL"] == "2"
     assert "--kv-unified" in llama_server_argv(plan)
+
+
+def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_download(corpus, monkeypatch):
+    """The whole decision for a remote repository: list it, choose, and confirm with llama.cpp on sparse
+    copies of the real headers, while the server sends no more than headers."""
+    from hf_server import LADDER_12, HFServer, ladder_files
+
+    from launcher import gguf as lg
+    from launcher.catalog import huggingface as hf
+
+    monkeypatch.setattr(hf, "_WAIT_S", 0.001)
+    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.001)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with HFServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        files = ladder_files(corpus, LADDER_12)
+        server.add_repo("org/Tiny-Llama-GGUF", files)
+        headers = sum(read_header(f.source).data_offset for f in files.values())
+        plan = fit("org/Tiny-Llama-GGUF", Policy(n_ctx=4096, reserve_bytes=0, min_quant="Q2_K"),
+                   machine=describe_machine(ram=14 * MiB))  # fmt: skip
+        assert plan.chosen is not None and plan.chosen.figures == "engine"
+        assert plan.chosen.candidate.source == "huggingface"
+        # listing plus the sparse copies: header bytes (+ at most 1 MiB of read-ahead per file), never weights
+        assert server.blob_bytes <= headers + len(files) * MiB
+        assert server.blob_bytes < sum(f.size for f in files.values())
+        argv = llama_server_argv(plan)
+        assert argv[1:3] == ["-hf", f"org/Tiny-Llama-GGUF:{plan.chosen.quant}"]
