@@ -53,9 +53,7 @@ def sparse_copy(candidate: Candidate, *, client: Any = None) -> Path:
     if not sizes or any(s <= 0 for s in sizes):
         sizes = [s or 0 for s in header.shard_sizes] if header.shard_sizes else [header.file_size or 0]
     urls = [f.url or f.local_path or src for f, src in zip(candidate.files, sources, strict=False)] or sources
-    key = hashlib.sha256(
-        "|".join([candidate.content_hash or "", *sources, *map(str, sizes)]).encode()
-    ).hexdigest()[:24]
+    key = hashlib.sha256("|".join([candidate.content_hash or "", *sources, *map(str, sizes)]).encode()).hexdigest()[:24]
     folder = cache_dir() / "sparse" / key
     n = len(sources)
     names = [f"model-{i + 1:05d}-of-{n:05d}.gguf" if n > 1 else "model.gguf" for i in range(n)]

@@ -391,11 +391,11 @@ def _parse_line(seg: _Segment, line: str) -> None:
         return
     m = _RE_CTX_INT.search(line)
     if m:
-        key, val = m["key"], int(m["val"])
-        if key == "n_ctx_per_seq":
-            key = "n_ctx_seq"
-        if key != "causal_attn":
-            setattr(log, key, val)
+        field_name, val = str(m["key"]), int(m["val"])
+        if field_name == "n_ctx_per_seq":
+            field_name = "n_ctx_seq"
+        if field_name != "causal_attn":
+            setattr(log, field_name, val)
         seg.content = True
         return
     m = _RE_FA.search(line)
