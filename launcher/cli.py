@@ -32,7 +32,9 @@ def _error_line(exc: Exception) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}")
+    # Name the documented error type, never a module's private subclass of it.
+    name = next(cls.__name__ for cls in type(exc).__mro__ if not cls.__name__.startswith("_"))
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]{name}[/red]: {escape(str(exc))}")
 
 
 def _print_json(data: Any) -> None:

@@ -123,3 +123,18 @@ def test_cli_without_a_model_uses_the_embedded_default(monkeypatch, tmp_path: Pa
     before = marker.stat().st_mtime_ns
     assert run("inspect", "--json")[0] == 0
     assert marker.stat().st_mtime_ns == before
+
+
+def test_cli_error_line_names_the_public_error_type(monkeypatch):
+    from launcher.errors import CatalogError
+
+    class _Private(CatalogError):
+        pass
+
+    def fail(*_args, **_kwargs):
+        raise _Private("qwen3:14b: cannot connect to the registry")
+
+    monkeypatch.setattr("launcher.catalog.list_candidates", fail)
+    code, _, err = run("plan", "qwen3:14b", "--ram", "8GiB")
+    assert code == 1
+    assert err.strip() == "CatalogError: qwen3:14b: cannot connect to the registry"
