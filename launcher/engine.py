@@ -299,22 +299,27 @@ def _run_worker(
         records: list[dict[str, Any]] = []
         failed: int | None = None
         why = ""
-        while len(records) < len(jobs):
-            try:
-                raw = lines.get(timeout=timeout_s)
-            except queue.Empty:
-                failed, why = len(records), f"timed out after {timeout_s:g} s"
-                _kill(proc)
-                break
-            if raw is None:  # EOF: the worker died
-                failed = len(records)
-                break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "ok" in rec:
-                records.append(rec)
+        try:
+            while len(records) < len(jobs):
+                try:
+                    raw = lines.get(timeout=timeout_s)
+                except queue.Empty:
+                    failed, why = len(records), f"timed out after {timeout_s:g} s"
+                    _kill(proc)
+                    break
+                if raw is None:  # EOF: the worker died
+                    failed = len(records)
+                    break
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and "ok" in rec:
+                    records.append(rec)
+        except BaseException:
+            # Ctrl-C or any error here: the worker runs in its own session, so end it ourselves.
+            _kill(proc)
+            raise
         _stop(proc)
         reader.join(timeout=5)
         if failed is not None and not why:

@@ -352,3 +352,34 @@ def test_fallback_without_the_memory_breakdown(
         assert r.total_mib("KV") == pytest.approx(exact.total_mib("KV"), abs=0.011)
         for kind in ("compute", "RS", "output"):
             assert r.total_mib(kind) == pytest.approx(exact.total_mib(kind), abs=0.011)
+
+
+def test_engine_interrupt_ends_the_worker(
+    corpus: list[corpus_mod.CorpusModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while llama.cpp measures: the worker (in its own session, out of the terminal's reach) is ended."""
+    import queue
+    import subprocess
+
+    from launcher import engine
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    class InterruptedQueue(queue.Queue):
+        def get(self, *args, **kwargs):
+            super().get(*args, **kwargs)
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C once the first answer came
+
+    monkeypatch.setattr(engine.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(engine.queue, "Queue", InterruptedQueue)
+    model = next(m for m in corpus if m.quant == "F16")
+    with pytest.raises(KeyboardInterrupt):
+        engine.measure_many([(model.path, engine.EngineSettings(n_ctx=4096))] * 50)
+    assert started
+    assert started[0].wait(timeout=10) < 0  # ended by a signal from us, not left to run its 50 jobs
