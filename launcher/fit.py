@@ -87,22 +87,43 @@ def fit(
         measured.update(measure_options(todo, client=client))
         plan = make_plan(shown, candidates, budgets, policy, measured=measured)
     if plan.mode == "reduced-context" and plan.chosen is not None:
-        refined = _refine_context(plan, measured, client)
-        if refined is not None and refined.n_ctx != plan.chosen.n_ctx:
-            estimated = plan.chosen.n_ctx
-            plan.alternatives = [refined if o is plan.chosen else o for o in plan.alternatives]
-            plan.chosen = refined
-            plan.reason = plan.reason.rsplit(";", 1)[0] + f"; {refined.quant} fits entirely at {refined.n_ctx} tokens"
-            plan.notes.append(f"llama.cpp's own figures moved the largest context from {estimated} to {refined.n_ctx}")
+        _confirm_reduced_context(plan, measured, client)
     if plan.chosen is not None and plan.chosen.figures == "engine":
         plan.notes.append("the chosen configuration was measured by llama.cpp itself (dry run, no allocation)")
     return plan
 
 
-def _refine_context(
+def _confirm_reduced_context(
     plan: Plan, measured: dict[tuple[str, int, int, bool], dict[str, int]], client: Any
+) -> None:
+    """Re-find the largest context with llama.cpp's figures; if the chosen quant then falls short of the
+    smallest context worth proposing, try the next quants above the floor, best quality first."""
+    assert plan.chosen is not None
+    estimated = plan.chosen
+    wanted = min(plan.policy.min_context, plan.policy.n_ctx)
+    start = next(i for i, o in enumerate(plan.candidates) if o.quant == estimated.quant)
+    best: Option | None = None
+    for option in [estimated, *(o for o in plan.candidates[start + 1 :] if o.above_floor)]:
+        refined = _refine_context(plan, option, measured, client)
+        if refined is not None and (best is None or refined.n_ctx > best.n_ctx):
+            best = refined
+        if best is not None and best.n_ctx >= wanted:
+            break
+    if best is None or (best.quant, best.n_ctx) == (estimated.quant, estimated.n_ctx):
+        return
+    plan.alternatives = [best if o is estimated else o for o in plan.alternatives]
+    plan.chosen = best
+    plan.reason = plan.reason.rsplit(";", 1)[0] + f"; {best.quant} fits entirely at {best.n_ctx} tokens"
+    plan.notes.append(
+        f"llama.cpp's own figures moved the choice from {estimated.quant} at {estimated.n_ctx} tokens "
+        f"to {best.quant} at {best.n_ctx}"
+    )
+
+
+def _refine_context(
+    plan: Plan, chosen: Option, measured: dict[tuple[str, int, int, bool], dict[str, int]], client: Any
 ) -> Option | None:
-    """Find, with llama.cpp's own figures, the largest context at which the reduced-context choice fits.
+    """Find, with llama.cpp's own figures, the largest context at which `chosen`'s quant fits.
 
     Starts from the estimate's answer and brackets the boundary in 256-token steps, then bisects; every
     probe is a dry run, recorded in `measured`. Returns the engine-measured option at the boundary, or None
@@ -111,8 +132,6 @@ def _refine_context(
     from launcher.confirm import measure_options
     from launcher.plan import CONTEXT_STEP, check_fit, evaluate
 
-    chosen = plan.chosen
-    assert chosen is not None
     budgets, policy, floor = plan.budgets, plan.policy, plan.floor
     limit = policy.n_ctx // CONTEXT_STEP
 

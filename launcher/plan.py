@@ -378,12 +378,15 @@ def make_plan(
 
     alternatives: list[Option] = []
     best_context = None
+    short_context = None  # the most context any quant reaches when none reaches policy.min_context
     for option in above:  # best quality first
         reduced = _largest_context(evaluator(option), policy)
         if reduced is not None and reduced.n_ctx >= min(policy.min_context, policy.n_ctx):
             best_context = reduced
             alternatives.append(best_context)
             break
+        if reduced is not None and (short_context is None or reduced.n_ctx > short_context.n_ctx):
+            short_context = reduced
     offload = None
     if has_gpu:
         top = above[0]
@@ -416,6 +419,11 @@ def make_plan(
         )
         why = f"{target_reason}; {offload.quant} runs partly on the CPU {how}"
         return Plan(model, policy, budgets, floor, mode, why, offload, options, alternatives, notes)
+    if short_context is not None:
+        notes.append(f"no quant above the floor reaches {policy.min_context} tokens entirely in {where}")
+        why = f"{target_reason}; only {short_context.n_ctx} tokens fit, with {short_context.quant}"
+        return Plan(model, policy, budgets, floor, "reduced-context", why, short_context, options,
+                    [*alternatives, short_context], notes)  # fmt: skip
     return Plan(model, policy, budgets, floor, "none", target_reason, None, options, alternatives, notes)
 
 

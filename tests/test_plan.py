@@ -312,3 +312,20 @@ def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_downloa
         assert server.blob_bytes < sum(f.size for f in files.values())
         argv = llama_server_argv(plan)
         assert argv[1:3] == ["-hf", f"org/Tiny-Llama-GGUF:{plan.chosen.quant}"]
+
+
+def test_plan_offers_the_most_context_when_no_quant_reaches_the_minimum(family):
+    candidates = family("tiny-llama")
+    policy = Policy(n_ctx=32768, reserve_bytes=0)
+    roomy = make_plan("tiny", candidates, [Budget("CPU", "cpu", 10**9, 0)], policy)
+    q4 = next(o for o in roomy.candidates if o.quant == "Q4_K_M")
+    # a budget between what Q4_K_M needs at 1024 and at 4096 tokens: no quant reaches the 4096 minimum
+    need_1k = make_plan("tiny", [q4.candidate], [Budget("CPU", "cpu", 10**9, 0)], Policy(n_ctx=1024, reserve_bytes=0))
+    need_4k = make_plan("tiny", [q4.candidate], [Budget("CPU", "cpu", 10**9, 0)], Policy(n_ctx=4096, reserve_bytes=0))
+    budget = (need_1k.chosen.needs["CPU"] + need_4k.chosen.needs["CPU"]) // 2
+    plan = make_plan("tiny", candidates, [Budget("CPU", "cpu", budget, 0)], policy)
+    assert plan.mode == "reduced-context"
+    assert 1024 <= plan.chosen.n_ctx < 4096
+    assert "only" in plan.reason and f"{plan.chosen.n_ctx} tokens fit" in plan.reason
+    assert any("reaches 4096 tokens" in note for note in plan.notes)
+    jsonschema.validate(plan.to_json(), SCHEMA)
