@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -800,21 +800,47 @@ def load_report(root: Path | None = None) -> dict[str, Any]:
         return {}
 
 
+def cached_build(
+    root: Path, kind: str, digest: str, build: Callable[[Path], tuple[list[dict[str, Any]], dict[str, Any]]]
+) -> list[CorpusModel]:
+    """Reuse `root/<kind>-<hash>/` when its manifest matches, else build it from scratch in a temporary folder
+    (`build(tmp)` writes the files and returns their records plus extra manifest fields) and rename it into
+    place, so concurrent test sessions never see a half-built corpus."""
+    final = root / f"{kind}-{digest[:16]}"
+    cached = load_manifest(final, digest)
+    if cached is not None:
+        return cached
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{kind}-{digest[:16]}-", dir=root))
+    try:
+        records, extra = build(tmp)
+        manifest = {"hash": digest, **extra, "build_seconds": round(time.monotonic() - t0, 2), "models": records}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache may be shared
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
+            if load_manifest(final, digest) is None:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    models = load_manifest(final, digest)
+    if models is None:
+        raise RuntimeError(f"{kind} corpus at {final} is incomplete after building")
+    return models
+
+
 def build_corpus(root: Path | None = None, *, jobs: int | None = None, timeout_s: float = 600) -> list[CorpusModel]:
     """Build (or reuse) the corpus under `root`; return every model that was written."""
     root = default_root() if root is None else Path(root)
     fams = families()
     spec = build_spec(fams)
-    digest = spec_hash(spec)
-    final = root / f"corpus-{digest[:16]}"
-    cached = load_manifest(final, digest)
-    if cached is not None:
-        return cached
 
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{digest[:16]}-", dir=root))
-    try:
+    def build(tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records: list[dict[str, Any]] = []
         refused: list[dict[str, Any]] = []
 
@@ -839,30 +865,9 @@ def build_corpus(root: Path | None = None, *, jobs: int | None = None, timeout_s
             for recs, bad in pool.map(one, fams):
                 records.extend(recs)
                 refused.extend(bad)
+        return records, {"spec": spec, "refused": refused}
 
-        manifest = {
-            "hash": digest,
-            "spec": spec,
-            "build_seconds": round(time.monotonic() - t0, 2),
-            "models": records,
-            "refused": refused,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache may be shared
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
-            if load_manifest(final, digest) is None:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    models = load_manifest(final, digest)
-    if models is None:
-        raise RuntimeError(f"corpus at {final} is incomplete after building")
-    return models
+    return cached_build(root, "corpus", spec_hash(spec), build)
 
 
 def _record(fam: Family, quant: str, path: Path) -> dict[str, Any]:

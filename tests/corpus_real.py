@@ -28,12 +28,8 @@ Run `python tests/corpus_real.py [ROOT]` to build (or reuse) the files and print
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from corpus import CorpusModel, default_root, load_manifest, spec_hash
+from corpus import CorpusModel, cached_build, default_root, spec_hash
 from gguf_factory import VT, gguf_bytes, gstr, kv, tensor_info, u32, u64
 
 BUILDER_VERSION = 1
@@ -655,16 +651,8 @@ def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
     """Build (or reuse) the real-dimension sparse GGUFs under `root/real-<hash>/`; return them."""
     root = default_root() if root is None else Path(root)
     models = real_models()
-    spec = build_spec(models)
-    digest = spec_hash(spec)
-    final = root / f"real-{digest[:16]}"
-    cached = load_manifest(final, digest)
-    if cached is not None:
-        return cached
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-real-{digest[:16]}-", dir=root))
-    try:
+
+    def build(tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records = []
         for m in models:
             fname = f"{m.name}-{m.quant}.gguf"
@@ -680,23 +668,9 @@ def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
                     "source": m.source,
                 }
             )
-        manifest = {"hash": digest, "build_seconds": round(time.monotonic() - t0, 2), "models": records}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # the target exists: another session finished first (keep theirs) or a broken leftover (replace it)
-            if load_manifest(final, digest) is None:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    out = load_manifest(final, digest)
-    if out is None:
-        raise RuntimeError(f"real-dimension corpus at {final} is incomplete after building")
-    return out
+        return records, {}
+
+    return cached_build(root, "real", spec_hash(build_spec(models)), build)
 
 
 if __name__ == "__main__":
