@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hf_server import LADDER_12, HFServer, ladder_files, refused_endpoint
+from hf_server import LADDER_12, HFServer, isolate_hub, ladder_files, refused_endpoint
 
 from launcher import catalog
-from launcher import gguf as lg
-from launcher.catalog import ModelReference, huggingface, parse_reference
+from launcher.catalog import ModelReference, parse_reference
 from launcher.cli import main
 from launcher.errors import CatalogError
 
@@ -31,13 +30,7 @@ def run(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(autouse=True)
 def _hub_env(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface, "_WAIT_S", 0.001)
-    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.001)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-token"))
+    isolate_hub(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from gguf_factory import QT, big_vocab_file, write_gguf
-from hf_server import LADDER_12, HFServer, ServedFile, ladder_files, refused_endpoint
+from hf_server import LADDER_12, HFServer, ServedFile, isolate_hub, ladder_files, refused_endpoint
 
 from launcher import catalog
 from launcher import gguf as lg
@@ -27,14 +27,7 @@ REPO = "org/Tiny-Llama-GGUF"
 
 @pytest.fixture(autouse=True)
 def _hub_env(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(hf, "_WAIT_S", 0.001)
-    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.001)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    # no saved login of the developer's may leak into the requests
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-token"))
+    isolate_hub(monkeypatch, tmp_path)
 
 
 @pytest.fixture

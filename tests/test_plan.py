@@ -287,17 +287,12 @@ def test_plan_launch_names_remote_models_the_way_each_runtime_does(family):
     assert "--kv-unified" in llama_server_argv(plan)
 
 
-def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_download(corpus, monkeypatch):
+def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_download(corpus, monkeypatch, tmp_path):
     """The whole decision for a remote repository: list it, choose, and confirm with llama.cpp on sparse
     copies of the real headers, while the server sends no more than headers."""
-    from hf_server import LADDER_12, HFServer, ladder_files
+    from hf_server import LADDER_12, HFServer, isolate_hub, ladder_files
 
-    from launcher import gguf as lg
-    from launcher.catalog import huggingface as hf
-
-    monkeypatch.setattr(hf, "_WAIT_S", 0.001)
-    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.001)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    isolate_hub(monkeypatch, tmp_path)
     with HFServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         files = ladder_files(corpus, LADDER_12)
