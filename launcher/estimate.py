@@ -135,6 +135,7 @@ class KVCache:
     layers: tuple[int, ...]
     k_bytes: int
     v_bytes: int
+    layer_bytes: tuple[int, ...] = ()  # K + V of each layer in `layers`, to place them on their devices
 
     @property
     def total_bytes(self) -> int:
@@ -301,12 +302,17 @@ def kv_caches(facts: ModelFacts, settings: Settings, *, flash_attn: bool) -> tup
 
     def build(kind: str, layers: list, cells: int) -> KVCache:
         k_bytes = v_bytes = 0
+        per_layer = []
         for layer in layers:
-            k_bytes += cache_row_bytes(settings.type_k, layer.n_embd_k_gqa) * cells * n_stream
+            k = cache_row_bytes(settings.type_k, layer.n_embd_k_gqa) * cells * n_stream
+            v = 0
             if not facts.is_mla:
                 width = v_width_max if v_trans else layer.n_embd_v_gqa
-                v_bytes += cache_row_bytes(settings.type_v, width) * cells * n_stream
-        return KVCache(kind, cells, n_stream, tuple(layer.index for layer in layers), k_bytes, v_bytes)
+                v = cache_row_bytes(settings.type_v, width) * cells * n_stream
+            k_bytes, v_bytes = k_bytes + k, v_bytes + v
+            per_layer.append(k + v)
+        indices = tuple(layer.index for layer in layers)
+        return KVCache(kind, cells, n_stream, indices, k_bytes, v_bytes, tuple(per_layer))
 
     if facts.swa_type == "none":
         return [build("full", kv_layers, n_ctx_seq)], n_ctx, n_ctx_seq
@@ -476,18 +482,8 @@ def estimate(
 
     caches, n_ctx, n_ctx_seq = kv_caches(facts, settings, flash_attn=flash_attn)
     for cache in caches:
-        per_layer_k = cache.k_bytes // max(1, len(cache.layers))
-        per_layer_v = cache.v_bytes // max(1, len(cache.layers))
-        # Split per layer only to place it; the layers of one cache are alike except for GQA width.
-        if len({facts.layers[i].n_embd_k_gqa for i in cache.layers}) <= 1:
-            for il in cache.layers:
-                devices[layer_device[il]].kv_bytes += per_layer_k + per_layer_v
-        else:
-            for il in cache.layers:
-                layer = facts.layers[il]
-                k = cache_row_bytes(settings.type_k, layer.n_embd_k_gqa) * cache.cells * cache.n_stream
-                v = cache.v_bytes // max(1, len(cache.layers)) if not facts.is_mla else 0
-                devices[layer_device[il]].kv_bytes += k + v
+        for il, nbytes in zip(cache.layers, cache.layer_bytes, strict=True):
+            devices[layer_device[il]].kv_bytes += nbytes
 
     rs_per_layer = recurrent_state_bytes_per_layer(facts, settings)
     for layer in facts.layers[: n_layer - facts.n_layer_nextn]:
