@@ -144,7 +144,7 @@ def _refine_context(
             measured.update(measure_options([option], client=client))
         if key not in measured:
             raise _Unmeasurable
-        option.needs = option.engine_needs = dict(measured[key])
+        option.needs = dict(measured[key])
         option.figures = "engine"
         check_fit(option, budgets)
         probed[steps] = option

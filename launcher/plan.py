@@ -93,7 +93,6 @@ class Option:
     quality_rank: float
     above_floor: bool
     figures: str = "estimate"  # "estimate" | "engine (llama.cpp dry run, <backend> backend)"
-    engine_needs: dict[str, int] | None = None
 
     @property
     def quant(self) -> str:
@@ -339,7 +338,6 @@ def make_plan(
     def with_measurement(option: Option) -> Option:
         key = (option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
         if measured and key in measured:
-            option.engine_needs = dict(measured[key])
             option.needs = dict(measured[key])
             option.figures = "engine"
             check_fit(option, budgets)
