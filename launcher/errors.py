@@ -19,6 +19,11 @@ The CLI prints `ErrorType: message` on one line and exits 1.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.plan import Option, Plan
+
 
 class FitquantError(Exception):
     """Base of every error fitquant raises on purpose."""
@@ -56,11 +61,15 @@ class EstimateError(FitquantError):
 
 
 class NoFitError(FitquantError):
-    """Raised when no candidate fits; `candidates` holds each rejected candidate with its reason."""
+    """Raised when nothing fits; `plan` is the refused Plan: every candidate with its reason, and the alternatives."""
 
-    def __init__(self, message: str, *, candidates: list | None = None) -> None:
+    def __init__(self, message: str, *, plan: Plan) -> None:
         super().__init__(message)
-        self.candidates = candidates or []
+        self.plan = plan
+
+    @property
+    def candidates(self) -> list[Option]:
+        return self.plan.candidates
 
 
 class EngineError(FitquantError):

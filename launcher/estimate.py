@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.defaults import DEFAULT_CONTEXT, DEFAULT_KV_TYPE
 from launcher.errors import EstimateError
 from launcher.model import ModelFacts
 
@@ -36,6 +37,30 @@ _FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
 # llama.cpp reserves (pool fragmentation, FA scratch: 254 MiB measured by llama.cpp's fit-params README)
 # is what the per-device reserve (1 GiB by default, like llama.cpp's --fit-target) is for.
 RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "cuda": 256 * MiB, "rocm": 256 * MiB, "metal": 128 * MiB}
+
+
+def default_flash_attn(type_v: str) -> str:
+    """Flash attention on for a quantized V cache (llama.cpp requires it), else llama.cpp's own "auto"."""
+    return "auto" if type_v in _FLOAT_CACHE_TYPES else "on"
+
+
+def default_kv_unified(n_parallel: int) -> bool:
+    """One KV buffer shared by all slots when there are several: llama-server's default."""
+    return n_parallel > 1
+
+
+def default_settings(facts: ModelFacts, *, has_gpu: bool = False, **given: Any) -> Settings:
+    """Settings for `facts` with fitquant's defaults for whatever `given` leaves out (or gives as None):
+    the model's training context, every layer on the GPU when there is one, a q8_0 KV cache, flash
+    attention by default_flash_attn and a unified KV cache by default_kv_unified."""
+    values = {name: value for name, value in given.items() if value is not None}
+    values.setdefault("n_ctx", facts.n_ctx_train or DEFAULT_CONTEXT)
+    values.setdefault("n_gpu_layers", -1 if has_gpu else 0)
+    values.setdefault("type_k", DEFAULT_KV_TYPE)
+    values.setdefault("type_v", DEFAULT_KV_TYPE)
+    values.setdefault("flash_attn", default_flash_attn(values["type_v"]))
+    values.setdefault("kv_unified", default_kv_unified(values.get("n_parallel", 1)))
+    return Settings(**values)
 
 
 def _pad(value: int, multiple: int) -> int:

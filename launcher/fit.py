@@ -7,13 +7,36 @@ installed) -> the final Plan, saying which figures came from the engine and whic
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from launcher.plan import Option, Plan, Policy, budgets_for, make_plan
+from launcher.errors import NoFitError
+from launcher.plan import (
+    CONTEXT_STEP,
+    MeasureKey,
+    Measurements,
+    Option,
+    Plan,
+    Policy,
+    apply_measurement,
+    budgets_for,
+    evaluate,
+    largest_true,
+    make_plan,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from launcher.catalog.types import Candidate
+    from launcher.hardware import HardwareSnapshot
 
 # Rounds of measure-and-replan: an engine figure can move the decision to a neighbour, which is then
 # measured in turn; each round measures up to three options, so a ladder is walked in a few rounds.
 CONFIRM_ROUNDS = 12
+
+# Measures options (llama.cpp dry runs by default); options it cannot measure are left out of the result.
+Measurer = Callable[[list[Option]], Measurements]
 
 
 def _near_miss(option: Option, plan: Plan) -> bool:
@@ -42,12 +65,36 @@ def fit(
     model: str | None,
     policy: Policy,
     *,
-    machine: Any = None,
-    candidates: list[Any] | None = None,
+    machine: HardwareSnapshot | None = None,
+    candidates: Sequence[Candidate] | None = None,
     confirm: bool = True,
-    client: Any = None,
+    measurer: Measurer | None = None,
+    client: httpx.Client | None = None,
 ) -> Plan:
-    """Plan `model` for `machine` (a HardwareSnapshot; probed when None) under `policy`."""
+    """Plan `model` for `machine` (probed when None) under `policy`; raise NoFitError when nothing fits.
+
+    With `confirm`, the options the decision hinges on are measured by `measurer` (by default llama.cpp
+    dry runs, when llama-cpp-python is installed and runs the plan's backend) and the plan is made again
+    with the measured figures. NoFitError carries the refused plan (`exc.plan`): its candidates, reasons
+    and alternatives.
+    """
+    plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
+                client=client)  # fmt: skip
+    if plan.chosen is None:
+        raise NoFitError(plan.reason, plan=plan)
+    return plan
+
+
+def _fit(
+    model: str | None,
+    policy: Policy,
+    *,
+    machine: HardwareSnapshot | None,
+    candidates: Sequence[Candidate] | None,
+    confirm: bool,
+    measurer: Measurer | None,
+    client: httpx.Client | None,
+) -> Plan:
     from launcher.catalog import list_candidates
 
     if candidates is None:
@@ -63,39 +110,48 @@ def fit(
     if not confirm:
         plan.notes.append("engine confirmation off: every figure is fitquant's estimate")
         return plan
-    from launcher.engine import engine_available
+    if measurer is None:
+        why_not = _why_no_engine(any(b.name != "CPU" for b in budgets))
+        if why_not:
+            plan.notes.append(why_not)
+            return plan
+        from launcher.measure.confirm import measure_options
 
-    if not engine_available():
-        plan.notes.append("llama-cpp-python is not installed: figures are estimates (pip install 'fitquant[llamacpp]')")
-        return plan
-    from launcher.confirm import engine_offloads, measure_options
+        def measurer(options: list[Option]) -> Measurements:
+            return measure_options(options, client=client)
 
-    has_gpu = any(b.name != "CPU" for b in budgets)
-    if has_gpu and not engine_offloads():
-        # The installed llama.cpp has no GPU backend, so it cannot size CUDA/Metal buffers: its CPU figures
-        # would not describe the GPU. Keep the estimate and say so.
-        plan.notes.append(
-            "the installed llama.cpp is a CPU-only build: GPU figures are estimates "
-            "(a CUDA or Metal build of llama-cpp-python measures them)"
-        )
-        return plan
-    measured: dict[tuple[str, int, int, bool], dict[str, int]] = {}
+    measured: Measurements = {}
     for _ in range(CONFIRM_ROUNDS):
-        todo = [o for o in _decisive(plan) if (o.quant, o.n_ctx, o.n_gpu_layers, o.cpu_moe) not in measured]
+        todo = [o for o in _decisive(plan) if MeasureKey.of(o) not in measured]
         if not todo:
             break
-        measured.update(measure_options(todo, client=client))
+        measured.update(measurer(todo))
         plan = make_plan(shown, candidates, budgets, policy, measured=measured)
     if plan.mode == "reduced-context" and plan.chosen is not None:
-        _confirm_reduced_context(plan, measured, client)
+        _confirm_reduced_context(plan, measured, measurer)
     if plan.chosen is not None and plan.chosen.figures == "engine":
         plan.notes.append("the chosen configuration was measured by llama.cpp itself (dry run, no allocation)")
     return plan
 
 
-def _confirm_reduced_context(
-    plan: Plan, measured: dict[tuple[str, int, int, bool], dict[str, int]], client: Any
-) -> None:
+def _why_no_engine(has_gpu: bool) -> str | None:
+    """Why llama.cpp cannot confirm this plan here, or None when it can."""
+    from launcher.measure.confirm import engine_offloads
+    from launcher.measure.dryrun import engine_available
+
+    if not engine_available():
+        return "llama-cpp-python is not installed: figures are estimates (pip install 'fitquant[llamacpp]')"
+    if has_gpu and not engine_offloads():
+        # The installed llama.cpp has no GPU backend, so it cannot size CUDA/Metal buffers: its CPU figures
+        # would not describe the GPU. Keep the estimate and say so.
+        return (
+            "the installed llama.cpp is a CPU-only build: GPU figures are estimates "
+            "(a CUDA or Metal build of llama-cpp-python measures them)"
+        )
+    return None
+
+
+def _confirm_reduced_context(plan: Plan, measured: Measurements, measurer: Measurer) -> None:
     """Re-find the largest context with llama.cpp's figures; if the chosen quant then falls short of the
     smallest context worth proposing, try the next quants above the floor, best quality first."""
     assert plan.chosen is not None
@@ -104,7 +160,7 @@ def _confirm_reduced_context(
     start = next(i for i, o in enumerate(plan.candidates) if o.quant == estimated.quant)
     best: Option | None = None
     for option in [estimated, *(o for o in plan.candidates[start + 1 :] if o.above_floor)]:
-        refined = _refine_context(plan, option, measured, client)
+        refined = _refine_context(plan, option, measured, measurer)
         if refined is not None and (best is None or refined.n_ctx > best.n_ctx):
             best = refined
         if best is not None and best.n_ctx >= wanted:
@@ -120,74 +176,32 @@ def _confirm_reduced_context(
     )
 
 
-def _refine_context(
-    plan: Plan, chosen: Option, measured: dict[tuple[str, int, int, bool], dict[str, int]], client: Any
-) -> Option | None:
+class _Unmeasurable(Exception):
+    pass
+
+
+def _refine_context(plan: Plan, chosen: Option, measured: Measurements, measurer: Measurer) -> Option | None:
     """Find, with llama.cpp's own figures, the largest context at which `chosen`'s quant fits.
 
     Starts from the estimate's answer and brackets the boundary in 256-token steps, then bisects; every
     probe is a dry run, recorded in `measured`. Returns the engine-measured option at the boundary, or None
     when llama.cpp could not measure it.
     """
-    from launcher.confirm import measure_options
-    from launcher.plan import CONTEXT_STEP, check_fit, evaluate
-
     budgets, policy, floor = plan.budgets, plan.policy, plan.floor
-    limit = policy.n_ctx // CONTEXT_STEP
-
     probed: dict[int, Option] = {}
 
     def fits(steps: int) -> bool:
         option = evaluate(chosen.candidate, chosen.facts, policy, budgets, n_ctx=steps * CONTEXT_STEP, floor=floor)
-        key = (option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
+        key = MeasureKey.of(option)
         if key not in measured:
-            measured.update(measure_options([option], client=client))
+            measured.update(measurer([option]))
         if key not in measured:
             raise _Unmeasurable
-        option.needs = dict(measured[key])
-        option.figures = "engine"
-        check_fit(option, budgets)
-        probed[steps] = option
+        probed[steps] = apply_measurement(option, measured[key], budgets)
         return option.fits
 
     try:
-        low = _bracket_and_bisect(fits, max(1, chosen.n_ctx // CONTEXT_STEP), limit)
+        low = largest_true(fits, policy.n_ctx // CONTEXT_STEP, start=max(1, chosen.n_ctx // CONTEXT_STEP))
     except _Unmeasurable:
         return None
     return probed.get(low) if low else None
-
-
-class _Unmeasurable(Exception):
-    pass
-
-
-def _bracket_and_bisect(fits: Any, start: int, limit: int) -> int:
-    """The largest n in 1..limit with fits(n), assuming fits is monotone; 0 when none. Few probes near start."""
-    step = 1
-    if fits(start):
-        low, high = start, limit + 1
-        while True:
-            probe = min(limit, low + step)
-            if probe == low:
-                return low
-            if not fits(probe):
-                high = probe
-                break
-            low, step = probe, step * 2
-    else:
-        high = start
-        while True:
-            probe = max(1, high - step)
-            if fits(probe):
-                low = probe
-                break
-            if probe == 1:
-                return 0
-            high, step = probe, step * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low

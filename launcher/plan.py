@@ -17,15 +17,23 @@ nothing but a full fit. Without a GPU it plans for system RAM with no layers off
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from launcher.catalog.types import Candidate
-from launcher.estimate import GPU, MemoryEstimate, Settings, estimate
+from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_MIN_CONTEXT, DEFAULT_RESERVE_BYTES, DEFAULT_UBATCH
+from launcher.estimate import (
+    GPU,
+    MemoryEstimate,
+    Settings,
+    default_flash_attn,
+    default_kv_unified,
+    estimate,
+)
 from launcher.model import ModelFacts, model_facts
-from launcher.quants import at_least, quality_floor, quant_info
-from launcher.units import GiB, format_bytes
+from launcher.quants import at_least, known_labels, normalize_label, quality_floor, quant_info
+from launcher.units import MiB, format_bytes
 
 SCHEMA_VERSION = 1
 CONTEXT_STEP = 256  # llama.cpp pads n_ctx to 256 (src/llama-context.cpp)
@@ -36,31 +44,45 @@ class Policy:
     """What the user asked for, and the rules of choice."""
 
     n_ctx: int
-    type_k: str = "q8_0"
-    type_v: str = "q8_0"
-    flash_attn: str = "on"  # a quantized V cache requires it
+    type_k: str = DEFAULT_KV_TYPE
+    type_v: str = DEFAULT_KV_TYPE
+    flash_attn: str | None = None  # None: launcher.estimate.default_flash_attn (on for a quantized V cache)
     n_parallel: int = 1
     kv_unified: bool | None = None  # None: unified when several slots share one context (llama-server's default)
-    n_ubatch: int = 512
-    reserve_bytes: int = GiB  # kept free on every device
+    n_ubatch: int = DEFAULT_UBATCH
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES  # kept free on every device
     min_quant: str | None = None  # quality floor override; None = by model size
     strict: bool = False  # nothing but a full fit at the target context
     vision: bool = False  # count the vision projector (mmproj) when the model has one
-    min_context: int = 4096  # smallest reduced context worth proposing
+    min_context: int = DEFAULT_MIN_CONTEXT  # smallest reduced context worth proposing
+
+    def __post_init__(self) -> None:
+        if self.flash_attn is None:
+            object.__setattr__(self, "flash_attn", default_flash_attn(self.type_v))
+        if self.min_quant is not None:
+            object.__setattr__(self, "min_quant", quality_floor_label(self.min_quant))
 
     def settings(self, n_ctx: int | None = None, *, n_gpu_layers: int = -1, cpu_moe: bool = False) -> Settings:
-        unified = self.kv_unified if self.kv_unified is not None else self.n_parallel > 1
+        unified = self.kv_unified if self.kv_unified is not None else default_kv_unified(self.n_parallel)
         return Settings(
             n_ctx=n_ctx or self.n_ctx,
             type_k=self.type_k,
             type_v=self.type_v,
-            flash_attn=self.flash_attn,
+            flash_attn=self.flash_attn or default_flash_attn(self.type_v),
             n_gpu_layers=n_gpu_layers,
             n_parallel=self.n_parallel,
             kv_unified=unified,
             n_ubatch=self.n_ubatch,
             cpu_moe=cpu_moe,
         )
+
+
+def quality_floor_label(text: str) -> str:
+    """A quality floor as written (q4_k_m, Q4_K_M) as the quant label it names; ValueError for an unknown one."""
+    label = normalize_label(text)
+    if label not in known_labels():
+        raise ValueError(f"{label!r} is not a quant fitquant knows, e.g. Q4_K_M")
+    return label
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,70 @@ class Option:
     @property
     def fully_offloaded(self) -> bool:
         return self.n_gpu_layers >= self.facts.n_layer + 1 and not self.cpu_moe
+
+
+class MeasureKey(NamedTuple):
+    """What identifies one measured configuration: the quant and the settings a dry run varies."""
+
+    quant: str
+    n_ctx: int
+    n_gpu_layers: int
+    cpu_moe: bool
+
+    @classmethod
+    def of(cls, option: Option) -> MeasureKey:
+        return cls(option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
+
+
+# engine-measured bytes per device of each configuration (launcher.measure.confirm produces them)
+Measurements = dict[MeasureKey, dict[str, int]]
+
+
+def apply_measurement(option: Option, needs: dict[str, int], budgets: list[Budget]) -> Option:
+    """Replace the option's estimated needs with measured ones and check the fit again."""
+    option.needs = dict(needs)
+    option.figures = "engine"
+    check_fit(option, budgets)
+    return option
+
+
+def largest_true(fits: Callable[[int], bool], limit: int, *, start: int | None = None) -> int:
+    """The largest n in 1..limit with fits(n), for a monotone `fits` (true up to some n, false after); 0 when none.
+
+    Probes `start` first (default: the middle), brackets the boundary outward in doubling steps, then
+    bisects: a good guess costs a few probes, a bad one no more than a plain bisection's twice.
+    """
+    if limit < 1:
+        return 0
+    start = min(max(1, (1 + limit) // 2 if start is None else start), limit)
+    step = 1
+    if fits(start):
+        low, high = start, limit + 1
+        while high - low > 1:
+            probe = min(limit, low + step)
+            if probe == low:
+                return low
+            if not fits(probe):
+                high = probe
+                break
+            low, step = probe, step * 2
+    else:
+        low, high = 0, start
+        while high > 1:
+            probe = max(1, high - step)
+            if fits(probe):
+                low = probe
+                break
+            high, step = probe, step * 2
+        if low == 0:
+            return 0
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 @dataclass
@@ -212,9 +298,15 @@ def budgets_for(devices: Sequence[Any], *, ram_available_bytes: int | None, rese
     return [Budget("CPU", "cpu", int(ram_available_bytes or 0), reserve_bytes)]
 
 
-def _gpus(budgets: list[Budget]) -> list[GPU]:
-    # llama.cpp splits layers by free memory when no --tensor-split is given (src/llama-model.cpp)
-    return [GPU(b.name, split_weight=max(1, b.usable_bytes), backend=b.backend) for b in budgets if b.name != "CPU"]
+def layer_split(budgets: Sequence[Budget]) -> list[GPU]:
+    """The GPUs layers go to, each weighted by its usable memory (free less the reserve) in MiB.
+
+    The one split rule: the launch passes these weights to llama.cpp as --tensor-split (-ts), so the
+    estimate places layers where llama.cpp will (src/llama-model.cpp splits layers by those proportions).
+    """
+    return [
+        GPU(b.name, split_weight=max(1, b.usable_bytes // MiB), backend=b.backend) for b in budgets if b.name != "CPU"
+    ]
 
 
 def evaluate(
@@ -231,7 +323,7 @@ def evaluate(
     """Estimate one candidate at one configuration and check it against every budget."""
     gpu_budgets = [b for b in budgets if b.name != "CPU"]
     settings = policy.settings(n_ctx, n_gpu_layers=n_gpu_layers if gpu_budgets else 0, cpu_moe=cpu_moe)
-    result = estimate(facts, settings, gpus=_gpus(budgets))
+    result = estimate(facts, settings, gpus=layer_split(budgets))
     needs = {d.name: d.total_bytes for d in result.devices}
     if policy.vision and candidate.projector is not None and gpu_budgets:
         first = gpu_budgets[0].name
@@ -284,32 +376,29 @@ def check_fit(option: Option, budgets: list[Budget]) -> None:
         option.reason += f", {format_bytes(option.needs['CPU'])} on the CPU"
 
 
-def _largest_context(ev: Any, policy: Policy) -> Option | None:
+Evaluator = Callable[..., Option]  # one candidate evaluated at n_ctx= / n_gpu_layers= / cpu_moe=
+
+
+def _largest_fitting(probe: Callable[[int], Option], limit: int) -> Option | None:
+    """The option at the largest n in 1..limit that fits, by largest_true; None when none does."""
+    probed: dict[int, Option] = {}
+
+    def fits(n: int) -> bool:
+        probed[n] = probe(n)
+        return probed[n].fits
+
+    return probed[n] if (n := largest_true(fits, limit)) else None
+
+
+def _largest_context(ev: Evaluator, policy: Policy) -> Option | None:
     """The largest context (a multiple of 256) at which the candidate fits: exact per layer, not linear."""
-    low, high = 1, policy.n_ctx // CONTEXT_STEP  # in steps
-    best = None
-    while low <= high:
-        mid = (low + high) // 2
-        option = ev(n_ctx=mid * CONTEXT_STEP)
-        if option.fits:
-            best, low = option, mid + 1
-        else:
-            high = mid - 1
-    return best
+    return _largest_fitting(lambda steps: ev(n_ctx=steps * CONTEXT_STEP), policy.n_ctx // CONTEXT_STEP)
 
 
-def _partial_offload(ev: Any, facts: ModelFacts) -> Option | None:
+def _partial_offload(ev: Evaluator, facts: ModelFacts) -> Option | None:
     """The most layers that fit on the GPU(s) at the target context (the output layer goes first)."""
-    low, high = 1, facts.n_layer  # n_layer + 1 would be a full offload, already rejected
-    best = None
-    while low <= high:
-        mid = (low + high) // 2
-        option = ev(n_gpu_layers=mid)
-        if option.fits:
-            best, low = option, mid + 1
-        else:
-            high = mid - 1
-    return best
+    # n_layer + 1 would be a full offload, already rejected
+    return _largest_fitting(lambda layers: ev(n_gpu_layers=layers), facts.n_layer)
 
 
 def make_plan(
@@ -318,12 +407,12 @@ def make_plan(
     budgets: list[Budget],
     policy: Policy,
     *,
-    measured: dict[tuple[str, int, int, bool], dict[str, int]] | None = None,
+    measured: Measurements | None = None,
 ) -> Plan:
     """Choose among `candidates` for `budgets` under `policy`. Pure.
 
-    `measured` maps (quant, n_ctx, n_gpu_layers, cpu_moe) to engine-measured bytes per device; those
-    figures replace the estimate where given (launcher.confirm produces them).
+    `measured` holds engine-measured bytes per device of some configurations; those figures replace the
+    estimate where given (launcher.measure.confirm produces them).
     """
     usable = [c for c in candidates if c.header is not None]
     notes = [f"{c.quant}: no header ({'; '.join(c.notes) or 'unreadable'}), not considered" for c in candidates
@@ -336,14 +425,10 @@ def make_plan(
     has_gpu = any(b.name != "CPU" for b in budgets)
 
     def with_measurement(option: Option) -> Option:
-        key = (option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe)
-        if measured and key in measured:
-            option.needs = dict(measured[key])
-            option.figures = "engine"
-            check_fit(option, budgets)
-        return option
+        needs = measured.get(MeasureKey.of(option)) if measured else None
+        return option if needs is None else apply_measurement(option, needs, budgets)
 
-    def evaluator(option: Option) -> Any:
+    def evaluator(option: Option) -> Evaluator:
         def ev(**kwargs: Any) -> Option:
             return with_measurement(evaluate(option.candidate, option.facts, policy, budgets, floor=floor, **kwargs))
 
@@ -448,9 +533,9 @@ def llama_server_argv(plan: Plan, *, port: int = 8080, host: str = "127.0.0.1") 
     argv += ["-fa", "on" if c.estimate.flash_attn else "off", "--fit", "off", "-np", str(p.n_parallel)]
     if c.estimate.settings.kv_unified:
         argv.append("--kv-unified")
-    gpus = [b for b in plan.budgets if b.name != "CPU"]
+    gpus = layer_split(plan.budgets)
     if len(gpus) > 1:
-        argv += ["-ts", ",".join(str(max(1, b.usable_bytes // 2**20)) for b in gpus)]
+        argv += ["-ts", ",".join(str(g.split_weight) for g in gpus)]
     if c.cpu_moe:
         argv += ["-ot", r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"]
     if p.vision and c.candidate.projector is not None:

@@ -3,7 +3,7 @@
 
 Builds (or reuses) the test corpus — tiny models of a dozen architecture families quantized to a
 ladder — plus the real Gemma 3 270M, measures every setting of the accuracy contract with llama.cpp
-itself (launcher.engine, no_alloc dry runs on the CPU backend) and prints one row per component.
+itself (launcher.measure.dryrun, no_alloc dry runs on the CPU backend) and prints one row per component.
 Also times `fitquant estimate` on the Gemma 3 270M file, Python start included.
 
 Usage: .venv/bin/python scripts/bench_estimate.py [--quick] [--failures-only]
@@ -53,7 +53,7 @@ def main() -> int:
     # Real dimensions of popular models, as header-only sparse files: the compute buffer at full size.
     full += [(m.name, m.path) for m in corpus_real.build_real_corpus(corpus_mod.default_root())]
     ladder = [(m.name, m.path) for m in corpus if m.quant != "Q4_K_M"]
-    from launcher.accuracy import describe, run_matrix
+    from accuracy import describe, run_matrix
 
     rows = run_matrix(full, full=not args.quick) + run_matrix(ladder, full=False)
 

@@ -1,6 +1,6 @@
 """Real-dimension test models: header-only, sparse GGUFs with the hyperparameters and tensor shapes of real models.
 
-llama.cpp measured under `no_alloc` (launcher/engine.py) never reads tensor data, so a GGUF whose data region is a
+llama.cpp measured under `no_alloc` (launcher/measure/dryrun.py) never reads tensor data, so a GGUF whose data region is a
 hole (header written, file extended with `truncate` to its full size) measures exactly like the real file. These
 files cost a few MiB of real disk each (the vocabulary dominates) and build in about a second, yet they give the
 weights, KV cache and compute buffers of the real models.

@@ -7,8 +7,8 @@ import corpus as corpus_mod
 import corpus_real
 import pytest
 
-from launcher import engine
-from launcher.engine import EngineMeasurement, EngineSettings
+from launcher.measure import dryrun as engine
+from launcher.measure.dryrun import EngineMeasurement, EngineSettings
 
 pytestmark = pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed")
 

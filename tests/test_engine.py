@@ -1,4 +1,4 @@
-"""launcher.engine: llama.cpp (llama-cpp-python) as a memory-measuring instrument, on the tiny-model corpus
+"""launcher.measure.dryrun: llama.cpp (llama-cpp-python) as a memory-measuring instrument, on the tiny-model corpus
 and the real Gemma 3 270M."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import corpus as corpus_mod
 import pytest
 
-from launcher import engine
-from launcher.engine import EngineMeasurement, EngineSettings
 from launcher.errors import EngineError
+from launcher.measure import dryrun as engine
+from launcher.measure.dryrun import EngineMeasurement, EngineSettings
 
 pytestmark = pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed")
 
@@ -361,7 +361,7 @@ def test_engine_interrupt_ends_the_worker(
     import queue
     import subprocess
 
-    from launcher import engine
+    from launcher.measure import dryrun as engine
 
     started: list[subprocess.Popen] = []
     real_popen = subprocess.Popen

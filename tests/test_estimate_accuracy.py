@@ -1,15 +1,14 @@
 """The estimator against llama.cpp itself, on every model and setting of the accuracy contract.
 
-llama.cpp measures each configuration with a no_alloc dry run on its CPU backend (launcher.engine).
+llama.cpp measures each configuration with a no_alloc dry run on its CPU backend (launcher.measure.dryrun).
 Weights, KV cache and recurrent state must match to the precision llama.cpp prints; the compute
-buffer within 10% or 16 MiB; the total within 2% or 32 MiB (launcher.accuracy).
+buffer within 10% or 16 MiB; the total within 2% or 32 MiB (tests/accuracy.py).
 """
 
 from __future__ import annotations
 
 import pytest
-
-from launcher.accuracy import describe, run_matrix
+from accuracy import describe, run_matrix
 
 
 def _failures(rows) -> list[str]:

@@ -1,6 +1,6 @@
 """The planner against llama.cpp: every choice equals the best quant llama.cpp's own figures fit.
 
-The oracle measures each quant of a ladder at each context with a llama.cpp dry run (launcher.engine) on
+The oracle measures each quant of a ladder at each context with a llama.cpp dry run (launcher.measure.dryrun) on
 this machine's CPU backend; the plan is made for a machine described with that much RAM (no GPU, no
 reserve), the way a user would ask "what is the best quant of this model that fits in X?".
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from launcher.accuracy import engine_settings
 from launcher.catalog import list_candidates
 from launcher.catalog.types import Candidate, CandidateFile
-from launcher.engine import measure_many
+from launcher.errors import NoFitError
 from launcher.estimate import Settings
 from launcher.fit import fit
 from launcher.gguf import read_header
 from launcher.hardware import describe_machine
+from launcher.measure.dryrun import EngineSettings, measure_many
 from launcher.plan import Budget, Policy, llama_server_argv, make_plan, ollama_config
 from launcher.quants import quant_info
 
@@ -54,7 +54,7 @@ def ladders(corpus, tmp_path_factory):
         models = [m for m in corpus if m.family_name == family]
         for m in models:
             (folder / m.path.name).symlink_to(m.path)
-        jobs = [(m.path, engine_settings(Settings(n_ctx=c, type_k="q8_0", type_v="q8_0", flash_attn="on")))
+        jobs = [(m.path, EngineSettings.from_settings(Settings(n_ctx=c, type_k="q8_0", type_v="q8_0", flash_attn="on")))
                 for m in models for c in CONTEXTS]  # fmt: skip
         results = measure_many(jobs)
         prints = {}
@@ -87,7 +87,10 @@ def test_plan_matches_the_llama_cpp_oracle(ladders):
             for budget in budgets_between(list(at_ctx.values())):
                 cases += 1
                 policy = Policy(n_ctx=n_ctx, reserve_bytes=0, min_quant="Q2_K")
-                plan = fit(str(folder), policy, machine=describe_machine(ram=budget), candidates=candidates)
+                try:
+                    plan = fit(str(folder), policy, machine=describe_machine(ram=budget), candidates=candidates)
+                except NoFitError as refused:
+                    plan = refused.plan
                 fitting = [q for q, b in at_ctx.items() if b <= budget]
                 if fitting:
                     best = max(fitting, key=lambda q: quant_info(q).rank)
@@ -119,7 +122,7 @@ def test_plan_largest_context_is_within_one_step_of_the_oracle(ladders, family_n
     path = next(c.files[0].local_path for c in candidates if c.quant == chosen.quant)
 
     def oracle_fits(n_ctx: int) -> bool:
-        settings = engine_settings(Settings(n_ctx=n_ctx, type_k="q8_0", type_v="q8_0", flash_attn="on"))
+        settings = EngineSettings.from_settings(Settings(n_ctx=n_ctx, type_k="q8_0", type_v="q8_0", flash_attn="on"))
         return footprint(measure_many([(path, settings)])[0]) <= budget
 
     assert chosen.figures == "engine"
@@ -142,9 +145,9 @@ def test_plan_engine_confirmation_on_real_file_and_sparse_copy_agree(gemma3_270m
     assert real_plan.chosen.figures == sparse_plan.chosen.figures == "engine"
     assert real_plan.chosen.needs == sparse_plan.chosen.needs
     # llama.cpp's own figures for this configuration, measured directly
-    from launcher.confirm import needs_by_device
+    from launcher.measure.confirm import needs_by_device
 
-    direct = measure_many([(gemma3_270m_path, engine_settings(real_plan.chosen.estimate.settings))])[0]
+    direct = measure_many([(gemma3_270m_path, EngineSettings.from_settings(real_plan.chosen.estimate.settings))])[0]
     assert real_plan.chosen.needs == needs_by_device(direct)
     assert direct.model_size_bytes == 246587904
     sparse = list((tmp_path / "fitquant-home" / "cache" / "sparse").rglob("*.gguf"))

@@ -1,6 +1,6 @@
 """Confirm a plan with the engine: llama.cpp sizes the configuration itself, before anything is downloaded.
 
-A dry run (launcher.engine: `no_alloc`, `load_mode = 0`) makes llama.cpp size weights, KV cache and
+A dry run (launcher.measure.dryrun: `no_alloc`, `load_mode = 0`) makes llama.cpp size weights, KV cache and
 compute buffers for its real backend without allocating or reading tensor data. A candidate that is
 not on disk yet is measured through a sparse copy: its real header bytes (a Range read of the first
 `data_offset` bytes of each shard) followed by an empty data region of the real size.
@@ -14,11 +14,17 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from launcher.catalog.types import Candidate
 from launcher.errors import EngineError, FitquantError
 from launcher.paths import cache_dir
+
+if TYPE_CHECKING:
+    import httpx
+
+    from launcher.measure.dryrun import EngineMeasurement
+    from launcher.plan import Measurements, Option
 
 MiB = 1024**2
 
@@ -32,7 +38,7 @@ def engine_offloads() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def model_file(candidate: Candidate, *, client: Any = None) -> Path:
+def model_file(candidate: Candidate, *, client: httpx.Client | None = None) -> Path:
     """A file llama.cpp can load for `candidate`: the real one when local, else a sparse header-only copy."""
     first = candidate.files[0] if candidate.files else None
     if first is not None and first.local_path and os.path.exists(first.local_path):
@@ -40,7 +46,7 @@ def model_file(candidate: Candidate, *, client: Any = None) -> Path:
     return sparse_copy(candidate, client=client)
 
 
-def sparse_copy(candidate: Candidate, *, client: Any = None) -> Path:
+def sparse_copy(candidate: Candidate, *, client: httpx.Client | None = None) -> Path:
     """Write the candidate's header bytes into sparse files of the real sizes; return the first shard."""
     from launcher.gguf import read_prefix
 
@@ -84,7 +90,7 @@ def _device_name(buffer_name: str) -> str:
     return f"GPU{digits or 0}"
 
 
-def needs_by_device(measurement: Any) -> dict[str, int]:
+def needs_by_device(measurement: EngineMeasurement) -> dict[str, int]:
     """Engine-measured bytes per device: weights, KV, recurrent state, compute and output buffers."""
     needs: dict[str, int] = {}
     kinds = {b.kind for b in measurement.buffers}
@@ -97,13 +103,13 @@ def needs_by_device(measurement: Any) -> dict[str, int]:
     return needs
 
 
-def measure_options(options: list[Any], *, client: Any = None) -> dict[tuple[str, int, int, bool], dict[str, int]]:
-    """Dry-run each option in llama.cpp; map (quant, n_ctx, n_gpu_layers, cpu_moe) to bytes per device.
+def measure_options(options: list[Option], *, client: httpx.Client | None = None) -> Measurements:
+    """Dry-run each option in llama.cpp; map each option's MeasureKey to bytes per device.
 
     Options llama.cpp cannot measure are left out (the plan keeps their estimates).
     """
-    from launcher.accuracy import engine_settings
-    from launcher.engine import measure_many
+    from launcher.measure.dryrun import EngineSettings, measure_many
+    from launcher.plan import MeasureKey
 
     jobs, keys = [], []
     for option in options:
@@ -112,10 +118,10 @@ def measure_options(options: list[Any], *, client: Any = None) -> dict[tuple[str
         except (FitquantError, OSError):  # a candidate we cannot copy keeps its estimate
             continue
         settings = option.estimate.settings
-        jobs.append((path, engine_settings(settings)))
-        keys.append((option.quant, option.n_ctx, option.n_gpu_layers, option.cpu_moe))
+        jobs.append((path, EngineSettings.from_settings(settings)))
+        keys.append(MeasureKey.of(option))
     results = measure_many(jobs) if jobs else []
-    measured = {}
+    measured: Measurements = {}
     for key, result in zip(keys, results, strict=True):
         if not isinstance(result, Exception):
             measured[key] = needs_by_device(result)

@@ -1,7 +1,7 @@
 """Accuracy: compare estimates with llama.cpp's own figures for the same configuration.
 
 Shared by the test suite (which asserts the tolerances) and scripts/bench_estimate.py (which prints
-the table). The oracle is llama.cpp itself, run by launcher.engine with `no_alloc`.
+the table). The oracle is llama.cpp itself, run by launcher.measure.dryrun with `no_alloc`.
 
 Tolerances (the foundation issue's contract):
 - weights, KV cache and recurrent state: exact, to the precision llama.cpp prints (MiB, 2 decimals);
@@ -89,7 +89,7 @@ def settings_matrix(facts: ModelFacts, *, contexts: tuple[int, ...] = (4096, 327
 
 
 def compare(estimate: MemoryEstimate, measurement: Any) -> list[Check]:
-    """Checks of one estimate against one launcher.engine measurement of the same settings."""
+    """Checks of one estimate against one launcher.measure.dryrun measurement of the same settings."""
     checks: list[Check] = []
 
     def exact(component: str, predicted_bytes: int, measured_mib: float) -> None:
@@ -149,11 +149,11 @@ class Row:
 def run_matrix(models: Iterable[tuple[str, Path]], *, full: bool = True) -> list[Row]:
     """Estimate and measure every setting of the contract (or only 4k f16 when not `full`) for each model.
 
-    All measurements run in one llama.cpp worker process (launcher.engine.measure_many).
+    All measurements run in one llama.cpp worker process (launcher.measure.dryrun.measure_many).
     """
-    from launcher.engine import measure_many
     from launcher.estimate import estimate
     from launcher.gguf import read_header
+    from launcher.measure.dryrun import EngineSettings, measure_many
     from launcher.model import model_facts
 
     jobs, plan = [], []
@@ -162,7 +162,7 @@ def run_matrix(models: Iterable[tuple[str, Path]], *, full: bool = True) -> list
         matrix = list(settings_matrix(facts)) if full else [Settings(n_ctx=4096)]
         for settings in matrix:
             plan.append((name, facts, settings))
-            jobs.append((path, engine_settings(settings)))
+            jobs.append((path, EngineSettings.from_settings(settings)))
     rows = []
     for (name, facts, settings), measured in zip(plan, measure_many(jobs), strict=True):
         if isinstance(measured, Exception):

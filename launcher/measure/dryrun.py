@@ -23,7 +23,7 @@ Where the numbers come from (llama-cpp-python 0.3.36, vendored llama.cpp):
 - `llama_model_size` and `llama_model_n_params`: exact.
 
 A failed load can abort the process (GGML_ASSERT), so measurements run in a worker subprocess
-(`python -m launcher.engine`, JSON jobs on stdin, one JSON result per line on stdout). The parent restarts a
+(`python -m launcher.measure.dryrun`, JSON jobs on stdin, one JSON result per line on stdout). The parent restarts a
 worker that dies, records an `EngineError` for the job that killed it, and carries on with the rest.
 """
 
@@ -47,6 +47,7 @@ from typing import Any
 
 from launcher import llamalog
 from launcher.errors import EngineError
+from launcher.estimate import Settings
 from launcher.llamalog import KVCacheLine as KVCacheFigure
 from launcher.llamalog import RSCacheLine as RSCacheFigure
 
@@ -96,6 +97,22 @@ class EngineSettings:
     offload_kqv: bool = True
     # extra weight buffer types (CPU_REPACK, AMX) depend on the host CPU; off so figures are host-independent
     use_extra_bufts: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineSettings:
+        """The dry-run settings that run an estimate's `settings` on llama.cpp."""
+        return cls(
+            n_ctx=settings.n_ctx,
+            n_gpu_layers=settings.n_gpu_layers,
+            type_k=settings.type_k,
+            type_v=settings.type_v,
+            flash_attn=settings.flash_attn,
+            n_parallel=settings.n_parallel,
+            kv_unified=settings.kv_unified,
+            swa_full=settings.swa_full,
+            n_batch=settings.n_batch,
+            n_ubatch=settings.n_ubatch,
+        )
 
     def validate(self) -> None:
         """Raise EngineError for a setting llama.cpp would not accept at all."""
@@ -257,10 +274,12 @@ def _describe(s: EngineSettings) -> str:
     )
 
 
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the launcher package
+
+
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(_PACKAGE_PARENT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort would otherwise run gdb to print a backtrace
     return env
@@ -273,11 +292,12 @@ def _run_worker(
     payload = json.dumps({"jobs": [{"path": p, "settings": dataclasses.asdict(s)} for p, s in jobs]})
     with tempfile.TemporaryFile(mode="w+b") as err_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.engine"],
+            [sys.executable, "-m", "launcher.measure.dryrun"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err_file,
             env=_worker_env(),
+            cwd=_PACKAGE_PARENT,  # `-m` puts the working folder first on sys.path: make it this package's
             start_new_session=True,
         )
         lines: queue.Queue[bytes | None] = queue.Queue()

@@ -1,0 +1,38 @@
+"""fitquant hw: the machine's devices and memory, probed or described."""
+
+from __future__ import annotations
+
+import click
+
+from launcher.cli import options
+from launcher.cli.render import print_json
+
+
+@click.command()
+@options.json_option()
+@click.option("--doctor", is_flag=True, help="Print every probe's raw readings as JSON, for bug reports.")
+@options.gpu_options
+@options.ram_option
+def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, unified: int | None) -> None:
+    """Show the GPUs, the memory free on each now, RAM and CPU of this machine, or of a described one."""
+    from launcher.hardware import collect_readings, describe_machine, detect_hardware
+
+    described = vram is not None or ram is not None or unified is not None
+    if doctor:
+        if described:
+            raise click.UsageError("--doctor reads this machine; it cannot be combined with --vram, --ram or --unified")
+        print_json(collect_readings())
+        return
+    if described:
+        try:
+            snapshot = describe_machine(vram=vram, ram=ram, unified=unified)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    else:
+        snapshot = detect_hardware(probe_backends=True)
+    if as_json:
+        print_json(snapshot.to_json())
+        return
+    from launcher.cli.render import render_hardware
+
+    render_hardware(snapshot)
