@@ -121,10 +121,12 @@ def _fit(
             return measure_options(options, client=client)
 
     measured: Measurements = {}
+    tried: set[MeasureKey] = set()  # asked once: an option the measurer could not measure is not asked again
     for _ in range(CONFIRM_ROUNDS):
-        todo = [o for o in _decisive(plan) if MeasureKey.of(o) not in measured]
+        todo = [o for o in _decisive(plan) if MeasureKey.of(o) not in tried]
         if not todo:
             break
+        tried.update(MeasureKey.of(o) for o in todo)
         measured.update(measurer(todo))
         plan = make_plan(shown, candidates, budgets, policy, measured=measured)
     if plan.mode == "reduced-context" and plan.chosen is not None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from launcher.catalog.types import Candidate
+from launcher.catalog.types import Candidate, CandidateFile
 from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_MIN_CONTEXT, DEFAULT_RESERVE_BYTES, DEFAULT_UBATCH
 from launcher.estimate import (
     GPU,
@@ -34,6 +34,9 @@ from launcher.estimate import (
 from launcher.model import ModelFacts, model_facts
 from launcher.quants import at_least, known_labels, normalize_label, quality_floor, quant_info
 from launcher.units import MiB, format_bytes
+
+if TYPE_CHECKING:
+    from launcher.hardware.types import Device
 
 SCHEMA_VERSION = 1
 CONTEXT_STEP = 256  # llama.cpp pads n_ctx to 256 (src/llama-context.cpp)
@@ -255,7 +258,7 @@ class Plan:
         }
 
 
-def _file_json(f: Any) -> dict[str, Any]:
+def _file_json(f: CandidateFile) -> dict[str, Any]:
     return {"name": f.name, "size_bytes": f.size_bytes, "url": f.url, "local_path": f.local_path, "sha256": f.sha256}
 
 
@@ -286,7 +289,7 @@ def _mode_of(o: Option) -> str:
     return "reduced-context"
 
 
-def budgets_for(devices: Sequence[Any], *, ram_available_bytes: int | None, reserve_bytes: int) -> list[Budget]:
+def budgets_for(devices: Sequence[Device], *, ram_available_bytes: int | None, reserve_bytes: int) -> list[Budget]:
     """Budgets from hardware devices (objects with kind, index, free_bytes); system RAM when there is none."""
     gpus = [
         Budget(f"GPU{d.index}", d.kind, int(d.free_bytes or 0), reserve_bytes)

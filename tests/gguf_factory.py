@@ -180,3 +180,97 @@ def big_vocab_file(path: Path, *, n_tokens: int, tensor_bytes: int) -> int:
         f.write(head)
         f.truncate(len(head) + 4096 * rows * 4)  # sparse: the tensor data is never written
     return len(head)
+
+
+def metadata_kv(key: str, v: Any) -> bytes:
+    """One metadata pair with the type picked from the Python value: bool, int (u32), float (f32), str, or a
+    list of bools / ints (an array)."""
+    if isinstance(v, bool):
+        return kv(key, VT.BOOL, v)
+    if isinstance(v, int):
+        return kv(key, VT.UINT32, v)
+    if isinstance(v, float):
+        return kv(key, VT.FLOAT32, v)
+    if isinstance(v, str):
+        return kv(key, VT.STRING, v)
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, bool) for x in v):
+        return kv(key, VT.ARRAY, (VT.BOOL, list(v)))
+    if isinstance(v, (list, tuple)):
+        return kv(key, VT.ARRAY, (VT.UINT32, list(v)))
+    raise TypeError(f"no GGUF type for {key}={v!r}")
+
+
+def tensor_nbytes(dims: Sequence[int], ggml_type: int) -> int:
+    """ggml_nbytes of a tensor: `dims` in GGUF order (dims[0] is the row, a whole number of blocks)."""
+    block, type_size = gguf.GGML_QUANT_SIZES[QT(ggml_type)]
+    assert dims[0] % block == 0, f"row of {dims[0]} is not a multiple of {QT(ggml_type).name}'s block {block}"
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * type_size
+
+
+def header_only_gguf(
+    arch: str, values: dict[str, Any], tensors: Sequence[tuple[str, Sequence[int], int]] = (), *, alignment: int = 32
+) -> tuple[bytes, int]:
+    """A model's GGUF header (no tensor data) and the size the whole file would have.
+
+    `values` are metadata (types as metadata_kv picks them), `tensors` (name, GGUF-order dims, ggml type) of any
+    type gguf.GGML_QUANT_SIZES knows: the header declares them, the data is never made.
+    """
+    kvs = [kv("general.architecture", VT.STRING, arch)] + [metadata_kv(k, v) for k, v in values.items()]
+    infos, offset = [], 0
+    for name, dims, qtype in tensors:
+        infos.append(tensor_info(name, dims, qtype, offset))
+        offset += -(-tensor_nbytes(dims, qtype) // alignment) * alignment
+    head = gguf_bytes(kvs, infos, alignment=alignment)
+    return head, len(head) + offset
+
+
+def write_header_only(path: Path, head: bytes, file_size: int) -> Path:
+    """Write a header and extend the file to `file_size` without writing the data (a sparse file)."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(file_size)
+    return path
+
+
+def llama_gguf(
+    ggml_type: int,
+    *,
+    n_layer: int = 12,
+    n_embd: int = 1024,
+    n_ff: int = 2816,
+    n_vocab: int = 32000,
+    n_head: int = 16,
+    n_head_kv: int = 4,
+    context_length: int = 131072,
+) -> tuple[bytes, int]:
+    """A llama-architecture header whose every weight matrix has `ggml_type` (norms F32), and its file size.
+
+    Rows (n_embd, n_ff) must be whole blocks of the type: multiples of 256 for the K-quants.
+    """
+    kv_width = n_embd // n_head * n_head_kv
+    values = {
+        "llama.block_count": n_layer,
+        "llama.embedding_length": n_embd,
+        "llama.attention.head_count": n_head,
+        "llama.attention.head_count_kv": n_head_kv,
+        "llama.context_length": context_length,
+        "llama.feed_forward_length": n_ff,
+    }
+    tensors: list[tuple[str, Sequence[int], int]] = [("token_embd.weight", (n_embd, n_vocab), ggml_type)]
+    for il in range(n_layer):
+        tensors += [
+            (f"blk.{il}.attn_norm.weight", (n_embd,), QT.F32),
+            (f"blk.{il}.attn_q.weight", (n_embd, n_embd), ggml_type),
+            (f"blk.{il}.attn_k.weight", (n_embd, kv_width), ggml_type),
+            (f"blk.{il}.attn_v.weight", (n_embd, kv_width), ggml_type),
+            (f"blk.{il}.attn_output.weight", (n_embd, n_embd), ggml_type),
+            (f"blk.{il}.ffn_norm.weight", (n_embd,), QT.F32),
+            (f"blk.{il}.ffn_gate.weight", (n_embd, n_ff), ggml_type),
+            (f"blk.{il}.ffn_up.weight", (n_embd, n_ff), ggml_type),
+            (f"blk.{il}.ffn_down.weight", (n_ff, n_embd), ggml_type),
+        ]
+    tensors += [("output_norm.weight", (n_embd,), QT.F32), ("output.weight", (n_embd, n_vocab), ggml_type)]
+    return header_only_gguf("llama", values, tensors)

@@ -138,3 +138,19 @@ def test_cli_error_line_names_the_public_error_type(monkeypatch):
     code, _, err = run("plan", "qwen3:14b", "--ram", "8GiB")
     assert code == 1
     assert err.strip() == "CatalogError: qwen3:14b: cannot connect to the registry"
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_cli_plan_table_fits_the_terminal(gemma3_270m_path: Path, columns: int):
+    result = CliRunner().invoke(
+        main, ["plan", str(gemma3_270m_path), "--vram", "2GiB", "--no-engine"], env={"COLUMNS": str(columns)}
+    )
+    assert result.exit_code == 0, result.output
+    table = [line for line in result.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(table) >= 5  # header and the quant's row
+    assert all(len(line) <= columns for line in table)
+    assert "…" not in result.stdout  # no cell cut off, the bars included
+    bar = next(line for line in table if "▶" in line)
+    cells = sum(bar.count(ch) for ch in "█·")
+    assert 8 <= cells <= 40  # the bar is sized to what the terminal leaves
+    assert "memory: █ weights  █ KV  █ compute  █ runtime" in result.stdout

@@ -10,7 +10,10 @@ import pytest
 from launcher.measure import dryrun as engine
 from launcher.measure.dryrun import EngineMeasurement, EngineSettings
 
-pytestmark = pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed"),
+]
 
 
 def test_every_real_model_loads_and_reports_a_compute_buffer(real_corpus: list[corpus_mod.CorpusModel]) -> None:

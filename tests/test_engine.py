@@ -13,7 +13,10 @@ from launcher.errors import EngineError
 from launcher.measure import dryrun as engine
 from launcher.measure.dryrun import EngineMeasurement, EngineSettings
 
-pytestmark = pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not engine.engine_available(), reason="llama-cpp-python is not installed"),
+]
 
 MiB = 1024 * 1024
 FAMILIES = {f.name: f for f in corpus_mod.families()}

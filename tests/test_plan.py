@@ -131,6 +131,7 @@ def test_plan_largest_context_is_within_one_step_of_the_oracle(ladders, family_n
     assert not oracle_fits(chosen.n_ctx + 2 * 256)
 
 
+@pytest.mark.slow
 def test_plan_engine_confirmation_on_real_file_and_sparse_copy_agree(gemma3_270m_path, tmp_path):
     header = read_header(gemma3_270m_path)
     size = gemma3_270m_path.stat().st_size
