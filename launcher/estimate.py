@@ -395,6 +395,8 @@ def _compute_bytes_by_device(
 ) -> dict[str, int]:
     """The compute buffer `sched_reserve` reserves on each backend (src/llama-context.cpp).
 
+    Long on purpose: it reads top to bottom as the graph runs, each stage updating one peak per device.
+
     The worst case is the prompt-processing graph: n_tokens = min(n_ctx, n_ubatch), one output per
     token, n_seq streams. ggml-alloc reuses memory, so the buffer is the peak of what is live at once:
     - during attention: the KQ masks (inputs, live until the last layer), and without flash attention
@@ -475,7 +477,11 @@ def estimate(
     *,
     gpus: list[GPU] | None = None,
 ) -> MemoryEstimate:
-    """Bytes per device for one configuration. Without GPUs, or with n_gpu_layers 0, all on the CPU."""
+    """Bytes per device for one configuration. Without GPUs, or with n_gpu_layers 0, all on the CPU.
+
+    A little over 80 lines on purpose: it walks the components in the order llama.cpp allocates them
+    (weights, KV cache, recurrent state, compute, output, runtime), a few lines each, on one device map.
+    """
     gpus = list(gpus or [])
     flash_attn = resolve_flash_attn(facts, settings)
     _check_types(facts, settings, flash_attn)

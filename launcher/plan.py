@@ -461,20 +461,33 @@ def make_plan(
     if not above:
         reason = f"no candidate reaches the quality floor {floor}"
         return Plan(model, policy, budgets, floor, "none", reason, None, options, [], notes)
+    smallest = above[-1]
+    notes.append(
+        f"{smallest.quant} at {policy.n_ctx} tokens would need {format_bytes(max(smallest.needs.values()))} on one "
+        f"device ({format_bytes(max(smallest.needs.values()) + policy.reserve_bytes)} free with the reserve)"
+    )
+    plan = Plan(model, policy, budgets, floor, "none", "", None, options, [], notes)
+    _choose_fallback(plan, above, evaluator, where)
+    return plan
 
-    alternatives: list[Option] = []
+
+def _choose_fallback(plan: Plan, above: list[Option], evaluator: Callable[[Option], Evaluator], where: str) -> None:
+    """Nothing above the floor fits at the target: find the largest context that does (best quality first),
+    and a partial offload of the best quant; choose by policy (reduced context, then offload, then the
+    most context any quant reaches) and set the plan's mode, reason, choice and alternatives."""
+    policy = plan.policy
     best_context = None
     short_context = None  # the most context any quant reaches when none reaches policy.min_context
     for option in above:  # best quality first
         reduced = _largest_context(evaluator(option), policy)
         if reduced is not None and reduced.n_ctx >= min(policy.min_context, policy.n_ctx):
             best_context = reduced
-            alternatives.append(best_context)
+            plan.alternatives.append(best_context)
             break
         if reduced is not None and (short_context is None or reduced.n_ctx > short_context.n_ctx):
             short_context = reduced
     offload = None
-    if has_gpu:
+    if any(b.name != "CPU" for b in plan.budgets):
         top = above[0]
         if top.facts.expert_count:
             moe = evaluator(top)(cpu_moe=True)
@@ -483,34 +496,27 @@ def make_plan(
         if offload is None:
             offload = _partial_offload(evaluator(top), top.facts)
         if offload is not None:
-            alternatives.append(offload)
-    smallest = above[-1]
-    notes.append(
-        f"{smallest.quant} at {policy.n_ctx} tokens would need {format_bytes(max(smallest.needs.values()))} on one "
-        f"device ({format_bytes(max(smallest.needs.values()) + policy.reserve_bytes)} free with the reserve)"
-    )
-    target_reason = f"nothing above the quality floor {floor} fits in {where} at {policy.n_ctx} tokens"
+            plan.alternatives.append(offload)
+    target_reason = f"nothing above the quality floor {plan.floor} fits in {where} at {policy.n_ctx} tokens"
+    plan.reason = target_reason
     if policy.strict:
-        return Plan(model, policy, budgets, floor, "none", target_reason + " (--strict)", None, options, alternatives,
-                    notes)  # fmt: skip
-    if best_context is not None:
-        why = f"{target_reason}; {best_context.quant} fits entirely at {best_context.n_ctx} tokens"
-        return Plan(model, policy, budgets, floor, "reduced-context", why, best_context, options, alternatives, notes)
-    if offload is not None:
-        mode = "moe-cpu-experts" if offload.cpu_moe else "partial-offload"
+        plan.reason += " (--strict)"
+    elif best_context is not None:
+        plan.mode, plan.chosen = "reduced-context", best_context
+        plan.reason += f"; {best_context.quant} fits entirely at {best_context.n_ctx} tokens"
+    elif offload is not None:
+        plan.mode, plan.chosen = ("moe-cpu-experts" if offload.cpu_moe else "partial-offload"), offload
         how = (
             "with its MoE experts on the CPU (attention and KV cache stay on the GPU)"
             if offload.cpu_moe
             else f"with {offload.n_gpu_layers} of {offload.facts.n_layer + 1} layers on the GPU"
         )
-        why = f"{target_reason}; {offload.quant} runs partly on the CPU {how}"
-        return Plan(model, policy, budgets, floor, mode, why, offload, options, alternatives, notes)
-    if short_context is not None:
-        notes.append(f"no quant above the floor reaches {policy.min_context} tokens entirely in {where}")
-        why = f"{target_reason}; only {short_context.n_ctx} tokens fit, with {short_context.quant}"
-        return Plan(model, policy, budgets, floor, "reduced-context", why, short_context, options,
-                    [*alternatives, short_context], notes)  # fmt: skip
-    return Plan(model, policy, budgets, floor, "none", target_reason, None, options, alternatives, notes)
+        plan.reason += f"; {offload.quant} runs partly on the CPU {how}"
+    elif short_context is not None:
+        plan.notes.append(f"no quant above the floor reaches {policy.min_context} tokens entirely in {where}")
+        plan.mode, plan.chosen = "reduced-context", short_context
+        plan.reason += f"; only {short_context.n_ctx} tokens fit, with {short_context.quant}"
+        plan.alternatives.append(short_context)
 
 
 def _model_argument(candidate: Candidate) -> list[str]:

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -607,26 +607,59 @@ def _read_breakdown(handle: Any, ctx: Any, ctypes: Any) -> list[tuple[str, int, 
         return None
 
 
-def _assemble(
-    log_text: str,
-    breakdown: list[tuple[str, int, int, int]] | None,
-    *,
-    model_size: int,
-    n_params: int,
-) -> dict[str, Any]:
+Breakdown = list[tuple[str, int, int, int]]  # (buffer type name, model, context, compute) bytes
+_Add = Callable[[str, str, "int | None", "float | None", str], None]
+
+
+def _consistent(breakdown: Breakdown | None, lines: list[llamalog.BufferLine]) -> Breakdown | None:
+    """The breakdown, when its compute sizes match the printed compute lines (else it was misread: None)."""
+    if breakdown is None:
+        return None
+    printed = {b.name: b.mib for b in lines if b.kind == "compute"}
+    read = {n: c for n, _, _, c in breakdown if c > MiB // 100}
+    if any(name in read and abs(read[name] / MiB - mib) > 0.011 for name, mib in printed.items()):
+        return None
+    return breakdown
+
+
+def _model_and_kv_from_breakdown(breakdown: Breakdown, rs_by_name: dict[str, float], add: _Add) -> None:
+    for name, model, _ctx, _comp in breakdown:
+        if model:
+            add(name, "model", model, None, "breakdown")
+    for name, _model, context, _comp in breakdown:
+        if name not in rs_by_name:
+            if context:
+                add(name, "KV", context, None, "breakdown")
+            continue
+        # hybrid/recurrent: context = KV + RS, and RS is only known to the printed 2 decimals
+        kv = context - round(rs_by_name[name] * MiB)
+        if kv > 0.006 * MiB:
+            add(name, "KV", None, round(kv / MiB, 2), "breakdown")
+
+
+def _model_and_kv_from_log(parsed: llamalog.LlamaLog, model_size: int, add: _Add) -> None:
+    lines = parsed.buffers
+    model_lines = [b for b in lines if b.kind == "model"]
+    if any(b.mib > 0 for b in model_lines):
+        for b in model_lines:
+            add(b.name, "model", None, b.mib, "log")
+    else:
+        # no_alloc prints 0.00; llama_model_size is the sum of all weight tensors
+        name = model_lines[-1].name if model_lines else "CPU"
+        add(name, "model", model_size, None, "model-size")
+    kv_lines = [b for b in lines if b.kind == "KV"]
+    if any(b.mib > 0 for b in kv_lines):
+        for b in kv_lines:
+            add(b.name, "KV", None, b.mib, "log")
+    elif parsed.kv_caches:
+        name = kv_lines[-1].name if kv_lines else "CPU"
+        add(name, "KV", None, parsed.kv_mib, "kv-lines")
+
+
+def _assemble(log_text: str, breakdown: Breakdown | None, *, model_size: int, n_params: int) -> dict[str, Any]:
     parsed = llamalog.parse(log_text)
     lines = parsed.buffers
-    rs_by_name = {b.name: b.mib for b in lines if b.kind == "RS"}
-    compute_log = {b.name: b.mib for b in lines if b.kind == "compute"}
-
-    if breakdown is not None:
-        # sanity: the breakdown's compute sizes must match the printed compute lines
-        bd_compute = {n: c for n, _, _, c in breakdown if c > MiB // 100}
-        for name, mib in compute_log.items():
-            if name in bd_compute and abs(bd_compute[name] / MiB - mib) > 0.011:
-                breakdown = None
-                break
-
+    breakdown = _consistent(breakdown, lines)
     buffers: list[dict[str, Any]] = []
 
     def add(name: str, kind: str, nbytes: int | None, mib: float | None, source: str) -> None:
@@ -635,34 +668,9 @@ def _assemble(
         buffers.append({"name": name, "kind": kind, "mib": round(mib, 2), "nbytes": nbytes, "source": source})
 
     if breakdown is not None:
-        for name, model, _ctx, _comp in breakdown:
-            if model:
-                add(name, "model", model, None, "breakdown")
-        for name, _model, context, _comp in breakdown:
-            if name not in rs_by_name:
-                if context:
-                    add(name, "KV", context, None, "breakdown")
-                continue
-            # hybrid/recurrent: context = KV + RS, and RS is only known to the printed 2 decimals
-            kv = context - round(rs_by_name[name] * MiB)
-            if kv > 0.006 * MiB:
-                add(name, "KV", None, round(kv / MiB, 2), "breakdown")
+        _model_and_kv_from_breakdown(breakdown, {b.name: b.mib for b in lines if b.kind == "RS"}, add)
     else:
-        model_lines = [b for b in lines if b.kind == "model"]
-        if any(b.mib > 0 for b in model_lines):
-            for b in model_lines:
-                add(b.name, "model", None, b.mib, "log")
-        else:
-            # no_alloc prints 0.00; llama_model_size is the sum of all weight tensors
-            name = model_lines[-1].name if model_lines else "CPU"
-            add(name, "model", model_size, None, "model-size")
-        kv_lines = [b for b in lines if b.kind == "KV"]
-        if any(b.mib > 0 for b in kv_lines):
-            for b in kv_lines:
-                add(b.name, "KV", None, b.mib, "log")
-        elif parsed.kv_caches:
-            name = kv_lines[-1].name if kv_lines else "CPU"
-            add(name, "KV", None, parsed.kv_mib, "kv-lines")
+        _model_and_kv_from_log(parsed, model_size, add)
     for b in lines:
         if b.kind == "RS":
             add(b.name, "RS", None, b.mib, "log")
