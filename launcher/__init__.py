@@ -13,7 +13,11 @@ types are exported here and imported lazily, so `import launcher` (and `fitquant
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from launcher.estimate import GPU, MemoryEstimate, Settings
+    from launcher.model import ModelFacts
 
 __version__ = "0.1.0"
 
@@ -64,21 +68,28 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def read_model_facts(model: str | None = None) -> Any:
-    """Facts of a model: a local GGUF path, an http(s) URL, or None for the embedded default model."""
+def read_model_facts(model: str | None = None) -> ModelFacts:
+    """Facts of a model: a local GGUF path, an http(s) URL (a Hub file page too), or None for the embedded model."""
     from launcher.gguf import read_header
+    from launcher.http import hf_auth, is_url
     from launcher.model import model_facts
 
     if model is None:
         from launcher.embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    return model_facts(read_header(model))
+    elif is_url(model):
+        from launcher.catalog import file_url
+
+        model = file_url(model)
+    return model_facts(read_header(model, auth=hf_auth()))  # a URL: HF_TOKEN goes to the Hub's host only
 
 
-def estimate_memory(model: str | None = None, settings: Any = None, *, gpus: Any = None) -> Any:
-    """Bytes per device of running `model` with `settings` (launcher.estimate.Settings; default: its context)."""
-    from launcher.estimate import Settings, estimate
+def estimate_memory(
+    model: str | None = None, settings: Settings | None = None, *, gpus: list[GPU] | None = None
+) -> MemoryEstimate:
+    """Bytes per device of running `model` with `settings` (default: fitquant's defaults at the model's context)."""
+    from launcher.estimate import default_settings, estimate
 
     facts = read_model_facts(model)
-    return estimate(facts, settings or Settings(n_ctx=facts.n_ctx_train or 4096), gpus=gpus)
+    return estimate(facts, settings or default_settings(facts, has_gpu=bool(gpus)), gpus=gpus)

@@ -10,6 +10,9 @@ Buffer lines are **summed** per (buffer name, kind): iSWA prints two `KV buffer 
 a draft model) is split at each load start (a `using device` block or `llama_model_loader: loaded meta data`);
 the result describes the **last** load and keeps the earlier ones in `earlier`.
 
+Each line goes to the first (pattern, handler) pair of `_LINE_HANDLERS` whose handler takes it; a line that
+none takes is kept in `errors` when it reads like one.
+
 Under `no_alloc` (a memory-only dry run) llama.cpp prints `0.00 MiB` for model and KV buffers; `engine.py`
 takes those from another exact source. Compute, output and RS lines are real in both modes.
 """
@@ -17,7 +20,7 @@ takes those from another exact source. Compute, output and RS lines are real in 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 KINDS = ("model", "KV", "RS", "compute", "output")
@@ -312,160 +315,204 @@ def parse(text: str | Iterable[str]) -> LlamaLog:
     return last
 
 
+# Line handlers: each gets the match of its pattern and says whether the line is used up (True), or whether the
+# patterns after it should still be tried (False). `_parse_line` tries them in `_LINE_HANDLERS` order.
+
+
+def _on_buffer(seg: _Segment, m: re.Match[str]) -> bool:
+    kind = m["kind"]
+    if kind is None:  # 2024 "llm_load_tensors: CPU buffer size = ..." lines
+        if "load_tensors" not in m["func"]:
+            return True
+        kind = "model"
+    key = (m["name"], kind)
+    seg.buffers[key] = seg.buffers.get(key, 0.0) + float(m["mib"])
+    seg.content = True
+    return True
+
+
+def _on_kv_cache(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.kv_caches.append(
+        KVCacheLine(
+            total_mib=float(m["total"]),
+            cells=int(m["cells"]),
+            layers=int(m["layers"]),
+            seqs=int(m["seqs"]),
+            streams=int(m["streams"]) if m["streams"] else None,
+            k_type=m["kt"].strip(),
+            k_mib=float(m["kmib"]),
+            v_type=m["vt"].strip(),
+            v_mib=float(m["vmib"]),
+            role=seg.pending_role,
+        )
+    )
+    seg.pending_role = ""
+    seg.content = True
+    return True
+
+
+def _on_rs_cache(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.rs_caches.append(
+        RSCacheLine(
+            total_mib=float(m["total"]),
+            cells=int(m["cells"]),
+            layers=int(m["layers"]),
+            seqs=int(m["seqs"]),
+            rs_seq=int(m["rsseq"]) if m["rsseq"] else None,
+            r_type=m["rt"].strip(),
+            r_mib=float(m["rmib"]),
+            s_type=m["st"].strip(),
+            s_mib=float(m["smib"]),
+            p_type=m["pt"].strip() if m["pt"] else None,
+            p_mib=float(m["pmib"]) if m["pmib"] else None,
+        )
+    )
+    seg.content = True
+    return True
+
+
+def _on_kv_cache_2024(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.kv_caches.append(
+        KVCacheLine(
+            float(m["total"]), None, None, None, None, m["kt"].strip(), float(m["kmib"]), m["vt"].strip(),
+            float(m["vmib"]),
+        )
+    )  # fmt: skip
+    seg.content = True
+    return True
+
+
+def _on_cache_role(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.pending_role = m["role"]
+    return True
+
+
+def _on_offloaded(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.offloaded_layers = (int(m["n"]), int(m["m"]))
+    seg.content = True
+    return True
+
+
+def _on_context_int(seg: _Segment, m: re.Match[str]) -> bool:
+    field_name, val = str(m["key"]), int(m["val"])
+    if field_name == "n_ctx_per_seq":
+        field_name = "n_ctx_seq"
+    if field_name != "causal_attn":
+        setattr(seg.log, field_name, val)
+    seg.content = True
+    return True
+
+
+def _on_flash_attn_setting(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.flash_attn_setting = m["val"]
+    seg.content = True
+    return True
+
+
+def _on_flash_attn_resolved(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.fa_resolved = (m["val"] or m["val2"]) == "enabled"
+    return True
+
+
+def _on_flash_attn_forced(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.fa_resolved = bool(m["on"])
+    return True
+
+
+def _on_kv_unified(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.kv_unified = _as_bool(m["val"])
+    return True
+
+
+def _on_pipeline(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.pipeline_parallel = True
+    return True
+
+
+def _on_file_size(seg: _Segment, m: re.Match[str]) -> bool:
+    scale = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[m["unit"]]
+    seg.log.file_size_mib = round(float(m["size"]) * scale, 2)
+    seg.log.bpw = float(m["bpw"])
+    return True
+
+
+def _on_file_type(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.file_type = m["val"].strip()
+    return True
+
+
+def _on_params(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.n_params = float(round(float(m["n"]) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m["unit"]]))
+    return True
+
+
+def _on_arch(seg: _Segment, m: re.Match[str]) -> bool:
+    if m["func"] not in _PRINT_INFO:
+        return False  # another function's "arch = ...": not the model's
+    seg.log.arch = m["val"]
+    return True
+
+
+def _on_n_layer(seg: _Segment, m: re.Match[str]) -> bool:
+    if m["func"] not in _PRINT_INFO:
+        return False
+    seg.log.n_layer = int(m["val"])
+    return True
+
+
+def _on_breakdown_gpu(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.breakdown.append(
+        BreakdownRow(
+            m["name"], m["desc"], int(m["self"]), int(m["model"]), int(m["context"]), int(m["compute"]),
+            int(m["total"]), int(m["free"]), int(m["unacc"]),
+        )
+    )  # fmt: skip
+    return True
+
+
+def _on_breakdown_other(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.breakdown.append(
+        BreakdownRow(m["name"], None, int(m["self"]), int(m["model"]), int(m["context"]), int(m["compute"]))
+    )
+    return True
+
+
+def _on_fit(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.fit = "ok" if m["ok"] else "failed"
+    seg.log.fit_message = None if m["ok"] else (m["why"] or "").strip() or None
+    return True
+
+
+_PRINT_INFO = ("print_info", "llm_load_print_meta")  # the functions that print the model's own hparams
+# The order matters: a line is given to the first pattern whose handler takes it.
+_LINE_HANDLERS: tuple[tuple[re.Pattern[str], Callable[[_Segment, re.Match[str]], bool]], ...] = (
+    (_RE_BUFFER, _on_buffer),
+    (_RE_KV, _on_kv_cache),
+    (_RE_RS, _on_rs_cache),
+    (_RE_KV_OLD, _on_kv_cache_2024),
+    (_RE_CACHE_ROLE, _on_cache_role),
+    (_RE_OFFLOADED, _on_offloaded),
+    (_RE_CTX_INT, _on_context_int),
+    (_RE_FA, _on_flash_attn_setting),
+    (_RE_FA_RESOLVED, _on_flash_attn_resolved),
+    (_RE_FA_FORCED, _on_flash_attn_forced),
+    (_RE_UNIFIED, _on_kv_unified),
+    (_RE_PIPELINE, _on_pipeline),
+    (_RE_FILE_SIZE, _on_file_size),
+    (_RE_FILE_TYPE, _on_file_type),
+    (_RE_PARAMS, _on_params),
+    (_RE_ARCH, _on_arch),
+    (_RE_N_LAYER, _on_n_layer),
+    (_RE_BREAKDOWN_GPU, _on_breakdown_gpu),
+    (_RE_BREAKDOWN_OTHER, _on_breakdown_other),
+    (_RE_FIT, _on_fit),
+)
+
+
 def _parse_line(seg: _Segment, line: str) -> None:
-    log = seg.log
-    m = _RE_BUFFER.search(line)
-    if m:
-        kind = m["kind"]
-        if kind is None:  # 2024 "llm_load_tensors: CPU buffer size = ..." lines
-            if "load_tensors" not in m["func"]:
-                return
-            kind = "model"
-        key = (m["name"], kind)
-        seg.buffers[key] = seg.buffers.get(key, 0.0) + float(m["mib"])
-        seg.content = True
-        return
-    m = _RE_KV.search(line)
-    if m:
-        log.kv_caches.append(
-            KVCacheLine(
-                total_mib=float(m["total"]),
-                cells=int(m["cells"]),
-                layers=int(m["layers"]),
-                seqs=int(m["seqs"]),
-                streams=int(m["streams"]) if m["streams"] else None,
-                k_type=m["kt"].strip(),
-                k_mib=float(m["kmib"]),
-                v_type=m["vt"].strip(),
-                v_mib=float(m["vmib"]),
-                role=seg.pending_role,
-            )
-        )
-        seg.pending_role = ""
-        seg.content = True
-        return
-    m = _RE_RS.search(line)
-    if m:
-        log.rs_caches.append(
-            RSCacheLine(
-                total_mib=float(m["total"]),
-                cells=int(m["cells"]),
-                layers=int(m["layers"]),
-                seqs=int(m["seqs"]),
-                rs_seq=int(m["rsseq"]) if m["rsseq"] else None,
-                r_type=m["rt"].strip(),
-                r_mib=float(m["rmib"]),
-                s_type=m["st"].strip(),
-                s_mib=float(m["smib"]),
-                p_type=m["pt"].strip() if m["pt"] else None,
-                p_mib=float(m["pmib"]) if m["pmib"] else None,
-            )
-        )
-        seg.content = True
-        return
-    m = _RE_KV_OLD.search(line)
-    if m:
-        log.kv_caches.append(
-            KVCacheLine(
-                float(m["total"]),
-                None,
-                None,
-                None,
-                None,
-                m["kt"].strip(),
-                float(m["kmib"]),
-                m["vt"].strip(),
-                float(m["vmib"]),
-            )
-        )
-        seg.content = True
-        return
-    m = _RE_CACHE_ROLE.search(line)
-    if m:
-        seg.pending_role = m["role"]
-        return
-    m = _RE_OFFLOADED.search(line)
-    if m:
-        log.offloaded_layers = (int(m["n"]), int(m["m"]))
-        seg.content = True
-        return
-    m = _RE_CTX_INT.search(line)
-    if m:
-        field_name, val = str(m["key"]), int(m["val"])
-        if field_name == "n_ctx_per_seq":
-            field_name = "n_ctx_seq"
-        if field_name != "causal_attn":
-            setattr(log, field_name, val)
-        seg.content = True
-        return
-    m = _RE_FA.search(line)
-    if m:
-        log.flash_attn_setting = m["val"]
-        seg.content = True
-        return
-    m = _RE_FA_RESOLVED.search(line)
-    if m:
-        seg.fa_resolved = (m["val"] or m["val2"]) == "enabled"
-        return
-    m = _RE_FA_FORCED.search(line)
-    if m:
-        seg.fa_resolved = bool(m["on"])
-        return
-    m = _RE_UNIFIED.search(line)
-    if m:
-        log.kv_unified = _as_bool(m["val"])
-        return
-    if _RE_PIPELINE.search(line):
-        log.pipeline_parallel = True
-        return
-    m = _RE_FILE_SIZE.search(line)
-    if m:
-        scale = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[m["unit"]]
-        log.file_size_mib = round(float(m["size"]) * scale, 2)
-        log.bpw = float(m["bpw"])
-        return
-    m = _RE_FILE_TYPE.search(line)
-    if m:
-        log.file_type = m["val"].strip()
-        return
-    m = _RE_PARAMS.search(line)
-    if m:
-        log.n_params = float(round(float(m["n"]) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m["unit"]]))
-        return
-    m = _RE_ARCH.search(line)
-    if m and m["func"] in ("print_info", "llm_load_print_meta"):
-        log.arch = m["val"]
-        return
-    m = _RE_N_LAYER.search(line)
-    if m and m["func"] in ("print_info", "llm_load_print_meta"):
-        log.n_layer = int(m["val"])
-        return
-    m = _RE_BREAKDOWN_GPU.search(line)
-    if m:
-        log.breakdown.append(
-            BreakdownRow(
-                m["name"],
-                m["desc"],
-                int(m["self"]),
-                int(m["model"]),
-                int(m["context"]),
-                int(m["compute"]),
-                int(m["total"]),
-                int(m["free"]),
-                int(m["unacc"]),
-            )
-        )
-        return
-    m = _RE_BREAKDOWN_OTHER.search(line)
-    if m:
-        log.breakdown.append(
-            BreakdownRow(m["name"], None, int(m["self"]), int(m["model"]), int(m["context"]), int(m["compute"]))
-        )
-        return
-    m = _RE_FIT.search(line)
-    if m:
-        log.fit = "ok" if m["ok"] else "failed"
-        log.fit_message = None if m["ok"] else (m["why"] or "").strip() or None
-        return
+    for pattern, handler in _LINE_HANDLERS:
+        m = pattern.search(line)
+        if m is not None and handler(seg, m):
+            return
     if _RE_ERROR.search(line) and "print_info" not in line and "llama_model_loader: - kv" not in line:
-        log.errors.append(line.strip())
+        seg.log.errors.append(line.strip())

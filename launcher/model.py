@@ -12,7 +12,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,25 +373,137 @@ def _swa_layers(
     return flags, window, rule.kind
 
 
-def _recurrent_layers(header: GGUFHeader, arch: str, n_layer_main: int, n_layer_all: int,
-                      n_head_kv: list[int], n_ff: list[int]) -> list[bool]:  # fmt: skip
-    """hparams.is_recr(il), per architecture (src/models/<arch>.cpp)."""
-    if arch in _RECURRENT:
-        return [il < n_layer_main for il in range(n_layer_all)]
-    if arch in ("jamba", "plamo2", "granitehybrid", "lfm2", "lfm2moe"):
-        return [il < n_layer_main and n_head_kv[il] == 0 for il in range(n_layer_all)]
-    if arch in ("nemotron_h", "nemotron_h_moe"):
-        return [il < n_layer_main and n_head_kv[il] == 0 and n_ff[il] == 0 for il in range(n_layer_all)]
-    if arch == "falcon-h1":
-        return [True] * n_layer_all
-    if arch in ("qwen3next", "qwen35", "qwen35moe"):
-        explicit = header.get(f"{arch}.attention.recurrent_layers")
-        if isinstance(explicit, list) and len(explicit) == n_layer_all:
-            return [bool(v) for v in explicit]
-        interval = header.get(f"{arch}.full_attention_interval", 4)
-        interval = _int(interval, "full_attention_interval", header.source) or 4
-        return [il < n_layer_main and (il + 1) % interval != 0 for il in range(n_layer_all)]
-    return [False] * n_layer_all
+@dataclass(frozen=True)
+class _Hparams:
+    """What every per-architecture rule reads (src/llama-model.cpp load_hparams); lists hold one value per layer."""
+
+    header: GGUFHeader
+    arch: str
+    n_layer_all: int  # block_count, MTP/NextN layers included
+    n_layer_nextn: int
+    n_embd: int
+    n_ctx_train: int
+    n_head: list[int]
+    n_head_kv: list[int]
+    n_ff: list[int]
+    head_k: int
+    head_v: int
+    head_k_swa: int
+    head_v_swa: int
+
+    @property
+    def n_layer_main(self) -> int:
+        return self.n_layer_all - self.n_layer_nextn
+
+    def opt(self, name: str, what: str, default: int = 0) -> int:
+        """The integer `{arch}.{name}`, `default` when absent; `what` names it in the error."""
+        return _int(self.header.get(f"{self.arch}.{name}", default), what, self.header.source)
+
+
+def _architecture(header: GGUFHeader) -> tuple[str, bool, list[str]]:
+    """(architecture, known to fitquant, notes); raises ModelError for a header that is no language model."""
+    arch = header.architecture
+    if not arch:
+        raise ModelError(f"{header.source}: no 'general.architecture' key; is this a model GGUF?")
+    if header.get("general.type") == "mmproj" or arch == "clip":
+        raise ModelError(f"{header.source}: this is a vision projector (mmproj), not a language model")
+    if arch in _PLAIN_ATTENTION or arch in _NO_MEMORY or arch in _RECURRENT or arch in _HYBRID:
+        return arch, True, []
+    note = f"architecture '{arch}' is not one fitquant knows: KV cache sized as generic GQA (approximate)"
+    return arch, False, [note]
+
+
+def _hparams(header: GGUFHeader, arch: str) -> _Hparams:
+    """Layer counts, widths, heads and head sizes, checked in the order llama.cpp's load_hparams reads them."""
+    source = header.source
+
+    def required(name: str) -> int:
+        value = header.get(f"{arch}.{name}")
+        if value is None:
+            raise ModelError(f"{source}: missing '{arch}.{name}'")
+        return _int(value, f"{arch}.{name}", source)
+
+    def optional(name: str, what: str, default: int) -> int:
+        return _int(header.get(f"{arch}.{name}", default), what, source)
+
+    n_layer_all = required("block_count")
+    if not 0 < n_layer_all <= LLAMA_MAX_LAYERS:
+        raise ModelError(f"{source}: '{arch}.block_count' = {n_layer_all} is outside 1..{LLAMA_MAX_LAYERS}")
+    n_layer_nextn = optional("nextn_predict_layers", "nextn_predict_layers", 0)
+    if n_layer_nextn > n_layer_all:
+        raise ModelError(f"{source}: nextn_predict_layers {n_layer_nextn} exceeds block_count {n_layer_all}")
+    n_embd = required("embedding_length")
+    n_ctx_train = optional("context_length", "context_length", 0)
+
+    # n_head per layer; n_head_kv defaults to n_head.
+    n_head = _per_layer(header, f"{arch}.attention.head_count", n_layer_all, 0) or []
+    n_head_kv = _per_layer(header, f"{arch}.attention.head_count_kv", n_layer_all, None) or list(n_head)
+    n_ff = _per_layer(header, f"{arch}.feed_forward_length", n_layer_all, 0) or []
+    n_head0 = n_head[0] if n_head else 0
+    head_k = optional("attention.key_length", "key_length", n_embd // n_head0) if n_head0 > 0 else 0
+    head_v = optional("attention.value_length", "value_length", n_embd // n_head0) if n_head0 > 0 else 0
+    return _Hparams(
+        header=header,
+        arch=arch,
+        n_layer_all=n_layer_all,
+        n_layer_nextn=n_layer_nextn,
+        n_embd=n_embd,
+        n_ctx_train=n_ctx_train,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_ff=n_ff,
+        head_k=head_k,
+        head_v=head_v,
+        head_k_swa=optional("attention.key_length_swa", "key_length_swa", head_k),
+        head_v_swa=optional("attention.value_length_swa", "value_length_swa", head_v),
+    )
+
+
+# hparams.is_recr(il), per architecture (src/models/<arch>.cpp): which layers keep a recurrent state.
+
+
+def _recurrent_main_layers(hp: _Hparams) -> list[bool]:
+    """Pure recurrent models (llm_arch_is_recurrent): every layer but the MTP ones."""
+    return [il < hp.n_layer_main for il in range(hp.n_layer_all)]
+
+
+def _recurrent_without_kv_heads(hp: _Hparams) -> list[bool]:
+    """jamba, plamo2, granitehybrid, lfm2: a layer with no KV heads is a recurrent one."""
+    return [il < hp.n_layer_main and hp.n_head_kv[il] == 0 for il in range(hp.n_layer_all)]
+
+
+def _recurrent_without_kv_heads_or_ffn(hp: _Hparams) -> list[bool]:
+    """nemotron_h: a layer with neither KV heads nor an FFN is a Mamba2 layer."""
+    return [il < hp.n_layer_main and hp.n_head_kv[il] == 0 and hp.n_ff[il] == 0 for il in range(hp.n_layer_all)]
+
+
+def _recurrent_every_layer(hp: _Hparams) -> list[bool]:
+    """falcon-h1: attention and SSM side by side in every layer, so every layer keeps state."""
+    return [True] * hp.n_layer_all
+
+
+def _recurrent_but_every_interval(hp: _Hparams) -> list[bool]:
+    """qwen3next, qwen35: the recurrent_layers array, else all but every full_attention_interval-th layer."""
+    explicit = hp.header.get(f"{hp.arch}.attention.recurrent_layers")
+    if isinstance(explicit, list) and len(explicit) == hp.n_layer_all:
+        return [bool(v) for v in explicit]
+    interval = hp.opt("full_attention_interval", "full_attention_interval", 4) or 4
+    return [il < hp.n_layer_main and (il + 1) % interval != 0 for il in range(hp.n_layer_all)]
+
+
+_RECURRENCE: dict[str, Callable[[_Hparams], list[bool]]] = {
+    **dict.fromkeys(_RECURRENT, _recurrent_main_layers),
+    **dict.fromkeys(("jamba", "plamo2", "granitehybrid", "lfm2", "lfm2moe"), _recurrent_without_kv_heads),
+    **dict.fromkeys(("nemotron_h", "nemotron_h_moe"), _recurrent_without_kv_heads_or_ffn),
+    "falcon-h1": _recurrent_every_layer,
+    **dict.fromkeys(("qwen3next", "qwen35", "qwen35moe"), _recurrent_but_every_interval),
+}
+
+
+def _recurrent_layers(hp: _Hparams) -> list[bool]:
+    """hparams.is_recr(il) by the architecture's rule (_RECURRENCE); no layer for the others."""
+    rule = _RECURRENCE.get(hp.arch)
+    return rule(hp) if rule is not None else [False] * hp.n_layer_all
 
 
 def _recurrent_state_sizes(header: GGUFHeader, arch: str, n_embd: int) -> tuple[int, int]:
@@ -429,150 +541,156 @@ def _n_vocab(header: GGUFHeader) -> int:
     return 0
 
 
+# Which layers own KV cells: create_memory's filters and hparams.has_kv (src/llama-model.cpp).
+# A layer at or past the architecture's "from start" count reuses an earlier layer's cache.
+_KV_FROM_START: dict[str, Callable[[_Hparams], int]] = {
+    "gemma3n": lambda hp: 20,  # src/models/gemma3n.cpp: n_layer_kv_from_start = 20
+    "gemma4": lambda hp: hp.n_layer_all - hp.opt("attention.shared_kv_layers", "shared_kv_layers"),
+}
+
+
+def _kv_unless_recurrent(hp: _Hparams, recurrent: list[bool], il: int) -> bool:
+    return not recurrent[il]
+
+
+def _kv_never(hp: _Hparams, recurrent: list[bool], il: int) -> bool:
+    return False
+
+
+def _kv_always(hp: _Hparams, recurrent: list[bool], il: int) -> bool:
+    return True  # falcon-h1: attention beside the SSM in every layer
+
+
+def _kv_on_attention_layers(hp: _Hparams, recurrent: list[bool], il: int) -> bool:
+    return not recurrent[il] and hp.n_ff[il] == 0  # nemotron_h: attention layers have no FFN
+
+
+_KV_OWNER: dict[str, Callable[[_Hparams, list[bool], int], bool]] = {
+    **dict.fromkeys(_NO_MEMORY, _kv_never),
+    **dict.fromkeys(_RECURRENT, _kv_never),
+    "falcon-h1": _kv_always,
+    **dict.fromkeys(("nemotron_h", "nemotron_h_moe"), _kv_on_attention_layers),
+}
+
+
+def _kv_layers(hp: _Hparams, recurrent: list[bool]) -> list[bool]:
+    """Per layer, whether it owns KV cells: a main layer before the shared ones, by the architecture's rule."""
+    from_start = _KV_FROM_START[hp.arch](hp) if hp.arch in _KV_FROM_START else hp.n_layer_all
+    owns = _KV_OWNER.get(hp.arch, _kv_unless_recurrent)
+    return [il < hp.n_layer_main and il < from_start and owns(hp, recurrent, il) for il in range(hp.n_layer_all)]
+
+
+@dataclass(frozen=True)
+class _FfnWidths:
+    """Activation widths per layer, read from the weight shapes (robust to per-layer and per-arch keys)."""
+
+    dense: list[int]  # ffn_up's output width
+    fused: list[bool]  # ffn_up without ffn_gate: gate and up in one tensor
+    expert: list[int]  # one expert's width
+    shared: list[int]  # the shared experts' width
+
+
+def _ffn_widths(header: GGUFHeader, n_layer: int) -> _FfnWidths:
+    widths = _FfnWidths([0] * n_layer, [False] * n_layer, [0] * n_layer, [0] * n_layer)
+    for il in range(n_layer):
+        up = header.tensor(f"blk.{il}.ffn_up.weight")
+        if up is not None and len(up.shape) >= 2:
+            widths.dense[il] = up.shape[1]
+            widths.fused[il] = header.tensor(f"blk.{il}.ffn_gate.weight") is None
+        exps = header.tensor(f"blk.{il}.ffn_up_exps.weight")
+        fused_exps = header.tensor(f"blk.{il}.ffn_gate_up_exps.weight")
+        if exps is not None and len(exps.shape) >= 2:
+            widths.expert[il] = exps.shape[1]
+        elif fused_exps is not None and len(fused_exps.shape) >= 2:
+            widths.expert[il] = fused_exps.shape[1] // 2
+        shexp = header.tensor(f"blk.{il}.ffn_up_shexp.weight")
+        if shexp is not None and len(shexp.shape) >= 2:
+            widths.shared[il] = shexp.shape[1]
+    return widths
+
+
+@dataclass
+class _Weights:
+    """Tensor bytes by where llama.cpp places them: per layer (and its MoE experts), input, output, other."""
+
+    layer: list[int]
+    expert: list[int]
+    input: int = 0
+    output: int = 0
+    other: int = 0
+    token_embd: int = 0
+    output_tied: bool = False
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+
+
+def _weights(header: GGUFHeader, n_layer: int) -> _Weights:
+    w = _Weights([0] * n_layer, [0] * n_layer)
+    for tensor in header.tensors:
+        w.tensor_types[tensor.type_name] = w.tensor_types.get(tensor.type_name, 0) + 1
+        block = _BLOCK_TENSOR.match(tensor.name)
+        if block:
+            il = int(block.group(1))
+            if il >= n_layer:
+                raise ModelError(f"{header.source}: tensor '{tensor.name}' is beyond block_count {n_layer}")
+            w.layer[il] += tensor.n_bytes
+            if _EXPERT_TENSOR.match(tensor.name):
+                w.expert[il] += tensor.n_bytes
+        elif tensor.name.startswith(_INPUT_TENSORS):
+            w.input += tensor.n_bytes
+            if tensor.name == "token_embd.weight":
+                w.token_embd = tensor.n_bytes
+        elif tensor.name.startswith(_OUTPUT_TENSORS):
+            w.output += tensor.n_bytes
+        else:
+            w.other += tensor.n_bytes
+    # Tied embeddings: llama.cpp creates the output from token_embd with TENSOR_DUPLICATED.
+    w.output_tied = header.tensor("output.weight") is None and w.token_embd > 0
+    if w.output_tied:
+        w.output += w.token_embd
+    return w
+
+
+def _layer_facts(
+    hp: _Hparams, swa: list[bool], recurrent: list[bool], has_kv: list[bool], widths: _FfnWidths, weights: _Weights
+) -> tuple[LayerFacts, ...]:
+    return tuple(
+        LayerFacts(
+            index=il,
+            n_head=hp.n_head[il] if hp.n_head else 0,
+            n_head_kv=hp.n_head_kv[il],
+            head_dim_k=hp.head_k_swa if swa[il] else hp.head_k,
+            head_dim_v=hp.head_v_swa if swa[il] else hp.head_v,
+            swa=swa[il],
+            recurrent=recurrent[il],
+            has_kv=has_kv[il],
+            weight_bytes=weights.layer[il],
+            expert_bytes=weights.expert[il],
+            ffn_width=widths.dense[il] or (hp.n_ff[il] if hp.n_ff else 0),
+            ffn_fused=widths.fused[il],
+            expert_width=widths.expert[il],
+            shared_expert_width=widths.shared[il],
+        )
+        for il in range(hp.n_layer_all)
+    )
+
+
 def model_facts(header: GGUFHeader) -> ModelFacts:
     """Derive ModelFacts from a parsed header. Raises ModelError when something sizing needs is missing."""
+    arch, known, notes = _architecture(header)
+    hp = _hparams(header, arch)
     source = header.source
-    arch = header.architecture
-    if not arch:
-        raise ModelError(f"{source}: no 'general.architecture' key; is this a model GGUF?")
-    if header.get("general.type") == "mmproj" or arch == "clip":
-        raise ModelError(f"{source}: this is a vision projector (mmproj), not a language model")
-    notes: list[str] = []
-    known = arch in _PLAIN_ATTENTION or arch in _NO_MEMORY or arch in _RECURRENT or arch in _HYBRID
-    if not known:
-        notes.append(f"architecture '{arch}' is not one fitquant knows: KV cache sized as generic GQA (approximate)")
-
-    def required(name: str) -> int:
-        value = header.get(f"{arch}.{name}")
-        if value is None:
-            raise ModelError(f"{source}: missing '{arch}.{name}'")
-        return _int(value, f"{arch}.{name}", source)
-
-    n_layer_all = required("block_count")
-    if not 0 < n_layer_all <= LLAMA_MAX_LAYERS:
-        raise ModelError(f"{source}: '{arch}.block_count' = {n_layer_all} is outside 1..{LLAMA_MAX_LAYERS}")
-    n_layer_nextn = _int(header.get(f"{arch}.nextn_predict_layers", 0), "nextn_predict_layers", source)
-    if n_layer_nextn > n_layer_all:
-        raise ModelError(f"{source}: nextn_predict_layers {n_layer_nextn} exceeds block_count {n_layer_all}")
-    n_layer_main = n_layer_all - n_layer_nextn
-    n_embd = required("embedding_length")
-    n_ctx_train = _int(header.get(f"{arch}.context_length", 0), "context_length", source)
-
-    # src/llama-model.cpp load_hparams: n_head per layer; n_head_kv defaults to n_head.
-    n_head = _per_layer(header, f"{arch}.attention.head_count", n_layer_all, 0) or []
-    n_head_kv = _per_layer(header, f"{arch}.attention.head_count_kv", n_layer_all, None) or list(n_head)
-    n_ff = _per_layer(header, f"{arch}.feed_forward_length", n_layer_all, 0) or []
-    n_head0 = n_head[0] if n_head else 0
-    if n_head0 > 0:
-        head_k = _int(header.get(f"{arch}.attention.key_length", n_embd // n_head0), "key_length", source)
-        head_v = _int(header.get(f"{arch}.attention.value_length", n_embd // n_head0), "value_length", source)
-    else:
-        head_k = head_v = 0
-    head_k_swa = _int(header.get(f"{arch}.attention.key_length_swa", head_k), "key_length_swa", source)
-    head_v_swa = _int(header.get(f"{arch}.attention.value_length_swa", head_v), "value_length_swa", source)
-
     # MLA (deepseek2 and kin): K-only cache of kv_lora_rank + rope dims; V is a view of K.
     is_mla = bool(header.get(f"{arch}.attention.key_length_mla")) and bool(
         header.get(f"{arch}.attention.value_length_mla")
     )
-    kv_lora_rank = _int(header.get(f"{arch}.attention.kv_lora_rank", 0), "kv_lora_rank", source)
-
-    recurrent = _recurrent_layers(header, arch, n_layer_main, n_layer_all, n_head_kv, n_ff)
-    swa, n_swa, swa_type = _swa_layers(header, arch, n_layer_main, n_layer_all, recurrent)
-    n_embd_r, n_embd_s = _recurrent_state_sizes(header, arch, n_embd) if any(recurrent) else (0, 0)
-    ssm_d_inner = _int(header.get(f"{arch}.ssm.inner_size", 0), "ssm.inner_size", source)
-
-    # Which layers own KV cells (create_memory's filters and hparams.has_kv).
-    has_memory = arch not in _NO_MEMORY
-    kv_from_start = n_layer_all
-    if arch == "gemma3n":
-        kv_from_start = 20  # src/models/gemma3n.cpp: n_layer_kv_from_start = 20
-    elif arch == "gemma4":
-        shared = _int(header.get(f"{arch}.attention.shared_kv_layers", 0), "shared_kv_layers", source)
-        kv_from_start = n_layer_all - shared
-
-    def owns_kv(il: int) -> bool:
-        if not has_memory or il >= n_layer_main or il >= kv_from_start:
-            return False
-        if arch in _RECURRENT:
-            return False
-        if arch == "falcon-h1":
-            return True
-        if arch in ("nemotron_h", "nemotron_h_moe"):
-            return not recurrent[il] and n_ff[il] == 0
-        return not recurrent[il]
-
-    # Activation widths per layer, read from the weight shapes (robust to per-layer and per-arch keys).
-    ffn_width, ffn_fused, expert_width, shared_width = (
-        [0] * n_layer_all,
-        [False] * n_layer_all,
-        [0] * n_layer_all,
-        [0] * n_layer_all,
-    )
-    for il in range(n_layer_all):
-        up = header.tensor(f"blk.{il}.ffn_up.weight")
-        if up is not None and len(up.shape) >= 2:
-            ffn_width[il] = up.shape[1]
-            ffn_fused[il] = header.tensor(f"blk.{il}.ffn_gate.weight") is None
-        exps = header.tensor(f"blk.{il}.ffn_up_exps.weight")
-        fused_exps = header.tensor(f"blk.{il}.ffn_gate_up_exps.weight")
-        if exps is not None and len(exps.shape) >= 2:
-            expert_width[il] = exps.shape[1]
-        elif fused_exps is not None and len(fused_exps.shape) >= 2:
-            expert_width[il] = fused_exps.shape[1] // 2
-        shexp = header.tensor(f"blk.{il}.ffn_up_shexp.weight")
-        if shexp is not None and len(shexp.shape) >= 2:
-            shared_width[il] = shexp.shape[1]
-
-    # Weights per layer, and the layers' MoE experts.
-    layer_bytes = [0] * n_layer_all
-    expert_bytes = [0] * n_layer_all
-    input_bytes = output_bytes = other_bytes = token_embd_bytes = 0
-    tensor_types: dict[str, int] = {}
-    for tensor in header.tensors:
-        tensor_types[tensor.type_name] = tensor_types.get(tensor.type_name, 0) + 1
-        block = _BLOCK_TENSOR.match(tensor.name)
-        if block:
-            il = int(block.group(1))
-            if il >= n_layer_all:
-                raise ModelError(f"{source}: tensor '{tensor.name}' is beyond block_count {n_layer_all}")
-            layer_bytes[il] += tensor.n_bytes
-            if _EXPERT_TENSOR.match(tensor.name):
-                expert_bytes[il] += tensor.n_bytes
-        elif tensor.name.startswith(_INPUT_TENSORS):
-            input_bytes += tensor.n_bytes
-            if tensor.name == "token_embd.weight":
-                token_embd_bytes = tensor.n_bytes
-        elif tensor.name.startswith(_OUTPUT_TENSORS):
-            output_bytes += tensor.n_bytes
-        else:
-            other_bytes += tensor.n_bytes
-    # Tied embeddings: llama.cpp creates the output from token_embd with TENSOR_DUPLICATED.
-    output_tied = header.tensor("output.weight") is None and token_embd_bytes > 0
-    if output_tied:
-        output_bytes += token_embd_bytes
-
-    layers = []
-    for il in range(n_layer_all):
-        layers.append(
-            LayerFacts(
-                index=il,
-                n_head=n_head[il] if n_head else 0,
-                n_head_kv=n_head_kv[il],
-                head_dim_k=head_k_swa if swa[il] else head_k,
-                head_dim_v=head_v_swa if swa[il] else head_v,
-                swa=swa[il],
-                recurrent=recurrent[il],
-                has_kv=owns_kv(il),
-                weight_bytes=layer_bytes[il],
-                expert_bytes=expert_bytes[il],
-                ffn_width=ffn_width[il] or (n_ff[il] if n_ff else 0),
-                ffn_fused=ffn_fused[il],
-                expert_width=expert_width[il],
-                shared_expert_width=shared_width[il],
-            )
-        )
-
+    kv_lora_rank = hp.opt("attention.kv_lora_rank", "kv_lora_rank")
+    recurrent = _recurrent_layers(hp)
+    swa, n_swa, swa_type = _swa_layers(header, arch, hp.n_layer_main, hp.n_layer_all, recurrent)
+    n_embd_r, n_embd_s = _recurrent_state_sizes(header, arch, hp.n_embd) if any(recurrent) else (0, 0)
+    ssm_d_inner = hp.opt("ssm.inner_size", "ssm.inner_size")
+    has_kv = _kv_layers(hp, recurrent)
+    widths = _ffn_widths(header, hp.n_layer_all)
+    weights = _weights(header, hp.n_layer_all)
     expert_used = header.get(f"{arch}.expert_used_count", 0)
     if isinstance(expert_used, list):
         expert_used = max(expert_used, default=0)
@@ -582,32 +700,32 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
         architecture=arch,
         known=known,
         notes=tuple(notes),
-        n_layer=n_layer_all,
-        n_layer_nextn=n_layer_nextn,
-        n_embd=n_embd,
+        n_layer=hp.n_layer_all,
+        n_layer_nextn=hp.n_layer_nextn,
+        n_embd=hp.n_embd,
         n_vocab=_n_vocab(header),
-        n_ctx_train=n_ctx_train,
-        layers=tuple(layers),
+        n_ctx_train=hp.n_ctx_train,
+        layers=_layer_facts(hp, swa, recurrent, has_kv, widths, weights),
         sliding_window=n_swa,
         swa_type=swa_type,
         is_mla=is_mla,
         kv_lora_rank=kv_lora_rank,
-        has_memory=has_memory,
+        has_memory=arch not in _NO_MEMORY,
         n_embd_r=n_embd_r,
         n_embd_s=n_embd_s,
         ssm_d_inner=ssm_d_inner,
-        expert_count=_int(header.get(f"{arch}.expert_count", 0), "expert_count", source),
+        expert_count=hp.opt("expert_count", "expert_count"),
         expert_used_count=_int(expert_used, "expert_used_count", source),
-        n_ff=tuple(n_ff),
-        token_embd_bytes=token_embd_bytes,
-        output_bytes=output_bytes,
-        output_tied=output_tied,
-        input_bytes=input_bytes,
-        other_bytes=other_bytes,
+        n_ff=tuple(hp.n_ff),
+        token_embd_bytes=weights.token_embd,
+        output_bytes=weights.output,
+        output_tied=weights.output_tied,
+        input_bytes=weights.input,
+        other_bytes=weights.other,
         n_params=header.n_params,
         tensor_bytes_total=header.tensor_bytes_total,
         file_type=file_type if isinstance(file_type, int) else None,
-        tensor_types=tensor_types,
+        tensor_types=weights.tensor_types,
     )
 
 

@@ -4,14 +4,17 @@ The table lives in `launcher/data/quants.json`: the labels best first, and per l
 weight and the published mean KL divergence / perplexity figures, each with its source (model, data set, imatrix or
 not, and where it was published). `SOURCES` maps the short source ids used in the notes to full citations.
 
-- `normalize_label("q4_k_m") == "Q4_K_M"`: one spelling per label (Ollama tags, file names, config `file_type`).
+- `normalize_label("q4_k_m") == "Q4_K_M"`: one spelling per label (Ollama tags, file names, config `file_type`,
+  a user's `:QUANT`); `same_label(a, b)` compares two spellings. This is the only normaliser: the catalog's
+  sources (Hugging Face, local, Ollama) all use it.
 - `quant_info(label, bits_per_weight)`: rank (higher = better quality), bits per weight, KLD and notes. Unsloth's
   `*_K_XL` sit just above their K-quant as in huggingface.js GGUF_QUANT_ORDER; `UD-<quant>` and bartowski's
   `<quant>_L` rank half a step above `<quant>`. A label nobody knows is ranked by the bits per weight measured from
   its header, interpolated between the known labels' typical bits per weight (`known=False`).
 - `quality_floor(n_params)`, `at_least(label, floor)`: the planner's lower bound on quality by model size.
 
-llama.cpp file type names (`file_type_name`) come from the `gguf` package, never from a hand-written table.
+llama.cpp file type names (`file_type_name`) and their labels (`file_type_label`, `file_type_labels`) come from the
+`gguf` package, never from a hand-written table; this is the only file-type table.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ __all__ = [
     "QuantInfo",
     "at_least",
     "file_type_label",
+    "file_type_labels",
     "file_type_name",
     "known_labels",
     "normalize_label",
     "quality_floor",
     "quant_info",
+    "same_label",
 ]
 
 # Planner floors by parameter count: (upper bound, exclusive; None = no bound) -> the lowest acceptable label.
@@ -211,15 +216,16 @@ def at_least(label: str, floor: str, *, bits_per_weight: float | None = None) ->
 
 @cache
 def _file_type_names() -> dict[int, str]:
+    """llama.cpp's `LlamaFileType` names by value, `MOSTLY_` dropped ("ALL_F32", "Q4_K_M", "GUESSED")."""
     from launcher.gguf import gguf_constants
 
-    names = {}
-    for member in gguf_constants.LlamaFileType:
-        name = member.name
-        if name.startswith("MOSTLY_"):
-            name = name[len("MOSTLY_") :]
-        names[int(member.value)] = name
-    return names
+    return {int(m.value): m.name.removeprefix("MOSTLY_") for m in gguf_constants.LlamaFileType}
+
+
+@cache
+def file_type_labels() -> dict[int, str]:
+    """The normalised quant label of every llama.cpp file type by value (0 -> "F32", 15 -> "Q4_K_M"); no GUESSED."""
+    return {value: normalize_label(name) for value, name in _file_type_names().items() if name != "GUESSED"}
 
 
 def file_type_name(file_type: int | None) -> str | None:
@@ -229,9 +235,18 @@ def file_type_name(file_type: int | None) -> str | None:
     return _file_type_names().get(file_type, f"type {file_type}")
 
 
-def file_type_label(file_type: int | None) -> str | None:
-    """The normalised quant label of general.file_type ("F32" for 0, "Q4_K_M" for 15); None when not a known type."""
-    if file_type is None or isinstance(file_type, bool) or file_type not in _file_type_names():
+def file_type_label(file_type: object) -> str | None:
+    """The normalised quant label of general.file_type ("F32" for 0, "Q4_K_M" for 15).
+
+    None when absent, not an integer (a bool, "15", 15.0) or not a known llama.cpp file type.
+    """
+    if not isinstance(file_type, int) or isinstance(file_type, bool):
         return None
-    name = _file_type_names()[file_type]
-    return None if name == "GUESSED" else normalize_label(name)
+    return file_type_labels().get(file_type)
+
+
+def same_label(label: str, wanted: str) -> bool:
+    """True when two spellings name one quant: "Q4_K_M" and "q4_k", "MXFP4" and "mxfp4_moe", "F16" and "fp16"."""
+    if not label.strip() or not wanted.strip():
+        return label.strip().upper() == wanted.strip().upper()
+    return normalize_label(label) == normalize_label(wanted)

@@ -52,8 +52,3 @@ def format_bytes(n_bytes: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
-
-
-def format_mib(n_bytes: int | float) -> str:
-    """MiB with two decimals, as llama.cpp prints its buffers."""
-    return f"{n_bytes / MiB:.2f} MiB"

@@ -447,11 +447,9 @@ def isolate_hub(monkeypatch, tmp_path: Path) -> None:
     """No token, endpoint or saved login of the developer's leaks into a test; retries wait ~nothing."""
     import huggingface_hub.constants
 
-    from launcher import gguf
-    from launcher.catalog import huggingface
+    from launcher import http
 
-    monkeypatch.setattr(huggingface, "_WAIT_S", 0.001)
-    monkeypatch.setattr(gguf, "_HTTP_WAIT_S", 0.001)
+    monkeypatch.setattr(http, "RETRY_WAIT_S", 0.001)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-token"))

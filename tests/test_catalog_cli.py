@@ -251,9 +251,7 @@ def test_cli_quants_embedded_default(corpus, monkeypatch):
 def test_ollama_registry_headers_come_from_the_catalog_cache(corpus, monkeypatch):
     from ollama_registry_server import RegistryServer
 
-    from launcher.catalog import ollama
-
-    monkeypatch.setattr(ollama, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr("launcher.http.RETRY_WAIT_S", 0.0)
     q8 = next(m.path for m in corpus if m.family_name == "tiny-llama" and m.quant == "Q8_0")
     srv = RegistryServer()
     try:

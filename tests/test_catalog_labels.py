@@ -7,6 +7,7 @@ from gguf_factory import write_gguf
 
 from launcher.catalog import labels
 from launcher.gguf import read_header
+from launcher.quants import file_type_label, normalize_label
 
 
 @pytest.mark.parametrize(
@@ -94,26 +95,26 @@ def test_labels_from_paths(path, label):
     ("given", "normal"), [("q4_k_m", "Q4_K_M"), (" ud-q4_k_xl ", "UD-Q4_K_XL"), ("fp16", "F16"), ("bf16", "BF16")]
 )
 def test_labels_normalize_user_input(given, normal):
-    assert labels.normalize_label(given) == normal
+    assert normalize_label(given) == normal
 
 
 def test_labels_from_file_type_use_llama_cpp_names():
-    assert labels.label_from_file_type(15) == "Q4_K_M"
-    assert labels.label_from_file_type(7) == "Q8_0"
-    assert labels.label_from_file_type(0) == "F32"
-    assert labels.label_from_file_type(1) == "F16"
-    assert labels.label_from_file_type(32) == "BF16"
-    assert labels.label_from_file_type(38) == "MXFP4_MOE"
-    assert labels.label_from_file_type(30) == "IQ4_XS"
+    assert file_type_label(15) == "Q4_K_M"
+    assert file_type_label(7) == "Q8_0"
+    assert file_type_label(0) == "F32"
+    assert file_type_label(1) == "F16"
+    assert file_type_label(32) == "BF16"
+    assert file_type_label(38) == "MXFP4_MOE"
+    assert file_type_label(30) == "IQ4_XS"
     for unknown in (None, 4, 999, 1024, -1, True, "15", 15.0):
-        assert labels.label_from_file_type(unknown) is None
+        assert file_type_label(unknown) is None
 
 
 def test_labels_every_file_type_name_parses_back():
     from launcher.gguf import gguf_constants
 
     for member in gguf_constants.LlamaFileType:
-        name = labels.label_from_file_type(int(member))
+        name = file_type_label(int(member))
         if name is None:
             continue
         assert labels.quant_label(f"Model-7B-{name}.gguf") == name

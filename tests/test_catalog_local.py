@@ -133,6 +133,8 @@ def test_local_folder_keeps_the_rest_when_one_file_is_corrupt(ladder):
 def test_local_quant_filter(ladder):
     (c,) = local.list_candidates(ladder, quant="q4_k_m")
     assert c.quant == "Q4_K_M"
+    (c,) = local.list_candidates(ladder, quant="q4_k")  # one normaliser (launcher.quants): Q4_K is Q4_K_M
+    assert c.quant == "Q4_K_M"
     with pytest.raises(CatalogError) as err:
         local.list_candidates(ladder, quant="Q9_K", model="models")
     assert (

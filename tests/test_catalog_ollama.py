@@ -22,13 +22,14 @@ import httpx
 import pytest
 from ollama_registry_server import RegistryServer
 
-from launcher import gguf as lg
+from launcher import http
 from launcher.catalog import cache
 from launcher.catalog import ollama as ol
 from launcher.catalog import ollama_local as oll
 from launcher.catalog.types import Candidate
-from launcher.errors import CatalogError
+from launcher.errors import BackendError, CatalogError
 from launcher.gguf import read_header
+from launcher.ollama_host import ollama_base_url
 from launcher.paths import cache_dir
 
 # captured at import: the autouse fixture in conftest.py clears OLLAMA_HOST for every test
@@ -41,8 +42,7 @@ N_SIZE_PROBES = 1 + 16 + 4 * 16  # the size tag, 16 quant suffixes, 4 variants x
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ol, "RETRY_WAIT_S", 0.0)
-    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.0)
+    monkeypatch.setattr(http, "RETRY_WAIT_S", 0.0)
 
 
 @pytest.fixture
@@ -671,31 +671,15 @@ def local() -> Iterator[LocalOllama]:
 
 
 class TestOllamaLocal:
-    @pytest.mark.parametrize(
-        ("value", "url"),
-        [
-            (None, "http://127.0.0.1:11434"),
-            ("", "http://127.0.0.1:11434"),
-            ("0.0.0.0:11434", "http://127.0.0.1:11434"),
-            ("0.0.0.0", "http://127.0.0.1:11434"),
-            ("example", "http://example:11434"),
-            ("example:8080", "http://example:8080"),
-            ("http://h:8080", "http://h:8080"),
-            ("http://h", "http://h:80"),
-            ("https://h", "https://h:443"),
-            ("[::]:11434", "http://[::1]:11434"),
-            (":11434", "http://127.0.0.1:11434"),
-            ("http://h:1/ollama/", "http://h:1/ollama"),
-        ],
-    )
-    def test_resolve_host(self, value, url: str) -> None:
-        assert oll.resolve_host(value) == url
-
-    def test_resolve_host_reads_ollama_host(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:9999")
-        assert oll.resolve_host() == "http://127.0.0.1:9999"
-        with pytest.raises(CatalogError, match=r"^ollama: host 'ftp://x' has scheme 'ftp'; use http:// or https://$"):
-            oll.resolve_host("ftp://x")
+    def test_host_is_read_as_the_official_client_reads_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # the parser is launcher.ollama_host (tests/test_ollama_host.py); here: the catalog uses it
+        assert oll.DEFAULT_HOST == "http://127.0.0.1:11434"
+        monkeypatch.setenv("OLLAMA_HOST", "ftp://x")
+        with pytest.raises(BackendError) as info:
+            oll.list_candidates(None)
+        assert str(info.value) == (
+            "OLLAMA_HOST 'ftp://x' has scheme 'ftp'; use http:// or https:// (e.g. OLLAMA_HOST=http://127.0.0.1:11434)"
+        )
 
     def test_named_model_with_its_blob_on_this_machine(self, local: LocalOllama, models_dir: Path, ladder) -> None:
         digest = local.add("tiny:1b", ladder["Q4_K_M"], models_dir, quant="Q4_K_M")
@@ -813,7 +797,7 @@ class TestOllamaLocal:
         )
 
     def test_real_ollama(self) -> None:
-        host = oll.resolve_host(_REAL_OLLAMA_HOST)
+        host = ollama_base_url(_REAL_OLLAMA_HOST)
         try:
             version = httpx.get(f"{host}/api/version", timeout=2.0).json().get("version")
         except (httpx.HTTPError, ValueError) as exc:

@@ -25,9 +25,10 @@ from gguf_factory import (
     write_gguf,
 )
 
-from launcher import gguf as lg
 from launcher.errors import GGUFFormatError
 from launcher.gguf import GGUFHeader, SkippedArray, TensorInfo, parse_header, read_header
+from launcher.gguf import header as gh
+from launcher.gguf import sources as gs
 
 ARCH = kv("general.architecture", VT.STRING, "llama")  # 8+20 + 4 + 8+5 = 45 bytes
 KV0 = 24  # where the first key starts
@@ -457,13 +458,13 @@ def test_array_nesting_is_bounded():
         return v
 
     deepest = 1
-    for _ in range(lg._MAX_ARRAY_DEPTH - 1):
+    for _ in range(gh._MAX_ARRAY_DEPTH - 1):
         deepest = [deepest]
-    ok = parse_header(gguf_bytes([kv("x.deep", VT.ARRAY, nest(lg._MAX_ARRAY_DEPTH))]))
+    ok = parse_header(gguf_bytes([kv("x.deep", VT.ARRAY, nest(gh._MAX_ARRAY_DEPTH))]))
     assert ok.get("x.deep") == [deepest]
-    err = fails(gguf_bytes([kv("x.deep", VT.ARRAY, nest(lg._MAX_ARRAY_DEPTH + 1))]))
-    assert f"arrays nested deeper than {lg._MAX_ARRAY_DEPTH} levels" in str(err)
-    assert err.offset == KV0 + 8 + 6 + 4 + lg._MAX_ARRAY_DEPTH * 12
+    err = fails(gguf_bytes([kv("x.deep", VT.ARRAY, nest(gh._MAX_ARRAY_DEPTH + 1))]))
+    assert f"arrays nested deeper than {gh._MAX_ARRAY_DEPTH} levels" in str(err)
+    assert err.offset == KV0 + 8 + 6 + 4 + gh._MAX_ARRAY_DEPTH * 12
 
 
 def test_unknown_value_type_is_rejected():
@@ -756,18 +757,18 @@ def test_local_read_reads_only_the_header(tmp_path, monkeypatch):
     path = tmp_path / "big.gguf"
     header = big_vocab_file(path, n_tokens=200_000, tensor_bytes=2 * 1024**3)  # sparse 2 GiB
     fetched = []
-    original = lg._FileSource.fetch
+    original = gs.FileSource.fetch
 
     def spy(self, offset, n):
         data = original(self, offset, n)
         fetched.append(len(data))
         return data
 
-    monkeypatch.setattr(lg._FileSource, "fetch", spy)
+    monkeypatch.setattr(gs.FileSource, "fetch", spy)
     h = read_header(path)
     assert h.data_offset == header and h.file_size == path.stat().st_size
     assert len(fetched) > 2  # incremental, in growing chunks
-    assert sum(fetched) < 2 * header + lg._FILE_FIRST_CHUNK
+    assert sum(fetched) < 2 * header + gs.FileSource.first_chunk
 
 
 def _best_of(n: int, fn) -> float:

@@ -17,9 +17,9 @@ from gguf_factory import QT, VT, gguf_bytes, gstr, kv, tensor_info, u32, u64, wr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import gguf as lg
 from launcher.errors import GGUFFormatError
 from launcher.gguf import parse_header, read_header
+from launcher.gguf import sources as gs
 
 MAX_SECONDS = 1.0
 MAX_BYTES = 64 * 1024**2
@@ -165,8 +165,8 @@ def test_mutated_headers_raise_only_gguf_format_errors():
 
 def test_mutated_files_read_in_tiny_chunks_agree_with_parse_header(tmp_path, monkeypatch):
     # tiny read-ahead: every window refill and seek-past-the-window path of _Reader is hit
-    monkeypatch.setattr(lg, "_FILE_FIRST_CHUNK", 8)
-    monkeypatch.setattr(lg, "_FILE_CHUNK_MAX", 64)
+    monkeypatch.setattr(gs.FileSource, "first_chunk", 8)
+    monkeypatch.setattr(gs.FileSource, "chunk_max", 64)
     path = tmp_path / "m.gguf"
 
     @settings(FUZZ, max_examples=3_000)

@@ -1,10 +1,11 @@
-"""launcher.gguf over HTTP, against a real server on 127.0.0.1 that honours Range, redirects, and misbehaves."""
+"""launcher.gguf (through launcher.http) over HTTP, against a real server on 127.0.0.1 that honours Range, redirects, and misbehaves."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import pytest
 from gguf_factory import QT, VT, big_vocab_file, write_gguf
 from http_range import begin_range_reply
 
-from launcher import gguf as lg
+from launcher import http
 from launcher.errors import GGUFFormatError
 from launcher.gguf import SkippedArray, read_header
+from launcher.http import hf_auth
 
 _PIECE = 64 * 1024
 
@@ -114,7 +116,7 @@ class FakeHub:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    monkeypatch.setattr(lg, "_HTTP_WAIT_S", 0.001)
+    monkeypatch.setattr(http, "RETRY_WAIT_S", 0.001)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     root = tmp_path / "srv"
@@ -261,7 +263,7 @@ def test_hf_token_goes_to_the_hub_only(hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url(""))
     monkeypatch.setenv("HF_TOKEN", "hf_SECRET")
     hub.blob_host = "localhost"  # the blob lives on another host, like HF's CDN
-    h = read_header(hub.url("/resolve/m.gguf"))
+    h = read_header(hub.url("/resolve/m.gguf"), auth=hf_auth())
     _same(h, read_header(path))
     auth = [(p, hdrs.get("Authorization")) for p, hdrs in hub.requests]
     assert auth[0] == ("/resolve/m.gguf", "Bearer hf_SECRET")
@@ -271,7 +273,7 @@ def test_hf_token_goes_to_the_hub_only(hub, monkeypatch):
 def test_hf_token_is_not_sent_to_other_hosts(hub, monkeypatch):
     write_gguf(hub.root / "m.gguf")
     monkeypatch.setenv("HF_TOKEN", "hf_SECRET")  # HF_ENDPOINT unset: huggingface.co
-    read_header(hub.url("/resolve/m.gguf"))
+    read_header(hub.url("/resolve/m.gguf"), auth=hf_auth())
     assert all("Authorization" not in hdrs for _, hdrs in hub.requests)
 
 
@@ -280,7 +282,7 @@ def test_errors_never_show_the_token(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_SECRET")
     hub.status["/resolve/m.gguf"] = 503
     with pytest.raises(GGUFFormatError) as info:
-        read_header(hub.url("/resolve/m.gguf?sig=SIGNED"))
+        read_header(hub.url("/resolve/m.gguf?sig=SIGNED"), auth=hf_auth())
     assert "hf_SECRET" not in str(info.value) and "SIGNED" not in str(info.value)
     assert hub.requests[0][1]["Authorization"] == "Bearer hf_SECRET"
 
@@ -307,3 +309,27 @@ def test_empty_file_is_truncated(hub):
     with pytest.raises(GGUFFormatError) as info:
         read_header(hub.url("/blob/empty.gguf"))
     assert "read magic: truncated" in str(info.value)
+
+
+def test_the_reader_sends_no_token_it_was_not_given(hub, monkeypatch):
+    write_gguf(hub.root / "m.gguf", tensors=TENSORS)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url(""))
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET")
+    read_header(hub.url("/resolve/m.gguf"))  # no auth=: the reader knows nothing of HF_TOKEN
+    assert all("Authorization" not in hdrs for _, hdrs in hub.requests)
+
+
+def test_inspecting_a_hub_url_sends_the_token_to_the_hub_only(hub, monkeypatch, corpus):
+    import launcher
+
+    model = next(m for m in corpus if m.family_name == "tiny-llama")
+    shutil.copy(model.path, hub.root / "m.gguf")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url(""))
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET")
+    hub.blob_host = "localhost"
+    facts = launcher.read_model_facts(hub.url("/resolve/m.gguf"))
+    assert facts.source == hub.url("/resolve/m.gguf")
+    assert replace(facts, source="") == replace(launcher.read_model_facts(str(model.path)), source="")
+    auth = [(p, hdrs.get("Authorization")) for p, hdrs in hub.requests]
+    assert auth[0] == ("/resolve/m.gguf", "Bearer hf_SECRET")
+    assert all(a is None for _, a in auth[1:]) and len(auth) >= 2

@@ -30,13 +30,12 @@ from launcher.hardware import (
     describe_machine,
     detect_hardware,
     parse_vram_list,
-    probe,
     resolve_machine,
 )
 from launcher.hardware.amd import gfx_target, parse_kfd_properties
 from launcher.hardware.apple import default_working_set_bytes, parse_sysctl, parse_vm_stat
 from launcher.hardware.cpu import parse_cpu_model, parse_meminfo
-from launcher.hardware.runtimes import ollama_url, probe_ollama
+from launcher.hardware.runtimes import probe_backends, probe_ollama
 from launcher.hardware.visible import hip_visible, visible_devices
 from launcher.units import GiB, MiB
 
@@ -375,7 +374,8 @@ def test_cpu_only_machine_has_no_devices_and_ram_from_meminfo(proc, no_sysfs):
     assert (snapshot.ram_total_bytes, snapshot.ram_available_bytes) == (HOST_RAM, HOST_AVAILABLE)
     assert snapshot.cpu.model == "AMD Ryzen 7 7840U w/ Radeon 780M Graphics"
     assert snapshot.cpu.logical_cores and snapshot.cpu.logical_cores >= 1
-    assert probe(nvml=FakeNvml([FakeGpu(**RTX_3060, used_bytes=0)]), sysfs_root=no_sysfs, env={})[0].index == 0
+    gpus = detect_hardware(nvml=FakeNvml([FakeGpu(**RTX_3060, used_bytes=0)]), sysfs_root=no_sysfs, env={}).devices
+    assert gpus[0].index == 0
 
 
 # --- described machines ------------------------------------------------------------------------
@@ -513,8 +513,23 @@ def test_doctor_never_raises_when_nvml_is_broken(proc, no_sysfs, monkeypatch):
         ("[::1]:11434", "http://[::1]:11434"),
     ],
 )
-def test_ollama_url_reads_ollama_host_like_the_ollama_client(host, url):
-    assert ollama_url(host) == url
+def test_probe_backends_reads_ollama_host_like_the_ollama_client(host, url):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        return httpx.Response(200, json={"version": "0.30.1"})
+
+    env = {} if host is None else {"OLLAMA_HOST": host}
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        found = probe_backends(env=env, client=client)
+    assert seen == [httpx.URL(f"{url}/api/version")]
+    assert found.ollama is not None and found.ollama.url == url
+
+
+def test_probe_backends_finds_no_ollama_at_a_host_no_client_can_dial():
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))) as client:
+        assert probe_backends(env={"OLLAMA_HOST": "ftp://x"}, client=client).ollama is None
 
 
 def test_probe_ollama_reads_the_version():

@@ -18,6 +18,7 @@ from launcher.quants import (
     normalize_label,
     quality_floor,
     quant_info,
+    same_label,
 )
 
 BRIEF_LABELS = [
@@ -158,6 +159,28 @@ class TestQuants_Labels:
         assert file_type_label(999) is None
         assert file_type_label(None) is None
         assert file_type_label(0) == "F32"
+
+    @pytest.mark.parametrize(
+        ("a", "b", "same"),
+        [
+            ("Q4_K_M", "q4_k_m", True),
+            ("Q4_K_M", "q4_k", True),
+            ("MXFP4", "mxfp4_moe", True),
+            ("F16", "fp16", True),
+            ("UD-Q4_K_XL", "ud_q4_k_xl", True),
+            ("Q4_K_M", "Q4_K_S", False),
+            ("UD-Q4_K_XL", "Q4_K_XL", False),
+            ("", "Q4_K_M", False),
+            ("", " ", True),
+        ],
+    )
+    def test_same_label_compares_normalised_spellings(self, a: str, b: str, same: bool) -> None:
+        assert same_label(a, b) is same
+        assert same_label(b, a) is same
+
+    def test_file_type_label_wants_an_integer(self) -> None:
+        for not_an_int in (True, "15", 15.0):
+            assert file_type_label(not_an_int) is None
 
     def test_known_labels_are_best_first_with_distinct_ranks(self) -> None:
         labels = known_labels()

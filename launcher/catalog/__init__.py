@@ -13,6 +13,9 @@ References (`parse_reference`):
     ./x.gguf, /models/, x-00001-of-00003.gguf  local: a file, a split set, a folder of quants (`local`)
     hf.co/user/repo[:QUANT], huggingface.co/user/repo, user/repo[@revision][:QUANT]
                                             Hugging Face (`huggingface`); a user/repo that is no existing path
+    https://huggingface.co/user/repo/resolve/REV/x-Q4_K_M.gguf (or /blob/, or on the HF_ENDPOINT host)
+                                            Hugging Face: that repository at REV, filtered to that file's quant
+    http(s)://host/path/x.gguf              one GGUF file (any shard of a split set) read by Range (`url`)
     ollama://name[:tag]                     a model pulled into the local Ollama server (`ollama_local`)
     name[:tag] (qwen3:14b, gemma3)          the Ollama registry (`ollama`)
 
@@ -57,8 +60,13 @@ _HF_PREFIXES = (
     "http://huggingface.co/",
 )
 _OLLAMA_LOCAL_PREFIX = "ollama://"
+_URL_SCHEMES = ("http://", "https://")
 # user/repo[@revision][:QUANT]; Hub names: letters, digits, "-", "_", "." (huggingface_hub validate_repo_id)
 _HF_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^:@\s]+))?(?::(?P<quant>[\w.-]+))?$")
+# a file URL copied from the Hub: user/repo/resolve|blob/revision/path (huggingface_hub hf_hub_url)
+_HF_FILE_RE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<path>.+)$"
+)
 # [host/][namespace/]model[:tag] (Ollama types/model/name.go); a host has a dot or a port
 _OLLAMA_RE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)?(?:[\w.-]+/)?[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
 
@@ -67,8 +75,8 @@ _OLLAMA_RE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)?(?:[\w.-]+/)?[A-Za-z0-9][\w.-]*
 class ModelReference:
     """A parsed model reference: which source, what name there, and an optional quant filter."""
 
-    kind: str  # "embedded" | "local" | "huggingface" | "ollama" | "ollama-local"
-    name: str  # a path, "user/repo", or an Ollama "name:tag" ("" for the embedded model)
+    kind: str  # "embedded" | "local" | "url" | "huggingface" | "ollama" | "ollama-local"
+    name: str  # a path, a URL, "user/repo", or an Ollama "name:tag" ("" for the embedded model)
     quant: str | None = None  # the :QUANT filter (Hugging Face and local only)
     revision: str | None = None  # Hugging Face only
 
@@ -87,6 +95,9 @@ def parse_reference(model: str | None) -> ModelReference:
     for prefix in _HF_PREFIXES:
         if lower.startswith(prefix):
             return _hf_reference(model, text[len(prefix) :].rstrip("/"))
+    if lower.startswith(_URL_SCHEMES):
+        rest = _hf_endpoint_rest(text)
+        return ModelReference("url", text) if rest is None else _hf_reference(model, rest.rstrip("/"))
     expanded = os.path.expanduser(text)
     if os.path.exists(expanded):
         return ModelReference("local", expanded)
@@ -104,7 +115,66 @@ def parse_reference(model: str | None) -> ModelReference:
     )
 
 
+def _hf_endpoint_rest(url: str) -> str | None:
+    """What follows the HF_ENDPOINT in `url` when `url` is on that endpoint (a mirror, a test server); else None."""
+    from urllib.parse import urlsplit
+
+    from launcher.http import DEFAULT_HF_ENDPOINT, hf_endpoint
+
+    endpoint = hf_endpoint()
+    if endpoint == DEFAULT_HF_ENDPOINT:
+        return None  # huggingface.co itself: one of _HF_PREFIXES
+    try:
+        e, u = urlsplit(endpoint), urlsplit(url)
+        same_host = (e.hostname, e.port or _default_port(e.scheme)) == (u.hostname, u.port or _default_port(u.scheme))
+    except ValueError:
+        return None
+    base = e.path.rstrip("/") + "/"
+    if not same_host or not u.path.startswith(base):
+        return None
+    return u.path[len(base) :] + (f"?{u.query}" if u.query else "")
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme.lower() == "https" else 80
+
+
+def file_url(url: str) -> str:
+    """A GGUF URL as it downloads: a Hub file URL (`.../resolve/REV/x.gguf`, or the page `.../blob/REV/x.gguf`
+    copied from a browser) becomes the file on the Hub fitquant asks (HF_ENDPOINT, as the catalog lists it);
+    any other URL is returned as given."""
+    from launcher.http import hf_endpoint
+
+    text = url.strip()
+    prefix = next((p for p in _HF_PREFIXES if text.lower().startswith(p) and "://" in p), None)
+    rest = text[len(prefix) :] if prefix else _hf_endpoint_rest(text)
+    m = _HF_FILE_RE.match(rest.split("?", 1)[0]) if rest is not None else None
+    if m is None:
+        return url
+    return f"{hf_endpoint().rstrip('/')}/{m['repo']}/resolve/{m['rev']}/{m['path']}"
+
+
+def _hf_file_reference(model: str, rest: str) -> ModelReference | None:
+    """A Hub file URL's part after the host (`user/repo/resolve/main/x-Q4_K_M.gguf`) as that repository at that
+    revision, filtered to that file's quant (else to its file name); None when `rest` is not one."""
+    from urllib.parse import unquote
+
+    from launcher.catalog import labels
+
+    m = _HF_FILE_RE.match(rest.split("?", 1)[0].split("#", 1)[0])
+    if m is None:
+        return None
+    path = unquote(m["path"])
+    if not path.lower().endswith(".gguf"):
+        raise CatalogError(f"{model}: {path} is not a GGUF file; give the URL of a .gguf file or the repository")
+    quant = labels.quant_label(path) or path.rsplit("/", 1)[-1]
+    return ModelReference("huggingface", m["repo"], quant=quant, revision=unquote(m["rev"]))
+
+
 def _hf_reference(model: str, rest: str) -> ModelReference:
+    file_reference = _hf_file_reference(model, rest)
+    if file_reference is not None:
+        return file_reference
     m = _HF_RE.match(rest)
     if m is None:
         raise CatalogError(
@@ -138,6 +208,12 @@ def list_candidates(
             from launcher.catalog import local
 
             return local.list_candidates(ref.name, model=shown, quant=ref.quant)
+        if ref.kind == "url":
+            if offline:
+                raise CatalogError(f"{shown}: offline, and a GGUF URL is read from the network")
+            from launcher.catalog import url
+
+            return url.list_candidates(ref.name, model=shown, client=client)
         if ref.kind == "huggingface":
             from launcher.catalog import huggingface
 
@@ -151,24 +227,14 @@ def list_candidates(
                 offline=offline,
             )
         if ref.kind == "ollama-local":
-            ollama_local = _ollama_module("ollama_local", shown, "a local Ollama server")
-            return list(ollama_local.list_candidates(ref.name, client=client))
-        ollama = _ollama_module("ollama", shown, "the Ollama registry")
-        return list(ollama.list_candidates(ref.name, client=client, refresh=refresh, offline=offline))
+            from launcher.catalog import ollama_local
+
+            return ollama_local.list_candidates(ref.name, client=client)
+        from launcher.catalog import ollama
+
+        return ollama.list_candidates(ref.name, client=client, refresh=refresh, offline=offline)
     except GGUFFormatError as exc:
         raise CatalogError(f"{shown}: {exc}") from None
-
-
-def _ollama_module(name: str, shown: str, what: str) -> Any:
-    from importlib import import_module
-
-    module_name = f"launcher.catalog.{name}"
-    try:
-        return import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise CatalogError(f"{shown}: listing models from {what} is not available in this version") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
   the hashes of a split set's shards). Content does not change under its hash, so they never expire. They are
   stored as JSON (metadata values, tensor infos), never pickled, and come back equal to what was parsed.
 - Listings (any JSON value a source wants to keep: a repository tree, a tag's manifest, a negative answer)
-  are keyed by (source, key) and carry the time they were fetched; the caller decides what is fresh
-  (`LISTING_TTL_S`) and may fall back to a stale one when the network is down.
+  are keyed by (source, key) and carry the time they were fetched. `fetch_listing` is the one policy every
+  source follows: a fresh listing (`LISTING_TTL_S`) is used without asking the server unless `refresh`; `offline`
+  uses only the cache; when the network fails, a stale listing stands in, with a note saying how old it is
+  (`stale_note`).
 
 Writes go to a temporary file renamed into place, so readers never see half an entry. An entry that cannot be
 read or does not have the expected shape is treated as missing (and overwritten by the next store); a cache
@@ -20,25 +22,31 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from launcher.errors import CatalogError
 from launcher.gguf import GGUFHeader, SkippedArray, TensorInfo
 from launcher.paths import cache_dir
 
 __all__ = [
     "LISTING_TTL_S",
     "CachedListing",
+    "Listed",
     "catalog_cache_dir",
     "describe_time",
+    "fetch_listing",
     "header_key",
     "load_header",
     "load_listing",
+    "stale_note",
     "store_header",
     "store_listing",
 ]
+
+T = TypeVar("T")
 
 LISTING_TTL_S = 600.0  # a repository listing younger than this is used without asking the server
 _FORMAT = 1  # bump when the stored shape changes: older entries are then ignored
@@ -237,3 +245,56 @@ def load_listing(source: str, key: str) -> CachedListing | None:
 def describe_time(timestamp: float) -> str:
     """A listing's time for a note: "2026-05-01 14:03" (local time)."""
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def stale_note(fetched_at: float) -> str:
+    """The note on a listing used because the network was not: "offline: using cached listing from <time>"."""
+    return f"offline: using cached listing from {describe_time(fetched_at)}"
+
+
+@dataclass(frozen=True)
+class Listed(Generic[T]):
+    """A listing to use: fetched now, or kept (fresh); or kept and stale, because the network failed or `offline`."""
+
+    value: T
+    stale_since: float | None = None  # when the stale listing used instead of the network was fetched
+
+    @property
+    def note(self) -> str | None:
+        """`stale_note` of a stale listing; None otherwise."""
+        return None if self.stale_since is None else stale_note(self.stale_since)
+
+
+def fetch_listing(
+    source: str,
+    key: str,
+    *,
+    decode: Callable[[Any], T | None],
+    fetch: Callable[[], tuple[T, Any]],
+    unreachable: type[Exception],
+    never_listed: str,
+    refresh: bool = False,
+    offline: bool = False,
+) -> Listed[T]:
+    """The listing of (`source`, `key`): kept and fresh, else fetched (and kept), else kept and stale.
+
+    `decode` turns stored data into the value (None: unusable, as if missing); `fetch()` gives (value, data to
+    store) or raises `unreachable` when the network fails, which a kept listing stands in for (else it propagates).
+    `offline` uses only the kept listing and raises CatalogError(`never_listed`) without one.
+    """
+    kept = load_listing(source, key)
+    value = decode(kept.data) if kept is not None else None
+    if offline:
+        if kept is None or value is None:
+            raise CatalogError(never_listed)
+        return Listed(value, kept.fetched_at)
+    if kept is not None and value is not None and not refresh and kept.is_fresh():
+        return Listed(value)
+    try:
+        fetched, data = fetch()
+    except unreachable:
+        if kept is None or value is None:
+            raise
+        return Listed(value, kept.fetched_at)
+    store_listing(source, key, data)
+    return Listed(fetched)

@@ -2,10 +2,11 @@
 
 - Listing: `GET {endpoint}/api/models/{repo}/tree/{revision}?recursive=true&expand=false`, following the
   `Link: <...>; rel="next"` pages, as `huggingface_hub.HfApi.list_repo_tree` does; entries are read with
-  huggingface_hub's own `RepoFile`. The requests are made here, through httpx, rather than by `list_repo_tree`:
+  huggingface_hub's own `RepoFile`. The requests are made here, through `launcher.http`, not by `list_repo_tree`:
   huggingface_hub sends them without a timeout and retries them up to five times over ~23 s, and a catalog
   must give up in seconds with one line. Endpoint: `endpoint=`, else `HF_ENDPOINT`, else huggingface.co.
-  Token: `huggingface_hub.get_token()` (`HF_TOKEN`, else the saved login); it is never shown in a message.
+  Token: `huggingface_hub.get_token()` (`HF_TOKEN`, else the saved login), sent to the endpoint's host only
+  (`launcher.http.hf_auth`), never to the blob store a file redirects to; it is never shown in a message.
 - Grouping: `.gguf` files; split sets (`x-00001-of-00003.gguf`, also in per-quant folders) are one candidate;
   `mmproj` files are the vision companion of every candidate (`projector`), not quants; `mtp-` and imatrix
   files are left out. Labels come from names (`labels.quant_label`), else from the header's file type.
@@ -18,16 +19,16 @@
 
 Every failure is one CatalogError line that starts with the model as given: unknown repository or
 revision, gated repository without a token, no GGUF files, network down, 5xx, truncated answers and redirect
-loops (the last three after `_ATTEMPTS` tries with exponential backoff).
+loops (the last three after `launcher.http`'s retries with exponential backoff).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin
 
@@ -36,32 +37,23 @@ from launcher.catalog.local import pick_projector
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
 from launcher.gguf import GGUFHeader, read_header
+from launcher.http import DEFAULT_HF_ENDPOINT as DEFAULT_ENDPOINT
+from launcher.http import BearerAuth, HttpFailure, call, hf_auth, hf_endpoint, make_client, status_failure, timeout
+from launcher.quants import file_type_label, same_label
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = ["DEFAULT_ENDPOINT", "hf_endpoint", "list_candidates", "resolve_url"]
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 SOURCE = "huggingface"
 
-# Network policy (module-level so tests can shorten the waits).
-_ATTEMPTS = 3
-_WAIT_S = 0.5  # exponential backoff between attempts: 0.5 s, 1 s
-_WAIT_MAX_S = 4.0
-_TIMEOUT_S = 10.0
-_CONNECT_TIMEOUT_S = 5.0
+# Timeouts and retries: launcher.http.
 _WORKERS = 8  # headers read at once
 _MAX_PAGES = 1000  # a tree of a million files is not a model repository
 
 _TOKEN_URL = "https://huggingface.co/settings/tokens"
 _HTTP_STATUS_RE = re.compile(r"\bHTTP (\d{3})\b")
-
-
-def hf_endpoint(endpoint: str | None = None) -> str:
-    """The Hub to ask: `endpoint`, else `HF_ENDPOINT`, else https://huggingface.co (no trailing slash)."""
-    value = endpoint or os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT
-    return value.rstrip("/")
 
 
 def resolve_url(endpoint: str, repo_id: str, revision: str, path: str) -> str:
@@ -86,19 +78,18 @@ def _token(model: str) -> str | None:
 # The tree listing (HTTP)
 
 
-class _Transient(Exception):
-    """Worth another attempt: network error, timeout, 408/429/5xx, a truncated or unreadable answer."""
+class _Fatal(HttpFailure):
+    """An answer of the wrong shape: not worth another attempt."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, kind="body", transient=False)
 
 
-class _Fatal(Exception):
-    """Not worth another attempt: a redirect loop, an answer of the wrong shape, an unexpected status."""
-
-
-class _Refused(Exception):
+class _Refused(HttpFailure):
     """401/403/404 from the Hub: `status` and its `X-Error-Code` (RepoNotFound, GatedRepo, RevisionNotFound...)."""
 
     def __init__(self, status: int, code: str | None) -> None:
-        super().__init__(status, code)
+        super().__init__(f"HTTP {status}", kind="status", transient=False)
         self.status = status
         self.code = code
 
@@ -138,46 +129,22 @@ def _entries(page: Any) -> list[_Entry]:
 
 def _get_page(
     client: httpx.Client, url: str, params: dict[str, str] | None, headers: dict[str, str]
-) -> tuple[Any, str | None]:
-    import httpx
-
-    try:
-        response = client.get(url, params=params, headers=headers, timeout=_timeout(), follow_redirects=True)
-    except httpx.TooManyRedirects:
-        raise _Fatal("too many redirects (a redirect loop?)") from None
-    except httpx.TransportError as exc:
-        raise _Transient(f"{type(exc).__name__}: {exc}") from None
+) -> tuple[list[_Entry], str | None]:
+    """One page of the tree listing: its entries and the next page's URL; one attempt (HttpFailure)."""
+    response = client.get(url, params=params, headers=headers, timeout=timeout(), follow_redirects=True)
     status = response.status_code
     if status == 200:
         try:
             page = response.json()
         except ValueError:
-            raise _Transient("the tree listing is not valid JSON (a truncated answer?)") from None
+            raise HttpFailure(
+                "the tree listing is not valid JSON (a truncated answer?)", kind="body", transient=True
+            ) from None
         next_url = response.links.get("next", {}).get("url")
-        return page, urljoin(str(response.url), next_url) if next_url else None
-    reason = f"HTTP {status} {response.reason_phrase}".rstrip()
+        return _entries(page), urljoin(str(response.url), next_url) if next_url else None
     if status in (401, 403, 404):
         raise _Refused(status, response.headers.get("X-Error-Code"))
-    if status in (408, 429) or status >= 500:
-        raise _Transient(reason)
-    raise _Fatal(reason)
-
-
-def _timeout() -> httpx.Timeout:
-    import httpx
-
-    return httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
-
-
-def _retrying() -> Any:
-    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-    return Retrying(
-        stop=stop_after_attempt(_ATTEMPTS),
-        wait=wait_exponential(multiplier=_WAIT_S, max=_WAIT_MAX_S),
-        retry=retry_if_exception_type(_Transient),
-        reraise=True,
-    )
+    raise status_failure(response)
 
 
 def _fetch_tree(
@@ -188,24 +155,19 @@ def _fetch_tree(
     entries: list[_Entry] = []
     seen: set[str] = set()
     where = f"cannot list the repository at {endpoint}"
+
+    def error(failure: HttpFailure) -> CatalogError:
+        if isinstance(failure, _Refused):
+            return CatalogError(f"{model}: {_refusal(failure, endpoint, revision, token)}")
+        if failure.transient:
+            return _Unreachable(f"{model}: {where}: {failure.text}{failure.tries}")
+        return CatalogError(f"{model}: {where}: {failure.text}")
+
     while url is not None:
         if url in seen or len(seen) >= _MAX_PAGES:
             raise CatalogError(f"{model}: {where}: the tree listing pages do not end")
         seen.add(url)
-        attempts = 0
-        try:
-            for attempt in _retrying():
-                with attempt:
-                    attempts += 1
-                    page, next_url = _get_page(client, url, params, headers)
-                    found = _entries(page)
-        except _Transient as exc:
-            tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-            raise _Unreachable(f"{model}: {where}: {exc}{tries}") from None
-        except _Fatal as exc:
-            raise CatalogError(f"{model}: {where}: {exc}") from None
-        except _Refused as exc:
-            raise CatalogError(f"{model}: {_refusal(exc, endpoint, revision, token)}") from None
+        found, next_url = call(partial(_get_page, client, url, params, headers), error=error)
         entries.extend(found)
         url, params = next_url, None
     return entries
@@ -236,23 +198,17 @@ class _Http:
     """The HTTP client of one listing: the caller's, else one opened on first use (a listing served from the
     cache opens none: creating a client costs ~20 ms of TLS setup) and closed with the listing."""
 
-    def __init__(self, client: httpx.Client | None, token: str | None) -> None:
+    def __init__(self, client: httpx.Client | None, token: str | None, endpoint: str) -> None:
         self.given = client
-        self.token = token
+        # the token goes to the Hub's host only: neither httpx nor launcher.gguf sends it on to a blob store
+        self.auth: BearerAuth | None = hf_auth(token, endpoint=endpoint) if token else None
         self.own: httpx.Client | None = None
 
     def get(self) -> httpx.Client:
         if self.given is not None:
             return self.given
         if self.own is None:
-            import httpx
-
-            headers = {"User-Agent": "fitquant"}
-            if self.token:
-                # httpx drops it on redirects to another host, and launcher.gguf never sends it to one
-                headers["Authorization"] = f"Bearer {self.token}"
-            limits = httpx.Limits(max_connections=2 * _WORKERS, max_keepalive_connections=2 * _WORKERS)
-            self.own = httpx.Client(follow_redirects=True, timeout=_timeout(), headers=headers, limits=limits)
+            self.own = make_client(auth=self.auth, max_connections=2 * _WORKERS)
         return self.own
 
     def __enter__(self) -> _Http:
@@ -311,10 +267,10 @@ def _group(entries: list[_Entry]) -> tuple[list[_Group], list[_Entry], list[str]
 
 def _select(groups: list[_Group], quant: str, model: str) -> list[_Group]:
     """The groups a `:QUANT` filter keeps: by label, else by file name; unnamed groups wait for their header."""
-    want = labels.normalize_label(quant)
-    kept = [g for g in groups if g.label is not None and g.label.upper() == want]
+    name = quant.strip().upper()
+    kept = [g for g in groups if g.label is not None and same_label(g.label, quant)]
     if not kept:
-        kept = [g for g in groups if any(f.path.rpartition("/")[2].upper() == want for f in g.files)]
+        kept = [g for g in groups if any(f.path.rpartition("/")[2].upper() == name for f in g.files)]
     kept += [g for g in groups if g.label is None]
     if not kept:
         have = ", ".join(sorted({g.label for g in groups if g.label})) or "none"
@@ -368,7 +324,7 @@ def _read_headers(
     def read(key: str) -> GGUFHeader | GGUFFormatError:
         first = to_read[key][0]
         try:
-            header = read_header(urls[first][0], client=client)
+            header = read_header(urls[first][0], client=client, auth=http.auth)
         except GGUFFormatError as exc:
             return exc
         if not key.startswith("uncached-"):
@@ -396,28 +352,28 @@ def _listing(
     token: bool, refresh: bool, offline: bool,
 ) -> tuple[list[_Entry], str | None]:  # fmt: skip
     """The repository's file entries, and a note when they come from a stale cache."""
-    key = f"{endpoint}|{repo_id}|{revision}"
-    cached = cache.load_listing(SOURCE, key)
-    entries = None
-    if cached is not None:
+
+    def decode(data: Any) -> list[_Entry] | None:
         try:
-            entries = [_Entry(str(p), int(s), h, o) for p, s, h, o in cached.data]
+            return [_Entry(str(p), int(s), h, o) for p, s, h, o in data]
         except (TypeError, ValueError):
-            cached = entries = None  # corrupt: ignore it, the next listing overwrites it
-    if offline:
-        if cached is None or entries is None:
-            raise CatalogError(f"{model}: offline, and this repository has not been listed before")
-        return entries, f"offline: using cached listing from {cache.describe_time(cached.fetched_at)}"
-    if cached is not None and entries is not None and not refresh and cached.is_fresh():
-        return entries, None
-    try:
+            return None  # corrupt: ignore it, the next listing overwrites it
+
+    def fetch() -> tuple[list[_Entry], Any]:
         fetched = _fetch_tree(http.get(), endpoint, repo_id, revision, headers, model, token)
-    except _Unreachable as exc:
-        if cached is None or entries is None:
-            raise CatalogError(str(exc)) from None
-        return entries, f"offline: using cached listing from {cache.describe_time(cached.fetched_at)}"
-    cache.store_listing(SOURCE, key, [[e.path, e.size, e.sha256, e.oid] for e in fetched], fetched_at=time.time())
-    return fetched, None
+        return fetched, [[e.path, e.size, e.sha256, e.oid] for e in fetched]
+
+    listed = cache.fetch_listing(
+        SOURCE,
+        f"{endpoint}|{repo_id}|{revision}",
+        decode=decode,
+        fetch=fetch,
+        unreachable=_Unreachable,
+        never_listed=f"{model}: offline, and this repository has not been listed before",
+        refresh=refresh,
+        offline=offline,
+    )
+    return listed.value, listed.note
 
 
 def list_candidates(
@@ -442,7 +398,7 @@ def list_candidates(
     offline = offline or _offline_env()
     token = None if offline else _token(model)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with _Http(client, token) as http:
+    with _Http(client, token, endpoint) as http:
         entries, stale_note = _listing(
             model, endpoint, repo_id, revision, http=http, headers=headers, token=bool(token),
             refresh=refresh, offline=offline,
@@ -474,7 +430,7 @@ def list_candidates(
             if projector is None:
                 projector = _file(g.files[0], endpoint, repo_id, revision)
             continue
-        label = g.label or (labels.label_from_file_type(header.get("general.file_type")) if header else None)
+        label = g.label or (file_type_label(header.get("general.file_type")) if header else None)
         single = len(g.files) == 1
         found.append(
             Candidate(
@@ -492,11 +448,11 @@ def list_candidates(
     if projector is not None:
         found = [replace(c, projector=projector) for c in found]
     if quant is not None:
-        want = labels.normalize_label(quant)
+        name = quant.strip().upper()
         named = [
             c
             for c in found
-            if c.quant.upper() == want or any(f.name.rpartition("/")[2].upper() == want for f in c.files)
+            if same_label(c.quant, quant) or any(f.name.rpartition("/")[2].upper() == name for f in c.files)
         ]
         if not named:
             have = ", ".join(sorted({c.quant for c in found})) or "none"

@@ -6,6 +6,9 @@ last match wins, an Unsloth `UD-` prefix and a size suffix (`_XL`, `_L`, ...) ar
 percentage-mixed name (`Model-55IQ2_XXS-34Q2_K-07Q8_0.gguf`) gives its dominant component. Unlike the
 JavaScript regex, alternatives are tried longest first and a match must not run on into letters or digits,
 so `Q4_0_4_4` is one label and `Q4_K_MX` none.
+
+Quant-type knowledge (the one normaliser `normalize_label`, the llama.cpp file-type table `file_type_label`) lives
+in `launcher.quants`; this module only reads names.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
+from launcher.quants import file_type_labels, normalize_label
+
 if TYPE_CHECKING:
     from launcher.gguf import GGUFHeader
 
@@ -23,8 +28,6 @@ __all__ = [
     "is_projector_header",
     "is_projector_name",
     "is_sidecar_name",
-    "label_from_file_type",
-    "normalize_label",
     "parse_shard",
     "quant_label",
 ]
@@ -34,7 +37,9 @@ _UNSLOTH_XL = ("Q2_K_XL", "Q3_K_XL", "Q4_K_XL", "Q5_K_XL", "Q6_K_XL", "Q8_K_XL")
 # Names seen in files that this gguf package may not list: retired ARM repacks, newer types, tensor types
 # used as whole-file labels (gpt-oss ships "MXFP4"), and FP16/FP32 spellings.
 _EXTRA_NAMES = ("Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "Q2_0", "Q1_0", "MXFP4", "NVFP4", "FP16", "FP32")
-_ALIASES = {"FP16": "F16", "FP32": "F32"}
+# A name's label is kept as spelt (gpt-oss files say MXFP4, not MXFP4_MOE), except these float spellings, which
+# take launcher.quants' one spelling (F16, F32).
+_FLOAT_SPELLINGS = ("FP16", "FP32")
 # Tensor types that are storage, not quantization (huggingface.js `_GGUF_QUANT_MIX_NON_QUANT_NAMES`).
 _NON_QUANT_TENSOR_TYPES = {"I8", "I16", "I32", "I64", "F64"}
 _SIZE_SUFFIXES = ("XXS", "XS", "XL", "S", "M", "L")
@@ -45,23 +50,8 @@ _SIDECAR_RE = re.compile(r"(?:^mtp[-_.])|(?:(?:^|[-_.])imatrix(?:[-_.]|$))", re.
 
 
 @cache
-def _file_type_names() -> dict[int, str]:
-    from launcher.gguf import gguf_constants
-
-    names: dict[int, str] = {}
-    for member in gguf_constants.LlamaFileType:
-        name = member.name
-        if name == "GUESSED":
-            continue
-        if name == "ALL_F32":
-            name = "F32"
-        names[int(member.value)] = name.removeprefix("MOSTLY_")
-    return names
-
-
-@cache
 def _label_re() -> re.Pattern[str]:
-    names = {*_file_type_names().values(), *_UNSLOTH_XL, *_EXTRA_NAMES}
+    names = {*file_type_labels().values(), *_UNSLOTH_XL, *_EXTRA_NAMES}
     alternation = "|".join(sorted(names, key=lambda n: (-len(n), n)))
     sizes = "|".join(_SIZE_SUFFIXES)
     return re.compile(rf"(?P<prefix>UD-)?(?P<quant>{alternation})(?P<size>_(?:{sizes}))?(?![A-Z0-9])")
@@ -91,7 +81,7 @@ def _label_of(part: str) -> str | None:
     if not matches:
         return None
     m = matches[-1]
-    quant = _ALIASES.get(m["quant"], m["quant"])
+    quant = normalize_label(m["quant"]) if m["quant"] in _FLOAT_SPELLINGS else m["quant"]
     return f"{m['prefix'] or ''}{quant}{m['size'] or ''}"
 
 
@@ -107,19 +97,6 @@ def quant_label(path: str) -> str | None:
         if label is not None:
             return label
     return None
-
-
-def normalize_label(label: str) -> str:
-    """A label as given by a user ("q4_k_m", "fp16") in the catalog's spelling ("Q4_K_M", "F16")."""
-    upper = label.strip().upper()
-    return _ALIASES.get(upper, upper)
-
-
-def label_from_file_type(file_type: object) -> str | None:
-    """The label for a header's `general.file_type` (15 -> "Q4_K_M", 0 -> "F32"); None when absent or unknown."""
-    if not isinstance(file_type, int) or isinstance(file_type, bool):
-        return None
-    return _file_type_names().get(file_type)
 
 
 @dataclass(frozen=True)

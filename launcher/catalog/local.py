@@ -16,6 +16,7 @@ from launcher.catalog import labels
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
 from launcher.gguf import GGUFHeader, read_header
+from launcher.quants import file_type_label, same_label
 
 __all__ = ["list_candidates"]
 
@@ -90,7 +91,7 @@ def _candidate(
 ) -> Candidate:
     label = _name_label(files[0])
     if label is None and header is not None:
-        label = labels.label_from_file_type(header.get("general.file_type"))
+        label = file_type_label(header.get("general.file_type"))
     return Candidate(
         model=model,
         source="local",
@@ -131,8 +132,7 @@ def _single(path: Path, model: str, quant: str | None) -> list[Candidate]:
 def _filter(found: list[Candidate], model: str, quant: str | None) -> list[Candidate]:
     if quant is None:
         return found
-    want = labels.normalize_label(quant)
-    kept = [c for c in found if c.quant.upper() == want]
+    kept = [c for c in found if same_label(c.quant, quant)]
     if not kept:
         have = ", ".join(sorted({c.quant for c in found})) or "none"
         raise CatalogError(f"{model}: no quant {quant} here; available: {have}")
@@ -153,8 +153,7 @@ def _folder(folder: Path, model: str, quant: str | None) -> list[Candidate]:
     projector = _file(Path(chosen)) if chosen else None
     if quant is not None:
         # read only what the filter can keep: named groups of that label, and unnamed ones (their header names them)
-        want = labels.normalize_label(quant)
-        named = [g for g in groups if (_name_label(g[0]) or "").upper() == want]
+        named = [g for g in groups if same_label(_name_label(g[0]) or "", quant)]
         unnamed = [g for g in groups if _name_label(g[0]) is None]
         if named or unnamed:
             groups = named + unnamed

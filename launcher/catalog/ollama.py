@@ -27,9 +27,10 @@ them; a tag the user names is always asked). The listing (tags, layers, config f
 digest, so listing a model twice reads no header bytes the second time.
 
 Failures: 404 on the tag asked -> "not found"; 401 -> the registry wants authentication (private models are not
-supported); 5xx, 408, 429, connection errors, timeouts and bodies cut short are retried (RETRY_ATTEMPTS, waits
-from RETRY_WAIT_S) and then, like a redirect loop or a malformed manifest, end in one CatalogError line that names
-the model and the cause. httpx exceptions are translated in `_Registry._get_once` and nowhere else. A header that
+supported); 5xx, 408, 429, connection errors, timeouts and bodies cut short are retried (`launcher.http`'s one
+policy) and then, like a redirect loop or a malformed manifest, end in one CatalogError line that names the model
+and the cause. Requests go through `launcher.http` (its client, retries and error mapping); `_Registry.get` words
+its failures. A header that
 cannot be read leaves that candidate's `header` None with a note; if no candidate's header can be read the
 listing fails with the first cause.
 """
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
+from launcher.http import HttpFailure, call, make_client, status_failure
 from launcher.quants import file_type_label, normalize_label, quant_info
 
 if TYPE_CHECKING:
@@ -99,11 +101,6 @@ QUANT_SUFFIXES: tuple[str, ...] = (
 VARIANTS: tuple[str, ...] = ("instruct", "text", "chat", "it")
 
 NEGATIVE_TTL_S = 24 * 3600.0
-RETRY_ATTEMPTS = 3
-RETRY_WAIT_S = 0.25  # exponential backoff: 0.25 s, 0.5 s (module-level so tests can set 0)
-RETRY_WAIT_MAX_S = 2.0
-TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_S = 5.0
 MAX_CONCURRENCY = 16
 MAX_JSON_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -286,15 +283,7 @@ class _Tag:
 
 
 class _Fatal(Exception):
-    """Not worth retrying: the message is the cause, as the user will read it."""
-
-
-class _Transient(Exception):
-    """Worth retrying (5xx, 408, 429, network errors, a body cut short)."""
-
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.unreachable = unreachable  # no answer at all: a cached listing may stand in
+    """A malformed manifest or config blob: the message is the cause, as the user will read it."""
 
 
 class _Unreachable(CatalogError):
@@ -450,65 +439,40 @@ class _Registry:
         return f"{self.base}/v2/{self.repo}/{kind}/{ref}"
 
     def get(self, url: str, *, accept: str, tag: str | None, limit: int = MAX_JSON_BYTES) -> bytes | None:
-        """The body of a 200 answer, or None for a 404; any other outcome raises CatalogError."""
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+        """The body of a 200 answer, or None for a 404; any other outcome raises CatalogError (retried first when
+        transient; `_Unreachable` when the registry did not answer at all)."""
 
-        retrying = Retrying(
-            stop=stop_after_attempt(RETRY_ATTEMPTS),
-            wait=wait_exponential(multiplier=RETRY_WAIT_S, max=RETRY_WAIT_MAX_S),
-            retry=retry_if_exception_type(_Transient),
-            reraise=True,
-        )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    return self._get_once(url, accept, limit)
-        except _Transient as exc:
-            n = attempt.retry_state.attempt_number
-            error = self.error(f"{exc}" + (f" (after {n} attempts)" if n > 1 else ""), tag)
-            raise (_Unreachable(str(error)) if exc.unreachable else error) from None
-        except _Fatal as exc:
-            raise self.error(str(exc), tag) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        def error(failure: HttpFailure) -> CatalogError:
+            tries = failure.tries if failure.transient else ""
+            err = self.error(_cause(failure, url, self.base) + tries, tag)
+            return _Unreachable(str(err)) if failure.unreachable else err
+
+        return call(lambda: self._get_once(url, accept, limit), error=error)
 
     def _get_once(self, url: str, accept: str, limit: int) -> bytes | None:
-        import httpx
-
-        try:
-            with self.client.stream("GET", url, headers={"Accept": accept}, follow_redirects=True) as response:
-                status = response.status_code
-                if status == 200:
-                    body = bytearray()
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            raise _Fatal(f"the answer from {url} is larger than {limit} bytes")
-                    return bytes(body)
-                if status == 404:
-                    return None
-                reason = f"HTTP {status} {response.reason_phrase}".rstrip()
-                if status == 401:
-                    raise _Fatal(
-                        f"the registry wants authentication ({reason} from {url}); fitquant reads public models "
-                        f"only: pull it with 'ollama pull' and use the local Ollama's copy"
-                    )
-                if status == 403:
-                    raise _Fatal(f"access denied ({reason} from {url})")
-                if status in (408, 429) or status >= 500:
-                    raise _Transient(f"{reason} from {url}")
-                raise _Fatal(f"{reason} from {url}")
-        except httpx.TooManyRedirects:
-            raise _Fatal(f"too many redirects from {url} (a redirect loop?)") from None
-        except httpx.ConnectError as exc:
-            raise _Transient(f"cannot connect to {self.base} ({exc})", unreachable=True) from None
-        except httpx.TimeoutException as exc:
-            raise _Transient(f"no answer from {url} in time ({type(exc).__name__})", unreachable=True) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise _Transient(f"the answer from {url} was cut short ({type(exc).__name__}: {exc})") from None
-        except httpx.TransportError as exc:
-            raise _Transient(f"{type(exc).__name__} on {url}: {exc}") from None
-        except httpx.InvalidURL as exc:
-            raise _Fatal(f"invalid URL {url} ({exc})") from None
+        with self.client.stream("GET", url, headers={"Accept": accept}, follow_redirects=True) as response:
+            status = response.status_code
+            if status == 200:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise HttpFailure(
+                            f"the answer from {url} is larger than {limit} bytes", kind="body", transient=False
+                        )
+                return bytes(body)
+            if status == 404:
+                return None
+            failure = status_failure(response)
+            text = f"{failure.text} from {url}"
+            if status == 401:
+                text = (
+                    f"the registry wants authentication ({text}); fitquant reads public models "
+                    f"only: pull it with 'ollama pull' and use the local Ollama's copy"
+                )
+            elif status == 403:
+                text = f"access denied ({text})"
+            raise HttpFailure(text, kind="status", transient=failure.transient)
 
     # -- tags --------------------------------------------------------------------------------------------------
 
@@ -596,6 +560,23 @@ class _Registry:
                 raise self.error(f"not found at {self.base} (no tag {tag!r}{self.tags_hint()})")
             found = [one]
         return _merge_aliases(found), note
+
+
+def _cause(failure: HttpFailure, url: str, base: str) -> str:
+    """Why a request to the registry failed, in this module's words (status and body failures carry theirs)."""
+    if failure.kind == "redirects":
+        return f"too many redirects from {url} (a redirect loop?)"
+    if failure.kind == "connect":
+        return f"cannot connect to {base} ({failure.cause})"
+    if failure.kind == "timeout":
+        return f"no answer from {url} in time ({failure.error})"
+    if failure.kind == "cut_short":
+        return f"the answer from {url} was cut short ({failure.text})"
+    if failure.kind in ("transport", "http"):
+        return f"{failure.error} on {url}: {failure.cause}"
+    if failure.kind == "invalid_url":
+        return f"invalid URL {url} ({failure.cause})"
+    return failure.text
 
 
 def _merge_aliases(found: list[_Tag]) -> list[_Tag]:
@@ -697,21 +678,18 @@ def _listing_key(base: str, name: OllamaName) -> str:
     return f"{base}|{name.namespace}/{name.model}|{'' if name.tag in (None, 'latest') else name.tag}"
 
 
-def _cached_listing(key: str) -> tuple[list[_Tag], str | None, Any] | None:
-    """(tags, listing note, the CachedListing) kept for `key`, or None (missing or unreadable)."""
-    from launcher.catalog import cache
-
-    cached = cache.load_listing(SOURCE, key)
-    if cached is None or not isinstance(cached.data, dict):
+def _decode_listing(data: Any) -> tuple[list[_Tag], str | None] | None:
+    """(tags, listing note) from a kept listing's data, or None (unreadable)."""
+    if not isinstance(data, dict):
         return None
     try:
-        tags = [_Tag.from_json(d) for d in cached.data["tags"]]
-        note = cached.data.get("note")
+        tags = [_Tag.from_json(d) for d in data["tags"]]
+        note = data.get("note")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
     if not tags or any(t.model is None for t in tags) or not (note is None or isinstance(note, str)):
         return None
-    return tags, note, cached
+    return tags, note
 
 
 def list_candidates(
@@ -731,46 +709,43 @@ def list_candidates(
 
     parsed = parse_name(name)
     base = _registry_base(parsed.host)
-    key = _listing_key(base, parsed)
-    kept = _cached_listing(key)
-    if offline:
-        if kept is None:
-            raise CatalogError(
-                f"ollama registry: model {name!r}: offline, and it has not been listed before (list it once online)"
-            )
-        return _candidates(name, parsed, base, kept[0], kept[1], None, offline_since=kept[2].fetched_at)
     own_client = None
-    if client is None:
-        import httpx
-
-        from launcher import __version__
-
-        own_client = client = httpx.Client(
-            follow_redirects=True,
-            timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-            headers={"User-Agent": f"fitquant/{__version__}"},
-            limits=httpx.Limits(max_connections=MAX_CONCURRENCY + 4, max_keepalive_connections=MAX_CONCURRENCY),
-        )
+    if client is None and not offline:
+        own_client = client = make_client(max_connections=MAX_CONCURRENCY + 4)
     store = _Store()
-    try:
-        if kept is not None and not refresh and kept[2].is_fresh():
-            return _candidates(name, parsed, base, kept[0], kept[1], client)
+    fetched_headers: list[_Headers] = []
+
+    def fetch() -> tuple[tuple[list[_Tag], str | None], Any]:
+        assert client is not None  # never called offline
         registry = _Registry(name, parsed, base, client, store, refresh)
         headers = _Headers(base, parsed, client)
-        try:
-            tags, note = registry.resolve(headers.get)
-            with_model = [t for t in tags if t.model is not None]
-            if not with_model:
-                raise registry.error(
-                    "no GGUF model layer in its manifest (a hosted-only '-cloud' tag, or a format fitquant cannot read)"
-                )
-            _parallel(registry.config, with_model)
-        except _Unreachable:
-            if kept is None:
-                raise
-            return _candidates(name, parsed, base, kept[0], kept[1], None, offline_since=kept[2].fetched_at)
-        cache.store_listing(SOURCE, key, {"tags": [t.to_json() for t in with_model], "note": note})
-        return _candidates(name, parsed, base, with_model, note, client, headers=headers)
+        tags, note = registry.resolve(headers.get)
+        with_model = [t for t in tags if t.model is not None]
+        if not with_model:
+            raise registry.error(
+                "no GGUF model layer in its manifest (a hosted-only '-cloud' tag, or a format fitquant cannot read)"
+            )
+        _parallel(registry.config, with_model)
+        fetched_headers.append(headers)
+        return (with_model, note), {"tags": [t.to_json() for t in with_model], "note": note}
+
+    try:
+        listed = cache.fetch_listing(
+            SOURCE,
+            _listing_key(base, parsed),
+            decode=_decode_listing,
+            fetch=fetch,
+            unreachable=_Unreachable,
+            never_listed=(
+                f"ollama registry: model {name!r}: offline, and it has not been listed before (list it once online)"
+            ),
+            refresh=refresh,
+            offline=offline,
+        )
+        tags, note = listed.value
+        if listed.stale_since is not None:
+            return _candidates(name, parsed, base, tags, note, None, offline_since=listed.stale_since)
+        return _candidates(name, parsed, base, tags, note, client, headers=next(iter(fetched_headers), None))
     finally:
         store.save()
         if own_client is not None:
@@ -842,7 +817,7 @@ def _candidates(
     for t, (head, err) in zip(tags, heads, strict=True):
         notes = []
         if offline_since is not None:
-            notes.append(f"offline: using cached listing from {cache.describe_time(offline_since)}")
+            notes.append(cache.stale_note(offline_since))
         if err:
             notes.append(err)
         if note and t.tag == "latest":

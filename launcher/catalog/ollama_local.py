@@ -1,8 +1,8 @@
 """A running local Ollama as a catalog source: the models it has pulled, from `/api/tags` and `/api/show`.
 
-The server is `host=` or OLLAMA_HOST (default http://127.0.0.1:11434), read as Ollama's envconfig.Host reads it:
-`[scheme://]host[:port][/path]`, scheme http unless given, port 11434 unless given (80 / 443 after an explicit
-http:// / https://). The listen-on-all addresses 0.0.0.0 and :: are dialled as 127.0.0.1 and ::1.
+The server is `host=` or OLLAMA_HOST (default http://127.0.0.1:11434), read by `launcher.ollama_host` as the
+official ollama-python client reads it: `[scheme://]host[:port][/path]`, scheme http unless given, port 11434 unless
+given (80 / 443 after an explicit http:// / https://).
 
 Per model, `/api/tags` gives the name, the size of all its layers and `details.quantization_level`; `/api/show`
 gives `details`, `model_info` (GGUF metadata without the big arrays) and the Modelfile, whose `FROM` line names the
@@ -12,8 +12,9 @@ models directory is $OLLAMA_MODELS, else ~/.ollama/models, else the Linux servic
 When the model blob is on this machine its header is read with `read_header`; otherwise `header` is None with a
 note (the server may run on another machine, or store its models where this user cannot read).
 
-Cloud models (`…-cloud`, with `remote_host`) run elsewhere and are not listed. httpx exceptions are translated in
-`_Server.call` and nowhere else; a refused connection says how to start the server.
+Cloud models (`…-cloud`, with `remote_host`) run elsewhere and are not listed. Requests go through `launcher.http`
+(its client and error mapping, no retries: a local server answers or it does not); `_Server.call` words the
+failures, and a refused connection says how to start the server.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
+from launcher.http import HttpFailure, call, make_client
+from launcher.ollama_host import DEFAULT_URL, ollama_base_url
 from launcher.quants import file_type_label, normalize_label
 
 if TYPE_CHECKING:
@@ -33,9 +36,9 @@ if TYPE_CHECKING:
 
     from launcher.gguf import GGUFHeader
 
-__all__ = ["DEFAULT_HOST", "list_candidates", "models_dirs", "resolve_host"]
+__all__ = ["DEFAULT_HOST", "list_candidates", "models_dirs"]
 
-DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_HOST = DEFAULT_URL
 TIMEOUT_S = 30.0  # /api/show reads the model's metadata from disk
 CONNECT_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -43,41 +46,6 @@ _MEDIA_MODEL = "application/vnd.ollama.image.model"
 _MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
 _FROM_RE = re.compile(r"^FROM\s+(\S*sha256[-:]([0-9a-f]{64}))\s*$", re.MULTILINE)
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def resolve_host(value: str | None = None) -> str:
-    """The base URL of the Ollama server: `value`, else OLLAMA_HOST, else http://127.0.0.1:11434."""
-    from urllib.parse import urlsplit
-
-    text = (value if value is not None else os.environ.get("OLLAMA_HOST", "")).strip()
-    if not text:
-        return DEFAULT_HOST
-    scheme, sep, rest = text.partition("://")
-    port = "11434"
-    if not sep:
-        scheme, rest = "http", text
-    elif scheme.lower() == "http":
-        port = "80"
-    elif scheme.lower() == "https":
-        port = "443"
-    else:
-        raise CatalogError(f"ollama: host {text!r} has scheme {scheme!r}; use http:// or https://")
-    hostport, slash, path = rest.partition("/")
-    try:
-        parts = urlsplit(f"//{hostport}")
-        host, parsed_port = parts.hostname or "", parts.port
-    except ValueError:
-        raise CatalogError(f"ollama: cannot read host {text!r} as [scheme://]host[:port]") from None
-    if parsed_port is not None:
-        port = str(parsed_port)
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    tail = f"/{path}".rstrip("/") if slash else ""
-    return f"{scheme.lower()}://{host}:{port}{tail}"
 
 
 def models_dirs() -> list[Path]:
@@ -95,19 +63,18 @@ class _Server:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any | None:
         """The JSON answer of `path`; None for a 404; CatalogError for anything else that is not a 200."""
-        import httpx
-
         url = f"{self.base}{path}"
-        try:
-            response = self.client.request(method, url, json=body)
-        except httpx.ConnectError:
-            raise CatalogError(
-                f"ollama: no server at {self.base} (start it with 'ollama serve' or set OLLAMA_HOST)"
-            ) from None
-        except httpx.TimeoutException:
-            raise CatalogError(f"ollama: the server at {self.base} did not answer {path} in time") from None
-        except httpx.HTTPError as exc:
-            raise CatalogError(_one_line(f"ollama: {path} on {self.base}: {type(exc).__name__}: {exc}")) from None
+
+        def error(failure: HttpFailure) -> CatalogError:
+            if failure.kind == "connect":
+                return CatalogError(
+                    f"ollama: no server at {self.base} (start it with 'ollama serve' or set OLLAMA_HOST)"
+                )
+            if failure.kind == "timeout":
+                return CatalogError(f"ollama: the server at {self.base} did not answer {path} in time")
+            return CatalogError(_one_line(f"ollama: {path} on {self.base}: {failure.text}"))
+
+        response = call(lambda: self.client.request(method, url, json=body), error=error, retry=False)
         if response.status_code == 404:
             return None
         if len(response.content) > MAX_BODY_BYTES:
@@ -271,12 +238,10 @@ def list_candidates(
 
     `host` overrides OLLAMA_HOST. Raises CatalogError when the server does not answer or lacks the model.
     """
-    base = resolve_host(host)
+    base = ollama_base_url(host)
     own_client = None
     if client is None:
-        import httpx
-
-        own_client = client = httpx.Client(timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+        own_client = client = make_client(timeout_s=TIMEOUT_S, connect_timeout_s=CONNECT_TIMEOUT_S)
     server = _Server(base, client)
     try:
         tags = server.call("GET", "/api/tags") or {}

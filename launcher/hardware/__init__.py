@@ -72,7 +72,6 @@ __all__ = [
     "detect_hardware",
     "interpret_readings",
     "parse_vram_list",
-    "probe",
     "read_machine",
     "resolve_machine",
 ]
@@ -183,11 +182,6 @@ def detect_hardware(
 
         backends = probe_runtimes(env=env)
     return interpret_readings(readings, env=env, backends=backends)
-
-
-def probe(**seams: Any) -> tuple[Device, ...]:
-    """Just the GPUs of `detect_hardware(**seams)`."""
-    return detect_hardware(**seams).devices
 
 
 def parse_vram_list(text: str) -> list[int]:

@@ -7,23 +7,29 @@ Both are quick looks, not launches: importing llama_cpp (about 0.2 s for a CPU b
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.hardware.types import BackendSupport, OllamaServer
 
-OLLAMA_DEFAULT_PORT = 11434
+if TYPE_CHECKING:
+    import httpx
 
 
 def probe_backends(*, env: Mapping[str, str] | None = None, timeout: float = 0.3, client: Any = None) -> BackendSupport:
     """Ask llama_cpp whether it can offload to a GPU and whether Ollama answers, concurrently."""
     import os
 
+    from launcher.errors import BackendError
+    from launcher.ollama_host import ollama_base_url
+
     env = os.environ if env is None else env
-    url = ollama_url(env.get("OLLAMA_HOST"))
+    try:
+        url = ollama_base_url(env=env)
+    except BackendError:  # an OLLAMA_HOST no client can dial finds no Ollama, as when nothing listens
+        return BackendSupport(llama_cpp_gpu_offload=llama_cpp_gpu_offload(), ollama=None)
     found: list[OllamaServer | None] = [None]
     thread = threading.Thread(
         target=lambda: found.__setitem__(0, probe_ollama(url, timeout=timeout, client=client)), daemon=True
@@ -48,40 +54,23 @@ def llama_cpp_gpu_offload() -> bool | None:
         return None
 
 
-def ollama_url(host: str | None) -> str:
-    """OLLAMA_HOST as the Ollama client reads it: '0.0.0.0', ':11434', 'host:port', 'https://host'."""
-    host = (host or "").strip()
-    scheme, sep, hostport = host.partition("://")
-    port = OLLAMA_DEFAULT_PORT
-    if not sep:
-        scheme, hostport = "http", host
-    elif scheme in ("http", "https"):
-        port = 80 if scheme == "http" else 443
-    split = urllib.parse.urlsplit(f"{scheme}://{hostport}")
-    with contextlib.suppress(ValueError):  # a port that is not a number: keep the default
-        port = split.port or port
-    hostname = split.hostname or "127.0.0.1"
-    if ":" in hostname:
-        hostname = f"[{hostname}]"
-    path = split.path.rstrip("/")
-    return f"{scheme}://{hostname}:{port}{path}"
-
-
-def probe_ollama(url: str, *, timeout: float = 0.3, client: Any = None) -> OllamaServer | None:
+def probe_ollama(url: str, *, timeout: float = 0.3, client: httpx.Client | None = None) -> OllamaServer | None:
     """`GET {url}/api/version` within `timeout` seconds; None when nothing (Ollama-like) answers."""
-    import httpx
+    from launcher.http import HttpFailure, make_client, translate
 
     local = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
     try:
-        if client is None:
-            # A proxy from the environment must not swallow a loopback request.
-            with httpx.Client(timeout=timeout, trust_env=not local) as own_client:
-                response = own_client.get(f"{url}/api/version")
-        else:
-            response = client.get(f"{url}/api/version", timeout=timeout)
-        response.raise_for_status()
-        body = response.json()
-    except (httpx.HTTPError, ValueError):
+        with translate():
+            if client is None:
+                # A proxy from the environment must not swallow a loopback request.
+                with make_client(timeout_s=timeout, connect_timeout_s=timeout, trust_env=not local) as own_client:
+                    response = own_client.get(f"{url}/api/version")
+            else:
+                response = client.get(f"{url}/api/version", timeout=timeout)
+            if not response.is_success:
+                return None
+            body = response.json()
+    except (HttpFailure, ValueError):
         return None
     if not isinstance(body, dict) or not isinstance(body.get("version"), str):
         return None

@@ -49,6 +49,7 @@ def model_file(candidate: Candidate, *, client: httpx.Client | None = None) -> P
 def sparse_copy(candidate: Candidate, *, client: httpx.Client | None = None) -> Path:
     """Write the candidate's header bytes into sparse files of the real sizes; return the first shard."""
     from launcher.gguf import read_prefix
+    from launcher.http import hf_auth
 
     header = candidate.header
     if header is None:
@@ -70,7 +71,7 @@ def sparse_copy(candidate: Candidate, *, client: httpx.Client | None = None) -> 
     for path, url, offset, size in zip(paths, urls, offsets, sizes, strict=True):
         if size < offset:
             raise EngineError(f"{candidate.model} {candidate.quant}: file size {size} is smaller than its header")
-        data = read_prefix(url, offset, client=client)
+        data = read_prefix(url, offset, client=client, auth=hf_auth())  # HF_TOKEN: the Hub's host only
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         with open(tmp, "wb") as out:
             out.write(data)
