@@ -448,18 +448,23 @@ def list_candidates(
     if projector is not None:
         found = [replace(c, projector=projector) for c in found]
     if quant is not None:
-        name = quant.strip().upper()
-        named = [
-            c
-            for c in found
-            if same_label(c.quant, quant) or any(f.name.rpartition("/")[2].upper() == name for f in c.files)
-        ]
-        if not named:
-            have = ", ".join(sorted({c.quant for c in found})) or "none"
-            raise CatalogError(f"{model}: no quant {quant} in this repository; available: {have}")
-        found = named
+        found = _named(found, quant, model)
     found.sort(key=lambda c: (-c.size_bytes, c.quant, c.files[0].name))
     return found
+
+
+def _named(found: list[Candidate], quant: str, model: str) -> list[Candidate]:
+    """The candidates `quant` names: by label (any spelling) or by file name; CatalogError when none."""
+    name = quant.strip().upper()
+    named = [
+        c
+        for c in found
+        if same_label(c.quant, quant) or any(f.name.rpartition("/")[2].upper() == name for f in c.files)
+    ]
+    if not named:
+        have = ", ".join(sorted({c.quant for c in found})) or "none"
+        raise CatalogError(f"{model}: no quant {quant} in this repository; available: {have}")
+    return named
 
 
 def _file(e: _Entry, endpoint: str, repo_id: str, revision: str) -> CandidateFile:

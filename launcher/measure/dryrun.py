@@ -100,19 +100,8 @@ class EngineSettings:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
-        """The dry-run settings that run an estimate's `settings` on llama.cpp."""
-        return cls(
-            n_ctx=settings.n_ctx,
-            n_gpu_layers=settings.n_gpu_layers,
-            type_k=settings.type_k,
-            type_v=settings.type_v,
-            flash_attn=settings.flash_attn,
-            n_parallel=settings.n_parallel,
-            kv_unified=settings.kv_unified,
-            swa_full=settings.swa_full,
-            n_batch=settings.n_batch,
-            n_ubatch=settings.n_ubatch,
-        )
+        """The dry-run settings that run an estimate's `settings` on llama.cpp (the fields both name alike)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)})
 
     def validate(self) -> None:
         """Raise EngineError for a setting llama.cpp would not accept at all."""
