@@ -39,6 +39,8 @@ from launcher.errors import CatalogError, GGUFFormatError
 if TYPE_CHECKING:
     import httpx
 
+    from launcher.quants import QuantInfo
+
 __all__ = [
     "Candidate",
     "CandidateFile",
@@ -241,13 +243,13 @@ def list_candidates(
 # Quality order and the JSON document
 
 
-def _quant_info(c: Candidate) -> Any:
+def _quant_info(c: Candidate) -> QuantInfo:
     from launcher.quants import quant_info
 
     return quant_info(c.quant, c.bits_per_weight)
 
 
-def sort_by_quality(candidates: list[Candidate]) -> list[tuple[Candidate, Any]]:
+def sort_by_quality(candidates: list[Candidate]) -> list[tuple[Candidate, QuantInfo]]:
     """(candidate, launcher.quants.QuantInfo) pairs, best quality first (rank, then size, both descending)."""
     pairs = [(c, _quant_info(c)) for c in candidates]
     pairs.sort(key=lambda p: (p[1].rank is None, -(p[1].rank or 0), -p[0].size_bytes, p[0].quant))
