@@ -29,11 +29,12 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from http_range import begin_range_reply
+from local_server import start_server, stop_server
 
 _PIECE = 64 * 1024
 _POINTER_SIZE = 134
@@ -123,32 +124,9 @@ class HFServer:
         self.lock = threading.Lock()
         self._blobs: list[tuple[str, str]] = []  # blob number -> (repo, path)
         self._blob_ids: dict[tuple[str, str], int] = {}
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # headers and body go out in separate writes; with Nagle on, the body waits for the client's
-            # delayed ACK (40 ms on Linux): a delay no real server adds, so it must not count as latency
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server._handle(self)
-
-        class Server(ThreadingHTTPServer):
-            # socketserver's default backlog of 5 drops SYNs when 8+ clients connect at once, and a dropped
-            # SYN is retried after 1 s: a stall of the test server, not of the code under test
-            request_queue_size = 128
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
+        self.httpd = start_server(self._handle, protocol="HTTP/1.1")
         self.port = self.httpd.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
 
     # -- setup ----------------------------------------------------------------------------------------------
 
@@ -184,8 +162,7 @@ class HFServer:
         return sum(self.served.values())
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop_server(self.httpd)
 
     def __enter__(self) -> HFServer:
         return self

@@ -19,21 +19,17 @@ import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from http_range import begin_range_reply
+from local_server import start_server, stop_server
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 MEDIA = "application/vnd.ollama.image."
 _PIECE = 64 * 1024
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default backlog of 5 drops the SYNs of a concurrent client: 1 s stalls
 
 
 class RegistryServer:
@@ -47,24 +43,12 @@ class RegistryServer:
         self.faults: dict[str, list[Any]] = {}
         self.forever: dict[str, Any] = {}
         self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server._handle(self)
-
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd = start_server(self._handle)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop_server(self.httpd)
 
     # -- content -----------------------------------------------------------------------------------------------
 

@@ -6,13 +6,14 @@ import re
 import shutil
 import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import pytest
 from gguf_factory import QT, VT, big_vocab_file, write_gguf
 from http_range import begin_range_reply
+from local_server import start_server, stop_server
 
 from launcher import http
 from launcher.errors import GGUFFormatError
@@ -39,20 +40,8 @@ class FakeHub:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.served = 0
         self.lock = threading.Lock()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                hub.handle(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = start_server(self.handle)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -110,8 +99,7 @@ class FakeHub:
         h.end_headers()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop_server(self.httpd)
 
 
 @pytest.fixture

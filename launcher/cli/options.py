@@ -18,7 +18,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 KV_TYPES = click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
 
 
-def _parsed(parse: Callable[[str], Any], value: str | None) -> Any:
+T = TypeVar("T")
+
+
+def _parsed(parse: Callable[[str], T], value: str | None) -> T | None:
     if value is None:
         return None
     try:
@@ -31,7 +34,7 @@ def vram_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     """--vram 12GiB or 24GiB,24GiB: one size per GPU, in bytes."""
     from launcher.hardware import parse_vram_list
 
-    return _parsed(parse_vram_list, value)  # type: ignore[no-any-return]
+    return _parsed(parse_vram_list, value)
 
 
 def byte_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
@@ -44,18 +47,18 @@ def byte_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     return size
 
 
-def reserve_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+def reserve_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
     """--reserve 1GiB: bytes to keep free on every device (0 allowed)."""
     from launcher.units import parse_bytes
 
-    return _parsed(parse_bytes, value)  # type: ignore[no-any-return]
+    return _parsed(parse_bytes, value)
 
 
 def context(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     """--ctx 32768, 32k, 128K: tokens."""
     from launcher.units import parse_context
 
-    return _parsed(parse_context, value)  # type: ignore[no-any-return]
+    return _parsed(parse_context, value)
 
 
 def layer_count(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
@@ -77,7 +80,7 @@ def quality_floor(_ctx: click.Context, _param: click.Parameter, value: str | Non
     """--min-quant Q4_K_M: a quant label fitquant knows, normalized."""
     from launcher.plan import quality_floor_label
 
-    return _parsed(quality_floor_label, value)  # type: ignore[no-any-return]
+    return _parsed(quality_floor_label, value)
 
 
 def _apply(func: F, options: list[Callable[[F], F]]) -> F:

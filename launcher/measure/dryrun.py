@@ -597,7 +597,7 @@ def _read_breakdown(handle: Any, ctx: Any, ctypes: Any) -> list[tuple[str, int, 
 
 
 Breakdown = list[tuple[str, int, int, int]]  # (buffer type name, model, context, compute) bytes
-_Add = Callable[[str, str, "int | None", "float | None", str], None]
+_Add = Callable[[str, str, int | None, float | None, str], None]
 
 
 def _consistent(breakdown: Breakdown | None, lines: list[llamalog.BufferLine]) -> Breakdown | None:
