@@ -8,7 +8,8 @@
      ├── EstimateError     a configuration cannot be estimated (bad setting for this model)
      ├── NoFitError        nothing fits; carries the rejected candidates and reasons
      ├── EngineError       llama.cpp could not measure or load the model
-     ├── BackendError      a runtime (Ollama, llama-server) failed to start or answer
+     ├── FetchError        a model file could not be downloaded or did not match its published hash
+ ├── BackendError      a runtime (Ollama, llama-server) failed to start or answer
      ├── VerifyError       a launch could not be verified
      ├── ProfileError      a profile file is invalid (names file, line and field)
      └── ServiceError      a service unit could not be written or installed
@@ -74,6 +75,10 @@ class NoFitError(FitquantError):
 
 class EngineError(FitquantError):
     """Raised when llama.cpp cannot load or measure a model."""
+
+
+class FetchError(FitquantError):
+    """Raised when a model file cannot be downloaded, does not fit on disk, or fails its hash check."""
 
 
 class BackendError(FitquantError):

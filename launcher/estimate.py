@@ -36,7 +36,7 @@ _FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
 # (memory-model.md §5: 250 MiB VRAM, gguf-parser-go's --platform-footprint default). Growth beyond what
 # llama.cpp reserves (pool fragmentation, FA scratch: 254 MiB measured by llama.cpp's fit-params README)
 # is what the per-device reserve (1 GiB by default, like llama.cpp's --fit-target) is for.
-RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "cuda": 256 * MiB, "rocm": 256 * MiB, "metal": 128 * MiB}
+RUNTIME_OVERHEAD_BYTES = {"cpu": 0, "rpc": 0, "cuda": 256 * MiB, "rocm": 256 * MiB, "metal": 128 * MiB}
 
 
 def default_flash_attn(type_v: str) -> str:
@@ -84,6 +84,9 @@ class Settings:
     n_ubatch: int = 512
     n_rs_seq: int = 0  # recurrent-state snapshots per sequence
     cpu_moe: bool = False  # MoE expert tensors stay on the CPU (--cpu-moe / -ot exps=CPU)
+    # Logits rows a ubatch may produce (llama_context_params.n_outputs_max; 0 = n_batch, the library's default).
+    # llama-server asks for one per slot (tools/server server_output_limits), which shrinks the output graph.
+    n_outputs_max: int = 0
 
     def __post_init__(self) -> None:
         for name in ("type_k", "type_v"):
@@ -99,6 +102,8 @@ class Settings:
             raise EstimateError(f"n_parallel must be at least 1, got {self.n_parallel}")
         if self.n_ubatch < 1 or self.n_batch < 1:
             raise EstimateError("n_batch and n_ubatch must be at least 1")
+        if self.n_outputs_max < 0:
+            raise EstimateError(f"n_outputs_max must be 0 (= n_batch) or more, got {self.n_outputs_max}")
 
 
 @dataclass(frozen=True)
@@ -402,7 +407,8 @@ def _compute_bytes_by_device(
     - during attention: the KQ masks (inputs, live until the last layer), and without flash attention
       the KQ scores [n_kv, n_tokens, n_head] in F32 (softmax works in place);
     - during the feed-forward: the masks plus the FFN activations (MoE: one per selected expert);
-    - at the output: the logits [n_vocab, n_outputs] in F32 (the masks are freed by then).
+    - at the output: the logits [n_vocab, n_outputs] in F32 (the masks are freed by then); n_outputs is
+      min(n_tokens, n_outputs_max): every token for the library's default, one per slot for llama-server.
     Each term is a tensor llama.cpp's graph creates; the activation counts are calibrated on the CPU
     backend against measured figures (scripts/bench_estimate.py).
     """
@@ -459,7 +465,8 @@ def _compute_bytes_by_device(
     else:
         ffn_left = last.ffn_width // 2 if last.ffn_fused else 0
     out_device = layer_device[facts.n_layer]
-    peak(out_device, (facts.n_vocab + 2 * n_embd + ffn_left) * n_tokens * f32)
+    n_outputs = min(n_tokens, settings.n_outputs_max or n_batch)
+    peak(out_device, (facts.n_vocab * n_outputs + (2 * n_embd + ffn_left) * n_tokens) * f32)
     # With layers off the CPU the host still runs the input layer (token embedding rows), and with the
     # experts on the CPU it runs their feed-forward too.
     if any(d != "CPU" for d in layer_device):

@@ -70,16 +70,18 @@ def fit(
     confirm: bool = True,
     measurer: Measurer | None = None,
     client: httpx.Client | None = None,
+    remembered: tuple[Measurements, list[str]] | None = None,
 ) -> Plan:
     """Plan `model` for `machine` (probed when None) under `policy`; raise NoFitError when nothing fits.
 
     With `confirm`, the options the decision hinges on are measured by `measurer` (by default llama.cpp
     dry runs, when llama-cpp-python is installed and runs the plan's backend) and the plan is made again
     with the measured figures. NoFitError carries the refused plan (`exc.plan`): its candidates, reasons
-    and alternatives.
+    and alternatives. `remembered` (launcher.record.remembered) are figures measured by earlier launches on
+    this machine: the plan starts from them, and the dry run does not measure those configurations again.
     """
     plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
-                client=client)  # fmt: skip
+                client=client, remembered=remembered)  # fmt: skip
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
     return plan
@@ -94,6 +96,7 @@ def _fit(
     confirm: bool,
     measurer: Measurer | None,
     client: httpx.Client | None,
+    remembered: tuple[Measurements, list[str]] | None = None,
 ) -> Plan:
     from launcher.catalog import list_candidates
 
@@ -106,9 +109,12 @@ def _fit(
     budgets = budgets_for(machine.devices, ram_available_bytes=machine.ram_available_bytes,
                           reserve_bytes=policy.reserve_bytes)  # fmt: skip
     shown = model or "the embedded default model"
-    plan = make_plan(shown, candidates, budgets, policy)
+    known, known_notes = remembered or ({}, [])
+    plan = make_plan(shown, candidates, budgets, policy, measured=known)
+    plan.notes.extend(known_notes)
     if not confirm:
-        plan.notes.append("engine confirmation off: every figure is fitquant's estimate")
+        plan.notes.append("engine confirmation off: every figure is fitquant's estimate"
+                          + (" or was measured on this machine" if known else ""))  # fmt: skip
         return plan
     if measurer is None:
         why_not = _why_no_engine(any(b.name != "CPU" for b in budgets))
@@ -120,8 +126,8 @@ def _fit(
         def measurer(options: list[Option]) -> Measurements:
             return measure_options(options, client=client)
 
-    measured: Measurements = {}
-    tried: set[MeasureKey] = set()  # asked once: an option the measurer could not measure is not asked again
+    measured: Measurements = dict(known)
+    tried: set[MeasureKey] = set(known)  # asked once: an option the measurer could not measure is not asked again
     for _ in range(CONFIRM_ROUNDS):
         todo = [o for o in _decisive(plan) if MeasureKey.of(o) not in tried]
         if not todo:
@@ -129,6 +135,7 @@ def _fit(
         tried.update(MeasureKey.of(o) for o in todo)
         measured.update(measurer(todo))
         plan = make_plan(shown, candidates, budgets, policy, measured=measured)
+        plan.notes.extend(known_notes)
     if plan.mode == "reduced-context" and plan.chosen is not None:
         _confirm_reduced_context(plan, measured, measurer)
     if plan.chosen is not None and plan.chosen.figures == "engine":

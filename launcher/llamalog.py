@@ -33,6 +33,12 @@ _RE_BUFFER = re.compile(
     _FUNC + r"(?P<name>\S+)\s+(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*"
     r"(?P<mib>" + _NUM + r")\s*MiB"
 )
+# A GPU named by its description (older Vulkan builds: "Radeon RX 580 Series buffer size = ..."): tried only when
+# _RE_BUFFER does not match, so one-word names keep their meaning.
+_RE_BUFFER_SPACED = re.compile(
+    _FUNC + r"(?P<name>[^\s=:][^=:]{0,120}?\s[^=:]{0,120}?)\s+"
+    r"(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*(?P<mib>" + _NUM + r")\s*MiB"
+)
 _RE_DEVICE = re.compile(r"using device (?P<name>\S+)\s+\((?P<desc>.*)\)\s+-\s+(?P<free>\d+)\s+MiB free")
 _RE_LOAD_START = re.compile(r"llama_model_loader: loaded meta data with")
 _RE_OFFLOADED = re.compile(r"offloaded\s+(?P<n>\d+)/(?P<m>\d+)\s+layers to GPU")
@@ -80,6 +86,7 @@ _RE_FILE_TYPE = re.compile(_FUNC + r"(?:file type|file ftype|model ftype)\s*=\s*
 _RE_PARAMS = re.compile(_FUNC + r"model params\s*=\s*(?P<n>" + _NUM + r")\s*(?P<unit>[KMBT])\s*$")
 _RE_ARCH = re.compile(_FUNC + r"arch\s*=\s*(?P<val>\S+)\s*$")
 _RE_N_LAYER = re.compile(_FUNC + r"n_layer\s*=\s*(?P<val>\d+)\s*$")
+_RE_VOCAB_EMBD = re.compile(_FUNC + r"(?P<key>n_vocab|n_embd)\s*=\s*(?P<val>\d+)\s*$")
 _RE_PIPELINE = re.compile(r"pipeline parallelism enabled")
 _RE_BREAKDOWN_GPU = re.compile(
     r"\|\s*-\s*(?P<name>\S+)\s*(?:\((?P<desc>[^)]*)\))?\s*\|\s*(?P<total>-?\d+)\s*=\s*(?P<free>-?\d+)\s*\+\s*\(\s*"
@@ -193,6 +200,8 @@ class LlamaLog:
     pipeline_parallel: bool = False
     arch: str | None = None
     n_layer: int | None = None
+    n_vocab: int | None = None  # print_info: vocabulary and embedding width (token_embd is n_embd x n_vocab)
+    n_embd: int | None = None
     file_type: str | None = None
     file_size_mib: float | None = None
     bpw: float | None = None
@@ -460,6 +469,13 @@ def _on_n_layer(seg: _Segment, m: re.Match[str]) -> bool:
     return True
 
 
+def _on_vocab_embd(seg: _Segment, m: re.Match[str]) -> bool:
+    if m["func"] not in _PRINT_INFO:
+        return False
+    setattr(seg.log, str(m["key"]), int(m["val"]))
+    return True
+
+
 def _on_breakdown_gpu(seg: _Segment, m: re.Match[str]) -> bool:
     seg.log.breakdown.append(
         BreakdownRow(
@@ -485,32 +501,38 @@ def _on_fit(seg: _Segment, m: re.Match[str]) -> bool:
 
 _PRINT_INFO = ("print_info", "llm_load_print_meta")  # the functions that print the model's own hparams
 # The order matters: a line is given to the first pattern whose handler takes it.
-_LINE_HANDLERS: tuple[tuple[re.Pattern[str], Callable[[_Segment, re.Match[str]], bool]], ...] = (
-    (_RE_BUFFER, _on_buffer),
-    (_RE_KV, _on_kv_cache),
-    (_RE_RS, _on_rs_cache),
-    (_RE_KV_OLD, _on_kv_cache_2024),
-    (_RE_CACHE_ROLE, _on_cache_role),
-    (_RE_OFFLOADED, _on_offloaded),
-    (_RE_CTX_INT, _on_context_int),
-    (_RE_FA, _on_flash_attn_setting),
-    (_RE_FA_RESOLVED, _on_flash_attn_resolved),
-    (_RE_FA_FORCED, _on_flash_attn_forced),
-    (_RE_UNIFIED, _on_kv_unified),
-    (_RE_PIPELINE, _on_pipeline),
-    (_RE_FILE_SIZE, _on_file_size),
-    (_RE_FILE_TYPE, _on_file_type),
-    (_RE_PARAMS, _on_params),
-    (_RE_ARCH, _on_arch),
-    (_RE_N_LAYER, _on_n_layer),
-    (_RE_BREAKDOWN_GPU, _on_breakdown_gpu),
-    (_RE_BREAKDOWN_OTHER, _on_breakdown_other),
-    (_RE_FIT, _on_fit),
+# A needle, when given, must be in the line before its pattern is tried: a cheap test that keeps the spaced
+# buffer pattern (two lazy runs) off long lines such as metadata arrays, where its search would take minutes.
+_LINE_HANDLERS: tuple[tuple[str | None, re.Pattern[str], Callable[[_Segment, re.Match[str]], bool]], ...] = (
+    ("buffer size", _RE_BUFFER, _on_buffer),
+    ("buffer size", _RE_BUFFER_SPACED, _on_buffer),
+    (None, _RE_KV, _on_kv_cache),
+    (None, _RE_RS, _on_rs_cache),
+    (None, _RE_KV_OLD, _on_kv_cache_2024),
+    (None, _RE_CACHE_ROLE, _on_cache_role),
+    (None, _RE_OFFLOADED, _on_offloaded),
+    (None, _RE_CTX_INT, _on_context_int),
+    (None, _RE_FA, _on_flash_attn_setting),
+    (None, _RE_FA_RESOLVED, _on_flash_attn_resolved),
+    (None, _RE_FA_FORCED, _on_flash_attn_forced),
+    (None, _RE_UNIFIED, _on_kv_unified),
+    (None, _RE_PIPELINE, _on_pipeline),
+    (None, _RE_FILE_SIZE, _on_file_size),
+    (None, _RE_FILE_TYPE, _on_file_type),
+    (None, _RE_PARAMS, _on_params),
+    (None, _RE_ARCH, _on_arch),
+    (None, _RE_N_LAYER, _on_n_layer),
+    (None, _RE_VOCAB_EMBD, _on_vocab_embd),
+    (None, _RE_BREAKDOWN_GPU, _on_breakdown_gpu),
+    (None, _RE_BREAKDOWN_OTHER, _on_breakdown_other),
+    (None, _RE_FIT, _on_fit),
 )
 
 
 def _parse_line(seg: _Segment, line: str) -> None:
-    for pattern, handler in _LINE_HANDLERS:
+    for needle, pattern, handler in _LINE_HANDLERS:
+        if needle is not None and needle not in line:
+            continue
         m = pattern.search(line)
         if m is not None and handler(seg, m):
             return

@@ -30,3 +30,13 @@ def config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir("fitquant"))
+
+
+def state_dir() -> Path:
+    """What fitquant started and what it measured: instance records, server logs, per-machine records."""
+    home = fitquant_home()
+    if home is not None:
+        return home / "state"
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("fitquant"))

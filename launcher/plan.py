@@ -58,6 +58,9 @@ class Policy:
     strict: bool = False  # nothing but a full fit at the target context
     vision: bool = False  # count the vision projector (mmproj) when the model has one
     min_context: int = DEFAULT_MIN_CONTEXT  # smallest reduced context worth proposing
+    # The server computes logits for every prompt token (llama-cpp-python's server) rather than one per slot
+    # (llama-server): a larger output graph.
+    all_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.flash_attn is None:
@@ -77,6 +80,7 @@ class Policy:
             kv_unified=unified,
             n_ubatch=self.n_ubatch,
             cpu_moe=cpu_moe,
+            n_outputs_max=0 if self.all_logits else self.n_parallel,
         )
 
 
@@ -210,6 +214,7 @@ class Plan:
     candidates: list[Option]  # every candidate at the target context, best quality first
     alternatives: list[Option] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    measured: Measurements = field(default_factory=dict)  # the measured figures this plan was made with
 
     @property
     def fits_on_gpu(self) -> bool:
@@ -253,9 +258,18 @@ class Plan:
             "candidates": [_option_json(o) for o in self.candidates],
             "alternatives": [{**_option_json(o), "mode": _mode_of(o)} for o in self.alternatives],
             "notes": list(self.notes),
-            "llama_server_argv": llama_server_argv(self, port=port) if self.chosen else None,
-            "ollama": ollama_config(self) if self.chosen else None,
+            **_launch_forms(self, port),
         }
+
+
+def _launch_forms(plan: Plan, port: int) -> dict[str, Any]:
+    """Each backend renders its own form of the decision; the plan JSON keeps both."""
+    if plan.chosen is None:
+        return {"llama_server_argv": None, "ollama": None}
+    from launcher.backends.llamacpp import server_argv
+    from launcher.backends.ollama import ollama_form
+
+    return {"llama_server_argv": server_argv(plan, port=port), "ollama": ollama_form(plan)}
 
 
 def _file_json(f: CandidateFile) -> dict[str, Any]:
@@ -415,8 +429,21 @@ def make_plan(
     """Choose among `candidates` for `budgets` under `policy`. Pure.
 
     `measured` holds engine-measured bytes per device of some configurations; those figures replace the
-    estimate where given (launcher.measure.confirm produces them).
+    estimate where given (launcher.measure.confirm produces them, and launcher.run after a launch).
     """
+    plan = _make_plan(model, candidates, budgets, policy, measured=measured)
+    plan.measured = dict(measured or {})
+    return plan
+
+
+def _make_plan(
+    model: str,
+    candidates: Sequence[Candidate],
+    budgets: list[Budget],
+    policy: Policy,
+    *,
+    measured: Measurements | None = None,
+) -> Plan:
     usable = [c for c in candidates if c.header is not None]
     notes = [f"{c.quant}: no header ({'; '.join(c.notes) or 'unreadable'}), not considered" for c in candidates
              if c.header is None]  # fmt: skip
@@ -517,65 +544,6 @@ def _choose_fallback(plan: Plan, above: list[Option], evaluator: Callable[[Optio
         plan.mode, plan.chosen = "reduced-context", short_context
         plan.reason += f"; only {short_context.n_ctx} tokens fit, with {short_context.quant}"
         plan.alternatives.append(short_context)
-
-
-def _model_argument(candidate: Candidate) -> list[str]:
-    first = candidate.files[0] if candidate.files else None
-    if first is not None and first.local_path:
-        return ["-m", first.local_path]
-    if candidate.source == "huggingface" and candidate.ollama_model:
-        # hf.co/user/repo:QUANT -> llama-server -hf user/repo:QUANT (downloads every shard)
-        return ["-hf", candidate.ollama_model.removeprefix("hf.co/")]
-    if first is not None and first.url:
-        return ["-mu", first.url]
-    return ["-m", candidate.model]
-
-
-def llama_server_argv(plan: Plan, *, port: int = 8080, host: str = "127.0.0.1") -> list[str]:
-    """The llama-server command line for the chosen option (fit off: the plan already did the fitting)."""
-    c = plan.chosen
-    if c is None:
-        raise ValueError("the plan has no chosen configuration")
-    p = plan.policy
-    argv = ["llama-server", *_model_argument(c.candidate)]
-    argv += ["-c", str(c.n_ctx), "-ngl", str(c.n_gpu_layers), "-ctk", p.type_k, "-ctv", p.type_v]
-    argv += ["-fa", "on" if c.estimate.flash_attn else "off", "--fit", "off", "-np", str(p.n_parallel)]
-    if c.estimate.settings.kv_unified:
-        argv.append("--kv-unified")
-    gpus = layer_split(plan.budgets)
-    if len(gpus) > 1:
-        argv += ["-ts", ",".join(str(g.split_weight) for g in gpus)]
-    if c.cpu_moe:
-        argv += ["-ot", r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"]
-    if p.vision and c.candidate.projector is not None:
-        proj = c.candidate.projector
-        argv += ["--mmproj", proj.local_path or proj.url or proj.name]
-    argv += ["--host", host, "--port", str(port)]
-    return argv
-
-
-def ollama_config(plan: Plan) -> dict[str, Any]:
-    """The Ollama form of the chosen option: model name, request options, server environment, Modelfile."""
-    c = plan.chosen
-    if c is None:
-        raise ValueError("the plan has no chosen configuration")
-    p = plan.policy
-    first = c.candidate.files[0] if c.candidate.files else None
-    name = c.candidate.ollama_model or (first.local_path if first and first.local_path else c.candidate.model)
-    # Ollama passes -c num_ctx x num_parallel to llama-server: num_ctx is per slot.
-    options = {"num_ctx": c.n_ctx // max(1, p.n_parallel), "num_gpu": c.n_gpu_layers}
-    env = {
-        "OLLAMA_KV_CACHE_TYPE": p.type_k,
-        "OLLAMA_FLASH_ATTENTION": "1" if c.estimate.flash_attn else "0",
-        "OLLAMA_NUM_PARALLEL": str(p.n_parallel),
-    }
-    notes = []
-    if p.type_k != p.type_v:
-        notes.append("Ollama has one KV cache type for K and V; OLLAMA_KV_CACHE_TYPE uses the K type")
-    if c.cpu_moe:
-        notes.append("Ollama cannot pin MoE experts to the CPU; use llama-server for this plan")
-    modelfile = f"FROM {name}\nPARAMETER num_ctx {options['num_ctx']}\nPARAMETER num_gpu {options['num_gpu']}\n"
-    return {"model": name, "options": options, "env": env, "modelfile": modelfile, "notes": notes}
 
 
 def shell_line(argv: list[str]) -> str:

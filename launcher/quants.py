@@ -14,7 +14,9 @@ not, and where it was published). `SOURCES` maps the short source ids used in th
 - `quality_floor(n_params)`, `at_least(label, floor)`: the planner's lower bound on quality by model size.
 
 llama.cpp file type names (`file_type_name`) and their labels (`file_type_label`, `file_type_labels`) come from the
-`gguf` package, never from a hand-written table; this is the only file-type table.
+`gguf` package; this is the only file-type table. Only the newest tensor types and their file types, which an
+installed `gguf` may not know yet, are carried in the table (`newer_ggml_types`: id, block size and bytes per
+block from llama.cpp's ggml.c type traits), and used only where `gguf` lacks them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "file_type_labels",
     "file_type_name",
     "known_labels",
+    "newer_ggml_types",
     "normalize_label",
     "quality_floor",
     "quant_info",
@@ -214,12 +217,45 @@ def at_least(label: str, floor: str, *, bits_per_weight: float | None = None) ->
     return quant_info(label, bits_per_weight).rank >= quant_info(floor).rank
 
 
+@dataclass(frozen=True)
+class GGMLType:
+    """A ggml tensor type of the table: its enum ggml_type id, block size and bytes per block (ggml.c type_traits)."""
+
+    name: str
+    id: int
+    block_size: int
+    type_size: int
+    file_type: tuple[str, int] | None  # the llama.cpp file type named after it (name, enum llama_ftype value)
+
+
+@cache
+def newer_ggml_types() -> dict[int, GGMLType]:
+    """The newest ggml tensor types by id, from llama.cpp's sources (see `ggml_types` in the data): for files whose
+    types the installed `gguf` package does not know yet. `gguf`'s own GGML_QUANT_SIZES come first where it knows."""
+    out = {}
+    for name, entry in _table()["ggml_types"].items():
+        file_type = entry.get("file_type")
+        out[int(entry["id"])] = GGMLType(
+            name=name,
+            id=int(entry["id"]),
+            block_size=int(entry["block_size"]),
+            type_size=int(entry["type_size"]),
+            file_type=(str(file_type[0]), int(file_type[1])) if file_type else None,
+        )
+    return out
+
+
 @cache
 def _file_type_names() -> dict[int, str]:
-    """llama.cpp's `LlamaFileType` names by value, `MOSTLY_` dropped ("ALL_F32", "Q4_K_M", "GUESSED")."""
+    """llama.cpp's `LlamaFileType` names by value, `MOSTLY_` dropped ("ALL_F32", "Q4_K_M", "GUESSED"), and the file
+    types of `newer_ggml_types` the installed gguf lacks."""
     from launcher.gguf import gguf_constants
 
-    return {int(m.value): m.name.removeprefix("MOSTLY_") for m in gguf_constants.LlamaFileType}
+    names = {int(m.value): m.name.removeprefix("MOSTLY_") for m in gguf_constants.LlamaFileType}
+    for t in newer_ggml_types().values():
+        if t.file_type is not None:
+            names.setdefault(t.file_type[1], t.file_type[0])
+    return names
 
 
 @cache

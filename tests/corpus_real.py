@@ -10,11 +10,14 @@ known GGUF metadata of the published conversions). Tensor names, shapes and requ
 sources that llama-cpp-python vendors (`src/models/<arch>.cpp` `load_arch_hparams` / `load_arch_tensors`);
 shapes below are in ggml order (`ne0`, the row length, first), exactly as `create_tensor` declares them.
 
-Tensor types imitate llama.cpp's quantizer (`src/llama-quant.cpp`): for "Q4_K_M", Q4_K for the big matrices,
-Q6_K for the output (and the tied token embedding) and for `attn_v` / `ffn_down` on the layers where
-`use_more_bits` holds, Q5_K for a fused `attn_qkv`, F32 for norms, biases, routers, SSM vectors and the like, and
-the quantizer's fallbacks where a row is not a multiple of 256 (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, F16 when
-not even a multiple of 32). For "MXFP4_MOE" (gpt-oss), MXFP4 for the expert tensors and Q8_0 for other matrices.
+Tensor types imitate llama.cpp's quantizer (`src/llama-quant.cpp` `llama_tensor_get_type_impl`): for "Q4_K_M",
+Q4_K for the big matrices, Q6_K for the output (and the tied token embedding) and for `attn_v` / `ffn_down` on the
+layers where `use_more_bits` holds, Q5_K for a fused `attn_qkv`, F32 for norms, biases, routers, SSM vectors and
+the like, and the quantizer's fallbacks where a row is not a multiple of 256 (Q3_K -> Q4_0, Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0, F16 when not even a multiple of 32). "Q3_K_M" and "Q5_K_M" follow the same function
+(a rung below and above, for the step-down ladders of scripts/gpu_check), including its LLM_TYPE_70B rule (a
+Q3_K/Q4_K `attn_v` of an 80-layer GQA llama becomes Q5_K). For "MXFP4_MOE" (gpt-oss), MXFP4 for the expert
+tensors and Q8_0 for other matrices.
 
 The vocabulary is always a SentencePiece ("llama") one with the full `n_vocab` entries: the control tokens and
 256 byte tokens of tests/corpus.py, then short synthetic pieces. The tokenizer model does not change any
@@ -31,7 +34,7 @@ from __future__ import annotations
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "F32": (0, 1, 4),
     "F16": (1, 1, 2),
     "Q4_0": (2, 32, 18),
+    "Q3_K": (11, 256, 110),
     "Q5_0": (6, 32, 22),
     "Q5_1": (7, 32, 24),
     "Q8_0": (8, 32, 34),
@@ -57,8 +61,8 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "Q6_K": (14, 256, 210),
     "MXFP4": (39, 32, 17),
 }
-FILE_TYPES = {"Q4_K_M": 15, "MXFP4_MOE": 38}  # general.file_type (llama_ftype)
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
+FILE_TYPES = {"Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "MXFP4_MOE": 38}  # general.file_type (llama_ftype)
+_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
 
 
 @dataclass(frozen=True)
@@ -130,23 +134,49 @@ def _fit(type_name: str, ne0: int) -> str:
     return fb if ne0 % GGML_TYPES[fb][1] == 0 else "F16"
 
 
-def _q4_k_m(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+def _k_mix(quant: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool) -> str:
+    """The type llama-quant.cpp gives one tensor in a Q3_K_M, Q4_K_M or Q5_K_M file (no Falcon, no 8-expert
+    rules: none of the models here has them)."""
     if len(shape) == 1 or name.endswith(_F32_ENDINGS):
         return "F32"
     il = _layer_of(name)
     if name == "output.weight" or (tied and name == "token_embd.weight"):
-        want = "Q6_K"
-        return want if shape[0] % 256 == 0 else "Q8_0"
+        return "Q6_K" if shape[0] % 256 == 0 else "Q8_0"
+    base = {"Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}[quant]
+    more_bits = il is not None and _use_more_bits(il, n_layer)
+    want = base
     if name.endswith("attn_qkv.weight"):
-        want = "Q5_K"
-    elif il is not None and ("attn_v.weight" in name or "ffn_down" in name) and _use_more_bits(il, n_layer):
-        want = "Q6_K"
-    else:
+        want = {"Q3_K_M": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}[quant]
+    elif name.endswith("attn_v.weight") and il is not None:
+        if quant == "Q3_K_M":
+            want = "Q5_K" if il < 2 else "Q4_K"
+        elif more_bits:
+            want = "Q6_K"
+        if llama_70b and want in ("Q3_K", "Q4_K"):
+            want = "Q5_K"
+    elif "ffn_down" in name and il is not None:
+        if quant == "Q3_K_M":
+            want = "Q5_K" if il < n_layer // 16 else "Q4_K"
+        elif more_bits:
+            want = "Q6_K"
+    elif name.endswith("attn_output.weight") and quant == "Q3_K_M":
         want = "Q4_K"
     return _fit(want, shape[0])
 
 
-def _mxfp4_moe(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+def _q3_k_m(name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool = False) -> str:
+    return _k_mix("Q3_K_M", name, shape, n_layer, tied, llama_70b)
+
+
+def _q4_k_m(name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool = False) -> str:
+    return _k_mix("Q4_K_M", name, shape, n_layer, tied, llama_70b)
+
+
+def _q5_k_m(name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool = False) -> str:
+    return _k_mix("Q5_K_M", name, shape, n_layer, tied, llama_70b)
+
+
+def _mxfp4_moe(name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool = False) -> str:
     if len(shape) == 1 or name.endswith(_F32_ENDINGS):
         return "F32"
     if len(shape) == 3 and "_exps." in name:
@@ -154,7 +184,12 @@ def _mxfp4_moe(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> s
     return _fit("Q8_0", shape[0])
 
 
-_TYPERS: dict[str, Callable[[str, tuple[int, ...], int, bool], str]] = {"Q4_K_M": _q4_k_m, "MXFP4_MOE": _mxfp4_moe}
+_TYPERS: dict[str, Callable[[str, tuple[int, ...], int, bool, bool], str]] = {
+    "Q3_K_M": _q3_k_m,
+    "Q4_K_M": _q4_k_m,
+    "Q5_K_M": _q5_k_m,
+    "MXFP4_MOE": _mxfp4_moe,
+}
 
 
 class _T:
@@ -166,19 +201,30 @@ class _T:
     def __call__(self, name: str, *shape: int) -> None:
         self.items.append((name, tuple(int(s) for s in shape)))
 
-    def typed(self, quant: str, n_layer: int) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def typed(
+        self, quant: str, n_layer: int, *, llama_70b: bool = False
+    ) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         names = [n for n, _ in self.items]
         assert len(names) == len(set(names)), "duplicate tensor name"
         tied = "output.weight" not in names
         typer = _TYPERS[quant]
-        return tuple((n, s, typer(n, s, n_layer, tied)) for n, s in self.items)
+        return tuple((n, s, typer(n, s, n_layer, tied, llama_70b)) for n, s in self.items)
 
 
 def _model(
-    name: str, arch: str, quant: str, kv: dict[str, Any], t: _T, *, n_vocab: int, n_layer: int, source: str
+    name: str,
+    arch: str,
+    quant: str,
+    kv: dict[str, Any],
+    t: _T,
+    *,
+    n_vocab: int,
+    n_layer: int,
+    source: str,
+    llama_70b: bool = False,
 ) -> RealModel:
     full = {"general.name": name, "general.file_type": FILE_TYPES[quant], **kv}
-    return RealModel(name, arch, quant, full, t.typed(quant, n_layer), n_vocab, source)
+    return RealModel(name, arch, quant, full, t.typed(quant, n_layer, llama_70b=llama_70b), n_vocab, source)
 
 
 def _embed(t: _T, n_embd: int, n_vocab: int, *, tied: bool) -> None:
@@ -230,7 +276,9 @@ def _common(
 # the models
 
 
-def _llama3(name: str, *, n_layer: int, n_embd: int, n_head: int, n_ff: int, tied: bool, source: str) -> RealModel:
+def _llama3(
+    name: str, *, n_layer: int, n_embd: int, n_head: int, n_ff: int, tied: bool, source: str, quant: str = "Q4_K_M"
+) -> RealModel:
     arch, n_head_kv, head, n_vocab = "llama", 8, 128, 128256
     kv = _common(
         arch,
@@ -255,10 +303,12 @@ def _llama3(name: str, *, n_layer: int, n_embd: int, n_head: int, n_ff: int, tie
         _attn(t, i, n_embd, n_head=n_head, n_head_kv=n_head_kv, head=head)
         t(f"blk.{i}.ffn_norm.weight", n_embd)
         _ffn(t, i, n_embd, n_ff)
-    return _model(name, arch, "Q4_K_M", kv, t, n_vocab=n_vocab, n_layer=n_layer, source=source)
+    # src/models/llama.cpp: 80 layers with GQA is LLM_TYPE_70B, which llama-quant.cpp gives a larger attn_v
+    llama_70b = n_layer == 80 and n_head != n_head_kv
+    return _model(name, arch, quant, kv, t, n_vocab=n_vocab, n_layer=n_layer, source=source, llama_70b=llama_70b)
 
 
-def real_llama31_8b() -> RealModel:
+def real_llama31_8b(quant: str = "Q4_K_M") -> RealModel:
     return _llama3(
         "Llama-3.1-8B",
         n_layer=32,
@@ -267,6 +317,20 @@ def real_llama31_8b() -> RealModel:
         n_ff=14336,
         tied=False,
         source="meta-llama/Llama-3.1-8B config.json: 32 layers, 4096, 32/8 heads, ff 14336, vocab 128256",
+        quant=quant,
+    )
+
+
+def real_llama31_70b(quant: str = "Q4_K_M") -> RealModel:
+    return _llama3(
+        "Llama-3.1-70B",
+        n_layer=80,
+        n_embd=8192,
+        n_head=64,
+        n_ff=28672,
+        tied=False,
+        source="meta-llama/Llama-3.1-70B config.json: 80 layers, 8192, 64/8 heads x 128, ff 28672, vocab 128256",
+        quant=quant,
     )
 
 
@@ -282,8 +346,58 @@ def real_llama32_3b() -> RealModel:
     )
 
 
-def real_qwen3_8b() -> RealModel:
-    arch, L, E, H, HKV, D, FF, V = "qwen3", 36, 4096, 32, 8, 128, 12288, 151936
+def real_smollm2_135m(quant: str = "Q4_K_M") -> RealModel:
+    """A small real model (not in the corpus; scripts/gpu_check's CPU subset): its 576-wide rows are not whole
+    256-blocks, so the K-quant mixes fall back to 32-block types as llama-quant.cpp does."""
+    arch, L, E, H, HKV, D, FF, V = "llama", 30, 576, 9, 3, 64, 1536, 49152
+    kv = _common(arch, ctx=8192, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-5, theta=100000.0)
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.vocab_size"] = V
+    t = _T()
+    _embed(t, E, V, tied=True)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _ffn(t, i, E, FF)
+    return _model(
+        "SmolLM2-135M",
+        arch,
+        quant,
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="HuggingFaceTB/SmolLM2-135M config.json: 30 layers, 576, 9/3 heads x 64, ff 1536, vocab 49152, tied",
+    )
+
+
+def real_qwen3_8b(quant: str = "Q4_K_M") -> RealModel:
+    return _qwen3_dense(
+        "Qwen3-8B",
+        n_layer=36,
+        n_embd=4096,
+        n_head=32,
+        n_ff=12288,
+        quant=quant,
+        source="Qwen/Qwen3-8B config.json: 36 layers, 4096, 32/8 heads x 128, ff 12288, vocab 151936, untied",
+    )
+
+
+def real_qwen3_14b(quant: str = "Q4_K_M") -> RealModel:
+    return _qwen3_dense(
+        "Qwen3-14B",
+        n_layer=40,
+        n_embd=5120,
+        n_head=40,
+        n_ff=17408,
+        quant=quant,
+        source="Qwen/Qwen3-14B config.json: 40 layers, 5120, 40/8 heads x 128, ff 17408, vocab 151936, untied",
+    )
+
+
+def _qwen3_dense(name: str, *, n_layer: int, n_embd: int, n_head: int, n_ff: int, quant: str, source: str) -> RealModel:
+    arch, L, E, H, HKV, D, FF, V = "qwen3", n_layer, n_embd, n_head, 8, 128, n_ff, 151936
     kv = _common(arch, ctx=40960, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-6, theta=1e6)
     kv[f"{arch}.attention.key_length"] = D
     kv[f"{arch}.attention.value_length"] = D
@@ -294,19 +408,10 @@ def real_qwen3_8b() -> RealModel:
         _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
         t(f"blk.{i}.ffn_norm.weight", E)
         _ffn(t, i, E, FF)
-    return _model(
-        "Qwen3-8B",
-        arch,
-        "Q4_K_M",
-        kv,
-        t,
-        n_vocab=V,
-        n_layer=L,
-        source="Qwen/Qwen3-8B config.json: 36 layers, 4096, 32/8 heads x 128, ff 12288, vocab 151936, untied",
-    )
+    return _model(name, arch, quant, kv, t, n_vocab=V, n_layer=L, source=source)
 
 
-def real_qwen3_30b_a3b() -> RealModel:
+def real_qwen3_30b_a3b(quant: str = "Q4_K_M") -> RealModel:
     arch, L, E, H, HKV, D, V = "qwen3moe", 48, 2048, 32, 4, 128, 151936
     NE, NU, FF_EXP = 128, 8, 768
     kv = _common(arch, ctx=40960, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=6144, eps=1e-6, theta=1e6)
@@ -325,7 +430,7 @@ def real_qwen3_30b_a3b() -> RealModel:
     return _model(
         "Qwen3-30B-A3B",
         arch,
-        "Q4_K_M",
+        quant,
         kv,
         t,
         n_vocab=V,
@@ -377,7 +482,7 @@ def real_gpt_oss_20b() -> RealModel:
     )
 
 
-def real_gemma3_12b() -> RealModel:
+def real_gemma3_12b(quant: str = "Q4_K_M") -> RealModel:
     arch, L, E, H, HKV, D, FF, V = "gemma3", 48, 3840, 16, 8, 256, 15360, 262208
     kv = _common(arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-6, theta=1e6)
     kv[f"{arch}.attention.key_length"] = D
@@ -398,7 +503,7 @@ def real_gemma3_12b() -> RealModel:
     return _model(
         "gemma-3-12b",
         arch,
-        "Q4_K_M",
+        quant,
         kv,
         t,
         n_vocab=V,
@@ -576,18 +681,20 @@ def real_models() -> list[RealModel]:
 _SPECIALS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>")  # as tests/corpus.py
 
 
-def _vocab_kvs(n_vocab: int) -> list[bytes]:
-    """A SentencePiece vocabulary of exactly n_vocab tokens, encoded directly (fast for 262k tokens)."""
+def _vocab_kvs(n_vocab: int, pieces: Sequence[str] = ()) -> list[bytes]:
+    """A SentencePiece vocabulary of exactly n_vocab tokens, encoded directly (fast for 262k tokens); `pieces`
+    (e.g. "▁hello" and its prefixes, so that a word is one token) come first among the normal tokens."""
     tokens = [s.encode() for s in _SPECIALS] + [f"<0x{b:02X}>".encode() for b in range(256)]
     n_fixed = len(tokens)
-    assert n_vocab > n_fixed
-    tokens += [f"{i:x}".encode() for i in range(n_fixed, n_vocab)]  # unique, short, never "<...>"
+    assert n_vocab > n_fixed + len(pieces)
+    tokens += [p.encode() for p in pieces]
+    tokens += [f"{i:x}".encode() for i in range(len(tokens), n_vocab)]  # unique, short, never "<...>"
     types = np.ones(n_vocab, "<i4")  # NORMAL
     types[0] = 2  # UNKNOWN
     types[1 : len(_SPECIALS)] = 3  # CONTROL
     types[len(_SPECIALS) : n_fixed] = 6  # BYTE
     scores = -np.arange(n_vocab, dtype="<f4")
-    scores[:n_fixed] = 0.0
+    scores[: n_fixed + len(pieces)] = 0.0
     pack = struct.Struct("<Q").pack
     blob = b"".join(pack(len(tok)) + tok for tok in tokens)
 
@@ -620,11 +727,12 @@ def _kv_bytes(key: str, val: Any) -> bytes:
     raise TypeError(f"unsupported metadata value for {key}: {val!r}")
 
 
-def write_sparse(model: RealModel, path: Path) -> int:
-    """Write the model's header and extend the file (sparse) to its full size; return that size."""
+def write_sparse(model: RealModel, path: Path, *, pieces: Sequence[str] = ()) -> int:
+    """Write the model's header and extend the file (sparse) to its full size; return that size. `pieces` go
+    into the vocabulary (see _vocab_kvs)."""
     kvs = [kv("general.architecture", VT.STRING, model.arch)]
     kvs += [_kv_bytes(k, v) for k, v in model.kv.items()]
-    kvs += _vocab_kvs(model.n_vocab)
+    kvs += _vocab_kvs(model.n_vocab, pieces)
     infos, offset = [], 0
     for name, shape, type_name in model.tensors:
         infos.append(tensor_info(name, shape, GGML_TYPES[type_name][0], offset))

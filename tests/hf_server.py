@@ -6,8 +6,15 @@ Routes (as huggingface.co answers them, see shared/reference/quants-and-catalogs
         entries {type, path, size, oid, lfs: {oid (sha256), size, pointerSize}}, `page_size` per page,
         the next page in a `Link: <...>; rel="next"` header
     GET /api/models/{repo}[/revision/{revision}]   model info with `siblings`
-    GET /{repo}/resolve/{revision}/{path}           302 to /blobs/{n} on the same server
+    GET /{repo}/resolve/{revision}/{path}           302 to /blobs/{n} on the same server (with `cdn_host`: to
+                                                    http://{cdn_host}:{port}/blobs/{n}, another origin, as the
+                                                    Hub redirects LFS files to its CDN), with `X-Repo-Commit`,
+                                                    `X-Linked-Etag` ("sha256") and `X-Linked-Size`
     GET /blobs/{n}                                  the bytes; honours `Range: bytes=a-b` (206 + Content-Range)
+
+HEAD is answered on every route as GET is, without the body: what `huggingface_hub.hf_hub_download` asks first.
+With `cdn_host="localhost"` its HEAD on /resolve stops at the 302 (another origin: the file's metadata is on that
+answer) and it downloads from the "CDN" without the token, as from the Hub.
 
 Unknown repositories answer 404 with `X-Error-Code: RepoNotFound`, unknown revisions `RevisionNotFound`, missing
 files `EntryNotFound`; a gated repository answers 401 (`X-Error-Code: GatedRepo`) without
@@ -15,8 +22,9 @@ files `EntryNotFound`; a gated repository answers 401 (`X-Error-Code: GatedRepo`
 
 Knobs: `latency_s` (sleep before every answer), `fail(pattern, kind, times=...)` (answers to paths matching a
 regex: "status" with `status`, "truncate" (half the body, then hang up), "drop" (hang up without answering),
-"loop" (redirect to itself)). Counters: `requests` (path, had a token), `served[(repo, path)]` (blob body
-bytes actually sent), `max_in_flight`. HTTP/1.1 with keep-alive, so clients can reuse connections.
+"loop" (redirect to itself)). Counters: `requests` (path, had a token), `methods` (method, path), `served[(repo,
+path)]` (blob body bytes actually sent), `max_in_flight`. HTTP/1.1 with keep-alive, so clients can reuse
+connections.
 """
 
 from __future__ import annotations
@@ -112,12 +120,14 @@ class HFServer:
 
     token = "hf_test_secret_token_123"
 
-    def __init__(self, *, page_size: int = 4, latency_s: float = 0.0) -> None:
+    def __init__(self, *, page_size: int = 4, latency_s: float = 0.0, cdn_host: str | None = None) -> None:
         self.page_size = page_size
         self.latency_s = latency_s
+        self.cdn_host = cdn_host
         self.repos: dict[str, Repo] = {}
         self.failures: list[_Failure] = []
         self.requests: list[tuple[str, bool]] = []
+        self.methods: list[tuple[str, str]] = []
         self.served: Counter[tuple[str, str]] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -125,6 +135,8 @@ class HFServer:
         self._blobs: list[tuple[str, str]] = []  # blob number -> (repo, path)
         self._blob_ids: dict[tuple[str, str], int] = {}
         self.httpd = start_server(self._handle, protocol="HTTP/1.1")
+        # HEAD: the same answers without bodies (`_json` and `_blob` leave them out for HEAD)
+        self.httpd.RequestHandlerClass.do_HEAD = lambda h: self._handle(h)  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
@@ -151,6 +163,7 @@ class HFServer:
     def reset_counters(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.methods.clear()
             self.served.clear()
             self.max_in_flight = 0
 
@@ -176,6 +189,7 @@ class HFServer:
         authorized = h.headers.get("Authorization", "") == f"Bearer {self.token}"
         with self.lock:
             self.requests.append((h.path, "Authorization" in h.headers))
+            self.methods.append((h.command, h.path))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -309,8 +323,9 @@ class HFServer:
             if n is None:
                 n = self._blob_ids[key] = len(self._blobs)
                 self._blobs.append(key)
+        location = f"/blobs/{n}" if self.cdn_host is None else f"http://{self.cdn_host}:{self.port}/blobs/{n}"
         headers = {
-            "Location": f"/blobs/{n}",
+            "Location": location,
             "X-Linked-Size": str(f.size),
             "X-Linked-Etag": f'"{f.sha256}"',
             "X-Repo-Commit": repo.sha,
@@ -325,7 +340,7 @@ class HFServer:
             self._json(h, 404, {"error": "no such blob"})
             return
         span = begin_range_reply(h, f.size, headers={"ETag": f'"{f.sha256}"'})
-        if span is None:
+        if span is None or h.command == "HEAD":
             return
         start, end = span
         length = end - start + 1
@@ -366,6 +381,8 @@ class HFServer:
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         h.end_headers()
+        if h.command == "HEAD":
+            return
         if truncate:
             body = body[: len(body) // 2]
             h.close_connection = True

@@ -5,10 +5,13 @@
 - `GET /v2/{ns}/{model}/blobs/{digest}`: 307 to `/store/{digest}`, as the registry redirects to its blob store.
 - `GET /store/{digest}`: the blob; honours `Range: bytes=a-b` with 206 and Content-Range.
 
-Knobs: `latency_s` (sleep before every answer), `fault(path, *kinds, forever=False)` with kinds an HTTP status
-(500, 401, ...), "truncate" (announce the whole body, send half, hang up), "loop" (307 to itself) or "drop"
-(hang up without an answer); "truncate" on a /store/ path sends half of the blob range it announces. Records requests per path (`requests`), request headers (`seen_headers`) and body
-bytes sent per blob digest (`served`).
+Knobs: `latency_s` (sleep before every answer), `ignore_range` (answer 200 with the whole blob to a Range request,
+as some servers do), `fault(path, *kinds, forever=False)` with kinds an HTTP status (500, 401, ...), "truncate"
+(announce the whole body, send half, hang up), ("cut", n) on a /store/ path (announce the range, send n bytes of
+it, hang up), "loop" (307 to itself) or "drop" (hang up without an answer); "truncate" on a /store/ path sends half
+of the blob range it announces. Records requests per path (`requests`), request headers (`seen_headers`, the last
+per path), every request's (path, Range header or None) in order (`ranges`) and body bytes sent per blob digest
+(`served`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _PIECE = 64 * 1024
 class RegistryServer:
     def __init__(self, *, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
+        self.ignore_range = False
+        self.ranges: list[tuple[str, str | None]] = []
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[tuple[str, str], bytes] = {}
         self.requests: Counter[str] = Counter()
@@ -120,6 +125,7 @@ class RegistryServer:
     def reset_counts(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.ranges.clear()
             self.served.clear()
 
     def manifest_requests(self, repo: str) -> Counter[str]:
@@ -134,6 +140,7 @@ class RegistryServer:
         with self.lock:
             self.requests[path] += 1
             self.seen_headers[path] = dict(h.headers)
+            self.ranges.append((path, h.headers.get("Range")))
             queue = self.faults.get(path)
             fault = queue.pop(0) if queue else self.forever.get(path)
         if self.latency_s:
@@ -174,6 +181,8 @@ class RegistryServer:
             h.close_connection = True
         elif kind == "truncate" and path.startswith("/store/"):
             self._blob(h, path[len("/store/") :], truncate=True)
+        elif isinstance(kind, tuple) and kind[0] == "cut" and path.startswith("/store/"):
+            self._blob(h, path[len("/store/") :], cut_after=int(kind[1]))
         elif kind == "truncate":
             body = b'{"schemaVersion":2,' + b" " * 4000 + b"}"
             h.send_response(200)
@@ -186,14 +195,20 @@ class RegistryServer:
         else:
             raise ValueError(f"unknown fault {kind!r}")
 
-    def _blob(self, h: BaseHTTPRequestHandler, digest: str, *, truncate: bool = False) -> None:
+    def _blob(
+        self, h: BaseHTTPRequestHandler, digest: str, *, truncate: bool = False, cut_after: int | None = None
+    ) -> None:
         data = self.blobs[digest]
-        span = begin_range_reply(h, len(data), headers={"Content-Type": "application/octet-stream"})
+        span = begin_range_reply(
+            h, len(data), honour_range=not self.ignore_range, headers={"Content-Type": "application/octet-stream"}
+        )
         if span is None:
             return
         start, end = span
         if truncate:  # half of what was announced, then hang up
             end = start + (end - start + 1) // 2 - 1
+        if cut_after is not None:  # n bytes of what was announced, then hang up
+            end = min(end, start + cut_after - 1)
         pos = start
         while pos <= end:
             piece = data[pos : min(pos + _PIECE, end + 1)]

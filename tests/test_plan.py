@@ -17,6 +17,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from launcher.backends.llamacpp import server_argv
+from launcher.backends.ollama import ollama_form
 from launcher.catalog import list_candidates
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import NoFitError
@@ -25,7 +27,7 @@ from launcher.fit import fit
 from launcher.gguf import read_header
 from launcher.hardware import describe_machine
 from launcher.measure.dryrun import EngineSettings, measure_many
-from launcher.plan import Budget, Policy, llama_server_argv, make_plan, ollama_config
+from launcher.plan import Budget, Policy, make_plan
 from launcher.quants import quant_info
 
 MiB = 1024**2
@@ -184,12 +186,12 @@ def test_plan_gpu_choice_and_launch_configurations(family):
     plan = _gpu_plan(candidates, [1024], n_ctx=4096, min_quant="Q2_K")
     assert plan.mode == "gpu" and plan.fits_on_gpu
     assert plan.chosen.quant == "F16"  # everything fits: the highest quality wins
-    argv = llama_server_argv(plan, port=9000)
+    argv = server_argv(plan, port=9000)
     assert argv[:3] == ["llama-server", "-m", plan.chosen.candidate.files[0].local_path]
     for flag, value in (("-c", "4096"), ("-ngl", "5"), ("-ctk", "q8_0"), ("-ctv", "q8_0"), ("-fa", "on"),
                         ("--fit", "off"), ("-np", "1"), ("--host", "127.0.0.1"), ("--port", "9000")):  # fmt: skip
         assert argv[argv.index(flag) + 1] == value
-    ollama = ollama_config(plan)
+    ollama = ollama_form(plan)
     assert ollama["options"] == {"num_ctx": 4096, "num_gpu": 5}
     assert ollama["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1"}
     assert "PARAMETER num_ctx 4096" in ollama["modelfile"]
@@ -199,7 +201,7 @@ def test_plan_gpu_choice_and_launch_configurations(family):
 def test_plan_two_gpus_split_by_free_memory(family):
     candidates = family("tiny-llama")
     plan = _gpu_plan(candidates, [600, 300], n_ctx=4096, min_quant="Q2_K")
-    argv = llama_server_argv(plan)
+    argv = server_argv(plan)
     assert argv[argv.index("-ts") + 1] == "600,300"
     names = [d.name for d in plan.chosen.estimate.devices]
     assert names == ["CPU", "GPU0", "GPU1"]
@@ -214,9 +216,9 @@ def test_plan_moe_keeps_experts_on_cpu_when_that_fits(family):
     plan = _gpu_plan([f16], [(full - experts // 2) // MiB], n_ctx=4096, min_quant="Q2_K")
     assert plan.mode == "moe-cpu-experts"
     assert plan.chosen.cpu_moe
-    argv = llama_server_argv(plan)
+    argv = server_argv(plan)
     assert argv[argv.index("-ot") + 1] == r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"
-    assert "cannot pin MoE experts" in ollama_config(plan)["notes"][0]
+    assert "cannot pin MoE experts" in ollama_form(plan)["notes"][0]
     jsonschema.validate(plan.to_json(), SCHEMA)
 
 
@@ -278,17 +280,17 @@ def test_plan_launch_names_remote_models_the_way_each_runtime_does(family):
                    (CandidateFile("Tiny-Q4_K_M.gguf", local.size_bytes, url="https://hf.example/resolve/main/Tiny-Q4_K_M.gguf"),),
                    local.header, ollama_model="hf.co/unsloth/Tiny-GGUF:Q4_K_M")  # fmt: skip
     plan = _gpu_plan([hf], [1024], n_ctx=4096)
-    argv = llama_server_argv(plan)
+    argv = server_argv(plan)
     assert argv[1:3] == ["-hf", "unsloth/Tiny-GGUF:Q4_K_M"]
-    assert ollama_config(plan)["model"] == "hf.co/unsloth/Tiny-GGUF:Q4_K_M"
+    assert ollama_form(plan)["model"] == "hf.co/unsloth/Tiny-GGUF:Q4_K_M"
     registry = Candidate("tiny:1b", "ollama", "Q4_K_M", (CandidateFile("sha256:abc", local.size_bytes),), local.header,
                          ollama_model="tiny:1b-q4_K_M")  # fmt: skip
     plan = _gpu_plan([registry], [1024], n_ctx=8192, n_parallel=2)
-    config = ollama_config(plan)
+    config = ollama_form(plan)
     assert config["model"] == "tiny:1b-q4_K_M"
     assert config["options"]["num_ctx"] == 4096  # per slot: Ollama multiplies by OLLAMA_NUM_PARALLEL
     assert config["env"]["OLLAMA_NUM_PARALLEL"] == "2"
-    assert "--kv-unified" in llama_server_argv(plan)
+    assert "--kv-unified" in server_argv(plan)
 
 
 def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_download(corpus, monkeypatch, tmp_path):
@@ -309,7 +311,7 @@ def test_plan_a_hugging_face_repository_measured_by_llama_cpp_before_any_downloa
         # listing plus the sparse copies: header bytes (+ at most 1 MiB of read-ahead per file), never weights
         assert server.blob_bytes <= headers + len(files) * MiB
         assert server.blob_bytes < sum(f.size for f in files.values())
-        argv = llama_server_argv(plan)
+        argv = server_argv(plan)
         assert argv[1:3] == ["-hf", f"org/Tiny-Llama-GGUF:{plan.chosen.quant}"]
 
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 
+from launcher.backends.llamacpp import server_argv
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.cli import main
 from launcher.estimate import GPU
@@ -27,7 +28,6 @@ from launcher.plan import (
     budgets_for,
     evaluate,
     layer_split,
-    llama_server_argv,
     make_plan,
 )
 from tests.gguf_factory import llama_gguf, write_header_only
@@ -113,7 +113,7 @@ def test_plan_strict_refuses_when_nothing_fits_at_the_target(ladder):
     assert not any(o.fits for o in plan.candidates)
     assert plan.alternatives  # the alternatives are still offered, with numbers
     with pytest.raises(ValueError, match="no chosen configuration"):
-        llama_server_argv(plan)
+        server_argv(plan)
 
 
 def test_plan_reduced_context_is_the_largest_multiple_of_256_that_fits(ladder):
@@ -193,7 +193,7 @@ def test_plan_without_gpu_plans_for_system_ram(ladder):
     plan = make_plan("model", ladder, budgets, policy)
     assert (plan.mode, plan.chosen.quant, plan.chosen.n_gpu_layers) == ("cpu", "Q8_0", 0)
     assert [d.name for d in plan.chosen.estimate.devices] == ["CPU"]
-    assert llama_server_argv(plan)[llama_server_argv(plan).index("-ngl") + 1] == "0"
+    assert server_argv(plan)[server_argv(plan).index("-ngl") + 1] == "0"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_plan_split_on_two_unequal_gpus_matches_the_argv_and_the_estimate_comman
     facts = model_facts(plan.chosen.candidate.header)
     output = facts.output_bytes
     assert est.device("GPU1").weights_bytes == sum(layer.weight_bytes for layer in facts.layers[9:]) + output
-    argv = llama_server_argv(plan)
+    argv = server_argv(plan)
     assert argv[argv.index("-ts") + 1] == "23552,11264"
     assert argv[argv.index("-ngl") + 1] == str(N_LAYER + 1)
     assert argv[argv.index("-c") + 1] == "8192"
@@ -238,7 +238,7 @@ def test_plan_split_on_two_unequal_gpus_matches_the_argv_and_the_estimate_comman
 
 def test_plan_single_gpu_passes_no_tensor_split(ladder):
     plan = make_plan("model", ladder, gpu_budgets(24 * GiB), Policy(n_ctx=8192, min_quant="Q2_K"))
-    assert "-ts" not in llama_server_argv(plan)
+    assert "-ts" not in server_argv(plan)
     assert layer_split(plan.budgets) == [GPU("GPU0", split_weight=23 * 1024)]
 
 

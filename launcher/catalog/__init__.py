@@ -166,7 +166,12 @@ def _hf_file_reference(model: str, rest: str) -> ModelReference | None:
     m = _HF_FILE_RE.match(rest.split("?", 1)[0].split("#", 1)[0])
     if m is None:
         return None
+    from launcher.gguf import parse_part
+
     path = unquote(m["path"])
+    part = parse_part(path)
+    if part is not None:  # a part of a raw split: the quant of the file its parts make
+        path = f"{path.rpartition('/')[0]}/{part.joined}".lstrip("/")
     if not path.lower().endswith(".gguf"):
         raise CatalogError(f"{model}: {path} is not a GGUF file; give the URL of a .gguf file or the repository")
     quant = labels.quant_label(path) or path.rsplit("/", 1)[-1]

@@ -8,8 +8,11 @@
   Token: `huggingface_hub.get_token()` (`HF_TOKEN`, else the saved login), sent to the endpoint's host only
   (`launcher.http.hf_auth`), never to the blob store a file redirects to; it is never shown in a message.
 - Grouping: `.gguf` files; split sets (`x-00001-of-00003.gguf`, also in per-quant folders) are one candidate;
-  `mmproj` files are the vision companion of every candidate (`projector`), not quants; `mtp-` and imatrix
-  files are left out. Labels come from names (`labels.quant_label`), else from the header's file type.
+  so are raw byte splits (`x.Q8_0.gguf.part1of2`, as mradermacher publishes its largest quants: one GGUF cut
+  into pieces, `Candidate.raw_split`), with the summed size; a split set or raw split that lacks a file is left
+  out with a note naming it. `mmproj` files are the vision companion of every candidate (`projector`), not
+  quants; `mtp-` and imatrix files are left out. Labels come from names (`labels.quant_label`), else from the
+  header's file type.
 - Headers: `launcher.gguf.read_header` on `{endpoint}/{repo}/resolve/{revision}/{path}` (it follows the
   redirect to the blob store and reads only header bytes; given shard 1 it reads the whole split set), 8 at a
   time, through one connection pool. Headers are cached by LFS sha256 (`catalog.cache`), listings for
@@ -36,7 +39,7 @@ from launcher.catalog import cache, labels
 from launcher.catalog.local import pick_projector
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
-from launcher.gguf import GGUFHeader, read_header
+from launcher.gguf import GGUFHeader, parse_part, read_header
 from launcher.http import DEFAULT_HF_ENDPOINT as DEFAULT_ENDPOINT
 from launcher.http import BearerAuth, HttpFailure, call, hf_auth, hf_endpoint, make_client, status_failure, timeout
 from launcher.quants import file_type_label, same_label
@@ -225,8 +228,9 @@ class _Http:
 
 @dataclass
 class _Group:
-    files: list[_Entry]  # in shard order
+    files: list[_Entry]  # in shard (or part) order
     label: str | None  # from the name; None until the header names it
+    raw: bool = False  # a raw byte split: the files joined are one GGUF
 
     @property
     def hashes(self) -> list[str] | None:
@@ -235,11 +239,16 @@ class _Group:
 
 
 def _group(entries: list[_Entry]) -> tuple[list[_Group], list[_Entry], list[str]]:
-    """GGUF entries -> candidate groups, projector entries, notes about incomplete split sets."""
+    """GGUF entries -> candidate groups, projector entries, notes about incomplete split sets and raw splits."""
     ggufs = [e for e in entries if e.path.lower().endswith(".gguf")]
     projectors = [e for e in ggufs if labels.is_projector_name(e.path)]
     sets: dict[tuple[str, str, int], dict[int, _Entry]] = {}
+    raw: dict[tuple[str, str, int], dict[int, _Entry]] = {}
     groups: list[_Group] = []
+    for e in entries:
+        part = parse_part(e.path)
+        if part is not None and not labels.is_projector_name(part.joined) and not labels.is_sidecar_name(part.joined):
+            raw.setdefault((e.path.rpartition("/")[0], part.joined, part.total), {})[part.index] = e
     for e in ggufs:
         if e in projectors or labels.is_sidecar_name(e.path):
             continue
@@ -261,6 +270,14 @@ def _group(entries: list[_Entry]) -> tuple[list[_Group], list[_Entry], list[str]
             continue
         files = [members[i] for i in range(1, total + 1)]
         groups.append(_Group(files, labels.quant_label(first_path)))
+    for (folder, joined, total), members in raw.items():
+        joined_path = f"{folder}/{joined}" if folder else joined
+        missing = [i for i in range(1, total + 1) if i not in members]
+        if missing:
+            notes.append(f"{joined_path}: {labels.raw_split_lacks(joined, missing, total)}; left out")
+            continue
+        files = [members[i] for i in range(1, total + 1)]
+        groups.append(_Group(files, labels.quant_label(joined_path), raw=True))
     groups.sort(key=lambda g: g.files[0].path)
     return groups, projectors, notes
 
@@ -270,7 +287,7 @@ def _select(groups: list[_Group], quant: str, model: str) -> list[_Group]:
     name = quant.strip().upper()
     kept = [g for g in groups if g.label is not None and same_label(g.label, quant)]
     if not kept:
-        kept = [g for g in groups if any(f.path.rpartition("/")[2].upper() == name for f in g.files)]
+        kept = [g for g in groups if name in _file_names([f.path for f in g.files])]
     kept += [g for g in groups if g.label is None]
     if not kept:
         have = ", ".join(sorted({g.label for g in groups if g.label})) or "none"
@@ -309,7 +326,7 @@ def _read_headers(
         hashes = g.hashes
         key = cache.header_key(hashes) if hashes else f"uncached-{i}"
         if hashes:
-            header = cache.load_header(key, source=urls[i][0], shards=urls[i])
+            header = cache.load_header(key, source=urls[i][0], shards=_header_shards(g, urls[i]))
             if header is not None:
                 out[i] = header
                 continue
@@ -337,10 +354,15 @@ def _read_headers(
             for i in to_read[key]:
                 if isinstance(result, GGUFHeader) and i != to_read[key][0]:
                     # the same content under another name: the same header, at its own URLs
-                    out[i] = replace(result, source=urls[i][0], shards=tuple(urls[i]))
+                    out[i] = replace(result, source=urls[i][0], shards=tuple(_header_shards(groups[i], urls[i])))
                 else:
                     out[i] = result
     return out
+
+
+def _header_shards(g: _Group, urls: list[str]) -> list[str]:
+    """Where a group's header says its files are: every shard, or part 1 alone for a raw split (one file)."""
+    return urls[:1] if g.raw else urls
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,6 +454,8 @@ def list_candidates(
             continue
         label = g.label or (file_type_label(header.get("general.file_type")) if header else None)
         single = len(g.files) == 1
+        if g.raw:
+            extra.append(f"raw byte split in {len(g.files)} parts: joined into one GGUF file when fetched")
         found.append(
             Candidate(
                 model=model,
@@ -441,6 +465,7 @@ def list_candidates(
                 header=header,
                 ollama_model=f"hf.co/{repo_id}:{label}" if label and single and revision == "main" else None,
                 notes=(*notes, *extra),
+                raw_split=g.raw,
             )
         )
     if failures and all(c.header is None for c in found):
@@ -456,15 +481,18 @@ def list_candidates(
 def _named(found: list[Candidate], quant: str, model: str) -> list[Candidate]:
     """The candidates `quant` names: by label (any spelling) or by file name; CatalogError when none."""
     name = quant.strip().upper()
-    named = [
-        c
-        for c in found
-        if same_label(c.quant, quant) or any(f.name.rpartition("/")[2].upper() == name for f in c.files)
-    ]
+    named = [c for c in found if same_label(c.quant, quant) or name in _file_names([f.name for f in c.files])]
     if not named:
         have = ", ".join(sorted({c.quant for c in found})) or "none"
         raise CatalogError(f"{model}: no quant {quant} in this repository; available: {have}")
     return named
+
+
+def _file_names(paths: list[str]) -> set[str]:
+    """The upper-cased file names a `:NAME` filter matches: each file's, and the name a raw split's parts join into."""
+    names = {p.rpartition("/")[2].upper() for p in paths}
+    part = parse_part(paths[0]) if paths else None
+    return names | {part.joined.upper()} if part is not None else names
 
 
 def _file(e: _Entry, endpoint: str, repo_id: str, revision: str) -> CandidateFile:

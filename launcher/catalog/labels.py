@@ -59,9 +59,9 @@ def _label_re() -> re.Pattern[str]:
 
 @cache
 def _mix_re() -> re.Pattern[str]:
-    from launcher.gguf import GGMLQuantizationType
+    from launcher.gguf import GGML_TYPE_NAMES
 
-    names = {m.name for m in GGMLQuantizationType} - _NON_QUANT_TENSOR_TYPES
+    names = set(GGML_TYPE_NAMES.values()) - _NON_QUANT_TENSOR_TYPES
     alternation = "|".join(sorted(names, key=lambda n: (-len(n), n)))
     return re.compile(rf"(?:^|(?<=-))(?P<pct>\d{{1,3}})(?P<quant>{alternation})(?=$|[-.])")
 
@@ -125,6 +125,12 @@ def parse_shard(path: str) -> ShardName | None:
     if index < 1 or total < 1 or index > total:
         return None
     return ShardName(m[1], index, total)
+
+
+def raw_split_lacks(joined: str, missing: list[int], total: int) -> str:
+    """What a raw byte split without all its parts lacks: "raw split of 3 parts lacks x.gguf.part2of3 and 1 more"."""
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return f"raw split of {total} parts lacks {joined}.part{missing[0]}of{total}{more}"
 
 
 def is_projector_name(path: str) -> bool:

@@ -1,8 +1,9 @@
 """Candidates from files on this machine: one GGUF file, a split set, or a folder of quants.
 
-A folder is searched two levels deep (per-quant subfolders like `Q8_0/x-00001-of-00002.gguf`). Each file or
-complete split set is one candidate labelled from its name (`labels.quant_label`), else from its header's
-`general.file_type`; `mmproj` files are the vision companion of every candidate in the folder, not quants;
+A folder is searched two levels deep (per-quant subfolders like `Q8_0/x-00001-of-00002.gguf`). Each file,
+complete split set or complete raw byte split (`x.gguf.part1of2`, ...: `Candidate.raw_split`, joined into one file
+by `launcher.fetch` before use) is one candidate labelled from its name (`labels.quant_label`), else from its
+header's `general.file_type`; `mmproj` files are the vision companion of every candidate in the folder, not quants;
 `mtp-` and imatrix files are left out. Headers are read from disk (header bytes only); sha256 is not
 computed (hashing gigabytes to list quants is not worth it), so `CandidateFile.sha256` is None.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from launcher.catalog import labels
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import CatalogError, GGUFFormatError
-from launcher.gguf import GGUFHeader, read_header
+from launcher.gguf import GGUFHeader, parse_part, read_header
 from launcher.quants import file_type_label, same_label
 
 __all__ = ["list_candidates"]
@@ -25,7 +26,7 @@ _PROJECTOR_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
 
 
 def _is_gguf(name: str) -> bool:
-    return name.lower().endswith(".gguf")
+    return name.lower().endswith(".gguf") or parse_part(name) is not None
 
 
 def _scan(folder: Path) -> list[Path]:
@@ -57,20 +58,26 @@ def pick_projector(names: list[str]) -> str | None:
 
 
 def _group(paths: list[Path]) -> tuple[list[list[Path]], list[str]]:
-    """Files -> [files of one candidate, in shard order]; notes about incomplete split sets."""
-    groups: dict[tuple[str, str, int] | str, dict[int, Path]] = {}
+    """Files -> [files of one candidate, in shard or part order]; notes about incomplete split sets and raw splits."""
+    groups: dict[tuple[str, str, int, str] | str, dict[int, Path]] = {}
     for path in paths:
         shard = labels.parse_shard(path.name)
-        if shard is None:
-            groups[str(path)] = {1: path}
+        part = parse_part(path.name)
+        if shard is not None:
+            groups.setdefault((str(path.parent), shard.prefix, shard.total, "shard"), {})[shard.index] = path
+        elif part is not None:
+            groups.setdefault((str(path.parent), part.joined, part.total, "part"), {})[part.index] = path
         else:
-            groups.setdefault((str(path.parent), shard.prefix, shard.total), {})[shard.index] = path
+            groups[str(path)] = {1: path}
     out, notes = [], []
     for key, members in groups.items():
         if isinstance(key, tuple):
-            missing = [i for i in range(1, key[2] + 1) if i not in members]
+            folder, prefix, total, kind = key
+            missing = [i for i in range(1, total + 1) if i not in members]
+            if missing and kind == "part":
+                notes.append(f"{Path(folder) / prefix}: {labels.raw_split_lacks(prefix, missing, total)}; left out")
+                continue
             if missing:
-                folder, prefix, total = key
                 first = Path(folder) / labels.ShardName(prefix, 1, total).name(1)
                 notes.append(
                     f"{first}: split set of {total} files is missing {len(missing)} of them "
@@ -100,6 +107,7 @@ def _candidate(
         header=header,
         projector=projector,
         notes=notes,
+        raw_split=parse_part(files[0].name) is not None,
     )
 
 
@@ -111,6 +119,7 @@ def _single(path: Path, model: str, quant: str | None) -> list[Candidate]:
     if labels.is_projector_name(path.name):
         raise CatalogError(f"{model}: {path.name} is a vision projector (mmproj), not a model")
     shard = labels.parse_shard(path.name)
+    part = parse_part(path.name)
     files = [path]
     if shard is not None:
         files = [path.parent / shard.name(i) for i in range(1, shard.total + 1)]
@@ -119,6 +128,11 @@ def _single(path: Path, model: str, quant: str | None) -> list[Candidate]:
             raise CatalogError(
                 f"{model}: split set of {shard.total} files is missing {len(missing)} of them ({missing[0].name} first)"
             )
+    elif part is not None:
+        files = [path.parent / part.name(i) for i in range(1, part.total + 1)]
+        absent = [i + 1 for i, p in enumerate(files) if not p.is_file()]
+        if absent:
+            raise CatalogError(f"{model}: {labels.raw_split_lacks(part.joined, absent, part.total)}")
     try:
         header = _read(files[0])
     except GGUFFormatError as exc:

@@ -25,11 +25,14 @@ class Candidate:
     model: str  # the model reference as the user gave it
     source: str  # "huggingface" | "ollama" | "local" | "ollama-local"
     quant: str  # normalised label: Q4_K_M, UD-Q4_K_XL, IQ4_XS, Q8_0, BF16, F16, MXFP4_MOE, ...
-    files: tuple[CandidateFile, ...]  # every shard, in order
+    files: tuple[CandidateFile, ...]  # every shard (or part of a raw split), in order
     header: GGUFHeader | None = None  # None only when the header could not be read (see notes)
     projector: CandidateFile | None = None  # vision companion (mmproj), not a quant of its own
     ollama_model: str | None = None  # how Ollama names it: "qwen3:14b-q4_K_M" or "hf.co/user/repo:Q4_K_M"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # True: `files` are a raw byte split (x.gguf.part1of2, ...), one GGUF cut into pieces that are joined into one
+    # file before use; False: one GGUF file, or gguf-split shards (each a GGUF, loaded from shard 1)
+    raw_split: bool = False
 
     @property
     def size_bytes(self) -> int:

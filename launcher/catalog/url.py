@@ -1,10 +1,12 @@
 """A GGUF file at an http(s) URL as a catalog source: one candidate, its header read with Range requests.
 
 `launcher.gguf.read_header` reads the header bytes only (given any shard of a split set it reads the whole set,
-from sibling URLs). The label comes from the URL's path (`labels.quant_label`: the file name, else a folder),
-else from the header's `general.file_type`. A file's size is the one the server gave (Content-Range or
-Content-Length), else the header's: where the tensor data starts plus the bytes of its tensors. URLs are kept as
-`launcher.http.redact_url` shows them (no query string, no user info), so a candidate holds no credentials.
+from sibling URLs; given any part of a raw byte split, `x.gguf.part1of2`, the one file its parts make: the
+candidate's files are then the parts, `raw_split`). The label comes from the URL's path (`labels.quant_label`:
+the file name, else a folder), else from the header's `general.file_type`. A file's size is the one the server
+gave (Content-Range or Content-Length), else the header's: where the tensor data starts plus the bytes of its
+tensors. URLs are kept as `launcher.http.redact_url` shows them (no query string, no user info), so a candidate
+holds no credentials.
 """
 
 from __future__ import annotations
@@ -55,15 +57,28 @@ def list_candidates(url: str, *, model: str | None = None, client: httpx.Client 
     if labels.is_projector_header(header):
         raise CatalogError(f"{shown}: {name} is a vision projector (mmproj), not a model")
     label = labels.quant_label(path) or file_type_label(header.get("general.file_type"))
+    raw = bool(header.part_sizes)
     return [
         Candidate(
             model=shown,
             source=SOURCE,
             quant=label or "unknown",
-            files=tuple(_file(header, i) for i in range(len(header.shards))),
+            files=_parts(header) if raw else tuple(_file(header, i) for i in range(len(header.shards))),
             header=header,
+            raw_split=raw,
         )
     ]
+
+
+def _parts(header: GGUFHeader) -> tuple[CandidateFile, ...]:
+    """The parts of a raw byte split: their URLs from part 1's, their sizes as their servers said."""
+    from launcher.gguf import part_locations
+
+    urls = part_locations(header.source)
+    return tuple(
+        CandidateFile(name=_path(url).rsplit("/", 1)[-1], size_bytes=size or 0, url=url)
+        for url, size in zip(urls, header.part_sizes, strict=True)
+    )
 
 
 def _file(header: GGUFHeader, shard: int) -> CandidateFile:

@@ -6,6 +6,10 @@
     hardware.py   hw
     model.py      inspect, estimate
     plan.py       plan, quants
+    run.py        run, ps, stop
+    verify.py     verify
+    profile.py    profile init, show, validate
+    service.py    service install, uninstall, status; serve
 
 Only this package imports click or rich or calls sys.exit. Library imports happen inside commands so
 that `fitquant --help` stays instant.
@@ -44,9 +48,11 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
-    from launcher.cli import hardware, model, plan
+    from launcher.cli import hardware, model, plan, profile, run, service, verify
 
-    for command in (hardware.hw, model.inspect, model.estimate, plan.plan, plan.quants):
+    commands = (hardware.hw, model.inspect, model.estimate, plan.plan, plan.quants, run.run, run.ps, run.stop,
+                verify.verify, profile.profile, service.service, service.serve)  # fmt: skip
+    for command in commands:
         main.add_command(command)
 
 

@@ -27,6 +27,9 @@ from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
               help="Confirm the choice with a llama.cpp dry run when llama-cpp-python is installed.")  # fmt: skip
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_SERVER_PORT, show_default=True,
               help="llama-server port.")  # fmt: skip
+@click.option("--profile", "profile_ref", metavar="PATH|NAME",
+              help="Plan for the machine a profile describes: its devices, reserve, defaults and models; "
+                   "flags given here still win.")  # fmt: skip
 @options.json_option("Print the Plan as JSON (docs/plan.schema.json).")
 def plan(
     model: str | None,
@@ -44,6 +47,7 @@ def plan(
     vision: bool,
     engine: bool,
     port: int,
+    profile_ref: str | None,
     as_json: bool,
 ) -> None:
     """Choose the best quant, context and offload for this machine, explain why, and show how to launch it.
@@ -51,14 +55,22 @@ def plan(
     MODEL: a local .gguf file or folder of quants, hf.co/user/repo, an Ollama name (qwen3:14b), or
     nothing for the embedded default model.
     """
+    from launcher.backends import load_backend
     from launcher.errors import NoFitError
     from launcher.fit import fit
     from launcher.hardware import resolve_machine
     from launcher.plan import Plan, Policy
 
+    # the server `run` would start decides how many logits rows the output graph holds
+    all_logits = bool(getattr(load_backend("llamacpp"), "all_logits", False))
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
-                    min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
-    machine = resolve_machine(vram=vram, ram=ram, unified=unified)
+                    min_quant=min_quant, strict=strict, vision=vision, all_logits=all_logits)  # fmt: skip
+    if profile_ref is None:
+        machine = resolve_machine(vram=vram, ram=ram, unified=unified)
+    else:
+        from launcher.cli.profile import with_profile
+
+        model, policy, machine, port = with_profile(profile_ref, model, policy, port)
 
     def show(result: Plan) -> None:
         if as_json:
@@ -68,8 +80,11 @@ def plan(
 
             render_plan(result, port=port)
 
+    from launcher import record
+
     try:
-        result = fit(model, policy, machine=machine, confirm=engine)
+        known = record.remembered(machine, record.model_key(model), policy)
+        result = fit(model, policy, machine=machine, confirm=engine, remembered=known)
     except NoFitError as refused:
         show(refused.plan)  # what was refused and why, then the error line
         raise

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from launcher.hardware import HardwareSnapshot
     from launcher.model import ModelFacts
     from launcher.plan import Option, Plan
+    from launcher.verify import Placement
 
 
 def error_line(exc: Exception) -> None:
@@ -195,7 +196,9 @@ def render_plan(result: Plan, *, port: int) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.plan import llama_server_argv, ollama_config, shell_line
+    from launcher.backends.llamacpp import server_argv
+    from launcher.backends.ollama import ollama_form
+    from launcher.plan import shell_line
     from launcher.units import format_bytes
 
     console = Console()
@@ -238,8 +241,8 @@ def render_plan(result: Plan, *, port: int) -> None:
     figures = result.chosen.figures
     console.print(f"figures for the choice: {'measured by llama.cpp (dry run)' if figures == 'engine' else 'estimate'}")
     console.print("\n[bold]llama-server[/bold]")
-    console.print(escape(shell_line(llama_server_argv(result, port=port))), soft_wrap=True)
-    config = ollama_config(result)
+    console.print(escape(shell_line(server_argv(result, port=port))), soft_wrap=True)
+    config = ollama_form(result)
     console.print("\n[bold]Ollama[/bold]")
     env = " ".join(f"{k}={v}" for k, v in config["env"].items())
     console.print(escape(f"{env} ollama serve"), soft_wrap=True)
@@ -280,3 +283,43 @@ def render_quants(data: dict[str, Any]) -> None:
         console.print(f"vision projector: {escape(name)} ({format_bytes(size)}), used with every quant")
     for note in dict.fromkeys(n for r in rows for n in r["notes"]):
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def render_placement(placement: Placement, *, err: bool = False) -> None:
+    """The verdict in one line, then predicted against measured per device and per kind, with the difference."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from launcher.verify import summary_line
+
+    console = Console(stderr=err, highlight=False)
+    colour = {"gpu": "green", "cpu-only": "yellow"}.get(placement.verdict, "red")
+    console.print(f"[{colour}]{escape(summary_line(placement))}[/{colour}]")
+    table = Table(box=None, pad_edge=False)
+    for column in ("device", "kind", "predicted", "measured", "difference"):
+        table.add_column(column, justify="left" if column in ("device", "kind") else "right")
+    for d in placement.devices:
+        kinds = {"model": d.model_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes, "output": d.output_bytes}
+        for kind, measured in kinds.items():
+            predicted = d.predicted.get(kind)
+            if not measured and not predicted:
+                continue
+            table.add_row(d.name, kind, _mib(predicted), _mib(measured), _difference(predicted, measured))
+        table.add_row(d.name, "total", _mib(d.predicted_bytes), _mib(d.measured_bytes),
+                      _difference(d.predicted_bytes, d.measured_bytes), style="bold")  # fmt: skip
+        if d.nvml_used_bytes is not None:
+            table.add_row(d.name, "NVML (process)", "", _mib(d.nvml_used_bytes), "")
+    console.print(table)
+
+
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def _difference(predicted: int | None, measured: int) -> str:
+    if predicted is None:
+        return ""
+    delta = predicted - measured
+    pct = f" ({delta / measured:+.1%})" if measured else ""
+    return f"{delta / 2**20:+,.1f} MiB{pct}"

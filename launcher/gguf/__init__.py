@@ -6,8 +6,9 @@ raises only `GGUFFormatError`, whose message starts with the step and names the 
 
 - `header`: the parser, pure and hardened against hostile bytes (every count and length bounded by the bytes
   that remain); it reads through a `ByteSource` and knows nothing of files, URLs or credentials.
-- `sources`: local files, split-set expansion, and HTTP Range reads through `launcher.http`. A URL is read with
-  the caller's client and credentials (`auth=launcher.http.hf_auth()` for a gated Hugging Face file).
+- `sources`: local files, split-set expansion, raw byte splits (`x.gguf.part1of2`: the parts joined are one
+  file, read as one), and HTTP Range reads through `launcher.http`. A URL is read with the caller's client and
+  credentials (`auth=launcher.http.hf_auth()` for a gated Hugging Face file).
 
 `gguf_constants` is llama.cpp's `gguf.constants` (the top-level `gguf` package, which this one does not
 shadow: imports here are absolute), loaded without numpy.
@@ -16,6 +17,8 @@ shadow: imports here are absolute), loaded without numpy.
 from __future__ import annotations
 
 from launcher.gguf.header import (
+    GGML_TYPE_NAMES,
+    GGML_TYPE_SIZES,
     ByteSource,
     GGMLQuantizationType,
     GGUFHeader,
@@ -29,21 +32,29 @@ from launcher.gguf.header import (
 )
 from launcher.gguf.sources import (
     FileSource,
+    PartName,
+    PartsSource,
     RangeSource,
     open_local,
     open_remote,
+    parse_part,
+    part_locations,
     read_header,
     read_prefix,
     shard_locations,
 )
 
 __all__ = [
+    "GGML_TYPE_NAMES",
+    "GGML_TYPE_SIZES",
     "ByteSource",
     "FileSource",
     "GGMLQuantizationType",
     "GGUFHeader",
     "GGUFValueType",
     "ParsedHeader",
+    "PartName",
+    "PartsSource",
     "RangeSource",
     "SkippedArray",
     "TensorInfo",
@@ -51,7 +62,9 @@ __all__ = [
     "open_local",
     "open_remote",
     "parse_header",
+    "parse_part",
     "parse_source",
+    "part_locations",
     "read_header",
     "read_prefix",
     "shard_locations",

@@ -20,7 +20,9 @@ not check them); keys and tensor names must be valid UTF-8.
 Type names and sizes come from the `gguf` package's constants (llama.cpp's gguf-py, the top-level `gguf`, not
 this package); its `constants.py` is loaded on its own because `import gguf` pulls in numpy (~80 ms). That
 module is `gguf_constants` here, for other modules to reuse (`gguf_constants.LlamaFileType`); its enums are
-IntEnums, so they compare equal to the `gguf` package's.
+IntEnums, so they compare equal to the `gguf` package's. Types newer than the installed `gguf` knows come from
+`launcher.quants.newer_ggml_types` (llama.cpp's ggml.c type traits): `GGML_TYPE_SIZES` and `GGML_TYPE_NAMES`
+hold both. A type id neither knows is refused, naming the id and the tensor.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from launcher.errors import GGUFFormatError
+from launcher.quants import newer_ggml_types
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "GGML_TYPE_NAMES",
+    "GGML_TYPE_SIZES",
     "ByteSource",
     "GGMLQuantizationType",
     "GGUFHeader",
@@ -78,7 +83,19 @@ def _load_constants() -> Any:
 gguf_constants = _load_constants()
 GGMLQuantizationType = gguf_constants.GGMLQuantizationType
 GGUFValueType = gguf_constants.GGUFValueType
-_QUANT_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in gguf_constants.GGML_QUANT_SIZES.items()}
+
+
+def _type_tables() -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """ggml type id -> (block size, bytes per block), and -> name: the gguf package's, then the newer types it lacks."""
+    sizes = {int(k): v for k, v in gguf_constants.GGML_QUANT_SIZES.items()}
+    names = {int(m): str(m.name) for m in GGMLQuantizationType}
+    for t in newer_ggml_types().values():
+        sizes.setdefault(t.id, (t.block_size, t.type_size))
+        names.setdefault(t.id, t.name)
+    return sizes, names
+
+
+GGML_TYPE_SIZES, GGML_TYPE_NAMES = _type_tables()
 
 _MAGIC = b"GGUF"
 _MAGIC_SWAPPED = b"FUGG"  # newest gguf-py writes this for big-endian files
@@ -157,12 +174,12 @@ class TensorInfo:
     @property
     def type_name(self) -> str:
         """The ggml type's name: "Q4_K", "F32", "MXFP4"."""
-        return str(GGMLQuantizationType(self.ggml_type).name)
+        return GGML_TYPE_NAMES.get(self.ggml_type, f"type {self.ggml_type}")
 
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    """A GGUF header: metadata from the first shard, tensor infos from every shard."""
+    """A GGUF header: metadata from the first shard, tensor infos from every shard (a raw split is one file)."""
 
     source: str
     version: int
@@ -175,6 +192,8 @@ class GGUFHeader:
     # per shard: where its tensor data starts (its header size) and its file size when known
     shard_data_offsets: tuple[int, ...] = ()
     shard_sizes: tuple[int | None, ...] = ()
+    # a raw byte split (x.gguf.part1of2, ...; `source` is part 1): each part's size, in order; () for a whole file
+    part_sizes: tuple[int | None, ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The metadata value of `key`, or `default`."""
@@ -604,19 +623,31 @@ def _read_tensor_type(r: _Reader, shape: tuple[int, ...], n_elements: int) -> tu
     """(ggml type, bytes of data): a known type whose block size divides the row, a size that fits in 64 bits."""
     at = r.pos
     ggml_type = r.u32()
-    sizes = _QUANT_SIZES.get(ggml_type)
+    sizes = GGML_TYPE_SIZES.get(ggml_type)
     if sizes is None:
         if ggml_type in _RETIRED_TYPES:
             r.fail(f"ggml type {ggml_type} ({_RETIRED_TYPES[ggml_type]}) is retired; re-quantize the model", at)
-        r.fail(f"unknown ggml type {ggml_type} (not in this gguf package's GGMLQuantizationType)", at)
+        r.fail(
+            f"unknown ggml type {ggml_type}: newer than the installed gguf package ({_gguf_version()}) and fitquant "
+            "know; upgrade both (pip install -U gguf fitquant)",
+            at,
+        )
     block, type_size = sizes
     row = shape[0] if shape else 1
     if row % block:
-        name_t = GGMLQuantizationType(ggml_type).name
-        r.fail(f"row of {row} elements is not a multiple of {name_t}'s block size {block}", at)
+        r.fail(f"row of {row} elements is not a multiple of {GGML_TYPE_NAMES[ggml_type]}'s block size {block}", at)
     if n_elements // block > _SIZE_MAX // type_size:
         r.fail(f"size in bytes of shape {shape} does not fit in 64 bits", at)
     return ggml_type, n_elements * type_size // block
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"gguf {version('gguf')}"
+    except PackageNotFoundError:
+        return "gguf"
 
 
 def _check_data_offsets(r: _Reader, tensors: list[TensorInfo], alignment: int, file_size: int | None) -> int:

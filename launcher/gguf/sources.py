@@ -7,6 +7,10 @@
   `auth` (a `launcher.http.BearerAuth`) for each request; a redirected URL on another host gets none of them.
 - Split sets (`name-00001-of-00003.gguf`, any shard given) are expanded by `shard_locations` and read whole:
   metadata from shard 1, tensors from all, every shard's split.* keys checked against the others.
+- Raw byte splits (`name.gguf.part1of3`, any part given; mradermacher publishes its largest files this way) are
+  one GGUF cut into pieces: `part_locations` expands them, and `PartsSource` reads the parts one after another as
+  that one file (the header is in part 1, and is read on into part 2 if it is longer). The size of every part is
+  asked for (a one-byte read of each remote part), so a missing part is an error that names it.
 
 Both kinds of source feed one parser, `launcher.gguf.header.parse_source`. Every failure is a GGUFFormatError
 that names the source without query string or user info (`launcher.http.redact_url`).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher import http
@@ -30,15 +35,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileSource",
+    "PartName",
+    "PartsSource",
     "RangeSource",
     "open_local",
     "open_remote",
+    "parse_part",
+    "part_locations",
     "read_header",
     "read_prefix",
     "shard_locations",
 ]
 
 _SHARD_RE = re.compile(r"^(.*?)-(\d{5})-of-(\d{5})\.gguf$")
+# `x.gguf.part2of3`: unpadded numbers (as published), at most 999 parts
+_PART_RE = re.compile(r"^(.+\.[gG][gG][uU][fF])\.part([1-9]\d{0,2})of([1-9]\d{0,2})$")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
 
 # Read-ahead: the first read, and the cap each later read doubles up to (for HTTP: each Range request's size).
@@ -65,7 +76,8 @@ class FileSource:
             self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
             self.size: int | None = os.fstat(self.file.fileno()).st_size
         except OSError as exc:
-            missing = " (missing shard)" if label and isinstance(exc, FileNotFoundError) else ""
+            what = label.split(" ", 1)[0]  # "shard" or "part"
+            missing = f" (missing {what})" if label and isinstance(exc, FileNotFoundError) else ""
             raise GGUFFormatError(f"{label}open: {exc.strerror or exc}{missing}", source=path) from None
 
     def fetch(self, offset: int, n: int) -> bytes:
@@ -244,13 +256,94 @@ def open_remote(url: str, *, client: httpx.Client, auth: http.BearerAuth | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Raw byte splits
+
+
+@dataclass(frozen=True)
+class PartName:
+    """A raw byte split's file name, `{joined}.part{index}of{total}` (`x.Q8_0.gguf.part1of2`): the parts, joined
+    in order, are the GGUF file `joined`; no part but the first is a GGUF on its own."""
+
+    joined: str
+    index: int
+    total: int
+
+    def name(self, index: int) -> str:
+        """The name of part `index` (1-based) of the same split."""
+        return f"{self.joined}.part{index}of{self.total}"
+
+
+def parse_part(name: str) -> PartName | None:
+    """The raw-split parts of a file name (`x.gguf.part1of2`; folders ignored), or None when it is not a part name
+    (fewer than 2 parts, a part number past the count, zero-padded numbers or more than 999 parts)."""
+    m = _PART_RE.match(name.replace("\\", "/").rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    index, total = int(m[2]), int(m[3])
+    if total < 2 or index > total:
+        return None
+    return PartName(m[1], index, total)
+
+
+class PartsSource:
+    """The parts of a raw split read as the one file they make, one after another; each part is a FileSource or
+    a RangeSource labelled "part 2 of 3: " for messages. A part's size must be known to read past it."""
+
+    def __init__(self, parts: list[FileSource | RangeSource]) -> None:
+        self.parts = parts
+        first = parts[0]
+        self.shown = first.shown
+        self.first_chunk = first.first_chunk
+        self.chunk_max = first.chunk_max
+
+    @property
+    def size(self) -> int | None:
+        """The joined size: every part's, asked for with a one-byte read where not known yet."""
+        total = 0
+        for part in self.parts:
+            if part.size is None:
+                part.fetch(0, 1)  # the answer says how long the part is (Content-Range)
+            if part.size is None:
+                return None
+            total += part.size
+        return total
+
+    def fetch(self, offset: int, n: int) -> bytes:
+        out = bytearray()
+        start = 0  # where `part` starts in the joined file
+        for part in self.parts:
+            if len(out) == n:
+                break
+            pos = offset + len(out)
+            if part.size is None or pos < start + part.size:
+                want = n - len(out) if part.size is None else min(n - len(out), start + part.size - pos)
+                data = part.fetch(pos - start, want)
+                out += data
+                if len(out) == n:
+                    break
+                if part.size is None:
+                    raise GGUFFormatError(
+                        f"{part.label}read: the server does not say how long this part is, so the next part "
+                        "cannot be read after it",
+                        source=part.shown,
+                    )
+                if pos + len(data) < start + part.size:
+                    break  # the part ends before its size: the joined file ends here (the parser says where)
+            start += part.size
+        return bytes(out)
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Split sets and the entry points
 
 
-def shard_locations(loc: str) -> list[str]:
-    """Every shard of the split set `loc` belongs to (`x-00002-of-00003.gguf` -> shards 1 to 3), else [loc]."""
-    remote = http.is_url(loc)
-    if remote:
+def _sibling_names(loc: str) -> tuple[str, Callable[[str], str]]:
+    """The file name `loc` (a path or a URL) ends in, and a function giving the same location with another name."""
+    if http.is_url(loc):
         from urllib.parse import urlsplit, urlunsplit
 
         try:
@@ -258,18 +351,30 @@ def shard_locations(loc: str) -> list[str]:
         except ValueError as exc:
             raise GGUFFormatError(f"read header: invalid URL ({exc})", source=http.redact_url(loc)) from None
         head, _, name = parts.path.rpartition("/")
-    else:
-        head, name = os.path.split(loc)
+        return name, lambda other: urlunsplit(parts._replace(path=f"{head}/{other}"))
+    head, name = os.path.split(loc)
+    return name, lambda other: os.path.join(head, other)
+
+
+def shard_locations(loc: str) -> list[str]:
+    """Every shard of the split set `loc` belongs to (`x-00002-of-00003.gguf` -> shards 1 to 3), else [loc]."""
+    name, sibling = _sibling_names(loc)
     m = _SHARD_RE.match(name)
     if m is None:
         return [loc]
     prefix, idx, total = m[1], int(m[2]), int(m[3])
     if total == 0 or idx == 0 or idx > total:
         raise GGUFFormatError(f"read split set: shard number {idx} of {total} is invalid", source=http.redact_url(loc))
-    names = [f"{prefix}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
-    if remote:
-        return [urlunsplit(parts._replace(path=f"{head}/{n}")) for n in names]
-    return [os.path.join(head, n) for n in names]
+    return [sibling(f"{prefix}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+
+
+def part_locations(loc: str) -> list[str]:
+    """Every part of the raw split `loc` belongs to (`x.gguf.part2of3` -> parts 1 to 3), else [loc]."""
+    name, sibling = _sibling_names(loc)
+    part = parse_part(name)
+    if part is None:
+        return [loc]
+    return [sibling(part.name(i)) for i in range(1, part.total + 1)]
 
 
 _Opener = Callable[[str, str], FileSource | RangeSource]  # (location, label) -> an open source
@@ -286,27 +391,63 @@ def read_header(
     """Read the GGUF header of a local file or an http(s) URL, reading only header bytes.
 
     Split sets (`name-00001-of-00003.gguf`, any shard given) are read whole: metadata from shard 1, tensors
-    from all. URLs are read with Range requests (redirects followed, network errors retried) through `client`
-    or a private `launcher.http.make_client()`; `auth` (e.g. `launcher.http.hf_auth()`) is sent with them, to
-    its own host only.
+    from all. A raw byte split (`name.gguf.part1of3`, any part given) is read as the one file its parts make.
+    URLs are read with Range requests (redirects followed, network errors retried) through `client` or a
+    private `launcher.http.make_client()`; `auth` (e.g. `launcher.http.hf_auth()`) is sent with them, to its
+    own host only.
     """
     loc = os.fsdecode(source)
-    remote = http.is_url(loc)
-    locations = shard_locations(loc)
-    if not remote:
-        return _read_set(locations, lambda x, label: FileSource(x, label=label), max_array_len, max_header_bytes)
+    parts = part_locations(loc)
+    shards = shard_locations(loc) if len(parts) == 1 else []
+
+    def read(opener: _Opener) -> GGUFHeader:
+        if len(parts) > 1:
+            return _read_parts(parts, opener, max_array_len, max_header_bytes)
+        return _read_set(shards, opener, max_array_len, max_header_bytes)
+
+    if not http.is_url(loc):
+        return read(lambda x, label: FileSource(x, label=label))
     own = client is None
     session = http.make_client() if client is None else client
     try:
-        return _read_set(
-            locations,
-            lambda x, label: RangeSource(x, client=session, auth=auth, label=label),
-            max_array_len,
-            max_header_bytes,
-        )
+        return read(lambda x, label: RangeSource(x, client=session, auth=auth, label=label))
     finally:
         if own:
             session.close()
+
+
+def _open_parts(locations: list[str], opener: _Opener) -> PartsSource:
+    n = len(locations)
+    parts: list[FileSource | RangeSource] = []
+    try:
+        for i, loc in enumerate(locations):
+            parts.append(opener(loc, f"part {i + 1} of {n}: "))
+    except GGUFFormatError:
+        for part in parts:
+            part.close()
+        raise
+    return PartsSource(parts)
+
+
+def _read_parts(locations: list[str], opener: _Opener, max_array_len: int, max_header_bytes: int) -> GGUFHeader:
+    """The header of the one GGUF file a raw split's parts make (`locations`: every part, in order)."""
+    src = _open_parts(locations, opener)
+    shown = src.shown
+    parsed, size = _read_one(src, max_array_len, max_header_bytes, 0, "")
+    _check_first_shard(parsed.metadata, 1, shown)
+    return GGUFHeader(
+        source=shown,
+        version=parsed.version,
+        metadata=parsed.metadata,
+        tensors=tuple(parsed.tensors),
+        alignment=parsed.alignment,
+        data_offset=parsed.data_offset,
+        file_size=size,
+        shards=(shown,),
+        shard_data_offsets=(parsed.data_offset,),
+        shard_sizes=(size,),
+        part_sizes=tuple(part.size for part in src.parts),
+    )
 
 
 def _read_set(locations: list[str], opener: _Opener, max_array_len: int, max_header_bytes: int) -> GGUFHeader:
@@ -380,7 +521,7 @@ def _check_first_shard(meta: dict[str, Any], n: int, shown: str) -> None:
 
 
 def _read_one(
-    src: FileSource | RangeSource, max_array_len: int, max_header_bytes: int, shard: int, label: str
+    src: FileSource | RangeSource | PartsSource, max_array_len: int, max_header_bytes: int, shard: int, label: str
 ) -> tuple[ParsedHeader, int | None]:
     try:
         parsed = parse_source(
@@ -413,13 +554,16 @@ def read_prefix(
     loc = os.fspath(source)
     shown = http.redact_url(loc)
     session: httpx.Client | None = None
-    src: FileSource | RangeSource
+    opener: _Opener
     if http.is_url(loc):
         if client is None:
             session = client = http.make_client()
-        src = RangeSource(loc, client=client, auth=auth)
+        remote = client
+        opener = lambda x, label: RangeSource(x, client=remote, auth=auth, label=label)  # noqa: E731
     else:
-        src = FileSource(loc)
+        opener = lambda x, label: FileSource(x, label=label)  # noqa: E731
+    parts = part_locations(loc)
+    src = _open_parts(parts, opener) if len(parts) > 1 else opener(loc, "")
     try:
         data = src.fetch(0, n_bytes)
     finally:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: Version of the `HardwareSnapshot.to_json()` shape (and of `fitquant hw --json`).
 SCHEMA_VERSION = 1
 
-DeviceKind = Literal["cuda", "rocm", "metal", "cpu"]
+DeviceKind = Literal["cuda", "rocm", "metal", "rpc", "cpu"]  # rpc: a llama.cpp RPC server's device (RPC0, ...)
 
 
 class _Frozen(BaseModel):

@@ -95,6 +95,7 @@ class EngineSettings:
     n_batch: int = 2048
     n_ubatch: int = 512
     offload_kqv: bool = True
+    n_outputs_max: int = 0  # 0 = n_batch (llama_context_params' default); llama-server: one per slot
     # extra weight buffer types (CPU_REPACK, AMX) depend on the host CPU; off so figures are host-independent
     use_extra_bufts: bool = False
 
@@ -471,6 +472,7 @@ class _Worker:
         cp.n_batch = int(s["n_batch"])
         cp.n_ubatch = int(s["n_ubatch"])
         cp.n_seq_max = int(s["n_parallel"])
+        cp.n_outputs_max = int(s.get("n_outputs_max", 0))
         cp.type_k = CACHE_TYPES[s["type_k"]]
         cp.type_v = CACHE_TYPES[s["type_v"]]
         cp.flash_attn_type = FLASH_ATTN[s["flash_attn"]]

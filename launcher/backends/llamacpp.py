@@ -1,0 +1,495 @@
+"""The llama.cpp backend: llama-server (or llama-cpp-python's server) started with the plan's settings exactly.
+
+Which server: --llama-server PATH, then FITQUANT_LLAMA_SERVER, then PATH, then the build that
+scripts/build-llama-cpp cached; else llama-cpp-python's OpenAI-compatible server. Its --help and --version
+are probed: a flag the plan needs that the build lacks is refused in one line, one it can do without is
+dropped. The log (at the verbosity that prints offload and buffer lines) goes to a file per instance, and
+launcher.verify reads the placement from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from launcher.backends.base import AttemptFailed, Instance, LaunchRequest
+from launcher.backends.process import tail
+from launcher.errors import BackendError
+
+if TYPE_CHECKING:
+    from launcher.catalog.types import Candidate
+    from launcher.estimate import GPU
+    from launcher.hardware.types import HardwareSnapshot
+    from launcher.plan import Budget, Option, Plan
+    from launcher.verify import Placement
+
+# MoE expert tensors kept in host memory (llama.cpp's --cpu-moe pattern)
+CPU_MOE_OVERRIDE = r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"
+
+
+def model_argument(candidate: Candidate) -> list[str]:
+    """-m with the first shard (llama.cpp finds the others beside it), or where llama-server can fetch it."""
+    first = candidate.files[0] if candidate.files else None
+    if first is not None and first.local_path:
+        return ["-m", first.local_path]
+    if candidate.raw_split and first is not None:
+        # llama.cpp cannot read `.partXofY` pieces (nor fetch them); `fitquant run` downloads and joins them
+        return ["-m", re.sub(r"\.part\d+of\d+$", "", first.name)]
+    if candidate.source == "huggingface" and candidate.ollama_model:
+        # hf.co/user/repo:QUANT -> llama-server -hf user/repo:QUANT (downloads every shard)
+        return ["-hf", candidate.ollama_model.removeprefix("hf.co/")]
+    if first is not None and first.url:
+        return ["-mu", first.url]
+    return ["-m", candidate.model]
+
+
+# llama.cpp's built-in chat templates (src/llama-chat.cpp LLM_CHAT_TEMPLATES) for architectures whose GGUFs are
+# often published without `tokenizer.chat_template`; without one the server falls back to ChatML, which these
+# models do not know (they answer with the template's own markers, endlessly).
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma", "phi3": "phi3"}
+
+
+def builtin_template(model_path: str) -> str | None:
+    """The built-in template to name when the GGUF carries none and its architecture has one, else None."""
+    from launcher.gguf import read_header
+
+    try:
+        header = read_header(model_path)
+    except Exception:  # the server reports an unreadable model itself, with its own words
+        return None
+    if header.get("tokenizer.chat_template"):
+        return None
+    return BUILTIN_TEMPLATES.get(header.architecture or "")
+
+
+def layer_split(budgets: Sequence[Budget]) -> list[GPU]:
+    from launcher.plan import layer_split as split
+
+    return split(budgets)
+
+
+def server_argv(
+    plan: Plan,
+    option: Option | None = None,
+    *,
+    port: int = 8080,
+    host: str = "127.0.0.1",
+    program: str = "llama-server",
+) -> list[str]:
+    """The llama-server command line for `option` (default: the plan's choice); fit off: the plan did the fitting."""
+    c = option or plan.chosen
+    if c is None:
+        raise ValueError("the plan has no chosen configuration")
+    p = plan.policy
+    argv = [program, *model_argument(c.candidate)]
+    argv += ["-c", str(c.n_ctx), "-ngl", str(c.n_gpu_layers), "-ctk", p.type_k, "-ctv", p.type_v]
+    argv += ["-fa", "on" if c.estimate.flash_attn else "off", "--fit", "off", "-np", str(p.n_parallel)]
+    if c.estimate.settings.kv_unified:
+        argv.append("--kv-unified")
+    gpus = layer_split(plan.budgets)
+    if len(gpus) > 1:
+        argv += ["-ts", ",".join(str(g.split_weight) for g in gpus)]
+    if c.cpu_moe:
+        argv += ["-ot", CPU_MOE_OVERRIDE]
+    if p.vision and c.candidate.projector is not None:
+        proj = c.candidate.projector
+        argv += ["--mmproj", proj.local_path or proj.url or proj.name]
+    argv += ["--host", host, "--port", str(port)]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass(frozen=True)
+class ServerProgram:
+    """Which llama.cpp server runs the plan, and what its build accepts."""
+
+    kind: str  # "llama-server" | "llama-cpp-python"
+    argv0: tuple[str, ...]  # the command prefix: (path,) or (python, "-m", "llama_cpp.server")
+    version: str | None
+    flags: frozenset[str] = frozenset()  # every flag its --help names (llama-server only)
+    flash_attn_takes_value: bool = True  # builds before 2025-08 take a bare -fa
+    found_by: str = ""  # how it was found: "--llama-server", "FITQUANT_LLAMA_SERVER", "PATH", "build cache", ...
+
+    def has(self, *names: str) -> bool:
+        return any(n in self.flags for n in names)
+
+
+_FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
+_VERSION = re.compile(r"version:\s*(?P<v>\S+)(?:\s*\((?P<rest>[^)]*)\))?")
+
+
+def probe_server(path: str, *, found_by: str) -> ServerProgram:
+    """Run `path --version` and `--help`; refuse, in one line, a program that is not llama-server."""
+    out = []
+    for arg in ("--version", "--help"):
+        try:
+            done = subprocess.run([path, arg], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"{path} ({found_by}) cannot be run: {exc}") from None
+        out.append((done.stdout + done.stderr).decode("utf-8", "replace"))
+    version_text, help_text = out
+    m = _VERSION.search(version_text)
+    flags = frozenset(_FLAG.findall(help_text))
+    if m is None or (not {"--ctx-size", "--n-gpu-layers"} <= flags and not {"-c", "-ngl"} <= flags):
+        raise BackendError(
+            f"{path} ({found_by}) is not llama-server: its --version and --help print nothing llama-server prints; "
+            "pass the path of llama.cpp's llama-server, or build one with scripts/build-llama-cpp"
+        )
+    version = m.group("v") + (f" ({m.group('rest')})" if m.group("rest") else "")
+    takes_value = bool(re.search(r"--flash-attn\s+\[?on\|off", help_text))
+    return ServerProgram("llama-server", (path,), version, flags, takes_value, found_by)
+
+
+def find_server(explicit: str | None = None, *, env: Mapping[str, str] | None = None) -> ServerProgram:
+    """llama-server by --llama-server, then FITQUANT_LLAMA_SERVER, then PATH, then scripts/build-llama-cpp's
+    cache; else llama-cpp-python's OpenAI-compatible server. BackendError when there is neither."""
+    env = os.environ if env is None else env
+    for value, found_by in ((explicit, "--llama-server"), (env.get("FITQUANT_LLAMA_SERVER"), "FITQUANT_LLAMA_SERVER")):
+        if value:
+            path = shutil.which(value) or value
+            if not os.path.isfile(path):
+                raise BackendError(f"{found_by} {value}: no such program")
+            return probe_server(path, found_by=found_by)
+    on_path = shutil.which("llama-server", path=env.get("PATH"))
+    if on_path:
+        return probe_server(on_path, found_by="PATH")
+    from launcher.backends.builds import find_built
+
+    built = find_built("llama-server")
+    if built is not None:
+        return probe_server(str(built), found_by="scripts/build-llama-cpp")
+    if importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None:
+        from importlib.metadata import version
+
+        return ServerProgram(
+            "llama-cpp-python", (sys.executable, "-m", "llama_cpp.server"), version("llama-cpp-python"),
+            found_by="llama-cpp-python[server]",
+        )  # fmt: skip
+    raise BackendError(
+        "no llama.cpp server here: install one (pip install 'fitquant[llamacpp]' for llama-cpp-python's server, "
+        "or scripts/build-llama-cpp for llama-server), or pass --llama-server PATH"
+    )
+
+
+def adapt_argv(argv: list[str], program: ServerProgram, *, rpc: Sequence[str] = ()) -> list[str]:
+    """The plan's llama-server argv for this build: flags it lacks dropped where harmless, refused where the
+    plan depends on them; the log verbosity that prints offload and buffer lines; the RPC servers."""
+    out = list(program.argv0) + argv[1:]
+    if not program.flags:
+        return out
+
+    def need(flag: str, why: str, *aliases: str) -> None:
+        if not program.has(flag, *aliases):
+            raise BackendError(
+                f"llama-server {program.version} ({program.argv0[0]}) is too old for this plan: it has no {flag} "
+                f"({why}); use a newer build (scripts/build-llama-cpp)"
+            )
+
+    if "--fit" in out and not program.has("--fit", "-fit"):
+        i = out.index("--fit")
+        del out[i : i + 2]  # builds before --fit never re-fit on their own
+    if "-fa" in out:
+        i = out.index("-fa")
+        if not program.flash_attn_takes_value:  # builds before 2025-08 take a bare -fa for "on"
+            out[i : i + 2] = ["-fa"] if out[i + 1] == "on" else []
+    need("-ctk", "the KV cache type", "--cache-type-k")
+    if "-ot" in out:
+        need("-ot", "MoE experts kept on the CPU", "--override-tensor")
+    if "--kv-unified" in out:
+        need("--kv-unified", "one KV cache shared by the slots", "-kvu")
+    if rpc:
+        need("--rpc", "RPC devices; build with -DGGML_RPC=ON (scripts/build-llama-cpp does)")
+        out += ["--rpc", ",".join(rpc)]
+    if program.has("-lv", "--log-verbosity"):
+        out += ["-lv", "4"]  # offload, buffer and fit lines are printed at this verbosity (PR #23021)
+    return out
+
+
+def python_server_argv(plan: Plan, option: Option, program: ServerProgram, *, host: str, port: int) -> list[str]:
+    """llama-cpp-python's server for the same configuration; refuses what it cannot do."""
+    import gguf
+
+    p = plan.policy
+    refuse = []
+    if p.n_parallel > 1:
+        refuse.append(f"{p.n_parallel} parallel slots")
+    if option.cpu_moe:
+        refuse.append("MoE experts kept on the CPU")
+    if refuse:
+        raise BackendError(
+            f"llama-cpp-python's server cannot run this plan ({', '.join(refuse)}); use llama-server "
+            "(--llama-server PATH, or scripts/build-llama-cpp)"
+        )
+    first = option.candidate.files[0] if option.candidate.files else None
+    if first is None or not first.local_path:
+        raise BackendError(f"{option.quant} is not on this machine yet; fetch it first")
+
+    def ggml_type(name: str) -> str:
+        return str(int(gguf.GGMLQuantizationType[name.upper()]))
+
+    argv = [*program.argv0, "--model", first.local_path, "--n_ctx", str(option.n_ctx)]
+    argv += ["--n_gpu_layers", str(option.n_gpu_layers), "--flash_attn", str(bool(option.estimate.flash_attn))]
+    argv += ["--type_k", ggml_type(p.type_k), "--type_v", ggml_type(p.type_v)]
+    argv += ["--n_ubatch", str(p.n_ubatch), "--host", host, "--port", str(port)]
+    gpus = layer_split(plan.budgets)
+    if len(gpus) > 1:
+        argv += ["--tensor_split", *[str(g.split_weight) for g in gpus]]
+    if p.vision and option.candidate.projector is not None and option.candidate.projector.local_path:
+        argv += ["--clip_model_path", option.candidate.projector.local_path]
+    return argv
+
+
+class LlamaCppBackend:
+    """llama-server (or llama-cpp-python's server) started with the plan's settings, verified from its log."""
+
+    name = "llamacpp"
+
+    def __init__(self, server: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
+        self._explicit = server
+        self._env = os.environ if env is None else env
+        self._program: ServerProgram | None = None
+
+    @property
+    def program(self) -> ServerProgram:
+        if self._program is None:
+            self._program = find_server(self._explicit, env=self._env)
+        return self._program
+
+    def launch_form(self, plan: Plan, *, host: str = "127.0.0.1", port: int = 8080) -> list[str]:
+        return server_argv(plan, port=port, host=host)
+
+    @property
+    def all_logits(self) -> bool:
+        """llama-cpp-python's server keeps logits for every prompt token; llama-server one per slot."""
+        return self.unavailable() is None and self.program.kind == "llama-cpp-python"
+
+    def unavailable(self) -> str | None:
+        try:
+            self.program  # noqa: B018 (finding it is the check)
+        except BackendError as exc:
+            return str(exc)
+        return None
+
+    def fetch(self, candidate: Candidate, *, vision: bool = False, progress: bool = True) -> Candidate:
+        from launcher.fetch import fetch_candidate
+
+        return fetch_candidate(candidate, vision=vision, progress=progress)
+
+    def argv(self, plan: Plan, option: Option, request: LaunchRequest, port: int) -> list[str]:
+        program = self.program
+        if program.kind == "llama-cpp-python":
+            if request.rpc:
+                raise BackendError("llama-cpp-python's server takes no RPC devices; use llama-server for --rpc")
+            argv = python_server_argv(plan, option, program, host=request.host, port=port)
+        else:
+            argv = adapt_argv(server_argv(plan, option, port=port, host=request.host), program, rpc=request.rpc)
+        first = option.candidate.files[0] if option.candidate.files else None
+        template = builtin_template(first.local_path) if first is not None and first.local_path else None
+        if template:
+            argv += ["--chat_format" if program.kind == "llama-cpp-python" else "--chat-template", template]
+        return argv
+
+    def start(self, plan: Plan, option: Option, request: LaunchRequest, *, log_dir: Path) -> Instance:
+        from launcher.backends.process import free_port, port_in_use, spawn
+
+        port = request.port
+        if port is None:
+            port = free_port(request.host)
+        elif port_in_use(request.host, port):
+            raise BackendError(f"port {port} on {request.host} is in use; choose another with --port")
+        argv = self.argv(plan, option, request, port)
+        env = dict(self._env)
+        env.pop("LLAMA_API_KEY", None)
+        env.pop("API_KEY", None)
+        if request.api_key:
+            # through the environment, never argv: argv is visible to every user in `ps`
+            env["LLAMA_API_KEY" if self.program.kind == "llama-server" else "API_KEY"] = request.api_key
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{_slug(option.quant)}-{port}-{int(time.time() * 1000)}.log"
+        proc = spawn(argv, log_path=log_path, env=env)
+        first = option.candidate.files[0] if option.candidate.files else None
+        model_name = first.local_path if first is not None and first.local_path else option.candidate.model
+        return Instance(
+            backend=self.name,
+            server=self.program.kind,
+            version=self.program.version,
+            endpoint=f"http://{_url_host(request.host)}:{port}/v1",
+            model_name=model_name or option.quant,
+            pid=proc.pid,
+            log_path=log_path,
+            process=proc,
+            host=request.host,
+            port=port,
+            api_key=request.api_key,
+            extra={"argv": argv},
+        )
+
+    def wait_ready(self, instance: Instance, timeout_s: float) -> None:
+        """Poll /health (llama-server) or /v1/models (llama-cpp-python) until 200; the child exiting ends it."""
+        import httpx
+        import tenacity
+
+        base = instance.endpoint.removesuffix("/v1")
+        path = "/health" if instance.server == "llama-server" else "/v1/models"
+        proc = instance.process
+
+        class _NotReady(Exception):
+            pass
+
+        def probe() -> None:
+            if proc is not None and proc.poll() is not None:
+                raise _failed_start(instance, proc.returncode)
+            try:
+                r = httpx.get(base + path, timeout=2.0, headers=instance.headers(), trust_env=False)
+            except httpx.TransportError as exc:
+                raise _NotReady(str(exc)) from None
+            if r.status_code != 200:
+                raise _NotReady(f"{path} answered {r.status_code}")
+
+        try:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(_NotReady),
+                wait=tenacity.wait_fixed(0.05),  # a local GET is cheap; a longer wait is only latency
+                stop=tenacity.stop_after_delay(timeout_s),
+                reraise=True,
+            ):
+                with attempt:
+                    probe()
+        except _NotReady as exc:
+            raise AttemptFailed(
+                "timeout",
+                f"{instance.server} was not ready after {timeout_s:.0f} s ({exc})",
+                log_tail=tail(instance.log_path),
+            ) from None
+
+    def placement(self, instance: Instance, option: Option) -> Placement:
+        from launcher.verify import attach_prediction, nvml_used_by_pid, placement_from_log
+
+        text = ""
+        for _ in range(20):  # the server may still be flushing its log when /health turns 200
+            text = instance.log_path.read_text("utf-8", "replace") if instance.log_path else ""
+            if "layers to GPU" in text:
+                break
+            time.sleep(0.1)
+        placement = placement_from_log(text, token_embd_bytes=option.facts.input_bytes)
+        attach_prediction(placement, option.estimate.devices)
+        if instance.pid is not None:
+            used = nvml_used_by_pid(instance.pid)
+            if used:
+                gpus = placement.gpu_devices
+                for index, nbytes in sorted(used.items()):
+                    if index < len(gpus):
+                        gpus[index].nvml_used_bytes = nbytes
+        return placement
+
+    def stop(self, instance: Instance) -> None:
+        from launcher.backends.process import stop_pid, stop_process
+
+        if instance.process is not None:
+            stop_process(instance.process)
+        elif instance.pid is not None:
+            stop_pid(instance.pid)
+
+
+def _failed_start(instance: Instance, returncode: int | None) -> AttemptFailed:
+    """Why the server exited during load: out of memory, or a crash (a signal, or another error)."""
+    lines = tail(instance.log_path, 40)
+    # the first out-of-memory line is the cause (which device, how many bytes); the later ones are its echoes
+    oom = next((line for line in lines if _OOM.search(line)), None)
+    died_by_signal = returncode is not None and returncode < 0
+    how = f"killed by {_signal_name(-(returncode or 0))}" if died_by_signal else f"exit status {returncode}"
+    if oom is not None:
+        return AttemptFailed("oom", f"{instance.server} ran out of memory while loading ({how}): {_clean(oom)}",
+                             log_tail=lines[-12:])  # fmt: skip
+    error = next((line for line in reversed(lines) if _ERROR.search(line)), None)
+    detail = f"{instance.server} exited while loading ({how})" + (f": {_clean(error)}" if error else "")
+    return AttemptFailed("crash", detail, log_tail=lines[-12:])
+
+
+_OOM = re.compile(
+    r"out of memory|out of device memory|cudaMalloc failed|hipMalloc failed|failed to allocate|unable to allocate|"
+    r"allocation failed|not enough memory|insufficient memory|ErrorOutOfDeviceMemory|OutOfMemory",
+    re.IGNORECASE,
+)
+_ERROR = re.compile(r"\berror\b|\bfailed\b|abort|exception|terminate", re.IGNORECASE)
+
+
+def _clean(line: str) -> str:
+    line = re.sub(r"^\s*(?:\d+\.\d+\.\d+\.\d+\s+)?[EWIDF]\s+", "", line.strip())
+    return line[:300]
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+_LISTED_DEVICE = re.compile(
+    r"^\s*(?P<name>\w+):\s*(?P<desc>.*?)\s*\((?P<total>\d+)\s*MiB,\s*(?P<free>\d+)\s*MiB free\)"
+)
+
+
+def list_devices(program: ServerProgram, rpc: Sequence[str] = ()) -> list[tuple[str, str, int, int]]:
+    """`llama-server [--rpc …] --list-devices`: (name, description, total bytes, free bytes) per device."""
+    if program.kind != "llama-server":
+        raise BackendError("listing RPC devices needs llama-server (llama-cpp-python's server has no --rpc)")
+    argv = [*program.argv0, "--list-devices"] + (["--rpc", ",".join(rpc)] if rpc else [])
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"{program.argv0[0]} --list-devices failed: {exc}") from None
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    out = []
+    for line in text.splitlines():
+        m = _LISTED_DEVICE.match(line)
+        if m:
+            out.append((m["name"], m["desc"], int(m["total"]) * 2**20, int(m["free"]) * 2**20))
+    return out
+
+
+def rpc_devices(program: ServerProgram, rpc: Sequence[str]) -> HardwareSnapshot:
+    """This machine with the RPC servers' devices as its GPUs, sized as llama-server reports them."""
+    from launcher.hardware import detect_hardware
+    from launcher.hardware.types import Device
+
+    listed = [d for d in list_devices(program, rpc) if d[0].startswith("RPC")]
+    if len(listed) < len(rpc):
+        raise BackendError(
+            f"llama-server lists {len(listed)} RPC device(s) for --rpc {','.join(rpc)}; is every ggml-rpc-server "
+            "running and reachable?"
+        )
+    local = detect_hardware()
+    devices = [
+        Device(
+            kind="rpc", index=i, name=f"{name} ({desc})", total_bytes=total, free_bytes=free, used_bytes=total - free
+        )
+        for i, (name, desc, total, free) in enumerate(listed)
+    ]
+    notes = (*local.notes, "RPC devices as llama-server lists them (--vram describes them instead)")
+    return local.model_copy(update={"devices": tuple(devices), "notes": notes})

@@ -1,0 +1,326 @@
+"""fitquant run, ps and stop: start the best quant, prove where it landed, chat with it or serve it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from launcher.cli import options
+from launcher.defaults import DEFAULT_PLAN_CONTEXT
+
+if TYPE_CHECKING:
+    from launcher.backends.base import Backend
+    from launcher.hardware.types import HardwareSnapshot
+    from launcher.run import Attempt, RunResult
+
+
+def _rpc_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    items = tuple(part.strip() for part in value.split(","))
+    for item in items:
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{item!r} is not HOST:PORT (e.g. 127.0.0.1:50052)")
+    return items
+
+
+def _say(text: str) -> None:
+    """Progress and verification for people: stderr, so that stdout stays the answer (or the JSON)."""
+    click.echo(text, err=True)
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--ctx", "n_ctx", callback=options.context, default=str(DEFAULT_PLAN_CONTEXT), show_default=True,
+              help="Target context in tokens: 32768, 32k, 128K.")  # fmt: skip
+@options.kv_options
+@options.parallel_option("Parallel sequences (slots); the context is shared between them.")
+@options.gpu_options
+@options.ram_option
+@options.reserve_option
+@click.option("--min-quant", callback=options.quality_floor, help="Quality floor, e.g. Q4_K_M (default: by size).")
+@click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
+@click.option("--vision/--no-vision", default=False, help="Load the vision projector (mmproj) when there is one.")
+@click.option("--engine/--no-engine", default=True, show_default=True,
+              help="Confirm the plan with a llama.cpp dry run before starting it.")  # fmt: skip
+@click.option("--backend", "backend_name", default="auto", show_default=True,
+              help="auto, llamacpp, ollama, or a backend another package registers.")  # fmt: skip
+@click.option("--llama-server", "llama_server", metavar="PATH",
+              help="llama-server to run (default: FITQUANT_LLAMA_SERVER, PATH, scripts/build-llama-cpp).")  # fmt: skip
+@click.option("--rpc", callback=_rpc_list, metavar="HOST:PORT[,HOST:PORT]",
+              help="llama.cpp RPC servers whose devices join this machine, planned like GPUs.")  # fmt: skip
+@click.option("--serve", is_flag=True, help="Serve in the foreground until SIGTERM instead of chatting.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Server port (default: a free one).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the API key clients must send (or FITQUANT_API_KEY); never printed.")  # fmt: skip
+@click.option("--warmup", type=click.Choice(["short", "full", "none"]), default="short", show_default=True,
+              help="short: one completion; full: also fill the context once.")  # fmt: skip
+@click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Configurations to try before giving up.")  # fmt: skip
+@click.option("--max-tokens", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
+              help="Longest reply to a piped prompt or a chat message, in tokens.")  # fmt: skip
+@click.option("--ready-timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True,
+              help="Seconds to wait for a server to load the model.")  # fmt: skip
+@options.json_option("Print one JSON object (docs/run.schema.json) once the model is verified and ready.")
+def run(
+    model: str | None,
+    n_ctx: int,
+    kv: str,
+    kv_k: str | None,
+    kv_v: str | None,
+    n_parallel: int,
+    vram: list[int] | None,
+    ram: int | None,
+    unified: int | None,
+    reserve: int,
+    min_quant: str | None,
+    strict: bool,
+    vision: bool,
+    engine: bool,
+    backend_name: str,
+    llama_server: str | None,
+    rpc: tuple[str, ...],
+    serve: bool,
+    host: str,
+    port: int | None,
+    api_key_file: Path | None,
+    warmup: str,
+    max_attempts: int,
+    max_tokens: int,
+    ready_timeout: float,
+    as_json: bool,
+) -> None:
+    """Start the best quant of MODEL that fits, verify where it landed, step down if it spilled, then chat.
+
+    With stdin not a terminal, answers the piped prompt and exits. With --serve, serves until SIGTERM.
+    MODEL: as for `fitquant plan`; nothing for the embedded default model.
+    """
+    from launcher import record
+    from launcher.backends.base import LaunchRequest
+    from launcher.fit import fit
+    from launcher.paths import state_dir
+    from launcher.plan import Policy
+    from launcher.run import choose_backend, launch, launch_machine, remember
+
+    _stop_on_sigterm()
+    api_key = _api_key(api_key_file)
+    backend = choose_backend(backend_name, llama_server=llama_server, rpc=rpc)
+    machine = launch_machine(vram=vram, ram=ram, unified=unified, rpc=rpc, backend=backend)
+    policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
+                    min_quant=min_quant, strict=strict, vision=vision,
+                    all_logits=bool(getattr(backend, "all_logits", False)))  # fmt: skip
+    known = record.remembered(machine, record.model_key(model), policy)
+    plan = fit(model, policy, machine=machine, confirm=engine, remembered=known)
+    _say(_plan_line(plan))
+    for note in plan.notes:
+        _say(f"  note: {note}")
+    request = LaunchRequest(host=host, port=port, api_key=api_key, rpc=rpc, ready_timeout_s=ready_timeout)
+    result = launch(
+        plan, backend, request, log_dir=state_dir() / "logs", max_attempts=max_attempts, warmup=warmup,  # type: ignore[arg-type]
+        progress=sys.stderr.isatty(), on_attempt=_attempt_line,
+        on_start=lambda o: _say(f"starting {o.quant} at {o.n_ctx} tokens, {o.n_gpu_layers} layers on the GPU ..."),
+    )  # fmt: skip
+    try:
+        _serve_or_chat(result, machine, backend, serve=serve, as_json=as_json, max_tokens=max_tokens,
+                       remember=lambda m, r: remember(m, r, record.model_key(model)))  # fmt: skip
+    finally:
+        backend.stop(result.instance)
+
+
+def _serve_or_chat(
+    result: RunResult,
+    machine: HardwareSnapshot,
+    backend: Backend,
+    *,
+    serve: bool,
+    as_json: bool,
+    max_tokens: int,
+    remember: Any,
+) -> None:
+    from launcher import instances
+    from launcher.cli.render import render_placement
+
+    remember(machine, result)
+    inst = result.instance
+    name = instances.instance_name(result.plan.model, result.option.quant, inst.port)
+    instances.save(
+        instances.RunningInstance(
+            name=name, model=result.plan.model, quant=result.option.quant, n_ctx=result.option.n_ctx,
+            backend=inst.backend, server=inst.server, pid=inst.pid, owner_pid=os.getpid(), endpoint=inst.endpoint,
+            verdict=result.placement.verdict, started=_now(), log_path=str(inst.log_path) if inst.log_path else None,
+        )
+    )  # fmt: skip
+    try:
+        render_placement(result.placement, err=True)
+        _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
+        if as_json:
+            click.echo(json.dumps(result.to_json()))  # one line: readers take the first line, the answer follows
+            sys.stdout.flush()
+        if serve:
+            _say(f"serving {name}; stop with Ctrl-C, SIGTERM or `fitquant stop {name}`")
+            _wait_while_running(result)
+        elif not sys.stdin.isatty():
+            prompt = sys.stdin.read().strip()
+            if prompt:
+                _answer(result, [{"role": "user", "content": prompt}], max_tokens=max_tokens)
+        elif not as_json:
+            _chat(result, max_tokens=max_tokens)
+    finally:
+        instances.remove(name)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _answer(result: RunResult, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+    from launcher.chat import complete
+
+    pieces = []
+    for piece in complete(result.instance, messages, max_tokens=max_tokens):
+        pieces.append(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    return "".join(pieces)
+
+
+def _chat(result: RunResult, *, max_tokens: int) -> None:
+    """An interactive chat: streaming replies; Ctrl-D or /bye ends it (and the server with it)."""
+    _say("chat: type a message; /bye or Ctrl-D ends it and stops the server")
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        if line.strip() in ("/bye", "/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _answer(result, messages, max_tokens=max_tokens)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _wait_while_running(result: RunResult) -> None:
+    """Block until a signal ends fitquant, or the server dies (an error)."""
+    import time
+
+    from launcher.errors import BackendError
+
+    proc = result.instance.process
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise BackendError(f"{result.instance.server} exited (status {proc.returncode}) while serving; "
+                               f"its log: {result.instance.log_path}")  # fmt: skip
+        time.sleep(0.5)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, `fitquant stop`) unwinds like Ctrl-C, so every `finally` stops its server."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, handler)
+
+
+def _api_key(path: Path | None) -> str | None:
+    from launcher.errors import BackendError
+
+    if path is not None:
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise BackendError(f"--api-key-file {path}: {exc.strerror or exc}") from None
+        if not key:
+            raise BackendError(f"--api-key-file {path} is empty")
+        return key
+    return os.environ.get("FITQUANT_API_KEY") or None
+
+
+def _plan_line(plan: Any) -> str:
+    from launcher.units import format_bytes
+
+    c = plan.chosen
+    p = plan.policy
+    where = "system RAM" if not any(b.name != "CPU" for b in plan.budgets) else f"{c.n_gpu_layers} layers on the GPU"
+    kv = p.type_k if p.type_k == p.type_v else f"{p.type_k}/{p.type_v}"
+    fa = ", flash attention" if c.estimate.flash_attn else ""
+    return (f"plan: {c.quant} at {c.n_ctx} tokens, {where}, {format_bytes(c.total_bytes)} predicted "
+            f"({kv} KV cache{fa}) — {plan.reason}")  # fmt: skip
+
+
+def _attempt_line(attempt: Attempt) -> None:
+    mark = "ok" if attempt.outcome == "verified" else attempt.outcome
+    _say(f"attempt {attempt.quant} at {attempt.n_ctx} tokens: {mark}: {attempt.detail}")
+
+
+@click.command()
+@options.json_option()
+def ps(as_json: bool) -> None:
+    """List the models fitquant started and that still run."""
+    from launcher import instances
+    from launcher.cli.render import print_json
+
+    running = instances.running()
+    if as_json:
+        print_json({"schema_version": 1, "instances": [i.to_json() for i in running]})
+        return
+    if not running:
+        click.echo("nothing running")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None)
+    for column in ("NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT", "UPTIME"):
+        table.add_column(column)
+    for i in running:
+        table.add_row(i.name, i.model, i.quant, str(i.n_ctx), i.server, str(i.pid or "-"), i.endpoint, i.verdict,
+                      _uptime(i.uptime_s))  # fmt: skip
+    Console().print(table)
+
+
+def _uptime(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop everything fitquant started.")
+def stop(name: str | None, stop_all: bool) -> None:
+    """Stop a model fitquant started (by NAME or model, as `fitquant ps` shows), or --all."""
+    from launcher import instances
+    from launcher.backends.process import pid_alive, stop_pid
+    from launcher.errors import BackendError
+
+    if not name and not stop_all:
+        raise click.UsageError("name an instance (fitquant ps lists them) or pass --all")
+    running = instances.running()
+    chosen = running if stop_all else [i for i in running if name in (i.name, i.model)]
+    if not chosen:
+        raise BackendError(f"nothing running is named {name!r}; `fitquant ps` lists what runs")
+    for i in chosen:
+        if i.owner_pid != os.getpid() and pid_alive(i.owner_pid):
+            stop_pid(i.owner_pid, timeout_s=30)  # its `finally` stops the server in order
+        if i.pid is not None and pid_alive(i.pid):
+            stop_pid(i.pid)
+        instances.remove(i.name)
+        click.echo(f"stopped {i.name}")

@@ -1,0 +1,104 @@
+"""fitquant verify: read a llama.cpp load log and say where the model landed (and, given the model, what the plan
+predicted for the same settings)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from launcher.cli import options
+from launcher.cli.render import print_json
+
+if TYPE_CHECKING:
+    from launcher.estimate import GPU, Settings
+    from launcher.model import ModelFacts
+    from launcher.verify import Placement
+
+# llama.cpp device name prefix -> the estimate's backend (launcher.estimate.RUNTIME_OVERHEAD_BYTES keys)
+_BACKENDS = (("CUDA", "cuda"), ("ROCm", "rocm"), ("HIP", "rocm"), ("Metal", "metal"), ("MTL", "metal"),
+             ("RPC", "rpc"), ("Vulkan", "vulkan"))  # fmt: skip
+
+
+@click.command()
+@click.argument("log", metavar="LOG|-")
+@click.option("--model", help="The GGUF the log loaded (path or URL): exact host allowance and the prediction beside.")
+@click.option("--ctx", "n_ctx", callback=options.context,
+              help="Context to predict for (32768, 32k). Default: the log's n_ctx.")  # fmt: skip
+@options.json_option("Print the placement as JSON (sizes in bytes).")
+def verify(log: str, model: str | None, n_ctx: int | None, as_json: bool) -> None:
+    """Say where a model landed from llama.cpp's load log: 100% GPU, spill, CPU only or out of memory.
+
+    LOG is a llama-server / llama-cli / Ollama log file, or - for standard input. The last model load in it
+    decides. With --model, the plan's per-device prediction for the log's settings is shown beside the measurement.
+    """
+    from launcher.verify import placement_from_log
+
+    text = _read_log(log)
+    placement = placement_from_log(text) if model is None else _with_prediction(text, model, n_ctx)
+    if as_json:
+        print_json(placement.to_json())
+        return
+    from launcher.cli.render import render_placement
+
+    render_placement(placement)
+    click.echo(f"reason: {placement.reason}")
+    if placement.errors:
+        click.echo("failing lines:")
+        for line in placement.errors:
+            click.echo(f"  {line}")
+
+
+def _read_log(log: str) -> str:
+    from launcher.errors import VerifyError
+
+    try:
+        with click.open_file(log, encoding="utf-8", errors="replace") as f:  # "-" is standard input
+            text: str = f.read()
+            return text
+    except OSError as exc:
+        raise VerifyError(f"cannot read the log {log}: {exc.strerror or exc}") from None
+
+
+def _with_prediction(text: str, model: str, n_ctx: int | None) -> Placement:
+    from launcher import read_model_facts
+    from launcher.estimate import estimate
+    from launcher.verify import attach_prediction, placement_from_log
+
+    facts = read_model_facts(model)
+    placement = placement_from_log(text, token_embd_bytes=facts.input_bytes)
+    gpus = _gpus(placement)
+    result = estimate(facts, _settings(facts, placement, text, n_ctx, bool(gpus)), gpus=gpus)
+    return attach_prediction(placement, result.devices)
+
+
+def _gpus(placement: Placement) -> list[GPU]:
+    """One estimate GPU per measured GPU device, split by the weights each one holds (as llama.cpp split them)."""
+    from launcher.estimate import GPU
+
+    gpus = []
+    for device in placement.gpu_devices:
+        backend = next((b for prefix, b in _BACKENDS if device.name.startswith(prefix)), "cuda")
+        gpus.append(GPU(device.name, split_weight=float(max(device.model_bytes, 1)), backend=backend))
+    return gpus
+
+
+def _settings(facts: ModelFacts, placement: Placement, text: str, n_ctx: int | None, has_gpu: bool) -> Settings:
+    """The configuration the log shows: offloaded layers, KV types, flash attention, context, slots, batches."""
+    from launcher import llamalog
+    from launcher.estimate import KV_CACHE_TYPES, default_settings
+    from launcher.verify import strip_header
+
+    log = llamalog.parse(strip_header(text))
+    flash = {True: "on", False: "off"}.get(placement.flash_attn) if placement.flash_attn is not None else None
+    # a full offload with more host weights than the embeddings is MoE experts kept on the CPU (--cpu-moe)
+    full = placement.layers_on_gpu is not None and placement.layers_on_gpu == placement.layers_total
+    cpu_moe = placement.verdict == "spill" and full and facts.expert_count > 0
+    return default_settings(
+        facts, has_gpu=has_gpu, n_ctx=n_ctx or placement.n_ctx,
+        n_gpu_layers=placement.layers_on_gpu if has_gpu else 0,
+        type_k=placement.type_k if placement.type_k in KV_CACHE_TYPES else None,
+        type_v=placement.type_v if placement.type_v in KV_CACHE_TYPES else None,
+        flash_attn=flash, n_parallel=placement.n_slots, kv_unified=log.kv_unified,
+        n_batch=log.n_batch, n_ubatch=log.n_ubatch, cpu_moe=cpu_moe or None,
+    )  # fmt: skip
