@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import psutil
 import pytest
 
@@ -75,6 +76,7 @@ def test_run_answers_a_piped_prompt_verifies_cpu_only_and_leaves_nothing(
     assert done.returncode == 0, done.stderr
     first, _, answer = done.stdout.partition("\n")
     result = json.loads(first)
+    jsonschema.validate(result, json.loads((ROOT / "docs" / "run.schema.json").read_text()))
     assert result["schema_version"] == 1
     assert result["backend"]["server"] == server
     assert result["chosen"]["quant"] == "Q4_K_M" and result["chosen"]["n_ctx"] == 2048

@@ -46,6 +46,9 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--swa-full", is_flag=True, help="Full-size cache for sliding-window layers.")
 @click.option("--ubatch", "n_ubatch", type=click.IntRange(min=1), default=DEFAULT_UBATCH, show_default=True,
               help="Physical batch size (n_ubatch).")  # fmt: skip
+@click.option("--all-logits", is_flag=True,
+              help="Logits for every prompt token (the llama.cpp library's default, llama-cpp-python's server) "
+                   "rather than one per slot (llama-server).")  # fmt: skip
 @options.gpu_options
 @options.reserve_option
 @options.json_option()
@@ -61,6 +64,7 @@ def estimate(
     flash_attn: str | None,
     swa_full: bool,
     n_ubatch: int,
+    all_logits: bool,
     vram: list[int] | None,
     unified: int | None,
     reserve: int,
@@ -83,6 +87,7 @@ def estimate(
     settings = default_settings(
         facts, has_gpu=bool(gpus), n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, flash_attn=flash_attn,
         n_gpu_layers=ngl, n_parallel=n_parallel, kv_unified=kv_unified, swa_full=swa_full, n_ubatch=n_ubatch,
+        n_outputs_max=0 if all_logits else n_parallel,
     )  # fmt: skip
     result = estimate_bytes(facts, settings, gpus=gpus)
     if as_json:
