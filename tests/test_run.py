@@ -71,7 +71,8 @@ def test_run_answers_a_piped_prompt_verifies_cpu_only_and_leaves_nothing(
         env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(_llama_server()))
     else:
         env = _python_server_env(tmp_path)
-    done = _fitquant(["run", str(gemma3_270m_path), "--ctx", "2048", "--no-engine", "--json", "--ram", "8GiB"], env,
+    done = _fitquant(["run", str(gemma3_270m_path), "--ctx", "2048", "--no-engine", "--json", "--ram", "8GiB",
+                      "--max-tokens", "32"], env,
                      stdin="Say hello in one word.")  # fmt: skip
     assert done.returncode == 0, done.stderr
     first, _, answer = done.stdout.partition("\n")
@@ -122,7 +123,8 @@ def test_serve_ps_stop_and_signals_leave_no_child(tmp_path: Path, gemma3_270m_pa
 
 def test_the_next_plan_starts_from_what_was_measured(tmp_path: Path, gemma3_270m_path: Path) -> None:
     env = _python_server_env(tmp_path)
-    args = ["run", str(gemma3_270m_path), "--ctx", "1024", "--no-engine", "--warmup", "none", "--ram", "8GiB"]
+    args = ["run", str(gemma3_270m_path), "--ctx", "1024", "--no-engine", "--warmup", "none", "--ram", "8GiB",
+            "--max-tokens", "16"]  # fmt: skip
     assert _fitquant(args, env, stdin="hi").returncode == 0
     records = list((Path(env["FITQUANT_HOME"]) / "state" / "machines").glob("*.jsonl"))
     assert len(records) == 1

@@ -28,8 +28,8 @@ MiB = 2**20
 def _run(args: list[str], *, server: Path, timeout: float = 300) -> tuple[int, dict | None, str]:
     env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
     env["FITQUANT_LLAMA_SERVER"] = str(server)
-    done = subprocess.run([sys.executable, "-m", "launcher", "run", *args, "--json", "--no-engine"], input="Say hi.",
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)  # fmt: skip
+    argv = [sys.executable, "-m", "launcher", "run", *args, "--json", "--no-engine", "--max-tokens", "8"]
+    done = subprocess.run(argv, input="Say hi.", capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     first = done.stdout.partition("\n")[0]
     return done.returncode, (json.loads(first) if first.startswith("{") else None), done.stderr
 
