@@ -525,10 +525,11 @@ def summary_line(placement: Placement) -> str:
     return text
 
 
-def render_comparison(placement: Placement) -> list[str]:
-    """Predicted against measured, per device and per kind, with the difference (predicted - measured, in MiB and
-    as a share of the measured figure, as `fitquant run` shows it). Plain text lines, header first."""
-    rows: list[tuple[str, str, str, str, str]] = [("device", "kind", "predicted", "measured", "difference")]
+def comparison_rows(placement: Placement) -> list[tuple[str, str, str, str, str]]:
+    """(device, kind, predicted, measured, difference) per device and per kind, then the device's total (and
+    NVML's figure for the process where there is one); the difference is predicted - measured, in MiB and as a
+    share of the measured figure."""
+    rows: list[tuple[str, str, str, str, str]] = []
     for d in placement.devices:
         kinds = {"model": d.model_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes, "output": d.output_bytes}
         for kind, measured in kinds.items():
@@ -540,6 +541,12 @@ def render_comparison(placement: Placement) -> list[str]:
                      _difference(d.predicted_bytes, d.measured_bytes)))  # fmt: skip
         if d.nvml_used_bytes is not None:
             rows.append((d.name, "NVML (process)", "", _mib(d.nvml_used_bytes), ""))
+    return rows
+
+
+def render_comparison(placement: Placement) -> list[str]:
+    """comparison_rows as plain text lines, as `fitquant run` shows them, header first."""
+    rows = [("device", "kind", "predicted", "measured", "difference"), *comparison_rows(placement)]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for row in rows:

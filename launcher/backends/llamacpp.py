@@ -339,40 +339,29 @@ class LlamaCppBackend:
     def wait_ready(self, instance: Instance, timeout_s: float) -> None:
         """Poll /health (llama-server) or /v1/models (llama-cpp-python) until 200; the child exiting ends it."""
         import httpx
-        import tenacity
+
+        from launcher.backends.process import poll_until
 
         base = instance.endpoint.removesuffix("/v1")
         path = "/health" if instance.server == "llama-server" else "/v1/models"
         proc = instance.process
 
-        class _NotReady(Exception):
-            pass
-
-        def probe() -> None:
+        def probe() -> str | None:
             if proc is not None and proc.poll() is not None:
                 raise _failed_start(instance, proc.returncode)
             try:
                 r = httpx.get(base + path, timeout=2.0, headers=instance.headers(), trust_env=False)
             except httpx.TransportError as exc:
-                raise _NotReady(str(exc)) from None
-            if r.status_code != 200:
-                raise _NotReady(f"{path} answered {r.status_code}")
+                return str(exc)
+            return None if r.status_code == 200 else f"{path} answered {r.status_code}"
 
-        try:
-            for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_NotReady),
-                wait=tenacity.wait_fixed(0.05),  # a local GET is cheap; a longer wait is only latency
-                stop=tenacity.stop_after_delay(timeout_s),
-                reraise=True,
-            ):
-                with attempt:
-                    probe()
-        except _NotReady as exc:
+        why = poll_until(probe, timeout_s=timeout_s)
+        if why is not None:
             raise AttemptFailed(
                 "timeout",
-                f"{instance.server} was not ready after {timeout_s:.0f} s ({exc})",
+                f"{instance.server} was not ready after {timeout_s:.0f} s ({why})",
                 log_tail=tail(instance.log_path),
-            ) from None
+            )
 
     def placement(self, instance: Instance, option: Option) -> Placement:
         from launcher.verify import attach_prediction, nvml_used_by_pid, placement_from_log

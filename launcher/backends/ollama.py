@@ -502,35 +502,26 @@ class OllamaBackend:
         """Return once the model is listed by /api/ps; AttemptFailed crash (our server exited) or timeout."""
         import tenacity
 
+        from launcher.backends.process import poll_until
+
         base = instance.extra.get("base_url") or instance.endpoint.removesuffix("/v1")
 
-        class _NotReady(Exception):
-            pass
-
-        def probe() -> None:
+        def probe() -> str | None:
             proc = instance.process
             if proc is not None and proc.poll() is not None:
                 raise self._exited(instance, f"ollama serve exited (status {proc.returncode}) while loading")
             try:
-                if self._ps_entry(base, instance.model_name) is None:
-                    raise _NotReady(f"{instance.model_name} is not in /api/ps yet")
+                listed = self._ps_entry(base, instance.model_name) is not None
             except OllamaError as exc:
-                raise _NotReady(str(exc)) from None
+                return str(exc)
+            return None if listed else f"{instance.model_name} is not in /api/ps yet"
 
-        try:
-            for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_NotReady),
-                wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
-                stop=tenacity.stop_after_delay(timeout_s),
-                reraise=True,
-            ):
-                with attempt:
-                    probe()
-        except _NotReady as exc:
+        why = poll_until(probe, timeout_s=timeout_s, wait=tenacity.wait_exponential(multiplier=0.05, max=1.0))
+        if why is not None:
             raise AttemptFailed(
-                "timeout", f"Ollama did not list {instance.model_name} within {timeout_s:.0f} s ({exc})",
+                "timeout", f"Ollama did not list {instance.model_name} within {timeout_s:.0f} s ({why})",
                 log_tail=self._tail(instance.log_path),
-            ) from None  # fmt: skip
+            )  # fmt: skip
 
     def placement(self, instance: Instance, option: Option) -> Placement:
         """Where /api/ps says the model landed, with the plan's prediction beside it, and the server's KV cache
@@ -716,7 +707,7 @@ class OllamaBackend:
         """Start `ollama serve` on a free 127.0.0.1 port with `env`, and wait until GET / answers."""
         import tenacity
 
-        from launcher.backends.process import free_port, spawn, stop_process
+        from launcher.backends.process import free_port, poll_until, spawn, stop_process
         from launcher.http import HttpFailure, translate
 
         if log_dir is None:
@@ -730,10 +721,7 @@ class OllamaBackend:
         base = f"http://127.0.0.1:{port}"
         own = _OwnServer(proc, base, dict(env), log_path, binary)
 
-        class _NotYet(Exception):
-            pass
-
-        def probe() -> None:
+        def probe() -> str | None:
             if proc.poll() is not None:
                 lines = self._tail(log_path)
                 last = f": {_one_line(lines[-1], 300)}" if lines else ""
@@ -742,27 +730,17 @@ class OllamaBackend:
                 with translate(), self._http(base, read_s=PROBE_TIMEOUT_S, connect_s=1.0) as http:
                     r = http.get(f"{base}/")
             except HttpFailure as exc:
-                raise _NotYet(str(exc)) from None
-            if r.status_code != 200:
-                raise _NotYet(f"GET / answered {r.status_code}")
+                return str(exc)
+            return None if r.status_code == 200 else f"GET / answered {r.status_code}"
 
         try:
-            for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_NotYet),
-                wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
-                stop=tenacity.stop_after_delay(SERVE_TIMEOUT_S),
-                reraise=True,
-            ):
-                with attempt:
-                    probe()
-        except _NotYet as exc:
-            stop_process(proc, timeout_s=STOP_TIMEOUT_S)
-            raise BackendError(
-                f"{binary} serve did not answer at {base} within {SERVE_TIMEOUT_S:.0f} s ({exc})"
-            ) from None
+            why = poll_until(probe, timeout_s=SERVE_TIMEOUT_S, wait=tenacity.wait_exponential(multiplier=0.05, max=0.5))
         except BaseException:
             stop_process(proc, timeout_s=STOP_TIMEOUT_S)
             raise
+        if why is not None:
+            stop_process(proc, timeout_s=STOP_TIMEOUT_S)
+            raise BackendError(f"{binary} serve did not answer at {base} within {SERVE_TIMEOUT_S:.0f} s ({why})")
         return own
 
     # -- models ----------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -133,3 +134,31 @@ def tail(path: Path | None, lines: int = 12) -> list[str]:
         f.seek(max(0, size - 64 * 1024))
         text = f.read().decode("utf-8", "replace")
     return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def poll_until(probe: Callable[[], str | None], *, timeout_s: float, wait: Any = None) -> str | None:
+    """Call `probe` until it returns None (ready), for at most `timeout_s`; a string it returns says why not
+    yet, and the last one is returned when the time is up. What `probe` raises ends the wait at once (a child
+    that died). `wait` is a tenacity wait (default: every 50 ms, as a local GET is cheap)."""
+    import tenacity
+
+    class _NotYet(Exception):
+        pass
+
+    def attempt_once() -> None:
+        why = probe()
+        if why is not None:
+            raise _NotYet(why)
+
+    try:
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_NotYet),
+            wait=wait if wait is not None else tenacity.wait_fixed(0.05),
+            stop=tenacity.stop_after_delay(timeout_s),
+            reraise=True,
+        ):
+            with attempt:
+                attempt_once()
+    except _NotYet as exc:
+        return str(exc)
+    return None

@@ -291,7 +291,7 @@ def render_placement(placement: Placement, *, err: bool = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.verify import summary_line
+    from launcher.verify import comparison_rows, summary_line
 
     console = Console(stderr=err, highlight=False)
     colour = {"gpu": "green", "cpu-only": "yellow"}.get(placement.verdict, "red")
@@ -299,27 +299,6 @@ def render_placement(placement: Placement, *, err: bool = False) -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("device", "kind", "predicted", "measured", "difference"):
         table.add_column(column, justify="left" if column in ("device", "kind") else "right")
-    for d in placement.devices:
-        kinds = {"model": d.model_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes, "output": d.output_bytes}
-        for kind, measured in kinds.items():
-            predicted = d.predicted.get(kind)
-            if not measured and not predicted:
-                continue
-            table.add_row(d.name, kind, _mib(predicted), _mib(measured), _difference(predicted, measured))
-        table.add_row(d.name, "total", _mib(d.predicted_bytes), _mib(d.measured_bytes),
-                      _difference(d.predicted_bytes, d.measured_bytes), style="bold")  # fmt: skip
-        if d.nvml_used_bytes is not None:
-            table.add_row(d.name, "NVML (process)", "", _mib(d.nvml_used_bytes), "")
+    for row in comparison_rows(placement):
+        table.add_row(*row, style="bold" if row[1] == "total" else None)
     console.print(table)
-
-
-def _mib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
-
-
-def _difference(predicted: int | None, measured: int) -> str:
-    if predicted is None:
-        return ""
-    delta = predicted - measured
-    pct = f" ({delta / measured:+.1%})" if measured else ""
-    return f"{delta / 2**20:+,.1f} MiB{pct}"
