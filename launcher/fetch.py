@@ -536,24 +536,7 @@ class _Bar:
         self.task: Any = None
         if not enabled:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
+        self.progress = download_progress()
         self.task = self.progress.add_task(label, total=total or None, completed=done)
         self.progress.start()
 
@@ -956,3 +939,18 @@ def _result(c: Candidate, jobs: list[_Job], join: _Job | None, shown: str) -> Ca
                 "loads a split set from one folder (the repository changed during the download?); run again"
             )
     return replace(c, files=files, projector=projector)
+
+
+def download_progress(console: Any = None, *, description: str = "[bold]{task.description}") -> Any:
+    """The one download bar (bytes, speed, time left) on stderr, for files and for Ollama's pull stream."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    return Progress(
+        TextColumn(description),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console if console is not None else Console(stderr=True),
+    )

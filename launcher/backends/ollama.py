@@ -314,27 +314,12 @@ class PullProgress:
     """
 
     def __init__(self, name: str, *, console: Any = None) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from launcher.fetch import download_progress
 
         self.name = name
         self.layers: dict[str, tuple[int, int]] = {}
         self.statuses: list[str] = []
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console if console is not None else Console(stderr=True),
-        )
+        self._progress = download_progress(console, description="{task.description}")
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> PullProgress:
