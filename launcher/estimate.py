@@ -2,8 +2,9 @@
 
 Mirrors the build of llama.cpp that llama-cpp-python 0.3.36 vendors (paths below are in
 ggml-org/llama.cpp). Weights, KV cache and recurrent state follow llama.cpp's own arithmetic and
-match it exactly; the compute buffer is a model of what `sched_reserve` reserves for the worst-case
-prompt-processing graph, calibrated against the CPU backend (see scripts/bench_estimate.py). On GPU
+match it exactly; the compute buffer is what `sched_reserve` reserves for the worst-case
+prompt-processing graph, found by rebuilding that graph and replaying ggml-alloc on it
+(launcher/compute), byte for byte on the CPU backend (see scripts/bench_estimate.py). On GPU
 backends the compute figure is labelled an estimate until measured there.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.compute import BUFFER_ALIGNMENT, GraphShape, compute_buffers
 from launcher.defaults import DEFAULT_CONTEXT, DEFAULT_KV_TYPE
 from launcher.errors import EstimateError
 from launcher.model import ModelFacts
@@ -187,7 +189,7 @@ class MemoryEstimate:
     kv_caches: list[KVCache]
     approximate: bool
     notes: list[str]
-    compute_source: str  # "model (calibrated on CPU)" or "estimate (not yet measured on this backend)"
+    compute_source: str  # how the compute figure was found, and whether it was checked on that backend
 
     def _sum(self, name: str) -> int:
         return sum(getattr(device, name) for device in self.devices)
@@ -397,85 +399,61 @@ def _compute_bytes_by_device(
     *,
     n_ctx: int,
     flash_attn: bool,
+    backend_of: dict[str, str],
 ) -> dict[str, int]:
-    """The compute buffer `sched_reserve` reserves on each backend (src/llama-context.cpp).
+    """The compute buffer `sched_reserve` reserves on each backend (src/llama-context.cpp), by rebuilding the
+    worst-case prompt-processing graph and replaying ggml-alloc on it (launcher/compute).
 
-    Long on purpose: it reads top to bottom as the graph runs, each stage updating one peak per device.
-
-    The worst case is the prompt-processing graph: n_tokens = min(n_ctx, n_ubatch), one output per
-    token, n_seq streams. ggml-alloc reuses memory, so the buffer is the peak of what is live at once:
-    - during attention: the KQ masks (inputs, live until the last layer), and without flash attention
-      the KQ scores [n_kv, n_tokens, n_head] in F32 (softmax works in place);
-    - during the feed-forward: the masks plus the FFN activations (MoE: one per selected expert);
-    - at the output: the logits [n_vocab, n_outputs] in F32 (the masks are freed by then); n_outputs is
-      min(n_tokens, n_outputs_max): every token for the library's default, one per slot for llama-server.
-    Each term is a tensor llama.cpp's graph creates; the activation counts are calibrated on the CPU
-    backend against measured figures (scripts/bench_estimate.py).
+    The ubatch: n_tokens = min(n_ctx, n_batch, n_ubatch), rounded up to a multiple of the n_seq_max sequences
+    (llama_context::graph_reserve); n_outputs = min(n_tokens, n_outputs_max or n_batch): every token for the
+    library's default, one per slot for llama-server (tools/server server_output_limits). The KV mask has each
+    cache's cells per stream; the recurrent state rows are n_seq_max x (1 + n_rs_seq).
     """
     n_batch = min(n_ctx, settings.n_batch)
     n_tokens = min(n_batch, settings.n_ubatch)
     n_seq = settings.n_parallel
+    n_outputs = min(n_tokens, settings.n_outputs_max or n_batch)
     if n_tokens % n_seq:
         n_tokens = _pad(n_tokens, n_seq)
-    f32 = 4
-    mask_elt = 2 if flash_attn else 4  # flash attention takes an F16 mask (llama-graph.cpp build_attn_inp_kq_mask)
-    cells = {layer: cache.cells for cache in caches for layer in cache.layers}
-    streams = {layer: cache.n_stream for cache in caches for layer in cache.layers}
-    mask_bytes = sum(cache.cells * n_tokens * mask_elt for cache in caches if cache.layers)
-    n_embd = facts.n_embd
-    per_device: dict[str, int] = {}
+    cells: dict[str, int] = {}
+    layer_cache: dict[int, str] = {}
+    for cache in caches:
+        kind = "swa" if cache.kind == "SWA" else "base"
+        cells[kind] = cache.cells
+        layer_cache.update(dict.fromkeys(cache.layers, kind))
+    shape = GraphShape(
+        n_tokens=n_tokens,
+        n_seqs=n_seq,
+        n_outputs=n_outputs,
+        n_stream=1 if settings.kv_unified else n_seq,
+        flash_attn=flash_attn,
+        type_k=settings.type_k,
+        type_v=settings.type_v,
+        cells=cells,
+        layer_cache=layer_cache,
+        n_rs=max(1, n_seq) * (1 + settings.n_rs_seq),
+        layer_device=layer_device,
+        alignment={name: BUFFER_ALIGNMENT.get(backend, 32) for name, backend in backend_of.items()},
+        cpu_moe=settings.cpu_moe,
+        n_copies=PIPELINE_COPIES if _pipeline_parallel(settings, layer_device, backend_of) else 1,
+    )
+    return compute_buffers(facts, shape)
 
-    def peak(device: str, value: int) -> None:
-        per_device[device] = max(per_device.get(device, 0), value)
 
-    for layer in facts.layers[: facts.n_layer - facts.n_layer_nextn]:
-        device = layer_device[layer.index]
-        q_dim = layer.n_head * layer.head_dim_k
-        kv_dim = layer.n_embd_k_gqa + layer.n_embd_v_gqa
-        # residual stream, normed input, Q (+rope/scale copies), K and V projections
-        attn_act = (2 * n_embd + 3 * q_dim + kv_dim) * n_tokens * f32
-        attn = mask_bytes + attn_act
-        if layer.has_kv and not flash_attn:
-            attn += cells[layer.index] * n_tokens * layer.n_head * f32  # KQ scores
-            if facts.is_mla:
-                # V made contiguous from the K view, in every stream (llama-graph.cpp build_attn_mha, !v_trans)
-                attn += cells[layer.index] * streams[layer.index] * facts.kv_lora_rank * 2
-        if layer.recurrent:
-            # conv input window and SSM scan output per token (src/models/graph-context-mamba.cpp)
-            d_inner = facts.ssm_d_inner or n_embd
-            attn = max(attn, mask_bytes + (2 * n_embd + 4 * d_inner) * n_tokens * f32)
-        if layer.expert_width:
-            # router logits and probabilities, then per selected expert: up, gate, activation, down
-            used = facts.expert_used_count
-            ffn_floats = 2 * facts.expert_count + used * (3 * layer.expert_width + n_embd)
-            ffn_floats += 3 * layer.shared_expert_width
-        elif layer.ffn_fused:
-            ffn_floats = layer.ffn_width + layer.ffn_width // 2  # fused gate+up output, then the activation
-        else:
-            ffn_floats = 2 * layer.ffn_width  # gate and up outputs (the activation works in place)
-        ffn_act = (2 * n_embd + ffn_floats) * n_tokens * f32
-        peak(device, max(attn, mask_bytes + ffn_act))
-    # Output layer: logits for every token of the batch, plus the final norm and its input. The logits go
-    # above whatever the last block's feed-forward left in place: ggml-alloc cannot fit them in its holes.
-    # Calibrated: nothing for separate gate/up (llama, qwen3, gemma3), the activation for a fused gate+up
-    # (phi3), the selected experts' activations for MoE (granite-4.0-h, gpt-oss, deepseek2, qwen3moe).
-    last = facts.layers[facts.n_layer - facts.n_layer_nextn - 1]
-    if last.expert_width:
-        ffn_left = facts.expert_used_count * last.expert_width
-    else:
-        ffn_left = last.ffn_width // 2 if last.ffn_fused else 0
-    out_device = layer_device[facts.n_layer]
-    n_outputs = min(n_tokens, settings.n_outputs_max or n_batch)
-    peak(out_device, (facts.n_vocab * n_outputs + (2 * n_embd + ffn_left) * n_tokens) * f32)
-    # With layers off the CPU the host still runs the input layer (token embedding rows), and with the
-    # experts on the CPU it runs their feed-forward too.
-    if any(d != "CPU" for d in layer_device):
-        host = n_embd * n_tokens * f32
-        if settings.cpu_moe:
-            host = max(host, max((2 * n_embd + facts.expert_used_count * (3 * layer.expert_width + n_embd))
-                                 * n_tokens * f32 for layer in facts.layers))  # fmt: skip
-        peak("CPU", host)
-    return per_device
+# ggml_backend_sched_new(..., parallel = true) keeps GGML_SCHED_MAX_COPIES copies of every input (ggml-backend.cpp)
+PIPELINE_COPIES = 4
+
+
+def _pipeline_parallel(settings: Settings, layer_device: list[str], backend_of: dict[str, str]) -> bool:
+    """llama_context's pipeline parallelism (src/llama-context.cpp): several devices, every layer offloaded
+    (the output layer included), no tensor overrides, and GPUs with async compute and events (CUDA, HIP)."""
+    gpus = {d for d in layer_device if d != "CPU"}
+    return (
+        len(gpus) > 1
+        and "CPU" not in layer_device
+        and not settings.cpu_moe
+        and all(backend_of.get(d) in ("cuda", "rocm") for d in gpus)
+    )
 
 
 def estimate(
@@ -529,7 +507,13 @@ def estimate(
             devices[layer_device[layer.index]].recurrent_bytes += rs_per_layer
 
     for name, value in _compute_bytes_by_device(
-        facts, settings, caches, layer_device, n_ctx=n_ctx, flash_attn=flash_attn
+        facts,
+        settings,
+        caches,
+        layer_device,
+        n_ctx=n_ctx,
+        flash_attn=flash_attn,
+        backend_of={"CPU": "cpu", **backend_of},
     ).items():
         devices[name].compute_bytes += value
 
@@ -545,9 +529,9 @@ def estimate(
         notes.append(f"partial offload: {ngl} of {n_layer + 1} layers on the GPU, the rest on the CPU")
     gpu_backends = {g.backend for g in gpus if g.name in layer_device}
     compute_source = (
-        "estimate for " + "/".join(sorted(gpu_backends)) + " (calibrated on the CPU backend, not yet measured)"
+        "estimate for " + "/".join(sorted(gpu_backends)) + " (llama.cpp's graph replayed, checked on the CPU backend)"
         if gpu_backends
-        else "model calibrated on the CPU backend"
+        else "llama.cpp's graph replayed (exact on the CPU backend)"
     )
     return MemoryEstimate(
         model=facts.source,

@@ -224,6 +224,9 @@ class LayerFacts:
     ffn_fused: bool = False  # ffn_up holds gate and up together (phi3)
     expert_width: int = 0  # one expert's FFN width (n_ff_exp)
     shared_expert_width: int = 0  # shared experts' FFN width
+    # (name without "blk.<i>.", ggml shape, bytes) of each of the layer's tensors: two layers with the same tensors
+    # build the same compute graph (launcher/compute)
+    tensors: tuple[tuple[str, tuple[int, ...], int], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -268,6 +271,10 @@ class ModelFacts:
     tensor_bytes_total: int
     file_type: int | None
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+    # What the compute graph is built from (launcher/compute): every tensor's ggml shape by name, and the
+    # architecture's scalar hyperparameters ("{arch}." stripped, e.g. "expert_weights_norm").
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
+    hparams: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_head_kv(self) -> list[int]:
@@ -621,10 +628,12 @@ class _Weights:
     token_embd: int = 0
     output_tied: bool = False
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+    layer_tensors: list[tuple[tuple[str, tuple[int, ...], int], ...]] = field(default_factory=list)
 
 
 def _weights(header: GGUFHeader, n_layer: int) -> _Weights:
     w = _Weights([0] * n_layer, [0] * n_layer)
+    per_layer: list[list[tuple[str, tuple[int, ...], int]]] = [[] for _ in range(n_layer)]
     for tensor in header.tensors:
         w.tensor_types[tensor.type_name] = w.tensor_types.get(tensor.type_name, 0) + 1
         block = _BLOCK_TENSOR.match(tensor.name)
@@ -633,6 +642,7 @@ def _weights(header: GGUFHeader, n_layer: int) -> _Weights:
             if il >= n_layer:
                 raise ModelError(f"{header.source}: tensor '{tensor.name}' is beyond block_count {n_layer}")
             w.layer[il] += tensor.n_bytes
+            per_layer[il].append((tensor.name[block.end() :], tensor.shape, tensor.n_bytes))
             if _EXPERT_TENSOR.match(tensor.name):
                 w.expert[il] += tensor.n_bytes
         elif tensor.name.startswith(_INPUT_TENSORS):
@@ -644,6 +654,7 @@ def _weights(header: GGUFHeader, n_layer: int) -> _Weights:
         else:
             w.other += tensor.n_bytes
     # Tied embeddings: llama.cpp creates the output from token_embd with TENSOR_DUPLICATED.
+    w.layer_tensors = [tuple(sorted(tensors)) for tensors in per_layer]
     w.output_tied = header.tensor("output.weight") is None and w.token_embd > 0
     if w.output_tied:
         w.output += w.token_embd
@@ -669,6 +680,7 @@ def _layer_facts(
             ffn_fused=widths.fused[il],
             expert_width=widths.expert[il],
             shared_expert_width=widths.shared[il],
+            tensors=weights.layer_tensors[il],
         )
         for il in range(hp.n_layer_all)
     )
@@ -726,7 +738,19 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
         tensor_bytes_total=header.tensor_bytes_total,
         file_type=file_type if isinstance(file_type, int) else None,
         tensor_types=weights.tensor_types,
+        tensor_shapes={tensor.name: tensor.shape for tensor in header.tensors},
+        hparams=_scalar_hparams(header, arch),
     )
+
+
+def _scalar_hparams(header: GGUFHeader, arch: str) -> dict[str, Any]:
+    """The `{arch}.*` keys whose values are scalars or short integer lists, without the prefix."""
+    prefix = arch + "."
+    return {
+        key[len(prefix) :]: value
+        for key, value in header.metadata.items()
+        if key.startswith(prefix) and isinstance(value, (bool, int, float, str, list))
+    }
 
 
 def facts_to_json(facts: ModelFacts, *, sizes: Sequence[int] = ()) -> dict[str, Any]:

@@ -73,3 +73,11 @@ def real_corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
     import corpus_real
 
     return corpus_real.build_real_corpus(corpus_root)
+
+
+@pytest.fixture(scope="session")
+def broad_corpus(corpus_root: Path) -> list[corpus_mod.CorpusModel]:
+    """Header-only sparse GGUFs of fifteen more real models (tests/corpus_real.py BROAD_BUILDERS)."""
+    import corpus_real
+
+    return corpus_real.build_broad_corpus(corpus_root)

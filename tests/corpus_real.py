@@ -24,7 +24,8 @@ The vocabulary is always a SentencePiece ("llama") one with the full `n_vocab` e
 buffer llama.cpp sizes; `n_vocab` (the output matrix and the logits buffer) does.
 
 `build_real_corpus(root)` caches by content like tests/corpus.py: `root/real-<hash>/`, manifest written last,
-built in a temporary directory and renamed into place.
+built in a temporary directory and renamed into place. `build_broad_corpus(root)` does the same for the broad
+corpus (`root/broad-<hash>/`): fifteen more models chosen for the shapes the first nine lack.
 
 Run `python tests/corpus_real.py [ROOT]` to build (or reuse) the files and print what they hold.
 """
@@ -135,8 +136,9 @@ def _fit(type_name: str, ne0: int) -> str:
 
 
 def _k_mix(quant: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool, llama_70b: bool) -> str:
-    """The type llama-quant.cpp gives one tensor in a Q3_K_M, Q4_K_M or Q5_K_M file (no Falcon, no 8-expert
-    rules: none of the models here has them)."""
+    """The type llama-quant.cpp gives one tensor in a Q3_K_M, Q4_K_M or Q5_K_M file (without its Falcon and
+    8-expert rules: Mixtral-8x7B's copy is therefore a little smaller than the published file, which changes
+    nothing llama.cpp sizes besides the weights, and those are compared with the copy itself)."""
     if len(shape) == 1 or name.endswith(_F32_ENDINGS):
         return "F32"
     il = _layer_of(name)
@@ -675,6 +677,599 @@ def real_models() -> list[RealModel]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the broad corpus: shapes the nine above lack (issue 11): wide dense models at long contexts, attention width
+# unlike the embedding width, GQA 4/8/16, head sizes 64/128/256, vocabularies over 200k, MoE with shared experts,
+# hybrid recurrent models. scripts/bench_estimate.py sweeps them fully; tests/test_estimate_broad.py checks a
+# couple of settings each.
+
+
+def _dense(
+    name: str,
+    arch: str,
+    *,
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    n_head_kv: int,
+    head: int,
+    n_ff: int,
+    n_vocab: int,
+    ctx: int,
+    theta: float,
+    eps: float,
+    tied: bool,
+    source: str,
+    qkv_bias: bool = False,
+    qk_norm: bool = False,
+    post_norms: bool = False,
+    rope_freqs: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> RealModel:
+    """A dense decoder (src/models/llama.cpp, qwen2.cpp, gemma2.cpp...) whose attention width n_head x head
+    may differ from n_embd: the widths come from attn_q/attn_output, as llama.cpp reads them."""
+    kv = _common(
+        arch,
+        ctx=ctx,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_ff=n_ff,
+        eps=eps,
+        theta=theta,
+    )
+    kv[f"{arch}.attention.key_length"] = head
+    kv[f"{arch}.attention.value_length"] = head
+    kv[f"{arch}.rope.dimension_count"] = head
+    kv[f"{arch}.vocab_size"] = n_vocab
+    kv.update(extra or {})
+    t = _T()
+    _embed(t, n_embd, n_vocab, tied=tied)
+    if rope_freqs:
+        t("rope_freqs.weight", head // 2)
+    for i in range(n_layer):
+        t(f"blk.{i}.attn_norm.weight", n_embd)
+        _attn(t, i, n_embd, n_head=n_head, n_head_kv=n_head_kv, head=head, qk_norm=qk_norm)
+        if qkv_bias:
+            t(f"blk.{i}.attn_q.bias", n_head * head)
+            t(f"blk.{i}.attn_k.bias", n_head_kv * head)
+            t(f"blk.{i}.attn_v.bias", n_head_kv * head)
+        if post_norms:
+            t(f"blk.{i}.post_attention_norm.weight", n_embd)
+            t(f"blk.{i}.post_ffw_norm.weight", n_embd)
+        t(f"blk.{i}.ffn_norm.weight", n_embd)
+        _ffn(t, i, n_embd, n_ff)
+    return _model(name, arch, "Q4_K_M", kv, t, n_vocab=n_vocab, n_layer=n_layer, source=source)
+
+
+def real_mistral_nemo_12b() -> RealModel:
+    """The issue's second shape: attention width 32 x 128 = 4096 against an embedding width of 5120."""
+    return _dense(
+        "Mistral-Nemo-12B",
+        "llama",
+        n_layer=40,
+        n_embd=5120,
+        n_head=32,
+        n_head_kv=8,
+        head=128,
+        n_ff=14336,
+        n_vocab=131072,
+        ctx=1024000,
+        theta=1e6,
+        eps=1e-5,
+        tied=False,
+        source="mistralai/Mistral-Nemo-Base-2407 config.json: 40 layers, 5120, 32/8 heads x 128 (4096), ff 14336, "
+        "vocab 131072, max_position_embeddings 1024000",
+    )
+
+
+def real_llama32_1b() -> RealModel:
+    return _dense(
+        "Llama-3.2-1B",
+        "llama",
+        n_layer=16,
+        n_embd=2048,
+        n_head=32,
+        n_head_kv=8,
+        head=64,
+        n_ff=8192,
+        n_vocab=128256,
+        ctx=131072,
+        theta=500000.0,
+        eps=1e-5,
+        tied=True,
+        rope_freqs=True,
+        source="meta-llama/Llama-3.2-1B config.json: 16 layers, 2048, 32/8 heads x 64, ff 8192, vocab 128256, tied",
+    )
+
+
+def real_qwen25_72b() -> RealModel:
+    return _dense(
+        "Qwen2.5-72B",
+        "qwen2",
+        n_layer=80,
+        n_embd=8192,
+        n_head=64,
+        n_head_kv=8,
+        head=128,
+        n_ff=29568,
+        n_vocab=152064,
+        ctx=32768,
+        theta=1e6,
+        eps=1e-6,
+        tied=False,
+        qkv_bias=True,
+        source="Qwen/Qwen2.5-72B config.json: 80 layers, 8192, 64/8 heads x 128, ff 29568, vocab 152064, QKV bias, "
+        "context 32768",
+    )
+
+
+def real_gemma2_9b() -> RealModel:
+    arch = "gemma2"
+    extra = {
+        f"{arch}.attention.sliding_window": 4096,
+        f"{arch}.attn_logit_softcapping": 50.0,
+        f"{arch}.final_logit_softcapping": 30.0,
+    }
+    return _dense(
+        "gemma-2-9b",
+        arch,
+        n_layer=42,
+        n_embd=3584,
+        n_head=16,
+        n_head_kv=8,
+        head=256,
+        n_ff=14336,
+        n_vocab=256000,
+        ctx=8192,
+        theta=10000.0,
+        eps=1e-6,
+        tied=True,
+        post_norms=True,
+        extra=extra,
+        source="google/gemma-2-9b config.json: 42 layers, 3584, 16/8 heads x 256 (4096), ff 14336, vocab 256000, "
+        "sliding window 4096 on every other layer, soft-capping 50/30, tied",
+    )
+
+
+def real_gemma3_27b() -> RealModel:
+    arch = "gemma3"
+    extra = {
+        f"{arch}.attention.sliding_window": 1024,
+        f"{arch}.rope.freq_base_swa": 10000.0,
+        f"{arch}.rope.scaling.type": "linear",
+        f"{arch}.rope.scaling.factor": 8.0,
+    }
+    return _dense(
+        "gemma-3-27b",
+        arch,
+        n_layer=62,
+        n_embd=5376,
+        n_head=32,
+        n_head_kv=16,
+        head=128,
+        n_ff=21504,
+        n_vocab=262208,
+        ctx=131072,
+        theta=1e6,
+        eps=1e-6,
+        tied=True,
+        qk_norm=True,
+        post_norms=True,
+        extra=extra,
+        source="google/gemma-3-27b-it text_config: 62 layers, 5376, 32/16 heads x 128 (4096), ff 21504, sliding "
+        "window 1024 (5 of 6 layers), vocab 262208, tied",
+    )
+
+
+def real_phi4() -> RealModel:
+    arch, L, E, H, HKV, D, FF, V = "phi3", 40, 5120, 40, 10, 128, 17920, 100352
+    kv = _common(arch, ctx=16384, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-5, theta=250000.0)
+    kv[f"{arch}.rope.dimension_count"] = D
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.attn_qkv.weight", E, (H + 2 * HKV) * D)
+        t(f"blk.{i}.attn_output.weight", H * D, E)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        t(f"blk.{i}.ffn_down.weight", FF, E)
+        t(f"blk.{i}.ffn_up.weight", E, 2 * FF)
+    return _model(
+        "Phi-4",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="microsoft/phi-4 config.json: 40 layers, 5120, 40/10 heads x 128, ff 17920, vocab 100352, context "
+        "16384, fused qkv and gate+up",
+    )
+
+
+def real_mixtral_8x7b() -> RealModel:
+    arch, L, E, H, HKV, D, FF, V, NE, NU = "llama", 32, 4096, 32, 8, 128, 14336, 32000, 8, 2
+    kv = _common(arch, ctx=32768, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF, eps=1e-5, theta=1e6)
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.vocab_size"] = V
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF, NE)
+    return _model(
+        "Mixtral-8x7B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers, 4096, 32/8 heads x 128, 8 experts (2 used) x "
+        "14336, vocab 32000, context 32768",
+    )
+
+
+def real_qwen3_235b_a22b() -> RealModel:
+    """GQA 16 (64/4 heads) and attention width 64 x 128 = 8192 against an embedding width of 4096."""
+    arch, L, E, H, HKV, D, V = "qwen3moe", 94, 4096, 64, 4, 128, 151936
+    NE, NU, FF_EXP = 128, 8, 1536
+    kv = _common(arch, ctx=40960, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=12288, eps=1e-6, theta=1e6)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF_EXP, NE)
+    return _model(
+        "Qwen3-235B-A22B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="Qwen/Qwen3-235B-A22B config.json: 94 layers, 4096, 64/4 heads x 128 (8192), 128 experts (8 used) x "
+        "1536, vocab 151936, context 40960",
+    )
+
+
+def real_qwen2_57b_a14b() -> RealModel:
+    """MoE with a shared expert behind a sigmoid gate (src/models/qwen2moe.cpp)."""
+    arch, L, E, H, HKV, D, V = "qwen2moe", 28, 3584, 28, 4, 128, 151936
+    NE, NU, FF_EXP, FF_SH = 64, 8, 2560, 20480
+    kv = _common(arch, ctx=65536, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=18944, eps=1e-6, theta=1e6)
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.attn_q.bias", H * D)
+        t(f"blk.{i}.attn_k.bias", HKV * D)
+        t(f"blk.{i}.attn_v.bias", HKV * D)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_inp_shexp.weight", E)
+        t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
+        t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
+        t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
+    return _model(
+        "Qwen2-57B-A14B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="Qwen/Qwen2-57B-A14B config.json: 28 layers, 3584, 28/4 heads x 128, 64 experts (8 used) x 2560 + a "
+        "gated shared expert of 20480, vocab 151936, QKV bias",
+    )
+
+
+def real_deepseek_v3() -> RealModel:
+    """MLA with a Q low-rank (q_a/q_b), 3 dense lead layers, 256 routed experts in 8 groups (4 used) with a
+    selection bias and sigmoid gating, and one shared expert."""
+    arch, L, E, H, FF, V = "deepseek2", 61, 7168, 128, 18432, 129280
+    Q_LORA, KV_LORA, NOPE, ROPE, VD = 1536, 512, 128, 64, 128
+    NE, NU, NS, FF_EXP, DENSE = 256, 8, 1, 2048, 3
+    kv = _common(arch, ctx=163840, n_embd=E, n_layer=L, n_head=H, n_head_kv=1, n_ff=FF, eps=1e-6, theta=10000.0)
+    kv[f"{arch}.attention.key_length"] = KV_LORA + ROPE
+    kv[f"{arch}.attention.value_length"] = KV_LORA
+    kv[f"{arch}.attention.key_length_mla"] = NOPE + ROPE
+    kv[f"{arch}.attention.value_length_mla"] = VD
+    kv[f"{arch}.attention.q_lora_rank"] = Q_LORA
+    kv[f"{arch}.attention.kv_lora_rank"] = KV_LORA
+    kv[f"{arch}.rope.dimension_count"] = ROPE
+    kv[f"{arch}.leading_dense_block_count"] = DENSE
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_shared_count"] = NS
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.expert_weights_scale"] = 2.5
+    kv[f"{arch}.expert_weights_norm"] = True
+    kv[f"{arch}.expert_gating_func"] = 2  # sigmoid
+    kv[f"{arch}.expert_group_count"] = 8
+    kv[f"{arch}.expert_group_used_count"] = 4
+    kv[f"{arch}.rope.scaling.type"] = "yarn"
+    kv[f"{arch}.rope.scaling.factor"] = 40.0
+    kv[f"{arch}.rope.scaling.original_context_length"] = 4096
+    kv[f"{arch}.rope.scaling.yarn_log_multiplier"] = 0.1
+    kv[f"{arch}.vocab_size"] = V
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.attn_q_a_norm.weight", Q_LORA)
+        t(f"blk.{i}.attn_kv_a_norm.weight", KV_LORA)
+        t(f"blk.{i}.attn_q_a.weight", E, Q_LORA)
+        t(f"blk.{i}.attn_q_b.weight", Q_LORA, H * (NOPE + ROPE))
+        t(f"blk.{i}.attn_kv_a_mqa.weight", E, KV_LORA + ROPE)
+        t(f"blk.{i}.attn_k_b.weight", NOPE, KV_LORA, H)
+        t(f"blk.{i}.attn_v_b.weight", KV_LORA, VD, H)
+        t(f"blk.{i}.attn_output.weight", H * VD, E)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        if i < DENSE:
+            _ffn(t, i, E, FF)
+        else:
+            _experts(t, i, E, FF_EXP, NE)
+            t(f"blk.{i}.exp_probs_b.bias", NE)
+            t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_EXP * NS)
+            t(f"blk.{i}.ffn_down_shexp.weight", FF_EXP * NS, E)
+            t(f"blk.{i}.ffn_up_shexp.weight", E, FF_EXP * NS)
+    return _model(
+        "DeepSeek-V3",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="deepseek-ai/DeepSeek-V3 config.json: 61 layers, 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128 "
+        "+ rope 64, v 128, 3 dense layers (ff 18432), 256 experts (8 used) x 2048 in 8 groups (4 used), sigmoid "
+        "gating with a bias, 1 shared expert, vocab 129280 (the MTP layer left out, as conversions do)",
+    )
+
+
+def real_gpt_oss_120b() -> RealModel:
+    arch, L, E, H, HKV, D, V = "gpt-oss", 36, 2880, 64, 8, 64, 201088
+    NE, NU, FF_EXP = 128, 4, 2880
+    kv = _common(arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=FF_EXP, eps=1e-5, theta=150000.0)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.attention.sliding_window"] = 128
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.rope.scaling.type"] = "yarn"
+    kv[f"{arch}.rope.scaling.factor"] = 32.0
+    kv[f"{arch}.rope.scaling.original_context_length"] = 4096
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.post_attention_norm.weight", E)
+        _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.attn_q.bias", H * D)
+        t(f"blk.{i}.attn_k.bias", HKV * D)
+        t(f"blk.{i}.attn_v.bias", HKV * D)
+        t(f"blk.{i}.attn_output.bias", E)
+        t(f"blk.{i}.attn_sinks.weight", H)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_inp.bias", NE)
+        t(f"blk.{i}.ffn_gate_exps.bias", FF_EXP, NE)
+        t(f"blk.{i}.ffn_down_exps.bias", E, NE)
+        t(f"blk.{i}.ffn_up_exps.bias", FF_EXP, NE)
+    return _model(
+        "gpt-oss-120b",
+        arch,
+        "MXFP4_MOE",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="openai/gpt-oss-120b config.json: 36 layers, 2880, 64/8 heads x 64, 128 experts (4 used) x 2880, "
+        "sliding window 128, vocab 201088",
+    )
+
+
+GRANITE_H_SMALL_ATTN = (5, 15, 25, 35)
+
+
+def real_granite4_h_small() -> RealModel:
+    arch, L, E, H, HKV, D, V = "granitehybrid", 40, 4096, 32, 8, 128, 100352
+    NE, NU, FF_EXP, FF_SH = 72, 10, 768, 8192
+    CONV, INNER, STATE, SSM_HEADS, GROUPS = 4, 8192, 128, 128, 1
+    head_kv = [HKV if i in GRANITE_H_SMALL_ATTN else 0 for i in range(L)]
+    kv = _common(
+        arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF_EXP, eps=1e-5, theta=10000.0
+    )
+    kv[f"{arch}.rope.dimension_count"] = D
+    kv[f"{arch}.rope.scaling.finetuned"] = False  # NoPE
+    kv[f"{arch}.attention.scale"] = 0.0078125
+    kv[f"{arch}.embedding_scale"] = 12.0
+    kv[f"{arch}.residual_scale"] = 0.22
+    kv[f"{arch}.logit_scale"] = 16.0
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
+    kv[f"{arch}.ssm.conv_kernel"] = CONV
+    kv[f"{arch}.ssm.inner_size"] = INNER
+    kv[f"{arch}.ssm.state_size"] = STATE
+    kv[f"{arch}.ssm.time_step_rank"] = SSM_HEADS
+    kv[f"{arch}.ssm.group_count"] = GROUPS
+    kv[f"{arch}.vocab_size"] = V
+    conv_dim = INNER + 2 * GROUPS * STATE
+    t = _T()
+    _embed(t, E, V, tied=True)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        if head_kv[i] == 0:
+            t(f"blk.{i}.ssm_in.weight", E, INNER + conv_dim + SSM_HEADS)
+            t(f"blk.{i}.ssm_conv1d.weight", CONV, conv_dim)
+            t(f"blk.{i}.ssm_conv1d.bias", conv_dim)
+            t(f"blk.{i}.ssm_dt.bias", SSM_HEADS)
+            t(f"blk.{i}.ssm_a", 1, SSM_HEADS)
+            t(f"blk.{i}.ssm_d", 1, SSM_HEADS)
+            t(f"blk.{i}.ssm_norm.weight", INNER // GROUPS, GROUPS)
+            t(f"blk.{i}.ssm_out.weight", INNER, E)
+        else:
+            _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
+        t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
+        t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
+    return _model(
+        "granite-4.0-h-small",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="ibm-granite/granite-4.0-h-small config.json: 40 layers (attention at 5, 15, 25, 35, Mamba-2 "
+        "elsewhere), 4096, 32/8 heads, NoPE, 72 experts (10 used) x 768 + shared 8192, Mamba-2 128 heads x 64, "
+        "state 128, 1 group, vocab 100352, tied",
+    )
+
+
+LFM2_1_2B_ATTN = (2, 5, 8, 10, 12, 14)
+
+
+def real_lfm2_1_2b() -> RealModel:
+    """A hybrid of short convolutions (a recurrent state per layer) and attention (src/models/lfm2.cpp)."""
+    arch, L, E, H, HKV, D, FF, V, L_CACHE = "lfm2", 16, 2048, 32, 8, 64, 8192, 65536, 3
+    head_kv = [HKV if i in LFM2_1_2B_ATTN else 0 for i in range(L)]
+    kv = _common(arch, ctx=128000, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF, eps=1e-5, theta=1e6)
+    kv[f"{arch}.shortconv.l_cache"] = L_CACHE
+    kv[f"{arch}.vocab_size"] = V
+    t = _T()
+    t("token_embd.weight", E, V)
+    t("token_embd_norm.weight", E)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        if head_kv[i] == 0:
+            t(f"blk.{i}.shortconv.conv.weight", L_CACHE, E)
+            t(f"blk.{i}.shortconv.in_proj.weight", E, 3 * E)
+            t(f"blk.{i}.shortconv.out_proj.weight", E, E)
+        else:
+            _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D, qk_norm=True)
+        t(f"blk.{i}.ffn_norm.weight", E)
+        _ffn(t, i, E, FF)
+    return _model(
+        "LFM2-1.2B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="LiquidAI/LFM2-1.2B config.json: 16 layers (attention at 2, 5, 8, 10, 12, 14, short convolutions "
+        "elsewhere, L_cache 3), 2048, 32/8 heads x 64, ff 8192, vocab 65536, tied",
+    )
+
+
+def real_qwen3_next_80b_a3b() -> RealModel:
+    """A hybrid of gated delta-net layers (a recurrent state) and gated attention every fourth layer, with MoE
+    and a shared expert (src/models/qwen3next.cpp); head size 256."""
+    arch, L, E, H, HKV, D, V = "qwen3next", 48, 2048, 16, 2, 256, 151936
+    NE, NU, FF_EXP, FF_SH = 512, 10, 512, 512
+    K_HEAD, K_HEADS, V_HEADS, CONV = 128, 16, 32, 4
+    key_dim, value_dim = K_HEAD * K_HEADS, K_HEAD * V_HEADS
+    kv = _common(arch, ctx=262144, n_embd=E, n_layer=L, n_head=H, n_head_kv=HKV, n_ff=5120, eps=1e-6, theta=10000000.0)
+    kv[f"{arch}.attention.key_length"] = D
+    kv[f"{arch}.attention.value_length"] = D
+    kv[f"{arch}.rope.dimension_count"] = D // 4  # partial_rotary_factor 0.25
+    kv[f"{arch}.expert_count"] = NE
+    kv[f"{arch}.expert_used_count"] = NU
+    kv[f"{arch}.expert_feed_forward_length"] = FF_EXP
+    kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
+    kv[f"{arch}.ssm.conv_kernel"] = CONV
+    kv[f"{arch}.ssm.inner_size"] = value_dim
+    kv[f"{arch}.ssm.state_size"] = K_HEAD
+    kv[f"{arch}.ssm.time_step_rank"] = V_HEADS
+    kv[f"{arch}.ssm.group_count"] = K_HEADS
+    kv[f"{arch}.full_attention_interval"] = 4
+    t = _T()
+    _embed(t, E, V, tied=False)
+    for i in range(L):
+        t(f"blk.{i}.attn_norm.weight", E)
+        t(f"blk.{i}.post_attention_norm.weight", E)
+        if (i + 1) % 4 == 0:
+            t(f"blk.{i}.attn_q.weight", E, 2 * H * D)  # queries and their gate
+            t(f"blk.{i}.attn_k.weight", E, HKV * D)
+            t(f"blk.{i}.attn_v.weight", E, HKV * D)
+            t(f"blk.{i}.attn_output.weight", H * D, E)
+            t(f"blk.{i}.attn_q_norm.weight", D)
+            t(f"blk.{i}.attn_k_norm.weight", D)
+        else:
+            t(f"blk.{i}.attn_qkv.weight", E, 2 * key_dim + value_dim)
+            t(f"blk.{i}.attn_gate.weight", E, value_dim)
+            t(f"blk.{i}.ssm_conv1d.weight", CONV, 2 * key_dim + value_dim)
+            t(f"blk.{i}.ssm_dt.bias", V_HEADS)
+            t(f"blk.{i}.ssm_a", V_HEADS)
+            t(f"blk.{i}.ssm_ba.weight", E, 2 * V_HEADS)
+            t(f"blk.{i}.ssm_norm.weight", K_HEAD)
+            t(f"blk.{i}.ssm_out.weight", value_dim, E)
+        _experts(t, i, E, FF_EXP, NE)
+        t(f"blk.{i}.ffn_gate_inp_shexp.weight", E)
+        t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
+        t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
+        t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
+    return _model(
+        "Qwen3-Next-80B-A3B",
+        arch,
+        "Q4_K_M",
+        kv,
+        t,
+        n_vocab=V,
+        n_layer=L,
+        source="Qwen/Qwen3-Next-80B-A3B-Instruct config.json: 48 layers (gated attention every 4th, gated delta "
+        "net elsewhere: 16 key / 32 value heads x 128, conv 4), 2048, 16/2 heads x 256, 512 experts (10 used) x "
+        "512 + a gated shared expert of 512, vocab 151936, context 262144",
+    )
+
+
+BROAD_BUILDERS: tuple[Callable[[], RealModel], ...] = (
+    real_llama31_70b,
+    real_mistral_nemo_12b,
+    real_qwen25_72b,
+    real_llama32_1b,
+    real_qwen3_235b_a22b,
+    real_gemma3_27b,
+    real_gemma2_9b,
+    real_phi4,
+    real_mixtral_8x7b,
+    real_qwen2_57b_a14b,
+    real_deepseek_v3,
+    real_gpt_oss_120b,
+    real_granite4_h_small,
+    real_lfm2_1_2b,
+    real_qwen3_next_80b_a3b,
+)
+
+
+def broad_models() -> list[RealModel]:
+    return [b() for b in BROAD_BUILDERS]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # writing
 
 
@@ -757,8 +1352,16 @@ def build_spec(models: list[RealModel] | None = None) -> dict[str, Any]:
 
 def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
     """Build (or reuse) the real-dimension sparse GGUFs under `root/real-<hash>/`; return them."""
+    return _build(root, "real", real_models())
+
+
+def build_broad_corpus(root: Path | None = None) -> list[CorpusModel]:
+    """Build (or reuse) the broad corpus (BROAD_BUILDERS) under `root/broad-<hash>/`; return it."""
+    return _build(root, "broad", broad_models())
+
+
+def _build(root: Path | None, kind: str, models: list[RealModel]) -> list[CorpusModel]:
     root = default_root() if root is None else Path(root)
-    models = real_models()
 
     def build(tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records = []
@@ -778,13 +1381,13 @@ def build_real_corpus(root: Path | None = None) -> list[CorpusModel]:
             )
         return records, {}
 
-    return cached_build(root, "real", spec_hash(build_spec(models)), build)
+    return cached_build(root, kind, spec_hash(build_spec(models)), build)
 
 
 if __name__ == "__main__":
     _root = Path(sys.argv[1]) if len(sys.argv) > 1 else default_root()
     _t0 = time.monotonic()
-    _models = build_real_corpus(_root)
+    _models = build_real_corpus(_root) + build_broad_corpus(_root)
     print(f"{len(_models)} models in {time.monotonic() - _t0:.2f} s")
     for _m in _models:
         _st = _m.path.stat()
