@@ -601,20 +601,21 @@ def real_phi3_mini_4k() -> RealModel:
 GRANITE_H_TINY_ATTN = (5, 15, 25, 35)  # layer_types "attention"; the other 36 are Mamba-2
 
 
-def real_granite4_h_tiny() -> RealModel:
-    arch, L, E, H, HKV, D, V = "granitehybrid", 40, 1536, 12, 4, 128, 100352
-    NE, NU, FF_EXP, FF_SH = 64, 6, 512, 1024
-    CONV, INNER, STATE, SSM_HEADS, GROUPS = 4, 3072, 128, 48, 1
-    head_kv = [HKV if i in GRANITE_H_TINY_ATTN else 0 for i in range(L)]  # recurrent iff head_count_kv is 0
-    kv = _common(
-        arch, ctx=1048576, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF_EXP, eps=1e-5, theta=10000.0
-    )
+def _granite4_h(
+    name: str, *, ctx: int, E: int, H: int, HKV: int, NE: int, NU: int, FF_EXP: int, FF_SH: int, INNER: int,
+    SSM_HEADS: int, logit_scale: float, attn_layers: tuple[int, ...], source: str,
+) -> RealModel:  # fmt: skip
+    """Granite 4.0 H: Mamba-2 layers with attention at `attn_layers` (NoPE), MoE with a shared expert, tied."""
+    arch, L, D, V = "granitehybrid", 40, 128, 100352
+    CONV, STATE, GROUPS = 4, 128, 1
+    head_kv = [HKV if i in attn_layers else 0 for i in range(L)]  # recurrent iff head_count_kv is 0
+    kv = _common(arch, ctx=ctx, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF_EXP, eps=1e-5, theta=10000.0)
     kv[f"{arch}.rope.dimension_count"] = D
     kv[f"{arch}.rope.scaling.finetuned"] = False  # NoPE
     kv[f"{arch}.attention.scale"] = 0.0078125
     kv[f"{arch}.embedding_scale"] = 12.0
     kv[f"{arch}.residual_scale"] = 0.22
-    kv[f"{arch}.logit_scale"] = 6.0
+    kv[f"{arch}.logit_scale"] = logit_scale
     kv[f"{arch}.expert_count"] = NE
     kv[f"{arch}.expert_used_count"] = NU
     kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
@@ -645,18 +646,17 @@ def real_granite4_h_tiny() -> RealModel:
         t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
         t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
         t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
-    return _model(
-        "granite-4.0-h-tiny",
-        arch,
-        "Q4_K_M",
-        kv,
-        t,
-        n_vocab=V,
-        n_layer=L,
+    return _model(name, arch, "Q4_K_M", kv, t, n_vocab=V, n_layer=L, source=source)
+
+
+def real_granite4_h_tiny() -> RealModel:
+    return _granite4_h(
+        "granite-4.0-h-tiny", ctx=1048576, E=1536, H=12, HKV=4, NE=64, NU=6, FF_EXP=512, FF_SH=1024, INNER=3072,
+        SSM_HEADS=48, logit_scale=6.0, attn_layers=GRANITE_H_TINY_ATTN,
         source="ibm-granite/granite-4.0-h-tiny config.json / GGUF metadata: 40 layers (attention at 5, 15, 25, 35, "
         "Mamba-2 elsewhere), 1536, 12/4 heads, NoPE, 64 experts (6 used) x 512 + shared 1024, Mamba-2 48 heads x "
         "64, state 128, 1 group, vocab 100352, tied",
-    )
+    )  # fmt: skip
 
 
 REAL_BUILDERS: tuple[Callable[[], RealModel], ...] = (
@@ -1092,61 +1092,13 @@ GRANITE_H_SMALL_ATTN = (5, 15, 25, 35)
 
 
 def real_granite4_h_small() -> RealModel:
-    arch, L, E, H, HKV, D, V = "granitehybrid", 40, 4096, 32, 8, 128, 100352
-    NE, NU, FF_EXP, FF_SH = 72, 10, 768, 8192
-    CONV, INNER, STATE, SSM_HEADS, GROUPS = 4, 8192, 128, 128, 1
-    head_kv = [HKV if i in GRANITE_H_SMALL_ATTN else 0 for i in range(L)]
-    kv = _common(
-        arch, ctx=131072, n_embd=E, n_layer=L, n_head=H, n_head_kv=head_kv, n_ff=FF_EXP, eps=1e-5, theta=10000.0
-    )
-    kv[f"{arch}.rope.dimension_count"] = D
-    kv[f"{arch}.rope.scaling.finetuned"] = False  # NoPE
-    kv[f"{arch}.attention.scale"] = 0.0078125
-    kv[f"{arch}.embedding_scale"] = 12.0
-    kv[f"{arch}.residual_scale"] = 0.22
-    kv[f"{arch}.logit_scale"] = 16.0
-    kv[f"{arch}.expert_count"] = NE
-    kv[f"{arch}.expert_used_count"] = NU
-    kv[f"{arch}.expert_shared_feed_forward_length"] = FF_SH
-    kv[f"{arch}.ssm.conv_kernel"] = CONV
-    kv[f"{arch}.ssm.inner_size"] = INNER
-    kv[f"{arch}.ssm.state_size"] = STATE
-    kv[f"{arch}.ssm.time_step_rank"] = SSM_HEADS
-    kv[f"{arch}.ssm.group_count"] = GROUPS
-    kv[f"{arch}.vocab_size"] = V
-    conv_dim = INNER + 2 * GROUPS * STATE
-    t = _T()
-    _embed(t, E, V, tied=True)
-    for i in range(L):
-        t(f"blk.{i}.attn_norm.weight", E)
-        if head_kv[i] == 0:
-            t(f"blk.{i}.ssm_in.weight", E, INNER + conv_dim + SSM_HEADS)
-            t(f"blk.{i}.ssm_conv1d.weight", CONV, conv_dim)
-            t(f"blk.{i}.ssm_conv1d.bias", conv_dim)
-            t(f"blk.{i}.ssm_dt.bias", SSM_HEADS)
-            t(f"blk.{i}.ssm_a", 1, SSM_HEADS)
-            t(f"blk.{i}.ssm_d", 1, SSM_HEADS)
-            t(f"blk.{i}.ssm_norm.weight", INNER // GROUPS, GROUPS)
-            t(f"blk.{i}.ssm_out.weight", INNER, E)
-        else:
-            _attn(t, i, E, n_head=H, n_head_kv=HKV, head=D)
-        t(f"blk.{i}.ffn_norm.weight", E)
-        _experts(t, i, E, FF_EXP, NE)
-        t(f"blk.{i}.ffn_gate_shexp.weight", E, FF_SH)
-        t(f"blk.{i}.ffn_down_shexp.weight", FF_SH, E)
-        t(f"blk.{i}.ffn_up_shexp.weight", E, FF_SH)
-    return _model(
-        "granite-4.0-h-small",
-        arch,
-        "Q4_K_M",
-        kv,
-        t,
-        n_vocab=V,
-        n_layer=L,
+    return _granite4_h(
+        "granite-4.0-h-small", ctx=131072, E=4096, H=32, HKV=8, NE=72, NU=10, FF_EXP=768, FF_SH=8192, INNER=8192,
+        SSM_HEADS=128, logit_scale=16.0, attn_layers=GRANITE_H_SMALL_ATTN,
         source="ibm-granite/granite-4.0-h-small config.json: 40 layers (attention at 5, 15, 25, 35, Mamba-2 "
         "elsewhere), 4096, 32/8 heads, NoPE, 72 experts (10 used) x 768 + shared 8192, Mamba-2 128 heads x 64, "
         "state 128, 1 group, vocab 100352, tied",
-    )
+    )  # fmt: skip
 
 
 LFM2_1_2B_ATTN = (2, 5, 8, 10, 12, 14)
