@@ -8,6 +8,11 @@ types are exported here and imported lazily, so `import launcher` (and `fitquant
     result = estimate(facts, Settings(n_ctx=32768, type_k="q8_0", type_v="q8_0"), gpus=[GPU("GPU0")])
     machine = detect_hardware()                   # or describe_machine(vram=[12 * 2**30])
     plan = fit("unsloth/Qwen3-14B-GGUF", Policy(n_ctx=32768), machine=machine)  # choose, confirm, explain
+    backend = choose_backend("auto")                                     # the one run path `run` and `serve` use:
+    machine, _ = run_machine(backend)
+    result = start(RunSpec("qwen3:14b", Policy(n_ctx=32768)), backend=backend, machine=machine)  # plan, launch,
+    ...                                                                  # verify, step down, record, register
+    stop(result, backend)
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from launcher.version import __version__ as __version__
+
 if TYPE_CHECKING:
     from launcher.estimate import GPU, MemoryEstimate, Settings
     from launcher.model import ModelFacts
-
-__version__ = "0.1.0"
 
 # name -> module that defines it
 _EXPORTS = {
@@ -46,6 +51,13 @@ _EXPORTS = {
     "make_plan": "launcher.plan",
     "Policy": "launcher.plan",
     "Plan": "launcher.plan",
+    "RunSpec": "launcher.run",
+    "RunResult": "launcher.run",
+    "choose_backend": "launcher.run",
+    "run_machine": "launcher.run",
+    "start": "launcher.run",
+    "stop": "launcher.run",
+    "RunFailed": "launcher.errors",
     "CatalogError": "launcher.errors",
     "NoFitError": "launcher.errors",
     "FitquantError": "launcher.errors",

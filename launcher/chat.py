@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import BackendError
@@ -14,7 +15,11 @@ if TYPE_CHECKING:
 
 
 class ChatError(BackendError):
-    """A chat request failed: the server answered an error, or the connection broke."""
+    """A chat request failed: the server answered an error (its HTTP `status`), or the connection broke (None)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def complete(
@@ -22,24 +27,14 @@ def complete(
     messages: list[dict[str, str]],
     *,
     max_tokens: int | None = None,
+    temperature: float | None = None,
     timeout_s: float = 600.0,
 ) -> Iterator[str]:
-    """Stream the reply to `messages`, piece by piece."""
+    """Stream the reply to `messages`, piece by piece. `temperature` 0: the model's most likely reply (None: the
+    server's default sampling)."""
     import httpx
 
-    if instance.backend == "ollama":
-        url = instance.endpoint.removesuffix("/v1") + "/api/chat"
-        options: dict[str, Any] = dict(instance.extra.get("options", {}))
-        if max_tokens is not None:
-            options["num_predict"] = max_tokens
-        body: dict[str, Any] = {"model": instance.model_name, "messages": messages, "stream": True, "options": options}
-        if "keep_alive" in instance.extra:
-            body["keep_alive"] = instance.extra["keep_alive"]
-    else:
-        url = instance.endpoint + "/chat/completions"
-        body = {"model": instance.model_name, "messages": messages, "stream": True}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
+    url, body = _request(instance, messages, max_tokens=max_tokens, temperature=temperature, stream=True)
     timeout = httpx.Timeout(timeout_s, connect=10.0)
     try:
         with (
@@ -48,7 +43,9 @@ def complete(
         ):
             if response.status_code >= 400:
                 response.read()
-                raise ChatError(f"{url} answered {response.status_code}: {_error_text(response.text)}")
+                raise ChatError(
+                    f"{url} answered {response.status_code}: {_error_text(response.text)}", status=response.status_code
+                )
             for line in response.iter_lines():
                 piece = _piece(line, ollama=instance.backend == "ollama")
                 if piece:
@@ -57,6 +54,110 @@ def complete(
         raise ChatError(f"{url} timed out after {timeout_s:.0f} s") from None
     except httpx.HTTPError as exc:
         raise ChatError(f"{url}: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """A whole reply, with what the server says it did: tokens of the formatted prompt (after the chat template)
+    and of the reply; `timings` is llama-server's own block (prompt_n, prompt_ms, predicted_n, predicted_per_second,
+    ...) or Ollama's durations, empty where the server sends none. None: the server did not say."""
+
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def reply(
+    instance: Instance,
+    messages: list[dict[str, str]],
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    timeout_s: float = 600.0,
+) -> ChatReply:
+    """The reply to `messages` in one piece, with the server's token counts (not streamed: the counts come with
+    the whole reply on every server: `usage` on OpenAI routes, `prompt_eval_count` on Ollama's /api/chat).
+    `temperature` 0 makes the reply the model's most likely one; None leaves the server's default."""
+    import httpx
+
+    ollama = instance.backend == "ollama"
+    url, body = _request(instance, messages, max_tokens=max_tokens, temperature=temperature, stream=False)
+    try:
+        r = httpx.post(url, json=body, headers=instance.headers(), timeout=httpx.Timeout(timeout_s, connect=10.0),
+                       trust_env=False)  # fmt: skip
+    except httpx.TimeoutException:
+        raise ChatError(f"{url} timed out after {timeout_s:.0f} s") from None
+    except httpx.HTTPError as exc:
+        raise ChatError(f"{url}: {type(exc).__name__}: {exc}") from None
+    if r.status_code >= 400:
+        raise ChatError(f"{url} answered {r.status_code}: {_error_text(r.text)}", status=r.status_code)
+    try:
+        data = r.json()
+    except ValueError:
+        raise ChatError(f"{url} answered something that is not JSON: {r.text[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise ChatError(f"{url} answered {type(data).__name__}, not a JSON object")
+    return parse_reply(data, ollama=ollama)
+
+
+def _request(
+    instance: Instance,
+    messages: list[dict[str, str]],
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    stream: bool,
+) -> tuple[str, dict[str, Any]]:
+    """The URL and body of a chat request: Ollama's /api/chat with the options the model was loaded with (so a
+    request never reloads it), else the OpenAI route."""
+    if instance.backend == "ollama":
+        options: dict[str, Any] = dict(instance.extra.get("options", {}))
+        if max_tokens is not None:
+            options["num_predict"] = max_tokens
+        if temperature is not None:
+            options["temperature"] = temperature
+        body: dict[str, Any] = {"model": instance.model_name, "messages": messages, "stream": stream}
+        body["options"] = options
+        if "keep_alive" in instance.extra:
+            body["keep_alive"] = instance.extra["keep_alive"]
+        return instance.endpoint.removesuffix("/v1") + "/api/chat", body
+    body = {"model": instance.model_name, "messages": messages, "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    return instance.endpoint + "/chat/completions", body
+
+
+def parse_reply(data: dict[str, Any], *, ollama: bool) -> ChatReply:
+    """A ChatReply from a non-streamed reply body (pure)."""
+    if "error" in data:
+        raise ChatError(_error_text(json.dumps(data)))
+    if ollama:
+        message = data.get("message") or {}
+        timings = {k: float(v) for k, v in data.items() if k.endswith("_duration") and isinstance(v, (int, float))}
+        return ChatReply(str(message.get("content") or ""), _count(data.get("prompt_eval_count")),
+                         _count(data.get("eval_count")), timings)  # fmt: skip
+    choices = data.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    text = str(message.get("content") or message.get("reasoning_content") or choices[0].get("text") or "")
+    usage = data.get("usage") or {}
+    raw = data.get("timings") or {}
+    timings = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+    # llama-server puts both in the reply; prompt_n counts only what was evaluated (a cached prefix is not), so
+    # usage comes first
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is None and "prompt_n" in timings:
+        prompt = _count(raw.get("prompt_n"))
+    completion = _count(usage.get("completion_tokens"))
+    if completion is None and "predicted_n" in timings:
+        completion = _count(raw.get("predicted_n"))
+    return ChatReply(text, prompt, completion, timings)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def count_tokens(instance: Instance, text: str, *, timeout_s: float = 60.0) -> int | None:
@@ -77,7 +178,7 @@ def count_tokens(instance: Instance, text: str, *, timeout_s: float = 60.0) -> i
     except httpx.HTTPError as exc:
         raise ChatError(f"{url}: {type(exc).__name__}: {exc}") from None
     if r.status_code >= 400:
-        raise ChatError(f"{url} answered {r.status_code}: {_error_text(r.text)}")
+        raise ChatError(f"{url} answered {r.status_code}: {_error_text(r.text)}", status=r.status_code)
     tokens = r.json().get("tokens")
     return len(tokens) if isinstance(tokens, list) else None
 

@@ -10,6 +10,7 @@
      ├── EngineError       llama.cpp could not measure or load the model
      ├── FetchError        a model file could not be downloaded or did not match its published hash
  ├── BackendError      a runtime (Ollama, llama-server) failed to start or answer
+     │    └── RunFailed    a launch ended for a cause no smaller configuration fixes (carries the attempts)
      ├── VerifyError       a launch could not be verified
      ├── ProfileError      a profile file is invalid (names file, line and field)
      └── ServiceError      a service unit could not be written or installed
@@ -20,10 +21,10 @@ The CLI prints `ErrorType: message` on one line and exits 1.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from launcher.plan import Option, Plan
+from launcher.attempts import Attempt
 
 
 class FitquantError(Exception):
@@ -62,15 +63,21 @@ class EstimateError(FitquantError):
 
 
 class NoFitError(FitquantError):
-    """Raised when nothing fits; `plan` is the refused Plan: every candidate with its reason, and the alternatives."""
+    """Raised when nothing fits; `plan` is the refused Plan: every candidate with its reason, and the alternatives;
+    `attempts` the launches tried before giving up (empty when nothing was started)."""
 
-    def __init__(self, message: str, *, plan: Plan) -> None:
+    # `plan: Any`, not launcher.plan.Plan: the errors are the bottom layer and import nothing above them (the plan
+    # raises them). A caller that needs the type narrows it: `isinstance(exc.plan, Plan)`.
+    def __init__(self, message: str, *, plan: Any, attempts: Sequence[Attempt] = ()) -> None:
         super().__init__(message)
         self.plan = plan
+        self.attempts: list[Attempt] = list(attempts)
 
     @property
-    def candidates(self) -> list[Option]:
-        return self.plan.candidates
+    def candidates(self) -> list[Any]:
+        """The refused plan's options (launcher.plan.Option) at the target context, best quality first."""
+        candidates: list[Any] = self.plan.candidates
+        return candidates
 
 
 class EngineError(FitquantError):
@@ -83,6 +90,15 @@ class FetchError(FitquantError):
 
 class BackendError(FitquantError):
     """Raised when a runtime fails to start, answer or load a model."""
+
+
+class RunFailed(BackendError):
+    """Raised when a launch ended for a cause no smaller configuration fixes (the server rejected a request, or
+    was not ready in time); `attempts` are every launch tried, the last one saying why."""
+
+    def __init__(self, message: str, *, attempts: Sequence[Attempt] = ()) -> None:
+        super().__init__(message)
+        self.attempts: list[Attempt] = list(attempts)
 
 
 class VerifyError(FitquantError):

@@ -10,6 +10,7 @@ backends the compute figure is labelled an estimate until measured there.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,9 @@ class Settings:
     # Logits rows a ubatch may produce (llama_context_params.n_outputs_max; 0 = n_batch, the library's default).
     # llama-server asks for one per slot (tools/server server_output_limits), which shrinks the output graph.
     n_outputs_max: int = 0
+    # Host weights the CPU backend repacks into a CPU_REPACK buffer besides the mapped file (llama.cpp's extra
+    # buffer types, on by default): (ggml type name, row multiple) pairs this host's CPU repacks (cpu_repack_rules)
+    cpu_repack: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("type_k", "type_v"):
@@ -130,6 +134,7 @@ class DeviceEstimate:
     output_bytes: int = 0
     overhead_bytes: int = 0
     layers: list[int] = field(default_factory=list)
+    repack_bytes: int = 0  # of weights_bytes: host weights copied into a CPU_REPACK buffer (Settings.cpu_repack)
 
     @property
     def total_bytes(self) -> int:
@@ -456,6 +461,64 @@ def _pipeline_parallel(settings: Settings, layer_device: list[str], backend_of: 
     )
 
 
+def cpu_repack_rules(features: frozenset[str], machine: str) -> tuple[tuple[str, int], ...]:
+    """The weight types llama.cpp's CPU backend repacks on a CPU with `features` (as /proc/cpuinfo names them:
+    avx2, avx512f; asimddp = dotprod, i8mm), and the row multiple each needs: (type, rows) pairs.
+
+    see ggml/src/ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type (llama-cpp-python 0.3.36's llama.cpp)
+    """
+    rules: dict[str, int] = {}
+    if machine in ("x86_64", "amd64", "AMD64", "i686"):
+        if "avx2" in features:
+            rules.update({"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8})
+        if "avx512f" in features:
+            rules["Q2_K"] = 8
+    elif machine in ("aarch64", "arm64"):
+        dotprod = "asimddp" in features or "dotprod" in features
+        i8mm = "i8mm" in features
+        if i8mm:
+            rules.update({"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 4})
+        if dotprod:
+            for name, rows in (("Q4_0", 4), ("Q4_K", 8), ("Q5_K", 8), ("Q6_K", 8), ("IQ4_NL", 4), ("MXFP4", 4),
+                               ("Q8_0", 4)):  # fmt: skip
+                rules.setdefault(name, rows)
+    return tuple(sorted(rules.items()))
+
+
+def repack_bytes(facts: ModelFacts, settings: Settings, layer_device: list[str]) -> int:
+    """Bytes the CPU backend copies into its CPU_REPACK buffer: every host-resident matrix of a repackable type
+    that a matmul reads (2-D MUL_MAT weights, 3-D MUL_MAT_ID experts) with rows in the type's multiple. Token
+    embeddings are read by GET_ROWS and stay mapped only.
+
+    see ggml/src/ggml-cpu/repack.cpp extra_buffer_type::supports_op, src/llama-model.cpp make_cpu_buft_list
+    """
+    rules = dict(settings.cpu_repack)
+    n_layer = facts.n_layer
+    total = 0
+    for name, (type_name, nbytes) in facts.tensor_types_by_name.items():
+        rows_multiple = rules.get(type_name)
+        shape = facts.tensor_shapes.get(name, ())
+        if rows_multiple is None or len(shape) < 2 or shape[1] % rows_multiple:
+            continue
+        expert = "_exps" in name
+        if len(shape) != (3 if expert else 2):
+            continue
+        block = _BLOCK.match(name)
+        if block is not None:
+            device = layer_device[int(block[1])] if int(block[1]) < n_layer else "CPU"
+            on_host = device == "CPU" or (expert and settings.cpu_moe)
+        elif name.startswith("output."):
+            on_host = layer_device[n_layer] == "CPU"
+        else:
+            on_host = False  # input-layer embeddings (GET_ROWS) and small non-block tensors
+        if on_host:
+            total += nbytes
+    return total
+
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
 def estimate(
     facts: ModelFacts,
     settings: Settings,
@@ -495,6 +558,10 @@ def estimate(
         # The tied output is token_embd itself; on the host both views share one copy.
         output_weights -= facts.token_embd_bytes
     devices[out_device].weights_bytes += output_weights
+
+    if settings.cpu_repack:
+        devices["CPU"].repack_bytes = repack_bytes(facts, settings, layer_device)
+        devices["CPU"].weights_bytes += devices["CPU"].repack_bytes
 
     caches, n_ctx, n_ctx_seq = kv_caches(facts, settings, flash_attn=flash_attn)
     for cache in caches:

@@ -7,7 +7,7 @@ installed) -> the final Plan, saying which figures came from the engine and whic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from launcher.errors import NoFitError
@@ -87,6 +87,49 @@ def fit(
     return plan
 
 
+def fit_together(
+    models: Sequence[tuple[str | None, Policy, str]],
+    *,
+    machine: HardwareSnapshot,
+    remembered: Sequence[tuple[Measurements, list[str]] | None] | None = None,
+    confirm: bool = True,
+    measurer: Measurer | None = None,
+) -> list[Plan]:
+    """Plan several models to run at once on `machine`, in order: each plan sees the memory the ones before it
+    take. `models` are (reference, policy, name shown in errors). A model that does not fit entirely (all on the
+    GPU, or in RAM on a machine without one) raises NoFitError naming it and the models beside it."""
+    plans: list[Plan] = []
+    remaining = machine
+    known = list(remembered or [None] * len(models))
+    for (model, policy, name), memory in zip(models, known, strict=True):
+        beside = ", ".join(shown for _, _, shown in models[: len(plans)])
+        where = f" beside {beside}" if beside else ""
+        try:
+            plan = fit(model, policy, machine=remaining, confirm=confirm, measurer=measurer, remembered=memory)
+        except NoFitError as exc:
+            raise NoFitError(f"{name!r} does not fit entirely{where}: {exc}", plan=exc.plan) from None
+        if plan.mode not in ("gpu", "cpu"):
+            raise NoFitError(f"{name!r} does not fit entirely{where}: {plan.reason}", plan=plan)
+        assert plan.chosen is not None
+        plans.append(plan)
+        remaining = less_free(remaining, plan.chosen.needs)
+    return plans
+
+
+def less_free(machine: HardwareSnapshot, needs: Mapping[str, int]) -> HardwareSnapshot:
+    """The machine with `needs` (bytes per plan budget: GPU0.., CPU) taken from its free memory."""
+    devices = tuple(
+        d.model_copy(update={"free_bytes": max(0, d.free_bytes - needs.get(f"GPU{d.index}", 0))})
+        if d.free_bytes is not None
+        else d
+        for d in machine.devices
+    )
+    ram = machine.ram_available_bytes
+    if ram is not None and not machine.devices:
+        ram = max(0, ram - needs.get("CPU", 0))
+    return machine.model_copy(update={"devices": devices, "ram_available_bytes": ram})
+
+
 def _fit(
     model: str | None,
     policy: Policy,
@@ -108,7 +151,9 @@ def _fit(
         machine = detect_hardware()
     budgets = budgets_for(machine.devices, ram_available_bytes=machine.ram_available_bytes,
                           reserve_bytes=policy.reserve_bytes)  # fmt: skip
-    shown = model or "the embedded default model"
+    from launcher.http import redact_url
+
+    shown = redact_url(model) if model else "the embedded default model"  # no credentials in a plan
     known, known_notes = remembered or ({}, [])
     plan = make_plan(shown, candidates, budgets, policy, measured=known)
     plan.notes.extend(known_notes)

@@ -88,7 +88,7 @@ def user_agent() -> str:
     try:
         return f"fitquant/{version('fitquant')}"
     except PackageNotFoundError:
-        from launcher import __version__
+        from launcher.version import __version__
 
         return f"fitquant/{__version__}"
 

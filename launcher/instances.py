@@ -8,18 +8,23 @@ lists those whose processes still live (and drops the rest), `fitquant stop` end
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.paths import state_dir
+
+if TYPE_CHECKING:
+    from launcher.backends.process import ProcessIdentity
 
 
 @dataclass(frozen=True)
 class RunningInstance:
+    """One running model. The pids come with what identified their processes when the record was made (start
+    time, program): a pid whose process no longer matches is a stale record, never a process to signal."""
+
     name: str
     model: str
     quant: str
@@ -32,6 +37,48 @@ class RunningInstance:
     verdict: str
     started: float  # seconds since the epoch
     log_path: str | None = None
+    server_started: float | None = None  # the server process's start time (seconds since the epoch)
+    server_command: str | None = None  # the base name of its argv[0]
+    owner_started: float | None = None
+    owner_command: str | None = None
+    identify: InitVar[bool] = True  # fill the four above from the live processes (False: as read from a record)
+
+    def __post_init__(self, identify: bool) -> None:
+        if not identify:
+            return
+        from launcher.backends.process import process_identity
+
+        # frozen: set once here, from the processes as they are when the record is made
+        if self.pid is not None and self.server_started is None:
+            server = process_identity(self.pid)
+            if server is not None:
+                object.__setattr__(self, "server_started", server.started)
+                object.__setattr__(self, "server_command", server.command)
+        if self.owner_started is None:
+            owner = process_identity(self.owner_pid)
+            if owner is not None:
+                object.__setattr__(self, "owner_started", owner.started)
+                object.__setattr__(self, "owner_command", owner.command)
+
+    @property
+    def server_identity(self) -> ProcessIdentity | None:
+        return _identity(self.server_started, self.server_command)
+
+    @property
+    def owner_identity(self) -> ProcessIdentity | None:
+        return _identity(self.owner_started, self.owner_command)
+
+    def server_alive(self) -> bool:
+        """The recorded server still runs as that same process."""
+        from launcher.backends.process import is_process
+
+        return self.pid is not None and is_process(self.pid, self.server_identity)
+
+    def owner_alive(self) -> bool:
+        """The recorded owner (`fitquant run` or `serve`) still runs as that same process."""
+        from launcher.backends.process import is_process
+
+        return is_process(self.owner_pid, self.owner_identity)
 
     @property
     def uptime_s(self) -> float:
@@ -51,13 +98,11 @@ def instance_name(model: str, quant: str, port: int | None) -> str:
 
 
 def save(instance: RunningInstance) -> Path:
-    """Write atomically (a reader never sees half a file)."""
-    directory = instances_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{instance.name}.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(instance), indent=2))
-    os.replace(tmp, path)
+    """Write atomically (a reader never sees half a file), 0600 in a 0700 folder, never through a symlink."""
+    from launcher.paths import write_private
+
+    path = instances_dir() / f"{instance.name}.json"
+    write_private(path, json.dumps(asdict(instance), indent=2))
     return path
 
 
@@ -65,21 +110,57 @@ def remove(name: str) -> None:
     (instances_dir() / f"{name}.json").unlink(missing_ok=True)
 
 
-def running() -> list[RunningInstance]:
-    """Instances whose owner or server still runs, oldest first; the records of the others are removed."""
+def _identity(started: float | None, command: str | None) -> ProcessIdentity | None:
+    from launcher.backends.process import ProcessIdentity
+
+    return None if started is None or command is None else ProcessIdentity(started, command)
+
+
+def _from_record(data: Any) -> RunningInstance:
+    if not isinstance(data, dict):
+        raise TypeError("not an instance record")
+    known = {f.name for f in fields(RunningInstance)}
+    return RunningInstance(**{k: v for k, v in data.items() if k in known}, identify=False)
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A record whose processes are gone, or whose pids now belong to other processes."""
+
+    instance: RunningInstance
+    why: str
+
+
+def scan() -> tuple[list[RunningInstance], list[Stale]]:
+    """The instances whose owner or server still runs as the recorded process (oldest first), and the stale
+    records, which are removed. Nothing is signalled."""
     from launcher.backends.process import pid_alive
 
-    out = []
+    out, stale = [], []
     directory = instances_dir()
     if not directory.is_dir():
-        return []
+        return [], []
     for path in sorted(directory.glob("*.json")):
         try:
-            instance = RunningInstance(**json.loads(path.read_text()))
+            instance = _from_record(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if pid_alive(instance.owner_pid) or (instance.pid is not None and pid_alive(instance.pid)):
+        if instance.owner_alive() or instance.server_alive():
             out.append(instance)
+            continue
+        reused = [str(pid) for pid in (instance.owner_pid, instance.pid) if pid is not None and pid_alive(pid)]
+        if not reused:
+            why = "its processes have ended"
+        elif instance.owner_identity is None and instance.server_identity is None:
+            why = f"it names pid {' and '.join(reused)} without the processes' identity (an older fitquant's record)"
         else:
-            path.unlink(missing_ok=True)
-    return sorted(out, key=lambda i: i.started)
+            why = f"pid {' and '.join(reused)} is another process now"
+        stale.append(Stale(instance, why))
+        path.unlink(missing_ok=True)
+    return sorted(out, key=lambda i: i.started), stale
+
+
+def running() -> list[RunningInstance]:
+    """Instances whose owner or server still runs as the recorded process, oldest first; the records of the
+    others (processes gone, or pids reused by other processes) are removed."""
+    return scan()[0]

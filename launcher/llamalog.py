@@ -25,55 +25,79 @@ from dataclasses import dataclass, field
 
 KINDS = ("model", "KV", "RS", "compute", "output")
 
-# the function-name prefix every libllama line carries ("llama_context: ", "llm_load_tensors: ", ...)
-_FUNC = r"(?P<func>[A-Za-z_][A-Za-z0-9_]*):\s+"
-_NUM = r"[-+]?\d+(?:\.\d+)?"
+# Every pattern here is linear in the line's length, whatever the line holds: a log is untrusted input (a posted
+# log, a server's stderr) and a pattern that backtracks can take minutes on one long line. So: the function-name
+# prefix only starts where no identifier character precedes it (a run of letters is tried once, not at each of
+# its characters); every open repetition after a fixed text is bounded; and lines are cut at MAX_LINE_CHARS.
+MAX_LINE_CHARS = 4096  # the lines that matter are < 1000 characters; longer ones are metadata arrays or noise
 
-_RE_BUFFER = re.compile(
-    _FUNC + r"(?P<name>\S+)\s+(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*"
-    r"(?P<mib>" + _NUM + r")\s*MiB"
+# the function-name prefix every libllama line carries ("llama_context: ", "llm_load_tensors: ", ...)
+_FUNC = r"(?<![A-Za-z0-9_])(?P<func>[A-Za-z_][A-Za-z0-9_]{0,79}):\s+"
+_NUM = r"[-+]?\d{1,15}(?:\.\d{1,15})?"
+
+# `<name> [<kind>] buffer size = <mib> MiB`: found from its tail, then the name is read back to the function prefix
+# (_buffer_line): a one-word name (CUDA0, CPU_Mapped, RPC0[127.0.0.1:50111]) or a GPU named by its description
+# (older Vulkan builds: "Radeon RX 580 Series buffer size = ..."), which has no ':' or '='.
+_RE_BUFFER_TAIL = re.compile(
+    r"\s(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*(?P<mib>" + _NUM + r")\s*MiB"
 )
-# A GPU named by its description (older Vulkan builds: "Radeon RX 580 Series buffer size = ..."): tried only when
-# _RE_BUFFER does not match, so one-word names keep their meaning.
-_RE_BUFFER_SPACED = re.compile(
-    _FUNC + r"(?P<name>[^\s=:][^=:]{0,120}?\s[^=:]{0,120}?)\s+"
-    r"(?:(?P<kind>model|KV|RS|compute|output)\s+)?buffer size\s*=\s*(?P<mib>" + _NUM + r")\s*MiB"
+_RE_FUNC_ONLY = re.compile(_FUNC)
+_SPACED_NAME_MAX = 241
+_RE_DEVICE = re.compile(
+    r"using device (?P<name>\S{1,200})\s+\((?P<desc>.{0,300})\)\s+-\s+(?P<free>\d{1,12})\s+MiB free"
 )
-_RE_DEVICE = re.compile(r"using device (?P<name>\S+)\s+\((?P<desc>.*)\)\s+-\s+(?P<free>\d+)\s+MiB free")
 _RE_LOAD_START = re.compile(r"llama_model_loader: loaded meta data with")
-_RE_OFFLOADED = re.compile(r"offloaded\s+(?P<n>\d+)/(?P<m>\d+)\s+layers to GPU")
+_RE_OFFLOADED = re.compile(r"offloaded\s+(?P<n>\d{1,9})/(?P<m>\d{1,9})\s+layers to GPU")
 _RE_KV = re.compile(
-    _FUNC + r"size\s*=\s*(?P<total>" + _NUM + r")\s*MiB\s*\(\s*(?P<cells>\d+)\s+cells,\s*(?P<layers>\d+)\s+layers,"
-    r"\s*(?P<seqs>\d+)(?:\s*/\s*(?P<streams>\d+))?\s+seqs\),\s*"
-    r"K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>" + _NUM + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>" + _NUM + r")\s*MiB"
+    _FUNC
+    + r"size\s*=\s*(?P<total>"
+    + _NUM
+    + r")\s*MiB\s*\(\s*(?P<cells>\d{1,12})\s+cells,\s*(?P<layers>\d{1,12})\s+layers,"
+    r"\s*(?P<seqs>\d{1,12})(?:\s*/\s*(?P<streams>\d{1,12}))?\s+seqs\),\s*"
+    r"K\s*\((?P<kt>[^)]{1,32})\):\s*(?P<kmib>"
+    + _NUM
+    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]{1,32})\):\s*(?P<vmib>"
+    + _NUM
+    + r")\s*MiB"
 )
 # 2024 builds: "llama_new_context_with_model: KV self size  =  256.00 MiB, K (f16):  128.00 MiB, V (f16): ..."
 _RE_KV_OLD = re.compile(
     _FUNC
     + r"KV self size\s*=\s*(?P<total>"
     + _NUM
-    + r")\s*MiB,\s*K\s*\((?P<kt>[^)]+)\):\s*(?P<kmib>"
+    + r")\s*MiB,\s*K\s*\((?P<kt>[^)]{1,32})\):\s*(?P<kmib>"
     + _NUM
-    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]+)\):\s*(?P<vmib>"
+    + r")\s*MiB,\s*V\s*\((?P<vt>[^)]{1,32})\):\s*(?P<vmib>"
     + _NUM
     + r")\s*MiB"
 )
 _RE_RS = re.compile(
-    _FUNC + r"size\s*=\s*(?P<total>" + _NUM + r")\s*MiB\s*\(\s*(?P<cells>\d+)\s+cells,\s*(?P<layers>\d+)\s+layers,"
-    r"\s*(?P<seqs>\d+)\s+seqs(?:\s+(?P<rsseq>\d+)\s+rs_seq)?\),\s*"
-    r"R\s*\((?P<rt>[^)]+)\):\s*(?P<rmib>" + _NUM + r")\s*MiB,\s*S\s*\((?P<st>[^)]+)\):\s*(?P<smib>" + _NUM + r")\s*MiB"
-    r"(?:,\s*P\s*\((?P<pt>[^)]+)\):\s*(?P<pmib>" + _NUM + r")\s*MiB)?"
+    _FUNC
+    + r"size\s*=\s*(?P<total>"
+    + _NUM
+    + r")\s*MiB\s*\(\s*(?P<cells>\d{1,12})\s+cells,\s*(?P<layers>\d{1,12})\s+layers,"
+    r"\s*(?P<seqs>\d{1,12})\s+seqs(?:\s+(?P<rsseq>\d{1,12})\s+rs_seq)?\),\s*"
+    r"R\s*\((?P<rt>[^)]{1,32})\):\s*(?P<rmib>"
+    + _NUM
+    + r")\s*MiB,\s*S\s*\((?P<st>[^)]{1,32})\):\s*(?P<smib>"
+    + _NUM
+    + r")\s*MiB"
+    r"(?:,\s*P\s*\((?P<pt>[^)]{1,32})\):\s*(?P<pmib>" + _NUM + r")\s*MiB)?"
 )
-_RE_CACHE_ROLE = re.compile(r"creating\s+(?P<role>non-SWA|SWA|indexer)\s+KV cache,\s*size\s*=\s*(?P<cells>\d+)\s+cells")
+_RE_CACHE_ROLE = re.compile(
+    r"creating\s+(?P<role>non-SWA|SWA|indexer)\s+KV cache,\s*size\s*=\s*(?P<cells>\d{1,12})\s+cells"
+)
 _CTX_KEYS = "n_ctx|n_ctx_seq|n_ctx_per_seq|n_seq_max|n_batch|n_ubatch|causal_attn|n_ctx_train"
-_RE_CTX_INT = re.compile(_FUNC + r"(?P<key>" + _CTX_KEYS + r")\s*=\s*(?P<val>\d+)\s*$")
-_RE_FA = re.compile(_FUNC + r"flash_attn\s*=\s*(?P<val>\S+)\s*$")
+_RE_CTX_INT = re.compile(_FUNC + r"(?P<key>" + _CTX_KEYS + r")\s*=\s*(?P<val>\d{1,12})\s*$")
+_RE_FA = re.compile(_FUNC + r"flash_attn\s*=\s*(?P<val>\S{1,32})\s*$")
 _RE_FA_RESOLVED = re.compile(
     r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)|"
     r"Flash Attention not supported, set to (?P<val2>disabled)"
 )
-_RE_FA_FORCED = re.compile(r"(?P<on>enabling flash_attn since)|(?P<off>flash_attn is not compatible .* forcing off)")
-_RE_UNIFIED = re.compile(_FUNC + r"kv_unified\s*=\s*(?P<val>\S+)\s*$")
+_RE_FA_FORCED = re.compile(
+    r"(?P<on>enabling flash_attn since)|(?P<off>flash_attn is not compatible .{0,200}? forcing off)"
+)
+_RE_UNIFIED = re.compile(_FUNC + r"kv_unified\s*=\s*(?P<val>\S{1,32})\s*$")
 _RE_FILE_SIZE = re.compile(
     _FUNC
     + r"(?:file|model) size\s*=\s*(?P<size>"
@@ -82,29 +106,55 @@ _RE_FILE_SIZE = re.compile(
     + _NUM
     + r")\s*BPW\)"
 )
-_RE_FILE_TYPE = re.compile(_FUNC + r"(?:file type|file ftype|model ftype)\s*=\s*(?P<val>.+?)\s*$")
+_RE_FILE_TYPE = re.compile(_FUNC + r"(?:file type|file ftype|model ftype)\s*=\s*(?P<val>.{1,200})$")
 _RE_PARAMS = re.compile(_FUNC + r"model params\s*=\s*(?P<n>" + _NUM + r")\s*(?P<unit>[KMBT])\s*$")
-_RE_ARCH = re.compile(_FUNC + r"arch\s*=\s*(?P<val>\S+)\s*$")
-_RE_N_LAYER = re.compile(_FUNC + r"n_layer\s*=\s*(?P<val>\d+)\s*$")
-_RE_VOCAB_EMBD = re.compile(_FUNC + r"(?P<key>n_vocab|n_embd)\s*=\s*(?P<val>\d+)\s*$")
+_RE_ARCH = re.compile(_FUNC + r"arch\s*=\s*(?P<val>\S{1,64})\s*$")
+_RE_N_LAYER = re.compile(_FUNC + r"n_layer\s*=\s*(?P<val>\d{1,12})\s*$")
+_RE_VOCAB_EMBD = re.compile(_FUNC + r"(?P<key>n_vocab|n_embd)\s*=\s*(?P<val>\d{1,12})\s*$")
 _RE_PIPELINE = re.compile(r"pipeline parallelism enabled")
 _RE_BREAKDOWN_GPU = re.compile(
-    r"\|\s*-\s*(?P<name>\S+)\s*(?:\((?P<desc>[^)]*)\))?\s*\|\s*(?P<total>-?\d+)\s*=\s*(?P<free>-?\d+)\s*\+\s*\(\s*"
-    r"(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*(?P<compute>-?\d+)\s*\)\s*\+\s*"
-    r"(?P<unacc>-?\d+)\s*\|"
+    r"\|\s*-\s*(?P<name>\S{1,100})\s*(?:\((?P<desc>[^)]{0,200})\))?\s*\|\s*(?P<total>-?\d{1,12})\s*=\s*(?P<free>-?\d{1,12})\s*\+\s*\(\s*"
+    r"(?P<self>-?\d{1,12})\s*=\s*(?P<model>-?\d{1,12})\s*\+\s*(?P<context>-?\d{1,12})\s*\+\s*(?P<compute>-?\d{1,12})\s*\)\s*\+\s*"
+    r"(?P<unacc>-?\d{1,12})\s*\|"
 )
 _RE_BREAKDOWN_OTHER = re.compile(
-    r"\|\s*-\s*(?P<name>\S+)\s*\|\s*(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*"
-    r"(?P<compute>-?\d+)\s*\|"
+    r"\|\s*-\s*(?P<name>\S{1,100})\s*\|\s*(?P<self>-?\d{1,12})\s*=\s*(?P<model>-?\d{1,12})\s*\+\s*(?P<context>-?\d{1,12})\s*\+\s*"
+    r"(?P<compute>-?\d{1,12})\s*\|"
 )
 _RE_FIT = re.compile(
     r"(?P<ok>successfully fit params to free device memory)|"
-    r"failed to fit params to free device memory:?\s*(?P<why>.*)$"
+    r"failed to fit params to free device memory:?\s*(?P<why>.{0,1000})"
 )
-_RE_ERROR = re.compile(
-    r"error|failed|GGML_ASSERT|out of memory|requires flash_attn|requires Flash Attention|cannot|unable to",
+# Per-tensor lines (debug level, or printed for overrides and fallbacks):
+#   "tensor blk.0.ffn_up_exps.weight (q4_K) buffer type overridden to CUDA_Host"   (ik_llama: "Tensor ... overriden")
+#   "tensor 'token_embd.weight' (q8_0) (and 0 others) cannot be used with preferred buffer type CUDA_Host, using CPU
+#    instead"
+_TENSOR_NAME = r"'?(?P<tensor>[A-Za-z0-9_.]{1,200})'?\s+(?:\((?P<type>[A-Za-z0-9_]{1,16})\)\s+)?"
+_RE_TENSOR_OVERRIDE = re.compile(
+    r"[Tt]ensor\s+" + _TENSOR_NAME + r"buffer type overrid{1,2}en to\s+(?P<buft>[^\s,]{1,100})"
+)
+_RE_TENSOR_FALLBACK = re.compile(
+    r"tensor\s+" + _TENSOR_NAME + r"\(and\s+(?P<others>\d{1,9})\s+others\)\s+cannot be used with preferred buffer "
+    r"type\s+(?P<pref>[^\s,]{1,100}),\s+using\s+(?P<buft>[^\s,]{1,100})\s+instead"
+)
+# MoE experts kept on the CPU on purpose: llama.cpp's --cpu-moe / --n-cpu-moe N (echoed in a command line or in
+# its parameters), frontends' "MoE CPU layers: N".
+_RE_CPU_MOE = re.compile(
+    r"(?P<flag>--cpu-moe|(?<![\w-])-cmoe)(?![\w-])|"
+    r"(?P<key>--n-cpu-moe|(?<![\w-])-ncmoe|n_cpu_moe|MoE CPU layers)\s*[:=]?\s*\"?(?P<n>\d{1,6})",
     re.IGNORECASE,
 )
+# Ollama's own planner (logs from before v0.30) and the runner command line it starts:
+#   msg="offload to cuda" layers.requested=-1 layers.model=41 layers.offload=34 ...
+#   msg="starting llama server" cmd="... --n-gpu-layers 34 ..."
+_RE_OLLAMA_PLANNED_MODEL = re.compile(r"layers\.model=\"?(?P<n>\d{1,6})")
+_RE_OLLAMA_PLANNED_OFFLOAD = re.compile(r"layers\.offload=\"?(?P<n>\d{1,6})")
+_RE_NGL_ARG = re.compile(r"(?:--n-gpu-layers|(?<![\w-])-ngl|--gpu-layers)[\s=]+(?P<n>-?\d{1,9})")
+# what makes an unparsed line an error line (lower-cased substrings: faster than a case-blind regex on long lines)
+_ERROR_WORDS = (
+    "error", "failed", "ggml_assert", "out of memory", "requires flash_attn", "requires flash attention", "cannot",
+    "unable to",
+)  # fmt: skip
 _TRUE = {"1", "true", "enabled", "on", "yes"}
 _FALSE = {"0", "false", "disabled", "off", "no"}
 
@@ -208,6 +258,12 @@ class LlamaLog:
     n_params: float | None = None  # as printed ("268.10 M" -> 268100000.0)
     fit: str | None = None  # "ok" | "failed" | None
     fit_message: str | None = None
+    tensor_types: dict[str, str] = field(default_factory=dict)  # per-tensor lines: tensor name -> ggml type
+    host_tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> host buffer type it was put in
+    fallback_others: dict[str, int] = field(default_factory=dict)  # "tensor X ... (and N others) cannot be used ..."
+    cpu_moe: str | None = None  # the text that keeps MoE experts on the CPU (--cpu-moe, n_cpu_moe = 3, ...)
+    planned_layers: tuple[int, int] | None = None  # Ollama's planner: (layers.offload, layers.model)
+    n_gpu_layers_arg: int | None = None  # a runner's --n-gpu-layers / -ngl, as started
     errors: list[str] = field(default_factory=list)
     earlier: list[LlamaLog] = field(default_factory=list)  # loads before the last one, oldest first
 
@@ -282,6 +338,15 @@ class _Segment:
         self.pending_role = ""
         self.fa_resolved: bool | None = None
 
+    def next(self) -> _Segment:
+        """The segment of the next load. What a launcher printed before the load began (Ollama's planner, the
+        runner's command line) belongs to that next load, so it carries over until a later line replaces it."""
+        seg = _Segment()
+        seg.log.cpu_moe = self.log.cpu_moe
+        seg.log.planned_layers = self.log.planned_layers
+        seg.log.n_gpu_layers_arg = self.log.n_gpu_layers_arg
+        return seg
+
     def finish(self) -> LlamaLog:
         log = self.log
         log.buffers = [BufferLine(name, kind, round(mib, 2)) for (name, kind), mib in self.buffers.items()]
@@ -294,27 +359,28 @@ class _Segment:
 
 
 def parse(text: str | Iterable[str]) -> LlamaLog:
-    """Parse llama.cpp log text (a string or an iterable of lines)."""
+    """Parse llama.cpp log text (a string or an iterable of lines). Linear in the text's length: lines longer than
+    MAX_LINE_CHARS are read up to that length."""
     lines = text.splitlines() if isinstance(text, str) else [ln for chunk in text for ln in chunk.splitlines()]
     done: list[LlamaLog] = []
     seg = _Segment()
     in_device_block = False
     for raw in lines:
-        line = raw.rstrip()
+        line = raw[:MAX_LINE_CHARS].rstrip()
         if not line:
             continue
-        m = _RE_DEVICE.search(line)
+        m = _RE_DEVICE.search(line) if "using device" in line else None
         if m:
             if seg.content and not in_device_block:
                 done.append(seg.finish())
-                seg = _Segment()
+                seg = seg.next()
             in_device_block = True
             seg.log.devices.append(DeviceLine(m["name"], m["desc"], int(m["free"])))
             continue
         if _RE_LOAD_START.search(line):
             if seg.content:
                 done.append(seg.finish())
-                seg = _Segment()
+                seg = seg.next()
             in_device_block = False
             continue
         in_device_block = False
@@ -328,16 +394,39 @@ def parse(text: str | Iterable[str]) -> LlamaLog:
 # patterns after it should still be tried (False). `_parse_line` tries them in `_LINE_HANDLERS` order.
 
 
-def _on_buffer(seg: _Segment, m: re.Match[str]) -> bool:
-    kind = m["kind"]
+def _buffer_line(line: str) -> tuple[str, str, str | None, float] | None:
+    """(function, buffer name, kind, MiB) of a `<name> [<kind>] buffer size = <mib> MiB` line, else None.
+
+    The name is the one word right after a `func: ` prefix, else (a GPU named by its description) all the text after
+    the last `func: ` prefix, when that text has no ':' or '='. Linear: one pass over the line's prefixes."""
+    tail = _RE_BUFFER_TAIL.search(line)
+    if tail is None:
+        return None
+    head = line[: tail.start()].rstrip()
+    words = head.rsplit(None, 1)
+    if not words:
+        return None
+    word_start = len(head) - len(words[-1])
+    plain_from = max(head.rfind(":"), head.rfind("=")) + 1  # a described name has neither
+    described: re.Match[str] | None = None
+    for m in _RE_FUNC_ONLY.finditer(head):
+        if m.end() == word_start:
+            return m["func"], words[-1], tail["kind"], float(tail["mib"])
+        if m.end() >= plain_from and len(head) - m.end() <= _SPACED_NAME_MAX:
+            described = m
+    if described is None:
+        return None
+    return described["func"], head[described.end() :], tail["kind"], float(tail["mib"])
+
+
+def _on_buffer(seg: _Segment, func: str, name: str, kind: str | None, mib: float) -> None:
     if kind is None:  # 2024 "llm_load_tensors: CPU buffer size = ..." lines
-        if "load_tensors" not in m["func"]:
-            return True
+        if "load_tensors" not in func:
+            return
         kind = "model"
-    key = (m["name"], kind)
-    seg.buffers[key] = seg.buffers.get(key, 0.0) + float(m["mib"])
+    key = (name, kind)
+    seg.buffers[key] = seg.buffers.get(key, 0.0) + mib
     seg.content = True
-    return True
 
 
 def _on_kv_cache(seg: _Segment, m: re.Match[str]) -> bool:
@@ -499,42 +588,86 @@ def _on_fit(seg: _Segment, m: re.Match[str]) -> bool:
     return True
 
 
+def _on_tensor_buffer(seg: _Segment, m: re.Match[str]) -> bool:
+    tensor = m["tensor"]
+    if m["type"]:
+        seg.log.tensor_types[tensor] = m["type"]
+    others = m.groupdict().get("others")
+    if others is not None:
+        seg.log.fallback_others[tensor] = int(others)
+    if gpu_device(m["buft"]) is None:
+        seg.log.host_tensors[tensor] = m["buft"]
+    else:
+        seg.log.host_tensors.pop(tensor, None)
+    return True
+
+
+def _on_cpu_moe(seg: _Segment, m: re.Match[str]) -> bool:
+    if m["flag"] or int(m["n"]) > 0:
+        seg.log.cpu_moe = m[0].strip()
+    return True
+
+
+def _on_ollama_planner(seg: _Segment, m: re.Match[str]) -> bool:
+    offload = _RE_OLLAMA_PLANNED_OFFLOAD.search(m.string)
+    if offload is not None:
+        seg.log.planned_layers = (int(offload["n"]), int(m["n"]))
+    return True
+
+
+def _on_ngl_arg(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.n_gpu_layers_arg = int(m["n"])
+    return False  # the same line may carry --cpu-moe
+
+
 _PRINT_INFO = ("print_info", "llm_load_print_meta")  # the functions that print the model's own hparams
 # The order matters: a line is given to the first pattern whose handler takes it.
-# A needle, when given, must be in the line before its pattern is tried: a cheap test that keeps the spaced
-# buffer pattern (two lazy runs) off long lines such as metadata arrays, where its search would take minutes.
+# A needle, when given, must be in the line before its pattern is tried: a cheap substring test that keeps most
+# patterns off most lines (the patterns are linear anyway; this keeps the constant small on 10 MB of noise).
 _LINE_HANDLERS: tuple[tuple[str | None, re.Pattern[str], Callable[[_Segment, re.Match[str]], bool]], ...] = (
-    ("buffer size", _RE_BUFFER, _on_buffer),
-    ("buffer size", _RE_BUFFER_SPACED, _on_buffer),
-    (None, _RE_KV, _on_kv_cache),
-    (None, _RE_RS, _on_rs_cache),
-    (None, _RE_KV_OLD, _on_kv_cache_2024),
-    (None, _RE_CACHE_ROLE, _on_cache_role),
-    (None, _RE_OFFLOADED, _on_offloaded),
-    (None, _RE_CTX_INT, _on_context_int),
-    (None, _RE_FA, _on_flash_attn_setting),
-    (None, _RE_FA_RESOLVED, _on_flash_attn_resolved),
-    (None, _RE_FA_FORCED, _on_flash_attn_forced),
-    (None, _RE_UNIFIED, _on_kv_unified),
-    (None, _RE_PIPELINE, _on_pipeline),
-    (None, _RE_FILE_SIZE, _on_file_size),
-    (None, _RE_FILE_TYPE, _on_file_type),
-    (None, _RE_PARAMS, _on_params),
-    (None, _RE_ARCH, _on_arch),
-    (None, _RE_N_LAYER, _on_n_layer),
-    (None, _RE_VOCAB_EMBD, _on_vocab_embd),
-    (None, _RE_BREAKDOWN_GPU, _on_breakdown_gpu),
-    (None, _RE_BREAKDOWN_OTHER, _on_breakdown_other),
-    (None, _RE_FIT, _on_fit),
+    ("cells", _RE_KV, _on_kv_cache),
+    ("cells", _RE_RS, _on_rs_cache),
+    ("KV self size", _RE_KV_OLD, _on_kv_cache_2024),
+    ("KV cache", _RE_CACHE_ROLE, _on_cache_role),
+    ("offloaded", _RE_OFFLOADED, _on_offloaded),
+    ("n_", _RE_CTX_INT, _on_context_int),
+    ("flash_attn", _RE_FA, _on_flash_attn_setting),
+    ("Flash Attention", _RE_FA_RESOLVED, _on_flash_attn_resolved),
+    ("flash_attn", _RE_FA_FORCED, _on_flash_attn_forced),
+    ("kv_unified", _RE_UNIFIED, _on_kv_unified),
+    ("pipeline", _RE_PIPELINE, _on_pipeline),
+    ("size", _RE_FILE_SIZE, _on_file_size),
+    ("type", _RE_FILE_TYPE, _on_file_type),
+    ("model params", _RE_PARAMS, _on_params),
+    ("arch", _RE_ARCH, _on_arch),
+    ("n_layer", _RE_N_LAYER, _on_n_layer),
+    ("n_", _RE_VOCAB_EMBD, _on_vocab_embd),
+    ("|", _RE_BREAKDOWN_GPU, _on_breakdown_gpu),
+    ("|", _RE_BREAKDOWN_OTHER, _on_breakdown_other),
+    ("fit params", _RE_FIT, _on_fit),
+    ("buffer type", _RE_TENSOR_OVERRIDE, _on_tensor_buffer),
+    ("buffer type", _RE_TENSOR_FALLBACK, _on_tensor_buffer),
+    ("layers.model=", _RE_OLLAMA_PLANNED_MODEL, _on_ollama_planner),
+    ("gpu-layers", _RE_NGL_ARG, _on_ngl_arg),
+    ("-ngl", _RE_NGL_ARG, _on_ngl_arg),
+    ("moe", _RE_CPU_MOE, _on_cpu_moe),
+    ("MoE", _RE_CPU_MOE, _on_cpu_moe),
 )
 
 
 def _parse_line(seg: _Segment, line: str) -> None:
+    if "buffer size" in line:
+        found = _buffer_line(line)
+        if found is not None:
+            _on_buffer(seg, *found)
+            return
     for needle, pattern, handler in _LINE_HANDLERS:
         if needle is not None and needle not in line:
             continue
         m = pattern.search(line)
         if m is not None and handler(seg, m):
             return
-    if _RE_ERROR.search(line) and "print_info" not in line and "llama_model_loader: - kv" not in line:
+    low = line.lower()
+    metadata = "print_info" in line or "llama_model_loader: - kv" in line
+    if not metadata and any(word in low for word in _ERROR_WORDS):
         seg.log.errors.append(line.strip())

@@ -274,6 +274,8 @@ class ModelFacts:
     # What the compute graph is built from (launcher/compute): every tensor's ggml shape by name, and the
     # architecture's scalar hyperparameters ("{arch}." stripped, e.g. "expert_weights_norm").
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
+    # every tensor's (ggml type name, bytes): what a CPU repack of host weights copies (estimate.repack_bytes)
+    tensor_types_by_name: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False, compare=False)
     hparams: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -739,6 +741,7 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
         file_type=file_type if isinstance(file_type, int) else None,
         tensor_types=weights.tensor_types,
         tensor_shapes={tensor.name: tensor.shape for tensor in header.tensors},
+        tensor_types_by_name={tensor.name: (tensor.type_name, tensor.n_bytes) for tensor in header.tensors},
         hparams=_scalar_hparams(header, arch),
     )
 

@@ -17,7 +17,7 @@ nothing but a full fit. Without a GPU it plans for system RAM with no layers off
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from launcher.hardware.types import Device
 
 SCHEMA_VERSION = 1
+#: The plan JSON's launch forms, one per runtime (Plan.to_json's `launch_forms`).
+LAUNCH_FORM_KEYS = ("llama_server_argv", "ollama")
 CONTEXT_STEP = 256  # llama.cpp pads n_ctx to 256 (src/llama-context.cpp)
 
 
@@ -58,9 +60,12 @@ class Policy:
     strict: bool = False  # nothing but a full fit at the target context
     vision: bool = False  # count the vision projector (mmproj) when the model has one
     min_context: int = DEFAULT_MIN_CONTEXT  # smallest reduced context worth proposing
-    # The server computes logits for every prompt token (llama-cpp-python's server) rather than one per slot
-    # (llama-server): a larger output graph.
+    # What the server does by default that changes memory (launcher.backends.base.ServerMemory, declared by the
+    # backend that runs the plan): logits for every prompt token (llama-cpp-python's server) rather than one per
+    # slot (llama-server), a larger output graph; a full-size SWA cache; host weights repacked for the CPU.
     all_logits: bool = False
+    swa_full: bool = False
+    cpu_repack: tuple[tuple[str, int], ...] = ()  # estimate.cpu_repack_rules of the CPU the server runs on
 
     def __post_init__(self) -> None:
         if self.flash_attn is None:
@@ -81,6 +86,8 @@ class Policy:
             n_ubatch=self.n_ubatch,
             cpu_moe=cpu_moe,
             n_outputs_max=0 if self.all_logits else self.n_parallel,
+            swa_full=self.swa_full,
+            cpu_repack=self.cpu_repack,
         )
 
 
@@ -220,9 +227,15 @@ class Plan:
     def fits_on_gpu(self) -> bool:
         return self.chosen is not None and self.mode in ("gpu", "reduced-context")
 
-    def to_json(self, *, port: int = 8080) -> dict[str, Any]:
-        """The Plan contract (docs/plan.schema.json); sizes in bytes."""
+    def to_json(self, *, launch_forms: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The Plan contract (docs/plan.schema.json); sizes in bytes.
+
+        `launch_forms`: how each runtime starts the chosen option, under its key (`llama_server_argv`, `ollama`),
+        as `launcher.backends.launch_forms(plan, port=...)` renders them through each Backend.launch_form (the plan
+        cannot: the backends import the plan). Keys it lacks, and all of them when nothing is chosen, are null.
+        """
         chosen = None
+        forms = (launch_forms or {}) if self.chosen is not None else {}
         if self.chosen is not None:
             c = self.chosen
             usable = {b.name: b.usable_bytes for b in self.budgets}
@@ -258,18 +271,8 @@ class Plan:
             "candidates": [_option_json(o) for o in self.candidates],
             "alternatives": [{**_option_json(o), "mode": _mode_of(o)} for o in self.alternatives],
             "notes": list(self.notes),
-            **_launch_forms(self, port),
+            **{key: forms.get(key) for key in LAUNCH_FORM_KEYS},
         }
-
-
-def _launch_forms(plan: Plan, port: int) -> dict[str, Any]:
-    """Each backend renders its own form of the decision; the plan JSON keeps both."""
-    if plan.chosen is None:
-        return {"llama_server_argv": None, "ollama": None}
-    from launcher.backends.llamacpp import server_argv
-    from launcher.backends.ollama import ollama_form
-
-    return {"llama_server_argv": server_argv(plan, port=port), "ollama": ollama_form(plan)}
 
 
 def _file_json(f: CandidateFile) -> dict[str, Any]:
@@ -433,6 +436,14 @@ def make_plan(
     """
     plan = _make_plan(model, candidates, budgets, policy, measured=measured)
     plan.measured = dict(measured or {})
+    chosen = plan.chosen
+    if chosen is not None and not chosen.above_floor and chosen.candidate.explicit:
+        # the floor chooses among quants; it does not overrule a file the user named
+        name = chosen.candidate.files[0].name if chosen.candidate.files else chosen.quant
+        plan.notes.append(
+            f"{name} is below the quality floor {plan.floor} for a model of {chosen.facts.n_params / 1e9:.1f}B "
+            f"parameters; running it because {chosen.candidate.explicit}"
+        )
     return plan
 
 
@@ -467,7 +478,7 @@ def _make_plan(
     options = [with_measurement(evaluate(c, facts_of[id(c)], policy, budgets, floor=floor)) for c in usable]
     options.sort(key=lambda o: (-o.quality_rank, o.candidate.size_bytes))
     where = "the GPU" + ("s" if sum(b.name != "CPU" for b in budgets) > 1 else "") if has_gpu else "system RAM"
-    fitting = [o for o in options if o.fits and o.above_floor]
+    fitting = [o for o in options if o.fits and (o.above_floor or o.candidate.explicit)]
     if fitting:
         chosen = fitting[0]
         better = [o for o in options if o.quality_rank > chosen.quality_rank]
@@ -478,8 +489,8 @@ def _make_plan(
             notes.append("no GPU found: planned for system RAM with no layers offloaded (ngl 0)")
         return Plan(model, policy, budgets, floor, "gpu" if has_gpu else "cpu", why, chosen, options, [], notes)
 
-    above = [o for o in options if o.above_floor]
-    below_fit = [o for o in options if o.fits and not o.above_floor]
+    above = [o for o in options if o.above_floor or o.candidate.explicit]
+    below_fit = [o for o in options if o.fits and not o.above_floor and not o.candidate.explicit]
     if below_fit:
         notes.append(
             f"{below_fit[0].quant} would fit but is below the quality floor {floor} for a model of "

@@ -249,7 +249,7 @@ def newer_ggml_types() -> dict[int, GGMLType]:
 def _file_type_names() -> dict[int, str]:
     """llama.cpp's `LlamaFileType` names by value, `MOSTLY_` dropped ("ALL_F32", "Q4_K_M", "GUESSED"), and the file
     types of `newer_ggml_types` the installed gguf lacks."""
-    from launcher.gguf import gguf_constants
+    from launcher.gguf_py import gguf_constants
 
     names = {int(m.value): m.name.removeprefix("MOSTLY_") for m in gguf_constants.LlamaFileType}
     for t in newer_ggml_types().values():

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.paths import state_dir
+from launcher.paths import append_private, state_dir, write_private
 
 if TYPE_CHECKING:
     from launcher.hardware.types import HardwareSnapshot
@@ -46,11 +45,19 @@ def fingerprint(machine: HardwareSnapshot) -> str:
 
 
 def model_key(model: str | None) -> str:
-    """How the record names a model: a local path absolute (the same file however it was typed), else as given."""
+    """How the record names a model: a local path absolute (the same file however it was typed), a URL without
+    its credentials (user info, query string: `launcher.http.redact_url`), else as given."""
+    from launcher.http import is_url, redact_url
+
     if model is None:
         return "the embedded default model"
+    if is_url(model):
+        return redact_url(model)
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+    try:
+        return str(path.resolve()) if path.exists() else model
+    except OSError:  # a name too long for the file system is no file of ours: the catalog says what it is
+        return model
 
 
 def records_dir() -> Path:
@@ -62,7 +69,8 @@ def record_path(machine: HardwareSnapshot) -> Path:
 
 
 def settings_key(policy: Policy) -> dict[str, Any]:
-    """The settings a measurement depends on besides quant, context and offload."""
+    """The settings a measurement depends on besides quant, context and offload (not the CPU's weight repacking:
+    the host decides it, and the measured figures include it)."""
     return {
         "type_k": policy.type_k,
         "type_v": policy.type_v,
@@ -71,21 +79,21 @@ def settings_key(policy: Policy) -> dict[str, Any]:
         "n_ubatch": policy.n_ubatch,
         "vision": policy.vision,
         "all_logits": policy.all_logits,
+        "swa_full": policy.swa_full,
     }
 
 
 def append(machine: HardwareSnapshot, entry: dict[str, Any]) -> Path:
-    """Add one verified result to this machine's record (one line, appended: earlier lines are never rewritten)."""
+    """Add one verified result to this machine's record (one line, appended: earlier lines are never rewritten).
+    The files are 0600 in a 0700 folder and never written through a symlink (`launcher.paths`)."""
     path = record_path(machine)
-    path.parent.mkdir(parents=True, exist_ok=True)
     identity = path.with_suffix(".json")
     if not identity.exists():
-        tmp = identity.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint(machine), **machine_identity(machine)}, indent=2))
-        os.replace(tmp, identity)
+        write_private(
+            identity, json.dumps({"fingerprint": fingerprint(machine), **machine_identity(machine)}, indent=2)
+        )
     line = json.dumps({"record_version": RECORD_VERSION, "time": time.time(), **entry}, sort_keys=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    append_private(path, line + "\n")
     return path
 
 

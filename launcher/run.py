@@ -1,53 +1,77 @@
-"""Run: the closed loop. Fetch the chosen quant, start it, wait until ready, verify where it landed, warm it
-up, and on a spill, an out-of-memory or a crash, stop it and take the plan's next configuration.
+"""Run: the one run path that `fitquant run`, `fitquant serve` and the router call.
 
-The next configuration is the plan made again with the failed one marked as not fitting: the next lower
-quant above the floor, then a smaller context (unless --strict), as `make_plan` orders them. Every attempt
-is reported with its outcome. A verified result is appended to the machine's record (launcher.record).
+    choose_backend(...)        which runtime (an explicit llama-server is probed here, before any download)
+    run_machine(...)           the machine: probed, described, RPC devices, or a profile's (its reserve applied once)
+    plan_runs(specs, ...)      policy (the backend's memory defaults counted) -> remembered measurements -> fit,
+                               several models together on what the ones before them leave
+    start_planned(spec, plan)  launch (fetch, start, ready, verify, warm up, step down on memory failures only)
+                               -> record -> register the instance
+    start(spec, ...)           plan_runs + start_planned for one model
+    stop(result, backend)      stop the server and unregister it
+
+Only memory failures step down (out of memory, a spill, a crash while loading or allocating): the plan is made
+again with the failed configuration marked as not fitting, which gives the next lower quant above the floor,
+then a smaller context (unless --strict). A server that is up but refuses a request, or is not ready in time,
+ends the run with RunFailed: no quant or context fixes that. Every attempt is reported with its outcome
+(launcher.attempts). A verified result is appended to the machine's record (launcher.record).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from launcher.backends.base import AttemptFailed, Instance, LaunchRequest, Outcome
-from launcher.errors import BackendError, NoFitError
-from launcher.plan import MeasureKey, Measurements, Option, Plan, make_plan
+from launcher.attempts import Attempt
+from launcher.backends.base import AttemptFailed, Instance, LaunchRequest
+from launcher.errors import BackendError, NoFitError, RunFailed
+from launcher.plan import MeasureKey, Measurements, Option, Plan, Policy, make_plan
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend
+    from launcher.chat import ChatReply
     from launcher.hardware.types import HardwareSnapshot
+    from launcher.profiles import Profile
     from launcher.verify import Placement
+
+__all__ = [
+    "Attempt",
+    "RunResult",
+    "RunSpec",
+    "choose_backend",
+    "plan_runs",
+    "read_api_key",
+    "run_machine",
+    "server_policy",
+    "start",
+    "start_planned",
+    "stop",
+]
 
 RUN_SCHEMA_VERSION = 1
 Warmup = Literal["short", "full", "none"]
 DEFAULT_MAX_ATTEMPTS = 3
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass
-class Attempt:
-    """One launch of one configuration, and how it ended."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One model to run and how: what `run`, `serve` and the router hand to the run path."""
 
-    quant: str
-    n_ctx: int
-    n_gpu_layers: int
-    outcome: Outcome
-    detail: str
-    log_path: str | None = None
+    model: str | None  # a model reference; None: the embedded default model
+    policy: Policy  # what the user asked for (the backend's memory defaults are added by plan_runs)
+    request: LaunchRequest = field(default_factory=LaunchRequest)
+    name: str | None = None  # how `ps` and the log name it (a profile's alias); default: the model
+    confirm: bool = True  # llama.cpp dry runs confirm the plan before download
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    warmup: Warmup = "short"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "quant": self.quant,
-            "n_ctx": self.n_ctx,
-            "n_gpu_layers": self.n_gpu_layers,
-            "outcome": self.outcome,
-            "detail": self.detail,
-            "log_path": self.log_path,
-        }
+    @property
+    def shown_name(self) -> str:
+        return self.name or self.model or "the embedded default model"
 
 
 @dataclass
@@ -60,12 +84,14 @@ class RunResult:
     placement: Placement
     attempts: list[Attempt]
     warmup: dict[str, Any] = field(default_factory=dict)
+    instance_name: str | None = None  # its record in launcher.instances (what `fitquant ps` lists)
 
     def to_json(self) -> dict[str, Any]:
         """The run contract (docs/run.schema.json)."""
         o, inst, p = self.option, self.instance, self.plan.policy
         return {
             "schema_version": RUN_SCHEMA_VERSION,
+            "ok": True,
             "model": self.plan.model,
             "backend": {"name": inst.backend, "server": inst.server, "version": inst.version},
             "endpoint": inst.endpoint,
@@ -90,6 +116,274 @@ class RunResult:
             "warmup": dict(self.warmup),
             "notes": list(self.plan.notes),
         }
+
+
+def failure_json(model: str, error: BaseException) -> dict[str, Any]:
+    """The run contract's failure form: what failed, in one line, and every attempt with its outcome."""
+    attempts = getattr(error, "attempts", None) or []
+    return {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "ok": False,
+        "model": model,
+        "error": {"type": _public_type(error), "message": str(error)},
+        "attempts": [a.to_json() for a in attempts],
+    }
+
+
+def _public_type(error: BaseException) -> str:
+    """The error's public name: the first class of its line that launcher.errors defines."""
+    import launcher.errors as errors
+
+    for cls in type(error).__mro__:
+        if getattr(errors, cls.__name__, None) is cls:
+            return cls.__name__
+    return type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend, machine, policy
+
+
+def choose_backend(
+    name: str,
+    *,
+    llama_server: str | None = None,
+    rpc: Sequence[str] = (),
+    ollama_host: str | None = None,
+) -> Backend:
+    """The backend to launch on, checked before anything is downloaded. auto: llama.cpp when a server is here
+    (exact flags, verified from its log), else Ollama. A named llama-server that is not executable or not a
+    llama-server is refused here in one line."""
+    from launcher.backends import load_backend
+
+    if rpc and name not in ("auto", "llamacpp"):
+        raise BackendError("--rpc is a llama.cpp option; use --backend llamacpp")
+    if name == "auto":
+        llamacpp = load_backend("llamacpp", server=llama_server)
+        if llama_server or rpc:
+            require_backend(llamacpp)
+            return llamacpp
+        if llamacpp.unavailable() is None:
+            return llamacpp
+        ollama = load_backend("ollama", host=ollama_host)
+        if ollama.unavailable() is None:
+            return ollama
+        raise BackendError(f"no backend can run here: {llamacpp.unavailable()}; {ollama.unavailable()}")
+    if name == "llamacpp":
+        backend = load_backend(name, server=llama_server)
+    elif name == "ollama":
+        backend = load_backend(name, host=ollama_host)
+    else:
+        backend = load_backend(name)
+    require_backend(backend)
+    return backend
+
+
+def planning_backend(name: str = "auto") -> Backend | None:
+    """The backend `run` would choose here, for a plan to count its server's memory defaults; None when none can
+    run here (the plan then describes llama-server's defaults)."""
+    try:
+        return choose_backend(name)
+    except BackendError:
+        return None
+
+
+def require_backend(backend: Backend) -> None:
+    why = backend.unavailable()
+    if why:
+        raise BackendError(why)
+
+
+def run_machine(
+    backend: Backend,
+    *,
+    vram: list[int] | None = None,
+    ram: int | None = None,
+    unified: int | None = None,
+    rpc: Sequence[str] = (),
+    profile: Profile | None = None,
+) -> tuple[HardwareSnapshot, int | None]:
+    """The machine to plan a launch for, resolved in one place, and the reserve its Policy must keep (None: the
+    caller's). Probed, or described by `vram`/`ram`/`unified`; with RPC servers, their devices as llama.cpp lists
+    them (`llama-server --rpc ... --list-devices`) unless `vram` describes them; with a profile, the devices it
+    describes (else the probe) with its reserve applied once: a device keeping more than the common reserve has
+    its free memory lowered by the difference, and the common reserve is returned for the Policy."""
+    if profile is not None:
+        from launcher.profiles import profile_hardware, profile_machine
+
+        described = profile_hardware(profile)
+        if described is None:
+            described = run_machine(backend, rpc=tuple(profile.rpc))[0]
+        return profile_machine(profile, described)
+    from launcher.hardware import describe_machine, resolve_machine
+
+    if not rpc:
+        return resolve_machine(vram=vram, ram=ram, unified=unified), None
+    if vram is not None:
+        return describe_machine(vram=vram, ram=ram, kind="rpc"), None
+    from launcher.backends.llamacpp import LlamaCppBackend, rpc_devices
+
+    if not isinstance(backend, LlamaCppBackend):
+        raise BackendError("RPC devices are llama.cpp's; use the llamacpp backend")
+    return rpc_devices(backend.program, tuple(rpc)), None
+
+
+def server_policy(policy: Policy, backend: Backend | None) -> Policy:
+    """`policy` with what the backend's server does by default that changes memory (ServerMemory), so the plan
+    counts it; unchanged without a backend. Host weights repacked for the CPU are counted by this computer's CPU
+    features: the server runs here (a plan for another machine's profile is off by that much for the weights it
+    keeps on the CPU, and its verified runs there record what was measured)."""
+    if backend is None:
+        return policy
+    memory = backend.server_memory()
+    repack: tuple[tuple[str, int], ...] = ()
+    if memory.cpu_repack:
+        from launcher.estimate import cpu_repack_rules
+        from launcher.hardware.cpu import cpu_features
+
+        repack = cpu_repack_rules(*cpu_features())
+    return replace(policy, all_logits=memory.all_logits, swa_full=memory.swa_full, cpu_repack=repack)
+
+
+def read_api_key(
+    path: Path | None, *, env: Mapping[str, str] | None = None, what: str = "--api-key-file"
+) -> str | None:
+    """The API key servers require: from `path`, else FITQUANT_API_KEY; None when neither. An unreadable or empty
+    file is refused in one line: a server silently started without the key the user meant is worse."""
+    env = os.environ if env is None else env
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise BackendError(f"{what} {path}: {why}") from None
+        if not key:
+            raise BackendError(f"{what} {path} is empty; write the key into it, or leave the option out")
+        return key
+    return env.get("FITQUANT_API_KEY") or None
+
+
+def exposure_warning(request: LaunchRequest) -> str | None:
+    """A loud line when a server will listen beyond this machine without an API key; None otherwise."""
+    if request.host in LOOPBACK_HOSTS or request.host.startswith("127.") or request.api_key:
+        return None
+    return (
+        f"WARNING: the server listens on {request.host} without an API key: anyone who can reach this machine "
+        "can use it; pass --api-key-file (or FITQUANT_API_KEY, or the profile's api_key_env/api_key_file), or "
+        "bind 127.0.0.1"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plan
+
+
+def plan_runs(
+    specs: Sequence[RunSpec],
+    *,
+    backend: Backend | None,
+    machine: HardwareSnapshot,
+    entirely: bool = False,
+) -> list[Plan]:
+    """Each model's plan on `machine`, in order, each on what the ones before it take.
+
+    The backend's memory defaults are counted, and each plan starts from what earlier launches measured on this
+    machine (launcher.record). NoFitError when one does not fit; with several models (or `entirely`), also when
+    one does not fit entirely on the GPU (or in RAM on a CPU-only machine), naming it and the ones beside it."""
+    from launcher import record
+    from launcher.fit import fit, fit_together
+
+    policies = [server_policy(spec.policy, backend) for spec in specs]
+    known = [record.remembered(machine, record.model_key(s.model), p) for s, p in zip(specs, policies, strict=True)]
+    if len(specs) == 1 and not entirely:
+        spec = specs[0]
+        return [fit(spec.model, policies[0], machine=machine, confirm=spec.confirm, remembered=known[0])]
+    return fit_together(
+        [(s.model, p, s.shown_name) for s, p in zip(specs, policies, strict=True)],
+        machine=machine,
+        remembered=known,
+        confirm=all(s.confirm for s in specs),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch
+
+
+def start(
+    spec: RunSpec,
+    *,
+    backend: Backend,
+    machine: HardwareSnapshot,
+    log_dir: Path | None = None,
+    progress: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_attempt: Callable[[Attempt], None] | None = None,
+    on_start: Callable[[Option], None] | None = None,
+) -> RunResult:
+    """The whole run path for one model: plan it, then start_planned."""
+    plan = plan_runs([spec], backend=backend, machine=machine)[0]
+    if on_plan is not None:
+        on_plan(plan)
+    return start_planned(spec, plan, backend=backend, machine=machine, log_dir=log_dir, progress=progress,
+                         on_attempt=on_attempt, on_start=on_start)  # fmt: skip
+
+
+def start_planned(
+    spec: RunSpec,
+    plan: Plan,
+    *,
+    backend: Backend,
+    machine: HardwareSnapshot,
+    log_dir: Path | None = None,
+    progress: bool = False,
+    on_attempt: Callable[[Attempt], None] | None = None,
+    on_start: Callable[[Option], None] | None = None,
+) -> RunResult:
+    """Launch `plan` (fetch, start, ready, verify, warm up, step down on memory failures only), record the
+    verified result on this machine, and register the instance (`fitquant ps`). stop() undoes the last two."""
+    from launcher import record
+    from launcher.paths import private_dir, state_dir
+
+    result = launch(plan, backend, spec.request, log_dir=log_dir or private_dir(state_dir() / "logs"),
+                    max_attempts=spec.max_attempts, warmup=spec.warmup, progress=progress,
+                    on_attempt=on_attempt, on_start=on_start)  # fmt: skip
+    try:
+        remember(machine, result, record.model_key(spec.model))
+        result.instance_name = register(result, spec.shown_name)
+    except BaseException:
+        backend.stop(result.instance)
+        raise
+    return result
+
+
+def stop(result: RunResult, backend: Backend) -> None:
+    """Stop the server (or unload the model) and remove its instance record; idempotent."""
+    from launcher import instances
+
+    try:
+        backend.stop(result.instance)
+    finally:
+        if result.instance_name:
+            instances.remove(result.instance_name)
+            result.instance_name = None
+
+
+def register(result: RunResult, name: str) -> str:
+    """Write the instance record `fitquant ps` and `fitquant stop` read; returns its name."""
+    from launcher import instances
+
+    inst = result.instance
+    instance_name = instances.instance_name(name, result.option.quant, inst.port)
+    instances.save(
+        instances.RunningInstance(
+            name=instance_name, model=name, quant=result.option.quant, n_ctx=result.option.n_ctx,
+            backend=inst.backend, server=inst.server, pid=inst.pid, owner_pid=os.getpid(), endpoint=inst.endpoint,
+            verdict=result.placement.verdict, started=time.time(),
+            log_path=str(inst.log_path) if inst.log_path else None,
+        )
+    )  # fmt: skip
+    return instance_name
 
 
 def expected_verdict(plan: Plan, option: Option) -> str:
@@ -121,12 +415,14 @@ def launch(
     on_attempt: Callable[[Attempt], None] | None = None,
     on_start: Callable[[Option], None] | None = None,
 ) -> RunResult:
-    """Start plan.chosen on `backend` and prove it; step down on failure. Raises NoFitError with every attempt
-    in its message when no attempt could be verified, BackendError/FetchError for what no step-down fixes."""
+    """Start plan.chosen on `backend` and prove it; step down after a memory failure only. Raises NoFitError
+    (with every attempt) when no configuration could be verified, RunFailed when an attempt ended for a cause no
+    smaller configuration fixes, BackendError/FetchError for what no step-down fixes before any start."""
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
     attempts: list[Attempt] = []
     current: Plan | None = plan
+    warning = exposure_warning(request)
     while current is not None and current.chosen is not None and len(attempts) < max_attempts:
         option = current.chosen
         fetched = backend.fetch(option.candidate, vision=current.policy.vision, progress=progress)
@@ -136,13 +432,15 @@ def launch(
         instance: Instance | None = None
         try:
             instance = backend.start(current, option, request, log_dir=log_dir)
+            if warning and instance.log_path is not None:
+                _log_line(instance.log_path, f"fitquant: {warning}")
             backend.wait_ready(instance, request.ready_timeout_s)
             placement = backend.placement(instance, option)
             expected = expected_verdict(current, option)
             if placement.verdict != expected and not (expected == "spill" and placement.verdict == "gpu"):
-                outcome: Outcome = "oom" if placement.verdict == "oom" else "spill"
+                outcome: Literal["oom", "spill"] = "oom" if placement.verdict == "oom" else "spill"
                 raise AttemptFailed(outcome, f"expected {expected}, got {placement.verdict}: {placement.reason}")
-            warm = warm_up(instance, placement, option, warmup, timeout_s=request.ready_timeout_s, backend=backend)
+            warm = warm_up(instance, placement, option, warmup, timeout_s=request.ready_timeout_s)
         except AttemptFailed as failed:
             if instance is not None:
                 backend.stop(instance)
@@ -151,6 +449,9 @@ def launch(
             attempts.append(attempt)
             if on_attempt is not None:
                 on_attempt(attempt)
+            if not attempt.steps_down:
+                raise RunFailed(f"{option.quant} at {option.n_ctx} tokens: {attempt.outcome}: {attempt.detail}",
+                                attempts=attempts) from None  # fmt: skip
             current = next_plan(current, option)
             continue
         except BaseException:
@@ -168,83 +469,117 @@ def launch(
         why = "nothing else above the quality floor fits" + (" (--strict)" if plan.policy.strict else "")
     else:
         why = f"gave up after {len(attempts)} attempt{'s' if len(attempts) != 1 else ''} (--max-attempts)"
-    error = NoFitError(f"{why}; tried {tried}", plan=current or plan)
-    error.attempts = attempts  # type: ignore[attr-defined]
-    raise error
+    raise NoFitError(f"{why}; tried {tried}", plan=current or plan, attempts=attempts)
+
+
+def _log_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Warm-up: prove it generates; `full` also fills the context once (compute-buffer growth, late OOM)
+# Warm-up: prove it generates; `full` also fills the context once (compute-buffer growth, late OOM), and the
+# server's own count of the prompt tokens it processed proves the fill
 
 
 def warm_up(
-    instance: Instance,
-    placement: Placement,
-    option: Option,
-    mode: Warmup,
-    *,
-    timeout_s: float,
-    backend: Backend,
+    instance: Instance, placement: Placement, option: Option, mode: Warmup, *, timeout_s: float
 ) -> dict[str, Any]:
-    """Run the warm-up; AttemptFailed when the server fails it (crash, out of memory, timeout)."""
-    from launcher.chat import ChatError, complete
-
+    """Run the warm-up; AttemptFailed when the server fails it: out of memory or a crash (memory failures), a
+    timeout, or a request it rejects or a fill it did not process (`rejected`: no smaller configuration fixes it)."""
     if mode == "none":
         return {"mode": "none"}
     started = time.monotonic()
     report: dict[str, Any] = {"mode": mode}
-    try:
-        hello = [{"role": "user", "content": "Say hello."}]
-        text = "".join(complete(instance, hello, max_tokens=8, timeout_s=timeout_s))
-        report["short_reply"] = text
-        if mode == "full":
-            n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
-            tokens = max(16, n_slot - 96)  # room for the chat template and the reply
-            prompt = _filler(instance, tokens, timeout_s=timeout_s)
-            filled = "".join(complete(instance, [{"role": "user", "content": prompt}], max_tokens=4,
-                                      timeout_s=timeout_s))  # fmt: skip
-            report["filled_tokens"] = tokens
-            report["full_reply"] = filled
-    except ChatError as exc:
-        raise _warmup_failure(instance, str(exc)) from None
+    hello = _ask(instance, "Say hello.", max_tokens=8, timeout_s=timeout_s)
+    report["short_reply"] = hello.text
+    if mode == "full":
+        n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
+        tokens = max(16, n_slot - 96)  # room for the chat template and the reply
+        prompt, counted = _filler(instance, tokens, timeout_s=timeout_s)
+        filled = _ask(instance, prompt, max_tokens=4, timeout_s=timeout_s)
+        processed = filled.prompt_tokens
+        if processed is None:
+            raise AttemptFailed(
+                "rejected",
+                f"{instance.server} did not say how many prompt tokens it processed (no usage.prompt_tokens, "
+                "timings.prompt_n or prompt_eval_count): the fill is unproven",
+            )
+        if counted is not None and processed < counted:
+            raise AttemptFailed(
+                "rejected",
+                f"{instance.server} processed {processed} prompt tokens of the {counted} sent: the context was not "
+                "filled (a chat template that drops the message?)",
+                log_tail=_tail(instance),
+            )
+        report["filled_tokens"] = processed
+        report["sent_tokens"] = counted
+        report["full_reply"] = filled.text
     proc = instance.process
     if proc is not None and proc.poll() is not None:
-        raise _warmup_failure(instance, f"the server exited (status {proc.returncode})")
+        raise _warmup_failure(instance, f"the server exited (status {proc.returncode})", status=None)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
 
-def _filler(instance: Instance, tokens: int, *, timeout_s: float) -> str:
+def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float) -> ChatReply:
+    """One chat request, with the server's own token counts; AttemptFailed as warm_up classifies it."""
+    from launcher.chat import ChatError, reply
+
+    try:
+        return reply(instance, [{"role": "user", "content": content}], max_tokens=max_tokens, timeout_s=timeout_s)
+    except ChatError as exc:
+        raise _warmup_failure(instance, str(exc), status=exc.status) from None
+
+
+def _filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, int | None]:
     """A prompt of about `tokens` tokens for this server's tokenizer (a word is not always one token), measured
-    with the server's own tokenizer where it has one."""
-    from launcher.chat import count_tokens
+    with the server's own tokenizer where it has one; and that count (None without a tokenizer endpoint)."""
+    from launcher.chat import ChatError, count_tokens
+
+    def count(text: str) -> int | None:
+        try:
+            return count_tokens(instance, text, timeout_s=timeout_s)
+        except ChatError as exc:
+            raise _warmup_failure(instance, str(exc), status=exc.status) from None
 
     words = tokens
     sample = 256
-    counted = count_tokens(instance, "hello" + " hello" * (sample - 1), timeout_s=timeout_s)
+    counted = count("hello" + " hello" * (sample - 1))
     if counted:
         words = max(1, tokens * sample // counted)
     prompt = "hello" + " hello" * (words - 1)
-    while counted and words > 1 and (count_tokens(instance, prompt, timeout_s=timeout_s) or 0) > tokens:
+    total = count(prompt) if counted else None
+    while total is not None and words > 1 and total > tokens:
         words = words * 9 // 10  # a tokenizer that merges runs unevenly: trim until it fits
         prompt = "hello" + " hello" * (words - 1)
-    return prompt
+        total = count(prompt)
+    return prompt, total
 
 
-def _warmup_failure(instance: Instance, detail: str) -> AttemptFailed:
-    from launcher.backends.llamacpp import _OOM
+def _tail(instance: Instance, lines: int = 12) -> list[str]:
     from launcher.backends.process import tail
 
-    lines = tail(instance.log_path, 40)
-    text = detail + "\n" + "\n".join(lines)
+    return tail(instance.log_path, lines)
+
+
+def _warmup_failure(instance: Instance, detail: str, *, status: int | None) -> AttemptFailed:
+    """Why a warm-up request failed: out of memory (the reply or the log says so), the server died (a crash while
+    allocating), a timeout, or a request the running server rejected (an HTTP error with the server still up)."""
+    from launcher.verify import oom_line
+
+    lines = _tail(instance, 40)
     proc = instance.process
     died = proc is not None and proc.poll() is not None
-    if _OOM.search(text):
-        oom = next((line for line in lines if _OOM.search(line)), detail)
+    oom = oom_line([detail, *lines])
+    if oom is not None:
         return AttemptFailed("oom", f"out of memory during warm-up: {oom.strip()[:300]}", log_tail=lines[-12:])
-    if "timed out" in detail.lower() and not died:
+    if died:
+        return AttemptFailed("crash", f"the server died during warm-up: {detail}", log_tail=lines[-12:])
+    if status is None and "timed out" in detail.lower():
         return AttemptFailed("timeout", f"warm-up timed out: {detail}", log_tail=lines[-12:])
-    return AttemptFailed("crash", f"warm-up failed: {detail}", log_tail=lines[-12:])
+    return AttemptFailed("rejected", f"the server is up but rejected the warm-up request: {detail}",
+                         log_tail=lines[-12:])  # fmt: skip
 
 
 def record_entry(result: RunResult, model: str) -> dict[str, Any]:
@@ -285,52 +620,3 @@ def remember(machine: HardwareSnapshot, result: RunResult, model: str) -> Path:
     from launcher.record import append
 
     return append(machine, record_entry(result, model))
-
-
-def require_backend(backend: Backend) -> None:
-    why = backend.unavailable()
-    if why:
-        raise BackendError(why)
-
-
-def choose_backend(name: str, *, llama_server: str | None = None, rpc: Sequence[str] = ()) -> Backend:
-    """The backend to launch on. auto: llama.cpp when a server is here (exact flags, verified from its log),
-    else Ollama."""
-    from launcher.backends import load_backend
-
-    if name == "auto":
-        llamacpp = load_backend("llamacpp", server=llama_server)
-        if llama_server or rpc or llamacpp.unavailable() is None:
-            return llamacpp
-        ollama = load_backend("ollama")
-        if ollama.unavailable() is None:
-            return ollama
-        raise BackendError(f"no backend can run here: {llamacpp.unavailable()}; {ollama.unavailable()}")
-    backend = load_backend(name, server=llama_server) if name == "llamacpp" else load_backend(name)
-    require_backend(backend)
-    if rpc and name != "llamacpp":
-        raise BackendError("--rpc is a llama.cpp option; use --backend llamacpp")
-    return backend
-
-
-def launch_machine(
-    *,
-    vram: list[int] | None = None,
-    ram: int | None = None,
-    unified: int | None = None,
-    rpc: Sequence[str] = (),
-    backend: Backend,
-) -> HardwareSnapshot:
-    """The machine to plan a launch for: probed or described; with RPC servers, their devices as llama.cpp
-    lists them (`llama-server --rpc ... --list-devices`), unless `vram` describes them."""
-    from launcher.hardware import describe_machine, resolve_machine
-
-    if not rpc:
-        return resolve_machine(vram=vram, ram=ram, unified=unified)
-    if vram is not None:
-        return describe_machine(vram=vram, ram=ram, kind="rpc")
-    from launcher.backends.llamacpp import LlamaCppBackend, rpc_devices
-
-    if not isinstance(backend, LlamaCppBackend):
-        raise BackendError("RPC devices are llama.cpp's; use the llamacpp backend")
-    return rpc_devices(backend.program, tuple(rpc))

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 #: a verdict (no offload line, no error).
 Verdict = Literal["gpu", "spill", "cpu-only", "oom", "incomplete"]
 
+#: `fitquant verify`'s exit status per verdict: 0 only for a 100% GPU load (or a verdict `--expect` names);
+#: 1 stays "fitquant error" and 2 "usage error" (click).
+EXIT_STATUS: dict[str, int] = {"gpu": 0, "spill": 3, "cpu-only": 4, "oom": 5, "incomplete": 6}
+
 MiB = 1024**2
 GiB = 1024**3
 HOST_SLACK_BYTES = MiB  # allowance over the token embeddings: alignment and small input-layer tensors
@@ -106,9 +110,14 @@ class Placement:
     host_allowed_bytes: int | None = None  # what a full offload still keeps on the host (input embeddings)
     errors: list[str] = field(default_factory=list)  # the failure lines (out of memory, failed to allocate)
     source: str = "log"  # "log" | "ollama" | "nvml"
-    host_allowed_is_bound: bool = False  # host_allowed_bytes is n_vocab x n_embd x 2, not the GGUF's exact figure
+    host_allowed_is_bound: bool = False  # host_allowed_bytes is a bound from the log, not the GGUF's exact figure
+    host_allowance_source: str = ""  # how host_allowed_bytes was found ("exact", "n_vocab x n_embd, file type ...")
     expected_ctx: int | None = None  # Ollama: the context asked for (num_ctx)
     context_mismatch: bool = False  # Ollama granted another context than expected_ctx
+    swa_cache: bool = False  # the log shows a separate SWA KV cache (an iSWA model)
+    repack_bytes: int = 0  # host model buffers named *_REPACK: weights copied into a CPU-friendly layout
+    n_ubatch: int | None = None
+    planned_type_k: str | None = None  # the plan's KV cache type, when attach_prediction was told it
 
     @property
     def gpu_devices(self) -> list[DevicePlacement]:
@@ -135,30 +144,42 @@ class Placement:
             "source": self.source,
             "expected_ctx": self.expected_ctx,
             "context_mismatch": self.context_mismatch,
+            "mismatches": [m.to_json() for m in mismatches(self)],
         }
 
 
 # -- llama.cpp logs -------------------------------------------------------------------------------------------
 
-# Ollama's OOM substrings (llm/status.go, backends.md §2) and the backends' own wordings (memory-model.md §7a).
+# The one out-of-memory classifier (oom_lines / oom_line): every backend and the run path call it.
+# Ollama's OOM substrings (llm/status.go, backends.md §2), its own memory refusals, and the backends' own wordings
+# (memory-model.md §7a). Every repetition is bounded (a log is untrusted input: no pattern may backtrack on a long
+# line), and a line is tried only when it holds one of _OOM_NEEDLES (lower-cased substrings, cheap on noise).
 _OOM = re.compile(
-    r"out of memory|out of device memory|outofdevicememory|erroroutofmemory|vk_error_out_of_device_memory|"
+    r"out of memory|out of device memory|outofdevicememory|outofmemory|vk_error_out_of_device_memory|"
     r"cudaMalloc failed|hipMalloc failed|failed to allocate|unable to allocate|allocation failed|"
-    r"memory allocation of size \d+ failed|allocating [\d.]+ MiB .*failed|not enough memory|insufficient memory|"
-    r"unable to load full model on GPU|command buffer \d+ failed with status 5",
+    r"memory allocation of size \d{1,20} failed|allocating [\d.]{1,20} MiB .{0,200}?failed|not enough memory|"
+    r"insufficient memory|unable to load full model on GPU|requires more system memory|"
+    r"more (?:system|gpu|video) memory|command buffer \d{1,9} failed with status 5",
     re.IGNORECASE,
 )
+_OOM_NEEDLES = ("memory", "alloc", "full model", "status 5")
 # Lines that match _OOM but are not the outcome of the load.
-_OOM_WARNING = re.compile(r"pinned memory", re.IGNORECASE)
+_OOM_WARNING = "pinned memory"
 # After these, llama.cpp (or Ollama) tries again: the allocation failures before them did not decide the load.
-_OOM_RETRY = re.compile(r"retrying without pipeline parallelism|applying backoff", re.IGNORECASE)
-_METAL_STATUS = re.compile(r"command buffer \d+ failed with status 5", re.IGNORECASE)
-_METAL_CAUSE = re.compile(r"kIO\w*CommandBufferCallbackError(?P<cause>\w+)")
-_LOAD_START = re.compile(r"llama_model_loader: loaded meta data with")
-_USING_DEVICE = re.compile(r"using device \S+\s+\(")
-_METADATA = re.compile(r"llama_model_loader: - kv|(?:print_info|llm_load_print_meta): ")  # the model's own strings
-_BRACKET = re.compile(r"\[.*\]$")
-_NATURAL = re.compile(r"^(?P<prefix>.*?)(?P<index>\d*)$")
+_OOM_RETRY = ("retrying without pipeline parallelism", "applying backoff")
+_METAL_STATUS = re.compile(r"command buffer \d{1,9} failed with status 5", re.IGNORECASE)
+_METAL_CAUSE = re.compile(r"kIO\w{0,40}?CommandBufferCallbackError(?P<cause>\w{1,40})")
+_LOAD_START = "llama_model_loader: loaded meta data with"
+_USING_DEVICE = re.compile(r"using device \S{1,200}\s+\(")
+_METADATA = ("llama_model_loader: - kv", "print_info: ", "llm_load_print_meta: ")  # the model's own strings
+_BRACKET = re.compile(r"\[.{0,200}\]$")
+MAX_LINE_CHARS = llamalog.MAX_LINE_CHARS
+
+
+def exit_status(verdict: str, expect: Iterable[str] | None = None) -> int:
+    """The exit status for a verdict: 0 when it is one `expect` names (default: gpu), else EXIT_STATUS's."""
+    wanted = set(expect) if expect else {"gpu"}
+    return 0 if verdict in wanted else EXIT_STATUS[verdict] or 3
 
 
 def strip_header(text: str) -> str:
@@ -180,14 +201,26 @@ def device_name(buffer_name: str) -> str:
 
 def last_load_lines(text: str) -> list[str]:
     """The lines of the last model load: from the last `loaded meta data` line, else from the last `using device`
-    block, else all. A load that failed before printing any buffer still ends there, so its errors stay its own."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    block, else all. A load that failed before printing any buffer still ends there, so its errors stay its own.
+    Lines longer than MAX_LINE_CHARS are cut there."""
+    lines = [line[:MAX_LINE_CHARS].strip() for line in text.splitlines() if line.strip()]
     start = 0
+    previous_device = False
     for i, line in enumerate(lines):
-        block_start = _USING_DEVICE.search(line) and not (i and _USING_DEVICE.search(lines[i - 1]))
-        if block_start or _LOAD_START.search(line):
+        device = "using device" in line and _USING_DEVICE.search(line) is not None
+        if (device and not previous_device) or _LOAD_START in line:
             start = i
+        previous_device = device
     return lines[start:]
+
+
+def is_oom_line(line: str) -> bool:
+    """True when one line says an allocation failed for memory (pinned-memory warnings excluded). Pure."""
+    line = line[:MAX_LINE_CHARS]
+    low = line.lower()
+    if not any(needle in low for needle in _OOM_NEEDLES) or _OOM_WARNING in low:
+        return False
+    return _OOM.search(line) is not None
 
 
 def oom_lines(lines: Iterable[str]) -> list[str]:
@@ -195,20 +228,29 @@ def oom_lines(lines: Iterable[str]) -> list[str]:
     found: list[str] = []
     metal_causes: list[str] = []
     for line in lines:
-        if _METADATA.search(line):
+        line = line[:MAX_LINE_CHARS]
+        if any(marker in line for marker in _METADATA):
             continue
-        if _OOM_RETRY.search(line):
+        low = line.lower()
+        if any(retry in low for retry in _OOM_RETRY):
             found = []  # the retry decides, not what failed before it
             continue
-        cause = _METAL_CAUSE.search(line)
+        cause = _METAL_CAUSE.search(line) if "kIO" in line else None
         if cause:
             metal_causes.append(cause["cause"])
-        if _OOM.search(line) and not _OOM_WARNING.search(line):
+        if is_oom_line(line):
             found.append(line)
     if metal_causes and not any("OutOfMemory" in c for c in metal_causes):
         # Metal named another cause (a GPU timeout, ignored submissions): "status 5" alone is not memory
         found = [line for line in found if not _METAL_STATUS.search(line)]
     return list(dict.fromkeys(found))  # a failure repeated at every step is reported once
+
+
+def oom_line(lines: Iterable[str]) -> str | None:
+    """The first line that says a load (or a request) failed for memory, or None: the one out-of-memory classifier
+    for every backend and the run path, with oom_lines' rules (warnings skipped, a retry decides). Pure."""
+    found = oom_lines(lines)
+    return _telling(found) if found else None
 
 
 def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Placement:
@@ -220,7 +262,7 @@ def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Pla
     text = strip_header(text)
     log = llamalog.parse(text)
     devices, host_model = _devices(log)
-    allowed, is_bound = _host_allowance(log, token_embd_bytes)
+    allowed, is_bound, allowance_source = _host_allowance(log, token_embd_bytes)
     placement = Placement(
         verdict="incomplete",
         reason="",
@@ -234,9 +276,14 @@ def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Pla
         host_model_bytes=host_model,
         host_allowed_bytes=allowed,
         host_allowed_is_bound=is_bound,
+        host_allowance_source=allowance_source,
+        swa_cache=any(c.role == "SWA" for c in log.kv_caches),
+        repack_bytes=sum(round(b.mib * MiB) for b in log.buffers if b.kind == "model" and b.name.endswith("_REPACK")),
+        n_ubatch=log.n_ubatch,
     )
-    if log.offloaded_layers is not None:
-        placement.layers_on_gpu, placement.layers_total = log.offloaded_layers
+    counts, _planned = _layer_counts(log)
+    if counts is not None:
+        placement.layers_on_gpu, placement.layers_total = counts
     failed = oom_lines(last_load_lines(text))
     if failed:
         placement.verdict = "oom"
@@ -274,19 +321,56 @@ def _devices(log: LlamaLog) -> tuple[list[DevicePlacement], int]:
             return (2, 0, "", 0)
         if device.name in listed:
             return (0, listed.index(device.name), "", 0)
-        m = _NATURAL.match(device.name)
-        prefix, index = (m["prefix"], int(m["index"] or 0)) if m else (device.name, 0)
-        return (1, 0, prefix, index)
+        prefix = device.name.rstrip("0123456789")
+        digits = device.name[len(prefix) :]
+        return (1, 0, prefix, int(digits) if digits and len(digits) < 10 else 0)
 
     return sorted(by_name.values(), key=order), host_model
 
 
-def _host_allowance(log: LlamaLog, token_embd_bytes: int | None) -> tuple[int | None, bool]:
+# bytes per value of the ggml types a token embedding table has (ggml.c type_traits: block bytes / block size)
+_TYPE_BYTES: dict[str, float] = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k": 176 / 256, "q4_k": 144 / 256,
+    "q3_k": 110 / 256, "q2_k": 84 / 256, "q5_0": 22 / 32, "q5_1": 24 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32, "iq4_xs": 136 / 256, "iq3_s": 110 / 256, "iq3_xxs": 98 / 256, "iq2_s": 82 / 256,
+    "iq2_xs": 74 / 256, "iq2_xxs": 66 / 256, "iq1_m": 56 / 256, "iq1_s": 50 / 256, "tq1_0": 54 / 256,
+    "tq2_0": 66 / 256, "mxfp4": 17 / 32,
+}  # fmt: skip
+# The input layer: what a full offload keeps on the host (llama.cpp's dev_input is the CPU).
+_INPUT_TENSORS = ("token_embd.weight", "per_layer_token_embd.weight", "token_types.weight")
+_EXPERTS = re.compile(r"ffn_\w{0,20}_(?:ch)?exps")
+
+
+def _embedding_bytes_per_value(log: LlamaLog) -> tuple[float, str]:
+    """Bytes per value of token_embd and how that is known: the per-tensor line's type when printed, else an upper
+    bound from the file type (quantizing keeps token_embd at the file's main type, Q6_K when tied to the output,
+    or Q8_0 when its rows do not fit the k-quant blocks; nothing above Q8_0 unless asked), else 32 bits."""
+    printed = log.tensor_types.get("token_embd.weight")
+    if printed is not None and printed.lower() in _TYPE_BYTES:
+        return _TYPE_BYTES[printed.lower()], f"token_embd is {printed}"
+    ftype = (log.file_type or "").upper().replace("MOSTLY", "").strip()
+    head = ftype.split()[0] if ftype.split() else ""
+    if head in ("F32", "ALL") or "F32" in head:
+        return 4.0, f"file type {log.file_type}: at most 32 bits"
+    if head in ("F16", "BF16"):
+        return 2.0, f"file type {log.file_type}: at most 16 bits"
+    if re.match(r"^(?:I?Q\d|TQ\d)", head):
+        return _TYPE_BYTES["q8_0"], f"file type {log.file_type}: at most Q8_0"
+    if "MXFP4" in head:
+        return 2.0, f"file type {log.file_type}: at most 16 bits"
+    if head:
+        return 4.0, f"file type {log.file_type}: at most 32 bits"
+    return 4.0, "no file type in the log: at most 32 bits"
+
+
+def _host_allowance(log: LlamaLog, token_embd_bytes: int | None) -> tuple[int | None, bool, str]:
+    """(allowed host model bytes, whether that is a bound rather than the GGUF's figure, how it was found)."""
     if token_embd_bytes is not None:
-        return _with_slack(token_embd_bytes), False
+        return _with_slack(token_embd_bytes), False, "exact"
     if log.n_vocab and log.n_embd:
-        return _with_slack(log.n_vocab * log.n_embd * EMBEDDING_BOUND_BYTES_PER_VALUE), True
-    return None, False
+        per_value, how = _embedding_bytes_per_value(log)
+        return _with_slack(round(log.n_vocab * log.n_embd * per_value)), True, f"n_vocab x n_embd, {how}"
+    return None, False, ""
 
 
 def _with_slack(nbytes: int) -> int:
@@ -301,28 +385,72 @@ def _gpu_present(log: LlamaLog, devices: list[DevicePlacement]) -> bool | None:
     return False if log.buffers else None
 
 
+def _host_weights_evidence(log: LlamaLog) -> str | None:
+    """Why the log itself proves weights beyond the input layer stay in host memory, whatever the sizes: MoE experts
+    kept on the CPU (--cpu-moe, n_cpu_moe, "MoE CPU layers"), or tensors other than the input layer put in a host
+    buffer by an override or a fallback (per-tensor lines)."""
+    if log.cpu_moe:
+        return f"the MoE experts are kept on the CPU ({_short(log.cpu_moe, 60)})"
+    placed = [(t, buft) for t, buft in log.host_tensors.items() if t not in _INPUT_TENSORS]
+    if not placed:
+        return None
+    experts = [t for t, _ in placed if _EXPERTS.search(t)]
+    what = f"{len(experts)} expert tensors" if experts else f"{len(placed)} tensors"
+    example, buft = next(((t, b) for t, b in placed if t in experts), placed[0])
+    return f"{what} are in host buffers ({example} in {buft})"
+
+
+def _only_embeddings_on_host(log: LlamaLog) -> bool:
+    """True when the log proves the host model buffer is the token embedding table alone: llama.cpp says token_embd
+    (and no other tensor) fell back to the CPU buffer, and the only host model buffers are CPU ones (no *_Host,
+    CPU_REPACK or override)."""
+    if set(log.host_tensors) != {"token_embd.weight"} or log.host_tensors["token_embd.weight"] != "CPU":
+        return False
+    host = {b.name for b in log.buffers if b.kind == "model" and llamalog.gpu_device(b.name) is None}
+    return bool(host) and host <= {"CPU", "CPU_Mapped"} and log.fallback_others.get("token_embd.weight") == 0
+
+
+def _layer_counts(log: LlamaLog) -> tuple[tuple[int, int] | None, str]:
+    """(layers on the GPU, layers in all) and, when they come from Ollama's planner rather than llama.cpp's offload
+    line, a note saying so. The runner's --n-gpu-layers, when the log shows it, is what was started."""
+    if log.offloaded_layers is not None or log.planned_layers is None:
+        return log.offloaded_layers, ""
+    offload, total = log.planned_layers
+    started = log.n_gpu_layers_arg
+    n = offload if started is None or started < 0 else min(started, total)
+    note = " (Ollama's plan" + (f", runner --n-gpu-layers {started}" if started is not None else "") + ")"
+    return (n, total), note
+
+
 def _verdict(log: LlamaLog, p: Placement) -> tuple[Verdict, str]:
     gpu = _gpu_present(log, p.devices)
     gpus = [d for d in p.devices if d.is_gpu]
     where = "+".join(d.name for d in gpus) or "the GPU"
-    if log.offloaded_layers is None:
+    counts, planned = _layer_counts(log)
+    if planned and counts is not None and counts[0] == counts[1] and not log.buffers:
+        n, m = counts
+        return "incomplete", f"Ollama planned {n}/{m} layers on the GPU, but the log ends before the load"
+    if counts is None:
         if gpu is False and p.host_model_bytes:
             return "cpu-only", "no GPU on this machine: every model buffer is in host memory"
         return "incomplete", "the log ends before the model was placed (no 'offloaded N/M layers' line, no error)"
-    n, m = log.offloaded_layers
+    n, m = counts
     if n == 0:
-        return "cpu-only", f"0/{m} layers on the GPU"
+        return "cpu-only", f"0/{m} layers on the GPU{planned}"
     if gpu is False:
         return (
             "cpu-only",
             f"no GPU on this machine (the log says {n}/{m} offloaded, but every buffer is in host memory)",
         )
     if n < m:
-        return "spill", f"{n}/{m} layers on the GPU, {m - n} on the CPU"
+        return "spill", f"{n}/{m} layers on the GPU, {m - n} on the CPU{planned}"
     host = p.host_model_bytes
+    evidence = _host_weights_evidence(log)
+    if evidence is not None:
+        return "spill", f"{n}/{m} layers on the GPU, but {evidence}: {_size(host)} of weights in host memory"
     gpu_model = sum(d.model_bytes for d in gpus)
     if p.host_allowed_bytes is not None:
-        kind = "at most n_vocab x n_embd x 2 bytes, a bound from the log" if p.host_allowed_is_bound else "exact"
+        kind = f"at most {p.host_allowance_source}, a bound from the log" if p.host_allowed_is_bound else "exact"
         allowance = f"{_size(p.host_allowed_bytes)} of token embeddings allowed ({kind})"
         if host > p.host_allowed_bytes:
             return "spill", (
@@ -335,9 +463,17 @@ def _verdict(log: LlamaLog, p: Placement) -> tuple[Verdict, str]:
             f"{n}/{m} layers on the GPU, but {_size(host)} of weights stay in host memory against {_size(gpu_model)} "
             "on the GPU (the token embeddings are never the bigger part)"
         )
-    return "gpu", (
-        f"{n}/{m} layers on {where}; host keeps {_size(host)} of weights (not checked against the token "
-        "embeddings: their size is unknown)"
+    if host <= HOST_SLACK_BYTES:
+        return "gpu", f"{n}/{m} layers on {where}; host keeps {_size(host)} of weights"
+    if _only_embeddings_on_host(log):
+        return "gpu", (
+            f"{n}/{m} layers on {where}; host keeps {_size(host)}: only token_embd.weight, which the log says fell "
+            "back to the CPU buffer"
+        )
+    # Never 100% GPU on a guess: the host holds weights the log cannot size against the token embeddings.
+    return "incomplete", (
+        f"{n}/{m} layers on {where}, but the log cannot tell whether the {_size(host)} of host weights are only the "
+        "token embeddings (no n_vocab/n_embd): pass --model"
     )
 
 
@@ -372,14 +508,17 @@ def _get(device: Any, name: str) -> Any:
     return device.get(name) if isinstance(device, Mapping) else getattr(device, name, None)
 
 
-def attach_prediction(placement: Placement, devices: Sequence[Any]) -> Placement:
+def attach_prediction(placement: Placement, devices: Sequence[Any], *, type_k: str | None = None) -> Placement:
     """Put the plan's figures beside the measured ones; returns `placement`.
 
     `devices`: `launcher.estimate.DeviceEstimate`s (or their to_json() dicts), named "CPU" or a GPU name. The
     estimate's i-th GPU goes with the placement's i-th GPU device, CPU with CPU (added when the log printed no host
     buffer). `predicted_bytes` is weights + KV + recurrent state + compute + output: what llama.cpp prints. The
     runtime overhead (CUDA context, cuBLAS) is left out: no buffer line shows it (NVML's figure includes it).
+    `type_k`: the plan's KV cache type, so a mismatch can name another type as its cause.
     """
+    if type_k is not None:
+        placement.planned_type_k = type_k
     measured_gpus = placement.gpu_devices
     gpu_index = 0
     for estimate in devices:
@@ -403,6 +542,82 @@ def attach_prediction(placement: Placement, devices: Sequence[Any]) -> Placement
         target.predicted = kinds
         target.predicted_bytes = sum(kinds.values())
     return placement
+
+
+# -- predicted against measured ------------------------------------------------------------------------------
+
+MISMATCH_FRACTION = 0.05  # a prediction misses when it is off by more than max(5% of the measured, 16 MiB)
+MISMATCH_MIN_BYTES = 16 * MiB
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One device and kind where the plan's figure misses the measured one, and the likely cause."""
+
+    device: str
+    kind: str  # model, kv, compute, output; "total" for Ollama (it reports totals only)
+    predicted_bytes: int
+    measured_bytes: int
+    cause: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "kind": self.kind,
+            "predicted_bytes": self.predicted_bytes,
+            "measured_bytes": self.measured_bytes,
+            "cause": self.cause,
+        }
+
+    def line(self) -> str:
+        """`mismatch: CPU kv predicted 14.3 MiB, measured 38.3 MiB (-62.5%): likely cause: ...`"""
+        delta = self.predicted_bytes - self.measured_bytes
+        share = f" ({delta / self.measured_bytes:+.1%})" if self.measured_bytes else ""
+        return (
+            f"mismatch: {self.device} {self.kind} predicted {self.predicted_bytes / MiB:,.1f} MiB, measured "
+            f"{self.measured_bytes / MiB:,.1f} MiB{share}: likely cause: {self.cause}"
+        )
+
+
+def mismatches(placement: Placement) -> list[Mismatch]:
+    """Every device and kind where both a prediction and a measurement exist and they differ by more than
+    max(5% of the measured figure, 16 MiB), each with the likely cause (or "cause unknown"). Pure."""
+    found: list[Mismatch] = []
+    for d in placement.devices:
+        if placement.source == "ollama":
+            pairs = [("total", d.predicted_bytes, d.measured_bytes)]
+        else:
+            measured_by_kind = {"model": d.model_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes,
+                                "output": d.output_bytes}  # fmt: skip
+            pairs = [(kind, d.predicted.get(kind), measured_by_kind[kind]) for kind in measured_by_kind]
+        for kind, predicted, measured in pairs:
+            if predicted is None or (not predicted and not measured):
+                continue
+            if abs(predicted - measured) > max(MISMATCH_FRACTION * measured, MISMATCH_MIN_BYTES):
+                cause = _mismatch_cause(placement, d, kind, predicted, measured)
+                found.append(Mismatch(d.name, kind, predicted, measured, cause))
+    return found
+
+
+def _mismatch_cause(placement: Placement, device: DevicePlacement, kind: str, predicted: int, measured: int) -> str:
+    more = measured > predicted
+    planned, used = placement.planned_type_k, placement.type_k
+    if kind == "kv" and planned and used and planned.lower() != used.lower():
+        return f"the server used a {used} KV cache, not the planned {planned}"
+    if kind == "kv" and more and placement.swa_cache:
+        return "a full-size SWA cache (swa_full): the sliding-window layers keep every token, not just the window"
+    if kind == "kv":
+        return "another context or slot count than planned" if placement.n_ctx else "cause unknown"
+    if kind == "model" and not device.is_gpu and more and placement.repack_bytes:
+        return f"weights repacked for the CPU (a {_size(placement.repack_bytes)} CPU_REPACK buffer)"
+    if kind == "model":
+        return "a different file than planned, or another split of the layers across devices"
+    if kind == "compute":
+        batch = f" (the server's n_ubatch is {placement.n_ubatch})" if placement.n_ubatch else ""
+        return ("a larger" if more else "a smaller") + f" ubatch/n_batch than planned{batch}"
+    if kind == "total":
+        return "another context, KV type or batch than planned, or a different file"
+    return "cause unknown"
 
 
 # -- Ollama ---------------------------------------------------------------------------------------------------
@@ -483,14 +698,43 @@ def _process_family(pid: int) -> set[int]:
     return family
 
 
-def attach_nvml(placement: Placement, used: Mapping[int, int] | None) -> Placement:
-    """Put NVML's per-GPU figures on the placement's GPU devices, by order (NVML index i <-> i-th GPU device)."""
-    if used:
-        gpus = placement.gpu_devices
-        for position, (_index, nbytes) in enumerate(sorted(used.items())):
-            if position < len(gpus):
-                gpus[position].nvml_used_bytes = nbytes
+def attach_nvml(
+    placement: Placement, used: Mapping[int, int] | None, *, visible: Sequence[int] | None = None
+) -> Placement:
+    """Put NVML's per-GPU figures (NVML index -> bytes) on the placement's GPU devices; returns `placement`.
+
+    The server numbers the GPUs it sees: its i-th GPU device is the i-th of `visible` (NVML indices, from the
+    server's CUDA_VISIBLE_DEVICES), or NVML GPU i when `visible` is None. So a server started with
+    CUDA_VISIBLE_DEVICES=1 has GPU 1 as its CUDA0."""
+    if not used:
+        return placement
+    gpus = placement.gpu_devices
+    order = list(visible) if visible is not None else sorted(used)
+    if visible is None:
+        order = list(range(max(order) + 1)) if order else []
+    for rank, index in enumerate(order):
+        if rank < len(gpus) and index in used:
+            gpus[rank].nvml_used_bytes = used[index]
     return placement
+
+
+def visible_nvml_indices(env: Mapping[str, str] | None, uuids: Sequence[str | None] = ()) -> list[int] | None:
+    """The NVML indices a server with environment `env` sees, in its order, from CUDA_VISIBLE_DEVICES; None when
+    unset (NVML index i is then the server's GPU i). UUID entries resolve through `uuids` (NVML order), as
+    launcher.hardware.visible does; without them only plain indices are read."""
+    value = (env or {}).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    if uuids:
+        from launcher.hardware.visible import cuda_visible
+
+        return cuda_visible({"CUDA_VISIBLE_DEVICES": value}, uuids)[0]
+    chosen: list[int] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part.isdigit() or int(part) in chosen:
+            break  # the runtime stops at the first entry it cannot use
+        chosen.append(int(part))
+    return chosen
 
 
 # -- for people -----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """fitquant run's own overhead: time from `fitquant run` start to verified-ready, minus the time the same
-server takes to become ready when started directly with the same argv, on the embedded model.
+server takes to become ready when started directly with the same argv, on Gemma 3 270M Q4_K_M.
 
 Each round runs `fitquant run --serve --json --warmup none --no-engine` (Python start, plan, launch, wait,
 verify, record: everything up to the JSON line), stops it, then starts the argv fitquant used directly and
@@ -76,9 +76,9 @@ def main() -> int:
     parser.add_argument("--llama-server", help="run this llama-server (default: the backend's own choice)")
     args = parser.parse_args()
 
-    from launcher.embedded import embedded_model_path
+    from launcher.embedded import gemma_model_path  # the model of the numbers kept so far
 
-    model = str(embedded_model_path())
+    model = str(gemma_model_path())
     env = dict(os.environ)
     env["FITQUANT_HOME"] = tempfile.mkdtemp(prefix="fitquant-bench-run-")
     if args.llama_server:

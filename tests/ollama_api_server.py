@@ -19,7 +19,8 @@ errors as `{"error": "..."}`, streamed errors as an `{"error": ...}` line after 
 Scenario knobs (attributes, set before the request): `load_size` (bytes, or a function (name, options) -> bytes;
 default the model's blob size plus 16 MiB), `size_vram` (bytes) or `vram_fraction` (default 1.0: all on the GPU),
 `max_context` (the context is clamped to it), `load_error` / `load_errors[name]` (a 500 with that text on load),
-`load_hangup` (the connection closed without an answer), `load_delay_s`,
+`load_hangup` (the connection closed without an answer), `load_delay_s`, `chat_error` ((status, text): a chat
+request refused, as Ollama's 400 for a model without chat),
 `unload_delay_s` (unload is an expiry: the model stays in /api/ps that long), `pull_chunks`, `pull_error` (an error
 line after the first progress line). Every request is recorded in `requests` as (method, path, JSON body or None).
 
@@ -186,6 +187,7 @@ class OllamaApiServer:
         self.unload_delay_s = 0.0
         self.pull_chunks = 4
         self.pull_error: str | None = None
+        self.chat_error: tuple[int, str] | None = None  # (status, text): how Ollama refuses a chat request
         self.httpd = _HTTPServer(("127.0.0.1", port), self._handler())
         self.port = int(self.httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -582,11 +584,15 @@ class OllamaApiServer:
                 if not messages:
                     return self._json(200, {**base, "message": {"role": "assistant", "content": ""}, "done": True,
                                             "done_reason": "load"})  # fmt: skip
+                if server.chat_error is not None:  # e.g. 400 '"nomic-embed-text" does not support chat'
+                    return self._error(*server.chat_error)
                 limit = (body.get("options") or {}).get("num_predict")
                 answer = ANSWER[: int(limit)] if isinstance(limit, int) and limit > 0 else ANSWER
                 if body.get("stream", True) is False:
+                    prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
                     return self._json(200, {**base, "message": {"role": "assistant", "content": "".join(answer)},
-                                            "done": True, "done_reason": "stop"})  # fmt: skip
+                                            "done": True, "done_reason": "stop", "prompt_eval_count": prompt_tokens,
+                                            "eval_count": len(answer)})  # fmt: skip
                 pieces = [{**base, "message": {"role": "assistant", "content": p}, "done": False} for p in answer]
                 pieces.append({**base, "message": {"role": "assistant", "content": ""}, "done": True,
                                "done_reason": "stop", "eval_count": len(answer)})  # fmt: skip

@@ -24,9 +24,11 @@ import psutil
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from launcher.backends import launch_forms
 from launcher.backends.base import AttemptFailed, LaunchRequest
-from launcher.backends.ollama import (
-    OllamaBackend,
+from launcher.backends.llamacpp import server_argv
+from launcher.backends.ollama import OllamaBackend
+from launcher.backends.ollama_form import (
     infer_kv_type,
     keep_alive_value,
     kv_type_sizes,
@@ -121,6 +123,20 @@ def test_launch_form_is_the_plans_ollama_form(tiny: Candidate) -> None:
     assert form == ollama_form(plan)
     assert form["options"] == {"num_ctx": CTX, "num_gpu": ALL}
     assert form["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1"}
+
+
+def test_plan_json_launch_forms_come_from_each_backend_and_touch_no_server(
+    tiny: Candidate, stub: OllamaApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an Ollama server that answers at OLLAMA_HOST, and no binary to find: rendering must ask neither
+    monkeypatch.setenv("OLLAMA_HOST", stub.url)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    plan = make_test_plan([tiny])
+    forms = launch_forms(plan, host="0.0.0.0", port=9000)
+    assert forms == {"llama_server_argv": server_argv(plan, host="0.0.0.0", port=9000), "ollama": ollama_form(plan)}
+    data = plan.to_json(launch_forms=forms)
+    assert (data["llama_server_argv"], data["ollama"]) == (forms["llama_server_argv"], forms["ollama"])
+    assert stub.requests == []
 
 
 def test_names_and_keep_alive() -> None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from launcher import fetch
 from launcher.catalog.huggingface import resolve_url
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import FetchError
+from launcher.fetch.huggingface import hf_cache_dir
 from launcher.paths import cache_dir
 
 SIZE = 300_000
@@ -259,16 +264,29 @@ def test_an_error_status_is_one_line_with_the_url_and_no_partial(registry: Regis
     assert "resume" not in message and not partial_of(data).exists()
 
 
-def test_a_download_in_progress_elsewhere_is_refused(registry: RegistryServer) -> None:
-    fcntl = pytest.importorskip("fcntl")
+HOLD_LOCK = """
+import fcntl, sys, time
+fd = open(sys.argv[1], "w")
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_download_another_process_holds_but_does_not_advance_is_given_up(registry: RegistryServer) -> None:
+    pytest.importorskip("fcntl")
     data = blob("model")
     c = ollama_candidate(registry, data)
     lock = target_of(data).with_name(target_of(data).name + ".lock")
     lock.parent.mkdir(parents=True)
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(FetchError, match="another fitquant process"):
-            fetch.fetch_candidate(c, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(FetchError, match=r"another fitquant process .*wrote nothing for 1 s"):
+            fetch.fetch_candidate(c, progress=False, wait_stalled_s=1.0)
+    finally:
+        holder.kill()
+        holder.wait()
     assert Path(fetch.fetch_candidate(c, progress=False).files[0].local_path or "").read_bytes() == data
 
 
@@ -491,9 +509,9 @@ def test_hf_cache_location_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert fetch._hf_cache_dir() == tmp_path / "home" / "hub"
+    assert hf_cache_dir() == tmp_path / "home" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert fetch._hf_cache_dir() == tmp_path / "cache"
+    assert hf_cache_dir() == tmp_path / "cache"
     assert os.environ["HF_HOME"]  # untouched
 
 
@@ -507,3 +525,270 @@ def test_hf_cached_blob_changed_on_disk_is_downloaded_again(hub: HFServer) -> No
     assert Path(again.files[0].local_path or "").read_bytes() == content[c.files[0].name]
     assert hub.served[(REPO, c.files[0].name)] == len(content[c.files[0].name])
     assert hub.served[(REPO, c.files[1].name)] == 0  # shard 2 was fine: only its HEAD
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names from the network stay inside the cache; a planted symlink is never written through
+
+
+class FileServer:
+    """Plain files on 127.0.0.1 (HTTP/1.0: a body without Content-Length ends when the connection closes).
+    `mode`: "ok" (Content-Length, Range honoured), "cut" (200, no Content-Length, CUT bytes, hang up; Range
+    ignored), "no-length" (the whole body, no Content-Length), "slow" (Content-Length, in pieces, slowly)."""
+
+    def __init__(self, data: bytes) -> None:
+        from local_server import start_server
+
+        self.data, self.mode, self.gets = data, "ok", 0
+        self.httpd = start_server(self._get)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def _get(self, h) -> None:  # type: ignore[no-untyped-def]
+        self.gets += 1
+        data, start = self.data, 0
+        if self.mode == "ok" and h.headers.get("Range", "").startswith("bytes="):
+            start = int(h.headers["Range"][6:].split("-", 1)[0])
+            if start >= len(data):
+                h.send_response(416)
+                h.send_header("Content-Range", f"bytes */{len(data)}")
+                h.end_headers()
+                return
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            h.send_response(200)
+        if self.mode in ("ok", "slow"):
+            h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        body = data[start:CUT] if self.mode == "cut" else data[start:]
+        if self.mode == "slow":
+            for i in range(0, len(body), 20_000):
+                h.wfile.write(body[i : i + 20_000])
+                h.wfile.flush()
+                time.sleep(0.2)
+            return
+        h.wfile.write(body)
+
+    def close(self) -> None:
+        from local_server import stop_server
+
+        stop_server(self.httpd)
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    srv = FileServer(blob("plain"))
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def plain(url: str, size: int) -> Candidate:
+    f = CandidateFile(name=url.rsplit("/", 1)[1], size_bytes=size, url=url)
+    return Candidate(model=url, source="url", quant="Q8_0", files=(f,))
+
+
+def outside_cache(root: Path, name: str) -> list[Path]:
+    return [p for p in root.rglob(f"*{name}*") if cache_dir() not in p.parents]
+
+
+def test_a_url_whose_name_decodes_to_a_path_is_written_inside_the_cache(
+    files: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = f"{files.url}/d/..%2F..%2F..%2F..%2F.planted"
+    out = fetch.fetch_candidate(plain(url, SIZE), progress=False)
+    path = Path(out.files[0].local_path or "")
+    assert path.name == "planted" and path.parent.parent == cache_dir() / "downloads"
+    assert path.read_bytes() == files.data and outside_cache(tmp_path, "planted") == []
+
+
+def test_download_targets_are_safe_names_inside_the_cache() -> None:
+    for url in ("https://h/d/..%2F..%2Fx.gguf", "https://h/d/%2e%2e", "https://h/d/..\\..\\x", "https://h/d/%00"):
+        for split in (False, True):
+            target = fetch.download_target(url, None, split=split)
+            assert target.parent.parent == cache_dir() / "downloads" and not target.name.startswith("."), url
+    with pytest.raises(FetchError, match="not a sha256"):
+        fetch.download_target("https://h/b/x", "../../x")
+
+
+def test_a_symlink_planted_in_the_cache_is_not_written_through(files: FileServer, tmp_path: Path) -> None:
+    url = f"{files.url}/m/x.gguf"
+    target = fetch.download_target(url, None)
+    target.parent.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    target.with_name(target.name + ".partial").symlink_to(victim)
+    with pytest.raises(FetchError, match="cannot write"):
+        fetch.fetch_candidate(plain(url, SIZE), progress=False)
+    assert victim.read_bytes() == b"mine"
+    target.with_name(target.name + ".partial").unlink()
+    target.symlink_to(victim)  # a "finished" file that is someone else's
+    with pytest.raises(FetchError, match=r"x\.gguf: refused as a download target: 'x\.gguf' would lie outside"):
+        fetch.fetch_candidate(plain(url, SIZE), progress=False)
+    assert victim.read_bytes() == b"mine"
+
+
+def test_hf_names_that_leave_the_repository_folder_are_refused(hub: HFServer, tmp_path: Path) -> None:
+    data = blob("evil", 1000)
+    for path, revision in (("../../x.gguf", "main"), ("x.gguf", "../../../../evil")):
+        url = resolve_url(hub.endpoint, REPO, revision, path)
+        f = CandidateFile(name=path, size_bytes=len(data), url=url, sha256=sha(data))
+        with pytest.raises(FetchError, match="would leave the repository's folder; refused"):
+            fetch.fetch_candidate(Candidate(REPO, "huggingface", "Q4_K_M", (f,)), progress=False)
+    assert hub.requests == [] and outside_cache(tmp_path, "evil") == []
+
+
+def test_the_state_and_cache_files_are_private(registry: RegistryServer) -> None:
+    data = blob("model")
+    fetch.fetch_candidate(ollama_candidate(registry, data), progress=False)
+    marker = target_of(data).with_name(target_of(data).name + ".verified")
+    assert oct(marker.stat().st_mode & 0o777) == "0o600" and oct(marker.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(target_of(data).stat().st_mode & 0o777) == "0o600"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A short download is never used
+
+
+def test_a_body_cut_short_without_content_length_is_kept_for_resume_not_used(files: FileServer) -> None:
+    files.mode = "cut"
+    c = plain(f"{files.url}/m/x.gguf", SIZE)
+    target = fetch.download_target(c.files[0].url or "", None)
+    with pytest.raises(FetchError) as err:
+        fetch.fetch_candidate(c, progress=False)
+    message = str(err.value)
+    assert f"ended after {CUT} of {SIZE} bytes" in message and "run again to resume" in message
+    assert not target.exists() and not target.with_name(target.name + ".verified").exists()
+    assert target.with_name(target.name + ".partial").stat().st_size == CUT
+    files.mode = "ok"
+    out = fetch.fetch_candidate(c, progress=False)
+    assert Path(out.files[0].local_path or "").read_bytes() == files.data
+
+
+def test_a_short_file_an_older_fitquant_accepted_is_resumed(files: FileServer) -> None:
+    c = plain(f"{files.url}/m/x.gguf", SIZE)
+    target = fetch.download_target(c.files[0].url or "", None)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(files.data[:CUT])
+    out = fetch.fetch_candidate(c, progress=False)
+    assert Path(out.files[0].local_path or "").read_bytes() == files.data
+
+
+def test_a_download_of_unknown_size_without_a_hash_is_not_used(files: FileServer) -> None:
+    files.mode = "no-length"
+    c = plain(f"{files.url}/m/x.gguf", 0)
+    target = fetch.download_target(c.files[0].url or "", None)
+    with pytest.raises(FetchError, match="cannot be told from a complete one; not used"):
+        fetch.fetch_candidate(c, progress=False)
+    assert not target.exists()
+    files.mode = "ok"  # the server now says the size: the partial it holds is confirmed (416)
+    out = fetch.fetch_candidate(c, progress=False)
+    assert Path(out.files[0].local_path or "").read_bytes() == files.data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A second fitquant waits for the first one's download
+
+FETCH_ONE = """
+import sys
+from launcher import fetch
+from launcher.catalog.types import Candidate, CandidateFile
+url, size = sys.argv[1], int(sys.argv[2])
+f = CandidateFile(name=url.rsplit("/", 1)[1], size_bytes=size, url=url)
+c = Candidate(model=url, source="url", quant="Q8_0", files=(f,))
+print(fetch.fetch_candidate(c, progress=False).files[0].local_path, flush=True)
+"""
+
+
+def test_a_second_fetch_waits_for_the_download_another_process_is_making(files: FileServer) -> None:
+    files.mode = "slow"  # about 3 s for the whole file
+    c = plain(f"{files.url}/m/x.gguf", SIZE)
+    partial = fetch.download_target(c.files[0].url or "", None).with_name("x.gguf.partial")
+    root = Path(__file__).resolve().parent.parent
+    first = subprocess.Popen(
+        [sys.executable, "-c", FETCH_ONE, c.files[0].url or "", str(SIZE)], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not partial.exists():  # the first process holds the lock and is writing
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        out = fetch.fetch_candidate(c, progress=False, wait_stalled_s=30)
+        path = Path(out.files[0].local_path or "")
+        assert path.read_bytes() == files.data
+        stdout, _ = first.communicate(timeout=60)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0 and stdout.strip() == str(path) and files.gets == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face errors keep their cause
+
+
+class _NotAHub:
+    """Answers 200 to every HEAD and GET, with none of the headers a Hugging Face Hub sends."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.do_HEAD()
+                self.wfile.write(b"hello")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def hf_candidate(endpoint: str) -> Candidate:
+    data = blob("x", 1000)
+    f = CandidateFile(
+        name="x.gguf", size_bytes=1000, url=resolve_url(endpoint, REPO, "main", "x.gguf"), sha256=sha(data)
+    )
+    return Candidate(REPO, "huggingface", "Q4_K_M", (f,))
+
+
+def test_hf_an_endpoint_that_is_not_a_hub_is_named_as_such(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolate_hub(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    srv = _NotAHub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        with pytest.raises(FetchError) as err:
+            fetch.fetch_candidate(hf_candidate(srv.url), progress=False)
+    finally:
+        srv.close()
+    message = str(err.value)
+    assert f"{srv.url} answered but is not a Hugging Face Hub (check HF_ENDPOINT)" in message, message
+    assert "X-Repo-Commit" in message and "offline" not in message and "\n" not in message
+
+
+def test_hf_an_endpoint_that_refuses_connections_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from hf_server import refused_endpoint
+
+    isolate_hub(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    endpoint = refused_endpoint()
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(FetchError, match=r"cannot be reached \(\w+.*\) and the file is not in the Hugging Face cache"):
+        fetch.fetch_candidate(hf_candidate(endpoint), progress=False)

@@ -17,8 +17,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from launcher.backends import launch_forms
 from launcher.backends.llamacpp import server_argv
-from launcher.backends.ollama import ollama_form
+from launcher.backends.ollama_form import ollama_form
 from launcher.catalog import list_candidates
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.errors import NoFitError
@@ -195,7 +196,17 @@ def test_plan_gpu_choice_and_launch_configurations(family):
     assert ollama["options"] == {"num_ctx": 4096, "num_gpu": 5}
     assert ollama["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1"}
     assert "PARAMETER num_ctx 4096" in ollama["modelfile"]
-    jsonschema.validate(plan.to_json(), SCHEMA)
+    # the plan JSON carries each backend's launch_form, rendered by the caller (the plan imports no backend)
+    data = plan.to_json(launch_forms=launch_forms(plan, port=9000))
+    jsonschema.validate(data, SCHEMA)
+    assert (data["llama_server_argv"], data["ollama"]) == (argv, ollama)
+    assert list(data)[-2:] == ["llama_server_argv", "ollama"]  # the contract's key order
+    bare = plan.to_json()  # no forms rendered: the keys stay, null
+    jsonschema.validate(bare, SCHEMA)
+    assert (bare["llama_server_argv"], bare["ollama"]) == (None, None)
+    assert {k: v for k, v in bare.items() if k not in ("llama_server_argv", "ollama")} == {
+        k: v for k, v in data.items() if k not in ("llama_server_argv", "ollama")
+    }
 
 
 def test_plan_two_gpus_split_by_free_memory(family):
@@ -219,7 +230,9 @@ def test_plan_moe_keeps_experts_on_cpu_when_that_fits(family):
     argv = server_argv(plan)
     assert argv[argv.index("-ot") + 1] == r"blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"
     assert "cannot pin MoE experts" in ollama_form(plan)["notes"][0]
-    jsonschema.validate(plan.to_json(), SCHEMA)
+    data = plan.to_json(launch_forms=launch_forms(plan))
+    jsonschema.validate(data, SCHEMA)
+    assert data["llama_server_argv"] == argv and data["ollama"] == ollama_form(plan)
 
 
 def test_plan_strict_refuses_anything_but_a_full_fit(family):
@@ -228,9 +241,10 @@ def test_plan_strict_refuses_anything_but_a_full_fit(family):
     assert plan.chosen is None and plan.mode == "none"
     assert "(--strict)" in plan.reason
     assert plan.alternatives  # still says what would work
-    data = plan.to_json()
+    assert launch_forms(plan) == {}
+    data = plan.to_json(launch_forms={"llama_server_argv": ["ignored"], "ollama": {}})  # nothing chosen: null
     jsonschema.validate(data, SCHEMA)
-    assert data["llama_server_argv"] is None
+    assert data["llama_server_argv"] is None and data["ollama"] is None
 
 
 def test_plan_quality_floor_by_model_size(family):

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 
+from launcher.backends import launch_forms
 from launcher.backends.llamacpp import server_argv
 from launcher.catalog.types import Candidate, CandidateFile
 from launcher.cli import main
@@ -222,7 +223,7 @@ def test_plan_split_on_two_unequal_gpus_matches_the_argv_and_the_estimate_comman
     assert argv[argv.index("-ngl") + 1] == str(N_LAYER + 1)
     assert argv[argv.index("-c") + 1] == "8192"
     assert argv[argv.index("-m") + 1] == str(tmp_path / "model-Q8_0.gguf")
-    assert plan.to_json()["llama_server_argv"] == argv
+    assert plan.to_json(launch_forms=launch_forms(plan))["llama_server_argv"] == argv
 
     # `fitquant estimate` on the same file, machine and reserve places the same layers on each GPU
     path = str(tmp_path / "model-Q8_0.gguf")

@@ -154,6 +154,22 @@ BAD = {
     "llama_server with ollama": ("machine: box\nbackend: ollama\nllama_server: /bin/llama-server\n",
                                  "line 3: 'llama_server' is a llama.cpp setting; the backend is ollama"),
     "two errors": ("machine: box\nhost: 3\nbackend: x\n", "line 2: 'host' must be a valid string, got 3 (and 1 more)"),
+    "absurd device memory": ("machine: box\ndevices:\n  - {name: a, kind: cuda, memory: 99999999999999999999999GiB}\n",
+                             "line 3: 'devices[0].memory' must be at most 1 PiB, got '99999999999999999999999GiB'"),
+    "absurd ram (a number)": ("machine: box\nram: 99999999999999999999999\n",
+                              "line 2: 'ram' must be at most 1 PiB, got 99999999999999999999999"),
+    "absurd reserve": ("machine: box\nreserve: {default: 1GiB, GPU0: 2048TiB}\n",
+                       "line 2: 'reserve.GPU0' must be at most 1 PiB, got '2048TiB'"),
+    "absurd context": ("machine: box\nmodels:\n  - {model: m, context: 99999999999999999999}\n",
+                       "line 3: 'models[0].context' must be at most 16777216 tokens (16M), got 99999999999999999999"),
+    "absurd context (text)": ("machine: box\nmodels:\n  - {model: m, context: 17M}\n",
+                              "line 3: 'models[0].context' must be at most 16777216 tokens (16M), got '17M'"),
+    "a 5000-digit size": (f"machine: box\nram: '{'9' * 5000}'\n",
+                          "line 2: 'ram' must be a size like 1GiB or 512MiB, got '99999999999999999999999999999999999...'"),
+    "nested 400 levels": ("machine: box\nx:\n" + "".join("  " * i + "  a:\n" for i in range(400)) + "  " * 401 + "1\n",
+                          "line 51: nests more than 50 levels deep; a profile needs a few"),
+    "nested 400 lists": ("machine: box\nx:\n" + "".join("  " * i + "- \n" for i in range(400)),
+                         "line 52: nests more than 50 levels deep; a profile needs a few"),
 }  # fmt: skip
 
 
@@ -185,6 +201,16 @@ def test_profiles_a_few_aliases_and_merge_keys_are_fine():
         "machine: box\nmodels:\n  - &base {model: a, context: 8k, vision: true}\n  - <<: *base\n    model: b\n"
     )
     assert [(m.model, m.context, m.vision) for m in profile.models] == [("a", 8192, True), ("b", 8192, True)]
+
+
+@pytest.mark.parametrize(
+    "nested",
+    ["[" * 100_000 + "]" * 100_000, "{a: " * 100_000 + "1" + "}" * 100_000, "[{a: " * 50_000 + "1" + "}]" * 50_000],
+)
+def test_profiles_deep_flow_nesting_is_one_line_not_a_recursion_error(nested: str):
+    with pytest.raises(ProfileError) as caught:
+        parse_profile(f"machine: box\nrpc: {nested}\n", source="deep.yaml")
+    assert str(caught.value) == "profile deep.yaml line 2: nests more than 50 levels deep; a profile needs a few"
 
 
 def test_profiles_too_many_aliases_are_refused():

@@ -10,9 +10,10 @@ def test_public_api_is_pinned():
     assert launcher.__all__ == sorted([
         "Candidate", "CatalogError", "EngineError", "EngineMeasurement", "EngineSettings", "EstimateError",
         "FitquantError", "GGUFFormatError", "GGUFHeader", "GPU", "HardwareError", "HardwareSnapshot", "MemoryEstimate",
-        "ModelError", "ModelFacts", "NoFitError", "Plan", "Policy", "Settings", "TensorInfo", "describe_machine",
-        "detect_hardware", "embedded_model_path", "estimate", "estimate_memory", "fit", "list_candidates", "make_plan",
-        "measure", "model_facts", "parse_header", "read_header", "read_model_facts",
+        "ModelError", "ModelFacts", "NoFitError", "Plan", "Policy", "RunFailed", "RunResult", "RunSpec", "Settings",
+        "TensorInfo", "choose_backend", "describe_machine", "detect_hardware", "embedded_model_path", "estimate",
+        "estimate_memory", "fit", "list_candidates", "make_plan", "measure", "model_facts", "parse_header",
+        "read_header", "read_model_facts", "run_machine", "start", "stop",
     ])  # fmt: skip
 
 

@@ -106,7 +106,9 @@ def test_a_server_that_dies_during_load_is_a_failed_attempt_not_a_hang(gemma3_27
         started = time.monotonic()
         rc, result, err = _run([str(gemma3_270m_path), "--ctx", "1024", "--rpc", rpc.address, "--vram", "2GiB",
                                 "--max-attempts", "1"], server=server, timeout=120)  # fmt: skip
-    assert rc != 0 and result is None
+    assert rc != 0 and result is not None and result["ok"] is False  # scripts get one JSON line on failure too
+    assert [a["outcome"] for a in result["attempts"]] in (["crash"], ["oom"]), result
+    assert result["error"]["type"] == "NoFitError"
     assert time.monotonic() - started < 60
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert "NoFitError" in last and "Q4_K_M" in last and ("crash" in last or "oom" in last), err

@@ -103,13 +103,16 @@ def test_service_unit_passes_systemd_analyze_verify(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("FITQUANT_API_KEY", "sekrit-value")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hugging face"))  # a writable path that must be quoted
     profile = write_profile(tmp_path, backend="ollama", extra=f"api_key_file: {key}\n")
-    planned = profile_service(profile, scope=scope, command=fitquant_command())  # type: ignore[arg-type]
+    credentials = tmp_path / "etc-fitquant" / "credentials"
+    planned = profile_service(profile, scope=scope, command=fitquant_command(),  # type: ignore[arg-type]
+                              credentials_dir=credentials)  # fmt: skip
     result = install_service(planned.spec, directory=tmp_path / "units", ollama_env=planned.ollama_env)
     unit = (tmp_path / "units" / "fitquant.service").read_text()
     assert "sekrit-value" not in unit  # neither the file's key nor FITQUANT_API_KEY is written into the unit
-    if scope == "system":  # the key travels as a credential, read by systemd as root
-        assert f"LoadCredential=fitquant-api-key:{key}" in unit
+    if scope == "system":  # the key travels as a credential, read by systemd as root from root's own copy
+        assert f"LoadCredential=fitquant-api-key:{credentials}/fitquant-api-key\n" in unit
         assert " --api-key-file %d/fitquant-api-key\n" in unit
+        assert (credentials / "fitquant-api-key").read_text() == "sekrit-value\n"
     else:  # a user service reads the profile's api_key_file itself: it is the user's own file
         assert "LoadCredential" not in unit
         assert "--api-key-file" not in unit
@@ -133,7 +136,8 @@ def test_service_unit_verify_catches_a_broken_unit(tmp_path: Path):
 @pytest.mark.parametrize("scope", ["system", "user"])
 def test_service_unit_security_exposure_at_most_4(tmp_path: Path, scope: str):
     profile = write_profile(tmp_path, extra=f"api_key_file: {tmp_path / 'profiles' / 'home server.yaml'}\n")
-    planned = profile_service(profile, scope=scope, command=fitquant_command())  # type: ignore[arg-type]
+    planned = profile_service(profile, scope=scope, command=fitquant_command(),  # type: ignore[arg-type]
+                              credentials_dir=tmp_path / "credentials")  # fmt: skip
     result = install_service(planned.spec, directory=tmp_path / "units")
     user = ["--user"] if scope == "user" else []
     done = analyze(*user, "security", "--offline=true", str(result.files[0].path), tmp_path=tmp_path)
@@ -569,3 +573,79 @@ def test_service_notify_without_systemd_is_a_no_op(tmp_path: Path, monkeypatch: 
     with pytest.raises(ServiceError, match=r"cannot notify systemd at .*gone\.sock"):
         notify.ready()
     assert notify.ready(environ={}) is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API key of a system unit: root's own copy, never a path the user controls
+
+
+def _system_with_key(tmp_path: Path, key: Path) -> tuple[UnitSpec, Path]:
+    profile = write_profile(tmp_path, extra=f"api_key_file: {key}\n")
+    credentials = tmp_path / "etc" / "fitquant" / "credentials"
+    planned = profile_service(profile, scope="system", command=fitquant_command(), credentials_dir=credentials)
+    return planned.spec, credentials
+
+
+def test_service_system_key_is_copied_root_only_and_the_unit_loads_the_copy(tmp_path: Path):
+    key = tmp_path / "api-key"
+    key.write_text("the-key\n")
+    spec, credentials = _system_with_key(tmp_path, key)
+    copy = credentials / "fitquant-api-key"
+    assert spec.api_key_source == key and spec.api_key_file == copy
+    dry = install_service(spec, directory=tmp_path / "units", dry_run=True)
+    assert not copy.exists() and not credentials.exists()  # a dry run writes nothing
+    assert f"the API key of {key} is copied to {copy} (root's, 0600), which the unit loads" in " ".join(dry.notes)
+    install_service(spec, directory=tmp_path / "units")
+    assert copy.read_bytes() == b"the-key\n"
+    assert copy.stat().st_mode & 0o777 == 0o600 and credentials.stat().st_mode & 0o777 == 0o700
+    assert copy.stat().st_uid == os.geteuid()
+    unit = (tmp_path / "units" / "fitquant.service").read_text()
+    assert f"LoadCredential=fitquant-api-key:{copy}\n" in unit and str(key) not in unit
+    # a link planted where the copy goes is replaced, never written through
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    copy.unlink()
+    copy.symlink_to(victim)
+    install_service(spec, directory=tmp_path / "units")
+    assert victim.read_text() == "untouched" and not copy.is_symlink() and copy.read_bytes() == b"the-key\n"
+    removed = uninstall_service("system", directory=tmp_path / "units", credentials_dir=credentials)
+    assert copy in removed.removed and not copy.exists()
+
+
+def test_service_system_key_file_that_is_a_symlink_is_refused(tmp_path: Path):
+    """A symlink to /etc/shadow (here: a stand-in root may read) would hand that file to the user's service."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$hash:19000:0:99999:7:::\n")
+    key = tmp_path / "api-key"
+    key.symlink_to(secret)
+    spec, credentials = _system_with_key(tmp_path, key)
+    for dry_run in (True, False):
+        with pytest.raises(ServiceError) as caught:
+            install_service(spec, directory=tmp_path / "units", dry_run=dry_run)
+        assert str(caught.value) == (f"api_key_file {key} is a symbolic link; a system service takes the key from a "
+                                     "regular file its user owns (point api_key_file at the file itself)")  # fmt: skip
+    assert not credentials.exists() and not (tmp_path / "units").exists()  # refused before anything was written
+
+
+def test_service_system_key_file_not_a_regular_file_is_refused(tmp_path: Path):
+    key = tmp_path / "api-key-fifo"  # profile_service refuses it already; install checks again as it reads
+    os.mkfifo(key)
+    spec = unit_spec(write_profile(tmp_path), scope="system", api_key_file=key, command=fitquant_command(),
+                     credentials_dir=tmp_path / "credentials")  # fmt: skip
+    with pytest.raises(ServiceError, match=r"api-key-fifo is not a regular file$"):
+        install_service(spec, directory=tmp_path / "units")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another account takes root")
+def test_service_system_key_file_owned_by_another_account_is_refused(tmp_path: Path):
+    key = tmp_path / "api-key"
+    key.write_text("not-yours\n")
+    os.chown(key, 65534, 65534)  # nobody's, while the service runs as this (root) account
+    spec, credentials = _system_with_key(tmp_path, key)
+    with pytest.raises(ServiceError) as caught:
+        install_service(spec, directory=tmp_path / "units")
+    assert str(caught.value) == (
+        f"api_key_file {key} is owned by uid 65534, not by {spec.user}, the account the "
+        f"service runs as; chown it to {spec.user} (it is copied for the service at install)"
+    )
+    assert not credentials.exists()

@@ -4,6 +4,7 @@ threads named beside them); tests/test_verify_corpus.py runs the whole saved cor
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,19 +20,24 @@ from launcher.cli import _Group
 from launcher.cli.verify import verify
 from launcher.estimate import DeviceEstimate
 from launcher.verify import (
+    EXIT_STATUS,
     HOST_SLACK_BYTES,
     DevicePlacement,
     Placement,
     attach_nvml,
     attach_prediction,
     device_name,
+    is_oom_line,
+    mismatches,
     nvml_used_by_pid,
+    oom_line,
     oom_lines,
     placement_from_log,
     placement_from_ollama,
     render_comparison,
     strip_header,
     summary_line,
+    visible_nvml_indices,
 )
 
 MiB = 1024**2
@@ -121,20 +127,37 @@ def test_host_allowance_threshold_is_exact(token_embd: int, verdict: str) -> Non
 
 
 def test_bound_from_n_vocab_and_n_embd_when_no_gguf() -> None:
-    # 262144 x 5376 x 2 bytes = 2688 MiB (+ 1 MiB + 1%): a 256k-vocabulary model keeps ~1.1 GiB on the host
+    # no file type in the log: 262144 x 5376 x 4 bytes (+ 1 MiB + 1%), the bound for any type
     p = placement_from_log(server_full("1102.50"))
     assert p.verdict == "gpu"
     assert p.host_allowed_is_bound
-    assert p.host_allowed_bytes == 262144 * 5376 * 2 + MiB + round(262144 * 5376 * 2 * 0.01)
-    assert "a bound from the log" in p.reason
+    assert p.host_allowed_bytes == 262144 * 5376 * 4 + MiB + round(262144 * 5376 * 4 * 0.01)
+    assert "a bound from the log" in p.reason and "no file type in the log: at most 32 bits" in p.reason
     assert (p.n_ctx, p.n_ctx_per_slot, p.n_slots, p.type_k, p.type_v, p.flash_attn) == (
         32768, 32768, 4, "q8_0", "q8_0", True,
     )  # fmt: skip
     cuda, cpu = p.devices
     assert cuda.name == "CUDA0" and cuda.output_bytes == 0
     assert cpu.output_bytes == round(4.01 * MiB) and cpu.compute_bytes == round(146.07 * MiB)
-    over = placement_from_log(server_full("2800.00"))
+    over = placement_from_log(server_full("5500.00"))
     assert over.verdict == "spill" and "a bound from the log" in over.reason
+
+
+@pytest.mark.parametrize(
+    ("extra", "per_value"),
+    [
+        ("print_info: file type   = Q4_K - Medium\n", 34 / 32),  # main type, Q6_K when tied, Q8_0: at most Q8_0
+        ("print_info: file type   = BF16\n", 2.0),
+        ("print_info: file type   = all F32\n", 4.0),
+        ("print_info: file type   = Q4_K - Medium\ntensor token_embd.weight (q6_K) buffer type overridden to CPU\n",
+         210 / 256),  # the per-tensor line names the type: exact bytes per value
+    ],
+)  # fmt: skip
+def test_embedding_bytes_from_file_type_or_tensor_line(extra: str, per_value: float) -> None:
+    p = placement_from_log(extra + server_full("1102.50"))
+    embd = round(262144 * 5376 * per_value)
+    assert p.host_allowed_bytes == embd + MiB + round(embd * 0.01)
+    assert p.verdict == ("gpu" if p.host_allowed_bytes >= 1102.5 * MiB else "spill")
 
 
 def test_without_any_allowance_host_weights_bigger_than_gpu_weights_spill() -> None:
@@ -147,8 +170,11 @@ def test_without_any_allowance_host_weights_bigger_than_gpu_weights_spill() -> N
     p = placement_from_log(text)
     assert p.verdict == "spill" and p.host_allowed_bytes is None
     assert "15.0 GiB of weights stay in host memory against 1.0 MiB on the GPU" in p.reason
+    # issue 17: never 100% GPU while the log cannot size the host weights against the token embeddings
     small_host = placement_from_log(RPC_FITS)
-    assert small_host.verdict == "gpu" and "not checked" in small_host.reason
+    assert small_host.verdict == "incomplete" and "pass --model" in small_host.reason
+    tiny_host = placement_from_log(RPC_FITS.replace("170.00 MiB", "0.50 MiB"))
+    assert tiny_host.verdict == "gpu"
 
 
 def test_cpu_moe_full_count_is_a_spill() -> None:
@@ -235,7 +261,7 @@ def test_out_of_memory_texts(line: str) -> None:
 
 def test_warnings_and_retries_are_not_the_outcome() -> None:
     pinned = "ggml_cuda_host_malloc: failed to allocate 1900.00 MiB of pinned memory: out of memory"
-    assert placement_from_log(RPC_FITS + pinned + "\n").verdict == "gpu"
+    assert placement_from_log(RPC_FITS + pinned + "\n", token_embd_bytes=TOKEN_EMBD_270M).verdict == "gpu"
     # ggml-org/llama.cpp#26297: the allocation fails with pipeline parallelism, the retry without it succeeds
     retried = RPC_FITS + (
         "1.06.520.077 E ggml_backend_cuda_buffer_type_alloc_buffer: allocating 51748.72 MiB on device 1: "
@@ -490,10 +516,13 @@ cli.add_command(verify)
 
 
 def test_cli_reads_stdin_and_prints_people_text(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["verify", "-"], input=RPC_FITS)
+    result = CliRunner().invoke(cli, ["verify", "-", "--expect", "incomplete"], input=RPC_FITS)
+    assert result.exit_code == 0, result.output
+    assert "incomplete: 19/19 layers on RPC0" in result.output
+    result = CliRunner().invoke(cli, ["verify", "-"], input=RPC_FITS.replace("170.00 MiB", "0.50 MiB"))
     assert result.exit_code == 0, result.output
     assert "100% GPU: 19/19 layers on RPC0, 285.0 MiB used" in result.output
-    assert "reason: 19/19 layers on RPC0; host keeps 170.0 MiB of weights" in result.output
+    assert "reason: 19/19 layers on RPC0; host keeps 512.0 KiB of weights" in result.output
 
 
 def test_cli_missing_file_is_one_error_line(tmp_path: Path) -> None:
@@ -520,3 +549,131 @@ def test_cli_model_gives_exact_allowance_and_prediction(gemma3_270m_path: Path, 
     assert abs(rpc["predicted"]["model"] - rpc["model_bytes"]) < MiB
     assert cpu["predicted"]["model"] == TOKEN_EMBD_270M == cpu["model_bytes"]
     assert rpc["predicted_bytes"] == sum(rpc["predicted"].values())
+
+
+# -- issue 17: exit by verdict, one OOM classifier, mismatches, one NVML attach ------------------------------
+
+OOM_LOG = RPC_FITS + "llama_model_load: error loading model: unable to allocate RPC0 buffer\n"
+SPILL_LOG = RPC_FITS.replace("offloaded 19/19", "offloaded 12/19")
+CPU_LOG = RPC_FITS.replace("offloaded 19/19", "offloaded 0/19")
+GPU_LOG = RPC_FITS.replace("170.00 MiB", "0.50 MiB")
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict", "status"),
+    [
+        (GPU_LOG, "gpu", 0),
+        (SPILL_LOG, "spill", 3),
+        (CPU_LOG, "cpu-only", 4),
+        (OOM_LOG, "oom", 5),
+        (RPC_FITS, "incomplete", 6),  # cannot tell the host weights from the token embeddings
+        ("", "incomplete", 6),
+        ("\x00\xff\xfe garbage \x1b[31m\n" * 50, "incomplete", 6),
+    ],
+)
+def test_cli_exits_by_verdict(tmp_path: Path, text: str, verdict: str, status: int) -> None:
+    log = tmp_path / "load.log"
+    log.write_bytes(text.encode("utf-8", "surrogateescape"))
+    result = CliRunner().invoke(cli, ["verify", str(log), "--json"])
+    assert result.exit_code == status, result.output
+    assert json.loads(result.output)["verdict"] == verdict
+    assert EXIT_STATUS[verdict] == status
+    allowed = CliRunner().invoke(cli, ["verify", str(log), "--expect", f"gpu,{verdict}"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_cli_expect_names_verdicts_only(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["verify", "-", "--expect", "gpu,fast"], input=GPU_LOG)
+    assert result.exit_code == 2
+    assert "'fast' is not a verdict; use gpu, spill, cpu-only, oom, incomplete" in result.output
+
+
+def test_oom_line_is_the_one_classifier() -> None:
+    pinned = "ggml_cuda_host_malloc: failed to allocate 1900.00 MiB of pinned memory: out of memory"
+    cuda = "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 51748.72 MiB on device 1: cudaMalloc failed: out of memory"
+    assert oom_line([pinned, "llama_context: n_ctx = 4096"]) is None
+    assert oom_line([pinned, cuda, "graph_reserve: failed to allocate compute buffers"]) == cuda
+    assert (
+        oom_line([cuda, "sched_reserve: compute buffer allocation failed, retrying without pipeline parallelism"])
+        is None
+    )
+    ollama = "model requires more system memory (12.3 GiB) than is available (8.0 GiB)"
+    assert oom_line([ollama]) == ollama
+    assert oom_line(["print_info: general.name = out of memory"]) is None  # the model's own strings
+    assert is_oom_line("ErrorOutOfDeviceMemory") and not is_oom_line("unordered_map::at")
+    assert oom_line(["x" * 5_000_000 + " out of memory"]) is None  # past MAX_LINE_CHARS: not read, and fast
+
+
+def test_backends_use_the_one_classifier() -> None:
+    import launcher.backends.llamacpp as llamacpp
+    import launcher.backends.ollama as ollama
+
+    assert not hasattr(llamacpp, "_OOM") and not hasattr(ollama, "_OOM")
+
+
+def test_mismatch_names_device_kind_and_likely_cause() -> None:
+    text = RPC_FITS.replace("(non-SWA, 4096 cells)", "").replace("(SWA, 2560 cells)", "")
+    p = placement_from_log(
+        text + "llama_kv_cache: creating     SWA KV cache, size = 2560 cells\n"
+        "llama_kv_cache: size =   19.92 MiB (  2560 cells,  15 layers,  1/1 seqs), K (q8_0): 9.96 MiB, V (q8_0): 9.96 MiB\n",
+        token_embd_bytes=TOKEN_EMBD_270M,
+    )
+    assert p.swa_cache
+    attach_prediction(p, [
+        {"name": "RPC0", "weights_bytes": 235 * MiB, "kv_bytes": 2 * MiB, "compute_bytes": 23 * MiB},
+        {"name": "CPU", "weights_bytes": 170 * MiB, "compute_bytes": 60 * MiB},
+    ])  # fmt: skip
+    found = mismatches(p)
+    assert [(m.device, m.kind) for m in found] == [("RPC0", "kv"), ("CPU", "compute")]
+    kv, compute = found
+    assert kv.cause.startswith("a full-size SWA cache (swa_full)")
+    assert kv.line().startswith("mismatch: RPC0 kv predicted 2.0 MiB, measured 26.3 MiB (-92.4%): likely cause: a full")
+    assert compute.cause.startswith("a smaller ubatch/n_batch than planned")
+    assert p.to_json()["mismatches"][0] == kv.to_json() == {
+        "device": "RPC0", "kind": "kv", "predicted_bytes": 2 * MiB, "measured_bytes": p.devices[0].kv_bytes,
+        "cause": kv.cause,
+    }  # fmt: skip
+    # within max(5%, 16 MiB): said nowhere
+    attach_prediction(
+        p, [{"name": "RPC0", "weights_bytes": 235 * MiB, "kv_bytes": 20 * MiB, "compute_bytes": 23 * MiB}]
+    )
+    assert [(m.device, m.kind) for m in mismatches(p)] == [("CPU", "compute")]
+    attach_prediction(p, [{"name": "RPC0", "kv_bytes": 2 * MiB}], type_k="f16")
+    assert mismatches(p)[1].cause == "the server used a q8_0 KV cache, not the planned f16"
+
+
+def test_cli_prints_the_mismatch_line(tmp_path: Path) -> None:
+    from launcher.cli.render import render_placement
+
+    p = placement_from_log(GPU_LOG)
+    attach_prediction(
+        p, [{"name": "RPC0", "weights_bytes": 135 * MiB, "kv_bytes": 26 * MiB, "compute_bytes": 23 * MiB}]
+    )
+    runner = CliRunner()
+    with runner.isolation() as streams:
+        render_placement(p)
+        text = streams[0].getvalue().decode()
+    assert (
+        "mismatch: RPC0 model predicted 135.0 MiB, measured 235.2 MiB (-42.6%): likely cause: a different file" in text
+    )
+
+
+def test_attach_nvml_maps_nvml_index_to_the_servers_rank() -> None:
+    used = {1: 3 * GiB}  # the server runs on NVML GPU 1 only (CUDA_VISIBLE_DEVICES=1): GPU 1 is its CUDA0
+    p = attach_nvml(placement_from_log(GPU_LOG), used, visible=visible_nvml_indices({"CUDA_VISIBLE_DEVICES": "1"}))
+    assert p.gpu_devices[0].nvml_used_bytes == 3 * GiB
+    # without CUDA_VISIBLE_DEVICES, NVML GPU 1 is the server's second GPU: not this one-GPU server's device
+    p = attach_nvml(placement_from_log(GPU_LOG), used, visible=None)
+    assert p.gpu_devices[0].nvml_used_bytes is None
+    assert visible_nvml_indices({}) is None
+    assert visible_nvml_indices({"CUDA_VISIBLE_DEVICES": "2,0,x,1"}) == [2, 0]
+    assert visible_nvml_indices({"CUDA_VISIBLE_DEVICES": "GPU-bb"}, ["GPU-aa", "GPU-bb"]) == [1]
+
+
+def test_host_weights_evidence_proves_a_spill_whatever_the_sizes() -> None:
+    moe = "tensor blk.3.ffn_up_exps.weight (q4_K) buffer type overridden to CPU\n" + GPU_LOG
+    p = placement_from_log(moe, token_embd_bytes=TOKEN_EMBD_270M)
+    assert p.verdict == "spill" and "1 expert tensors are in host buffers (blk.3.ffn_up_exps.weight in CPU)" in p.reason
+    cmd = "main: llama-server -m x.gguf --n-cpu-moe 4 -ngl 99\n" + GPU_LOG
+    assert placement_from_log(cmd).verdict == "spill"
+    assert placement_from_log("main: llama-server --n-cpu-moe 0\n" + GPU_LOG).verdict == "gpu"

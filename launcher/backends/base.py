@@ -10,8 +10,9 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from launcher.attempts import Outcome
 from launcher.errors import BackendError
 
 if TYPE_CHECKING:
@@ -19,8 +20,7 @@ if TYPE_CHECKING:
     from launcher.plan import Option, Plan
     from launcher.verify import Placement
 
-#: How an attempt ended (the run JSON's `attempts[].outcome`).
-Outcome = Literal["verified", "oom", "spill", "crash", "timeout"]
+__all__ = ["AttemptFailed", "Backend", "Instance", "LaunchRequest", "Outcome", "ServerMemory"]
 
 
 class AttemptFailed(BackendError):
@@ -32,6 +32,16 @@ class AttemptFailed(BackendError):
         self.outcome: Outcome = outcome
         self.detail = detail
         self.log_tail = list(log_tail or [])
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """What a backend's server does by default that changes memory; the plan counts it (Policy.for_server)."""
+
+    all_logits: bool = False  # logits for every prompt token (llama-cpp-python) instead of one row per slot
+    swa_full: bool = False  # a full-size sliding-window cache (llama.cpp's library default; llama-server turns it off)
+    cpu_repack: bool = False  # host-resident weights also copied into a CPU_REPACK buffer (llama.cpp's extra buffer
+    # types on x86 and ARM hosts): counted on the CPU for the types this host's CPU repacks
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,10 @@ class Backend(Protocol):
 
     def unavailable(self) -> str | None:
         """None when this backend can run here, else one line saying why not and what to install."""
+        ...
+
+    def server_memory(self) -> ServerMemory:
+        """What this backend's server does by default that changes memory (pure once the server is found)."""
         ...
 
     def fetch(self, candidate: Candidate, *, vision: bool = False, progress: bool = True) -> Candidate:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.backends.base import AttemptFailed, Instance, LaunchRequest
+from launcher.backends.base import AttemptFailed, Instance, LaunchRequest, ServerMemory
 from launcher.backends.process import tail
 from launcher.errors import BackendError
 
@@ -69,6 +69,48 @@ def builtin_template(model_path: str) -> str | None:
     if header.get("tokenizer.chat_template"):
         return None
     return BUILTIN_TEMPLATES.get(header.architecture or "")
+
+
+# llama-cpp-python's server formats chats with its own registry (llama_cpp/llama_chat_format.py), which has
+# "gemma" but no "phi3": that one goes to its Jinja formatter (--chat_format hf-tokenizer-config) as the text below,
+# the prompt llama.cpp's built-in "phi3" makes (src/llama-chat.cpp, LLM_CHAT_TEMPLATE_PHI_3). That formatter adds
+# an empty assistant message for the reply to come, rendered as the bare "<|assistant|>" line, and tokenizes the
+# text as it is (no BOS of its own), so the text starts with the BOS that llama-server adds.
+PYTHON_SERVER_JINJA = {
+    "phi3": {
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' and loop.last and not m['content'] %}"
+            "{{ '<|assistant|>\n' }}{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+            "{% endif %}{% endfor %}"
+        ),
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+    },
+}
+
+
+def chat_template_argv(template: str, program: ServerProgram) -> list[str]:
+    """The flags that make `program` format chats with llama.cpp's built-in template `template`."""
+    if program.kind == "llama-cpp-python":
+        config = PYTHON_SERVER_JINJA.get(template)
+        if config is None:
+            return ["--chat_format", template]
+        import json
+
+        from launcher.paths import cache_dir
+
+        path = cache_dir() / "chat-templates" / f"{template}.tokenizer_config.json"
+        text = json.dumps(config, indent=1)
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+            partial.write_text(text)
+            os.replace(partial, path)
+        return ["--chat_format", "hf-tokenizer-config", "--hf_tokenizer_config_path", str(path)]
+    # With Jinja on (llama-server's default since 2025) --chat-template's value is Jinja *text*, not a name:
+    # "gemma" became a 3-token prompt that drops every message. --no-jinja makes it the built-in template's name;
+    # builds without that flag have Jinja off by default.
+    return (["--no-jinja"] if program.has("--no-jinja") else []) + ["--chat-template", template]
 
 
 def layer_split(budgets: Sequence[Budget]) -> list[GPU]:
@@ -270,10 +312,13 @@ class LlamaCppBackend:
     def launch_form(self, plan: Plan, *, host: str = "127.0.0.1", port: int = 8080) -> list[str]:
         return server_argv(plan, port=port, host=host)
 
-    @property
-    def all_logits(self) -> bool:
-        """llama-cpp-python's server keeps logits for every prompt token; llama-server one per slot."""
-        return self.unavailable() is None and self.program.kind == "llama-cpp-python"
+    def server_memory(self) -> ServerMemory:
+        """llama-server: one logits row per slot and a SWA cache of the window (tools/server sets swa_full off);
+        llama-cpp-python's server: logits for every prompt token and llama.cpp's library default, a full-size SWA
+        cache (its settings expose no swa_full). Both repack host weights for the CPU (llama.cpp's extra buffer
+        types are on by default: use_extra_bufts)."""
+        python_server = self.unavailable() is None and self.program.kind == "llama-cpp-python"
+        return ServerMemory(all_logits=python_server, swa_full=python_server, cpu_repack=True)
 
     def unavailable(self) -> str | None:
         try:
@@ -298,7 +343,7 @@ class LlamaCppBackend:
         first = option.candidate.files[0] if option.candidate.files else None
         template = builtin_template(first.local_path) if first is not None and first.local_path else None
         if template:
-            argv += ["--chat_format" if program.kind == "llama-cpp-python" else "--chat-template", template]
+            argv += chat_template_argv(template, program)
         return argv
 
     def start(self, plan: Plan, option: Option, request: LaunchRequest, *, log_dir: Path) -> Instance:
@@ -310,15 +355,13 @@ class LlamaCppBackend:
         elif port_in_use(request.host, port):
             raise BackendError(f"port {port} on {request.host} is in use; choose another with --port")
         argv = self.argv(plan, option, request, port)
-        env = dict(self._env)
-        env.pop("LLAMA_API_KEY", None)
-        env.pop("API_KEY", None)
-        if request.api_key:
-            # through the environment, never argv: argv is visible to every user in `ps`
-            env["LLAMA_API_KEY" if self.program.kind == "llama-server" else "API_KEY"] = request.api_key
+        # the key through the environment, never argv (argv is visible to every user in `ps`); spawn gives the
+        # server a minimal environment (no HF_TOKEN, no other secret), plus what is passed in extra_env
+        key_name = "LLAMA_API_KEY" if self.program.kind == "llama-server" else "API_KEY"
+        key_env = {key_name: request.api_key} if request.api_key else None
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{_slug(option.quant)}-{port}-{int(time.time() * 1000)}.log"
-        proc = spawn(argv, log_path=log_path, env=env)
+        proc = spawn(argv, log_path=log_path, env=self._env, extra_env=key_env)
         first = option.candidate.files[0] if option.candidate.files else None
         model_name = first.local_path if first is not None and first.local_path else option.candidate.model
         return Instance(
@@ -364,7 +407,13 @@ class LlamaCppBackend:
             )
 
     def placement(self, instance: Instance, option: Option) -> Placement:
-        from launcher.verify import attach_prediction, nvml_used_by_pid, placement_from_log
+        from launcher.verify import (
+            attach_nvml,
+            attach_prediction,
+            nvml_used_by_pid,
+            placement_from_log,
+            visible_nvml_indices,
+        )
 
         text = ""
         for _ in range(20):  # the server may still be flushing its log when /health turns 200
@@ -373,14 +422,9 @@ class LlamaCppBackend:
                 break
             time.sleep(0.1)
         placement = placement_from_log(text, token_embd_bytes=option.facts.input_bytes)
-        attach_prediction(placement, option.estimate.devices)
-        if instance.pid is not None:
-            used = nvml_used_by_pid(instance.pid)
-            if used:
-                gpus = placement.gpu_devices
-                for index, nbytes in sorted(used.items()):
-                    if index < len(gpus):
-                        gpus[index].nvml_used_bytes = nbytes
+        attach_prediction(placement, option.estimate.devices, type_k=option.estimate.settings.type_k)
+        if instance.pid is not None:  # NVML index -> the server's rank (its CUDA_VISIBLE_DEVICES order)
+            attach_nvml(placement, nvml_used_by_pid(instance.pid), visible=visible_nvml_indices(self._env))
         return placement
 
     def stop(self, instance: Instance) -> None:
@@ -394,9 +438,11 @@ class LlamaCppBackend:
 
 def _failed_start(instance: Instance, returncode: int | None) -> AttemptFailed:
     """Why the server exited during load: out of memory, or a crash (a signal, or another error)."""
+    from launcher.verify import oom_line
+
     lines = tail(instance.log_path, 40)
     # the first out-of-memory line is the cause (which device, how many bytes); the later ones are its echoes
-    oom = next((line for line in lines if _OOM.search(line)), None)
+    oom = oom_line(lines)
     died_by_signal = returncode is not None and returncode < 0
     how = f"killed by {_signal_name(-(returncode or 0))}" if died_by_signal else f"exit status {returncode}"
     if oom is not None:
@@ -407,11 +453,6 @@ def _failed_start(instance: Instance, returncode: int | None) -> AttemptFailed:
     return AttemptFailed("crash", detail, log_tail=lines[-12:])
 
 
-_OOM = re.compile(
-    r"out of memory|out of device memory|cudaMalloc failed|hipMalloc failed|failed to allocate|unable to allocate|"
-    r"allocation failed|not enough memory|insufficient memory|ErrorOutOfDeviceMemory|OutOfMemory",
-    re.IGNORECASE,
-)
 _ERROR = re.compile(r"\berror\b|\bfailed\b|abort|exception|terminate", re.IGNORECASE)
 
 

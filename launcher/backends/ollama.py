@@ -1,8 +1,5 @@
-"""The Ollama backend: a plan rendered as an Ollama model, request options and server environment, and run on an
-Ollama server through the official `ollama` package.
+"""The Ollama backend: a plan's model run on an Ollama server through the official `ollama` package.
 
-- `ollama_form(plan, option)`: the pure rendering the plan JSON shows (model name, per-slot `num_ctx`, `num_gpu`,
-  the server environment, a Modelfile).
 - `OllamaBackend`: the server at OLLAMA_HOST (read by launcher.ollama_host, as the official client reads it); when
   none answers and an `ollama` binary is on PATH, fitquant starts its own `ollama serve` on a free 127.0.0.1 port
   with the plan's environment (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION, OLLAMA_NUM_PARALLEL), in its own process
@@ -10,9 +7,9 @@ Ollama server through the official `ollama` package.
   Registry names (and `hf.co/...` names) are pulled, a local GGUF is uploaded as a blob and created as
   `fitquant/<file stem>:<quant>`; the model is loaded by a prompt-less /api/generate with `num_ctx` and `num_gpu`,
   and where it landed is read from /api/ps (launcher.verify.placement_from_ollama).
-- Ollama's KV cache type is global to its server and reported by no API: it is inferred from the measured `size`
-  against the estimate of the same configuration with each cache type (`infer_kv_type`), and a server running
-  another type than the plan's gets a note saying how to set it.
+- What is pure lives in `launcher.backends.ollama_form` and is re-exported here: the plan's Ollama form
+  (`ollama_form`, which `launch_form` returns), model names, and the KV cache type inferred from a measured size
+  (Ollama's is global to its server and reported by no API).
 
 Errors of the `ollama` client (ResponseError, its ConnectionError) and of httpx (through launcher.http.translate)
 are turned into one-line BackendError / AttemptFailed here; load failures are classified as oom / crash / timeout.
@@ -32,8 +29,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.backends.base import AttemptFailed, Instance, LaunchRequest
-from launcher.errors import BackendError, EstimateError
+from launcher.backends.base import AttemptFailed, Instance, LaunchRequest, ServerMemory
+from launcher.backends.ollama_form import (
+    KV_TYPES,
+    create_file_name,
+    infer_kv_type,
+    keep_alive_value,
+    kv_type_note,
+    kv_type_sizes,
+    local_model_name,
+    ollama_form,
+    same_model,
+)
+from launcher.errors import BackendError
 
 if TYPE_CHECKING:
     import subprocess
@@ -41,8 +49,7 @@ if TYPE_CHECKING:
     import httpx
     import ollama
 
-    from launcher.catalog.types import Candidate, CandidateFile
-    from launcher.estimate import GPU
+    from launcher.catalog.types import Candidate
     from launcher.plan import Option, Plan
     from launcher.verify import Placement
 
@@ -59,113 +66,13 @@ __all__ = [
     "same_model",
 ]
 
-#: Ollama's OLLAMA_KV_CACHE_TYPE values (envconfig): one type for K and V, for the whole server.
-KV_TYPES = ("f16", "q8_0", "q4_0")
 SERVE_TIMEOUT_S = 60.0  # our own `ollama serve` answers GET / within this
 PROBE_TIMEOUT_S = 3.0  # "does a server answer here?"
 API_TIMEOUT_S = 30.0  # /api/ps, /api/version, unload
 PULL_READ_TIMEOUT_S = 300.0  # between two lines of a pull or create stream
 UNLOAD_TIMEOUT_S = 30.0  # an unload is an expiry: /api/ps is polled until the model is gone
 STOP_TIMEOUT_S = 10.0
-# Ollama's OOM texts (llm/status.go) plus its own memory refusals
-_OOM = re.compile(
-    r"out of memory|out of device memory|cudaMalloc failed|hipMalloc failed|failed to allocate|unable to allocate|"
-    r"allocation failed|not enough memory|insufficient memory|vk_error_out_of_device_memory|erroroutofmemory|"
-    r"unable to load full model on GPU|requires more system memory|more (?:system|gpu|video) memory",
-    re.IGNORECASE,
-)
 _TRANSPORT = ("connect", "cut_short", "transport")
-_NAME_PART = re.compile(r"[^a-z0-9_.-]+")
-
-
-def ollama_form(plan: Plan, option: Option | None = None) -> dict[str, Any]:
-    """The Ollama form of `option` (default: the plan's choice): model name, request options, server
-    environment and Modelfile."""
-    c = option or plan.chosen
-    if c is None:
-        raise ValueError("the plan has no chosen configuration")
-    p = plan.policy
-    first = c.candidate.files[0] if c.candidate.files else None
-    name = c.candidate.ollama_model or (first.local_path if first and first.local_path else c.candidate.model)
-    # Ollama passes -c num_ctx x num_parallel to llama-server: num_ctx is per slot.
-    options = {"num_ctx": c.n_ctx // max(1, p.n_parallel), "num_gpu": c.n_gpu_layers}
-    env = {
-        "OLLAMA_KV_CACHE_TYPE": p.type_k,
-        "OLLAMA_FLASH_ATTENTION": "1" if c.estimate.flash_attn else "0",
-        "OLLAMA_NUM_PARALLEL": str(p.n_parallel),
-    }
-    notes = []
-    if p.type_k != p.type_v:
-        notes.append("Ollama has one KV cache type for K and V; OLLAMA_KV_CACHE_TYPE uses the K type")
-    if c.cpu_moe:
-        notes.append("Ollama cannot pin MoE experts to the CPU; use llama-server for this plan")
-    modelfile = f"FROM {name}\nPARAMETER num_ctx {options['num_ctx']}\nPARAMETER num_gpu {options['num_gpu']}\n"
-    return {"model": name, "options": options, "env": env, "modelfile": modelfile, "notes": notes}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure helpers
-
-
-def keep_alive_value(value: str | float | None) -> float | str | None:
-    """`keep_alive` as Ollama's api.Duration reads it: a bare number is seconds (negative: forever) and must be
-    sent as a JSON number, since Go's time.ParseDuration refuses "-1" without a unit; "30m", "24h" stay strings."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    text = value.strip()
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def local_model_name(candidate: Candidate) -> str:
-    """The Ollama name fitquant creates a GGUF file under: `fitquant/<file stem>:<quant>`, lower case, only the
-    characters Ollama's names allow, the quant dropped from the end of the stem ("Gemma-3-Q4_K_M.gguf", Q4_K_M ->
-    "fitquant/gemma-3:q4_k_m")."""
-    first = candidate.files[0] if candidate.files else None
-    stem = _file_key(first) if first else candidate.model
-    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
-    stem = re.sub(r"-0*1-of-\d+$", "", stem)  # first shard of a split set
-    quant = candidate.quant.lower()
-    lowered = stem.lower()
-    for sep in ("-", "_", "."):
-        if lowered.endswith(sep + quant):
-            lowered = lowered[: -len(quant) - 1]
-            break
-    model = _name_part(lowered) or "model"
-    tag = _name_part(quant) or "latest"
-    return f"fitquant/{model}:{tag}"
-
-
-def _file_key(f: CandidateFile) -> str:
-    """The file's name in a /api/create `files` map: its own name (a repository path's last part) when that is a
-    .gguf, else its local file's (a downloaded blob's may be `sha256-<hex>`), with .gguf added when neither has it."""
-    for name in (Path(f.name).name, Path(f.local_path).name if f.local_path else ""):
-        if name.lower().endswith(".gguf"):
-            return name
-    return f"{Path(f.local_path or f.name).name}.gguf"
-
-
-def _name_part(text: str) -> str:
-    part = re.sub(r"-{2,}", "-", _NAME_PART.sub("-", text.lower()))
-    part = re.sub(r"^[^a-z0-9_]+", "", part)
-    return part[:80].rstrip("-.")
-
-
-def _canonical(name: str) -> str:
-    n = name.strip().lower()
-    for prefix in ("registry.ollama.ai/library/", "registry.ollama.ai/", "library/"):
-        if n.startswith(prefix):
-            n = n[len(prefix) :]
-    if ":" not in n.rsplit("/", 1)[-1]:
-        n += ":latest"
-    return n
-
-
-def same_model(a: str, b: str) -> bool:
-    """Whether two Ollama names name one model (`llama3.2` == `llama3.2:latest` == `library/llama3.2:latest`)."""
-    return _canonical(a) == _canonical(b)
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -177,85 +84,6 @@ def _scrubbed(text: str) -> str:
     from launcher.http import scrub
 
     return scrub(_one_line(text), secrets=[os.environ.get("OLLAMA_API_KEY", "")])
-
-
-def kv_type_sizes(
-    option: Option, gpus: list[GPU] | None = None, *, types: tuple[str, ...] = KV_TYPES
-) -> dict[str, int]:
-    """What Ollama's /api/ps `size` should be for `option` with each KV cache type (K and V alike, as Ollama sets
-    them): the estimate's buffers (weights, KV cache, recurrent state, compute, output) without the runtime overhead
-    no buffer holds. The plan's own type is always included; a type the model cannot take is left out."""
-    from launcher.estimate import estimate
-
-    settings = option.estimate.settings
-    if gpus is None:
-        gpus = _gpus_of(option)
-    out: dict[str, int] = {}
-    for kv_type in dict.fromkeys((settings.type_k, *types)):
-        quantized = kv_type not in ("f16", "f32", "bf16")
-        try:
-            e = estimate(
-                option.facts,
-                replace(
-                    settings, type_k=kv_type, type_v=kv_type, flash_attn="on" if quantized else settings.flash_attn
-                ),
-                gpus=gpus,
-            )
-        except EstimateError:
-            continue
-        out[kv_type] = e.total_bytes - e.overhead_bytes
-    return out
-
-
-def _gpus_of(option: Option) -> list[GPU]:
-    """The GPUs of the option's estimate, weighted by the layers each holds (the plan's split)."""
-    from launcher.estimate import GPU
-
-    return [
-        GPU(d.name, split_weight=max(1, len(d.layers)), backend=d.backend)
-        for d in option.estimate.devices
-        if d.name != "CPU"
-    ]
-
-
-def infer_kv_type(measured: int, sizes: Mapping[str, int]) -> str | None:
-    """The KV cache type whose predicted size is closest to `measured`, when the types can be told apart: the two
-    closest predictions differ by at least 2% of the measurement and the measurement lies within that difference
-    of the closest. None otherwise (too little KV cache to tell, or a measurement far from every prediction)."""
-    if measured <= 0 or len(sizes) < 2:
-        return None
-    ranked = sorted(sizes.items(), key=lambda item: abs(item[1] - measured))
-    (best, best_size), (_, second_size) = ranked[0], ranked[1]
-    gap = abs(best_size - second_size)
-    if gap < 0.02 * measured or abs(measured - best_size) > gap:
-        return None
-    return best
-
-
-def kv_type_note(
-    measured: int, sizes: Mapping[str, int], inferred: str, planned: str, *, own_server: bool
-) -> str | None:
-    """One line saying the server's KV cache type is not the plan's and how to fix it; None when it is."""
-    from launcher.units import format_bytes
-
-    if inferred == planned:
-        return None
-    seen = f"measured {format_bytes(measured)} matches {inferred}'s {format_bytes(sizes[inferred])}"
-    if planned in sizes:
-        seen += f"; {planned} planned {format_bytes(sizes[planned])}"
-    if own_server:
-        return (
-            f"this Ollama server runs an {inferred} KV cache although fitquant started it with "
-            f"OLLAMA_KV_CACHE_TYPE={planned} ({seen}): this Ollama build or device may not support a {planned} "
-            "cache (a quantized cache needs flash attention)"
-        )
-    setting = f"OLLAMA_KV_CACHE_TYPE={planned}"
-    if planned not in ("f16", "f32", "bf16"):
-        setting += " and OLLAMA_FLASH_ATTENTION=1"
-    return (
-        f"this Ollama server runs an {inferred} KV cache ({seen}): set {setting} in the server's environment "
-        "(for the systemd service: a drop-in ollama.service.d/fitquant.conf), then restart it"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,6 +213,11 @@ class OllamaBackend:
 
     def launch_form(self, plan: Plan, *, host: str = "127.0.0.1", port: int = 8080) -> dict[str, Any]:
         return ollama_form(plan)
+
+    def server_memory(self) -> ServerMemory:
+        """Ollama's runner (upstream llama-server): one logits row per slot, a SWA cache of the window, host
+        weights repacked for the CPU as llama.cpp does by default."""
+        return ServerMemory(cpu_repack=True)
 
     def unavailable(self) -> str | None:
         if self._host_error:
@@ -607,10 +440,10 @@ class OllamaBackend:
         if not model_file.local_path:
             raise BackendError(f"{candidate.model} {candidate.quant} is not on this machine yet; fetch it first")
         base, _ = self._ensure_server(None, None)
-        files = {_file_key(model_file): self._upload(base, Path(model_file.local_path), model_file.sha256)}
+        files = {create_file_name(model_file): self._upload(base, Path(model_file.local_path), model_file.sha256)}
         projector = candidate.projector
         if vision and projector is not None and projector.local_path:
-            key = _file_key(projector)
+            key = create_file_name(projector)
             key = key if key not in files else f"mmproj-{key}"
             files[key] = self._upload(base, Path(projector.local_path), projector.sha256)
         name = local_model_name(candidate)
@@ -792,7 +625,9 @@ class OllamaBackend:
                 raise AttemptFailed("crash", f"the Ollama server at {base} stopped answering while loading {name} "
                                     f"({why})", log_tail=tail) from None  # fmt: skip
             if exc.kind == "response" and (exc.status is None or exc.status < 0 or exc.status >= 500):
-                if _OOM.search(exc.error):
+                from launcher.verify import oom_line  # the one classifier (Ollama's llm/status.go texts included)
+
+                if oom_line(exc.error.splitlines()) is not None:
                     raise AttemptFailed("oom", f"Ollama ran out of memory loading {name}: {exc.error}",
                                         log_tail=tail) from None  # fmt: skip
                 raise AttemptFailed("crash", f"Ollama failed to load {name}: {exc.error}", log_tail=tail) from None
@@ -856,7 +691,9 @@ class OllamaBackend:
 
     def _exited(self, instance: Instance, detail: str) -> AttemptFailed:
         lines = self._tail(instance.log_path)
-        oom = next((line for line in reversed(lines) if _OOM.search(line)), None)
+        from launcher.verify import oom_line
+
+        oom = oom_line(lines)
         if oom is not None:
             return AttemptFailed("oom", f"{detail}: {_one_line(oom, 300)}", log_tail=lines)
         return AttemptFailed("crash", detail, log_tail=lines)

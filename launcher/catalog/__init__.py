@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from launcher.catalog.types import Candidate, CandidateFile
@@ -203,14 +203,17 @@ def list_candidates(
     listing; `offline` uses only cached listings and headers. Raises CatalogError (one line).
     """
     ref = parse_reference(model)
-    shown = model.strip() if model and model.strip() else "the embedded default model"
+    from launcher.http import redact_url
+
+    shown = redact_url(model.strip()) if model and model.strip() else "the embedded default model"  # no credentials
     try:
         if ref.kind == "embedded":
             from launcher.catalog import local
             from launcher.embedded import embedded_model_path
 
             path = embedded_model_path()
-            return local.list_candidates(path, model=str(path))
+            found = local.list_candidates(path, model=str(path))
+            return [replace(c, explicit="it is the embedded default model") for c in found]
         if ref.kind == "local":
             from launcher.catalog import local
 

@@ -112,6 +112,8 @@ class _Entry:
 def _entries(page: Any) -> list[_Entry]:
     from huggingface_hub.hf_api import RepoFile
 
+    from launcher.paths import safe_relpath
+
     if not isinstance(page, list):
         raise _Fatal(f"the tree listing is a JSON {type(page).__name__}, not a list")
     out = []
@@ -126,6 +128,8 @@ def _entries(page: Any) -> list[_Entry]:
             raise _Fatal(f"unexpected tree entry {str(item)[:80]!r} ({type(exc).__name__}: {exc})") from None
         if not isinstance(f.path, str) or size < 0:
             raise _Fatal(f"unexpected tree entry {str(item)[:80]!r}")
+        if not safe_relpath(f.path):
+            continue  # "../x.gguf", "/x": a name that would leave the repository's folder never becomes a file
         out.append(_Entry(f.path, size, sha256, str(f.blob_id) if f.blob_id else None))
     return out
 

@@ -11,6 +11,7 @@ computed (hashing gigabytes to list quants is not worth it), so `CandidateFile.s
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.catalog import labels
@@ -139,7 +140,7 @@ def _single(path: Path, model: str, quant: str | None) -> list[Candidate]:
         raise CatalogError(f"{model}: {exc}") from None
     if labels.is_projector_header(header):
         raise CatalogError(f"{model}: {path.name} is a vision projector (mmproj), not a model")
-    found = [_candidate(files, model, header, None, ())]
+    found = [replace(_candidate(files, model, header, None, ()), explicit="you named it")]
     return _filter(found, model, quant)
 
 
@@ -201,6 +202,14 @@ def list_candidates(
     """
     p = Path(os.fspath(path)).expanduser()
     shown = model if model is not None else os.fspath(path)
+    try:
+        p.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise CatalogError(f"{shown}: no such file or folder") from None
+    except OSError as exc:  # a name too long (ENAMETOOLONG), a loop of links, no permission to look
+        if len(shown) > 80:
+            shown = f"{shown[:40]}...{shown[-20:]} ({len(shown)} characters)"
+        raise CatalogError(f"{shown}: cannot be read as a path ({exc.strerror or exc})") from None
     if p.is_dir():
         return _folder(p, shown, quant)
     if p.is_file():

@@ -33,6 +33,9 @@ class Candidate:
     # True: `files` are a raw byte split (x.gguf.part1of2, ...), one GGUF cut into pieces that are joined into one
     # file before use; False: one GGUF file, or gguf-split shards (each a GGUF, loaded from shard 1)
     raw_split: bool = False
+    # set when the user chose this very file (why, for the plan's note: "you named it"): the quality floor chooses
+    # among quants, it does not overrule an explicit choice (launcher.plan runs it below the floor, with a note)
+    explicit: str | None = None
 
     @property
     def size_bytes(self) -> int:

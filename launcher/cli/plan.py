@@ -55,16 +55,14 @@ def plan(
     MODEL: a local .gguf file or folder of quants, hf.co/user/repo, an Ollama name (qwen3:14b), or
     nothing for the embedded default model.
     """
-    from launcher.backends import load_backend
+    from launcher.backends import launch_forms
     from launcher.errors import NoFitError
     from launcher.fit import fit
     from launcher.hardware import resolve_machine
     from launcher.plan import Plan, Policy
 
-    # the server `run` would start decides how many logits rows the output graph holds
-    all_logits = bool(getattr(load_backend("llamacpp"), "all_logits", False))
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
-                    min_quant=min_quant, strict=strict, vision=vision, all_logits=all_logits)  # fmt: skip
+                    min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
     if profile_ref is None:
         machine = resolve_machine(vram=vram, ram=ram, unified=unified)
     else:
@@ -74,14 +72,17 @@ def plan(
 
     def show(result: Plan) -> None:
         if as_json:
-            print_json(result.to_json(port=port))
+            print_json(result.to_json(launch_forms=launch_forms(result, port=port)))
         else:
             from launcher.cli.render import render_plan
 
             render_plan(result, port=port)
 
     from launcher import record
+    from launcher.run import planning_backend, server_policy
 
+    # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking)
+    policy = server_policy(policy, planning_backend())
     try:
         known = record.remembered(machine, record.model_key(model), policy)
         result = fit(model, policy, machine=machine, confirm=engine, remembered=known)

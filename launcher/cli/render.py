@@ -196,8 +196,7 @@ def render_plan(result: Plan, *, port: int) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.backends.llamacpp import server_argv
-    from launcher.backends.ollama import ollama_form
+    from launcher.backends import launch_forms
     from launcher.plan import shell_line
     from launcher.units import format_bytes
 
@@ -241,8 +240,9 @@ def render_plan(result: Plan, *, port: int) -> None:
     figures = result.chosen.figures
     console.print(f"figures for the choice: {'measured by llama.cpp (dry run)' if figures == 'engine' else 'estimate'}")
     console.print("\n[bold]llama-server[/bold]")
-    console.print(escape(shell_line(server_argv(result, port=port))), soft_wrap=True)
-    config = ollama_form(result)
+    forms = launch_forms(result, port=port)
+    console.print(escape(shell_line(forms["llama_server_argv"])), soft_wrap=True)
+    config = forms["ollama"]
     console.print("\n[bold]Ollama[/bold]")
     env = " ".join(f"{k}={v}" for k, v in config["env"].items())
     console.print(escape(f"{env} ollama serve"), soft_wrap=True)
@@ -291,7 +291,7 @@ def render_placement(placement: Placement, *, err: bool = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.verify import comparison_rows, summary_line
+    from launcher.verify import comparison_rows, mismatches, summary_line
 
     console = Console(stderr=err, highlight=False)
     colour = {"gpu": "green", "cpu-only": "yellow"}.get(placement.verdict, "red")
@@ -302,3 +302,5 @@ def render_placement(placement: Placement, *, err: bool = False) -> None:
     for row in comparison_rows(placement):
         table.add_row(*row, style="bold" if row[1] == "total" else None)
     console.print(table)
+    for mismatch in mismatches(placement):  # a prediction that misses is said, one line each
+        console.print(f"[yellow]{escape(mismatch.line())}[/yellow]", soft_wrap=True)

@@ -15,8 +15,6 @@ from launcher.cli import options
 from launcher.defaults import DEFAULT_PLAN_CONTEXT
 
 if TYPE_CHECKING:
-    from launcher.backends.base import Backend
-    from launcher.hardware.types import HardwareSnapshot
     from launcher.run import Attempt, RunResult
 
 
@@ -67,6 +65,8 @@ def _say(text: str) -> None:
               help="Configurations to try before giving up.")  # fmt: skip
 @click.option("--max-tokens", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
               help="Longest reply to a piped prompt or a chat message, in tokens.")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(0, 2), default=None,
+              help="Sampling temperature of replies (0: the most likely reply; default: the server's).")  # fmt: skip
 @click.option("--ready-timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True,
               help="Seconds to wait for a server to load the model.")  # fmt: skip
 @options.json_option("Print one JSON object (docs/run.schema.json) once the model is verified and ready.")
@@ -95,6 +95,7 @@ def run(
     warmup: str,
     max_attempts: int,
     max_tokens: int,
+    temperature: float | None,
     ready_timeout: float,
     as_json: bool,
 ) -> None:
@@ -103,91 +104,83 @@ def run(
     With stdin not a terminal, answers the piped prompt and exits. With --serve, serves until SIGTERM.
     MODEL: as for `fitquant plan`; nothing for the embedded default model.
     """
-    from launcher import record
     from launcher.backends.base import LaunchRequest
-    from launcher.fit import fit
-    from launcher.paths import state_dir
+    from launcher.errors import FitquantError
     from launcher.plan import Policy
-    from launcher.run import choose_backend, launch, launch_machine, remember
+    from launcher.run import RunSpec, choose_backend, failure_json, read_api_key, run_machine, start, stop
 
     _stop_on_sigterm()
-    api_key = _api_key(api_key_file)
-    backend = choose_backend(backend_name, llama_server=llama_server, rpc=rpc)
-    machine = launch_machine(vram=vram, ram=ram, unified=unified, rpc=rpc, backend=backend)
-    policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
-                    min_quant=min_quant, strict=strict, vision=vision,
-                    all_logits=bool(getattr(backend, "all_logits", False)))  # fmt: skip
-    known = record.remembered(machine, record.model_key(model), policy)
-    plan = fit(model, policy, machine=machine, confirm=engine, remembered=known)
+    from launcher.http import redact_url
+
+    shown = redact_url(model) if model else "the embedded default model"
+    try:
+        request = LaunchRequest(host=host, port=port, api_key=read_api_key(api_key_file), rpc=rpc,
+                                ready_timeout_s=ready_timeout)  # fmt: skip
+        backend = choose_backend(backend_name, llama_server=llama_server, rpc=rpc)
+        machine, _ = run_machine(backend, vram=vram, ram=ram, unified=unified, rpc=rpc)
+        policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel,
+                        reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
+        spec = RunSpec(model, policy, request, confirm=engine, max_attempts=max_attempts, warmup=warmup)  # type: ignore[arg-type]
+        result = start(
+            spec, backend=backend, machine=machine, progress=sys.stderr.isatty(), on_plan=_plan_lines,
+            on_attempt=_attempt_line,
+            on_start=lambda o: _say(f"starting {o.quant} at {o.n_ctx} tokens, {o.n_gpu_layers} layers on the GPU ..."),
+        )  # fmt: skip
+    except FitquantError as exc:
+        if as_json:  # scripts read one JSON line whatever happened; the error line follows on stderr
+            click.echo(json.dumps(failure_json(shown, exc)))
+        raise
+    try:
+        _serve_or_chat(result, serve=serve, as_json=as_json, max_tokens=max_tokens, temperature=temperature)
+    finally:
+        stop(result, backend)
+
+
+def _plan_lines(plan: Any) -> None:
     _say(_plan_line(plan))
     for note in plan.notes:
         _say(f"  note: {note}")
-    request = LaunchRequest(host=host, port=port, api_key=api_key, rpc=rpc, ready_timeout_s=ready_timeout)
-    result = launch(
-        plan, backend, request, log_dir=state_dir() / "logs", max_attempts=max_attempts, warmup=warmup,  # type: ignore[arg-type]
-        progress=sys.stderr.isatty(), on_attempt=_attempt_line,
-        on_start=lambda o: _say(f"starting {o.quant} at {o.n_ctx} tokens, {o.n_gpu_layers} layers on the GPU ..."),
-    )  # fmt: skip
-    try:
-        _serve_or_chat(result, machine, backend, serve=serve, as_json=as_json, max_tokens=max_tokens,
-                       remember=lambda m, r: remember(m, r, record.model_key(model)))  # fmt: skip
-    finally:
-        backend.stop(result.instance)
 
 
 def _serve_or_chat(
-    result: RunResult,
-    machine: HardwareSnapshot,
-    backend: Backend,
-    *,
-    serve: bool,
-    as_json: bool,
-    max_tokens: int,
-    remember: Any,
+    result: RunResult, *, serve: bool, as_json: bool, max_tokens: int, temperature: float | None
 ) -> None:
-    from launcher import instances
     from launcher.cli.render import render_placement
+    from launcher.run import exposure_warning
 
-    remember(machine, result)
     inst = result.instance
-    name = instances.instance_name(result.plan.model, result.option.quant, inst.port)
-    instances.save(
-        instances.RunningInstance(
-            name=name, model=result.plan.model, quant=result.option.quant, n_ctx=result.option.n_ctx,
-            backend=inst.backend, server=inst.server, pid=inst.pid, owner_pid=os.getpid(), endpoint=inst.endpoint,
-            verdict=result.placement.verdict, started=_now(), log_path=str(inst.log_path) if inst.log_path else None,
-        )
-    )  # fmt: skip
-    try:
-        render_placement(result.placement, err=True)
-        _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
-        if as_json:
-            click.echo(json.dumps(result.to_json()))  # one line: readers take the first line, the answer follows
-            sys.stdout.flush()
-        if serve:
-            _say(f"serving {name}; stop with Ctrl-C, SIGTERM or `fitquant stop {name}`")
-            _wait_while_running(result)
-        elif not sys.stdin.isatty():
-            prompt = sys.stdin.read().strip()
-            if prompt:
-                _answer(result, [{"role": "user", "content": prompt}], max_tokens=max_tokens)
-        elif not as_json:
-            _chat(result, max_tokens=max_tokens)
-    finally:
-        instances.remove(name)
+    render_placement(result.placement, err=True)
+    _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
+    warning = exposure_warning(_request_of(inst))
+    if warning:
+        _say(warning)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))  # one line: readers take the first line, the answer follows
+        sys.stdout.flush()
+    if serve:
+        _say(f"serving {result.instance_name}; stop with Ctrl-C, SIGTERM or `fitquant stop {result.instance_name}`")
+        _wait_while_running(result)
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if prompt:
+            _answer(result, [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=temperature)
+    elif not as_json:
+        _chat(result, max_tokens=max_tokens, temperature=temperature)
 
 
-def _now() -> float:
-    import time
+def _request_of(inst: Any) -> Any:
+    from launcher.backends.base import LaunchRequest
 
-    return time.time()
+    return LaunchRequest(host=inst.host, port=inst.port, api_key=inst.api_key)
 
 
-def _answer(result: RunResult, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+def _answer(
+    result: RunResult, messages: list[dict[str, str]], *, max_tokens: int, temperature: float | None = None
+) -> str:
     from launcher.chat import complete
 
     pieces = []
-    for piece in complete(result.instance, messages, max_tokens=max_tokens):
+    for piece in complete(result.instance, messages, max_tokens=max_tokens, temperature=temperature):
         pieces.append(piece)
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -195,7 +188,7 @@ def _answer(result: RunResult, messages: list[dict[str, str]], *, max_tokens: in
     return "".join(pieces)
 
 
-def _chat(result: RunResult, *, max_tokens: int) -> None:
+def _chat(result: RunResult, *, max_tokens: int, temperature: float | None) -> None:
     """An interactive chat: streaming replies; Ctrl-D or /bye ends it (and the server with it)."""
     _say("chat: type a message; /bye or Ctrl-D ends it and stops the server")
     messages: list[dict[str, str]] = []
@@ -210,7 +203,7 @@ def _chat(result: RunResult, *, max_tokens: int) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        reply = _answer(result, messages, max_tokens=max_tokens)
+        reply = _answer(result, messages, max_tokens=max_tokens, temperature=temperature)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -237,20 +230,6 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, handler)
-
-
-def _api_key(path: Path | None) -> str | None:
-    from launcher.errors import BackendError
-
-    if path is not None:
-        try:
-            key = path.read_text().strip()
-        except OSError as exc:
-            raise BackendError(f"--api-key-file {path}: {exc.strerror or exc}") from None
-        if not key:
-            raise BackendError(f"--api-key-file {path} is empty")
-        return key
-    return os.environ.get("FITQUANT_API_KEY") or None
 
 
 def _plan_line(plan: Any) -> str:
@@ -287,13 +266,52 @@ def ps(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=None)
-    for column in ("NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT", "UPTIME"):
-        table.add_column(column)
-    for i in running:
-        table.add_row(i.name, i.model, i.quant, str(i.n_ctx), i.server, str(i.pid or "-"), i.endpoint, i.verdict,
-                      _uptime(i.uptime_s))  # fmt: skip
-    Console().print(table)
+    rows = [{"NAME": i.name, "MODEL": i.model, "QUANT": i.quant, "CONTEXT": str(i.n_ctx), "BACKEND": i.server,
+             "PID": str(i.pid or "-"), "ENDPOINT": i.endpoint, "VERDICT": i.verdict, "UPTIME": _uptime(i.uptime_s)}
+            for i in running]  # fmt: skip
+    console = Console()
+    columns, model_width = _ps_layout(rows, console.width)
+    table = Table(box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*(_shortened(row[c], model_width) if c == "MODEL" else row[c] for c in columns))
+    # the name and the endpoint are what people copy: whole on one line, even wider than the terminal
+    console.width = max(console.width, _ps_width(columns, rows, model_width))
+    console.print(table)
+
+
+# Columns by how readily they go when the terminal is narrow: MODEL shrinks to _PS_MODEL_MIN (with …) first, then
+# these go in this order, then MODEL. NAME and ENDPOINT never go and are never cut.
+_PS_COLUMNS = ("NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT", "UPTIME")
+_PS_DROPPED_FIRST = ("BACKEND", "PID", "UPTIME", "VERDICT", "CONTEXT", "QUANT", "MODEL")
+_PS_MODEL_MIN = 12
+
+
+def _ps_width(columns: list[str], rows: list[dict[str, str]], model_width: int) -> int:
+    """The table's width: each column as wide as its widest cell (MODEL at most `model_width`), two spaces apart."""
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns]
+    widths = [max(len(c), min(w, model_width)) if c == "MODEL" else w for c, w in zip(columns, widths, strict=True)]
+    return sum(widths) + 2 * (len(columns) - 1)
+
+
+def _ps_layout(rows: list[dict[str, str]], width: int) -> tuple[list[str], int]:
+    """The columns that fit `width` and the MODEL column's width (see _PS_DROPPED_FIRST)."""
+    columns = list(_PS_COLUMNS)
+    full = max(len(r["MODEL"]) for r in rows)
+    for dropped in (None, *_PS_DROPPED_FIRST):
+        if dropped is not None:
+            columns.remove(dropped)
+        if "MODEL" not in columns:
+            return columns, 0
+        spare = width - _ps_width(columns, rows, 0) + len("MODEL")  # what MODEL may take beyond the rest
+        if spare >= min(full, _PS_MODEL_MIN):
+            return columns, min(full, spare)
+    return columns, 0
+
+
+def _shortened(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
 def _uptime(seconds: float) -> str:
@@ -308,19 +326,28 @@ def _uptime(seconds: float) -> str:
 def stop(name: str | None, stop_all: bool) -> None:
     """Stop a model fitquant started (by NAME or model, as `fitquant ps` shows), or --all."""
     from launcher import instances
-    from launcher.backends.process import pid_alive, stop_pid
+    from launcher.backends.process import stop_pid
     from launcher.errors import BackendError
 
     if not name and not stop_all:
         raise click.UsageError("name an instance (fitquant ps lists them) or pass --all")
-    running = instances.running()
+    # a pid is signalled only while its process is still the one recorded (start time, program): a record left
+    # by a reboot or a SIGKILL may name a pid that another program has now
+    running, stale = instances.scan()
+    for record in stale:
+        if stop_all or name in (record.instance.name, record.instance.model):
+            click.echo(f"removed the stale record {record.instance.name} ({record.why}); signalled nothing")
     chosen = running if stop_all else [i for i in running if name in (i.name, i.model)]
     if not chosen:
+        if stop_all or any(name in (r.instance.name, r.instance.model) for r in stale):
+            if not stale:
+                click.echo("nothing running")
+            return
         raise BackendError(f"nothing running is named {name!r}; `fitquant ps` lists what runs")
     for i in chosen:
-        if i.owner_pid != os.getpid() and pid_alive(i.owner_pid):
-            stop_pid(i.owner_pid, timeout_s=30)  # its `finally` stops the server in order
-        if i.pid is not None and pid_alive(i.pid):
-            stop_pid(i.pid)
+        if i.owner_pid != os.getpid():
+            stop_pid(i.owner_pid, expected=i.owner_identity, timeout_s=30)  # its `finally` stops the server in order
+        if i.pid is not None:
+            stop_pid(i.pid, expected=i.server_identity)
         instances.remove(i.name)
         click.echo(f"stopped {i.name}")

@@ -20,33 +20,54 @@ _BACKENDS = (("CUDA", "cuda"), ("ROCm", "rocm"), ("HIP", "rocm"), ("Metal", "met
              ("RPC", "rpc"), ("Vulkan", "vulkan"))  # fmt: skip
 
 
+def _expected(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    from launcher.verify import EXIT_STATUS
+
+    if value is None:
+        return ()
+    verdicts = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [v for v in verdicts if v not in EXIT_STATUS]
+    if unknown or not verdicts:
+        raise click.BadParameter(f"{', '.join(unknown) or value!r} is not a verdict; use {', '.join(EXIT_STATUS)}")
+    return verdicts
+
+
 @click.command()
 @click.argument("log", metavar="LOG|-")
 @click.option("--model", help="The GGUF the log loaded (path or URL): exact host allowance and the prediction beside.")
 @click.option("--ctx", "n_ctx", callback=options.context,
               help="Context to predict for (32768, 32k). Default: the log's n_ctx.")  # fmt: skip
+@click.option("--expect", metavar="VERDICT[,VERDICT]", callback=_expected,
+              help="Verdicts that exit 0 (default: gpu): gpu, spill, cpu-only, oom, incomplete.")  # fmt: skip
 @options.json_option("Print the placement as JSON (sizes in bytes).")
-def verify(log: str, model: str | None, n_ctx: int | None, as_json: bool) -> None:
+@click.pass_context
+def verify(
+    ctx: click.Context, log: str, model: str | None, n_ctx: int | None, expect: tuple[str, ...], as_json: bool
+) -> None:
     """Say where a model landed from llama.cpp's load log: 100% GPU, spill, CPU only or out of memory.
 
     LOG is a llama-server / llama-cli / Ollama log file, or - for standard input. The last model load in it
     decides. With --model, the plan's per-device prediction for the log's settings is shown beside the measurement.
+
+    Exit status: 0 for a 100% GPU load (or a verdict --expect names), 3 spill, 4 CPU only, 5 out of memory,
+    6 incomplete (the log does not show the load, or cannot tell); 1 a fitquant error, 2 a usage error.
     """
-    from launcher.verify import placement_from_log
+    from launcher.verify import exit_status, placement_from_log
 
     text = _read_log(log)
     placement = placement_from_log(text) if model is None else _with_prediction(text, model, n_ctx)
     if as_json:
         print_json(placement.to_json())
-        return
-    from launcher.cli.render import render_placement
+    else:
+        from launcher.cli.render import render_placement
 
-    render_placement(placement)
-    click.echo(f"reason: {placement.reason}")
-    if placement.errors:
-        click.echo("failing lines:")
-        for line in placement.errors:
-            click.echo(f"  {line}")
+        render_placement(placement)
+        click.echo(f"reason: {placement.reason}")
+        if placement.errors:
+            click.echo("failing lines:")
+            for line in placement.errors:
+                click.echo(f"  {line}")
+    ctx.exit(exit_status(placement.verdict, expect))
 
 
 def _read_log(log: str) -> str:

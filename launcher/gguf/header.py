@@ -18,24 +18,22 @@ gguf-py writes them. String values that are not valid UTF-8 are decoded with U+F
 not check them); keys and tensor names must be valid UTF-8.
 
 Type names and sizes come from the `gguf` package's constants (llama.cpp's gguf-py, the top-level `gguf`, not
-this package); its `constants.py` is loaded on its own because `import gguf` pulls in numpy (~80 ms). That
-module is `gguf_constants` here, for other modules to reuse (`gguf_constants.LlamaFileType`); its enums are
-IntEnums, so they compare equal to the `gguf` package's. Types newer than the installed `gguf` knows come from
-`launcher.quants.newer_ggml_types` (llama.cpp's ggml.c type traits): `GGML_TYPE_SIZES` and `GGML_TYPE_NAMES`
-hold both. A type id neither knows is refused, naming the id and the tensor.
+this package), loaded without numpy by `launcher.gguf_py` and re-exported here as `gguf_constants`
+(`gguf_constants.LlamaFileType`); its enums are IntEnums, so they compare equal to the `gguf` package's. Types
+newer than the installed `gguf` knows come from `launcher.quants.newer_ggml_types` (llama.cpp's ggml.c type
+traits): `GGML_TYPE_SIZES` and `GGML_TYPE_NAMES` hold both. A type id neither knows is refused, naming the id
+and the tensor.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import struct
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from launcher.errors import GGUFFormatError
+from launcher.gguf_py import gguf_constants
 from launcher.quants import newer_ggml_types
 
 if TYPE_CHECKING:
@@ -56,31 +54,6 @@ __all__ = [
     "parse_source",
 ]
 
-
-def _load_constants() -> Any:
-    """Return gguf's constants module without executing `gguf/__init__.py` unless it already ran."""
-    loaded = sys.modules.get("gguf.constants")
-    if loaded is not None:
-        return loaded
-    try:
-        spec = importlib.util.find_spec("gguf")
-        origin = spec.origin if spec is not None else None
-        if origin is None:
-            raise ImportError("gguf package not found")
-        path = os.path.join(os.path.dirname(origin), "constants.py")
-        cspec = importlib.util.spec_from_file_location("launcher._gguf_constants", path)
-        if cspec is None or cspec.loader is None:
-            raise ImportError(path)
-        module = importlib.util.module_from_spec(cspec)
-        cspec.loader.exec_module(module)
-        return module
-    except (ImportError, OSError, SyntaxError):
-        import gguf.constants
-
-        return gguf.constants
-
-
-gguf_constants = _load_constants()
 GGMLQuantizationType = gguf_constants.GGMLQuantizationType
 GGUFValueType = gguf_constants.GGUFValueType
 

@@ -176,3 +176,13 @@ def metal_working_set(memsize_bytes: int, wired_limit_mb: int | None) -> tuple[i
 
 def _int(text: str | None) -> int | None:
     return int(text) if text and text.strip().isdigit() else None
+
+
+ARM_FEATURE_KEYS = {"hw.optional.arm.FEAT_DotProd": "asimddp", "hw.optional.arm.FEAT_I8MM": "i8mm"}
+
+
+def arm_features(run: Runner | None = None) -> frozenset[str]:
+    """The Apple CPU's dot-product and int8-matmul features, named as Linux names them (asimddp, i8mm)."""
+    text = (run or run_command)(["sysctl", *ARM_FEATURE_KEYS])
+    values = parse_sysctl(text)
+    return frozenset(flag for key, flag in ARM_FEATURE_KEYS.items() if values.get(key, "").strip() == "1")

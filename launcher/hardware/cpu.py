@@ -7,6 +7,7 @@ for core counts everywhere, from psutil. Apple machines get theirs from sysctl i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +103,30 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(errors="replace")
     except OSError:
         return None
+
+
+def parse_cpu_features(cpuinfo: str) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo text: x86's `flags` line, ARM's `Features` line (pure)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features(proc_root: str = "/proc") -> tuple[frozenset[str], str]:
+    """This host's CPU feature flags and machine type (`platform.machine()`): what llama.cpp's CPU backend
+    decides its weight repacking by. Apple silicon has dotprod and (M2 on) i8mm: read from sysctl."""
+    import platform
+
+    machine = platform.machine()
+    if platform.system() == "Darwin":
+        from launcher.hardware.apple import arm_features
+
+        return arm_features(), machine
+    try:
+        text = (Path(proc_root) / "cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset(), machine
+    return parse_cpu_features(text), machine

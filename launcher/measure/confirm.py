@@ -120,10 +120,16 @@ def measure_options(options: list[Option], *, client: httpx.Client | None = None
             continue
         settings = option.estimate.settings
         jobs.append((path, EngineSettings.from_settings(settings)))
-        keys.append(MeasureKey.of(option))
+        keys.append((MeasureKey.of(option), option))
     results = measure_many(jobs) if jobs else []
     measured: Measurements = {}
-    for key, result in zip(keys, results, strict=True):
+    for (key, option), result in zip(keys, results, strict=True):
         if not isinstance(result, Exception):
-            measured[key] = needs_by_device(result)
+            needs = needs_by_device(result)
+            # the dry run keeps llama.cpp's extra buffer types off (its figures stay host-independent): the
+            # server's CPU_REPACK copy of host weights is this host's, from the estimate
+            cpu = option.estimate.device("CPU")
+            if cpu is not None and cpu.repack_bytes:
+                needs["CPU"] = needs.get("CPU", 0) + cpu.repack_bytes
+            measured[key] = needs
     return measured

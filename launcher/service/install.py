@@ -16,9 +16,11 @@ and from running systemctl is translated into ServiceError (or an unknown state)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from typing import Literal
 
 from launcher.errors import ServiceError
 from launcher.service.units import (
+    API_KEY_CREDENTIAL,
     OLLAMA_DROPIN,
     UNIT_NAME,
     Scope,
@@ -39,6 +42,7 @@ from launcher.service.units import (
 )
 
 __all__ = [
+    "SYSTEM_CREDENTIALS_DIR",
     "SYSTEM_UNIT_DIR",
     "FileState",
     "InstallResult",
@@ -49,6 +53,7 @@ __all__ = [
     "fitquant_command",
     "install_service",
     "profile_service",
+    "read_key_source",
     "service_environment",
     "service_files",
     "service_status",
@@ -56,9 +61,13 @@ __all__ = [
     "unit_dir",
     "unit_spec",
     "write_atomic",
+    "write_credential",
 ]
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+# Root's copies of API keys for system units (LoadCredential=): 0700 folder, 0600 files, written by install.
+SYSTEM_CREDENTIALS_DIR = Path("/etc/fitquant/credentials")
+MAX_KEY_BYTES = 64 * 1024  # an API key is a line; a larger "key file" is something else
 SYSTEMCTL_TIMEOUT_S = 10.0
 # Passed from the installing shell into the unit, so that the service finds what `fitquant run` finds here.
 _PASSED = ("OLLAMA_HOST", "HF_ENDPOINT")
@@ -163,9 +172,11 @@ def unit_spec(
     user: str | None = None,
     command: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    credentials_dir: Path | None = None,
 ) -> UnitSpec:
     """The unit for `fitquant serve --profile PROFILE` on this machine. A system unit runs as `user` (default: the
-    user who ran sudo, else the current one), with that user's cache and state folders writable."""
+    user who ran sudo, else the current one), with that user's cache and state folders writable, and loads the
+    API key from root's copy in `credentials_dir` (default SYSTEM_CREDENTIALS_DIR), which install writes."""
     from launcher import __version__
 
     env = dict(os.environ if environ is None else environ)
@@ -176,6 +187,10 @@ def unit_spec(
         user, home = None, Path.home()
     same_user = home == Path.home()
     writable, optional = _writable_dirs(env, home=home, same_user=same_user, ollama=backend == "ollama")
+    key_file = api_key_file.expanduser().absolute() if api_key_file else None
+    key_source = None
+    if key_file is not None and scope == "system":
+        key_source, key_file = key_file, (credentials_dir or SYSTEM_CREDENTIALS_DIR) / API_KEY_CREDENTIAL
     return UnitSpec(
         command=tuple(command) if command else fitquant_command(),
         profile=profile.expanduser().absolute(),
@@ -184,7 +199,8 @@ def unit_spec(
         writable_paths=writable,
         optional_writable_paths=optional,
         environment=service_environment(env, same_user=same_user),
-        api_key_file=api_key_file.expanduser().absolute() if api_key_file else None,
+        api_key_file=key_file,
+        api_key_source=key_source,
         pass_environment=tuple(pass_environment),
         extra_devices=("/dev/dxg",) if Path("/dev/dxg").exists() else (),  # WSL's GPU, by path: it has no major name
         wants_ollama=backend == "ollama",
@@ -210,12 +226,13 @@ def profile_service(
     user: str | None = None,
     command: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    credentials_dir: Path | None = None,
 ) -> ProfileService:
     """Read and check the profile `ref` (a path, or a name on the profile search path) and derive its service: the
     backend (`backend` may only confirm the profile's, or choose for `auto`), the API key's file (a credential of
     a system unit) or variable (PassEnvironment=), and for Ollama the server environment of the profile's defaults
-    and models. `user`, `command`, `environ`: as for unit_spec. Raises ProfileError for a bad profile,
-    ServiceError for settings the unit or Ollama cannot take."""
+    and models. `user`, `command`, `environ`, `credentials_dir`: as for unit_spec. Raises ProfileError for a bad
+    profile, ServiceError for settings the unit or Ollama cannot take."""
     from launcher.defaults import DEFAULT_PLAN_CONTEXT
     from launcher.profiles import find_profile, load_profile
     from launcher.service.units import ollama_dropin_env
@@ -255,7 +272,7 @@ def profile_service(
         notes.append("the profile's backend is auto: no Ollama drop-in is written (--backend ollama writes one)")
     passed = (profile.api_key_env,) if profile.api_key_env else ()
     spec = unit_spec(path, scope=scope, backend=chosen, api_key_file=api_key_file, pass_environment=passed,
-                     user=user, command=command, environ=environ)  # fmt: skip
+                     user=user, command=command, environ=environ, credentials_dir=credentials_dir)  # fmt: skip
     return ProfileService(spec, ollama_env, notes)
 
 
@@ -340,13 +357,22 @@ def install_service(
         raise ServiceError(
             f"{names} exists and was not written by fitquant; move it away, or pass --force to replace it"
         )
+    key = None
+    if spec.scope == "system" and spec.api_key_source is not None and spec.api_key_file is not None:
+        key = read_key_source(spec.api_key_source, user=spec.user)  # refused before anything is written
     result = InstallResult(files=files, written=not dry_run, replaced=[f.path for f in files if _exists(f.path)])
     result.commands = _commands(spec.scope, "install", ollama=ollama_env is not None)
+    if key is not None:
+        result.notes.append(f"the API key of {spec.api_key_source} is copied to {spec.api_key_file} (root's, 0600), "
+                            "which the unit loads: install again after changing the key")  # fmt: skip
     if spec.scope == "user":
         user = pwd.getpwuid(os.geteuid()).pw_name
         result.notes.append(f"a user service starts at boot only with lingering on: loginctl enable-linger {user}")
     if dry_run:
         return result
+    if key is not None:
+        assert spec.api_key_file is not None
+        write_credential(spec.api_key_file, key)
     for f in files:
         try:
             write_atomic(f.path, f.text)
@@ -358,11 +384,21 @@ def install_service(
     return result
 
 
-def uninstall_service(scope: Scope, *, directory: Path | None = None) -> UninstallResult:
+def uninstall_service(
+    scope: Scope, *, directory: Path | None = None, credentials_dir: Path | None = None
+) -> UninstallResult:
     """Remove fitquant's unit and drop-in from the scope's unit folder, with the `*.wants/` links that enabled the
-    unit; leave every file fitquant did not write, saying so."""
+    unit, and for a system unit root's copy of the API key (in `credentials_dir`; by default
+    SYSTEM_CREDENTIALS_DIR when `directory` is the default too); leave every file fitquant did not write, saying so."""
     base = directory or unit_dir(scope)
     result = UninstallResult()
+    if credentials_dir is None and directory is None and scope == "system":
+        credentials_dir = SYSTEM_CREDENTIALS_DIR
+    if credentials_dir is not None and scope == "system":
+        credential = credentials_dir / API_KEY_CREDENTIAL
+        if _exists(credential):  # only fitquant writes in its credentials folder
+            _remove(credential)
+            result.removed.append(credential)
     unit, dropin = base / UNIT_NAME, base / OLLAMA_DROPIN
     for path in (unit, dropin):
         if not _exists(path):
@@ -415,6 +451,66 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
+    except OSError as exc:
+        raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def read_key_source(path: Path, *, user: str | None) -> bytes:
+    """The API key in `path`, read as a system unit's install reads it (as root, from a path the user names): a
+    regular file, not a symbolic link, owned by the service's account `user` (default: this one), at most
+    MAX_KEY_BYTES. Anything else is refused (ServiceError): root would hand that file to the user's service."""
+    shown = f"api_key_file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ServiceError(f"{shown} is a symbolic link; a system service takes the key from a regular file "
+                               "its user owns (point api_key_file at the file itself)") from None  # fmt: skip
+        raise ServiceError(f"{shown} cannot be read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ServiceError(f"{shown} is not a regular file")
+        owner = user or pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            owner_uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise ServiceError(f"there is no user {owner!r} on this machine") from None
+        if info.st_uid != owner_uid:
+            raise ServiceError(f"{shown} is owned by uid {info.st_uid}, not by {owner}, the account the service runs "
+                               f"as; chown it to {owner} (it is copied for the service at install)")  # fmt: skip
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_BYTES:
+        raise ServiceError(f"{shown} is larger than {MAX_KEY_BYTES // 1024} KiB; not an API key")
+    if not data.strip():
+        raise ServiceError(f"{shown} is empty")
+    return data
+
+
+def write_credential(path: Path, key: bytes) -> None:
+    """Write root's copy of an API key: mode 0600 in a 0700 folder of this account's, atomically, never through a
+    symbolic link (the folder must be a real one; a link at `path` itself is replaced, not followed)."""
+    folder = path.parent
+    tmp: str | None = None
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise ServiceError(f"{folder} is not a folder of this account's (a symbolic link?); remove it")
+        os.chmod(folder, 0o700)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL, mode 0600
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # rename(2) replaces a link at `path`; it never writes through one
+        tmp = None
+        _fsync_dir(folder)
     except OSError as exc:
         raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:

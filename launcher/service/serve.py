@@ -1,13 +1,15 @@
 """`fitquant serve --profile P`: every model of a machine profile, fitted together, launched, verified and kept
 running.
 
-At start the hardware is probed (or taken from the profile) and compared with the last verified start of the
-same profile: another fingerprint, or less free memory than that start needed, is said in one line and the
-models are planned again from what is here now (they always are; the line says why the choice may differ).
-The models are fitted into the memory together, in the profile's order: each plan sees what the ones before it
-take. One that does not fit stops the start with its name and what would fit instead.
+Everything a model goes through is `fitquant run`'s own path (launcher.run): the backend and the machine
+(`run_machine`: probed, or the profile's devices, its reserve applied once), the policy with the backend's memory
+defaults, what was measured before, the fit (`plan_runs`: all the models together, in the profile's order, each
+on what the ones before it take; one that does not fit stops the start with its name), then `start_planned`
+(fetch, start, ready, verify, warm up, step down on memory failures only, record, register). The supervisor only
+says what changed since the last verified start of the profile (another fingerprint, or less free memory than
+that start needed), supervises and reloads.
 
-Then each runs through launcher.run.launch (start, ready, verify, warm up, step down) and is supervised: a
+Each server is supervised: a
 server that dies is started again with a growing pause, and verified again. SIGTERM stops everything. SIGHUP
 reads the profile again and restarts only the models whose entry changed (all of them when a machine-wide
 setting changed); a profile that no longer reads is reported and the running models are kept.
@@ -19,7 +21,6 @@ to systemd through NOTIFY_SOCKET (launcher.service.notify).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -34,9 +35,9 @@ from launcher.paths import state_dir
 if TYPE_CHECKING:
     from launcher.backends.base import Backend
     from launcher.hardware.types import HardwareSnapshot
-    from launcher.plan import Plan, Policy
-    from launcher.profiles import ModelEntry, Profile, ProfilePlan
-    from launcher.run import RunResult
+    from launcher.plan import Plan
+    from launcher.profiles import ModelEntry, Profile
+    from launcher.run import RunResult, RunSpec
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -73,7 +74,6 @@ class Served:
     restarts: int = 0
     next_try: float = 0.0  # monotonic; when a dead server is started again
     pause_s: float = BACKOFF_FIRST_S
-    instance_name: str | None = None
 
 
 @dataclass
@@ -85,10 +85,11 @@ class Supervisor:
     served: dict[str, Served] = field(default_factory=dict)
     backend: Backend | None = None
     machine: HardwareSnapshot | None = None
+    reserve: int | None = None  # the profile's common reserve (run_machine): every model's Policy keeps it
 
     # --- start -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.backend, self.machine = self._backend_and_machine(self.profile)
+        self.backend, self.machine, self.reserve = self._backend_and_machine(self.profile)
         self._say_what_changed()
         plans = self._plan_together(self.profile.models, self.machine)
         for entry, plan in plans:
@@ -96,16 +97,14 @@ class Supervisor:
         self._save_state()
         self.on_ready(self._status())
 
-    def _backend_and_machine(self, profile: Profile) -> tuple[Backend, HardwareSnapshot]:
-        from launcher.profiles import profile_hardware, profile_machine
-        from launcher.run import choose_backend, launch_machine
+    def _backend_and_machine(self, profile: Profile) -> tuple[Backend, HardwareSnapshot, int | None]:
+        """The run path's backend and machine for the profile (its reserve applied once, in run_machine)."""
+        from launcher.run import choose_backend, run_machine
 
-        backend = choose_backend(profile.backend, llama_server=profile.llama_server, rpc=tuple(profile.rpc))
-        described = profile_hardware(profile)
-        if described is None:
-            described = launch_machine(rpc=tuple(profile.rpc), backend=backend)
-        machine, _ = profile_machine(profile, described)
-        return backend, machine
+        backend = choose_backend(profile.backend, llama_server=profile.llama_server, rpc=tuple(profile.rpc),
+                                 ollama_host=profile.ollama_host)  # fmt: skip
+        machine, reserve = run_machine(backend, profile=profile)
+        return backend, machine, reserve
 
     def _say_what_changed(self) -> None:
         from launcher.record import fingerprint, machine_identity
@@ -133,51 +132,43 @@ class Supervisor:
                 log_event("memory-changed", device=budget, free=format_bytes(free), last_start_needed=needed_text,
                           action="planning again for what is free now")  # fmt: skip
 
-    def _policy(self, profile: Profile, entry: ModelEntry, machine: HardwareSnapshot) -> tuple[ProfilePlan, Policy]:
-        from dataclasses import replace
+    def _spec(self, entry: ModelEntry) -> RunSpec:
+        """What the run path takes for one model of the profile."""
+        from launcher.backends.base import LaunchRequest
+        from launcher.profiles import profile_policy
+        from launcher.run import RunSpec
 
-        from launcher.profiles import profile_plan
-
-        pp = profile_plan(profile, entry.name, machine=machine)
-        return pp, replace(pp.policy, all_logits=bool(getattr(self.backend, "all_logits", False)))
+        policy = profile_policy(self.profile, entry, reserve_bytes=self.reserve)
+        request = LaunchRequest(host=self.profile.host, port=entry.port, api_key=self.api_key,
+                                rpc=tuple(self.profile.rpc))  # fmt: skip
+        return RunSpec(entry.model, policy, request, name=entry.name, warmup=self.profile.defaults.warmup)
 
     def _plan_together(self, entries: list[ModelEntry], machine: HardwareSnapshot) -> list[tuple[ModelEntry, Plan]]:
         """Each model's plan on what the ones before it leave; a model that does not fit entirely stops it all."""
-        from launcher import record
-        from launcher.fit import fit
+        from launcher.run import plan_runs
 
-        plans: list[tuple[ModelEntry, Plan]] = []
-        remaining = machine
-        for entry in entries:
-            pp, policy = self._policy(self.profile, entry, remaining)
-            known = record.remembered(machine, record.model_key(pp.model), policy)
-            beside = ", ".join(e.name for e, _ in plans)
-            try:
-                plan = fit(pp.model, policy, machine=pp.machine, remembered=known)
-            except NoFitError as exc:
-                raise ServeError(_does_not_fit(entry, beside, str(exc))) from None
-            if plan.mode not in ("gpu", "cpu"):
-                raise ServeError(_does_not_fit(entry, beside, plan.reason))
+        try:
+            plans = plan_runs([self._spec(e) for e in entries], backend=self.backend, machine=machine, entirely=True)
+        except NoFitError as exc:
+            raise ServeError(f"profile model {exc}") from None
+        for entry, plan in zip(entries, plans, strict=True):
             assert plan.chosen is not None
             log_event("planned", model=entry.name, quant=plan.chosen.quant, ctx=plan.chosen.n_ctx,
                       layers_on_gpu=plan.chosen.n_gpu_layers, mode=plan.mode)  # fmt: skip
-            plans.append((entry, plan))
-            remaining = _less(remaining, plan.chosen.needs)
-        return plans
+        return list(zip(entries, plans, strict=True))
 
     # --- launch ------------------------------------------------------------------------------------------
     def _launch(self, entry: ModelEntry, plan: Plan, served: Served | None = None) -> Served:
-        from launcher import instances, record
-        from launcher.backends.base import LaunchRequest
-        from launcher.run import launch, remember
+        from launcher.run import exposure_warning, start_planned
 
         assert self.backend is not None and self.machine is not None
-        request = LaunchRequest(host=self.profile.host, port=entry.port, api_key=self.api_key,
-                                rpc=tuple(self.profile.rpc))  # fmt: skip
+        spec = self._spec(entry)
+        warning = exposure_warning(spec.request)
+        if warning:
+            log_event("warning", model=entry.name, message=warning)
         log_event("starting", model=entry.name, quant=plan.chosen.quant if plan.chosen else None)
-        result = launch(
-            plan, self.backend, request, log_dir=state_dir() / "logs", warmup=self.profile.defaults.warmup,
-            progress=False,
+        result = start_planned(
+            spec, plan, backend=self.backend, machine=self.machine,
             on_attempt=lambda a: log_event("attempt", model=entry.name, quant=a.quant, ctx=a.n_ctx,
                                            outcome=a.outcome, detail=a.detail),
         )  # fmt: skip
@@ -187,33 +178,20 @@ class Supervisor:
             self.served[entry.name] = served
         served.plan, served.result = result.plan, result
         served.started_at = time.monotonic()
-        remember(self.machine, result, record.model_key(entry.model))
-        inst = result.instance
-        name = instances.instance_name(entry.name, result.option.quant, inst.port)
-        instances.save(
-            instances.RunningInstance(
-                name=name, model=entry.name, quant=result.option.quant, n_ctx=result.option.n_ctx,
-                backend=inst.backend, server=inst.server, pid=inst.pid, owner_pid=os.getpid(),
-                endpoint=inst.endpoint, verdict=result.placement.verdict, started=time.time(),
-                log_path=str(inst.log_path) if inst.log_path else None,
-            )
-        )  # fmt: skip
-        served.instance_name = name
         self._save_state()
+        inst = result.instance
         log_event("ready", model=entry.name, quant=result.option.quant, ctx=result.option.n_ctx,
                   endpoint=inst.endpoint, pid=inst.pid, verdict=result.placement.verdict,
                   placement=result.placement.reason)  # fmt: skip
         return served
 
     def _stop(self, served: Served, why: str) -> None:
-        from launcher import instances
+        from launcher.run import stop
 
         if served.result is not None and self.backend is not None:
             log_event("stopping", model=served.entry.name, reason=why, pid=served.result.instance.pid)
-            self.backend.stop(served.result.instance)
+            stop(served.result, self.backend)
             served.result = None
-        if served.instance_name:
-            instances.remove(served.instance_name)
 
     def stop_all(self, why: str) -> None:
         for served in list(self.served.values()):
@@ -281,11 +259,13 @@ class Supervisor:
             return
         assert self.machine is not None
         # what the running models take stays taken (a described machine does not see it in its free memory)
+        from launcher.fit import less_free
+
         remaining = self._backend_and_machine(profile)[1] if not self.machine.described else self.machine
         if self.machine.described or not remaining.devices:
             for served in self.served.values():
                 if served.result is not None:
-                    remaining = _less(remaining, served.result.option.needs)
+                    remaining = less_free(remaining, served.result.option.needs)
         for entry, plan in self._plan_together(fresh, remaining):
             self._launch(entry, plan)
         self._save_state()
@@ -311,27 +291,20 @@ class Supervisor:
         }
         state = {"profile": str(self.path), "fingerprint": fingerprint(self.machine),
                  "identity": machine_identity(self.machine), "models": models, "time": time.time()}  # fmt: skip
-        path = _state_path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
+        from launcher.paths import write_private
+
+        write_private(_state_path(self.path), json.dumps(state, indent=2))
 
 
 def serve(ref: str, *, api_key_file: Path | None = None) -> None:
     """Run the profile's models until SIGTERM; SIGHUP reloads the profile. Raises ProfileError/ServeError."""
     from launcher.profiles import find_profile, load_profile, profile_api_key
+    from launcher.run import read_api_key
     from launcher.service import notify
 
     path = find_profile(ref).resolve()
     profile = load_profile(path)
-    if api_key_file is not None:
-        try:
-            api_key: str | None = api_key_file.read_text().strip() or None
-        except OSError as exc:
-            raise ServeError(f"--api-key-file {api_key_file}: {exc.strerror or exc}") from None
-    else:
-        api_key = profile_api_key(profile)
+    api_key = read_api_key(api_key_file) if api_key_file is not None else profile_api_key(profile)
     hup = {"pending": False}
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -373,25 +346,6 @@ def _identity(entry: ModelEntry) -> str:
 def _globals(profile: Profile) -> str:
     """The settings every model depends on: anything but the model list and the machine's name."""
     return json.dumps(profile.model_dump(mode="json", exclude={"models", "machine"}), sort_keys=True)
-
-
-def _does_not_fit(entry: ModelEntry, beside: str, why: str) -> str:
-    where = f" beside {beside}" if beside else ""
-    return f"profile model {entry.name!r} does not fit entirely{where}: {why}"
-
-
-def _less(machine: HardwareSnapshot, needs: Mapping[str, int]) -> HardwareSnapshot:
-    """The machine with `needs` (bytes per plan budget: GPU0.., CPU) taken from its free memory."""
-    devices = tuple(
-        d.model_copy(update={"free_bytes": max(0, d.free_bytes - needs.get(f"GPU{d.index}", 0))})
-        if d.free_bytes is not None
-        else d
-        for d in machine.devices
-    )
-    ram = machine.ram_available_bytes
-    if ram is not None and not machine.devices:
-        ram = max(0, ram - needs.get("CPU", 0))
-    return machine.model_copy(update={"devices": devices, "ram_available_bytes": ram})
 
 
 def _free_bytes(machine: HardwareSnapshot, budget: str) -> int | None:

@@ -1,7 +1,7 @@
 """The systemd unit that runs `fitquant serve --profile P`, and the Ollama drop-in: pure text from plain data.
 
 `render_unit(spec)` gives `fitquant.service`; `render_ollama_dropin(env)` gives `ollama.service.d/fitquant.conf`
-from the server environment a plan renders (`launcher.backends.ollama.ollama_form(plan)["env"]`) or from
+from the server environment a plan renders (`launcher.backends.ollama_form.ollama_form(plan)["env"]`) or from
 `ollama_dropin_env(...)`. Both start with MARKER, which is how fitquant knows a file is its own.
 
 Values are written with systemd's own escaping (systemd.syntax(7), systemd.service(7) "Command lines"): a
@@ -118,7 +118,10 @@ class UnitSpec:
     writable_paths: tuple[Path, ...] = ()  # cache and state: must exist when the service starts
     optional_writable_paths: tuple[Path, ...] = ()  # made writable when they exist (`-` prefix)
     environment: Mapping[str, str] = field(default_factory=dict)
-    api_key_file: Path | None = None  # system units load it as a credential; never copied into the unit
+    # System units load api_key_file as a credential (never copied into the unit): install copies the profile's
+    # key file, api_key_source, there first, so that systemd (root) never reads a path the user controls.
+    api_key_file: Path | None = None
+    api_key_source: Path | None = None
     pass_environment: tuple[str, ...] = ()  # variables taken from the service manager's environment (PassEnvironment=)
     devices: tuple[str, ...] = GPU_DEVICES
     extra_devices: tuple[str, ...] = ()  # device paths present on this machine, e.g. /dev/dxg (WSL)
@@ -137,8 +140,9 @@ def render_unit(spec: UnitSpec) -> str:
     argv = " ".join(exec_arg(arg) for arg in (*spec.command, "serve", "--profile", str(spec.profile)))
     if spec.api_key_file is not None and spec.scope == "system":
         # systemd (as root) copies the key into the service's credentials directory, %d, readable by the service
-        # alone, so the file may stay root's. A user service reads the profile's api_key_file itself: it is the
-        # user's own file (and systemd < 252 refuses credentials in user services).
+        # alone, at every start: from root's own copy (install writes it), never from the user's file, which a
+        # symlink could turn into any file root may read. A user service reads the profile's api_key_file itself:
+        # it is the user's own file (and systemd < 252 refuses credentials in user services).
         argv += f" --api-key-file %d/{API_KEY_CREDENTIAL}"
     ollama = ["ollama.service"] if spec.wants_ollama else []
     lines = [
@@ -194,7 +198,7 @@ def ollama_dropin_env(
 ) -> dict[str, str]:
     """The Ollama server environment for a profile's settings: the same keys `ollama_form(plan)["env"]` renders for
     one plan, plus the default context (OLLAMA_CONTEXT_LENGTH, tokens per request) and how many models stay loaded."""
-    from launcher.backends.ollama import KV_TYPES
+    from launcher.backends.ollama_form import KV_TYPES
 
     if kv_type not in KV_TYPES:
         raise ServiceError(f"Ollama's KV cache type is one of {', '.join(KV_TYPES)}, not {kv_type!r}")

@@ -1,0 +1,326 @@
+"""The profile schema: pydantic models that forbid unknown keys, the value parsers behind them (sizes, contexts,
+quants), and the cross-field checks, each naming its field. Also where an error's field and line are found,
+so every module reports in the same `profile FILE line N: 'field' ...` form."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic_core import PydanticCustomError
+
+from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_RESERVE_BYTES
+from launcher.errors import BackendError, ProfileError
+from launcher.units import MAX_BYTES, MAX_CONTEXT, OutOfRange, parse_bytes, parse_context
+from launcher.units import shown_value as _shown
+
+Path_ = tuple[str | int, ...]  # a field's place: ("models", 2, "port")
+
+
+# ---------------------------------------------------------------------------------------------- value types
+
+
+def _field_error(path: Path_, message: str) -> PydanticCustomError:
+    """An error that names its field (and so its line) from wherever it is raised: a cross-field check, or a
+    parser of a mapping whose entries each have their own line."""
+    return PydanticCustomError("profile", "{message}", {"message": message, "path": path})
+
+
+# Each parser raises ValueError with text that reads after the field's name: "'reserve' must be a size ...".
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a size like 1GiB or 512MiB, got {_shown(value)}")
+    if isinstance(value, str) and value.strip().startswith("-"):
+        raise ValueError(f"must not be negative, got {_shown(value)}")
+    try:
+        size = parse_bytes(value) if isinstance(value, str) else value
+    except OutOfRange:
+        raise ValueError(f"must be at most 1 PiB, got {_shown(value)}") from None
+    except ValueError:
+        raise ValueError(f"must be a size like 1GiB or 512MiB, got {_shown(value)}") from None
+    if size < 0:
+        raise ValueError(f"must not be negative, got {_shown(value)}")
+    if size > MAX_BYTES:
+        raise ValueError(f"must be at most 1 PiB, got {_shown(value)}")
+    return size
+
+
+def _positive_size(value: Any) -> int:
+    size = _size(value)
+    if size == 0:
+        raise ValueError(f"must be more than 0, got {_shown(value)}")
+    return size
+
+
+def _reserve(value: Any) -> int | dict[str, int]:
+    if not isinstance(value, dict):
+        return _size(value)
+    sizes = {}
+    for device, size in value.items():
+        try:
+            sizes[str(device)] = _size(size)
+        except ValueError as exc:
+            raise _field_error(("reserve", str(device)), str(exc)) from None  # name the device's own line
+    return sizes
+
+
+def _context(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a context length like 32768 or 32k, got {_shown(value)}")
+    try:
+        return parse_context(value)
+    except OutOfRange:
+        raise ValueError(f"must be at most {MAX_CONTEXT} tokens (16M), got {_shown(value)}") from None
+    except ValueError:
+        raise ValueError(f"must be a context length like 32768 or 32k (more than 0), got {_shown(value)}") from None
+
+
+def _kv_type(value: Any) -> Any:
+    from launcher.estimate import KV_CACHE_TYPES
+
+    if isinstance(value, str) and value.lower() in KV_CACHE_TYPES:
+        return value.lower()
+    raise ValueError(f"must be a KV cache type ({', '.join(KV_CACHE_TYPES)}), got {value!r}")
+
+
+def _quant(value: Any) -> Any:
+    from launcher.plan import quality_floor_label
+
+    if not isinstance(value, str):
+        return value  # the str type reports it
+    try:
+        return quality_floor_label(value)
+    except ValueError:
+        raise ValueError(f"must be a quant fitquant knows, like Q4_K_M or Q8_0, got {value!r}") from None
+
+
+def _on_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `on` / `off` as true / false
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+def _host_port(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT like 192.168.1.20:50052, got {value!r}")
+    return value
+
+
+def _ollama_host(value: Any) -> Any:
+    from launcher.ollama_host import ollama_base_url
+
+    if isinstance(value, str):
+        try:
+            ollama_base_url(value)
+        except BackendError:
+            raise ValueError(
+                f"must be an Ollama address like 127.0.0.1:11434 or http://host:11434, got {value!r}"
+            ) from None
+    return value
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$"
+Size = Annotated[int, BeforeValidator(_size)]
+PositiveSize = Annotated[int, BeforeValidator(_positive_size)]
+Context = Annotated[int, BeforeValidator(_context)]
+KvType = Annotated[str, BeforeValidator(_kv_type)]
+Quant = Annotated[str, BeforeValidator(_quant)]
+Text = Annotated[str, Field(min_length=1)]
+Name = Annotated[str, Field(pattern=_NAME)]
+HostPort = Annotated[str, BeforeValidator(_host_port)]
+OllamaHost = Annotated[str, BeforeValidator(_ollama_host)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+ProfileDeviceKind = Literal["cuda", "rocm", "metal", "vulkan", "cpu", "rpc"]
+
+
+class _Strict(BaseModel):
+    # strict: YAML gives real ints and bools, so "4" for a number is a mistake to report, not to coerce
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+
+class DeviceSpec(_Strict):
+    """A device of a described machine. `memory` is what it can hold: a GPU's VRAM (a Metal GPU's working
+    set), or for `kind: cpu` the host RAM a model may use."""
+
+    name: Text
+    kind: ProfileDeviceKind
+    memory: PositiveSize
+
+
+class Defaults(_Strict):
+    """Settings every model of the profile gets unless its entry says otherwise."""
+
+    kv: KvType = DEFAULT_KV_TYPE
+    flash_attn: Annotated[Literal["on", "off", "auto"] | None, BeforeValidator(_on_off)] = None  # None: by kv
+    parallel: int = Field(default=1, ge=1, le=256)
+    min_quant: Quant | None = None  # None: the floor for the model's size
+    warmup: Literal["short", "full", "none"] = "short"
+
+
+class ModelEntry(_Strict):
+    """A model the machine runs, served as `alias` (default: the reference) on `port`."""
+
+    model: Text
+    context: Context | None = None  # tokens; None: DEFAULT_PLAN_CONTEXT
+    min_quant: Quant | None = None
+    vision: bool = False
+    alias: Name | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+    @property
+    def name(self) -> str:
+        return self.alias or self.model
+
+
+class Profile(_Strict):
+    """A machine and what it runs. Sizes are bytes, contexts tokens (YAML takes 12GiB and 32k)."""
+
+    machine: Name
+    devices: list[DeviceSpec] | None = None  # None: probe this machine
+    ram: PositiveSize | None = None
+    unified: PositiveSize | None = None
+    reserve: Annotated[int | dict[str, int], BeforeValidator(_reserve)] = DEFAULT_RESERVE_BYTES
+    backend: Literal["auto", "llamacpp", "ollama"] = "auto"
+    llama_server: Text | None = None
+    ollama_host: OllamaHost | None = None
+    rpc: list[HostPort] = Field(default_factory=list)
+    defaults: Defaults = Field(default_factory=Defaults)
+    models: list[ModelEntry] = Field(default_factory=list)
+    host: Text = "127.0.0.1"
+    api_key_env: EnvName | None = None
+    api_key_file: Text | None = None
+
+    _source: str = PrivateAttr(default="<profile>")
+    _lines: dict[Path_, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        self._check_machine()
+        self._check_runtime()
+        self._check_models()
+        return self
+
+    def _check_machine(self) -> None:
+        devices = self.devices or []
+        cpus = [i for i, d in enumerate(devices) if d.kind == "cpu"]
+        if self.unified is not None and (self.ram is not None or devices):
+            raise _field_error(("unified",), "describes a Mac's whole memory; give it alone, without ram or devices")
+        if len(cpus) > 1:
+            raise _field_error(("devices", cpus[1], "kind"), "cpu is the host's RAM; describe it once")
+        if cpus and self.ram is not None:
+            raise _field_error(("ram",), f"repeats devices[{cpus[0]}] (kind cpu, the host's RAM); give one of them")
+        if self.devices is not None and not devices and self.ram is None:
+            raise _field_error(("devices",), "is empty; list the devices, or give ram for a machine without a GPU")
+        seen: dict[str, int] = {}
+        for i, device in enumerate(devices):
+            if device.name in seen:
+                raise _field_error(
+                    ("devices", i, "name"), f"{device.name!r} already names devices[{seen[device.name]}]"
+                )
+            seen[device.name] = i
+        if isinstance(self.reserve, dict) and self.devices is not None:
+            known = {"default", "CPU", *seen, *(f"GPU{i}" for i in range(len(devices) - len(cpus)))}
+            for key in self.reserve:
+                if key not in known:
+                    raise _field_error(("reserve", key), f"names no device; use {', '.join(sorted(known))}")
+
+    def _check_runtime(self) -> None:
+        if self.llama_server is not None and self.backend == "ollama":
+            raise _field_error(("llama_server",), "is a llama.cpp setting; the backend is ollama")
+        if self.ollama_host is not None and self.backend == "llamacpp":
+            raise _field_error(("ollama_host",), "is an Ollama setting; the backend is llamacpp")
+        if self.rpc and self.backend == "ollama":
+            raise _field_error(("rpc",), "RPC servers are a llama.cpp feature; the backend is ollama")
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise _field_error(("api_key_file",), "give api_key_env or api_key_file, not both")
+        from launcher.estimate import default_flash_attn
+
+        if self.defaults.flash_attn == "off" and default_flash_attn(self.defaults.kv) == "on":
+            raise _field_error(("defaults", "flash_attn"), "is off, but a quantized V cache needs flash attention "
+                               "(llama.cpp refuses it otherwise); use kv: f16")  # fmt: skip
+
+    def _check_models(self) -> None:
+        ports: dict[int, int] = {}
+        names: dict[str, int] = {}
+        for i, entry in enumerate(self.models):
+            if entry.port is not None:
+                if entry.port in ports:
+                    raise _field_error(
+                        ("models", i, "port"), f"{entry.port} is already the port of models[{ports[entry.port]}]"
+                    )
+                ports[entry.port] = i
+            if entry.name in names:
+                field = "alias" if entry.alias else "model"
+                raise _field_error(
+                    ("models", i, field),
+                    f"{entry.name!r} already names models[{names[entry.name]}]; give each model its own alias",
+                )
+            names[entry.name] = i
+
+    @property
+    def source(self) -> str:
+        """The file the profile came from, as given (or '<profile>')."""
+        return self._source
+
+    def line_of(self, path: Path_) -> int | None:
+        """The line of a field in the profile's file (None for a profile not read from text)."""
+        return _locate(path, self._lines)[1]
+
+    def error(self, path: Path_, message: str) -> ProfileError:
+        """A ProfileError naming this profile's file, the field's line and the field."""
+        clean, line = _locate(path, self._lines)
+        return ProfileError(_error_line(self._source, line, clean, message))
+
+    def find_model(self, ref: str | None) -> ModelEntry | None:
+        """The entry whose alias or model reference is `ref`."""
+        if ref is None:
+            return None
+        return next((m for m in self.models if ref in (m.alias, m.model)), None)
+
+    def reserve_of(self, budget: str, device_name: str | None = None) -> int:
+        """Bytes to keep free on one device: its own entry (by GPUn / CPU, or by name), else the default."""
+        if not isinstance(self.reserve, dict):
+            return self.reserve
+        for key in (budget, device_name):
+            if key is not None and key in self.reserve:
+                return self.reserve[key]
+        return self.reserve.get("default", DEFAULT_RESERVE_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------- error places
+
+
+def _locate(loc: Sequence[Any], lines: Mapping[Path_, int]) -> tuple[Path_, int | None]:
+    """A validation location as the profile's own path, and its line. Parts the file does not have (pydantic's
+    union branch names) are dropped, but a missing last field is kept: it is what the error is about."""
+    path: Path_ = ()
+    line = lines.get((), None)
+    for i, part in enumerate(loc):
+        key = part if isinstance(part, int) else str(part)
+        if (*path, key) in lines:
+            path = (*path, key)
+            line = lines[path]
+        elif i == len(loc) - 1:
+            path = (*path, key)
+    return path, line
+
+
+def _field_name(path: Path_) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _error_line(source: str, line: int | None, path: Path_, message: str) -> str:
+    where = f"profile {source}" + (f" line {line}" if line is not None else "")
+    return f"{where}: '{_field_name(path)}' {message}" if path else f"{where}: {message}"

@@ -1,0 +1,250 @@
+"""The one run path (launcher.run) that `run`, `serve` and the router share: the machine resolved once, the
+backend's memory defaults counted, only memory failures stepping down, a failure line for scripts, and inputs
+refused before any download. The Ollama API stub (tests/ollama_api_server.py) stands in for a GPU server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import jsonschema
+import pytest
+from gguf import GGMLQuantizationType as QT
+from ollama_api_server import OllamaApiServer
+from test_backend_ollama import make_test_plan, tiny_candidate
+
+from launcher.backends.base import LaunchRequest, ServerMemory
+from launcher.backends.llamacpp import LlamaCppBackend
+from launcher.backends.ollama import OllamaBackend
+from launcher.errors import BackendError, NoFitError, RunFailed
+from launcher.plan import Policy, budgets_for
+from launcher.profiles import parse_profile, profile_plan
+from launcher.run import launch, plan_runs, read_api_key, run_machine, server_policy
+from launcher.service.serve import Supervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024**3
+
+
+def _fitquant(args: list[str], env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=True,
+                          env=env or dict(os.environ), timeout=120, cwd=ROOT)  # fmt: skip
+
+
+# --- the machine, resolved once --------------------------------------------------------------------------------
+
+TWO_GPUS = """\
+machine: two-cards
+devices:
+  - {kind: cuda, name: RTX 3090 A, memory: 24GiB}
+  - {kind: cuda, name: RTX 3090 B, memory: 24GiB}
+reserve: {default: 1GiB, GPU0: 3GiB}
+models:
+  - {model: MODEL, context: 4096}
+"""
+
+
+def test_serve_and_plan_profile_keep_each_reserve_once(tmp_path: Path) -> None:
+    """A per-device reserve was subtracted twice by serve (20 GiB usable on GPU0) against once by plan --profile."""
+    tiny = tiny_candidate(tmp_path)
+    profile = parse_profile(TWO_GPUS.replace("MODEL", tiny.files[0].local_path or ""))
+    supervisor = Supervisor(tmp_path / "p.yaml", profile)
+    supervisor.machine, supervisor.reserve = run_machine(LlamaCppBackend(), profile=profile)
+    [(entry, served_plan)] = supervisor._plan_together(profile.models, supervisor.machine)
+    by_plan = profile_plan(profile, entry.name)
+    plan_budgets = budgets_for(by_plan.machine.devices, ram_available_bytes=None,
+                               reserve_bytes=by_plan.policy.reserve_bytes)  # fmt: skip
+    usable = {b.name: b.usable_bytes for b in served_plan.budgets}
+    assert usable == {b.name: b.usable_bytes for b in plan_budgets}
+    assert usable == {"GPU0": 21 * GiB, "GPU1": 23 * GiB}
+
+
+def test_a_profiles_ollama_host_reaches_the_backend(tmp_path: Path) -> None:
+    stub = OllamaApiServer(models_dir=tmp_path / "ollama").start()
+    try:
+        profile = parse_profile(f"machine: m\nbackend: ollama\nollama_host: {stub.url}\nram: 8GiB\n")
+        backend, _machine, _reserve = Supervisor(tmp_path / "p.yaml", profile)._backend_and_machine(profile)
+        assert isinstance(backend, OllamaBackend)
+        assert backend.base_url == stub.url
+        assert ("GET", "/api/version", None) in stub.requests or any(r[1] == "/" for r in stub.requests)
+    finally:
+        stub.close()
+
+
+def test_an_empty_api_key_file_is_refused_by_run_and_serve(tmp_path: Path) -> None:
+    empty = tmp_path / "key"
+    empty.write_text("  \n")
+    with pytest.raises(BackendError, match="is empty"):
+        read_api_key(empty)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("machine: m\nram: 8GiB\nmodels: []\n")
+    for args in (["serve", "--profile", str(profile), "--api-key-file", str(empty)],
+                 ["run", "--api-key-file", str(empty), "--no-engine"]):  # fmt: skip
+        done = _fitquant(args)
+        assert done.returncode == 1, done
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"BackendError: --api-key-file {empty} is empty; write the key into it, or leave the option out"
+        )
+
+
+# --- what the server does by default is counted ----------------------------------------------------------------
+
+
+def test_each_backend_declares_its_servers_memory_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "no-builds"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    monkeypatch.setenv("FITQUANT_LLAMA_CPP_BUILDS", str(empty))
+    python_server = LlamaCppBackend()
+    if python_server.unavailable() is not None:
+        pytest.skip(f"llama-cpp-python's server is not installed: {python_server.unavailable()}")
+    assert python_server.program.kind == "llama-cpp-python"
+    assert python_server.server_memory() == ServerMemory(all_logits=True, swa_full=True, cpu_repack=True)
+    assert OllamaBackend(host="127.0.0.1:1").server_memory() == ServerMemory(cpu_repack=True)
+    policy = server_policy(Policy(n_ctx=4096), python_server)
+    assert policy.all_logits and policy.swa_full
+    assert policy.settings().swa_full and policy.settings().n_outputs_max == 0
+    from launcher.estimate import cpu_repack_rules
+    from launcher.hardware.cpu import cpu_features
+
+    assert policy.cpu_repack == cpu_repack_rules(*cpu_features())
+
+
+def test_a_full_size_swa_cache_and_cpu_repacking_are_in_the_plan(gemma3_270m_path: Path) -> None:
+    """llama-cpp-python's server keeps a full-size SWA cache (its settings expose no swa_full): the plan counts it;
+    llama.cpp repacks Q4_K host weights for an AVX2 CPU into a CPU_REPACK buffer: the plan counts it."""
+    from launcher import read_model_facts
+    from launcher.estimate import cpu_repack_rules, estimate
+
+    facts = read_model_facts(str(gemma3_270m_path))
+    window = Policy(n_ctx=4096).settings(n_gpu_layers=0)
+    full = Policy(n_ctx=4096, swa_full=True).settings(n_gpu_layers=0)
+    assert estimate(facts, full).kv_bytes > 2 * estimate(facts, window).kv_bytes
+    rules = cpu_repack_rules(frozenset({"avx2"}), "x86_64")
+    assert ("Q4_K", 8) in rules
+    repacked = Policy(n_ctx=4096, cpu_repack=rules).settings(n_gpu_layers=0)
+    grown = estimate(facts, repacked).weights_bytes - estimate(facts, window).weights_bytes
+    assert round(grown / 2**20, 2) == 12.66  # llama-server prints "CPU_REPACK model buffer size = 12.66 MiB"
+    assert cpu_repack_rules(frozenset(), "x86_64") == ()
+
+
+# --- only memory failures step down ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stub(tmp_path: Path) -> Iterator[OllamaApiServer]:
+    server = OllamaApiServer(models_dir=tmp_path / "ollama-models").start()
+    yield server
+    server.close()
+
+
+def test_a_rejected_warm_up_stops_without_stepping_down(stub: OllamaApiServer, tmp_path: Path) -> None:
+    backend = OllamaBackend(host=stub.url)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    plan = make_test_plan([tiny_candidate(folder, "Q8_0", QT.Q8_0), tiny_candidate(folder, "Q4_K_M", QT.Q4_K)])
+    stub.chat_error = (400, '"fitquant/tiny:q8_0" does not support chat')
+    with pytest.raises(RunFailed) as failed:
+        launch(plan, backend, LaunchRequest(), log_dir=tmp_path / "logs", progress=False)
+    assert [a.outcome for a in failed.value.attempts] == ["rejected"]
+    assert "does not support chat" in str(failed.value)
+    assert not isinstance(failed.value, NoFitError)
+    assert stub.loaded == {}  # stopped: the model was unloaded, not kept
+
+
+def test_every_attempt_rides_on_the_no_fit_error(stub: OllamaApiServer, tmp_path: Path) -> None:
+    backend = OllamaBackend(host=stub.url)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    plan = make_test_plan([tiny_candidate(folder, "Q8_0", QT.Q8_0), tiny_candidate(folder, "Q4_K_M", QT.Q4_K)])
+    stub.load_error = "llama runner process has terminated: cudaMalloc failed: out of memory"
+    with pytest.raises(NoFitError) as failed:
+        launch(plan, backend, LaunchRequest(), log_dir=tmp_path / "logs", progress=False)
+    attempts = failed.value.attempts
+    assert [a.outcome for a in attempts] == ["oom", "oom", "oom"] and attempts[0].quant == "Q8_0"
+    assert "Q4_K_M" in {a.quant for a in attempts}
+    assert "gave up after 3 attempts" in str(failed.value)
+
+
+def test_the_full_warm_up_reads_the_servers_own_prompt_count(stub: OllamaApiServer, tmp_path: Path) -> None:
+    backend = OllamaBackend(host=stub.url)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    plan = make_test_plan([tiny_candidate(folder, "Q4_K_M", QT.Q4_K)])
+    result = launch(plan, backend, LaunchRequest(), log_dir=tmp_path / "logs", progress=False, warmup="full")
+    try:
+        # Ollama has no tokenizer endpoint: the fill is what the server says it evaluated (prompt_eval_count)
+        fill = stub.bodies("/api/chat")[-1]["messages"][0]["content"]
+        assert result.warmup["filled_tokens"] == len(fill.split()) + 4 > 1000
+        assert result.warmup["sent_tokens"] is None
+    finally:
+        backend.stop(result.instance)
+
+
+# --- scripts read one JSON line, and a bad server is refused before any download -------------------------------
+
+
+class _Counting(BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).hits.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_a_bad_llama_server_is_refused_before_any_request(tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    not_executable = tmp_path / "llama-server"
+    not_executable.write_text("#!/bin/sh\n")
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/models/m-Q4_K_M.gguf"
+    try:
+        for server, expected in ((str(not_executable), "cannot be run"), ("/bin/true", "is not llama-server")):
+            done = _fitquant(["run", url, "--llama-server", server, "--no-engine", "--json"])
+            assert done.returncode == 1
+            assert expected in done.stderr.strip().splitlines()[-1], done.stderr
+            assert "Traceback" not in done.stderr
+            failure = json.loads(done.stdout.splitlines()[0])
+            assert failure["ok"] is False and failure["error"]["type"] == "BackendError"
+        assert _Counting.hits == []
+    finally:
+        httpd.shutdown()
+
+
+def test_run_json_prints_its_line_on_failure_too(tmp_path: Path) -> None:
+    done = _fitquant(["run", str(tmp_path / "nope.gguf"), "--no-engine", "--json"])
+    assert done.returncode == 1
+    line = json.loads(done.stdout.splitlines()[0])
+    jsonschema.validate(line, json.loads((ROOT / "docs" / "run.schema.json").read_text()))
+    assert line["ok"] is False and line["error"]["type"] == "CatalogError" and line["attempts"] == []
+    assert "nope.gguf" in line["error"]["message"]
+
+
+def test_plan_runs_fits_several_models_each_on_what_the_others_leave(tmp_path: Path) -> None:
+    from launcher.hardware import describe_machine
+    from launcher.run import RunSpec
+
+    tiny = tiny_candidate(tmp_path)
+    path = tiny.files[0].local_path
+    machine = describe_machine(vram=[3 * GiB])
+    spec = RunSpec(path, Policy(n_ctx=4096, reserve_bytes=GiB))
+    one = plan_runs([spec], backend=None, machine=machine)[0]
+    assert one.chosen is not None
+    two = plan_runs([spec, spec], backend=None, machine=machine)
+    first_needs = two[0].chosen.needs["GPU0"]  # type: ignore[union-attr]
+    assert two[1].budgets[0].free_bytes == 3 * GiB - first_needs
+    with pytest.raises(NoFitError, match=r"does not fit entirely beside"):
+        plan_runs([spec] * 40, backend=None, machine=machine)
