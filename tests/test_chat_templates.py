@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import built_llama_server
 
 from launcher.backends.llamacpp import PYTHON_SERVER_JINJA, ServerProgram, builtin_template, chat_template_argv
 from launcher.chat import ChatReply, parse_reply
@@ -108,17 +109,6 @@ def test_reply_on_ollama_sends_the_load_options_and_reads_its_counts(tmp_path: P
 # real servers, real models
 
 
-def _llama_server() -> Path:
-    from launcher.backends.builds import find_built
-
-    path = find_built("llama-server")
-    if path is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llama-server is not built; scripts/setup test runs scripts/build-llama-cpp")
-        pytest.skip("llama-server is not built: scripts/build-llama-cpp builds it")
-    return path
-
-
 def _ask(model: Path, server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_tokens: int) -> ChatReply:
     """Plan `model` for a described CPU machine, start it on `server` through fitquant's backend, ask QUESTION."""
     from launcher.backends.base import LaunchRequest
@@ -129,7 +119,7 @@ def _ask(model: Path, server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from launcher.plan import Policy
 
     if server == "llama-server":
-        backend = LlamaCppBackend(str(_llama_server()))
+        backend = LlamaCppBackend(str(built_llama_server()))
     else:
         pytest.importorskip("llama_cpp.server")
         empty = tmp_path / "no-builds"

@@ -9,14 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
 import psutil
 import pytest
-
-from launcher.backends.builds import find_built
+from processes import built_llama_server, gone
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +35,6 @@ def _fitquant(
                           env=env, timeout=timeout, cwd=ROOT)  # fmt: skip
 
 
-def _gone(pid: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _python_server_env(tmp_path: Path) -> dict[str, str]:
     """No llama-server anywhere: the llama.cpp backend falls back to llama-cpp-python's server."""
     empty = tmp_path / "no-builds"
@@ -54,21 +43,12 @@ def _python_server_env(tmp_path: Path) -> dict[str, str]:
     return _env(tmp_path, PATH=f"{bindir}:/usr/bin:/bin", FITQUANT_LLAMA_CPP_BUILDS=str(empty))
 
 
-def _llama_server() -> Path:
-    path = find_built("llama-server")
-    if path is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llama-server is not built; scripts/setup test runs scripts/build-llama-cpp")
-        pytest.skip("llama-server is not built: scripts/build-llama-cpp builds it")
-    return path
-
-
 @pytest.mark.parametrize("server", ["llama-cpp-python", "llama-server"])
 def test_run_answers_a_piped_prompt_verifies_cpu_only_and_leaves_nothing(
     server: str, tmp_path: Path, gemma3_270m_path: Path
 ) -> None:
     if server == "llama-server":
-        env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(_llama_server()))
+        env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(built_llama_server()))
     else:
         env = _python_server_env(tmp_path)
     done = _fitquant(["run", str(gemma3_270m_path), "--ctx", "2048", "--no-engine", "--json", "--ram", "8GiB",
@@ -89,11 +69,11 @@ def test_run_answers_a_piped_prompt_verifies_cpu_only_and_leaves_nothing(
     assert result["endpoint"].startswith("http://127.0.0.1:")
     assert answer.strip(), "the piped prompt got no answer"
     assert "CPU only" in done.stderr
-    assert _gone(result["pid"]), "the server outlived fitquant run"
+    assert gone(result["pid"]), "the server outlived fitquant run"
 
 
 def test_serve_ps_stop_and_signals_leave_no_child(tmp_path: Path, gemma3_270m_path: Path) -> None:
-    env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(_llama_server()))
+    env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(built_llama_server()))
     for how in ("stop", signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(gemma3_270m_path), "--ctx", "1024",
                                  "--no-engine", "--serve", "--json", "--warmup", "none"],
@@ -113,7 +93,7 @@ def test_serve_ps_stop_and_signals_leave_no_child(tmp_path: Path, gemma3_270m_pa
             else:
                 proc.send_signal(how)
             proc.wait(timeout=30)
-            assert _gone(server_pid), f"{how}: the server outlived fitquant"
+            assert gone(server_pid), f"{how}: the server outlived fitquant"
             assert json.loads(_fitquant(["ps", "--json"], env).stdout)["instances"] == []
         finally:
             if proc.poll() is None:

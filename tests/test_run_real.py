@@ -15,10 +15,8 @@ from typing import Any
 
 import corpus as corpus_mod
 import jsonschema
-import psutil
 import pytest
-
-from launcher.backends.builds import find_built
+from processes import built_llama_server, gone
 
 pytestmark = pytest.mark.slow
 
@@ -27,19 +25,10 @@ SCHEMA = json.loads((ROOT / "docs" / "run.schema.json").read_text())
 MiB = 1024**2
 
 
-def _llama_server() -> Path:
-    path = find_built("llama-server")
-    if path is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llama-server is not built; scripts/setup test runs scripts/build-llama-cpp")
-        pytest.skip("llama-server is not built: scripts/build-llama-cpp builds it")
-    return path
-
-
 def _env(tmp_path: Path, server: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "FITQUANT_LLAMA_SERVER")}
     if server == "llama-server":
-        env["FITQUANT_LLAMA_SERVER"] = str(_llama_server())
+        env["FITQUANT_LLAMA_SERVER"] = str(built_llama_server())
     else:  # no llama-server anywhere: llama-cpp-python's server
         empty = tmp_path / "no-builds"
         empty.mkdir(exist_ok=True)
@@ -51,17 +40,6 @@ def _env(tmp_path: Path, server: str) -> dict[str, str]:
 def _fitquant(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=True,
                           env=env, timeout=300, cwd=ROOT)  # fmt: skip
-
-
-def _gone(pid: int | None, timeout_s: float = 10.0) -> bool:
-    if pid is None:
-        return True
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _first_json(stdout: str) -> dict[str, Any]:
@@ -88,7 +66,7 @@ def test_what_each_server_does_by_default_is_predicted(server: str, tmp_path: Pa
     assert abs(cpu["predicted"]["kv"] - cpu["kv_bytes"]) < 0.1 * MiB
     assert abs(cpu["predicted"]["model"] - cpu["model_bytes"]) < 0.1 * MiB
     assert "mismatch" not in done.stderr
-    assert _gone(result["pid"])
+    assert gone(result["pid"])
 
 
 def _no_byte_tokens_model(folder: Path) -> Path:
@@ -143,7 +121,7 @@ def test_a_warm_up_fill_the_server_did_not_process_is_caught(tmp_path: Path, gem
 
     port = free_port()
     log = tmp_path / "server.log"
-    argv = [str(_llama_server()), "-m", str(gemma3_270m_path), "-c", "2048", "--port", str(port),
+    argv = [str(built_llama_server()), "-m", str(gemma3_270m_path), "-c", "2048", "--port", str(port),
             "--chat-template", "gemma", "--jinja", "-lv", "4"]  # fmt: skip
     proc = spawn(argv, log_path=log)
     try:
@@ -173,7 +151,7 @@ def test_a_warm_up_fill_the_server_did_not_process_is_caught(tmp_path: Path, gem
         assert "prompt tokens of the" in str(failed.value)
     finally:
         stop_process(proc)
-    assert _gone(proc.pid)
+    assert gone(proc.pid)
 
 
 def test_a_server_on_every_address_without_a_key_is_warned_about(tmp_path: Path, gemma3_270m_path: Path) -> None:
@@ -184,7 +162,7 @@ def test_a_server_on_every_address_without_a_key_is_warned_about(tmp_path: Path,
     result = _first_json(done.stdout)
     assert "WARNING: the server listens on 0.0.0.0 without an API key" in done.stderr
     assert "WARNING: the server listens on 0.0.0.0 without an API key" in Path(result["log_path"]).read_text()
-    assert _gone(result["pid"])
+    assert gone(result["pid"])
 
 
 def test_the_api_key_reaches_the_server_and_nothing_else_does(tmp_path: Path, gemma3_270m_path: Path) -> None:
@@ -214,4 +192,4 @@ def test_the_api_key_reaches_the_server_and_nothing_else_does(tmp_path: Path, ge
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    assert _gone(result["pid"])
+    assert gone(result["pid"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import needs_llama_cpp
+from processes import gone
 from rpc_device import built_binaries, rpc_server
 
 pytestmark = pytest.mark.slow
@@ -69,15 +70,6 @@ def _env(server: Path) -> dict[str, str]:
     return env
 
 
-def _gone(pid: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _ready_pids(serve: Serve, names: list[str]) -> dict[str, int]:
     pids = {}
     for _ in names:
@@ -121,7 +113,7 @@ models:
         serve.proc.send_signal(signal.SIGHUP)
         serve.wait_for(r"stopping model=other reason=\"its profile entry changed\"")
         m = serve.wait_for(r"ready model=other quant=\S+ ctx=3072 .*pid=(\d+)")
-        assert _gone(pids["other"])
+        assert gone(pids["other"])
         assert psutil.pid_exists(pids["small"]), "the unchanged model kept running"
         assert not any("model=small" in line for line in serve.lines[since:])
         pids["other"] = int(m.group(1))
@@ -134,7 +126,7 @@ models:
         rc = serve.stop()
     assert rc == 128 + signal.SIGTERM
     serve.wait_for(r"stopped", timeout=10)
-    assert all(_gone(pid) for pid in pids.values()), "SIGTERM left a server behind"
+    assert all(gone(pid) for pid in pids.values()), "SIGTERM left a server behind"
     said = []
     while not said or "STOPPING=1" not in said[-1]:
         said.append(notify.recv(4096).decode())

@@ -299,8 +299,10 @@ def render_placement(placement: Placement, *, err: bool = False) -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("device", "kind", "predicted", "measured", "difference"):
         table.add_column(column, justify="left" if column in ("device", "kind") else "right")
-    for row in comparison_rows(placement):
+    rows = comparison_rows(placement)
+    for row in rows:
         table.add_row(*row, style="bold" if row[1] == "total" else None)
-    console.print(table)
+    if rows:  # a log with no buffer lines (Ollama's planner alone) has nothing to compare
+        console.print(table)
     for mismatch in mismatches(placement):  # a prediction that misses is said, one line each
         console.print(f"[yellow]{escape(mismatch.line())}[/yellow]", soft_wrap=True)
