@@ -15,6 +15,7 @@ from launcher.cli import options
 from launcher.defaults import DEFAULT_PLAN_CONTEXT
 
 if TYPE_CHECKING:
+    from launcher.backends.base import LaunchRequest
     from launcher.run import Attempt, RunResult
 
 
@@ -106,12 +107,11 @@ def run(
     """
     from launcher.backends.base import LaunchRequest
     from launcher.errors import FitquantError
+    from launcher.http import redact_url
     from launcher.plan import Policy
     from launcher.run import RunSpec, choose_backend, failure_json, read_api_key, run_machine, start, stop
 
     _stop_on_sigterm()
-    from launcher.http import redact_url
-
     shown = redact_url(model) if model else "the embedded default model"
     try:
         request = LaunchRequest(host=host, port=port, api_key=read_api_key(api_key_file), rpc=rpc,
@@ -131,7 +131,7 @@ def run(
             click.echo(json.dumps(failure_json(shown, exc)))
         raise
     try:
-        _serve_or_chat(result, serve=serve, as_json=as_json, max_tokens=max_tokens, temperature=temperature)
+        _serve_or_chat(result, request, serve=serve, as_json=as_json, max_tokens=max_tokens, temperature=temperature)
     finally:
         stop(result, backend)
 
@@ -143,7 +143,13 @@ def _plan_lines(plan: Any) -> None:
 
 
 def _serve_or_chat(
-    result: RunResult, *, serve: bool, as_json: bool, max_tokens: int, temperature: float | None
+    result: RunResult,
+    request: LaunchRequest,
+    *,
+    serve: bool,
+    as_json: bool,
+    max_tokens: int,
+    temperature: float | None,
 ) -> None:
     from launcher.cli.render import render_placement
     from launcher.run import exposure_warning
@@ -151,7 +157,7 @@ def _serve_or_chat(
     inst = result.instance
     render_placement(result.placement, err=True)
     _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
-    warning = exposure_warning(_request_of(inst))
+    warning = exposure_warning(request)
     if warning:
         _say(warning)
     if as_json:
@@ -166,12 +172,6 @@ def _serve_or_chat(
             _answer(result, [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=temperature)
     elif not as_json:
         _chat(result, max_tokens=max_tokens, temperature=temperature)
-
-
-def _request_of(inst: Any) -> Any:
-    from launcher.backends.base import LaunchRequest
-
-    return LaunchRequest(host=inst.host, port=inst.port, api_key=inst.api_key)
 
 
 def _answer(
