@@ -451,13 +451,15 @@ PIPELINE_COPIES = 4
 
 def _pipeline_parallel(settings: Settings, layer_device: list[str], backend_of: dict[str, str]) -> bool:
     """llama_context's pipeline parallelism (src/llama-context.cpp): several devices, every layer offloaded
-    (the output layer included), no tensor overrides, and GPUs with async compute and events (CUDA, HIP)."""
+    (the output layer included), no tensor overrides, and GPUs with async compute and events (CUDA, HIP, and RPC
+    devices: ggml-rpc reports both; measured on two ggml-rpc-servers, 43.70 MiB of compute each for Gemma 3 270M
+    at 4096 tokens against 22.05 MiB on one)."""
     gpus = {d for d in layer_device if d != "CPU"}
     return (
         len(gpus) > 1
         and "CPU" not in layer_device
         and not settings.cpu_moe
-        and all(backend_of.get(d) in ("cuda", "rocm") for d in gpus)
+        and all(backend_of.get(d) in ("cuda", "rocm", "rpc") for d in gpus)
     )
 
 

@@ -43,6 +43,7 @@ _RE_BUFFER_TAIL = re.compile(
 )
 _RE_FUNC_ONLY = re.compile(_FUNC)
 _SPACED_NAME_MAX = 241
+_RE_VULKAN_DEVICE = re.compile(r"ggml_vulkan: (?P<index>\d{1,3}) = (?P<desc>[^(|]{1,200}?)\s*(?:\(|\||$)")
 _RE_DEVICE = re.compile(
     r"using device (?P<name>\S{1,200})\s+\((?P<desc>.{0,300})\)\s+-\s+(?P<free>\d{1,12})\s+MiB free"
 )
@@ -236,6 +237,9 @@ class LlamaLog:
     kv_caches: list[KVCacheLine] = field(default_factory=list)
     rs_caches: list[RSCacheLine] = field(default_factory=list)
     devices: list[DeviceLine] = field(default_factory=list)
+    # older Vulkan builds name buffers by the GPU's description: `ggml_vulkan: 0 = <description> (...)` -> Vulkan0
+    # ("" for a description two GPUs share: their buffers cannot be told apart by it)
+    vulkan_devices: dict[str, str] = field(default_factory=dict)
     breakdown: list[BreakdownRow] = field(default_factory=list)
     offloaded_layers: tuple[int, int] | None = None
     n_ctx: int | None = None
@@ -365,9 +369,15 @@ def parse(text: str | Iterable[str]) -> LlamaLog:
     done: list[LlamaLog] = []
     seg = _Segment()
     in_device_block = False
+    vulkan: dict[str, str] = {}
     for raw in lines:
         line = raw[:MAX_LINE_CHARS].rstrip()
         if not line:
+            continue
+        v = _RE_VULKAN_DEVICE.search(line) if "ggml_vulkan:" in line else None
+        if v is not None:  # printed once at start-up, before any load: it names the devices of every load
+            desc, name = v["desc"].strip(), f"Vulkan{v['index']}"
+            vulkan[desc] = name if vulkan.get(desc, name) == name else ""  # "": two GPUs of one description
             continue
         m = _RE_DEVICE.search(line) if "using device" in line else None
         if m:
@@ -387,6 +397,7 @@ def parse(text: str | Iterable[str]) -> LlamaLog:
         _parse_line(seg, line)
     last = seg.finish()
     last.earlier = done
+    last.vulkan_devices = vulkan
     return last
 
 
@@ -671,3 +682,94 @@ def _parse_line(seg: _Segment, line: str) -> None:
     metadata = "print_info" in line or "llama_model_loader: - kv" in line
     if not metadata and any(word in low for word in _ERROR_WORDS):
         seg.log.errors.append(line.strip())
+
+
+# -- Ollama's own log -----------------------------------------------------------------------------------------------
+
+# `ollama serve` (v0.30+) logs the llama-server it starts with Go's slog text handler (llm/llama_server.go
+# startLlamaServer): `... msg="starting llama-server" cmd="/usr/lib/ollama/llama-server --model ... -c 8192 ..."`,
+# the value quoted as strconv.Quote does when it holds spaces. The child's own output follows in the same log.
+_RE_OLLAMA_START = re.compile(r'msg="?starting llama-server"?\s{1,20}cmd=(?P<cmd>"(?:[^"\\]|\\.){0,4000}"|\S{1,4000})')
+_GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", '"': '"'}
+_RE_GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)")
+
+
+@dataclass
+class OllamaLaunch:
+    """The llama-server command line `ollama serve` logged for one model load, and the flags that change memory.
+    None: the flag is absent (llama-server's default applies: f16 cache, auto flash attention, fit decides -ngl)."""
+
+    argv: list[str]
+    model_path: str | None = None
+    n_ctx: int | None = None  # -c: num_ctx x num_parallel
+    n_parallel: int | None = None  # -np
+    n_gpu_layers: int | None = None  # -ngl (only when num_gpu was set)
+    type_k: str | None = None  # --cache-type-k (only when OLLAMA_KV_CACHE_TYPE is set)
+    type_v: str | None = None
+    flash_attn: str | None = None  # --flash-attn on|off|auto
+    n_batch: int | None = None  # -b
+    n_ubatch: int | None = None  # -ub
+    split_mode: str | None = None  # --split-mode (none: one GPU, with --main-gpu)
+    main_gpu: int | None = None
+    mmproj: str | None = None  # --mmproj: a projector loaded beside the model
+    draft: bool = False  # a draft or MTP model beside it (--spec-type, --spec-draft-model)
+
+
+def _go_unquote(text: str) -> str:
+    if not (len(text) >= 2 and text[0] == text[-1] == '"'):
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        code = m[1]
+        if code[0] in "xuU" and len(code) > 1:
+            return chr(int(code[1:], 16))
+        return _GO_ESCAPES.get(code, code)
+
+    return _RE_GO_ESCAPE.sub(one, text[1:-1])
+
+
+_INT_FLAGS = {"-c": "n_ctx", "--ctx-size": "n_ctx", "-np": "n_parallel", "--parallel": "n_parallel",
+              "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
+              "-b": "n_batch", "--batch-size": "n_batch", "-ub": "n_ubatch", "--ubatch-size": "n_ubatch",
+              "-mg": "main_gpu", "--main-gpu": "main_gpu"}  # fmt: skip
+_STR_FLAGS = {"--model": "model_path", "-m": "model_path", "--cache-type-k": "type_k", "-ctk": "type_k",
+              "--cache-type-v": "type_v", "-ctv": "type_v", "--flash-attn": "flash_attn", "-fa": "flash_attn",
+              "--split-mode": "split_mode", "-sm": "split_mode", "--mmproj": "mmproj", "-mm": "mmproj"}  # fmt: skip
+_DRAFT_FLAGS = ("--spec-type", "--spec-draft-model", "--model-draft", "-md")  # appendDraftArgs (MTP or a model)
+
+
+def ollama_launch(line: str) -> OllamaLaunch | None:
+    """The llama-server launch one `ollama serve` log line records, or None when it is not such a line. Pure."""
+    m = _RE_OLLAMA_START.search(line[:MAX_LINE_CHARS])
+    if m is None:
+        return None
+    argv = _go_unquote(m["cmd"]).split()
+    launch = OllamaLaunch(argv=argv)
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in _DRAFT_FLAGS:
+            launch.draft = True
+        if value is None:
+            continue
+        if arg in _INT_FLAGS and re.fullmatch(r"-?\d{1,9}", value):
+            setattr(launch, _INT_FLAGS[arg], int(value))
+        elif arg in _STR_FLAGS:
+            path = arg in ("--model", "-m", "--mmproj", "-mm")
+            setattr(launch, _STR_FLAGS[arg], value if path else value.lower())
+    return launch
+
+
+def last_ollama_launch(text: str) -> tuple[OllamaLaunch, str] | None:
+    """The last llama-server launch an `ollama serve` log records, and the log text after it (that server's own
+    output, and whatever Ollama logged meanwhile); None when the log holds no launch line. Pure."""
+    found: tuple[OllamaLaunch, int] | None = None
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        offset += len(line)
+        if "starting llama-server" in line:
+            launch = ollama_launch(line)
+            if launch is not None:
+                found = (launch, offset)
+    if found is None:
+        return None
+    return found[0], text[found[1] :]

@@ -202,6 +202,9 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 # Tensors of llama.cpp's input layer, always kept on the CPU (LLM_TENSOR_LAYER_INPUT in src/llama-arch.cpp).
 _INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")
 # Tensors of the output layer (LLM_TENSOR_LAYER_OUTPUT): placed on the device of layer n_layer.
+# A vision encoder carried inside the model's own GGUF (clip's names: "v.blk.0...", "mm.input_projection..."): what
+# Ollama loads as the projector of such a model (backends.md §1 "Extras it loads on its own").
+_VISION_TENSORS = ("v.", "mm.")
 _OUTPUT_TENSORS = ("output.", "output_norm.", "cls.", "cls_out.", "cls_norm.", "dense_2.", "dense_3.")
 LLAMA_MAX_LAYERS = 512  # src/llama-hparams.h
 
@@ -276,6 +279,7 @@ class ModelFacts:
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
     # every tensor's (ggml type name, bytes): what a CPU repack of host weights copies (estimate.repack_bytes)
     tensor_types_by_name: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    inline_vision_bytes: int = 0  # of other_bytes: a vision encoder inside this GGUF (v.*, mm.*), no separate mmproj
     hparams: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -627,6 +631,7 @@ class _Weights:
     input: int = 0
     output: int = 0
     other: int = 0
+    inline_vision: int = 0
     token_embd: int = 0
     output_tied: bool = False
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
@@ -655,6 +660,8 @@ def _weights(header: GGUFHeader, n_layer: int) -> _Weights:
             w.output += tensor.n_bytes
         else:
             w.other += tensor.n_bytes
+            if tensor.name.startswith(_VISION_TENSORS):
+                w.inline_vision += tensor.n_bytes
     # Tied embeddings: llama.cpp creates the output from token_embd with TENSOR_DUPLICATED.
     w.layer_tensors = [tuple(sorted(tensors)) for tensors in per_layer]
     w.output_tied = header.tensor("output.weight") is None and w.token_embd > 0
@@ -736,6 +743,7 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
         output_tied=weights.output_tied,
         input_bytes=weights.input,
         other_bytes=weights.other,
+        inline_vision_bytes=weights.inline_vision,
         n_params=header.n_params,
         tensor_bytes_total=header.tensor_bytes_total,
         file_type=file_type if isinstance(file_type, int) else None,

@@ -12,13 +12,19 @@ model's size. A configuration fits a device when everything the device will hold
 context that does with the best quant above the floor, else a partial offload labelled as running
 partly on the CPU (MoE: experts to the CPU first, attention and KV stay on the GPU). `strict` accepts
 nothing but a full fit. Without a GPU it plans for system RAM with no layers offloaded.
+
+Placement (several GPUs): the layers are split in proportion to each device's usable memory when that fits.
+Otherwise the other placements are searched (evaluate_placements): each device alone, devices left out, and each
+order of the devices (the last one takes the output layer, src/llama-model.cpp), filled front to back with layer
+counts as the -ts weights; the one that fits on the fewest devices wins, and the plan notes why it was taken over
+the proportional split. A partial offload takes the most layers any placement holds, then the fewest devices.
 """
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from launcher.catalog.types import Candidate, CandidateFile
@@ -55,6 +61,7 @@ class Policy:
     n_parallel: int = 1
     kv_unified: bool | None = None  # None: unified when several slots share one context (llama-server's default)
     n_ubatch: int = DEFAULT_UBATCH
+    n_batch: int | None = None  # None: llama.cpp's 2048 (a server that sets it says so: ServerMemory)
     reserve_bytes: int = DEFAULT_RESERVE_BYTES  # kept free on every device
     min_quant: str | None = None  # quality floor override; None = by model size
     strict: bool = False  # nothing but a full fit at the target context
@@ -84,6 +91,7 @@ class Policy:
             n_parallel=self.n_parallel,
             kv_unified=unified,
             n_ubatch=self.n_ubatch,
+            **({"n_batch": self.n_batch} if self.n_batch is not None else {}),
             cpu_moe=cpu_moe,
             n_outputs_max=0 if self.all_logits else self.n_parallel,
             swa_full=self.swa_full,
@@ -129,6 +137,8 @@ class Option:
     quality_rank: float
     above_floor: bool
     figures: str = "estimate"  # "estimate" | "engine (llama.cpp dry run, <backend> backend)"
+    split: Split | None = None  # the GPUs in llama.cpp's device order and their shares; None: proportional over all
+    placement_why: str = ""  # with a split: why it was taken over the proportional split
 
     @property
     def quant(self) -> str:
@@ -245,6 +255,8 @@ class Plan:
                 "devices": [d.to_json() for d in c.estimate.devices],
                 "headroom_bytes": {name: usable[name] - c.needs.get(name, 0) for name in usable},
                 "mode": self.mode,
+                "placement": c.split.to_json() if c.split is not None else None,
+                "placement_why": c.placement_why or None,
             }
         return {
             "schema_version": SCHEMA_VERSION,
@@ -318,15 +330,78 @@ def budgets_for(devices: Sequence[Device], *, ram_available_bytes: int | None, r
     return [Budget("CPU", "cpu", int(ram_available_bytes or 0), reserve_bytes)]
 
 
-def layer_split(budgets: Sequence[Budget]) -> list[GPU]:
-    """The GPUs layers go to, each weighted by its usable memory (free less the reserve) in MiB.
+def layer_split(budgets: Sequence[Budget], split: Split | None = None) -> list[GPU]:
+    """The GPUs layers go to, in llama.cpp's device order, each with its share of the layers (-ts).
 
-    The one split rule: the launch passes these weights to llama.cpp as --tensor-split (-ts), so the
-    estimate places layers where llama.cpp will (src/llama-model.cpp splits layers by those proportions).
+    Without `split`: every GPU in its own order, weighted by its usable memory (free less the reserve) in MiB.
+    The one split rule: the launch passes these devices (--device) and weights (--tensor-split) to llama.cpp,
+    so the estimate places layers where llama.cpp will (src/llama-model.cpp splits layers by those proportions).
     """
+    if split is not None:
+        backend = {b.name: b.backend for b in budgets}
+        return [GPU(n, split_weight=w, backend=backend[n]) for n, w in zip(split.devices, split.weights, strict=True)]
     return [
         GPU(b.name, split_weight=max(1, b.usable_bytes // MiB), backend=b.backend) for b in budgets if b.name != "CPU"
     ]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A placement of the layers on the GPUs: which devices take them, in llama.cpp's device order (the last one
+    also takes the output layer: src/llama-model.cpp places layer n_layer with the last device's share), and each
+    device's share (-ts). The launch passes `devices` as --device and `weights` as --tensor-split."""
+
+    devices: tuple[str, ...]  # budget names
+    weights: tuple[int, ...]
+    how: str  # for people: "GPU1 alone", "GPU1, GPU0 (output layer on GPU0)", ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"devices": list(self.devices), "weights": list(self.weights), "how": self.how}
+
+
+# llama.cpp's device names by backend (ggml backends' registry names; RPC devices are numbered in --rpc order)
+_LLAMA_DEVICE_PREFIX = {"cuda": "CUDA", "rocm": "ROCm", "rpc": "RPC", "vulkan": "Vulkan", "metal": "MTL"}
+
+
+def llama_device_names(budgets: Sequence[Budget]) -> dict[str, str]:
+    """Budget name -> the device name llama.cpp gives it (CUDA0, ROCm1, RPC0, Vulkan0): the n-th GPU budget of a
+    backend is that backend's device n (both follow the driver's order)."""
+    seen: dict[str, int] = {}
+    names = {}
+    for b in budgets:
+        if b.name == "CPU":
+            continue
+        n = seen.get(b.backend, 0)
+        seen[b.backend] = n + 1
+        names[b.name] = f"{_LLAMA_DEVICE_PREFIX.get(b.backend, b.backend.upper())}{n}"
+    return names
+
+
+MAX_SEARCHED_GPUS = 3  # beyond this many GPUs: each device alone, and all of them with each one last (time)
+
+
+def candidate_orders(budgets: Sequence[Budget]) -> list[tuple[str, ...]]:
+    """The device orders worth trying besides the proportional split, as budget names: each device alone (the
+    largest first), then every subset of two or more devices with each of its members last (taking the output
+    layer), larger subsets after smaller ones. Pure."""
+    from itertools import combinations
+
+    gpus = [b for b in budgets if b.name != "CPU"]
+    if len(gpus) < 2:
+        return []
+    out: list[tuple[str, ...]] = [(b.name,) for b in sorted(gpus, key=lambda b: -b.usable_bytes)]
+    sizes = range(2, len(gpus) + 1) if len(gpus) <= MAX_SEARCHED_GPUS else [len(gpus)]
+    for size in sizes:
+        for subset in combinations([b.name for b in gpus], size):
+            for last in reversed(subset):
+                out.append((*(n for n in subset if n != last), last))
+    return out
+
+
+def _describe(order: tuple[str, ...], budgets: Sequence[Budget]) -> str:
+    left_out = [b.name for b in budgets if b.name != "CPU" and b.name not in order]
+    how = f"{order[0]} alone" if len(order) == 1 else ", ".join(order) + f" (output layer on {order[-1]})"
+    return how + (f", without {', '.join(left_out)}" if left_out and len(order) > 1 else "")
 
 
 def evaluate(
@@ -339,16 +414,21 @@ def evaluate(
     n_gpu_layers: int = -1,
     cpu_moe: bool = False,
     floor: str,
+    split: Split | None = None,
 ) -> Option:
-    """Estimate one candidate at one configuration and check it against every budget."""
+    """Estimate one candidate at one configuration (on `split`, default proportional over every GPU) and check it
+    against every budget."""
     gpu_budgets = [b for b in budgets if b.name != "CPU"]
     settings = policy.settings(n_ctx, n_gpu_layers=n_gpu_layers if gpu_budgets else 0, cpu_moe=cpu_moe)
-    result = estimate(facts, settings, gpus=layer_split(budgets))
+    gpus = layer_split(budgets, split)
+    result = estimate(facts, settings, gpus=gpus)
     needs = {d.name: d.total_bytes for d in result.devices}
-    if policy.vision and candidate.projector is not None and gpu_budgets:
-        first = gpu_budgets[0].name
+    # the projector: a separate mmproj file, or a vision encoder inside the GGUF (what Ollama loads as one)
+    projector = candidate.projector.size_bytes if candidate.projector is not None else facts.inline_vision_bytes
+    if policy.vision and projector and gpus:
+        first = gpus[0].name  # llama-server puts the projector on the first device it uses
         # projector weights plus its image-encoding compute; llama-server reserves both (memory-model.md §4)
-        needs[first] = needs.get(first, 0) + candidate.projector.size_bytes + candidate.projector.size_bytes // 2
+        needs[first] = needs.get(first, 0) + projector + projector // 2
     info = quant_info(candidate.quant, candidate.bits_per_weight)
     above = at_least(candidate.quant, floor, bits_per_weight=candidate.bits_per_weight)
     option = Option(
@@ -363,9 +443,92 @@ def evaluate(
         reason="",
         quality_rank=info.rank,
         above_floor=above,
+        split=split,
     )
     check_fit(option, budgets)
     return option
+
+
+def evaluate_placements(
+    candidate: Candidate,
+    facts: ModelFacts,
+    policy: Policy,
+    budgets: list[Budget],
+    *,
+    floor: str,
+    measured: Callable[[Option], Option] = lambda o: o,
+    **kwargs: Any,
+) -> Option:
+    """`evaluate` on the proportional split; when that does not fit and there are several GPUs, on the other
+    device orders (candidate_orders), each filled front to back (_fill): the placement that fits on the fewest
+    devices, the most headroom breaking ties. The proportional option when none fits. `measured` replaces
+    estimates with measured figures (make_plan's)."""
+    proportional = measured(evaluate(candidate, facts, policy, budgets, floor=floor, **kwargs))
+    if proportional.fits:
+        return proportional
+    usable = {b.name: b.usable_bytes for b in budgets}
+
+    def ev(split: Split) -> Option:
+        return measured(evaluate(candidate, facts, policy, budgets, floor=floor, split=split, **kwargs))
+
+    best: tuple[tuple[int, int], Option] | None = None
+    seen: set[tuple[tuple[str, ...], tuple[int, ...]]] = set()
+    ngl = kwargs.get("n_gpu_layers", -1)
+    act = facts.n_layer + 1 if ngl < 0 else min(ngl, facts.n_layer + 1)
+    for order in candidate_orders(budgets):
+        if best is not None and len(order) > best[0][0]:
+            break  # the orders come by size, and fewer devices win
+        split = _fill(order, act, ev, usable, budgets)
+        if split is None or (split.devices, split.weights) in seen:
+            continue
+        seen.add((split.devices, split.weights))
+        option = ev(split)
+        if not option.fits:
+            continue
+        headroom = min(usable[n] - option.needs.get(n, 0) for n in split.devices)
+        key = (len(split.devices), -headroom)
+        if best is None or key < best[0]:
+            best = (key, option)
+    if best is None:
+        return proportional
+    chosen = best[1]
+    weights = ",".join(str(g.split_weight) for g in layer_split(budgets))
+    chosen.placement_why = (
+        f"placed on {chosen.split.how if chosen.split else ''}: the proportional split over every GPU "
+        f"(-ts {weights}) {proportional.reason.removeprefix('fits: ')}"
+    )
+    return chosen
+
+
+def _fill(
+    order: tuple[str, ...],
+    act: int,
+    ev: Callable[[Split], Option],
+    usable: Mapping[str, int],
+    budgets: Sequence[Budget],
+) -> Split | None:
+    """Layer counts for `order` (its weights, so llama.cpp's split points fall exactly between layers): each device
+    but the last takes the most layers it holds, the last device the rest and the output layer. Devices left
+    with no layer are dropped (llama.cpp would still reserve a compute buffer on them). None when act is 0."""
+    if act < 1:
+        return None
+    counts: list[int] = []
+    remaining = act
+    for i, name in enumerate(order[:-1]):
+
+        def fits(c: int, i: int = i, name: str = name, remaining: int = remaining) -> bool:
+            # the devices between this one and the last wait with no layer; the last holds the rest
+            trial = (*counts, c, *([0] * (len(order) - i - 2)), remaining - c)
+            option = ev(Split(order, trial, ""))
+            return option.needs.get(name, 0) <= usable[name]
+
+        c = largest_true(fits, remaining - 1)
+        counts.append(c)
+        remaining -= c
+    counts.append(remaining)
+    kept = tuple(n for n, c in zip(order, counts, strict=True) if c)
+    weights = tuple(c for c in counts if c)
+    return Split(kept, weights, _describe(kept, budgets))
 
 
 def check_fit(option: Option, budgets: list[Budget]) -> None:
@@ -437,6 +600,8 @@ def make_plan(
     plan = _make_plan(model, candidates, budgets, policy, measured=measured)
     plan.measured = dict(measured or {})
     chosen = plan.chosen
+    if chosen is not None and chosen.placement_why:
+        plan.notes.append(chosen.placement_why)
     if chosen is not None and not chosen.above_floor and chosen.candidate.explicit:
         # the floor chooses among quants; it does not overrule a file the user named
         name = chosen.candidate.files[0].name if chosen.candidate.files else chosen.quant
@@ -445,6 +610,10 @@ def make_plan(
             f"parameters; running it because {chosen.candidate.explicit}"
         )
     return plan
+
+
+def _gpu_names(needs: Mapping[str, int]) -> set[str]:
+    return {name for name, nbytes in needs.items() if name != "CPU" and nbytes}
 
 
 def _make_plan(
@@ -467,15 +636,25 @@ def _make_plan(
 
     def with_measurement(option: Option) -> Option:
         needs = measured.get(MeasureKey.of(option)) if measured else None
-        return option if needs is None else apply_measurement(option, needs, budgets)
+        if needs is None:
+            return option
+        if _gpu_names(needs) == _gpu_names(option.needs):
+            return apply_measurement(option, needs, budgets)
+        # figures measured on other devices (another placement of the same configuration) only tell that it does
+        # not load: a failed launch is recorded as needing more than every device has
+        trial = apply_measurement(replace(option, needs=dict(option.needs)), needs, budgets)
+        return option if trial.fits else trial
 
     def evaluator(option: Option) -> Evaluator:
         def ev(**kwargs: Any) -> Option:
-            return with_measurement(evaluate(option.candidate, option.facts, policy, budgets, floor=floor, **kwargs))
+            return evaluate_placements(option.candidate, option.facts, policy, budgets, floor=floor,
+                                       measured=with_measurement, **kwargs)  # fmt: skip
 
         return ev
 
-    options = [with_measurement(evaluate(c, facts_of[id(c)], policy, budgets, floor=floor)) for c in usable]
+    options = [
+        evaluate_placements(c, facts_of[id(c)], policy, budgets, floor=floor, measured=with_measurement) for c in usable
+    ]
     options.sort(key=lambda o: (-o.quality_rank, o.candidate.size_bytes))
     where = "the GPU" + ("s" if sum(b.name != "CPU" for b in budgets) > 1 else "") if has_gpu else "system RAM"
     fitting = [o for o in options if o.fits and (o.above_floor or o.candidate.explicit)]

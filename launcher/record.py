@@ -77,6 +77,7 @@ def settings_key(policy: Policy) -> dict[str, Any]:
         "flash_attn": policy.flash_attn,
         "n_parallel": policy.n_parallel,
         "n_ubatch": policy.n_ubatch,
+        "n_batch": policy.n_batch,
         "vision": policy.vision,
         "all_logits": policy.all_logits,
         "swa_full": policy.swa_full,

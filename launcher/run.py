@@ -85,6 +85,7 @@ class RunResult:
     attempts: list[Attempt]
     warmup: dict[str, Any] = field(default_factory=dict)
     instance_name: str | None = None  # its record in launcher.instances (what `fitquant ps` lists)
+    speed: dict[str, Any] = field(default_factory=dict)  # speed_report: predicted beside measured tokens/s
 
     def to_json(self) -> dict[str, Any]:
         """The run contract (docs/run.schema.json)."""
@@ -114,6 +115,7 @@ class RunResult:
             "placement": self.placement.to_json(),
             "attempts": [a.to_json() for a in self.attempts],
             "warmup": dict(self.warmup),
+            "speed": dict(self.speed),
             "notes": list(self.plan.notes),
         }
 
@@ -150,31 +152,49 @@ def choose_backend(
     llama_server: str | None = None,
     rpc: Sequence[str] = (),
     ollama_host: str | None = None,
+    machine: HardwareSnapshot | None = None,
 ) -> Backend:
     """The backend to launch on, checked before anything is downloaded. auto: llama.cpp when a server is here
-    (exact flags, verified from its log), else Ollama. A named llama-server that is not executable or not a
-    llama-server is refused here in one line."""
+    (exact flags, verified from its log) that can reach this machine's GPUs, else Ollama. A named llama-server
+    that is not executable or not a llama-server, or a CPU-only llama.cpp server on a machine with a GPU, is
+    refused here in one line. `machine`: the machine the plan will use, whose GPUs the server must reach
+    (None: not checked; a machine described with no GPU needs none)."""
     from launcher.backends import load_backend
 
     if rpc and name not in ("auto", "llamacpp"):
         raise BackendError("--rpc is a llama.cpp option; use --backend llamacpp")
+
+    def cpu_only(backend: Backend) -> str | None:
+        from launcher.backends.llamacpp import LlamaCppBackend, gpu_reach_problem
+
+        if machine is None or not isinstance(backend, LlamaCppBackend) or backend.unavailable() is not None:
+            return None
+        gpus = [f"GPU{d.index} {d.name}" for d in machine.devices if d.kind not in ("rpc", "cpu")]
+        return gpu_reach_problem(backend.program, gpus)
+
     if name == "auto":
         llamacpp = load_backend("llamacpp", server=llama_server)
         if llama_server or rpc:
             require_backend(llamacpp)
+            if not rpc and (problem := cpu_only(llamacpp)) is not None:
+                raise BackendError(problem)  # the server named is the one to run: no other backend instead
             return llamacpp
-        if llamacpp.unavailable() is None:
+        problem = cpu_only(llamacpp) if llamacpp.unavailable() is None else None
+        if llamacpp.unavailable() is None and problem is None:
             return llamacpp
         ollama = load_backend("ollama", host=ollama_host)
         if ollama.unavailable() is None:
             return ollama
+        if problem is not None:
+            raise BackendError(problem)
         raise BackendError(f"no backend can run here: {llamacpp.unavailable()}; {ollama.unavailable()}")
     if name == "llamacpp":
         backend = load_backend(name, server=llama_server)
-    elif name == "ollama":
-        backend = load_backend(name, host=ollama_host)
-    else:
-        backend = load_backend(name)
+        require_backend(backend)
+        if not rpc and (problem := cpu_only(backend)) is not None:
+            raise BackendError(problem)
+        return backend
+    backend = load_backend(name, host=ollama_host) if name == "ollama" else load_backend(name)
     require_backend(backend)
     return backend
 
@@ -188,14 +208,60 @@ def planning_backend(name: str = "auto") -> Backend | None:
         return None
 
 
+def gpu_reach(machine: HardwareSnapshot, *, llama_server: str | None = None) -> dict[str, Any]:
+    """What `run` would find about the llama.cpp server here (`fitquant hw --doctor`): which server, the GPUs it can
+    offload to, and the one-line finding when it cannot reach this machine's GPUs (None when it can, or there is
+    no GPU to reach)."""
+    from launcher.backends.llamacpp import LlamaCppBackend, gpu_reach_problem, server_gpu_devices
+
+    backend = LlamaCppBackend(llama_server)
+    why = backend.unavailable()
+    if why is not None:
+        return {"server": None, "path": None, "gpu_devices": [], "finding": why}
+    program = backend.program
+    gpus = [f"GPU{d.index} {d.name}" for d in machine.devices if d.kind not in ("rpc", "cpu")]
+    return {
+        "server": program.kind,
+        "path": program.argv0[-1] if program.kind == "llama-cpp-python" else program.argv0[0],
+        "gpu_devices": list(server_gpu_devices(program)),
+        "finding": gpu_reach_problem(program, gpus),
+    }
+
+
 def require_backend(backend: Backend) -> None:
     why = backend.unavailable()
     if why:
         raise BackendError(why)
 
 
+def backend_and_machine(
+    name: str,
+    *,
+    llama_server: str | None = None,
+    rpc: Sequence[str] = (),
+    ollama_host: str | None = None,
+    vram: list[int] | None = None,
+    ram: int | None = None,
+    unified: int | None = None,
+    profile: Profile | None = None,
+) -> tuple[Backend, HardwareSnapshot, int | None]:
+    """The backend, the machine and the reserve for `run`, `serve` and the router, resolved in one place. The
+    machine comes first where it can (its GPUs decide whether a llama.cpp server that cannot reach them is
+    refused, or Ollama preferred); RPC devices are listed by the chosen llama-server, so then the backend comes
+    first."""
+    rpc = tuple(profile.rpc) if profile is not None and not rpc else tuple(rpc)
+    needs_server = bool(rpc) and vram is None and (profile is None or profile.devices is None)
+    if needs_server:
+        backend = choose_backend(name, llama_server=llama_server, rpc=rpc, ollama_host=ollama_host)
+        machine, reserve = run_machine(backend, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile)
+        return backend, machine, reserve
+    machine, reserve = run_machine(None, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile)
+    backend = choose_backend(name, llama_server=llama_server, rpc=rpc, ollama_host=ollama_host, machine=machine)
+    return backend, machine, reserve
+
+
 def run_machine(
-    backend: Backend,
+    backend: Backend | None,
     *,
     vram: list[int] | None = None,
     ram: int | None = None,
@@ -242,7 +308,14 @@ def server_policy(policy: Policy, backend: Backend | None) -> Policy:
         from launcher.hardware.cpu import cpu_features
 
         repack = cpu_repack_rules(*cpu_features())
-    return replace(policy, all_logits=memory.all_logits, swa_full=memory.swa_full, cpu_repack=repack)
+    return replace(
+        policy,
+        all_logits=memory.all_logits,
+        swa_full=memory.swa_full,
+        cpu_repack=repack,
+        n_batch=policy.n_ubatch if memory.batch_is_ubatch else policy.n_batch,
+        vision=policy.vision or memory.loads_projector,
+    )
 
 
 def read_api_key(
@@ -349,6 +422,8 @@ def start_planned(
                     max_attempts=spec.max_attempts, warmup=spec.warmup, progress=progress,
                     on_attempt=on_attempt, on_start=on_start)  # fmt: skip
     try:
+        if spec.warmup != "none":
+            result.speed = speed_report(result, machine)
         remember(machine, result, record.model_key(spec.model))
         result.instance_name = register(result, spec.shown_name)
     except BaseException:
@@ -491,8 +566,13 @@ def warm_up(
         return {"mode": "none"}
     started = time.monotonic()
     report: dict[str, Any] = {"mode": mode}
-    hello = _ask(instance, "Say hello.", max_tokens=8, timeout_s=timeout_s)
+    from launcher.speed import measured_speed
+
+    ollama = instance.backend == "ollama"
+    hello = _ask(instance, "Say hello.", max_tokens=SHORT_REPLY_TOKENS, timeout_s=timeout_s)
     report["short_reply"] = hello.text
+    # the server's own decode speed (the short prompt's prefill says little; the full fill's says more)
+    report["measured_tg_per_s"] = _rounded(measured_speed(hello, ollama=ollama).tg_per_s)
     if mode == "full":
         n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
         tokens = max(16, n_slot - 96)  # room for the chat template and the reply
@@ -515,11 +595,49 @@ def warm_up(
         report["filled_tokens"] = processed
         report["sent_tokens"] = counted
         report["full_reply"] = filled.text
+        report["measured_pp_per_s"] = _rounded(measured_speed(filled, ollama=ollama).pp_per_s)
     proc = instance.process
     if proc is not None and proc.poll() is not None:
         raise _warmup_failure(instance, f"the server exited (status {proc.returncode})", status=None)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
+
+
+SHORT_REPLY_TOKENS = 16  # the short warm-up: enough tokens for the server's decode speed to mean something
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]:
+    """Predicted decode and prefill tokens/s (launcher.speed) beside what the warm-up measured, and the finding when
+    a load on a GPU decodes far below its prediction (compute that probably ran on the CPU)."""
+    from launcher.speed import machine_speeds, predict
+
+    devices = machine_speeds(machine)
+    option = result.option
+    at_empty = predict(option, devices, 0)
+    at_depth = predict(option, devices, option.n_ctx // max(1, result.plan.policy.n_parallel))
+    measured_tg = result.warmup.get("measured_tg_per_s")
+    report: dict[str, Any] = {
+        "predicted_tg_per_s": _rounded(at_empty.tg_per_s),
+        "predicted_pp_per_s": _rounded(at_empty.pp_per_s),
+        "predicted_tg_per_s_at_depth": _rounded(at_depth.tg_per_s),
+        "measured_tg_per_s": measured_tg,
+        "measured_pp_per_s": result.warmup.get("measured_pp_per_s"),
+        "tg_ratio": round(measured_tg / at_empty.tg_per_s, 3) if measured_tg and at_empty.tg_per_s else None,
+        "finding": None,
+    }
+    on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
+    if on_gpu and report["tg_ratio"] is not None and report["tg_ratio"] < SLOW_DECODE_RATIO:
+        report["finding"] = (
+            f"slow: decode {measured_tg} tokens/s, predicted {report['predicted_tg_per_s']}: probable CPU fallback"
+        )
+    return report
+
+
+SLOW_DECODE_RATIO = 0.6  # a GPU load decoding under this share of its prediction is a finding, not a success
 
 
 def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float) -> ChatReply:
@@ -612,6 +730,7 @@ def record_entry(result: RunResult, model: str) -> dict[str, Any]:
         "devices": devices,
         "needs_bytes": needs,
         "predicted_bytes": dict(o.needs),
+        "speed": dict(result.speed),  # predicted and measured tokens/s: the next plan's calibration
     }
 
 

@@ -2,6 +2,7 @@
 
     placement_from_log(text, token_embd_bytes=...)   llama.cpp's load log -> Placement (pure)
     placement_from_ollama(entry, expected_ctx=...)   one /api/ps model entry -> Placement (pure)
+    placement_from_ollama_log(text, ...)             `ollama serve`'s log: its llama-server's command and load (pure)
     attach_prediction(placement, estimate.devices)   the plan's bytes beside the measured ones
     nvml_used_by_pid(pid)                            the server process's memory on each NVIDIA GPU (a probe)
     render_comparison(placement), summary_line(placement)   text for people
@@ -25,7 +26,9 @@ Ollama retry and a restart print earlier ones; llamalog splits them):
 - `cpu-only`: N == 0, or no GPU device at all (a CPU-only build prints `offloaded 49/49 layers to GPU` too).
 - `incomplete`: no offload line and no error: the log ends before the model was placed.
 
-Device names drop a bracketed suffix (`RPC0[127.0.0.1:50111]` -> `RPC0`); every host buffer is grouped into `CPU`.
+An RPC server's buffers (`RPC0[127.0.0.1:50112]`: every server calls its own device 0) go to the device the
+`using device RPCn (host:port)` lines list for that endpoint (`RPC1`); without such a line the bracket is dropped.
+Every host buffer is grouped into `CPU`.
 GPU devices come in the order of the log's `using device` lines, else by name (CUDA0, CUDA1, ...), then `CPU`.
 """
 
@@ -159,6 +162,7 @@ _OOM = re.compile(
     r"cudaMalloc failed|hipMalloc failed|failed to allocate|unable to allocate|allocation failed|"
     r"memory allocation of size \d{1,20} failed|allocating [\d.]{1,20} MiB .{0,200}?failed|not enough memory|"
     r"insufficient memory|unable to load full model on GPU|requires more system memory|"
+    r"reported out-of-memory during startup|"  # Ollama v0.33 (llm/llama_server.go WaitUntilRunning)
     r"more (?:system|gpu|video) memory|command buffer \d{1,9} failed with status 5",
     re.IGNORECASE,
 )
@@ -191,12 +195,37 @@ def strip_header(text: str) -> str:
     return "\n".join(lines[start:])
 
 
-def device_name(buffer_name: str) -> str:
-    """The device a buffer belongs to: `CUDA0_Mapped` -> `CUDA0`, `RPC0[127.0.0.1:50111]` -> `RPC0`, host -> `CPU`."""
+def device_name(buffer_name: str, endpoints: Mapping[str, str] | None = None) -> str:
+    """The device a buffer belongs to: `CUDA0_Mapped` -> `CUDA0`, host -> `CPU`, and an RPC server's buffer
+    `RPC0[127.0.0.1:50112]` -> the device listed for that endpoint in `endpoints` (rpc_endpoints: `RPC1`), since
+    every server names its own device 0; without the endpoint listed, the name without the bracket (`RPC0`)."""
     gpu = llamalog.gpu_device(buffer_name)
     if gpu is None:
         return "CPU"
+    bracket = _BRACKET.search(gpu)
+    if bracket is not None and endpoints and bracket.group()[1:-1] in endpoints:
+        return endpoints[bracket.group()[1:-1]]
+    if endpoints and gpu in endpoints:  # a GPU named by its description (older Vulkan builds): its device
+        return endpoints[gpu]
     return _BRACKET.sub("", gpu) or gpu
+
+
+def rpc_endpoints(log: LlamaLog) -> dict[str, str]:
+    """host:port -> device name (`127.0.0.1:50112` -> `RPC1`) from the load's `using device RPCn (host:port)` lines.
+    Pure."""
+    found = {}
+    for device in log.devices:
+        if device.name.startswith("RPC"):
+            endpoint = device.description.split(")", 1)[0].strip()
+            if endpoint:
+                found[endpoint] = device.name
+    return found
+
+
+def _unique_descriptions(named: Mapping[str, str]) -> dict[str, str]:
+    """Description -> device name, for the descriptions that name one device only (two identical GPUs share a
+    description: their buffers cannot be told apart by it, and keep the name they were printed with)."""
+    return {description: name for description, name in named.items() if name}
 
 
 def last_load_lines(text: str) -> list[str]:
@@ -300,8 +329,9 @@ def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Pla
 def _devices(log: LlamaLog) -> tuple[list[DevicePlacement], int]:
     by_name: dict[str, DevicePlacement] = {}
     host_model = 0
+    endpoints = {**rpc_endpoints(log), **_unique_descriptions(log.vulkan_devices)}
     for buffer in log.buffers:
-        name = device_name(buffer.name)
+        name = device_name(buffer.name, endpoints)
         device = by_name.setdefault(name, DevicePlacement(name, is_gpu=name != "CPU"))
         nbytes = round(buffer.mib * MiB)
         if buffer.kind == "model":
@@ -328,14 +358,18 @@ def _devices(log: LlamaLog) -> tuple[list[DevicePlacement], int]:
     return sorted(by_name.values(), key=order), host_model
 
 
-# bytes per value of the ggml types a token embedding table has (ggml.c type_traits: block bytes / block size)
-_TYPE_BYTES: dict[str, float] = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k": 176 / 256, "q4_k": 144 / 256,
-    "q3_k": 110 / 256, "q2_k": 84 / 256, "q5_0": 22 / 32, "q5_1": 24 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-    "iq4_nl": 18 / 32, "iq4_xs": 136 / 256, "iq3_s": 110 / 256, "iq3_xxs": 98 / 256, "iq2_s": 82 / 256,
-    "iq2_xs": 74 / 256, "iq2_xxs": 66 / 256, "iq1_m": 56 / 256, "iq1_s": 50 / 256, "tq1_0": 54 / 256,
-    "tq2_0": 66 / 256, "mxfp4": 17 / 32,
-}  # fmt: skip
+def _type_bytes(name: str) -> float | None:
+    """Bytes per value of a ggml type by name ("q8_0" -> 34/32), from the type table the GGUF parser uses."""
+    from launcher.gguf.header import GGML_TYPE_NAMES, GGML_TYPE_SIZES
+
+    wanted = name.strip().upper()
+    for type_id, type_name in GGML_TYPE_NAMES.items():
+        if type_name.upper() == wanted and type_id in GGML_TYPE_SIZES:
+            block_size, type_size = GGML_TYPE_SIZES[type_id]
+            return type_size / block_size
+    return None
+
+
 # The input layer: what a full offload keeps on the host (llama.cpp's dev_input is the CPU).
 _INPUT_TENSORS = ("token_embd.weight", "per_layer_token_embd.weight", "token_types.weight")
 _EXPERTS = re.compile(r"ffn_\w{0,20}_(?:ch)?exps")
@@ -346,8 +380,9 @@ def _embedding_bytes_per_value(log: LlamaLog) -> tuple[float, str]:
     bound from the file type (quantizing keeps token_embd at the file's main type, Q6_K when tied to the output,
     or Q8_0 when its rows do not fit the k-quant blocks; nothing above Q8_0 unless asked), else 32 bits."""
     printed = log.tensor_types.get("token_embd.weight")
-    if printed is not None and printed.lower() in _TYPE_BYTES:
-        return _TYPE_BYTES[printed.lower()], f"token_embd is {printed}"
+    printed_bytes = _type_bytes(printed) if printed is not None else None
+    if printed_bytes is not None:
+        return printed_bytes, f"token_embd is {printed}"
     ftype = (log.file_type or "").upper().replace("MOSTLY", "").strip()
     head = ftype.split()[0] if ftype.split() else ""
     if head in ("F32", "ALL") or "F32" in head:
@@ -355,7 +390,7 @@ def _embedding_bytes_per_value(log: LlamaLog) -> tuple[float, str]:
     if head in ("F16", "BF16"):
         return 2.0, f"file type {log.file_type}: at most 16 bits"
     if re.match(r"^(?:I?Q\d|TQ\d)", head):
-        return _TYPE_BYTES["q8_0"], f"file type {log.file_type}: at most Q8_0"
+        return 34 / 32, f"file type {log.file_type}: at most Q8_0"  # Q8_0: 34 bytes per block of 32
     if "MXFP4" in head:
         return 2.0, f"file type {log.file_type}: at most 16 bits"
     if head:
@@ -658,6 +693,38 @@ def placement_from_ollama(entry: Mapping[str, Any], *, expected_ctx: int | None 
     if expected_ctx is not None and n_ctx is not None and n_ctx != expected_ctx:
         placement.context_mismatch = True
         placement.reason += f"; context {n_ctx}, not the {expected_ctx} asked for"
+    return placement
+
+
+def placement_from_ollama_log(
+    text: str, *, token_embd_bytes: int | None = None, expected_ctx: int | None = None
+) -> Placement | None:
+    """Where the llama-server that `ollama serve` started last put the model, from Ollama's own log: the
+    `starting llama-server cmd=...` line, then llama.cpp's offload and buffer lines read by placement_from_log. The
+    KV cache type, flash attention, context and batch are the command line's (a flag Ollama did not pass is
+    llama-server's default: an f16 cache). `expected_ctx`: the context per slot asked for. None when the log holds
+    no launch line (an Ollama before v0.30, or a log cut short). Pure."""
+    found = llamalog.last_ollama_launch(text)
+    if found is None:
+        return None
+    launch, after = found
+    placement = placement_from_log(after, token_embd_bytes=token_embd_bytes)
+    placement.type_k = launch.type_k or "f16"
+    placement.type_v = launch.type_v or "f16"
+    if launch.flash_attn in ("on", "off"):
+        placement.flash_attn = launch.flash_attn == "on"
+    if launch.n_ubatch is not None:
+        placement.n_ubatch = launch.n_ubatch
+    if launch.n_parallel is not None:
+        placement.n_slots = launch.n_parallel
+    if launch.n_ctx is not None and placement.n_ctx is None:
+        placement.n_ctx = launch.n_ctx
+    if placement.n_ctx_per_slot is None and placement.n_ctx is not None:
+        placement.n_ctx_per_slot = placement.n_ctx // max(1, placement.n_slots or 1)
+    placement.expected_ctx = expected_ctx
+    if expected_ctx is not None and placement.n_ctx_per_slot is not None and placement.n_ctx_per_slot != expected_ctx:
+        placement.context_mismatch = True
+        placement.reason += f"; context {placement.n_ctx_per_slot} per slot, not the {expected_ctx} asked for"
     return placement
 
 

@@ -53,6 +53,8 @@ GiB = 1024**3
 N_LAYER = 4
 ALL = N_LAYER + 1
 CTX = 16384
+# the plan's options: per-slot context, every layer, the plan's ubatch (not Ollama's automatic batch), no draft model
+OPTIONS = {"num_ctx": CTX, "num_gpu": ALL, "num_batch": 512, "draft_num_predict": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,11 +108,12 @@ def fetched_option(backend: OllamaBackend, plan: Plan) -> Option:
 
 
 def buffers_size(option: Option, plan: Plan, kv: str) -> int:
-    """What Ollama's `size` is for `option` with a `kv` cache, computed here from the estimate directly."""
+    """What Ollama's `size` is for `option` at a full offload with a `kv` cache (the GPU's buffers alone: MemorySize
+    leaves the host out then), computed here from the estimate directly."""
     settings = option.estimate.settings
     fa = "on" if kv != "f16" else settings.flash_attn
     e = estimate(option.facts, replace(settings, type_k=kv, type_v=kv, flash_attn=fa), gpus=layer_split(plan.budgets))
-    return e.total_bytes - e.overhead_bytes
+    return sum(d.total_bytes - d.overhead_bytes for d in e.devices if d.name != "CPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,8 +124,28 @@ def test_launch_form_is_the_plans_ollama_form(tiny: Candidate) -> None:
     plan = make_test_plan([tiny])
     form = OllamaBackend(host="127.0.0.1:1").launch_form(plan)
     assert form == ollama_form(plan)
-    assert form["options"] == {"num_ctx": CTX, "num_gpu": ALL}
-    assert form["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1"}
+    assert form["options"] == OPTIONS
+    assert form["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1",
+                           "OLLAMA_CONTEXT_LENGTH": str(CTX)}  # fmt: skip
+    assert form["modelfile"].splitlines()[1:] == [f"PARAMETER num_ctx {CTX}", f"PARAMETER num_gpu {ALL}",
+                                                  "PARAMETER num_batch 512", "PARAMETER draft_num_predict 0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("vram", [[8 * GiB], [8 * GiB, 8 * GiB]])
+def test_the_service_drop_in_sets_what_the_backend_assumes(tmp_path: Path, vram: list[int]) -> None:
+    """The systemd drop-in for Ollama renders the server environment the backend starts its own server with; on
+    several GPUs that includes OLLAMA_SCHED_SPREAD (else Ollama puts a model it thinks fits on one GPU)."""
+    from launcher.service.units import ollama_dropin_env
+
+    budgets = budgets_for(describe_machine(vram=vram).devices, ram_available_bytes=None, reserve_bytes=0)
+    plan = make_plan("tiny", [tiny_candidate(tmp_path)], budgets, Policy(n_ctx=CTX, type_k="q8_0", type_v="q8_0"))
+    assert plan.chosen is not None
+    env = ollama_form(plan)["env"]
+    spread = len([d for d in plan.chosen.estimate.devices if d.name != "CPU" and d.layers]) > 1
+    assert ("OLLAMA_SCHED_SPREAD" in env) == spread == (len(vram) > 1)
+    dropin = ollama_dropin_env(kv_type=plan.policy.type_k, flash_attn=plan.chosen.estimate.flash_attn,
+                               context_length=CTX, num_parallel=plan.policy.n_parallel, sched_spread=spread)  # fmt: skip
+    assert dropin == env
 
 
 def test_plan_json_launch_forms_come_from_each_backend_and_touch_no_server(
@@ -224,9 +247,18 @@ def test_local_gguf_is_uploaded_as_a_blob_and_created(
     ]
     assert stub.models["fitquant/tiny:q4_k_m"]["details"]["family"] == "llama"  # the stub read the uploaded GGUF
 
-    # again: the server has the blob (HEAD 200), so nothing is uploaded twice
+    # again, from another backend (another run): the model is created once, since Ollama rewrites a whole GGUF on
+    # every create from files; nothing is hashed, checked or uploaded
+    assert OllamaBackend(host=stub.url).fetch(tiny, progress=False).ollama_model == "fitquant/tiny:q4_k_m"
+    os.utime(path)  # touched, not changed: hashed again, still the same model
+    assert OllamaBackend(host=stub.url).fetch(tiny, progress=False).ollama_model == "fitquant/tiny:q4_k_m"
+    assert [m for m, p, _ in stub.requests if p.startswith("/api/blobs/")] == ["HEAD", "POST"]
+    assert stub.creates == ["fitquant/tiny:q4_k_m"]
+    # the model removed from the server (ollama rm): created again from the blob it still has
+    stub.models.pop("fitquant/tiny:q4_k_m")
     backend.fetch(tiny, progress=False)
     assert [m for m, p, _ in stub.requests if p.startswith("/api/blobs/")] == ["HEAD", "POST", "HEAD"]
+    assert stub.creates == ["fitquant/tiny:q4_k_m"] * 2
 
 
 def test_a_file_that_does_not_match_its_published_hash_is_refused(
@@ -238,10 +270,21 @@ def test_a_file_that_does_not_match_its_published_hash_is_refused(
     assert stub.bodies("/api/create") == []
 
 
-def test_split_ggufs_are_refused_and_ollama_local_models_are_there(backend: OllamaBackend, tiny: Candidate) -> None:
-    shards = tuple(CandidateFile(f"x-0000{i}-of-00002.gguf", 1, url=f"https://example.invalid/{i}") for i in (1, 2))
-    with pytest.raises(BackendError, match=r"2 split GGUF files .* use --backend llamacpp"):
-        backend.fetch(replace(tiny, source="huggingface", files=shards), progress=False)
+def test_a_split_gguf_is_created_from_its_shards_and_ollama_local_models_are_there(
+    stub: OllamaApiServer, backend: OllamaBackend, tiny: Candidate, tmp_path: Path
+) -> None:
+    """Ollama merges `-NNNNN-of-MMMMM.gguf` files given to /api/create (create.go mergeSplitGGUFLayers)."""
+    whole = Path(str(tiny.files[0].local_path))
+    first, second = tmp_path / "tiny-Q4_K_M-00001-of-00002.gguf", tmp_path / "tiny-Q4_K_M-00002-of-00002.gguf"
+    first.write_bytes(whole.read_bytes())
+    second.write_bytes(b"the second shard's tensors")
+    shards = tuple(CandidateFile(f.name, f.stat().st_size, local_path=str(f)) for f in (first, second))
+    fetched = backend.fetch(replace(tiny, files=shards), progress=False)
+    assert fetched.ollama_model == "fitquant/tiny:q4_k_m"
+    [create] = stub.bodies("/api/create")
+    assert sorted(create["files"]) == [first.name, second.name]
+    model = stub.models["fitquant/tiny:q4_k_m"]
+    assert model["details"]["family"] == "llama" and model["size"] == first.stat().st_size + second.stat().st_size
     present = replace(tiny, source="ollama-local", ollama_model="tiny:latest")
     assert backend.fetch(present) is present
 
@@ -284,19 +327,23 @@ def test_start_loads_with_the_plans_options_and_verifies_on_the_gpu(
 ) -> None:
     plan = make_test_plan([tiny])
     option = fetched_option(backend, plan)
+    stub.env = {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1"}  # a server set up as the plan says
     instance = backend.start(plan, option, LaunchRequest(), log_dir=tmp_path / "logs")
-    assert loads(stub) == [{"model": "fitquant/tiny:q4_k_m", "stream": False,
-                            "options": {"num_ctx": CTX, "num_gpu": ALL}, "keep_alive": -1.0}]  # fmt: skip
+    served = f"fitquant/tiny:q4_k_m-c{CTX}-g{ALL}-b512"
+    assert loads(stub) == [{"model": served, "stream": False,
+                            "options": OPTIONS, "keep_alive": -1.0}]  # fmt: skip
     assert "prompt" not in loads(stub)[0]
-    # the created model carries the plan's parameters, for a later `ollama run`
-    assert stub.bodies("/api/create")[-1]["parameters"] == {"num_ctx": CTX, "num_gpu": ALL}
+    # the model served is derived from the created one (no blob copied) and carries the plan's parameters, for a
+    # request without options and a later `ollama run`
+    assert stub.bodies("/api/create")[-1] == {"model": served, "from": "fitquant/tiny:q4_k_m", "stream": True,
+                                              "parameters": OPTIONS}  # fmt: skip
     assert (instance.backend, instance.server, instance.version) == ("ollama", "ollama", "0.33.0")
-    assert instance.endpoint == f"{stub.url}/v1" and instance.model_name == "fitquant/tiny:q4_k_m"
+    assert instance.endpoint == f"{stub.url}/v1" and instance.model_name == served
     assert instance.pid is None and instance.process is None and instance.port == stub.port
     backend.wait_ready(instance, 5)
 
     placement = backend.placement(instance, option)
-    entry = stub.loaded["fitquant/tiny:q4_k_m"]
+    entry = stub.loaded[served]
     assert entry["size_vram"] == entry["size"]
     assert placement.verdict == "gpu", placement.reason
     assert placement.source == "ollama"
@@ -309,11 +356,12 @@ def test_start_loads_with_the_plans_options_and_verifies_on_the_gpu(
     # the model answers through Ollama's own chat API with the options it was loaded with (no reload)
     from launcher.chat import complete
 
-    before = len(loads(stub))
+    before = len(stub.loads)
     assert "".join(complete(instance, [{"role": "user", "content": "hi"}], max_tokens=8)) == "Hello from the stub."
     chat = stub.bodies("/api/chat")[-1]
-    assert chat["options"] == {"num_ctx": CTX, "num_gpu": ALL, "num_predict": 8} and chat["keep_alive"] == -1.0
-    assert len(loads(stub)) == before
+    assert chat["options"] == {**OPTIONS, "num_predict": 8}
+    assert chat["keep_alive"] == -1.0
+    assert len(stub.loads) == before
     backend.stop(instance)
 
 
@@ -327,6 +375,25 @@ def test_openai_compatible_endpoint_of_the_stub(stub: OllamaApiServer) -> None:
     assert r.headers["content-type"] == "text/event-stream" and lines[-1] == "data: [DONE]"
     pieces = [json.loads(line[5:])["choices"][0]["delta"]["content"] for line in lines[:-1]]
     assert "".join(pieces) == "Hello from the stub."
+
+
+def test_the_stubs_errors_are_ollamas(stub: OllamaApiServer) -> None:
+    """A bad request is a 400, an unknown model a 404, and an error once a stream has started an `{"error"}` line
+    after a 200 (NDJSON) or an error event (SSE)."""
+    stub.add_model("m:1b")
+    chat = {"model": "m:1b", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{stub.url}/api/chat", json={**chat, "model": ""})
+    assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+    assert httpx.post(f"{stub.url}/api/chat", json={**chat, "options": [1]}).status_code == 400
+    assert httpx.post(f"{stub.url}/api/generate", json={"model": "nosuch"}).status_code == 404
+    stub.stream_error = "llama-server process has terminated: exit status 2"
+    with httpx.stream("POST", f"{stub.url}/api/chat", json=chat) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[0]["message"]["content"] == "Hello"
+    assert lines[1:] == [{"error": stub.stream_error}]
+    with httpx.stream("POST", f"{stub.url}/v1/chat/completions", json={**chat, "stream": True}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[-1]["error"]["message"] == stub.stream_error
 
 
 def test_partial_offload_is_reported_as_a_spill(
@@ -353,6 +420,19 @@ def test_partial_offload_is_reported_as_a_spill(
         ("llama runner process has terminated: cudaMalloc failed: out of memory", "oom"),
         ("unable to load full model on GPU", "oom"),
         ("llama runner process has terminated: exit status 2", "crash"),
+        # Ollama v0.33's texts (llm/llama_server.go WaitUntilRunning), llama-server's captured lines after them
+        ("llama-server reported out-of-memory during startup: CUDA0 compute buffer: see the log", "oom"),
+        (
+            "llama-server process has terminated: exit status 1: cudaMalloc failed: out of memory\n"
+            "error loading model: unable to allocate CUDA0 buffer",
+            "oom",
+        ),
+        ("llama-server process has terminated: exit status 1: error loading model: invalid magic", "crash"),
+        (
+            "llama-server process has terminated: exit status 1: llama_init_from_model: V cache quantization "
+            "requires flash_attn",
+            "crash",
+        ),
     ],
 )
 def test_load_errors_are_classified(
@@ -364,7 +444,7 @@ def test_load_errors_are_classified(
     with pytest.raises(AttemptFailed) as failed:
         backend.start(plan, option, LaunchRequest(), log_dir=tmp_path)
     assert failed.value.outcome == outcome
-    assert error in failed.value.detail and "\n" not in failed.value.detail
+    assert " ".join(error.split()) in failed.value.detail and "\n" not in failed.value.detail
     assert stub.loaded == {}
 
 
@@ -403,7 +483,7 @@ def test_an_f16_server_is_diagnosed_when_q8_0_was_planned(
     option = fetched_option(backend, plan)
     f16, q8 = buffers_size(option, plan, "f16"), buffers_size(option, plan, "q8_0")
     assert f16 - q8 > 0.1 * f16  # the tiny model's KV cache is a good part of it at this context
-    assert kv_type_sizes(option, layer_split(plan.budgets))["f16"] == f16
+    assert kv_type_sizes(option, layer_split(plan.budgets), gpu_only=True)["f16"] == f16
 
     stub.load_size = f16  # the server's global OLLAMA_KV_CACHE_TYPE is unset: f16
     instance = backend.start(plan, option, LaunchRequest(), log_dir=tmp_path)
@@ -424,6 +504,96 @@ def test_an_f16_server_is_diagnosed_when_q8_0_was_planned(
     backend.stop(instance)
 
 
+def test_a_system_ollama_at_full_offload_is_compared_on_the_gpu_side(
+    stub: OllamaApiServer, backend: OllamaBackend, tiny: Candidate, tmp_path: Path
+) -> None:
+    """/api/ps `size` at a full offload is the GPU's buffers alone (MemorySize): the plan's GPU side is compared,
+    and the server's KV cache type is inferred from it (the stub's sizes are its own llama-server's buffers)."""
+    plan = make_test_plan([tiny], kv="q8_0")
+    option = fetched_option(backend, plan)
+    for env, inferred in (({}, "f16"), ({"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1"}, "q8_0")):
+        stub.env = env
+        instance = backend.start(plan, option, LaunchRequest(), log_dir=tmp_path)
+        placement = backend.placement(instance, option)
+        entry = stub.loaded[instance.model_name]
+        assert entry["size"] == entry["size_vram"] and placement.verdict == "gpu"
+        assert [d.name for d in placement.devices if d.predicted_bytes is not None] == ["GPU"]  # no host side
+        assert instance.extra["kv_type_inferred"] == inferred
+        assert (instance.extra["kv_type_note"] is None) == (inferred == "q8_0")
+        backend.stop(instance)
+
+
+def test_infer_kv_type_says_it_cannot_tell_beyond_the_predictions() -> None:
+    sizes = {"q8_0": 39_600, "f16": 57_200, "q4_0": 31_600}
+    assert infer_kv_type(26_600, sizes) is None  # below every prediction: compute may be off as much as the cache
+    assert infer_kv_type(30_000, sizes) == "q4_0" and infer_kv_type(41_000, sizes) == "q8_0"
+
+
+def test_an_explicit_num_gpu_that_does_not_fit_fails_with_llama_servers_oom(
+    stub: OllamaApiServer, backend: OllamaBackend, tiny: Candidate, tmp_path: Path
+) -> None:
+    """num_gpu set: Ollama passes -ngl and llama-server fails the load; there is no partial fallback."""
+    plan = make_test_plan([tiny])
+    option = fetched_option(backend, plan)
+    stub.gpu_free_bytes = 16 * MiB  # the plan needs about 40 MiB of it
+    with pytest.raises(AttemptFailed) as failed:
+        backend.start(plan, option, LaunchRequest(), log_dir=tmp_path)
+    assert failed.value.outcome == "oom"
+    assert "llama-server process has terminated: exit status 1: cudaMalloc failed: out of memory" in failed.value.detail
+    assert stub.loaded == {}
+    r = httpx.post(f"{stub.url}/api/generate", json={"model": "fitquant/tiny:q4_k_m", "options": {"num_gpu": -1}})
+    assert r.status_code == 200  # automatic: llama.cpp's fit puts fewer layers on the GPU instead
+    entry = stub.loaded["fitquant/tiny:q4_k_m"]
+    assert 0 < entry["size_vram"] < entry["size"]
+    r = httpx.post(f"{stub.url}/api/generate", json={"model": "fitquant/tiny:q4_k_m", "options": {"num_gpu": 0}})
+    entry = stub.loaded["fitquant/tiny:q4_k_m"]
+    assert r.status_code == 200 and entry["size_vram"] == 0 < entry["size"]  # CPU only
+
+
+def test_a_quantized_cache_without_flash_attention_fails_the_load(
+    stub: OllamaApiServer, backend: OllamaBackend, tiny: Candidate, tmp_path: Path
+) -> None:
+    """Ollama v0.33 passes OLLAMA_KV_CACHE_TYPE as it is: no fallback to f16, llama.cpp refuses the context."""
+    plan = make_test_plan([tiny])
+    option = fetched_option(backend, plan)
+    stub.env = {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "0"}
+    with pytest.raises(AttemptFailed) as failed:
+        backend.start(plan, option, LaunchRequest(), log_dir=tmp_path)
+    assert failed.value.outcome == "crash"
+    assert "V cache quantization requires flash_attn" in failed.value.detail
+
+
+def test_oom_line_classifies_ollama_v033_load_errors() -> None:
+    from launcher.verify import oom_line
+
+    assert oom_line(["llama-server reported out-of-memory during startup: compute buffer"]) is not None
+    assert oom_line(["llama-server process has terminated: exit status 1: cudaMalloc failed: out of memory"])
+    assert oom_line(["llama-server process has terminated: exit status 1: error loading model: bad magic"]) is None
+
+
+def test_the_llama_server_launch_is_read_from_ollamas_log() -> None:
+    from launcher.llamalog import ollama_launch
+    from launcher.verify import placement_from_ollama_log
+
+    line = ('time=2026-08-21T10:00:00.000Z level=INFO source=llama_server.go:433 msg="starting llama-server" '
+            'cmd="/usr/lib/ollama/llama-server --model /m/blobs/sha256-ab --port 4 -c 16384 -np 2 --flash-attn auto '
+            '-b 1024 -ub 1024"')  # fmt: skip
+    launch = ollama_launch(line)
+    assert launch is not None and launch.model_path == "/m/blobs/sha256-ab"
+    assert (launch.n_ctx, launch.n_parallel, launch.n_ubatch, launch.flash_attn) == (16384, 2, 1024, "auto")
+    assert (launch.type_k, launch.n_gpu_layers) == (None, None)  # not passed: llama-server's defaults
+    earlier = line.replace("-ub 1024", "-ub 512") + "\nload_tensors: offloaded 3/5 layers to GPU\n"
+    body = ("load_tensors: offloaded 5/5 layers to GPU\n"
+            "load_tensors:        CUDA0 model buffer size =   100.00 MiB\n")  # fmt: skip
+    placement = placement_from_ollama_log(earlier + line + "\n" + body, expected_ctx=4096)
+    assert placement is not None and placement.verdict == "gpu", placement.reason
+    assert (placement.type_k, placement.n_ubatch, placement.n_slots) == ("f16", 1024, 2)  # the last launch's
+    assert placement.n_ctx_per_slot == 8192 and placement.context_mismatch
+    assert placement_from_ollama_log(body) is None  # no launch line: not Ollama's log (or before v0.30)
+    mtp = ollama_launch(line.replace(" -b 1024", " --spec-type mtp --spec-draft-n-max 4 -b 1024"))
+    assert mtp is not None and mtp.draft and not launch.draft
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stopping, unreachable servers
 
@@ -437,7 +607,7 @@ def test_stop_unloads_waits_for_the_expiry_and_is_idempotent(
     stub.unload_delay_s = 0.3  # an unload is an expiry: /api/ps still lists the model for a while
     backend.stop(instance)
     unloads = [b for b in stub.bodies("/api/generate") if b.get("keep_alive") == 0]
-    assert unloads == [{"model": "fitquant/tiny:q4_k_m", "stream": False, "keep_alive": 0.0}]
+    assert unloads == [{"model": instance.model_name, "stream": False, "keep_alive": 0.0}]
     assert stub.loaded == {}  # stop() returned only once the model was gone
     count = len(stub.requests)
     backend.stop(instance)
@@ -508,10 +678,68 @@ def test_run_loop_steps_down_after_an_ollama_oom(stub: OllamaApiServer, backend:
         assert [a.outcome for a in result.attempts] == ["oom", "verified"]
         assert result.option.quant == "Q4_K_M" and result.placement.verdict == "gpu"
         assert result.warmup["short_reply"] == "Hello from the stub."
-        assert list(stub.loaded) == ["fitquant/tiny:q4_k_m"]
+        assert list(stub.loaded) == [result.instance.model_name]
+        assert stub.models[result.instance.model_name]["from"] == "fitquant/tiny:q4_k_m"
     finally:
         backend.stop(result.instance)
     assert stub.loaded == {}
+
+
+@pytest.mark.parametrize("source", ["local", "registry"])
+def test_requests_without_options_keep_the_verified_model(
+    stub: OllamaApiServer, tiny: Candidate, tmp_path: Path, source: str
+) -> None:
+    """What `run` advertises (endpoint, model name) carries the plan: an OpenAI-style request and an /api/chat
+    without options neither reload the model (Ollama's needsReload) nor change its context; for a pulled registry
+    model (no num_ctx of its own) as for a created local one."""
+    from launcher.run import launch
+
+    if source == "registry":
+        stub.add_registry_model("tiny:1b")
+        tiny = replace(tiny, source="ollama", ollama_model="tiny:1b")
+    backend = OllamaBackend(host=stub.url)
+    plan = make_test_plan([tiny])
+    assert stub.server_default_context() != CTX  # a reload with the server's default would show
+    result = launch(plan, backend, LaunchRequest(), log_dir=tmp_path / "logs", progress=False)
+    try:
+        inst = result.instance
+        assert result.placement.verdict == "gpu", result.placement.reason
+        loads = [opts for name, opts in stub.loads if same_model(name, inst.model_name)]
+        assert len(loads) == 1, loads  # the warm-up (through /v1) did not reload it either
+        assert loads[0]["num_ctx"] == CTX and loads[0]["num_gpu"] == ALL
+        assert loads[0]["num_batch"] == plan.policy.n_ubatch  # not Ollama's automatic 1024 for a 16k context
+        body = {"model": inst.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{inst.endpoint}/chat/completions", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        base = inst.endpoint.removesuffix("/v1")
+        body = {"model": inst.model_name, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        r = httpx.post(f"{base}/api/chat", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        assert len([n for n, _ in stub.loads if same_model(n, inst.model_name)]) == 1
+        [entry] = httpx.get(f"{base}/api/ps", timeout=10).json()["models"]
+        assert entry["context_length"] == CTX
+    finally:
+        backend.stop(result.instance)
+
+
+def test_the_faithful_stub_reloads_on_other_options(stub: OllamaApiServer) -> None:
+    """The stub's scheduler, as Ollama's: no num_ctx means the server's default (a reload of a model loaded with
+    another), a derived model's parameters are its defaults, keep_alive resets to the default on every request."""
+    stub.add_model("m:1b")
+    chat = {"model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    assert httpx.post(f"{stub.url}/api/chat", json={**chat, "options": {"num_ctx": 8192},
+                                                      "keep_alive": -1}).status_code == 200  # fmt: skip
+    assert stub.loaded["m:1b"]["keep_alive_s"] == float("inf")
+    assert httpx.post(f"{stub.url}/v1/chat/completions", json=chat).status_code == 200
+    assert [o["num_ctx"] for _, o in stub.loads] == [8192, 4096]  # reloaded with the default context
+    assert stub.loaded["m:1b"]["keep_alive_s"] == 300.0 and stub.loaded["m:1b"]["options"]["num_batch"] == 512
+    r = httpx.post(f"{stub.url}/api/create", json={"model": "m:derived", "from": "m:1b", "stream": False,
+                                                    "parameters": {"num_ctx": 8192, "num_batch": 256}})  # fmt: skip
+    assert r.json() == {"status": "success"} and stub.models["m:derived"]["files"] == stub.models["m:1b"]["files"]
+    for _ in range(2):
+        assert httpx.post(f"{stub.url}/v1/chat/completions", json={**chat, "model": "m:derived"}).status_code == 200
+    assert [(n, o["num_ctx"], o["num_batch"]) for n, o in stub.loads[2:]] == [("m:derived", 8192, 256)]
+    assert httpx.post(f"{stub.url}/api/create", json={"model": "x", "from": "nosuch"}).status_code == 404
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,15 +802,130 @@ def test_starts_its_own_ollama_serve_with_the_plans_environment_and_stops_it(
         )
         assert all(_gone(pid, 0.1) for pid in envs if pid != instance.pid)
         assert os.getpgid(instance.pid) == instance.pid  # its own process group
+        assert (env["OLLAMA_CONTEXT_LENGTH"], env["OLLAMA_KEEP_ALIVE"]) == (str(CTX), "-1")
         backend.wait_ready(instance, 10)
         placement = backend.placement(instance, option)
-        assert placement.verdict == "gpu", placement.reason
+        # verified from `ollama serve`'s own log: the llama-server command line it ran, then llama.cpp's lines
+        assert placement.source == "log" and placement.verdict == "gpu", placement.reason
+        assert (placement.layers_on_gpu, placement.layers_total) == (ALL, ALL)
+        assert (placement.type_k, placement.type_v, placement.flash_attn) == ("q8_0", "q8_0", True)
+        assert (placement.n_ubatch, placement.n_ctx_per_slot, placement.context_mismatch) == (512, CTX, False)
+        [gpu] = placement.gpu_devices
+        assert gpu.name == "CUDA0" and gpu.model_bytes > 0 and gpu.kv_bytes > 0 and gpu.compute_bytes > 0
+        assert gpu.predicted is not None and gpu.predicted["model"] > 0
         assert instance.extra["kv_type_note"] is None
     finally:
         backend.stop(instance)
     assert _gone(instance.pid), "ollama serve outlived stop()"
     assert all(_gone(pid) for pid in envs)
     backend.stop(instance)  # idempotent
+
+
+def test_fitquant_run_on_its_own_ollama_serve_verifies_from_the_log(
+    tiny: Candidate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fitquant run MODEL --backend ollama` end to end on a fake `ollama` (the stub): plan, create, the derived
+    model loaded with the plan's options, verified from `ollama serve`'s log, a piped prompt answered."""
+    import subprocess
+
+    records = tmp_path / "records"
+    fake_ollama(tmp_path / "bin", records)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OLLAMA_HOST": f"127.0.0.1:{closed_port()}",
+           "OLLAMA_MODELS": str(tmp_path / "ollama-models"), "FITQUANT_HOME": str(tmp_path / "home")}  # fmt: skip
+    model = str(tiny.files[0].local_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", model, "--backend", "ollama", "--vram", "8GiB", "--ram", "16GiB",
+         "--no-engine", "--ctx", str(CTX), "--json", "--max-tokens", "4"],
+        input="hi", capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout.strip().splitlines()[0])
+    served = f"fitquant/tiny:q4_k_m-c{CTX}-g{ALL}-b512"
+    assert data["model_name"] == served and data["backend"]["server"] == "ollama", data
+    placement = data["placement"]
+    assert (placement["source"], placement["verdict"], placement["type_k"]) == ("log", "gpu", "q8_0"), placement
+    [server_env] = [json.loads(p.read_text()) for p in records.glob("*.json")
+                    if json.loads(p.read_text()).get("OLLAMA_CONTEXT_LENGTH")]  # fmt: skip
+    assert server_env["OLLAMA_CONTEXT_LENGTH"] == str(CTX) and server_env["OLLAMA_KV_CACHE_TYPE"] == "q8_0"
+
+
+def test_fitquant_run_serve_on_ollama_is_listed_and_a_v1_request_changes_nothing(
+    tiny: Candidate, tmp_path: Path
+) -> None:
+    """The issue's whole loop: `fitquant run MODEL --backend ollama --serve` creates the derived model, loads it,
+    verifies from the log; `fitquant ps` lists it; a plain /v1/chat/completions (no options) sent to what `run`
+    advertises is answered by the same loaded model, at the verified context, and nothing else gets loaded."""
+    import subprocess
+
+    fake_ollama(tmp_path / "bin", tmp_path / "records")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OLLAMA_HOST": f"127.0.0.1:{closed_port()}",
+           "OLLAMA_MODELS": str(tmp_path / "ollama-models"), "FITQUANT_HOME": str(tmp_path / "home")}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(tiny.files[0].local_path), "--backend", "ollama", "--vram",
+         "8GiB", "--ram", "16GiB", "--no-engine", "--ctx", str(CTX), "--json", "--serve"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        data = json.loads(line)
+        assert data["placement"]["source"] == "log" and data["placement"]["verdict"] == "gpu"
+        base = data["endpoint"].removesuffix("/v1")
+        before = httpx.get(f"{base}/api/ps", timeout=10).json()["models"]
+        assert [(m["name"], m["context_length"]) for m in before] == [(data["model_name"], CTX)]
+        listed = subprocess.run([sys.executable, "-m", "launcher", "ps", "--json"], capture_output=True, text=True,
+                                env=env, timeout=60, cwd=ROOT)  # fmt: skip
+        [instance] = json.loads(listed.stdout)["instances"]
+        assert instance["endpoint"] == data["endpoint"] and instance["backend"] == "ollama"
+        reply = httpx.post(f"{data['endpoint']}/chat/completions", timeout=30,
+                           json={"model": data["model_name"], "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        after = httpx.get(f"{base}/api/ps", timeout=10).json()["models"]
+        assert [(m["name"], m["context_length"], m["size"]) for m in after] == [
+            (m["name"], m["context_length"], m["size"]) for m in before
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_a_projector_ollama_loads_on_its_own_is_reported(
+    tiny: Candidate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose manifest has a projector: Ollama passes --mmproj whatever the plan said; the plan (without
+    --vision) did not count it, and the form and the verdict say so."""
+    models = tmp_path / "ollama-models"
+    earlier = OllamaApiServer(models_dir=models).start()  # the model pulled earlier, with a projector layer
+    try:
+        gguf_path = Path(str(tiny.files[0].local_path))
+        projector = tmp_path / "mmproj-tiny-F16.gguf"
+        projector.write_bytes(b"a projector's weights" * 1000)
+        files = {}
+        for name, path in (("tiny.gguf", gguf_path), ("mmproj-tiny-F16.gguf", projector)):
+            digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            httpx.post(f"{earlier.url}/api/blobs/{digest}", content=path.read_bytes()).raise_for_status()
+            files[name] = digest
+        r = httpx.post(f"{earlier.url}/api/create", json={"model": "tiny:vision", "files": files, "stream": False})
+        assert r.json() == {"status": "success"}
+    finally:
+        earlier.close()
+    fake_ollama(tmp_path / "bin", tmp_path / "records")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.setenv("OLLAMA_MODELS", str(models))
+    backend = OllamaBackend(host=f"127.0.0.1:{closed_port()}")
+    pulled = replace(tiny, source="ollama-local", ollama_model="tiny:vision",
+                     projector=CandidateFile("mmproj-tiny-F16.gguf", projector.stat().st_size))  # fmt: skip
+    plan = make_test_plan([pulled])
+    assert any("projector on its own" in note for note in ollama_form(plan)["notes"])
+    option = fetched_option(backend, plan)
+    instance = backend.start(plan, option, LaunchRequest(), log_dir=tmp_path / "logs")
+    try:
+        placement = backend.placement(instance, option)
+        assert placement.source == "log"
+        assert any("vision projector on its own (--mmproj)" in e for e in placement.errors), placement.errors
+    finally:
+        backend.stop(instance)
 
 
 def test_a_server_that_exits_at_once_is_one_line(
@@ -638,6 +981,12 @@ def test_real_ollama(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         assert placement.verdict in ("gpu", "spill", "cpu-only"), placement.reason
         assert placement.source == "ollama"
         assert instance.version
+        # a request without options (OpenAI-style) keeps the model as verified: the derived model carries num_ctx
+        body = {"model": instance.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{instance.endpoint}/chat/completions", json=body, timeout=120, trust_env=False)
+        assert r.status_code == 200, r.text
+        entry = backend._ps_entry(url, instance.model_name)
+        assert entry is not None and entry.get("context_length") == instance.extra["options"]["num_ctx"]
     finally:
         backend.stop(instance)
     assert backend._ps_entry(url, instance.model_name) is None

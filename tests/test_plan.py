@@ -193,8 +193,9 @@ def test_plan_gpu_choice_and_launch_configurations(family):
                         ("--fit", "off"), ("-np", "1"), ("--host", "127.0.0.1"), ("--port", "9000")):  # fmt: skip
         assert argv[argv.index(flag) + 1] == value
     ollama = ollama_form(plan)
-    assert ollama["options"] == {"num_ctx": 4096, "num_gpu": 5}
-    assert ollama["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1"}
+    assert ollama["options"] == {"num_ctx": 4096, "num_gpu": 5, "num_batch": 512, "draft_num_predict": 0}
+    assert ollama["env"] == {"OLLAMA_KV_CACHE_TYPE": "q8_0", "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "1",
+                             "OLLAMA_CONTEXT_LENGTH": "4096"}  # fmt: skip
     assert "PARAMETER num_ctx 4096" in ollama["modelfile"]
     # the plan JSON carries each backend's launch_form, rendered by the caller (the plan imports no backend)
     data = plan.to_json(launch_forms=launch_forms(plan, port=9000))

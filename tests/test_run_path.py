@@ -107,7 +107,11 @@ def test_each_backend_declares_its_servers_memory_defaults(tmp_path: Path, monke
         pytest.skip(f"llama-cpp-python's server is not installed: {python_server.unavailable()}")
     assert python_server.program.kind == "llama-cpp-python"
     assert python_server.server_memory() == ServerMemory(all_logits=True, swa_full=True, cpu_repack=True)
-    assert OllamaBackend(host="127.0.0.1:1").server_memory() == ServerMemory(cpu_repack=True)
+    ollama = OllamaBackend(host="127.0.0.1:1")
+    assert ollama.server_memory() == ServerMemory(cpu_repack=True, batch_is_ubatch=True, loads_projector=True)
+    on_ollama = server_policy(Policy(n_ctx=4096, n_ubatch=256), ollama)
+    assert on_ollama.settings().n_batch == 256 and on_ollama.vision  # -b = -ub = num_batch; the projector it loads
+    assert Policy(n_ctx=4096).settings().n_batch == 2048  # llama.cpp's own batch otherwise
     policy = server_policy(Policy(n_ctx=4096), python_server)
     assert policy.all_logits and policy.swa_full
     assert policy.settings().swa_full and policy.settings().n_outputs_max == 0
@@ -248,3 +252,41 @@ def test_plan_runs_fits_several_models_each_on_what_the_others_leave(tmp_path: P
     assert two[1].budgets[0].free_bytes == 3 * GiB - first_needs
     with pytest.raises(NoFitError, match=r"does not fit entirely beside"):
         plan_runs([spec] * 40, backend=None, machine=machine)
+
+
+def test_a_vision_encoder_inside_the_gguf_is_counted_as_the_projector_ollama_loads(tmp_path: Path) -> None:
+    """Ollama loads a projector whenever the model has one, a separate mmproj or vision tensors inside the GGUF
+    (backends.md §1): the plan for Ollama counts the inline encoder on the first GPU, with its image compute."""
+    from gguf_factory import header_only_gguf, write_header_only
+
+    from launcher.catalog.types import Candidate, CandidateFile
+    from launcher.gguf import read_header
+    from launcher.hardware import describe_machine
+
+    n_embd, n_ff, n_vocab = 256, 512, 2048
+    values = {"llama.block_count": 2, "llama.embedding_length": n_embd, "llama.attention.head_count": 4,
+              "llama.attention.head_count_kv": 4, "llama.context_length": 4096, "llama.feed_forward_length": n_ff}  # fmt: skip
+    tensors = [("token_embd.weight", (n_embd, n_vocab), QT.Q8_0), ("output_norm.weight", (n_embd,), QT.F32),
+               ("output.weight", (n_embd, n_vocab), QT.Q8_0)]  # fmt: skip
+    for il in range(2):
+        tensors += [(f"blk.{il}.attn_norm.weight", (n_embd,), QT.F32), (f"blk.{il}.ffn_norm.weight", (n_embd,), QT.F32)]
+        tensors += [(f"blk.{il}.attn_{w}.weight", (n_embd, n_embd), QT.Q8_0) for w in ("q", "k", "v", "output")]
+        tensors += [(f"blk.{il}.ffn_{w}.weight", (n_embd, n_ff) if w != "down" else (n_ff, n_embd), QT.Q8_0)
+                    for w in ("gate", "up", "down")]  # fmt: skip
+    vision = [("v.patch_embd.weight", (14, 14, 3, 1024), QT.F16), ("v.blk.0.attn_q.weight", (1024, 1024), QT.F16),
+              ("mm.input_projection.weight", (1024, n_embd), QT.F16)]  # fmt: skip
+    head, size = header_only_gguf("llama", values, tensors + vision)
+    path = write_header_only(tmp_path / "vlm-Q8_0.gguf", head, size)
+    candidate = Candidate("vlm", "local", "Q8_0", (CandidateFile(path.name, size, local_path=str(path)),),
+                          header=read_header(path))  # fmt: skip
+    machine = describe_machine(vram=[8 * GiB])
+    ollama = OllamaBackend(host="127.0.0.1:1")
+    from launcher.fit import fit
+
+    with_encoder = fit(None, server_policy(Policy(n_ctx=4096), ollama), machine=machine, candidates=[candidate],
+                       confirm=False)  # fmt: skip
+    without = fit(None, Policy(n_ctx=4096), machine=machine, candidates=[candidate], confirm=False)
+    encoder = with_encoder.chosen.facts.inline_vision_bytes  # type: ignore[union-attr]
+    assert encoder == 2 * (14 * 14 * 3 * 1024 + 1024 * 1024 + 1024 * n_embd)  # the three F16 tensors
+    gained = with_encoder.chosen.needs["GPU0"] - without.chosen.needs["GPU0"]  # type: ignore[union-attr]
+    assert gained == encoder + encoder // 2

@@ -677,3 +677,29 @@ def test_host_weights_evidence_proves_a_spill_whatever_the_sizes() -> None:
     cmd = "main: llama-server -m x.gguf --n-cpu-moe 4 -ngl 99\n" + GPU_LOG
     assert placement_from_log(cmd).verdict == "spill"
     assert placement_from_log("main: llama-server --n-cpu-moe 0\n" + GPU_LOG).verdict == "gpu"
+
+
+def test_older_vulkan_buffers_named_by_description_map_to_their_devices() -> None:
+    """Older Vulkan builds print `Radeon RX 580 Series buffer size`: the start-up device list says which Vulkan
+    device that is, so two different GPUs are two devices, each with its own figures."""
+    log = "\n".join([
+        "ggml_vulkan: Found 2 Vulkan devices:",
+        "ggml_vulkan: 0 = Radeon RX 580 Series (RADV POLARIS10) (radv) | uma: 0 | fp16: 0 | warp size: 64",
+        "ggml_vulkan: 1 = NVIDIA GeForce RTX 3060 (NVIDIA) | uma: 0 | fp16: 1 | warp size: 32",
+        "llama_model_loader: loaded meta data with 30 key-value pairs and 291 tensors from m.gguf (version GGUF V3 (latest))",
+        "llm_load_tensors: offloaded 33/33 layers to GPU",
+        "llm_load_tensors: Radeon RX 580 Series buffer size =  1491.89 MiB",
+        "llm_load_tensors: NVIDIA GeForce RTX 3060 buffer size =  2000.00 MiB",
+        "llm_load_tensors:        CPU buffer size =    70.31 MiB",
+        "llama_kv_cache_init: Radeon RX 580 Series KV buffer size =  512.00 MiB",
+        "llama_kv_cache_init: NVIDIA GeForce RTX 3060 KV buffer size =  640.00 MiB",
+    ])  # fmt: skip
+    placement = placement_from_log(log)
+    by_name = {d.name: d for d in placement.gpu_devices}
+    assert sorted(by_name) == ["Vulkan0", "Vulkan1"]
+    assert round(by_name["Vulkan0"].model_bytes / 2**20, 2) == 1491.89
+    assert round(by_name["Vulkan1"].kv_bytes / 2**20, 2) == 640.0
+    # two GPUs of one description cannot be told apart by it: the printed name stays
+    same = log.replace("NVIDIA GeForce RTX 3060 (NVIDIA)", "Radeon RX 580 Series (RADV POLARIS10)")
+    names = {d.name for d in placement_from_log(same).gpu_devices}
+    assert "Radeon RX 580 Series" in names and not any(n.startswith("Vulkan") for n in names)

@@ -42,6 +42,8 @@ class ServerMemory:
     swa_full: bool = False  # a full-size sliding-window cache (llama.cpp's library default; llama-server turns it off)
     cpu_repack: bool = False  # host-resident weights also copied into a CPU_REPACK buffer (llama.cpp's extra buffer
     # types on x86 and ARM hosts): counted on the CPU for the types this host's CPU repacks
+    batch_is_ubatch: bool = False  # the logical batch equals the micro-batch (Ollama passes -b = -ub = num_batch)
+    loads_projector: bool = False  # the vision projector is loaded whenever the model has one (Ollama), not on ask
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,25 @@ def chat_template_argv(template: str, program: ServerProgram) -> list[str]:
     return (["--no-jinja"] if program.has("--no-jinja") else []) + ["--chat-template", template]
 
 
-def layer_split(budgets: Sequence[Budget]) -> list[GPU]:
+def layer_split(budgets: Sequence[Budget], option: Option | None = None) -> list[GPU]:
     from launcher.plan import layer_split as split
 
-    return split(budgets)
+    return split(budgets, option.split if option is not None else None)
+
+
+def device_argv(plan: Plan, option: Option) -> list[str]:
+    """--device and --tensor-split for the option's placement: the devices in order (the last takes the output
+    layer) and their shares; -ts alone for the proportional split over every GPU."""
+    from launcher.plan import llama_device_names
+
+    gpus = layer_split(plan.budgets, option)
+    argv = []
+    if option.split is not None:
+        names = llama_device_names(plan.budgets)
+        argv += ["-dev", ",".join(names[g.name] for g in gpus)]
+    if len(gpus) > 1:
+        argv += ["-ts", ",".join(str(g.split_weight) for g in gpus)]
+    return argv
 
 
 def server_argv(
@@ -137,9 +152,7 @@ def server_argv(
     argv += ["-fa", "on" if c.estimate.flash_attn else "off", "--fit", "off", "-np", str(p.n_parallel)]
     if c.estimate.settings.kv_unified:
         argv.append("--kv-unified")
-    gpus = layer_split(plan.budgets)
-    if len(gpus) > 1:
-        argv += ["-ts", ",".join(str(g.split_weight) for g in gpus)]
+    argv += device_argv(plan, c)
     if c.cpu_moe:
         argv += ["-ot", CPU_MOE_OVERRIDE]
     if p.vision and c.candidate.projector is not None:
@@ -251,12 +264,21 @@ def adapt_argv(argv: list[str], program: ServerProgram, *, rpc: Sequence[str] = 
         need("-ot", "MoE experts kept on the CPU", "--override-tensor")
     if "--kv-unified" in out:
         need("--kv-unified", "one KV cache shared by the slots", "-kvu")
+    if "-dev" in out:
+        need("-dev", "the devices the plan places the layers on, in its order", "--device")
     if rpc:
         need("--rpc", "RPC devices; build with -DGGML_RPC=ON (scripts/build-llama-cpp does)")
-        out += ["--rpc", ",".join(rpc)]
+        out = with_rpc(out, rpc)
     if program.has("-lv", "--log-verbosity"):
         out += ["-lv", "4"]  # offload, buffer and fit lines are printed at this verbosity (PR #23021)
     return out
+
+
+def with_rpc(argv: list[str], rpc: Sequence[str]) -> list[str]:
+    """`argv` with `--rpc HOST:PORT,...` before its --device: llama.cpp registers the RPC devices while it parses
+    --rpc, and --device looks their names (RPC0, RPC1) up as it parses."""
+    at = argv.index("-dev") if "-dev" in argv else len(argv)
+    return [*argv[:at], "--rpc", ",".join(rpc), *argv[at:]]
 
 
 def python_server_argv(plan: Plan, option: Option, program: ServerProgram, *, host: str, port: int) -> list[str]:
@@ -285,8 +307,17 @@ def python_server_argv(plan: Plan, option: Option, program: ServerProgram, *, ho
     argv += ["--n_gpu_layers", str(option.n_gpu_layers), "--flash_attn", str(bool(option.estimate.flash_attn))]
     argv += ["--type_k", ggml_type(p.type_k), "--type_v", ggml_type(p.type_v)]
     argv += ["--n_ubatch", str(p.n_ubatch), "--host", host, "--port", str(port)]
-    gpus = layer_split(plan.budgets)
-    if len(gpus) > 1:
+    if option.split is not None:
+        # no device selection there: the placement is -ts with zeros for the devices left out, in their own order
+        weight = dict(zip(option.split.devices, option.split.weights, strict=True))
+        order = [b.name for b in plan.budgets if b.name != "CPU"]
+        if [n for n in order if n in weight] != list(option.split.devices):
+            raise BackendError(
+                f"llama-cpp-python's server cannot order the devices as this plan does ({option.split.how}); "
+                "use llama-server (--llama-server PATH, or scripts/build-llama-cpp)"
+            )
+        argv += ["--tensor_split", *[str(weight.get(n, 0)) for n in order]]
+    elif len(gpus := layer_split(plan.budgets)) > 1:
         argv += ["--tensor_split", *[str(g.split_weight) for g in gpus]]
     if p.vision and option.candidate.projector is not None and option.candidate.projector.local_path:
         argv += ["--clip_model_path", option.candidate.projector.local_path]
@@ -489,7 +520,8 @@ def list_devices(program: ServerProgram, rpc: Sequence[str] = ()) -> list[tuple[
     """`llama-server [--rpc …] --list-devices`: (name, description, total bytes, free bytes) per device."""
     if program.kind != "llama-server":
         raise BackendError("listing RPC devices needs llama-server (llama-cpp-python's server has no --rpc)")
-    argv = [*program.argv0, "--list-devices"] + (["--rpc", ",".join(rpc)] if rpc else [])
+    # --rpc first: llama.cpp lists the devices while it parses --list-devices, RPC ones only once registered
+    argv = [*program.argv0, *(["--rpc", ",".join(rpc)] if rpc else []), "--list-devices"]
     try:
         done = subprocess.run(argv, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -501,6 +533,38 @@ def list_devices(program: ServerProgram, rpc: Sequence[str] = ()) -> list[tuple[
         if m:
             out.append((m["name"], m["desc"], int(m["total"]) * 2**20, int(m["free"]) * 2**20))
     return out
+
+
+def server_gpu_devices(program: ServerProgram) -> tuple[str, ...]:
+    """The GPU devices this server can offload to: llama-server's `--list-devices` (none for a CPU-only build);
+    for llama-cpp-python, ("GPU",) when its `llama_supports_gpu_offload()` says so (PyPI's wheel is CPU-only)."""
+    if program.kind == "llama-server":
+        return tuple(name for name, *_ in list_devices(program) if not name.startswith("RPC"))
+    code = "import llama_cpp, sys; sys.stdout.write(str(int(llama_cpp.llama_supports_gpu_offload())))"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"llama-cpp-python cannot be probed for GPU offload: {exc}") from None
+    return ("GPU",) if done.stdout.strip() == b"1" else ()
+
+
+GPU_SERVER_HOWTO = (
+    "build one with scripts/build-llama-cpp --cuda|--rocm|--metal|--vulkan, pass --llama-server PATH to a llama.cpp "
+    "release build for this GPU, or install Ollama"
+)
+
+
+def gpu_reach_problem(program: ServerProgram, gpus: Sequence[str]) -> str | None:
+    """Why `program` cannot run a plan on this machine's GPUs (`gpus`, as people name them), or None when it can
+    (or there is no GPU to reach)."""
+    if not gpus or server_gpu_devices(program):
+        return None
+    what = (
+        f"llama-server {program.version} ({program.argv0[0]})"
+        if program.kind == "llama-server"
+        else f"llama-cpp-python {program.version}"
+    )
+    return f"{what} is CPU-only: it cannot offload to {', '.join(gpus)}; {GPU_SERVER_HOWTO}"
 
 
 def rpc_devices(program: ServerProgram, rpc: Sequence[str]) -> HardwareSnapshot:

@@ -2,11 +2,17 @@
 
 - `OllamaBackend`: the server at OLLAMA_HOST (read by launcher.ollama_host, as the official client reads it); when
   none answers and an `ollama` binary is on PATH, fitquant starts its own `ollama serve` on a free 127.0.0.1 port
-  with the plan's environment (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION, OLLAMA_NUM_PARALLEL), in its own process
-  group and tied to fitquant's life (launcher.backends.process), and stops it with the instance.
-  Registry names (and `hf.co/...` names) are pulled, a local GGUF is uploaded as a blob and created as
-  `fitquant/<file stem>:<quant>`; the model is loaded by a prompt-less /api/generate with `num_ctx` and `num_gpu`,
-  and where it landed is read from /api/ps (launcher.verify.placement_from_ollama).
+  with the plan's environment (OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION, OLLAMA_NUM_PARALLEL,
+  OLLAMA_CONTEXT_LENGTH, OLLAMA_KEEP_ALIVE, OLLAMA_SCHED_SPREAD on several GPUs), in its own process group and tied
+  to fitquant's life (launcher.backends.process), and stops it with the instance.
+  Registry names (and `hf.co/...` names) are pulled; a local GGUF (or every shard of a split set) is uploaded as
+  blobs and created once as `fitquant/<file stem>:<quant>` (a record of what was created, since Ollama rewrites
+  the whole GGUF on every create from files). The model served is derived from that one (`/api/create` with
+  `from` and `parameters` num_ctx, num_gpu, num_batch: no blob copied), so that a request without options, as
+  every OpenAI-style one is, loads what was verified instead of reloading with Ollama's defaults (server/sched.go
+  needsReload). It is loaded by a prompt-less /api/generate; where it landed is read from our own server's log
+  (the `starting llama-server cmd=...` line, then llama.cpp's lines: launcher.verify.placement_from_ollama_log),
+  else from /api/ps (launcher.verify.placement_from_ollama), compared with the plan's GPU side at a full offload.
 - What is pure lives in `launcher.backends.ollama_form` and is re-exported here: the plan's Ollama form
   (`ollama_form`, which `launch_form` returns), model names, and the KV cache type inferred from a measured size
   (Ollama's is global to its server and reported by no API).
@@ -33,6 +39,7 @@ from launcher.backends.base import AttemptFailed, Instance, LaunchRequest, Serve
 from launcher.backends.ollama_form import (
     KV_TYPES,
     create_file_name,
+    derived_model_name,
     infer_kv_type,
     keep_alive_value,
     kv_type_note,
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
     import ollama
 
     from launcher.catalog.types import Candidate
+    from launcher.llamalog import OllamaLaunch
     from launcher.plan import Option, Plan
     from launcher.verify import Placement
 
@@ -207,7 +215,6 @@ class OllamaBackend:
             self.base_url, self._host_error = "", str(exc)
         self._binary = binary
         self._own: _OwnServer | None = None
-        self._created: dict[str, dict[str, str]] = {}  # local models created here: name -> files
 
     # -- the protocol ----------------------------------------------------------------------------------------
 
@@ -216,8 +223,9 @@ class OllamaBackend:
 
     def server_memory(self) -> ServerMemory:
         """Ollama's runner (upstream llama-server): one logits row per slot, a SWA cache of the window, host
-        weights repacked for the CPU as llama.cpp does by default."""
-        return ServerMemory(cpu_repack=True)
+        weights repacked for the CPU as llama.cpp does by default, the batch given as the micro-batch (-b = -ub =
+        num_batch), and the vision projector loaded whenever the model has one."""
+        return ServerMemory(cpu_repack=True, batch_is_ubatch=True, loads_projector=True)
 
     def unavailable(self) -> str | None:
         if self._host_error:
@@ -237,14 +245,9 @@ class OllamaBackend:
             return candidate
         name = candidate.ollama_model
         pull = bool(name) and (candidate.source == "ollama" or str(name).lower().startswith("hf.co/"))
-        if not pull and len(candidate.files) != 1:
-            raise BackendError(
-                f"Ollama cannot create a model from {len(candidate.files)} split GGUF files ({candidate.model} "
-                f"{candidate.quant}); merge them (llama-gguf-split --merge) or use --backend llamacpp"
-            )
         if self._host_error:
             raise BackendError(self._host_error)
-        if not pull and not candidate.files[0].local_path:
+        if not pull and not all(f.local_path for f in candidate.files):
             from launcher.fetch import fetch_candidate
 
             if self.unavailable() is not None:  # say so before downloading gigabytes for no server
@@ -278,11 +281,17 @@ class OllamaBackend:
             raise BackendError(f"{option.quant} is not on the Ollama server yet: fetch it first")
         options = dict(form["options"])
         keep = keep_alive_value(request.keep_alive)
-        base, own = self._ensure_server(form["env"], log_dir)
+        env = dict(form["env"])
+        if keep is not None:  # /v1 requests carry no keep_alive: each one resets it to the server's default
+            env["OLLAMA_KEEP_ALIVE"] = _keep_alive_env(keep)
+        base, own = self._ensure_server(env, log_dir)
+        # The plan survives every request only when the model itself carries it: a request without num_ctx (every
+        # OpenAI-style one) would reload it with the server's default context and an automatic num_gpu and batch
+        # (sched.go needsReload). A derived model copies no blob: its manifest adds the parameters.
+        served = derived_model_name(name, options)
         try:
-            if name in self._created:  # ours: the model carries the plan's parameters for a later `ollama run`
-                self._create(base, name, self._created[name], parameters=options)
-            self._load(base, name, options, keep, timeout_s=request.ready_timeout_s, own=own)
+            self._create(base, served, source=name, parameters=options)
+            self._load(base, served, options, keep, timeout_s=request.ready_timeout_s, own=own)
             version = self._version(base)
         except BaseException:
             if own is not None:
@@ -296,7 +305,7 @@ class OllamaBackend:
             server="ollama",
             version=version,
             endpoint=f"{base}/v1",
-            model_name=name,
+            model_name=served,
             pid=own.process.pid if own is not None else None,
             log_path=own.log_path if own is not None else None,
             process=own.process if own is not None else None,
@@ -307,7 +316,10 @@ class OllamaBackend:
                 "options": options,
                 "keep_alive": keep,
                 "own_server": own is not None,
-                "server_env": dict(form["env"]) if own is not None else None,
+                "base_model": name,
+                # Ollama loads a model's projector whenever it has one; the plan counts it only for --vision
+                "projector_counted": bool(plan.policy.vision and option.candidate.projector is not None),
+                "server_env": env if own is not None else None,
                 # the plan's layer split (GPU name, weight, backend), for the KV type diagnosis; plain JSON
                 "gpus": [
                     {"name": g.name, "split_weight": g.split_weight, "backend": g.backend}
@@ -342,11 +354,17 @@ class OllamaBackend:
             )  # fmt: skip
 
     def placement(self, instance: Instance, option: Option) -> Placement:
-        """Where /api/ps says the model landed, with the plan's prediction beside it, and the server's KV cache
-        type inferred from the measured size (instance.extra["kv_type_inferred"], ["kv_type_note"])."""
+        """Where the model landed, with the plan's prediction beside it. On fitquant's own `ollama serve`: from its
+        log (the llama-server command line Ollama ran, then llama.cpp's offload and buffer lines), per device and
+        kind. On any other server: from /api/ps, with the server's KV cache type inferred from the measured size
+        (instance.extra["kv_type_inferred"], ["kv_type_note"])."""
         from launcher.verify import placement_from_ollama
 
         base = instance.extra.get("base_url") or instance.endpoint.removesuffix("/v1")
+        if instance.extra.get("own_server") and instance.log_path is not None:
+            logged = self._placement_from_log(instance, option)
+            if logged is not None:
+                return logged
         try:
             entry = self._ps_entry(base, instance.model_name)
         except OllamaError as exc:
@@ -362,8 +380,51 @@ class OllamaBackend:
             placement.n_ctx_per_slot = int(entry["context_length"])  # Ollama's num_ctx is per slot
         if placement.n_slots is None:
             placement.n_slots = option.estimate.settings.n_parallel
-        _attach_prediction(placement, option)
-        self._diagnose_kv(instance, option, placement, int(entry.get("size") or 0))
+        # at a full offload Ollama's `size` is the GPUs' buffers alone (llm/llama_server.go MemorySize): the host's
+        # token embeddings and buffers are in no figure, so only the GPU side of the plan is compared
+        size = int(entry.get("size") or 0)
+        full = size > 0 and int(entry.get("size_vram") or 0) >= size
+        _attach_prediction(placement, option, gpu_only=full)
+        self._diagnose_kv(instance, option, placement, size, gpu_only=full)
+        return placement
+
+    def _placement_from_log(self, instance: Instance, option: Option) -> Placement | None:
+        """The placement our own server's log shows for its last llama-server launch; None without such a line."""
+        from launcher.llamalog import last_ollama_launch
+        from launcher.verify import attach_prediction, placement_from_ollama_log
+
+        def found_launch(text: str) -> OllamaLaunch | None:
+            found = last_ollama_launch(text)
+            return found[0] if found else None
+
+        per_slot = (instance.extra.get("options") or {}).get("num_ctx")
+        placement = None
+        for _ in range(20):  # Ollama may still be flushing the child's output when /api/ps lists the model
+            text = instance.log_path.read_text("utf-8", "replace") if instance.log_path else ""
+            placement = placement_from_ollama_log(text, token_embd_bytes=option.facts.input_bytes,
+                                                  expected_ctx=per_slot)  # fmt: skip
+            if placement is None or placement.verdict != "incomplete":
+                break  # no launch line: an Ollama before v0.30 (it logs it before the load /api/ps waited for)
+            time.sleep(0.1)
+        if placement is None:
+            return None
+        planned = option.estimate.settings.type_k
+        attach_prediction(placement, option.estimate.devices, type_k=planned)
+        instance.extra["kv_type_inferred"] = None
+        note = None
+        if placement.type_k is not None and placement.type_k != planned.lower():
+            note = (f"this Ollama server ran llama-server with a {placement.type_k} KV cache although fitquant "
+                    f"started it with OLLAMA_KV_CACHE_TYPE={planned} (its log's command line)")  # fmt: skip
+            placement.errors.append(note)
+        instance.extra["kv_type_note"] = note
+        launch = found_launch(text)
+        if launch is not None and launch.mmproj and not instance.extra.get("projector_counted"):
+            placement.errors.append(
+                "Ollama loaded this model's vision projector on its own (--mmproj): the plan did not count it; "
+                "plan with --vision to count it"
+            )
+        if launch is not None and launch.draft:
+            placement.errors.append("Ollama loaded a draft (MTP) model beside this one: the plan did not count it")
         return placement
 
     def stop(self, instance: Instance) -> None:
@@ -429,27 +490,54 @@ class OllamaBackend:
     def create_model(
         self, candidate: Candidate, *, vision: bool = False, parameters: Mapping[str, Any] | None = None
     ) -> str:
-        """Upload the candidate's local GGUF (and its projector, for vision) as blobs and create the Ollama model
-        `local_model_name(candidate)` from them; returns that name."""
-        if len(candidate.files) != 1:
-            raise BackendError(
-                f"Ollama cannot create a model from {len(candidate.files)} split GGUF files ({candidate.model}); "
-                "merge them (llama-gguf-split --merge) or use --backend llamacpp"
-            )
-        model_file = candidate.files[0]
-        if not model_file.local_path:
+        """Upload the candidate's local GGUF (every shard of a split set, and its projector for vision) as blobs and
+        create the Ollama model `local_model_name(candidate)` from them; returns that name. Done once: Ollama
+        rewrites a whole GGUF on every create from files, so a model this server already holds from the same files
+        (fitquant's record of its manifest digest, checked against /api/tags) is used as it is."""
+        missing = [f.name for f in candidate.files if not f.local_path]
+        if missing or not candidate.files:
             raise BackendError(f"{candidate.model} {candidate.quant} is not on this machine yet; fetch it first")
         base, _ = self._ensure_server(None, None)
-        files = {create_file_name(model_file): self._upload(base, Path(model_file.local_path), model_file.sha256)}
+        sources = list(candidate.files)
         projector = candidate.projector
         if vision and projector is not None and projector.local_path:
-            key = create_file_name(projector)
-            key = key if key not in files else f"mmproj-{key}"
-            files[key] = self._upload(base, Path(projector.local_path), projector.sha256)
+            sources.append(projector)
         name = local_model_name(candidate)
-        self._create(base, name, files, parameters=parameters)
-        self._created[name] = files
+        stats = [_file_stat(Path(str(f.local_path))) for f in sources]
+        record_key = f"{base} {name}"
+        record = _created_records().get(record_key)
+        listed = self._listed_digest(base, name)
+        if record and listed and record.get("model_digest") == listed and record.get("stats") == stats:
+            return name  # the same files, the same model: nothing to hash, upload or create
+        digests = [f"sha256:{f.sha256.removeprefix('sha256:')}" if f.sha256 else _file_digest(Path(str(f.local_path)))
+                   for f in sources]  # fmt: skip
+        if record and listed and record.get("model_digest") == listed and record.get("sources") == digests:
+            _save_created_record(record_key, {**record, "stats": stats})  # touched, not changed
+            return name
+        files: dict[str, str] = {}
+        for f, digest in zip(sources, digests, strict=True):
+            key = create_file_name(f)
+            if f is projector:
+                key = key if key not in files else f"mmproj-{key}"
+            # a split set keeps its shard names: Ollama merges `-NNNNN-of-MMMMM.gguf` files (mergeSplitGGUFLayers)
+            files[key] = self._upload(base, Path(str(f.local_path)), digest)
+        self._create(base, name, files=files, parameters=parameters)
+        _save_created_record(record_key, {"sources": digests, "stats": stats,
+                                          "model_digest": self._listed_digest(base, name)})  # fmt: skip
         return name
+
+    def _listed_digest(self, base: str, name: str) -> str | None:
+        """The manifest digest /api/tags lists for `name`, or None when the server does not have it."""
+        client = self._client(base, read_s=API_TIMEOUT_S)
+        try:
+            with _api(base, "/api/tags"):
+                listed = client.list()
+        except OllamaError:
+            return None
+        for m in listed.models:
+            if same_model(m.model or "", name):
+                return str(m.digest or "") or None
+        return None
 
     # -- the server ------------------------------------------------------------------------------------------
 
@@ -563,11 +651,10 @@ class OllamaBackend:
 
     # -- models ----------------------------------------------------------------------------------------------
 
-    def _upload(self, base: str, path: Path, sha256: str | None) -> str:
+    def _upload(self, base: str, path: Path, digest: str) -> str:
         """The blob digest of `path` on the server, uploading it unless the server has it (HEAD first)."""
         from launcher.http import HttpFailure, translate
 
-        digest = f"sha256:{sha256.removeprefix('sha256:')}" if sha256 else _file_digest(path)
         try:
             with translate(), self._http(base) as http:
                 present = http.head(f"{base}/api/blobs/{digest}").status_code == 200
@@ -585,14 +672,28 @@ class OllamaBackend:
             raise BackendError(f"{path} does not match its published sha256 ({digest}, the file is {uploaded})")
         return uploaded
 
-    def _create(self, base: str, name: str, files: dict[str, str], *, parameters: Mapping[str, Any] | None) -> None:
+    def _create(
+        self,
+        base: str,
+        name: str,
+        *,
+        files: dict[str, str] | None = None,
+        source: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> None:
+        """/api/create of `name` from uploaded blobs (`files`) or from a model the server has (`source`: only a new
+        manifest, no blob copied), with `parameters` as the model's defaults."""
         client = self._client(base, read_s=PULL_READ_TIMEOUT_S)
         last = None
         try:
             with _api(base, f"create {name}"):
-                for part in client.create(model=name, files=files, parameters=parameters, stream=True):
+                for part in client.create(
+                    model=name, from_=source, files=files, parameters=parameters, stream=True
+                ):  # fmt: skip
                     last = part.status
         except OllamaError as exc:
+            if source and exc.status == 404:
+                raise BackendError(f"model {source} is not on the Ollama server at {base} ({exc.error})") from None
             raise BackendError(f"ollama create {name}: {exc.error}" if exc.kind == "response" else str(exc)) from None
         if last != "success":
             raise BackendError(f"ollama create {name} ended without success (last status: {last})")
@@ -664,12 +765,14 @@ class OllamaBackend:
 
     # -- diagnosis -------------------------------------------------------------------------------------------
 
-    def _diagnose_kv(self, instance: Instance, option: Option, placement: Placement, measured: int) -> None:
+    def _diagnose_kv(
+        self, instance: Instance, option: Option, placement: Placement, measured: int, *, gpu_only: bool
+    ) -> None:
         from launcher.estimate import GPU
 
         split = instance.extra.get("gpus")
         gpus = [GPU(str(g["name"]), float(g["split_weight"]), str(g["backend"])) for g in split] if split else None
-        sizes = kv_type_sizes(option, gpus)
+        sizes = kv_type_sizes(option, gpus, gpu_only=gpu_only)
         inferred = infer_kv_type(measured, sizes)
         planned = option.estimate.settings.type_k
         note = None
@@ -699,9 +802,10 @@ class OllamaBackend:
         return AttemptFailed("crash", detail, log_tail=lines)
 
 
-def _attach_prediction(placement: Placement, option: Option) -> None:
+def _attach_prediction(placement: Placement, option: Option, *, gpu_only: bool = False) -> None:
     """The plan's figures beside the measured ones (launcher.verify.attach_prediction). Ollama reports one GPU
-    total and one CPU total, so the plan's GPU devices are summed, kind by kind, into one."""
+    total and one CPU total, so the plan's GPU devices are summed, kind by kind, into one; `gpu_only` (a full
+    offload, whose `size` leaves the host out): the GPU alone."""
     from launcher.verify import attach_prediction
 
     planned = option.estimate.devices
@@ -710,8 +814,50 @@ def _attach_prediction(placement: Placement, option: Option) -> None:
     merged: list[dict[str, Any]] = []
     if gpus:
         merged.append({"name": "GPU", **{k: sum(getattr(d, k) for d in gpus) for k in kinds}})
-    merged += [{"name": "CPU", **{k: getattr(d, k) for k in kinds}} for d in planned if d.name == "CPU"]
+    if not gpu_only:
+        merged += [{"name": "CPU", **{k: getattr(d, k) for k in kinds}} for d in planned if d.name == "CPU"]
     attach_prediction(placement, merged)
+
+
+def _keep_alive_env(keep: float | str) -> str:
+    """A keep-alive as OLLAMA_KEEP_ALIVE reads it (envconfig.KeepAlive: a Go duration, else whole seconds)."""
+    if isinstance(keep, str):
+        return keep
+    return str(int(keep)) if float(keep).is_integer() else f"{keep}s"
+
+
+def _file_stat(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _created_records_path() -> Path:
+    from launcher.paths import state_dir
+
+    return state_dir() / "ollama-created.json"
+
+
+def _created_records() -> dict[str, Any]:
+    """What fitquant created on Ollama servers: "<base> <name>" -> the source files (digests, stats) and the
+    model's manifest digest then. A record that does not parse is no record."""
+    import json
+
+    try:
+        data = json.loads(_created_records_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_created_record(key: str, record: dict[str, Any]) -> None:
+    import json
+
+    from launcher.paths import write_private
+
+    records = _created_records()
+    records[key] = record
+    with contextlib.suppress(OSError):  # a record not kept costs one more create, nothing else
+        write_private(_created_records_path(), json.dumps(records, indent=1, sort_keys=True))
 
 
 def _file_digest(path: Path) -> str:

@@ -10,7 +10,9 @@ from launcher.cli.render import print_json
 
 @click.command()
 @options.json_option()
-@click.option("--doctor", is_flag=True, help="Print every probe's raw readings as JSON, for bug reports.")
+@click.option("--doctor", is_flag=True,
+              help="Print every probe's raw readings as JSON, for bug reports, and whether the llama.cpp server found "
+                   "here can reach this machine's GPUs.")  # fmt: skip
 @options.gpu_options
 @options.ram_option
 def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, unified: int | None) -> None:
@@ -21,7 +23,12 @@ def hw(as_json: bool, doctor: bool, vram: list[int] | None, ram: int | None, uni
     if doctor:
         if described:
             raise click.UsageError("--doctor reads this machine; it cannot be combined with --vram, --ram or --unified")
-        print_json(collect_readings())
+        from launcher.run import gpu_reach
+
+        report = collect_readings()
+        # the finding `run` would refuse with: a llama.cpp server that cannot reach this machine's GPUs
+        report["llama_cpp_server"] = gpu_reach(detect_hardware())
+        print_json(report)
         return
     if described:
         try:

@@ -6,6 +6,7 @@ import click
 
 from launcher.cli import options
 from launcher.cli.render import print_json
+from launcher.cli.run import _rpc_list
 from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
 
 
@@ -27,6 +28,8 @@ from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
               help="Confirm the choice with a llama.cpp dry run when llama-cpp-python is installed.")  # fmt: skip
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_SERVER_PORT, show_default=True,
               help="llama-server port.")  # fmt: skip
+@click.option("--rpc", callback=_rpc_list, metavar="HOST:PORT[,HOST:PORT]",
+              help="llama.cpp RPC servers whose devices join this machine, planned like GPUs.")  # fmt: skip
 @click.option("--profile", "profile_ref", metavar="PATH|NAME",
               help="Plan for the machine a profile describes: its devices, reserve, defaults and models; "
                    "flags given here still win.")  # fmt: skip
@@ -47,6 +50,7 @@ def plan(
     vision: bool,
     engine: bool,
     port: int,
+    rpc: tuple[str, ...],
     profile_ref: str | None,
     as_json: bool,
 ) -> None:
@@ -58,31 +62,43 @@ def plan(
     from launcher.backends import launch_forms
     from launcher.errors import NoFitError
     from launcher.fit import fit
-    from launcher.hardware import resolve_machine
     from launcher.plan import Plan, Policy
 
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
                     min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
+    if rpc and profile_ref is not None:
+        raise click.UsageError(
+            "--rpc and --profile: give the RPC servers in the profile's rpc: list, or drop --profile"
+        )
     if profile_ref is None:
-        machine = resolve_machine(vram=vram, ram=ram, unified=unified)
+        # the machine `run` would plan for; RPC devices described by --vram, else as llama-server lists them
+        from launcher.run import choose_backend, run_machine
+
+        lister = choose_backend("llamacpp", rpc=rpc) if rpc and vram is None else None
+        machine, _ = run_machine(lister, vram=vram, ram=ram, unified=unified, rpc=rpc)
     else:
         from launcher.cli.profile import with_profile
 
-        model, policy, machine, port = with_profile(profile_ref, model, policy, port)
+        model, policy, machine, port, rpc = with_profile(profile_ref, model, policy, port)
 
     def show(result: Plan) -> None:
+        forms = launch_forms(result, port=port)
+        if rpc and forms.get("llama_server_argv"):
+            from launcher.backends.llamacpp import with_rpc
+
+            forms["llama_server_argv"] = with_rpc(forms["llama_server_argv"], rpc)
         if as_json:
-            print_json(result.to_json(launch_forms=launch_forms(result, port=port)))
+            print_json(result.to_json(launch_forms=forms))
         else:
             from launcher.cli.render import render_plan
 
-            render_plan(result, port=port)
+            render_plan(result, forms=forms)
 
     from launcher import record
     from launcher.run import planning_backend, server_policy
 
     # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking)
-    policy = server_policy(policy, planning_backend())
+    policy = server_policy(policy, planning_backend("llamacpp" if rpc else "auto"))
     try:
         known = record.remembered(machine, record.model_key(model), policy)
         result = fit(model, policy, machine=machine, confirm=engine, remembered=known)

@@ -122,25 +122,34 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
-def with_profile(ref: str, model: str | None, policy: Policy, port: int) -> tuple[str | None, Policy, HardwareSnapshot,
-                                                                               int]:  # fmt: skip
-    """`plan --profile`: the model, policy, machine and port the profile gives, under the flags given."""
+def with_profile(
+    ref: str, model: str | None, policy: Policy, port: int
+) -> tuple[str | None, Policy, HardwareSnapshot, int, tuple[str, ...]]:
+    """`plan --profile`: the model, policy, machine, port and RPC servers the profile gives, under the flags given.
+    A profile's `rpc:` servers join the machine as `run` and `serve` plan them (listed by llama-server unless the
+    profile or --vram describes the devices)."""
     from launcher.hardware import resolve_machine
     from launcher.profiles import find_profile, load_profile, profile_plan
 
     ctx = click.get_current_context()
     overrides = {field: getattr(policy, field) for flag, fields in _POLICY_FLAGS.items()
                  if flag in ctx.params and _given(ctx, flag) for field in fields}  # fmt: skip
+    profile = load_profile(find_profile(ref))
+    rpc = tuple(profile.rpc)
     machine = None
     if any(_given(ctx, flag) for flag in ("vram", "ram", "unified")):
         p = ctx.params
         machine = resolve_machine(vram=p.get("vram"), ram=p.get("ram"), unified=p.get("unified"))
-    inputs = profile_plan(load_profile(find_profile(ref)), model, overrides=overrides, machine=machine)
+    elif rpc and profile.devices is None:
+        from launcher.run import choose_backend, run_machine
+
+        machine = run_machine(choose_backend("llamacpp", llama_server=profile.llama_server, rpc=rpc), rpc=rpc)[0]
+    inputs = profile_plan(profile, model, overrides=overrides, machine=machine)
     for note in inputs.notes:
         click.echo(f"note: {note}", err=True)  # stderr: stdout stays the plan (or its JSON)
     if inputs.port is not None and not _given(ctx, "port"):
         port = inputs.port
-    return inputs.model, inputs.policy, inputs.machine, port
+    return inputs.model, inputs.policy, inputs.machine, port, rpc
 
 
 def _render_profile(loaded: Profile, machine: HardwareSnapshot, records: list[dict[str, Any]]) -> None:

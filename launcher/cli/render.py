@@ -191,12 +191,11 @@ def _bar(option: Option, budget_bytes: int, width: int) -> str:
     return out + ("[red]▶[/red]" if device.total_bytes > budget_bytes else " ")
 
 
-def render_plan(result: Plan, *, port: int) -> None:
+def render_plan(result: Plan, *, forms: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.backends import launch_forms
     from launcher.plan import shell_line
     from launcher.units import format_bytes
 
@@ -240,7 +239,6 @@ def render_plan(result: Plan, *, port: int) -> None:
     figures = result.chosen.figures
     console.print(f"figures for the choice: {'measured by llama.cpp (dry run)' if figures == 'engine' else 'estimate'}")
     console.print("\n[bold]llama-server[/bold]")
-    forms = launch_forms(result, port=port)
     console.print(escape(shell_line(forms["llama_server_argv"])), soft_wrap=True)
     config = forms["ollama"]
     console.print("\n[bold]Ollama[/bold]")

@@ -109,15 +109,15 @@ def run(
     from launcher.errors import FitquantError
     from launcher.http import redact_url
     from launcher.plan import Policy
-    from launcher.run import RunSpec, choose_backend, failure_json, read_api_key, run_machine, start, stop
+    from launcher.run import RunSpec, backend_and_machine, failure_json, read_api_key, start, stop
 
     _stop_on_sigterm()
     shown = redact_url(model) if model else "the embedded default model"
     try:
         request = LaunchRequest(host=host, port=port, api_key=read_api_key(api_key_file), rpc=rpc,
                                 ready_timeout_s=ready_timeout)  # fmt: skip
-        backend = choose_backend(backend_name, llama_server=llama_server, rpc=rpc)
-        machine, _ = run_machine(backend, vram=vram, ram=ram, unified=unified, rpc=rpc)
+        backend, machine, _ = backend_and_machine(backend_name, llama_server=llama_server, rpc=rpc, vram=vram,
+                                                  ram=ram, unified=unified)  # fmt: skip
         policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel,
                         reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
         spec = RunSpec(model, policy, request, confirm=engine, max_attempts=max_attempts, warmup=warmup)  # type: ignore[arg-type]
@@ -156,6 +156,8 @@ def _serve_or_chat(
 
     inst = result.instance
     render_placement(result.placement, err=True)
+    if result.speed:
+        _say(_speed_line(result.speed))
     _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
     warning = exposure_warning(request)
     if warning:
@@ -230,6 +232,20 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, handler)
+
+
+def _speed_line(speed: dict[str, Any]) -> str:
+    """Measured beside predicted tokens/s, then the finding when a GPU load decodes far below its prediction."""
+
+    def rate(value: float | None) -> str:
+        return "?" if value is None else f"{value:,.1f}"
+
+    line = (f"speed: decode {rate(speed.get('measured_tg_per_s'))} tokens/s measured, "
+            f"{rate(speed.get('predicted_tg_per_s'))} predicted")  # fmt: skip
+    if speed.get("measured_pp_per_s") is not None or speed.get("predicted_pp_per_s") is not None:
+        line += (f"; prefill {rate(speed.get('measured_pp_per_s'))} measured, "
+                 f"{rate(speed.get('predicted_pp_per_s'))} predicted")  # fmt: skip
+    return line + (f" — {speed['finding']}" if speed.get("finding") else "")
 
 
 def _plan_line(plan: Any) -> str:

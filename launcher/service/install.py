@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from launcher.errors import ServiceError
 from launcher.service.units import (
@@ -40,6 +40,9 @@ from launcher.service.units import (
     render_ollama_dropin,
     render_unit,
 )
+
+if TYPE_CHECKING:
+    from launcher.profiles import Profile
 
 __all__ = [
     "SYSTEM_CREDENTIALS_DIR",
@@ -267,6 +270,8 @@ def profile_service(
             context_length=max(contexts) // d.parallel if contexts else None,
             num_parallel=d.parallel,
             max_loaded_models=len(profile.models) or None,  # every model of the profile stays loaded together
+            # several GPUs: fitquant's plans spread layers over them; Ollama would otherwise put a model on one
+            sched_spread=_gpu_count(profile) > 1,
         )
     elif chosen == "auto":
         notes.append("the profile's backend is auto: no Ollama drop-in is written (--backend ollama writes one)")
@@ -611,3 +616,12 @@ def _is_active(scope: Scope, run: Callable[..., subprocess.CompletedProcess[str]
         return answer[0], None
     error = (done.stderr or "").strip().splitlines()
     return None, error[0] if error else f"systemctl is-active exited with {done.returncode}"
+
+
+def _gpu_count(profile: Profile) -> int:
+    """The GPUs of the profile's machine: the devices it describes, else this machine's (the service runs here)."""
+    from launcher.hardware import detect_hardware
+    from launcher.profiles import profile_hardware
+
+    machine = profile_hardware(profile) or detect_hardware()
+    return sum(1 for d in machine.devices if d.kind not in ("cpu", "rpc"))

@@ -99,12 +99,10 @@ class Supervisor:
 
     def _backend_and_machine(self, profile: Profile) -> tuple[Backend, HardwareSnapshot, int | None]:
         """The run path's backend and machine for the profile (its reserve applied once, in run_machine)."""
-        from launcher.run import choose_backend, run_machine
+        from launcher.run import backend_and_machine
 
-        backend = choose_backend(profile.backend, llama_server=profile.llama_server, rpc=tuple(profile.rpc),
-                                 ollama_host=profile.ollama_host)  # fmt: skip
-        machine, reserve = run_machine(backend, profile=profile)
-        return backend, machine, reserve
+        return backend_and_machine(profile.backend, llama_server=profile.llama_server, ollama_host=profile.ollama_host,
+                                   profile=profile)  # fmt: skip
 
     def _say_what_changed(self) -> None:
         from launcher.record import fingerprint, machine_identity

@@ -195,15 +195,21 @@ def ollama_dropin_env(
     context_length: int | None = None,
     num_parallel: int | None = None,
     max_loaded_models: int | None = None,
+    sched_spread: bool = False,
 ) -> dict[str, str]:
     """The Ollama server environment for a profile's settings: the same keys `ollama_form(plan)["env"]` renders for
-    one plan, plus the default context (OLLAMA_CONTEXT_LENGTH, tokens per request) and how many models stay loaded."""
+    one plan (KV type, flash attention, the default context OLLAMA_CONTEXT_LENGTH in tokens per request, slots, and
+    OLLAMA_SCHED_SPREAD when a plan spans several GPUs, which Ollama would otherwise put on one), plus how many models
+    stay loaded. The batch is no server setting: the model fitquant derives carries it (num_batch)."""
     from launcher.backends.ollama_form import KV_TYPES
 
     if kv_type not in KV_TYPES:
         raise ServiceError(f"Ollama's KV cache type is one of {', '.join(KV_TYPES)}, not {kv_type!r}")
     if kv_type != "f16" and not flash_attn:
-        raise ServiceError(f"a {kv_type} KV cache needs flash attention (Ollama falls back to f16 without it)")
+        raise ServiceError(
+            f"a {kv_type} KV cache needs flash attention: llama.cpp refuses a quantized V cache without it and "
+            "Ollama passes the type as it is, so the load fails; set flash attention on or use f16"
+        )
     env = {"OLLAMA_KV_CACHE_TYPE": kv_type, "OLLAMA_FLASH_ATTENTION": "1" if flash_attn else "0"}
     for key, value in (
         ("OLLAMA_CONTEXT_LENGTH", context_length),
@@ -214,6 +220,8 @@ def ollama_dropin_env(
             if value < 1:
                 raise ServiceError(f"{key} must be at least 1, not {value}")
             env[key] = str(value)
+    if sched_spread:
+        env["OLLAMA_SCHED_SPREAD"] = "1"
     return env
 
 

@@ -1,0 +1,338 @@
+"""Speed: predicted decode and prefill tokens per second of a configuration, from the bytes it puts on each device.
+
+Decode is memory-bound: every weight a token uses is read once, plus the KV cache up to the current depth, and
+each token costs a fixed time on top (kernel launches, synchronisation). Per device i (reference/speed.md):
+
+    seconds per token = Σ_i bytes_read_i / (η · bandwidth_i) + t0
+
+with η and t0 per backend, fitted (weighted least squares on the relative error) on the published llama-bench rows
+of data/speed.json, never guessed. Bytes read per token: every block weight on the device (MoE routed experts x
+used / total), the output layer where it lives, no token embeddings (one row is read), and the KV cache at the
+depth (a sliding-window layer reads at most its window).
+
+Prefill is compute-bound: 2 x active parameters FLOPs per token over the device's FLOPS, times a slope, plus a fixed
+cost per token (dequantizing, launches), per backend, fitted the same way.
+
+    bytes_per_token(option, depth)          bytes read per decoded token, per device of the estimate (pure)
+    predict(option, device_speeds, depth)   Speed(tg_per_s, pp_per_s) (pure)
+    machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): the table by GPU name,
+                                            the host's bandwidth measured once (a short multi-threaded copy, cached)
+    measured_speed(reply)                   decode and prefill tokens/s a server reports for one reply (pure)
+    fitted(backend)                         a backend's Fit: decode eta and t0, prefill slope and fixed cost
+    device_table()                          bandwidth and FLOPS by device name (data/speed.json)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from launcher.chat import ChatReply
+    from launcher.hardware.types import HardwareSnapshot
+    from launcher.plan import Option
+
+GiB = 1024**3
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """What one device offers: memory bandwidth (bytes/s) and dense FP16 FLOPS (None: unknown)."""
+
+    bandwidth_bytes_per_s: float
+    flops: float | None = None
+    backend: str = "cuda"  # which fitted constants apply: cuda, rocm, metal, vulkan, cpu
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Predicted tokens per second: decode (tg) and prefill (pp); None where a figure is unknown."""
+
+    tg_per_s: float | None
+    pp_per_s: float | None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {
+            "tg_per_s": None if self.tg_per_s is None else round(self.tg_per_s, 1),
+            "pp_per_s": None if self.pp_per_s is None else round(self.pp_per_s, 1),
+        }
+
+
+@functools.cache
+def _data() -> dict[str, Any]:
+    text = resources.files("launcher").joinpath("data/speed.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def device_table() -> dict[str, DeviceSpeed]:
+    """Bandwidth and FLOPS of known devices by name (data/speed.json): NVIDIA, AMD and Apple by chip and GPU bin."""
+    out = {}
+    for name, entry in _data()["devices"].items():
+        backend = "metal" if name.startswith("Apple") else "rocm" if name.startswith("AMD") else "cuda"
+        if entry.get("fp16_tflops") is None and "Intel" in name:
+            backend = "cpu"
+        flops = entry.get("fp16_tflops")
+        out[name] = DeviceSpeed(entry["bandwidth_gbps"] * GB, None if flops is None else flops * 1e12, backend)
+    return out
+
+
+def published_rows() -> list[dict[str, Any]]:
+    """The published llama-bench rows the constants are fitted on, each with its bytes read per token."""
+    rows = []
+    for row in _data()["rows"]:
+        read = row["size_gib"] * GiB - row["embd_params"] * row["embd_bytes_per_param"]
+        rows.append({**row, "bytes_per_token": read, "active_params": row["params"] - row["embd_params"]})
+    return rows
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A backend's fitted constants: decode reads at eta x bandwidth with a fixed t0 per token; prefill computes at
+    FLOPS / pp_slope with a fixed pp_t0 per token (None: no published prefill row to fit on)."""
+
+    eta: float
+    t0_s: float
+    pp_slope: float | None
+    pp_t0_s: float
+
+
+@functools.cache
+def fitted(backend: str) -> Fit:
+    """The constants for `backend`, fitted by weighted least squares on the relative error over its published rows:
+    1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 · active params / FLOPS + pp_t0. A backend with fewer
+    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows."""
+    table = device_table()
+    rows = [r for r in published_rows() if r["device"] in table]
+
+    def fit(points_of: Any, usable: Any) -> tuple[float, float] | None:
+        own = [r for r in rows if r["backend"] == backend and usable(r)]
+        pool = own if len(own) >= 2 else [r for r in rows if r["backend"] != "cpu" and usable(r)]
+        if backend == "cpu" and len(own) < 2:
+            pool = own
+        if not pool:
+            return None
+        slope, fixed = _fit_line([points_of(r) for r in pool])
+        if own and pool is not own:  # one row of its own: the shared slope, its own fixed cost
+            fixed = max(0.0, sum(y - slope * x for x, y in map(points_of, own)) / len(own))
+        return slope, fixed
+
+    decode = fit(lambda r: (r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]),
+                 lambda r: True)  # fmt: skip
+    prefill = fit(lambda r: (2 * r["active_params"] / (table[r["device"]].flops or 1), 1 / r["pp"]),
+                  lambda r: bool(r.get("pp")) and bool(table[r["device"]].flops))  # fmt: skip
+    assert decode is not None, f"no published decode row for {backend}"
+    return Fit(1 / decode[0], decode[1], prefill[0] if prefill else None, prefill[1] if prefill else 0.0)
+
+
+def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """y = a·x + b minimising Σ ((a·x + b - y) / y)²: relative error, so a fast row weighs as much as a slow one."""
+    sw = sx = sy = sxx = sxy = 0.0
+    for x, y in points:
+        w = 1 / (y * y)
+        sw, sx, sy, sxx, sxy = sw + w, sx + w * x, sy + w * y, sxx + w * x * x, sxy + w * x * y
+    det = sw * sxx - sx * sx
+    if len(points) < 2 or det <= 0:
+        a = sum(y / x for x, y in points) / len(points)
+        return a, 0.0
+    a = (sw * sxy - sx * sy) / det
+    b = (sy - a * sx) / sw
+    if b < 0:  # a fixed cost below zero is no cost: fit the slope alone
+        a = sxy / sxx
+        b = 0.0
+    return a, b
+
+
+def predict_published(row: Mapping[str, Any]) -> Speed:
+    """The uncalibrated prediction for one published row (what the accuracy test and bench compare)."""
+    device = device_table()[row["device"]]
+    fit = fitted(device.backend)
+    tg = 1 / (row["bytes_per_token"] / (fit.eta * device.bandwidth_bytes_per_s) + fit.t0_s)
+    pp = None
+    if fit.pp_slope is not None and device.flops:
+        pp = 1 / (fit.pp_slope * 2 * row["active_params"] / device.flops + fit.pp_t0_s)
+    return Speed(tg, pp)
+
+
+def llmfit_published(row: Mapping[str, Any]) -> float:
+    """llmfit's formula on a published row (bandwidth / (params x nominal bytes per param) x 0.55): the peer's
+    figure printed beside ours, so the gap is measured (reference/speed.md "How others predict")."""
+    device = device_table()[row["device"]]
+    quant = row["model"].rsplit(" ", 1)[-1]
+    nominal = {"Q4_K_M": 0.5, "Q4_0": 0.5, "F16": 2.0}.get(quant, 0.5)
+    return device.bandwidth_bytes_per_s / (row["params"] * nominal) * 0.55
+
+
+# -- a configuration of the plan ----------------------------------------------------------------------------------
+
+
+def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
+    """Bytes read per decoded token on each device of the option's estimate, at `depth` tokens of context. Pure."""
+    facts, est = option.facts, option.estimate
+    n_layer = facts.n_layer
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    device_of = {i: d.name for d in est.devices for i in d.layers}
+    out: dict[str, int] = {d.name: 0 for d in est.devices}
+    for layer in facts.layers:
+        device = device_of.get(layer.index, "CPU")
+        dense = layer.weight_bytes - layer.expert_bytes
+        out[device] += dense
+        experts_on = "CPU" if option.cpu_moe else device
+        out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
+    gpus = [d.name for d in est.devices if d.name != "CPU" and d.layers]
+    output_device = gpus[-1] if gpus and option.n_gpu_layers > n_layer else "CPU"
+    out[output_device] = out.get(output_device, 0) + facts.output_bytes
+    for cache in est.kv_caches:
+        cells = max(1, cache.cells)
+        for il, nbytes in zip(cache.layers, cache.layer_bytes, strict=False):
+            per_cell = nbytes / (cells * max(1, cache.n_stream))
+            device = device_of.get(il, "CPU")
+            out[device] = out.get(device, 0) + round(per_cell * min(depth, cells))
+    return out
+
+
+def active_params(option: Option) -> float:
+    """Parameters a token multiplies by (no embeddings; MoE routed experts x used / total), from the weights'
+    bytes and the file's bits per weight."""
+    facts = option.facts
+    if not facts.tensor_bytes_total:
+        return 0.0
+    per_param = facts.tensor_bytes_total / max(1, facts.n_params)
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    experts = sum(layer.expert_bytes for layer in facts.layers)
+    read = facts.tensor_bytes_total - facts.input_bytes - experts * (1 - share)
+    return read / per_param
+
+
+def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: int = 0) -> Speed:
+    """Decode and prefill tokens/s of `option` at `depth`, with `devices` naming each device of its estimate (CPU
+    included). A device without figures makes the prediction unknown (None), never a guess."""
+    per_device = bytes_per_token(option, depth)
+    seconds = 0.0
+    t0 = 0.0
+    backends = []
+    for name, nbytes in per_device.items():
+        if not nbytes:
+            continue
+        device = devices.get(name)
+        if device is None:
+            return Speed(None, None)
+        fit = fitted(device.backend)
+        seconds += nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+        t0 = max(t0, fit.t0_s)
+        backends.append(device)
+    tg = 1 / (seconds + t0) if seconds else None
+    # prefill on the device that holds most of the weights (llama.cpp runs host weights' matmuls there too)
+    main = max(backends, key=lambda d: d.flops or 0.0, default=None)
+    pp = None
+    if main is not None and main.flops:
+        fit = fitted(main.backend)
+        params = active_params(option)
+        if fit.pp_slope is not None and params:
+            pp = 1 / (fit.pp_slope * 2 * params / main.flops + fit.pp_t0_s)
+    return Speed(tg, pp)
+
+
+# -- this machine ---------------------------------------------------------------------------------------------------
+
+
+def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
+    """What each device of `machine` offers, by the plan's device names: a GPU by its name in the table (none when
+    its name is not there: its speed is then unknown, never guessed), the host by its measured bandwidth."""
+    table = device_table()
+    out: dict[str, DeviceSpeed] = {}
+    for device in machine.devices:
+        known = table.get(device.name) or next((v for k, v in table.items() if k.lower() in device.name.lower()), None)
+        if known is not None:
+            out[f"GPU{device.index}"] = known
+    bandwidth = host_bandwidth_bytes_per_s()
+    if bandwidth:
+        out["CPU"] = DeviceSpeed(bandwidth, None, "cpu")
+    return out
+
+
+COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache
+COPY_SECONDS = 0.4
+
+
+def host_bandwidth_bytes_per_s(*, refresh: bool = False) -> float | None:
+    """The host's memory bandwidth: a short copy on every core at once (read + write bytes over the time), measured
+    once per machine and kept in fitquant's cache; None when it cannot be measured."""
+    from launcher.paths import cache_dir
+
+    path = cache_dir() / "host-bandwidth.json"
+    key = _host_key()
+    if not refresh:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("host") == key and cached.get("bytes_per_s", 0) > 0:
+                return float(cached["bytes_per_s"])
+        except (OSError, ValueError, AttributeError):
+            pass
+    measured = measure_copy_bandwidth()
+    if measured:
+        from launcher.paths import write_private
+
+        write_private(path, json.dumps({"host": key, "bytes_per_s": measured}))
+    return measured
+
+
+def _host_key() -> str:
+    import platform
+
+    import psutil
+
+    return f"{platform.machine()} {platform.processor()} {psutil.cpu_count()} cpus {psutil.virtual_memory().total} B"
+
+
+def measure_copy_bandwidth(threads: int | None = None, seconds: float = COPY_SECONDS) -> float | None:
+    """Bytes per second moved by `threads` copies running at once (numpy releases the GIL while copying)."""
+    import threading
+    import time
+
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    import os
+
+    count = threads or os.cpu_count() or 1
+    pairs = [(np.ones(COPY_BYTES, dtype=np.uint8), np.empty(COPY_BYTES, dtype=np.uint8)) for _ in range(count)]
+    moved = [0] * count
+    deadline = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        src, dst = pairs[i]
+        while time.perf_counter() < deadline:
+            np.copyto(dst, src)
+            moved[i] += 2 * COPY_BYTES  # read and written
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - started
+    total: int = 0
+    for n in moved:
+        total += n
+    return total / elapsed if elapsed > 0 and total else None
+
+
+def measured_speed(reply: ChatReply, *, ollama: bool) -> Speed:
+    """Decode and prefill tokens/s as the server measured them for one reply: llama-server's `timings`
+    (predicted_per_second, prompt_per_second), Ollama's token counts over its durations (nanoseconds). Pure."""
+    timings = reply.timings
+    if ollama:
+        tg_ns, pp_ns = timings.get("eval_duration"), timings.get("prompt_eval_duration")
+        tg = reply.completion_tokens / (tg_ns / 1e9) if reply.completion_tokens and tg_ns else None
+        pp = reply.prompt_tokens / (pp_ns / 1e9) if reply.prompt_tokens and pp_ns else None
+        return Speed(tg, pp)
+    tg, pp = timings.get("predicted_per_second"), timings.get("prompt_per_second")
+    return Speed(tg if tg and tg > 0 else None, pp if pp and pp > 0 else None)
