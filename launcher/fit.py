@@ -80,11 +80,34 @@ def fit(
     and alternatives. `remembered` (launcher.record.remembered) are figures measured by earlier launches on
     this machine: the plan starts from them, and the dry run does not measure those configurations again.
     """
+    if machine is None:
+        from launcher.hardware import detect_hardware
+
+        machine = detect_hardware()
     plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
                 client=client, remembered=remembered)  # fmt: skip
+    attach_speeds(plan, machine)
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
     return plan
+
+
+def attach_speeds(plan: Plan, machine: HardwareSnapshot) -> None:
+    """Predicted decode and prefill tokens/s on every option of the plan (launcher.speed), where the machine's
+    devices have known figures: GPUs by name, this host's measured bandwidth (not for a described machine)."""
+    from launcher.speed import machine_speeds, predict
+
+    devices = machine_speeds(machine)
+    seen: set[int] = set()
+    for option in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]:
+        if id(option) in seen:
+            continue
+        seen.add(id(option))
+        empty = predict(option, devices, 0)
+        deep = predict(option, devices, option.n_ctx // max(1, plan.policy.n_parallel))
+        if empty.tg_per_s is None and empty.pp_per_s is None:
+            continue
+        option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"]}
 
 
 def fit_together(

@@ -139,6 +139,9 @@ class Option:
     figures: str = "estimate"  # "estimate" | "engine (llama.cpp dry run, <backend> backend)"
     split: Split | None = None  # the GPUs in llama.cpp's device order and their shares; None: proportional over all
     placement_why: str = ""  # with a split: why it was taken over the proportional split
+    # predicted tokens/s (launcher.speed, attached by fit where the devices' figures are known): decode at an empty
+    # context and at the target depth, prefill; None: not predicted
+    speed: dict[str, float | None] | None = None
 
     @property
     def quant(self) -> str:
@@ -307,6 +310,7 @@ def _option_json(o: Option) -> dict[str, Any]:
         "total_bytes": o.total_bytes,
         "needs_bytes": dict(o.needs),
         "figures": o.figures,
+        "speed": dict(o.speed) if o.speed is not None else None,
     }
 
 

@@ -29,6 +29,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
         known = table.get(device.name) or next((v for k, v in table.items() if k.lower() in device.name.lower()), None)
         if known is not None:
             out[f"GPU{device.index}"] = known
-    bandwidth = host_bandwidth_bytes_per_s()
+    bandwidth = None if machine.described else host_bandwidth_bytes_per_s()  # a described host is not this one
     if bandwidth:
         out["CPU"] = DeviceSpeed(bandwidth, None, "cpu")
     return out
@@ -262,10 +263,11 @@ COPY_SECONDS = 0.4
 
 def host_bandwidth_bytes_per_s(*, refresh: bool = False) -> float | None:
     """The host's memory bandwidth: a short copy on every core at once (read + write bytes over the time), measured
-    once per machine and kept in fitquant's cache; None when it cannot be measured."""
-    from launcher.paths import cache_dir
+    once per machine and kept in the user's cache folder (a fact of the machine, like the llama.cpp builds beside
+    it: not under FITQUANT_HOME); None when it cannot be measured."""
+    import platformdirs
 
-    path = cache_dir() / "host-bandwidth.json"
+    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-bandwidth.json"
     key = _host_key()
     if not refresh:
         try:

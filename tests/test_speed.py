@@ -101,3 +101,21 @@ def test_a_gpu_load_far_below_its_prediction_is_a_finding(tmp_path: Path) -> Non
     assert report["finding"].startswith("slow: decode 5.0 tokens/s") and "probable CPU fallback" in report["finding"]
     fine = speed_report(replace(result, warmup={"measured_tg_per_s": report["predicted_tg_per_s"]}), machine)
     assert fine["finding"] is None
+
+
+def test_the_plan_carries_each_options_predicted_speed(tmp_path: Path) -> None:
+    from launcher.fit import fit
+    from launcher.plan import Policy
+
+    candidates = [tiny_candidate(tmp_path, "Q8_0", QT.Q8_0), tiny_candidate(tmp_path, "Q4_K_M", QT.Q4_K)]
+    described = describe_machine(vram=[8 * GiB])
+    unknown = fit("tiny", Policy(n_ctx=4096), machine=described, candidates=candidates, confirm=False)
+    assert unknown.chosen is not None and unknown.chosen.speed is None  # a GPU not in the table: not guessed
+    rtx = described.model_copy(update={"devices": (described.devices[0].model_copy(
+        update={"name": "NVIDIA GeForce RTX 4090"}),)})  # fmt: skip
+    plan = fit("tiny", Policy(n_ctx=4096), machine=rtx, candidates=candidates, confirm=False)
+    speeds = {o.quant: o.speed for o in plan.candidates}
+    assert all(s is not None and s["tg_per_s"] for s in speeds.values())
+    assert speeds["Q4_K_M"]["tg_per_s"] > speeds["Q8_0"]["tg_per_s"]  # fewer bytes per token, faster  # type: ignore[index]
+    chosen = plan.to_json()["chosen"]["speed"]
+    assert chosen["tg_per_s_at_depth"] < chosen["tg_per_s"] and chosen["pp_per_s"] > chosen["tg_per_s"]

@@ -211,23 +211,27 @@ def render_plan(result: Plan, *, forms: dict[str, Any]) -> None:
         if option.fits and not option.above_floor:
             fits = "below floor"
         style = "bold green" if chosen and result.mode in ("gpu", "cpu") else ("bold" if chosen else None)
+        tg = (option.speed or {}).get("tg_per_s")  # predicted decode tokens/s (launcher.speed), when known
         cells = [("▶ " if chosen else "  ") + option.quant, format_bytes(option.candidate.size_bytes),
-                 f"{bpw:.2f}" if bpw else "-", format_bytes(max(option.needs.values())), fits]  # fmt: skip
+                 f"{bpw:.2f}" if bpw else "-", format_bytes(max(option.needs.values())),
+                 f"{tg:.0f}" if tg is not None else "-", fits]  # fmt: skip
         rows.append((option, cells, style))
-    columns = ("quant", "file", "bpw", "needs", "fits")
+    columns = ("quant", "file", "bpw", "needs", "t/s", "fits")
     widths = [max([len(name), *(len(cells[i]) for _, cells, _ in rows)]) for i, name in enumerate(columns)]
     # the bar takes what the terminal has left: each column costs its width plus 3 (padding, rule), +1 border
     bar_width = max(_BAR_MIN, min(_BAR_MAX, console.width - sum(widths) - 3 * (len(columns) + 1) - 1 - 1))
-    for column in (*columns[:4], "memory", "fits"):
-        table.add_column(column, justify="right" if column in ("file", "bpw", "needs") else "left", no_wrap=True)
+    for column in (*columns[:5], "memory", "fits"):
+        table.add_column(column, justify="right" if column in ("file", "bpw", "needs", "t/s") else "left",
+                         no_wrap=True)  # fmt: skip
     colors = {"yes": "green", "no": "red", "below floor": "yellow"}
     for option, cells, style in rows:
-        fits = cells[4]
-        table.add_row(*cells[:4], _bar(option, budget, bar_width), f"[{colors[fits]}]{fits}[/{colors[fits]}]",
+        fits = cells[5]
+        table.add_row(*cells[:5], _bar(option, budget, bar_width), f"[{colors[fits]}]{fits}[/{colors[fits]}]",
                       style=style)  # fmt: skip
     console.print(table)
     console.print("memory: " + "  ".join(f"[{color}]█[/{color}] {what}" for what, color in _BAR_PARTS)
                   + "  [dim]·[/dim] free  [red]▶[/red] over budget")  # fmt: skip
+    console.print("t/s: predicted decode tokens per second at an empty context")
     console.print(f"[bold]{escape(result.reason)}[/bold]")
     for option in result.alternatives:
         console.print(f"  alternative: {option.quant} at {option.n_ctx} tokens, {option.n_gpu_layers} layers on GPU"
