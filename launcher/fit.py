@@ -87,6 +87,8 @@ def fit(
     plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
                 client=client, remembered=remembered)  # fmt: skip
     attach_speeds(plan, machine)
+    if policy.min_tg_per_s is not None:
+        apply_min_speed(plan, policy.min_tg_per_s)
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
     return plan
@@ -108,6 +110,36 @@ def attach_speeds(plan: Plan, machine: HardwareSnapshot) -> None:
         if empty.tg_per_s is None and empty.pp_per_s is None:
             continue
         option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"]}
+
+
+def apply_min_speed(plan: Plan, min_tg_per_s: float) -> None:
+    """--min-speed: keep the highest-quality option that fits and decodes at least `min_tg_per_s` tokens/s at the
+    target depth (predicted); the plan says which it took and why, or that none is fast enough or that the speed
+    cannot be told (a device's figures unknown), and then keeps the choice by memory alone."""
+    chosen = plan.chosen
+    if chosen is None:
+        return
+    wanted = f"--min-speed {min_tg_per_s:g}"
+
+    def at_depth(option: Option) -> float:
+        return (option.speed or {}).get("tg_per_s_at_depth") or 0.0
+
+    if not (chosen.speed or {}).get("tg_per_s_at_depth"):
+        plan.notes.append(f"{wanted}: the speed of these devices is unknown; chosen by memory alone")
+        return
+    if at_depth(chosen) >= min_tg_per_s:
+        return
+    fast = [o for o in plan.candidates if o.fits and o.above_floor and at_depth(o) >= min_tg_per_s]
+    if not fast:
+        best = max((o for o in plan.candidates if o.fits), key=at_depth, default=chosen)
+        plan.notes.append(f"{wanted}: nothing that fits decodes that fast at the target depth; the fastest is "
+                          f"{best.quant} at {at_depth(best):.1f} tokens/s")  # fmt: skip
+        return
+    faster = max(fast, key=lambda o: o.quality_rank)
+    plan.notes.append(f"{wanted}: {chosen.quant} decodes {at_depth(chosen):.1f} tokens/s at the target depth; "
+                      f"{faster.quant} is the highest quality that reaches it ({at_depth(faster):.1f})")  # fmt: skip
+    plan.chosen = faster
+    plan.reason = f"{faster.quant} is the highest-quality quant that fits and decodes {min_tg_per_s:g} tokens/s or more"
 
 
 def fit_together(

@@ -67,6 +67,7 @@ class Policy:
     strict: bool = False  # nothing but a full fit at the target context
     vision: bool = False  # count the vision projector (mmproj) when the model has one
     min_context: int = DEFAULT_MIN_CONTEXT  # smallest reduced context worth proposing
+    min_tg_per_s: float | None = None  # --min-speed: the highest quality that decodes this fast at the target depth
     # What the server does by default that changes memory (launcher.backends.base.ServerMemory, declared by the
     # backend that runs the plan): logits for every prompt token (llama-cpp-python's server) rather than one per
     # slot (llama-server), a larger output graph; a full-size SWA cache; host weights repacked for the CPU.

@@ -119,3 +119,26 @@ def test_the_plan_carries_each_options_predicted_speed(tmp_path: Path) -> None:
     assert speeds["Q4_K_M"]["tg_per_s"] > speeds["Q8_0"]["tg_per_s"]  # fewer bytes per token, faster  # type: ignore[index]
     chosen = plan.to_json()["chosen"]["speed"]
     assert chosen["tg_per_s_at_depth"] < chosen["tg_per_s"] and chosen["pp_per_s"] > chosen["tg_per_s"]
+
+
+def test_min_speed_takes_the_best_quant_that_is_fast_enough(tmp_path: Path) -> None:
+    from launcher.fit import fit
+    from launcher.plan import Policy
+
+    candidates = [tiny_candidate(tmp_path, "Q8_0", QT.Q8_0), tiny_candidate(tmp_path, "Q4_K_M", QT.Q4_K)]
+    described = describe_machine(vram=[8 * GiB])
+    rtx = described.model_copy(update={"devices": (described.devices[0].model_copy(
+        update={"name": "NVIDIA GeForce RTX 4090"}),)})  # fmt: skip
+    by_memory = fit("tiny", Policy(n_ctx=4096), machine=rtx, candidates=candidates, confirm=False)
+    assert by_memory.chosen is not None and by_memory.chosen.quant == "Q8_0"
+    speed = {o.quant: o.speed["tg_per_s_at_depth"] for o in by_memory.candidates}  # type: ignore[index]
+    between = (speed["Q8_0"] + speed["Q4_K_M"]) / 2
+    faster = fit("tiny", Policy(n_ctx=4096, min_tg_per_s=between), machine=rtx, candidates=candidates, confirm=False)
+    assert faster.chosen is not None and faster.chosen.quant == "Q4_K_M"
+    assert any(n.startswith(f"--min-speed {between:g}: Q8_0 decodes") for n in faster.notes)
+    too_fast = fit("tiny", Policy(n_ctx=4096, min_tg_per_s=speed["Q4_K_M"] * 2), machine=rtx, candidates=candidates,
+                   confirm=False)  # fmt: skip
+    assert too_fast.chosen is not None and too_fast.chosen.quant == "Q8_0"
+    assert any("nothing that fits decodes that fast" in n for n in too_fast.notes)
+    unknown = fit("tiny", Policy(n_ctx=4096, min_tg_per_s=1.0), machine=described, candidates=candidates, confirm=False)
+    assert any("the speed of these devices is unknown" in n for n in unknown.notes)

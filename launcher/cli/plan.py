@@ -23,6 +23,8 @@ from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
     "--min-quant", callback=options.quality_floor, help="Quality floor, e.g. Q4_K_M (default: by model size)."
 )
 @click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
+@click.option("--min-speed", "min_speed", type=click.FloatRange(min=0, min_open=True, max=1e6), metavar="T",
+              help="The best quant predicted to decode T tokens/s or more at the target context.")  # fmt: skip
 @click.option("--vision/--no-vision", default=False, help="Count the vision projector (mmproj) when there is one.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Confirm the choice with a llama.cpp dry run when llama-cpp-python is installed.")  # fmt: skip
@@ -47,6 +49,7 @@ def plan(
     reserve: int,
     min_quant: str | None,
     strict: bool,
+    min_speed: float | None,
     vision: bool,
     engine: bool,
     port: int,
@@ -65,7 +68,7 @@ def plan(
     from launcher.plan import Plan, Policy
 
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
-                    min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
+                    min_quant=min_quant, strict=strict, vision=vision, min_tg_per_s=min_speed)  # fmt: skip
     if rpc and profile_ref is not None:
         raise click.UsageError(
             "--rpc and --profile: give the RPC servers in the profile's rpc: list, or drop --profile"

@@ -46,6 +46,8 @@ def _say(text: str) -> None:
 @options.reserve_option
 @click.option("--min-quant", callback=options.quality_floor, help="Quality floor, e.g. Q4_K_M (default: by size).")
 @click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
+@click.option("--min-speed", "min_speed", type=click.FloatRange(min=0, min_open=True, max=1e6), metavar="T",
+              help="The best quant predicted to decode T tokens/s or more at the target context.")  # fmt: skip
 @click.option("--vision/--no-vision", default=False, help="Load the vision projector (mmproj) when there is one.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Confirm the plan with a llama.cpp dry run before starting it.")  # fmt: skip
@@ -84,6 +86,7 @@ def run(
     reserve: int,
     min_quant: str | None,
     strict: bool,
+    min_speed: float | None,
     vision: bool,
     engine: bool,
     backend_name: str,
@@ -119,7 +122,8 @@ def run(
         backend, machine, _ = backend_and_machine(backend_name, llama_server=llama_server, rpc=rpc, vram=vram,
                                                   ram=ram, unified=unified)  # fmt: skip
         policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel,
-                        reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision)  # fmt: skip
+                        reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision,
+                        min_tg_per_s=min_speed)  # fmt: skip
         spec = RunSpec(model, policy, request, confirm=engine, max_attempts=max_attempts, warmup=warmup)  # type: ignore[arg-type]
         result = start(
             spec, backend=backend, machine=machine, progress=sys.stderr.isatty(), on_plan=_plan_lines,
