@@ -71,8 +71,10 @@ def fit(
     measurer: Measurer | None = None,
     client: httpx.Client | None = None,
     remembered: tuple[Measurements, list[str]] | None = None,
+    build: tuple[str, str | None] | None = None,
 ) -> Plan:
     """Plan `model` for `machine` (probed when None) under `policy`; raise NoFitError when nothing fits.
+    `build` (backend name, server version) calibrates the predicted speeds by that build's runs on this machine.
 
     With `confirm`, the options the decision hinges on are measured by `measurer` (by default llama.cpp
     dry runs, when llama-cpp-python is installed and runs the plan's backend) and the plan is made again
@@ -86,7 +88,7 @@ def fit(
         machine = detect_hardware()
     plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
                 client=client, remembered=remembered)  # fmt: skip
-    attach_speeds(plan, machine)
+    attach_speeds(plan, machine, backend=build[0] if build else None, version=build[1] if build else None)
     if policy.min_tg_per_s is not None:
         apply_min_speed(plan, policy.min_tg_per_s)
     if plan.chosen is None:
@@ -94,13 +96,24 @@ def fit(
     return plan
 
 
-def attach_speeds(plan: Plan, machine: HardwareSnapshot) -> None:
+def attach_speeds(
+    plan: Plan, machine: HardwareSnapshot, *, backend: str | None = None, version: str | None = None
+) -> None:
     """Predicted decode and prefill tokens/s on every option of the plan (launcher.speed), where the machine's
-    devices have known figures: GPUs by name, this host's measured bandwidth (not for a described machine)."""
-    from launcher.speed import machine_speeds, predict
+    devices have known figures: a GPU's own (NVML, a profile) or by name, the host's (a profile's, else measured;
+    not for a described machine). With the `backend` and its build's `version` that will run the plan, decode is
+    calibrated by what verified runs of that build measured on this machine (launcher.speed.calibration), and a
+    plan note says so."""
+    from dataclasses import replace
+
+    from launcher.speed import Calibration, calibration, machine_speeds, predict
 
     devices = machine_speeds(machine)
+    calibrated: Calibration | None = None
+    if backend is not None and devices:
+        calibrated = calibration(machine, backend, version)
     seen: set[int] = set()
+    applied = False
     for option in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]:
         if id(option) in seen:
             continue
@@ -109,7 +122,14 @@ def attach_speeds(plan: Plan, machine: HardwareSnapshot) -> None:
         deep = predict(option, devices, option.n_ctx // max(1, plan.policy.n_parallel))
         if empty.tg_per_s is None and empty.pp_per_s is None:
             continue
+        if calibrated is not None and empty.tg_per_s is not None:
+            # the decode ratio only: prefill has its own efficiency, and the record's ratio is decode's
+            empty = replace(empty, tg_per_s=empty.tg_per_s * calibrated.factor)
+            deep = replace(deep, tg_per_s=None if deep.tg_per_s is None else deep.tg_per_s * calibrated.factor)
+            applied = True
         option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"]}
+    if applied and calibrated is not None:
+        plan.notes.append(calibrated.note())
 
 
 def apply_min_speed(plan: Plan, min_tg_per_s: float) -> None:
@@ -149,6 +169,7 @@ def fit_together(
     remembered: Sequence[tuple[Measurements, list[str]] | None] | None = None,
     confirm: bool = True,
     measurer: Measurer | None = None,
+    build: tuple[str, str | None] | None = None,
 ) -> list[Plan]:
     """Plan several models to run at once on `machine`, in order: each plan sees the memory the ones before it
     take. `models` are (reference, policy, name shown in errors). A model that does not fit entirely (all on the
@@ -160,7 +181,8 @@ def fit_together(
         beside = ", ".join(shown for _, _, shown in models[: len(plans)])
         where = f" beside {beside}" if beside else ""
         try:
-            plan = fit(model, policy, machine=remaining, confirm=confirm, measurer=measurer, remembered=memory)
+            plan = fit(model, policy, machine=remaining, confirm=confirm, measurer=measurer, remembered=memory,
+                       build=build)  # fmt: skip
         except NoFitError as exc:
             raise NoFitError(f"{name!r} does not fit entirely{where}: {exc}", plan=exc.plan) from None
         if plan.mode not in ("gpu", "cpu"):

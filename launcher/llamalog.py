@@ -113,6 +113,11 @@ _RE_ARCH = re.compile(_FUNC + r"arch\s*=\s*(?P<val>\S{1,64})\s*$")
 _RE_N_LAYER = re.compile(_FUNC + r"n_layer\s*=\s*(?P<val>\d{1,12})\s*$")
 _RE_VOCAB_EMBD = re.compile(_FUNC + r"(?P<key>n_vocab|n_embd)\s*=\s*(?P<val>\d{1,12})\s*$")
 _RE_PIPELINE = re.compile(r"pipeline parallelism enabled")
+# The scheduler's graph splits (runs of nodes on one backend, ggml-backend.cpp ggml_backend_sched_split_graph):
+#   "sched_reserve: graph: nodes = 727, splits = 2, input objects = 4, input tensors = 9"   (2026 builds)
+#   "llama_context: graph splits = 2 (with bs=512), 1 (with bs=1)"                           (2025: the first is pp)
+#   "llama_new_context_with_model: graph splits = 2"                                         (2024)
+_RE_GRAPH_SPLITS = re.compile(r"graph(?::\s*nodes\s*=\s*\d{1,12},\s*|\s+)splits\s*=\s*(?P<n>\d{1,9})")
 _RE_BREAKDOWN_GPU = re.compile(
     r"\|\s*-\s*(?P<name>\S{1,100})\s*(?:\((?P<desc>[^)]{0,200})\))?\s*\|\s*(?P<total>-?\d{1,12})\s*=\s*(?P<free>-?\d{1,12})\s*\+\s*\(\s*"
     r"(?P<self>-?\d{1,12})\s*=\s*(?P<model>-?\d{1,12})\s*\+\s*(?P<context>-?\d{1,12})\s*\+\s*(?P<compute>-?\d{1,12})\s*\)\s*\+\s*"
@@ -252,6 +257,7 @@ class LlamaLog:
     flash_attn_setting: str | None = None  # as printed: "auto", "enabled", "disabled" (older: "1"/"0")
     kv_unified: bool | None = None
     pipeline_parallel: bool = False
+    graph_splits: int | None = None  # the compute graph's splits at reserve (the last reserve line of the load)
     arch: str | None = None
     n_layer: int | None = None
     n_vocab: int | None = None  # print_info: vocabulary and embedding width (token_embd is n_embd x n_vocab)
@@ -538,6 +544,12 @@ def _on_pipeline(seg: _Segment, m: re.Match[str]) -> bool:
     return True
 
 
+def _on_graph_splits(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.graph_splits = int(m["n"])  # a later reserve (a retry without pipeline parallelism) replaces it
+    seg.content = True
+    return True
+
+
 def _on_file_size(seg: _Segment, m: re.Match[str]) -> bool:
     scale = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[m["unit"]]
     seg.log.file_size_mib = round(float(m["size"]) * scale, 2)
@@ -647,6 +659,7 @@ _LINE_HANDLERS: tuple[tuple[str | None, re.Pattern[str], Callable[[_Segment, re.
     ("flash_attn", _RE_FA_FORCED, _on_flash_attn_forced),
     ("kv_unified", _RE_UNIFIED, _on_kv_unified),
     ("pipeline", _RE_PIPELINE, _on_pipeline),
+    ("splits", _RE_GRAPH_SPLITS, _on_graph_splits),
     ("size", _RE_FILE_SIZE, _on_file_size),
     ("type", _RE_FILE_TYPE, _on_file_type),
     ("model params", _RE_PARAMS, _on_params),

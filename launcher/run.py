@@ -368,15 +368,27 @@ def plan_runs(
 
     policies = [server_policy(spec.policy, backend) for spec in specs]
     known = [record.remembered(machine, record.model_key(s.model), p) for s, p in zip(specs, policies, strict=True)]
+    build = backend_build(backend)
     if len(specs) == 1 and not entirely:
         spec = specs[0]
-        return [fit(spec.model, policies[0], machine=machine, confirm=spec.confirm, remembered=known[0])]
+        return [fit(spec.model, policies[0], machine=machine, confirm=spec.confirm, remembered=known[0], build=build)]
     return fit_together(
         [(s.model, p, s.shown_name) for s, p in zip(specs, policies, strict=True)],
         machine=machine,
         remembered=known,
         confirm=all(s.confirm for s in specs),
+        build=build,
     )
+
+
+def backend_build(backend: Backend | None) -> tuple[str, str | None] | None:
+    """(backend name, server version) as the machine record stores them: what the speed calibration is keyed by.
+    Only llama.cpp's server version is known before a launch; other backends are not calibrated yet."""
+    from launcher.backends.llamacpp import LlamaCppBackend
+
+    if isinstance(backend, LlamaCppBackend) and backend.unavailable() is None:
+        return backend.name, backend.program.version
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -612,8 +624,10 @@ def _rounded(value: float | None) -> float | None:
 
 def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]:
     """Predicted decode and prefill tokens/s (launcher.speed) beside what the warm-up measured, and the finding when
-    a load on a GPU decodes far below its prediction (compute that probably ran on the CPU)."""
+    a load on a GPU decodes far below its prediction or its log shows more graph splits than a full offload gives
+    (compute that probably ran on the CPU)."""
     from launcher.speed import machine_speeds, predict
+    from launcher.verify import full_offload_splits, splits_finding
 
     devices = machine_speeds(machine)
     option = result.option
@@ -627,13 +641,21 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
         "measured_tg_per_s": measured_tg,
         "measured_pp_per_s": result.warmup.get("measured_pp_per_s"),
         "tg_ratio": round(measured_tg / at_empty.tg_per_s, 3) if measured_tg and at_empty.tg_per_s else None,
+        "graph_splits": result.placement.graph_splits,
+        "full_offload_splits": full_offload_splits(result.placement),
         "finding": None,
     }
+    findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
     if on_gpu and report["tg_ratio"] is not None and report["tg_ratio"] < SLOW_DECODE_RATIO:
-        report["finding"] = (
+        findings.append(
             f"slow: decode {measured_tg} tokens/s, predicted {report['predicted_tg_per_s']}: probable CPU fallback"
         )
+    # independent of the measured speed: a small model can decode fast enough on the CPU to pass the ratio
+    split = splits_finding(result.placement)
+    if split is not None:
+        findings.append(split)
+    report["finding"] = "; ".join(findings) or None
     return report
 
 

@@ -15,8 +15,11 @@ cost per token (dequantizing, launches), per backend, fitted the same way.
 
     bytes_per_token(option, depth)          bytes read per decoded token, per device of the estimate (pure)
     predict(option, device_speeds, depth)   Speed(tg_per_s, pp_per_s) (pure)
-    machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): the table by GPU name,
-                                            the host's bandwidth measured once (a short multi-threaded copy, cached)
+    machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
+                                            (NVML, a profile), then the table by name; the host's bandwidth from a
+                                            profile, else measured once (a short multi-threaded copy, cached)
+    calibration(machine, backend, version)  the median measured / predicted decode ratio of this machine's record
+    parse_bandwidth(text), parse_flops(text)  a profile's "936GB/s", "142TFLOPS"
     measured_speed(reply)                   decode and prefill tokens/s a server reports for one reply (pure)
     fitted(backend)                         a backend's Fit: decode eta and t0, prefill slope and fixed cost
     device_table()                          bandwidth and FLOPS by device name (data/speed.json)
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -243,18 +247,97 @@ def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: int = 0) 
 
 
 def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
-    """What each device of `machine` offers, by the plan's device names: a GPU by its name in the table (none when
-    its name is not there: its speed is then unknown, never guessed), the host by its measured bandwidth."""
+    """What each device of `machine` offers, by the plan's device names. A GPU's own figures first (NVML's clocks
+    and bus, or a profile's `bandwidth` / `flops`), then its name in the table, each figure on its own; a GPU with
+    no bandwidth from either has no speed (unknown, never guessed). The host: a profile's bandwidth, else the
+    measured one (not for a described machine: its host is not this one)."""
     table = device_table()
     out: dict[str, DeviceSpeed] = {}
     for device in machine.devices:
         known = table.get(device.name) or next((v for k, v in table.items() if k.lower() in device.name.lower()), None)
-        if known is not None:
-            out[f"GPU{device.index}"] = known
-    bandwidth = None if machine.described else host_bandwidth_bytes_per_s()  # a described host is not this one
-    if bandwidth:
-        out["CPU"] = DeviceSpeed(bandwidth, None, "cpu")
+        bandwidth = device.memory_bandwidth_bytes_per_s or (known.bandwidth_bytes_per_s if known else None)
+        if not bandwidth:
+            continue
+        flops = device.fp16_flops or (known.flops if known else None)
+        backend = known.backend if known else _BACKEND_OF_KIND.get(device.kind, device.kind)
+        out[f"GPU{device.index}"] = DeviceSpeed(bandwidth, flops, backend)
+    host = machine.host_bandwidth_bytes_per_s
+    if host is None and not machine.described:
+        host = host_bandwidth_bytes_per_s()
+    if host:
+        out["CPU"] = DeviceSpeed(host, None, "cpu")
     return out
+
+
+_BACKEND_OF_KIND = {"cuda": "cuda", "rocm": "rocm", "metal": "metal"}  # a device kind's fitted constants
+
+
+# -- a device's figures as a person writes them (a profile's `bandwidth` and `flops`) -------------------------------
+
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z/]+)\s*$")
+_BANDWIDTH_UNITS = {"mb/s": 1e6, "gb/s": 1e9, "tb/s": 1e12, "mib/s": 2.0**20, "gib/s": 2.0**30, "tib/s": 2.0**40}
+_FLOPS_UNITS = {"gflops": 1e9, "tflops": 1e12, "pflops": 1e15}
+MAX_BANDWIDTH = 1e15  # bytes/s: far above any device (an H200 reads 4.8e12)
+MAX_FLOPS = 1e18  # far above any device (a B200 is about 2.3e15 dense FP16)
+
+
+def parse_bandwidth(text: str) -> float:
+    """Bytes per second from '936GB/s', '1.5 TB/s' or '400GiB/s'. Raises ValueError (reads after a field's name)."""
+    return _parse_rate(text, _BANDWIDTH_UNITS, MAX_BANDWIDTH, "a bandwidth like 936GB/s or 1.5TB/s")
+
+
+def parse_flops(text: str) -> float:
+    """FLOPS from '142TFLOPS', '989 TFLOPS' or '1.2PFLOPS' (dense FP16). Raises ValueError."""
+    return _parse_rate(text, _FLOPS_UNITS, MAX_FLOPS, "FLOPS like 142TFLOPS (dense FP16)")
+
+
+def _parse_rate(text: str, units: Mapping[str, float], limit: float, like: str) -> float:
+    from launcher.units import shown_value
+
+    match = _RATE.match(text) if isinstance(text, str) and len(text) <= 40 else None
+    scale = units.get(match.group(2).lower()) if match else None
+    if match is None or scale is None:
+        raise ValueError(f"must be {like}, got {shown_value(text)}")
+    value = float(match.group(1)) * scale
+    if not 0 < value <= limit:
+        raise ValueError(f"must be more than 0 and at most {limit:.0e} per second, got {shown_value(text)}")
+    return value
+
+
+# -- calibration: what this machine measured ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The median measured / predicted decode ratio of `runs` verified runs on one machine, backend and build."""
+
+    factor: float
+    runs: int
+
+    def note(self) -> str:
+        runs = f"{self.runs} verified run{'s' if self.runs != 1 else ''}"
+        return f"calibrated by {runs} on this machine: ×{self.factor:.2f}"
+
+
+def calibration(machine: HardwareSnapshot, backend: str, version: str | None) -> Calibration | None:
+    """The median measured / predicted decode ratio of this machine's record (launcher.record.entries) for one
+    backend and build; None when it has no such run. A run flagged slow (probable CPU fallback) is left out: it
+    measured a fault, and folding it in would hide the next one."""
+    from statistics import median
+
+    from launcher.record import entries
+
+    ratios = []
+    for entry in entries(machine):
+        if entry.get("backend") != backend or entry.get("version") != version:
+            continue
+        speed = entry.get("speed")
+        if not isinstance(speed, dict) or speed.get("finding"):
+            continue
+        ratio = speed.get("tg_ratio")
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 100:
+            ratios.append(float(ratio))
+    return Calibration(median(ratios), len(ratios)) if ratios else None
 
 
 COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache

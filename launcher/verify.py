@@ -121,6 +121,7 @@ class Placement:
     repack_bytes: int = 0  # host model buffers named *_REPACK: weights copied into a CPU-friendly layout
     n_ubatch: int | None = None
     planned_type_k: str | None = None  # the plan's KV cache type, when attach_prediction was told it
+    graph_splits: int | None = None  # the scheduler's graph splits at reserve (`sched_reserve: graph: ... splits`)
 
     @property
     def gpu_devices(self) -> list[DevicePlacement]:
@@ -148,6 +149,7 @@ class Placement:
             "expected_ctx": self.expected_ctx,
             "context_mismatch": self.context_mismatch,
             "mismatches": [m.to_json() for m in mismatches(self)],
+            "graph_splits": self.graph_splits,
         }
 
 
@@ -309,6 +311,7 @@ def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Pla
         swa_cache=any(c.role == "SWA" for c in log.kv_caches),
         repack_bytes=sum(round(b.mib * MiB) for b in log.buffers if b.kind == "model" and b.name.endswith("_REPACK")),
         n_ubatch=log.n_ubatch,
+        graph_splits=log.graph_splits,
     )
     counts, _planned = _layer_counts(log)
     if counts is not None:
@@ -802,6 +805,35 @@ def visible_nvml_indices(env: Mapping[str, str] | None, uuids: Sequence[str | No
             break  # the runtime stops at the first entry it cannot use
         chosen.append(int(part))
     return chosen
+
+
+# -- compute on the CPU ---------------------------------------------------------------------------------------
+
+
+def full_offload_splits(placement: Placement) -> int | None:
+    """The graph splits a full offload gives: one per GPU device that holds weights, plus one on the host for the
+    input (the token embeddings stay in host memory, so their get_rows runs there). None unless the verdict is
+    `gpu`: a partial offload's count depends on whether the backend copies host weights to the GPU per batch.
+
+    llama.cpp starts a new split wherever a node's backend differs from the previous node's
+    (ggml/src/ggml-backend.cpp, ggml_backend_sched_split_graph, "pass 5: split graph"). Measured with llama.cpp
+    0c1e570 on Gemma 3 270M over ggml-rpc-server (tests/test_fallback.py): 1 on the CPU, 2 with one RPC device,
+    3 with two, also with pipeline parallelism; 38 with the KV cache kept on the host (-nkvo)."""
+    if placement.verdict != "gpu":
+        return None
+    holding = [d for d in placement.gpu_devices if d.model_bytes > 0]
+    return len(holding) + 1 if holding else None
+
+
+def splits_finding(placement: Placement) -> str | None:
+    """The finding "slow: N graph splits, a full offload needs M: ..." when the log's splits exceed what the
+    placement needs: work moved between the GPU and the CPU (an op or K/V type the GPU build cannot run, the KV
+    cache on the host)."""
+    needed = full_offload_splits(placement)
+    splits = placement.graph_splits
+    if needed is None or splits is None or splits <= needed:
+        return None
+    return f"slow: {splits} graph splits, a full offload needs {needed}: compute probably ran on the CPU"
 
 
 # -- for people -----------------------------------------------------------------------------------------------

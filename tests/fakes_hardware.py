@@ -32,6 +32,19 @@ class FakeGpu:
     memory_error: type[pynvml.NVMLError] | None = None  # raised by both memory calls
     memory_v2_error: type[pynvml.NVMLError] | None = None  # raised by the v2 call only (old driver)
     processes_error: type[pynvml.NVMLError] | None = None
+    # Speed figures; None: the driver answers NVMLError_NotSupported, as it does for parts that lack one.
+    max_memory_clock_mhz: int | None = None
+    memory_bus_width_bits: int | None = None
+    boost_sm_clock_mhz: int | None = None  # nvmlDeviceGetClock(SM, CUSTOMER_BOOST_MAX)
+    max_sm_clock_mhz: int | None = None
+    multiprocessor_count: int | None = None  # nvmlDeviceGetAttributes_v2 (answered for MIG handles on most drivers)
+    gpu_cores: int | None = None
+
+
+def _supported(value: int | None) -> int:
+    if value is None:
+        raise pynvml.NVMLError_NotSupported()
+    return value
 
 
 class _Handle:
@@ -126,6 +139,36 @@ class FakeNvml:
         # v1's used leaves the driver's reserve out; free is the same number.
         memory.total, memory.free, memory.used = gpu.total_bytes, free, gpu.used_bytes - gpu.reserved_bytes
         return memory
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: _Handle, clock_type: int) -> int:
+        self._check("nvmlDeviceGetMaxClockInfo")
+        gpu = self._gpu(handle)
+        if clock_type == pynvml.NVML_CLOCK_MEM:
+            return _supported(gpu.max_memory_clock_mhz)
+        if clock_type == pynvml.NVML_CLOCK_SM:
+            return _supported(gpu.max_sm_clock_mhz)
+        raise pynvml.NVMLError_InvalidArgument()
+
+    def nvmlDeviceGetClock(self, handle: _Handle, clock_type: int, clock_id: int) -> int:
+        self._check("nvmlDeviceGetClock")
+        gpu = self._gpu(handle)
+        if clock_type == pynvml.NVML_CLOCK_SM and clock_id == pynvml.NVML_CLOCK_ID_CUSTOMER_BOOST_MAX:
+            return _supported(gpu.boost_sm_clock_mhz)
+        raise pynvml.NVMLError_NotSupported()
+
+    def nvmlDeviceGetMemoryBusWidth(self, handle: _Handle) -> int:
+        self._check("nvmlDeviceGetMemoryBusWidth")
+        return _supported(self._gpu(handle).memory_bus_width_bits)
+
+    def nvmlDeviceGetAttributes_v2(self, handle: _Handle) -> pynvml.c_nvmlDeviceAttributes:
+        self._check("nvmlDeviceGetAttributes_v2")
+        attributes = pynvml.c_nvmlDeviceAttributes()
+        attributes.multiprocessorCount = _supported(self._gpu(handle).multiprocessor_count)
+        return attributes
+
+    def nvmlDeviceGetNumGpuCores(self, handle: _Handle) -> int:
+        self._check("nvmlDeviceGetNumGpuCores")
+        return _supported(self._gpu(handle).gpu_cores)
 
     def _processes(self, handle: _Handle, which: str) -> list[pynvml.nvmlFriendlyObject]:
         self._check(which)

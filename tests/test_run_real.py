@@ -193,3 +193,22 @@ def test_the_api_key_reaches_the_server_and_nothing_else_does(tmp_path: Path, ge
         proc.terminate()
         proc.wait(timeout=60)
     assert gone(result["pid"])
+
+
+def test_the_next_plan_is_calibrated_by_the_speed_measured_here(tmp_path: Path) -> None:
+    """The warm-up's measured decode speed goes into the machine record; the next plan of the same build on this
+    machine scales its predictions by the measured ratio and says so."""
+    from launcher.embedded import embedded_model_path
+
+    env = _env(tmp_path, "llama-server")
+    model = str(embedded_model_path())
+    done = _fitquant(["run", model, "--ctx", "2048", "--no-engine", "--json", "--max-tokens", "4"], env, stdin="hi")
+    assert done.returncode == 0, done.stderr
+    speed = _first_json(done.stdout)["speed"]
+    assert speed["measured_tg_per_s"] and speed["predicted_tg_per_s"] and speed["tg_ratio"]
+    planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert any(n.startswith("calibrated by 1 verified run") for n in plan["notes"]), plan["notes"]
+    calibrated = plan["chosen"]["speed"]["tg_per_s"]
+    assert calibrated == pytest.approx(speed["predicted_tg_per_s"] * speed["tg_ratio"], rel=0.02)

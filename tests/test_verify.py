@@ -703,3 +703,18 @@ def test_older_vulkan_buffers_named_by_description_map_to_their_devices() -> Non
     same = log.replace("NVIDIA GeForce RTX 3060 (NVIDIA)", "Radeon RX 580 Series (RADV POLARIS10)")
     names = {d.name for d in placement_from_log(same).gpu_devices}
     assert "Radeon RX 580 Series" in names and not any(n.startswith("Vulkan") for n in names)
+
+
+def test_cli_says_when_compute_moved_to_the_cpu(tmp_path: Path) -> None:
+    """A load that is all on the GPU by memory but whose graph has more splits than a full offload needs: the
+    verdict stays `gpu` (exit 0), and one line says compute probably ran on the CPU."""
+    log = tmp_path / "nkvo.log"
+    log.write_text(GPU_LOG + "\nsched_reserve: graph: nodes = 727, splits = 38, input objects = 4, input tensors = 9\n")
+    done = CliRunner().invoke(verify, [str(log)])
+    assert done.exit_code == 0, done.output
+    assert "slow: 38 graph splits, a full offload needs 2: compute probably ran on the CPU" in done.output
+    plain = tmp_path / "plain.log"
+    plain.write_text(
+        GPU_LOG + "\nsched_reserve: graph: nodes = 727, splits = 2, input objects = 4, input tensors = 9\n"
+    )
+    assert "graph splits" not in CliRunner().invoke(verify, [str(plain)]).output

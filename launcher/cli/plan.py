@@ -98,13 +98,14 @@ def plan(
             render_plan(result, forms=forms)
 
     from launcher import record
-    from launcher.run import planning_backend, server_policy
+    from launcher.run import backend_build, planning_backend, server_policy
 
     # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking)
-    policy = server_policy(policy, planning_backend("llamacpp" if rpc else "auto"))
+    backend = planning_backend("llamacpp" if rpc else "auto")
+    policy = server_policy(policy, backend)
     try:
         known = record.remembered(machine, record.model_key(model), policy)
-        result = fit(model, policy, machine=machine, confirm=engine, remembered=known)
+        result = fit(model, policy, machine=machine, confirm=engine, remembered=known, build=backend_build(backend))
     except NoFitError as refused:
         show(refused.plan)  # what was refused and why, then the error line
         raise

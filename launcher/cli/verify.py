@@ -63,6 +63,11 @@ def verify(
 
         render_placement(placement)
         click.echo(f"reason: {placement.reason}")
+        from launcher.verify import splits_finding
+
+        split = splits_finding(placement)  # all on the GPU by memory, yet compute moved to the CPU
+        if split is not None:
+            click.echo(split)
         if placement.errors:
             click.echo("failing lines:")
             for line in placement.errors:

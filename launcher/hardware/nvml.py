@@ -9,6 +9,10 @@ it applies CUDA_VISIBLE_DEVICES and decides what is a note and what is a `Hardwa
 - NVML present but no driver loaded, or no NVML library at all: no NVIDIA devices, one note.
 - A GPU whose memory NVML does not report (NotSupported: GB10 / DGX Spark, Jetson) shares host RAM:
   it is reported as unified and integrated, sized from host RAM, with a note.
+- Speed figures (launcher.speed): memory bandwidth from the maximum memory clock and the bus width, dense FP16
+  tensor FLOPS from the SM count, the boost clock and the architecture's FLOPs per SM per clock
+  (`memory_bandwidth_bytes_per_s`, `fp16_flops`); None whenever NVML does not say or the architecture is not in
+  the table, never guessed. Not for a unified GPU: NVML has no bus width for it (reference/speed.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from launcher.units import format_bytes
 
 #: pynvml.nvmlMemory_v2: the version tag nvmlDeviceGetMemoryInfo_v2 expects (sizeof | 2 << 24).
 NVML_MEMORY_V2 = 0x02000028
+#: nvmlClockType_t NVML_CLOCK_SM, NVML_CLOCK_MEM and nvmlClockId_t NVML_CLOCK_ID_CUSTOMER_BOOST_MAX (nvml.h).
+NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_CLOCK_ID_CUSTOMER_BOOST_MAX = 1, 2, 3
 
 # Errors at nvmlInit that mean "no usable NVIDIA driver here" rather than "something is broken".
 _ABSENT = {"NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "ImportError"}
@@ -52,6 +58,49 @@ class NvmlGpuReading:
     memory_error: str | None = None
     processes: list[tuple[int, str | None, int | None]] | None = None
     processes_error: str | None = None
+    max_memory_clock_mhz: int | None = None  # nvmlDeviceGetMaxClockInfo(NVML_CLOCK_MEM)
+    memory_bus_width_bits: int | None = None  # nvmlDeviceGetMemoryBusWidth
+    boost_sm_clock_mhz: int | None = None  # nvmlDeviceGetClock(SM, CUSTOMER_BOOST_MAX), else the maximum SM clock
+    multiprocessor_count: int | None = None  # nvmlDeviceGetAttributes_v2, else CUDA cores / cores per SM
+    gpu_cores: int | None = None  # nvmlDeviceGetNumGpuCores
+
+
+# Dense FP16 tensor FLOPs per SM per clock (FP16 accumulate: the figure NVIDIA's whitepapers quote, and the one
+# data/speed.json's fp16_tflops use, so the fitted prefill slope applies unchanged), by compute capability. Each
+# checked against its whitepaper: SMs x boost clock x this = the quoted dense TFLOPS.
+FP16_TENSOR_FLOPS_PER_SM_CLOCK = {
+    "7.0": 1024,  # Volta whitepaper: V100 SXM2 125 TFLOPS = 80 SMs x 1530 MHz x 1024
+    "7.5": 1024,  # Turing whitepaper: RTX 2080 Ti FE 113.8 = 68 x 1635 MHz x 1024
+    "8.0": 2048,  # A100 whitepaper: 312 = 108 x 1410 MHz x 2048
+    "8.6": 1024,  # GA102 whitepaper: RTX 3090 142 = 82 x 1695 MHz x 1024
+    "8.9": 1024,  # Ada whitepaper: RTX 4090 330.3 = 128 x 2520 MHz x 1024
+    "9.0": 4096,  # H100 whitepaper: H100 SXM5 989.4 = 132 x 1830 MHz x 4096
+    "12.0": 1024,  # Blackwell RTX whitepaper: RTX 5090 419 = 170 x 2407 MHz x 1024
+}
+# CUDA cores (FP32 lanes) per SM by compute capability: the CUDA C++ Programming Guide's "Arithmetic
+# Instructions" throughput table (32-bit floating-point add, multiply, multiply-add per clock per SM).
+CUDA_CORES_PER_SM = {"7.0": 64, "7.5": 64, "8.0": 64, "8.6": 128, "8.9": 128, "9.0": 128, "12.0": 128}
+
+
+def nvml_bandwidth_bytes_per_s(max_memory_clock_mhz: int | None, bus_width_bits: int | None) -> float | None:
+    """Peak memory bandwidth: NVML's memory clock x bus width x 2 (two transfers per clock as NVML counts it) / 8
+    (RTX 4090: 10501 MHz x 384 bits -> 1008 GB/s; H100 SXM: 2619 x 5120 -> 3352 GB/s). None when either is unknown."""
+    if not max_memory_clock_mhz or not bus_width_bits:
+        return None
+    return max_memory_clock_mhz * 1e6 * bus_width_bits * 2 / 8
+
+
+def nvml_fp16_flops(gpu: NvmlGpuReading) -> float | None:
+    """Dense FP16 tensor FLOPS: SMs x boost clock x the architecture's FLOPs per SM per clock; None when any is
+    unknown (an architecture not in the table is not guessed)."""
+    cc = gpu.compute_capability
+    per_clock = FP16_TENSOR_FLOPS_PER_SM_CLOCK.get(cc or "")
+    sms = gpu.multiprocessor_count
+    if not sms and gpu.gpu_cores and cc in CUDA_CORES_PER_SM:
+        sms = gpu.gpu_cores // CUDA_CORES_PER_SM[cc]
+    if not per_clock or not sms or not gpu.boost_sm_clock_mhz:
+        return None
+    return sms * gpu.boost_sm_clock_mhz * 1e6 * per_clock
 
 
 @dataclass
@@ -126,7 +175,28 @@ def _read_gpu(nvml: Any, index: int, failures: tuple[type[Exception], ...]) -> N
             int(memory.used),
         )
     gpu.processes, gpu.processes_error = _read_processes(nvml, handle, failures)
+    _read_speed(nvml, handle, gpu, failures)
     return gpu
+
+
+def _read_speed(nvml: Any, handle: Any, gpu: NvmlGpuReading, failures: tuple[type[Exception], ...]) -> None:
+    # Each figure on its own: a driver that declines one (NotSupported) leaves only that one unknown.
+    with contextlib.suppress(*failures):
+        gpu.max_memory_clock_mhz = int(nvml.nvmlDeviceGetMaxClockInfo(handle, NVML_CLOCK_MEM)) or None
+    with contextlib.suppress(*failures):
+        gpu.memory_bus_width_bits = int(nvml.nvmlDeviceGetMemoryBusWidth(handle)) or None
+    # The boost clock is what spec sheets' TFLOPS use; the maximum SM clock (the top of the V/F curve, ~20% above
+    # boost on GeForce) only where the driver gives no boost clock.
+    with contextlib.suppress(*failures):
+        clock = nvml.nvmlDeviceGetClock(handle, NVML_CLOCK_SM, NVML_CLOCK_ID_CUSTOMER_BOOST_MAX)
+        gpu.boost_sm_clock_mhz = int(clock) or None
+    if gpu.boost_sm_clock_mhz is None:
+        with contextlib.suppress(*failures):
+            gpu.boost_sm_clock_mhz = int(nvml.nvmlDeviceGetMaxClockInfo(handle, NVML_CLOCK_SM)) or None
+    with contextlib.suppress(*failures):  # documented for MIG handles; some drivers answer for a whole GPU too
+        gpu.multiprocessor_count = int(nvml.nvmlDeviceGetAttributes_v2(handle).multiprocessorCount) or None
+    with contextlib.suppress(*failures):
+        gpu.gpu_cores = int(nvml.nvmlDeviceGetNumGpuCores(handle)) or None
 
 
 def _read_processes(
@@ -231,6 +301,11 @@ def _device(
         compute_capability=gpu.compute_capability,
         driver=driver,
         processes=processes,
+        # a unified GPU reads host RAM: NVML's clock and bus say nothing about that (a table names it)
+        memory_bandwidth_bytes_per_s=None
+        if unified
+        else nvml_bandwidth_bytes_per_s(gpu.max_memory_clock_mhz, gpu.memory_bus_width_bits),
+        fp16_flops=nvml_fp16_flops(gpu),
     )
     return device, notes
 

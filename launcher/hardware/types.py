@@ -35,6 +35,8 @@ class Device(_Frozen):
     `integrated` means the GPU has no memory of its own worth the name (an APU or SoC GPU).
     `compute_capability` is "8.6" for CUDA and the gfx target ("gfx1103") for ROCm.
     `processes` is None when the platform does not say, an empty tuple when it says "none".
+    `memory_bandwidth_bytes_per_s` (peak) and `fp16_flops` (dense FP16 tensor) are the device's own speed figures
+    (NVML's clocks and bus, or a profile's `bandwidth` / `flops`); None: not known, a table by name may know them.
     """
 
     kind: DeviceKind
@@ -51,6 +53,8 @@ class Device(_Frozen):
     compute_capability: str | None = None
     driver: str | None = None
     processes: tuple[GpuProcess, ...] | None = None
+    memory_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
+    fp16_flops: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _free_within_total(self) -> Device:
@@ -87,6 +91,8 @@ class HardwareSnapshot(_Frozen):
     `devices` holds GPUs only, one entry per GPU, never summed; a CPU-only machine has none.
     `described` is True when the snapshot comes from `describe_machine` (numbers a user gave)
     rather than from probing this computer. `notes` explain fallbacks and oddities, one line each.
+    `host_bandwidth_bytes_per_s` is the host memory's bandwidth where a person gave it (a profile's cpu device);
+    None: measured on this computer when needed (launcher.speed), unknown for a described one.
     """
 
     devices: tuple[Device, ...] = ()
@@ -96,6 +102,7 @@ class HardwareSnapshot(_Frozen):
     notes: tuple[str, ...] = ()
     described: bool = False
     backends: BackendSupport | None = None
+    host_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON form (`fitquant hw --json`), with `schema_version`."""

@@ -34,6 +34,9 @@ def profile_hardware(profile: Profile) -> HardwareSnapshot | None:
         machine = describe_machine(vram=[d.memory for _, d in gpus] or None, ram=ram, unified=profile.unified)
     except ValueError as exc:
         raise profile.error(("devices",), str(exc)) from None
+    host = next((d for d in devices if d.kind == "cpu"), None)
+    if host is not None and host.bandwidth is not None:
+        machine = machine.model_copy(update={"host_bandwidth_bytes_per_s": host.bandwidth})
     if not gpus:
         return machine
     named = tuple(
@@ -43,6 +46,8 @@ def profile_hardware(profile: Profile) -> HardwareSnapshot | None:
                 "name": spec.name,
                 "unified": spec.kind == "metal",
                 "integrated": spec.kind == "metal",
+                "memory_bandwidth_bytes_per_s": spec.bandwidth,  # the person's figures win over the table
+                "fp16_flops": spec.flops,
             }
         )
         for described, (_, spec) in zip(machine.devices, gpus, strict=True)

@@ -7,7 +7,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_RESERVE_BYTES
@@ -65,6 +74,18 @@ def _reserve(value: Any) -> int | dict[str, int]:
         except ValueError as exc:
             raise _field_error(("reserve", str(device)), str(exc)) from None  # name the device's own line
     return sizes
+
+
+def _bandwidth(value: Any) -> float:
+    from launcher.speed import parse_bandwidth
+
+    return parse_bandwidth(value)
+
+
+def _flops(value: Any) -> float:
+    from launcher.speed import parse_flops
+
+    return parse_flops(value)
 
 
 def _context(value: Any) -> int:
@@ -134,6 +155,8 @@ Text = Annotated[str, Field(min_length=1)]
 Name = Annotated[str, Field(pattern=_NAME)]
 HostPort = Annotated[str, BeforeValidator(_host_port)]
 OllamaHost = Annotated[str, BeforeValidator(_ollama_host)]
+Bandwidth = Annotated[float, BeforeValidator(_bandwidth)]  # bytes/s, from "936GB/s"
+Flops = Annotated[float, BeforeValidator(_flops)]  # dense FP16 FLOPS, from "142TFLOPS"
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 ProfileDeviceKind = Literal["cuda", "rocm", "metal", "vulkan", "cpu", "rpc"]
@@ -149,11 +172,20 @@ class _Strict(BaseModel):
 
 class DeviceSpec(_Strict):
     """A device of a described machine. `memory` is what it can hold: a GPU's VRAM (a Metal GPU's working
-    set), or for `kind: cpu` the host RAM a model may use."""
+    set), or for `kind: cpu` the host RAM a model may use. `bandwidth` and `flops` override the speed figures
+    fitquant would take from NVML or its table by name (a cpu device: the host's measured bandwidth)."""
 
     name: Text
     kind: ProfileDeviceKind
     memory: PositiveSize
+    bandwidth: Bandwidth | None = None
+    flops: Flops | None = None
+
+    @model_serializer(mode="wrap")
+    def _unset_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a device shown as it was written: speed figures only where the profile gives them
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in ("bandwidth", "flops")}
 
 
 class Defaults(_Strict):
@@ -216,6 +248,8 @@ class Profile(_Strict):
             raise _field_error(("unified",), "describes a Mac's whole memory; give it alone, without ram or devices")
         if len(cpus) > 1:
             raise _field_error(("devices", cpus[1], "kind"), "cpu is the host's RAM; describe it once")
+        if cpus and devices[cpus[0]].flops is not None:  # prefill runs on a GPU's FLOPS; the host's are not counted
+            raise _field_error(("devices", cpus[0], "flops"), "is a GPU's figure; a cpu device may set bandwidth only")
         if cpus and self.ram is not None:
             raise _field_error(("ram",), f"repeats devices[{cpus[0]}] (kind cpu, the host's RAM); give one of them")
         if self.devices is not None and not devices and self.ram is None:

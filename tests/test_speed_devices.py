@@ -1,0 +1,198 @@
+"""Device speed figures (issue 21): NVIDIA's own from NVML (memory clock x bus width, SMs x boost clock x the
+architecture's FP16 tensor rate), a profile's `bandwidth` / `flops`, the order launcher.speed.machine_speeds takes
+them in, and the calibration from this machine's record of verified runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fakes_hardware import RTX_3090, FakeGpu, FakeNvml
+from gguf import GGMLQuantizationType as QT
+from test_backend_ollama import make_test_plan, tiny_candidate
+
+from launcher import record
+from launcher.errors import ProfileError
+from launcher.hardware import describe_machine
+from launcher.hardware.nvml import (
+    NvmlGpuReading,
+    nvidia_devices,
+    nvml_bandwidth_bytes_per_s,
+    nvml_fp16_flops,
+    read_nvml,
+)
+from launcher.hardware.types import HardwareSnapshot
+from launcher.profiles import parse_profile, profile_hardware
+from launcher.speed import Calibration, calibration, device_table, machine_speeds, parse_bandwidth, parse_flops
+
+GiB = 1024**3
+GB = 1e9
+TFLOPS = 1e12
+
+# What NVML reports for these cards (nvidia-smi -q: "Max Clocks" Memory, "Memory Bus Width"; the boost clock and
+# SM count of the architecture whitepapers).
+RTX_4090 = dict(name="NVIDIA GeForce RTX 4090", uuid="GPU-00000000-0000-4000-8000-000000004090",
+                pci_bus_id="00000000:01:00.0", total_bytes=24 * GiB, used_bytes=512 * 2**20, compute_capability=(8, 9),
+                max_memory_clock_mhz=10501, memory_bus_width_bits=384, boost_sm_clock_mhz=2520, max_sm_clock_mhz=3120,
+                gpu_cores=16384)  # fmt: skip
+H100_SXM = dict(name="NVIDIA H100 80GB HBM3", uuid="GPU-00000000-0000-4000-8000-000000000100",
+                pci_bus_id="00000000:02:00.0", total_bytes=80 * GiB, used_bytes=512 * 2**20, compute_capability=(9, 0),
+                max_memory_clock_mhz=2619, memory_bus_width_bits=5120, max_sm_clock_mhz=1830,
+                multiprocessor_count=132)  # fmt: skip
+
+
+def nvml_devices(*gpus: FakeGpu, ram: int | None = None):
+    devices, _notes = nvidia_devices(read_nvml(FakeNvml(gpus)), env={}, ram_total_bytes=ram, ram_available_bytes=ram)
+    return devices
+
+
+# --- NVIDIA from NVML ---------------------------------------------------------------------------------------------
+
+
+def test_nvml_bandwidth_is_the_memory_clock_times_the_bus_width() -> None:
+    assert nvml_bandwidth_bytes_per_s(10501, 384) == pytest.approx(1008.1 * GB, rel=1e-4)  # RTX 4090
+    assert nvml_bandwidth_bytes_per_s(2619, 5120) == pytest.approx(3352.3 * GB, rel=1e-4)  # H100 SXM
+    assert nvml_bandwidth_bytes_per_s(None, 384) is None and nvml_bandwidth_bytes_per_s(10501, None) is None
+
+
+def test_nvml_flops_are_sms_times_boost_clock_times_the_architectures_rate() -> None:
+    ada = NvmlGpuReading(0, compute_capability="8.9", boost_sm_clock_mhz=2520, gpu_cores=16384)
+    assert nvml_fp16_flops(ada) == pytest.approx(128 * 2520e6 * 1024)  # 128 SMs from 16384 cores / 128 per SM
+    hopper = NvmlGpuReading(0, compute_capability="9.0", boost_sm_clock_mhz=1830, multiprocessor_count=132)
+    assert nvml_fp16_flops(hopper) == pytest.approx(989.4 * TFLOPS, rel=1e-3)  # the H100 whitepaper's figure
+    unknown_arch = NvmlGpuReading(0, compute_capability="10.3", boost_sm_clock_mhz=1900, multiprocessor_count=160)
+    assert nvml_fp16_flops(unknown_arch) is None  # not in the table: unknown, never guessed
+    assert nvml_fp16_flops(NvmlGpuReading(0, compute_capability="8.9", boost_sm_clock_mhz=2520)) is None  # no SMs
+
+
+def test_nvml_gives_each_gpu_its_own_figures_matching_the_published_ones() -> None:
+    ada, hopper = nvml_devices(FakeGpu(**RTX_4090), FakeGpu(**H100_SXM))
+    table = device_table()
+    for device in (ada, hopper):
+        published = table[device.name]
+        assert device.memory_bandwidth_bytes_per_s == pytest.approx(published.bandwidth_bytes_per_s, rel=0.01)
+        assert device.fp16_flops == pytest.approx(published.flops, rel=0.01)
+    # the boost clock, not the top of the V/F curve (3120 MHz would overstate the 4090 by a quarter)
+    assert ada.fp16_flops == pytest.approx(128 * 2520e6 * 1024)
+
+
+def test_nvml_figures_a_driver_declines_stay_unknown() -> None:
+    (plain,) = nvml_devices(FakeGpu(**RTX_3090, used_bytes=GiB))  # every speed call answers NotSupported
+    assert plain.memory_bandwidth_bytes_per_s is None and plain.fp16_flops is None
+    no_boost = {**RTX_4090, "boost_sm_clock_mhz": None}
+    (fallback,) = nvml_devices(FakeGpu(**no_boost))  # the maximum SM clock only where no boost clock is given
+    assert fallback.fp16_flops == pytest.approx(128 * 3120e6 * 1024)
+    import pynvml
+
+    unified = {**RTX_4090, "name": "NVIDIA GB10", "memory_error": pynvml.NVMLError_NotSupported}
+    (spark,) = nvml_devices(FakeGpu(**unified), ram=128 * GiB)
+    assert spark.unified and spark.memory_bandwidth_bytes_per_s is None  # reads host RAM: NVML's bus says nothing
+
+
+# --- machine_speeds: a device's own figures, then the table ------------------------------------------------------
+
+
+def one_gpu(name: str, **figures: float) -> HardwareSnapshot:
+    described = describe_machine(vram=[24 * GiB])
+    device = described.devices[0].model_copy(update={"name": name, **figures})
+    return described.model_copy(update={"devices": (device,)})
+
+
+def test_machine_speeds_prefers_a_devices_own_figures_then_the_table() -> None:
+    table = device_table()["NVIDIA GeForce RTX 4090"]
+    by_name = machine_speeds(one_gpu("NVIDIA GeForce RTX 4090"))["GPU0"]
+    assert (by_name.bandwidth_bytes_per_s, by_name.flops) == (table.bandwidth_bytes_per_s, table.flops)
+    own = machine_speeds(one_gpu("NVIDIA GeForce RTX 4090", memory_bandwidth_bytes_per_s=900 * GB))["GPU0"]
+    assert (own.bandwidth_bytes_per_s, own.flops, own.backend) == (900 * GB, table.flops, "cuda")  # each on its own
+    unnamed = machine_speeds(one_gpu("NVIDIA RTX Foo", memory_bandwidth_bytes_per_s=700 * GB, fp16_flops=90 * TFLOPS))
+    assert unnamed["GPU0"] == type(table)(700 * GB, 90 * TFLOPS, "cuda")  # a name the table lacks, known from NVML
+    assert "GPU0" not in machine_speeds(one_gpu("NVIDIA RTX Foo", fp16_flops=90 * TFLOPS))  # no bandwidth: unknown
+    assert "CPU" not in machine_speeds(one_gpu("NVIDIA RTX Foo"))  # a described host is not this one
+
+
+# --- a profile's overrides -----------------------------------------------------------------------------------------
+
+
+def test_a_profiles_device_sets_its_bandwidth_and_flops() -> None:
+    profile = parse_profile(
+        "machine: box\ndevices:\n"
+        "  - {name: NVIDIA GeForce RTX 4090, kind: cuda, memory: 24GiB, bandwidth: 936GB/s, flops: 142TFLOPS}\n"
+        "  - {name: Mystery GPU, kind: cuda, memory: 12GiB, bandwidth: 1.5 TB/s}\n"
+        "  - {name: host, kind: cpu, memory: 64GiB, bandwidth: 80GiB/s}\n"
+    )
+    speeds = machine_speeds(profile_hardware(profile))  # type: ignore[arg-type]
+    assert (speeds["GPU0"].bandwidth_bytes_per_s, speeds["GPU0"].flops) == (936 * GB, 142 * TFLOPS)  # over the table
+    assert (speeds["GPU1"].bandwidth_bytes_per_s, speeds["GPU1"].flops) == (1.5e12, None)
+    assert speeds["CPU"].bandwidth_bytes_per_s == 80 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bandwidth: 936", r"line 3: 'devices\[0\].bandwidth' must be a bandwidth like 936GB/s or 1.5TB/s, got 936$"),
+        ("bandwidth: 936GB", r"'devices\[0\].bandwidth' must be a bandwidth like 936GB/s .*, got '936GB'$"),
+        ("bandwidth: 0GB/s", r"'devices\[0\].bandwidth' must be more than 0 and at most 1e\+15 per second"),
+        ("flops: 142 teraflops", r"'devices\[0\].flops' must be FLOPS like 142TFLOPS \(dense FP16\), got '142 tera"),
+    ],
+)
+def test_a_profiles_speed_figures_are_checked_in_one_line(device: str, message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(f"machine: box\ndevices:\n  - {{name: g, kind: cuda, memory: 8GiB, {device}}}\n", source="p.yaml")
+
+
+def test_a_cpu_device_takes_no_flops() -> None:
+    with pytest.raises(ProfileError, match=r"'devices\[1\].flops' is a GPU's figure; a cpu device may set bandwidth"):
+        parse_profile("machine: box\ndevices:\n  - {name: g, kind: cuda, memory: 8GiB}\n"
+                      "  - {name: h, kind: cpu, memory: 8GiB, flops: 1TFLOPS}\n")  # fmt: skip
+
+
+def test_speed_figures_parse_with_their_units() -> None:
+    assert parse_bandwidth("936GB/s") == 936e9 and parse_bandwidth("400 GiB/s") == 400 * 2**30
+    assert parse_flops("989TFLOPS") == 989e12 and parse_flops("1.2pflops") == pytest.approx(1.2e15)
+    with pytest.raises(ValueError, match="must be a bandwidth"):
+        parse_bandwidth("fast")
+
+
+# --- calibration from the machine's record ------------------------------------------------------------------------
+
+
+def run_entry(backend: str, version: str | None, ratio: float, finding: str | None = None) -> dict:
+    speed = {"predicted_tg_per_s": 100.0, "measured_tg_per_s": 100.0 * ratio, "tg_ratio": ratio, "finding": finding}
+    return {"model": "tiny", "quant": "Q8_0", "backend": backend, "version": version, "speed": speed}
+
+
+def test_calibration_is_the_median_ratio_of_this_backend_and_build(tmp_path: Path) -> None:
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    assert calibration(machine, "llamacpp", "b6413") is None  # nothing measured yet
+    for entry in [
+        run_entry("llamacpp", "b6413", 0.80),
+        run_entry("llamacpp", "b6413", 0.95),
+        run_entry("llamacpp", "b6413", 0.90),
+        run_entry("llamacpp", "b6413", 0.20, finding="slow: decode 20 tokens/s, predicted 100: probable CPU fallback"),
+        run_entry("llamacpp", "b7000", 0.50),  # another build
+        run_entry("ollama", "0.12.0", 1.30),  # another backend
+    ]:
+        record.append(machine, entry)
+    assert calibration(machine, "llamacpp", "b6413") == Calibration(0.90, 3)
+    assert calibration(machine, "llamacpp", "b7000") == Calibration(0.50, 1)
+    assert calibration(machine, "ollama", "0.12.0") == Calibration(1.30, 1)
+    assert calibration(one_gpu("NVIDIA GeForce RTX 3090"), "llamacpp", "b6413") is None  # another machine
+
+
+def test_the_plan_is_calibrated_by_what_this_build_measured_here(tmp_path: Path) -> None:
+    from launcher.fit import attach_speeds
+
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    for ratio in (0.92, 0.88, 0.95):
+        record.append(machine, run_entry("llamacpp", "b6413", ratio))
+    raw = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    attach_speeds(raw, machine, backend="llamacpp", version="b9999")  # a build with no run here: uncalibrated
+    assert not any(n.startswith("calibrated") for n in raw.notes)
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    attach_speeds(plan, machine, backend="llamacpp", version="b6413")
+    before, after = raw.chosen.speed, plan.chosen.speed  # type: ignore[union-attr]
+    assert before is not None and after is not None
+    assert after["tg_per_s"] == pytest.approx(before["tg_per_s"] * 0.92, abs=0.1)
+    assert after["tg_per_s_at_depth"] == pytest.approx(before["tg_per_s_at_depth"] * 0.92, abs=0.1)
+    assert after["pp_per_s"] == before["pp_per_s"]  # the record's ratio is decode's
+    assert "calibrated by 3 verified runs on this machine: ×0.92" in plan.notes
