@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 from gguf import GGMLQuantizationType as QT
+from processes import gone
 
 from launcher.backends import launch_forms
 from launcher.backends.base import AttemptFailed, LaunchRequest
@@ -761,15 +762,6 @@ def fake_ollama(bindir: Path, records: Path) -> Path:
     return script
 
 
-def _gone(pid: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_starts_its_own_ollama_serve_with_the_plans_environment_and_stops_it(
     tiny: Candidate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -800,7 +792,7 @@ def test_starts_its_own_ollama_serve_with_the_plans_environment_and_stops_it(
             "1",
             "1",
         )
-        assert all(_gone(pid, 0.1) for pid in envs if pid != instance.pid)
+        assert all(gone(pid, 0.1) for pid in envs if pid != instance.pid)
         assert os.getpgid(instance.pid) == instance.pid  # its own process group
         assert (env["OLLAMA_CONTEXT_LENGTH"], env["OLLAMA_KEEP_ALIVE"]) == (str(CTX), "-1")
         backend.wait_ready(instance, 10)
@@ -816,8 +808,8 @@ def test_starts_its_own_ollama_serve_with_the_plans_environment_and_stops_it(
         assert instance.extra["kv_type_note"] is None
     finally:
         backend.stop(instance)
-    assert _gone(instance.pid), "ollama serve outlived stop()"
-    assert all(_gone(pid) for pid in envs)
+    assert gone(instance.pid), "ollama serve outlived stop()"
+    assert all(gone(pid) for pid in envs)
     backend.stop(instance)  # idempotent
 
 
