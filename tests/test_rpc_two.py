@@ -33,14 +33,24 @@ def two_servers(first: int | None, second: int | None) -> Iterator[tuple[RpcServ
         yield a, b
 
 
-def _run(model: Path, servers: tuple[RpcServer, RpcServer], vram: str) -> dict:
+def _server_env() -> dict[str, str]:
+    """This environment with the built llama-server named, and no Ollama to fall back on."""
     server, _ = built_binaries()
     env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
     env["FITQUANT_LLAMA_SERVER"] = str(server)
+    return env
+
+
+def _fitquant_run(model: Path, servers: tuple[RpcServer, RpcServer], vram: str) -> subprocess.CompletedProcess[str]:
     rpc = ",".join(s.address for s in servers)
     argv = [sys.executable, "-m", "launcher", "run", str(model), "--ctx", "4096", "--rpc", rpc, "--vram", vram,
             "--reserve", "0", "--json", "--no-engine", "--max-tokens", "4", "--max-attempts", "1"]  # fmt: skip
-    done = subprocess.run(argv, input="Say hi.", capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    return subprocess.run(argv, input="Say hi.", capture_output=True, text=True, env=_server_env(), timeout=180,
+                          cwd=ROOT)  # fmt: skip
+
+
+def _run(model: Path, servers: tuple[RpcServer, RpcServer], vram: str) -> dict:
+    done = _fitquant_run(model, servers, vram)
     first = done.stdout.partition("\n")[0]
     assert done.returncode == 0 and first.startswith("{"), done.stderr[-3000:]
     return dict(json.loads(first))
@@ -101,9 +111,7 @@ def test_a_model_that_needs_both_devices_puts_the_output_layer_where_it_fits(gem
 def test_plan_rpc_lists_the_servers_devices_and_launches_with_them(gemma3_270m_path: Path) -> None:
     # `plan --rpc` as `run --rpc`: the devices as llama-server lists them (--rpc before --list-devices, else it
     # lists none), and the launch line names the servers
-    server, _ = built_binaries()
-    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    env["FITQUANT_LLAMA_SERVER"] = str(server)
+    env = _server_env()
     with two_servers(HOLDS_ALL, HOLDS_ALL) as servers:
         rpc = ",".join(s.address for s in servers)
         argv = [sys.executable, "-m", "launcher", "plan", str(gemma3_270m_path), "--ctx", "4096", "--rpc", rpc,
@@ -119,9 +127,7 @@ def test_plan_rpc_lists_the_servers_devices_and_launches_with_them(gemma3_270m_p
 
 def test_a_server_that_refuses_its_share_is_named_and_the_plan_steps_down(gemma3_270m_path: Path) -> None:
     # described as 300 MiB, the second server really holds less than its share (262 MiB and the output in flight)
-    server, _ = built_binaries()
-    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    env["FITQUANT_LLAMA_SERVER"] = str(server)
+    env = _server_env()
     with two_servers(HOLDS_LAYERS, REFUSES_210) as servers:
         rpc = ",".join(s.address for s in servers)
         argv = [sys.executable, "-m", "launcher", "run", str(gemma3_270m_path), "--ctx", "4096", "--rpc", rpc,
@@ -161,14 +167,7 @@ def _print_table(model: Path) -> None:
 
 
 def _run_any(model: Path, servers: tuple[RpcServer, RpcServer], vram: str) -> dict:
-    server, _ = built_binaries()
-    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    env["FITQUANT_LLAMA_SERVER"] = str(server)
-    rpc = ",".join(s.address for s in servers)
-    argv = [sys.executable, "-m", "launcher", "run", str(model), "--ctx", "4096", "--rpc", rpc, "--vram", vram,
-            "--reserve", "0", "--json", "--no-engine", "--max-tokens", "4", "--max-attempts", "1"]  # fmt: skip
-    done = subprocess.run(argv, input="Say hi.", capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
-    return dict(json.loads(done.stdout.partition("\n")[0]))
+    return dict(json.loads(_fitquant_run(model, servers, vram).stdout.partition("\n")[0]))
 
 
 if __name__ == "__main__":
