@@ -350,14 +350,18 @@ class HFServer:
         pos = start
         while length > 0:
             piece = f.read(pos, pos + min(_PIECE, length) - 1)
+            # counted before it is sent: a client that has its bytes must find them counted (a test asserts on the
+            # counter as soon as its read returns, while this thread may not have run on)
+            with self.lock:
+                self.served[(repo_id, path)] += len(piece)
             try:
                 h.wfile.write(piece)
                 h.wfile.flush()
-            except OSError:  # the client hung up
+            except OSError:  # the client hung up: what it did not get was not served
+                with self.lock:
+                    self.served[(repo_id, path)] -= len(piece)
                 h.close_connection = True
                 return
-            with self.lock:
-                self.served[(repo_id, path)] += len(piece)
             pos += len(piece)
             length -= len(piece)
 

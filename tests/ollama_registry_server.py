@@ -212,13 +212,15 @@ class RegistryServer:
         pos = start
         while pos <= end:
             piece = data[pos : min(pos + _PIECE, end + 1)]
+            with self.lock:  # counted before it is sent: a client that has its bytes finds them counted
+                self.served[digest] += len(piece)
             try:
                 h.wfile.write(piece)
                 h.wfile.flush()
-            except OSError:  # the client hung up: it has what it needed
+            except OSError:  # the client hung up: it has what it needed, not this piece
+                with self.lock:
+                    self.served[digest] -= len(piece)
                 break
-            with self.lock:
-                self.served[digest] += len(piece)
             pos += len(piece)
         h.close_connection = True
 
