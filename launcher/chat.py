@@ -75,14 +75,17 @@ def reply(
     max_tokens: int | None = None,
     temperature: float | None = None,
     timeout_s: float = 600.0,
+    extra: dict[str, Any] | None = None,
 ) -> ChatReply:
     """The reply to `messages` in one piece, with the server's token counts (not streamed: the counts come with
     the whole reply on every server: `usage` on OpenAI routes, `prompt_eval_count` on Ollama's /api/chat).
-    `temperature` 0 makes the reply the model's most likely one; None leaves the server's default."""
+    `temperature` 0 makes the reply the model's most likely one; None leaves the server's default. `extra` adds
+    fields to the request body as they are."""
     import httpx
 
     ollama = instance.backend == "ollama"
     url, body = _request(instance, messages, max_tokens=max_tokens, temperature=temperature, stream=False)
+    body.update(extra or {})  # server-specific fields (llama-server: cache_prompt, ignore_eos)
     try:
         r = httpx.post(url, json=body, headers=instance.headers(), timeout=httpx.Timeout(timeout_s, connect=10.0),
                        trust_env=False)  # fmt: skip

@@ -91,6 +91,8 @@ def fit(
     attach_speeds(plan, machine, backend=build[0] if build else None, version=build[1] if build else None)
     if policy.min_tg_per_s is not None:
         apply_min_speed(plan, policy.min_tg_per_s)
+    if policy.prefer == "speed":
+        apply_prefer_speed(plan)
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
     return plan
@@ -160,6 +162,32 @@ def apply_min_speed(plan: Plan, min_tg_per_s: float) -> None:
                       f"{faster.quant} is the highest quality that reaches it ({at_depth(faster):.1f})")  # fmt: skip
     plan.chosen = faster
     plan.reason = f"{faster.quant} is the highest-quality quant that fits and decodes {min_tg_per_s:g} tokens/s or more"
+
+
+def apply_prefer_speed(plan: Plan) -> None:
+    """--prefer speed: of the options that fit entirely above the quality floor, the one predicted to decode fastest
+    at the target depth (a smaller quant reads fewer bytes per token); the plan says what it gave up. Without the
+    devices' speed figures the choice stays by quality, and the plan says so."""
+    chosen = plan.chosen
+    if chosen is None:
+        return
+
+    def at_depth(option: Option) -> float | None:
+        return (option.speed or {}).get("tg_per_s_at_depth")
+
+    if at_depth(chosen) is None:
+        plan.notes.append("--prefer speed: the speed of these devices is unknown; chosen by quality")
+        return
+    entirely = chosen.fully_offloaded
+    pool = [o for o in plan.candidates if o.fits and o.above_floor and at_depth(o) is not None
+            and (o.fully_offloaded or not entirely)]  # fmt: skip
+    fastest = max(pool, key=lambda o: (at_depth(o) or 0.0, o.quality_rank), default=chosen)
+    if fastest is chosen:
+        return
+    plan.notes.append(f"--prefer speed: {fastest.quant} decodes {at_depth(fastest):.1f} tokens/s at the target depth, "
+                      f"{chosen.quant} (the highest quality that fits) {at_depth(chosen):.1f}")  # fmt: skip
+    plan.chosen = fastest
+    plan.reason = f"{fastest.quant} is the fastest quant above the quality floor that fits (--prefer speed)"
 
 
 def fit_together(

@@ -41,6 +41,13 @@ class RunningInstance:
     server_command: str | None = None  # the base name of its argv[0]
     owner_started: float | None = None
     owner_command: str | None = None
+    # decode tokens/s: what the warm-up measured and what the plan predicted (launcher.run.speed_report); the
+    # finding when the load was slow (probable CPU fallback)
+    model_name: str | None = None  # the `model` a request names (Ollama's tag; an alias)
+    reference: str | None = None  # the model reference it was planned from ("": the embedded default model)
+    measured_tg_per_s: float | None = None
+    predicted_tg_per_s: float | None = None
+    speed_finding: str | None = None
     identify: InitVar[bool] = True  # fill the four above from the live processes (False: as read from a record)
 
     def __post_init__(self, identify: bool) -> None:

@@ -117,6 +117,11 @@ _RE_PIPELINE = re.compile(r"pipeline parallelism enabled")
 #   "sched_reserve: graph: nodes = 727, splits = 2, input objects = 4, input tensors = 9"   (2026 builds)
 #   "llama_context: graph splits = 2 (with bs=512), 1 (with bs=1)"                           (2025: the first is pp)
 #   "llama_new_context_with_model: graph splits = 2"                                         (2024)
+# a CUDA build's FlashAttention K-V pairs (system info) and a pair it has no kernel for (converted to f16, slow)
+_RE_FA_QUANTS = re.compile(r"FA_QUANTS\s*=\s*(?P<val>[a-z0-9_,;-]{1,400})")
+_RE_FA_CONVERTED = re.compile(
+    r"no FlashAttention vector kernel compiled for K/V types (?P<k>[a-z0-9_]{1,16})-(?P<v>[a-z0-9_]{1,16})"
+)
 _RE_GRAPH_SPLITS = re.compile(r"graph(?::\s*nodes\s*=\s*\d{1,12},\s*|\s+)splits\s*=\s*(?P<n>\d{1,9})")
 _RE_BREAKDOWN_GPU = re.compile(
     r"\|\s*-\s*(?P<name>\S{1,100})\s*(?:\((?P<desc>[^)]{0,200})\))?\s*\|\s*(?P<total>-?\d{1,12})\s*=\s*(?P<free>-?\d{1,12})\s*\+\s*\(\s*"
@@ -258,6 +263,8 @@ class LlamaLog:
     kv_unified: bool | None = None
     pipeline_parallel: bool = False
     graph_splits: int | None = None  # the compute graph's splits at reserve (the last reserve line of the load)
+    fa_quants: str | None = None  # a CUDA build's FlashAttention K-V pairs as its system info prints them
+    fa_converted: str | None = None  # "q8_0-f16": a K-V pair the build has no FlashAttention kernel for (slow)
     arch: str | None = None
     n_layer: int | None = None
     n_vocab: int | None = None  # print_info: vocabulary and embedding width (token_embd is n_embd x n_vocab)
@@ -544,6 +551,16 @@ def _on_pipeline(seg: _Segment, m: re.Match[str]) -> bool:
     return True
 
 
+def _on_fa_quants(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.fa_quants = m["val"].strip(",;-")
+    return False  # the system info line names other features too
+
+
+def _on_fa_converted(seg: _Segment, m: re.Match[str]) -> bool:
+    seg.log.fa_converted = f"{m['k']}-{m['v']}"
+    return True
+
+
 def _on_graph_splits(seg: _Segment, m: re.Match[str]) -> bool:
     seg.log.graph_splits = int(m["n"])  # a later reserve (a retry without pipeline parallelism) replaces it
     seg.content = True
@@ -660,6 +677,8 @@ _LINE_HANDLERS: tuple[tuple[str | None, re.Pattern[str], Callable[[_Segment, re.
     ("kv_unified", _RE_UNIFIED, _on_kv_unified),
     ("pipeline", _RE_PIPELINE, _on_pipeline),
     ("splits", _RE_GRAPH_SPLITS, _on_graph_splits),
+    ("FA_QUANTS", _RE_FA_QUANTS, _on_fa_quants),
+    ("no FlashAttention vector kernel", _RE_FA_CONVERTED, _on_fa_converted),
     ("size", _RE_FILE_SIZE, _on_file_size),
     ("type", _RE_FILE_TYPE, _on_file_type),
     ("model params", _RE_PARAMS, _on_params),

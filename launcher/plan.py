@@ -68,6 +68,7 @@ class Policy:
     vision: bool = False  # count the vision projector (mmproj) when the model has one
     min_context: int = DEFAULT_MIN_CONTEXT  # smallest reduced context worth proposing
     min_tg_per_s: float | None = None  # --min-speed: the highest quality that decodes this fast at the target depth
+    prefer: str = "quality"  # --prefer speed: the fastest option above the quality floor (predicted decode at depth)
     # What the server does by default that changes memory (launcher.backends.base.ServerMemory, declared by the
     # backend that runs the plan): logits for every prompt token (llama-cpp-python's server) rather than one per
     # slot (llama-server), a larger output graph; a full-size SWA cache; host weights repacked for the CPU.
@@ -312,6 +313,21 @@ def _option_json(o: Option) -> dict[str, Any]:
         "needs_bytes": dict(o.needs),
         "figures": o.figures,
         "speed": dict(o.speed) if o.speed is not None else None,
+        "quality": quality_json(o.quant, o.candidate.bits_per_weight),
+    }
+
+
+def quality_json(quant: str, bits_per_weight: float | None) -> dict[str, Any]:
+    """The quant's published quality loss against the full-precision model, and which measure it is: a mean KL
+    divergence (or a perplexity note) measures how far the output distribution moved, not task accuracy."""
+    from launcher.quants import quant_info
+
+    info = quant_info(quant, bits_per_weight)
+    return {
+        "kld": info.kld,
+        "measure": "mean KL divergence vs FP16" if info.kld is not None else None,
+        "source": info.kld_source,
+        "note": info.ppl_note,
     }
 
 
@@ -671,7 +687,14 @@ def _make_plan(
             why += f" ({better[-1].quant} {better[-1].reason})"
         if not has_gpu:
             notes.append("no GPU found: planned for system RAM with no layers offloaded (ngl 0)")
-        return Plan(model, policy, budgets, floor, "gpu" if has_gpu else "cpu", why, chosen, options, [], notes)
+        alternatives = []
+        experts = _moe_beside(chosen, better, evaluator) if has_gpu else None
+        if experts is not None:
+            alternatives.append(experts)
+            notes.append(f"{experts.quant} fits with its MoE experts on the CPU (attention and KV cache on the GPU): "
+                         f"a better quant than {chosen.quant}, usually slower; compare their speeds")  # fmt: skip
+        return Plan(model, policy, budgets, floor, "gpu" if has_gpu else "cpu", why, chosen, options, alternatives,
+                    notes)  # fmt: skip
 
     above = [o for o in options if o.above_floor or o.candidate.explicit]
     below_fit = [o for o in options if o.fits and not o.above_floor and not o.candidate.explicit]
@@ -691,6 +714,21 @@ def _make_plan(
     plan = Plan(model, policy, budgets, floor, "none", "", None, options, [], notes)
     _choose_fallback(plan, above, evaluator, where)
     return plan
+
+
+def _moe_beside(chosen: Option, better: list[Option], evaluator: Callable[[Option], Evaluator]) -> Option | None:
+    """For an MoE model whose better quants do not fit entirely: the best of them that fits with its experts on the
+    CPU, shown beside the choice (a user may prefer a Q4 at 34 tokens/s with experts on the CPU to a Q2 entirely on
+    the GPU); None for a dense model or when none fits that way."""
+    if not chosen.facts.expert_count:
+        return None
+    for option in better:  # best first
+        if not option.above_floor:
+            continue
+        moe = evaluator(option)(cpu_moe=True)
+        if moe.fits:
+            return moe
+    return None
 
 
 def _choose_fallback(plan: Plan, above: list[Option], evaluator: Callable[[Option], Evaluator], where: str) -> None:

@@ -143,3 +143,13 @@ def remembered(
             f"{'s' if len(measured) != 1 else ''}, the last {last['quant']} at {last['n_ctx']} tokens on {when}"
         )
     return measured, notes
+
+
+def fa_quants(machine: HardwareSnapshot, backend: str, version: str | None) -> str | None:
+    """The FlashAttention K-V pairs the last verified load of this backend and server version printed on this
+    machine (a CUDA build's FA_QUANTS), or None."""
+    for entry in reversed(entries(machine)):
+        same = entry.get("backend") == backend and entry.get("version") == version
+        if same and isinstance(entry.get("fa_quants"), str):
+            return str(entry["fa_quants"])
+    return None

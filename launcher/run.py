@@ -318,6 +318,40 @@ def server_policy(policy: Policy, backend: Backend | None) -> Policy:
     )
 
 
+def kv_for_build(policy: Policy, backend: Backend | None, machine: HardwareSnapshot) -> tuple[Policy, str | None]:
+    """`policy` with a K/V cache pair the llama.cpp build runs flash attention for on the GPU, and the note saying
+    what changed (None when nothing did). A CUDA build compiles FlashAttention kernels for some pairs only
+    (FA_QUANTS: from fitquant's build, else what an earlier load on this machine printed); any other pair is
+    converted to f16 on every step, silently slow. Unknown pairs, other GPUs and a CPU-only machine: unchanged."""
+    from launcher.backends.llamacpp import LlamaCppBackend
+
+    if not isinstance(backend, LlamaCppBackend) or backend.unavailable() is not None:
+        return policy, None
+    if not any(d.kind == "cuda" for d in machine.devices):
+        return policy, None
+    from launcher.estimate import default_flash_attn
+
+    if (policy.flash_attn or default_flash_attn(policy.type_v)) == "off":
+        return policy, None
+    from launcher import record
+    from launcher.speed import nearest_kv_pair, parse_fa_quants
+
+    have = backend.fa_quants() or record.fa_quants(machine, backend.name, backend.program.version)
+    if have is None:
+        return policy, None
+    try:
+        compiled = parse_fa_quants(have)
+    except ValueError:
+        return policy, None
+    k, v = nearest_kv_pair(policy.type_k, policy.type_v, compiled)
+    if (k, v) == (policy.type_k, policy.type_v):
+        return policy, None
+    note = (f"K/V cache {policy.type_k}/{policy.type_v}: this llama-server build has no FlashAttention kernel for "
+            f"that pair (FA_QUANTS {have}; it would convert K and V to f16 every step, slowly): using {k}/{v}, the "
+            "nearest pair it runs on the GPU")  # fmt: skip
+    return replace(policy, type_k=k, type_v=v), note
+
+
 def read_api_key(
     path: Path | None, *, env: Mapping[str, str] | None = None, what: str = "--api-key-file"
 ) -> str | None:
@@ -366,19 +400,28 @@ def plan_runs(
     from launcher import record
     from launcher.fit import fit, fit_together
 
-    policies = [server_policy(spec.policy, backend) for spec in specs]
+    policies, kv_notes = [], []
+    for spec in specs:
+        policy, note = kv_for_build(server_policy(spec.policy, backend), backend, machine)
+        policies.append(policy)
+        kv_notes.append(note)
     known = [record.remembered(machine, record.model_key(s.model), p) for s, p in zip(specs, policies, strict=True)]
     build = backend_build(backend)
     if len(specs) == 1 and not entirely:
         spec = specs[0]
-        return [fit(spec.model, policies[0], machine=machine, confirm=spec.confirm, remembered=known[0], build=build)]
-    return fit_together(
-        [(s.model, p, s.shown_name) for s, p in zip(specs, policies, strict=True)],
-        machine=machine,
-        remembered=known,
-        confirm=all(s.confirm for s in specs),
-        build=build,
-    )
+        plans = [fit(spec.model, policies[0], machine=machine, confirm=spec.confirm, remembered=known[0], build=build)]
+    else:
+        plans = fit_together(
+            [(s.model, p, s.shown_name) for s, p in zip(specs, policies, strict=True)],
+            machine=machine,
+            remembered=known,
+            confirm=all(s.confirm for s in specs),
+            build=build,
+        )
+    for plan, note in zip(plans, kv_notes, strict=True):
+        if note is not None:
+            plan.notes.insert(0, note)
+    return plans
 
 
 def backend_build(backend: Backend | None) -> tuple[str, str | None] | None:
@@ -437,7 +480,7 @@ def start_planned(
         if spec.warmup != "none":
             result.speed = speed_report(result, machine)
         remember(machine, result, record.model_key(spec.model))
-        result.instance_name = register(result, spec.shown_name)
+        result.instance_name = register(result, spec.shown_name, reference=spec.model or "")
     except BaseException:
         backend.stop(result.instance)
         raise
@@ -456,7 +499,7 @@ def stop(result: RunResult, backend: Backend) -> None:
             result.instance_name = None
 
 
-def register(result: RunResult, name: str) -> str:
+def register(result: RunResult, name: str, *, reference: str | None = None) -> str:
     """Write the instance record `fitquant ps` and `fitquant stop` read; returns its name."""
     from launcher import instances
 
@@ -468,6 +511,8 @@ def register(result: RunResult, name: str) -> str:
             backend=inst.backend, server=inst.server, pid=inst.pid, owner_pid=os.getpid(), endpoint=inst.endpoint,
             verdict=result.placement.verdict, started=time.time(),
             log_path=str(inst.log_path) if inst.log_path else None,
+            model_name=inst.model_name, reference=reference, measured_tg_per_s=result.speed.get("measured_tg_per_s"),
+            predicted_tg_per_s=result.speed.get("predicted_tg_per_s"), speed_finding=result.speed.get("finding"),
         )
     )  # fmt: skip
     return instance_name
@@ -652,6 +697,15 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
             f"slow: decode {measured_tg} tokens/s, predicted {report['predicted_tg_per_s']}: probable CPU fallback"
         )
     # independent of the measured speed: a small model can decode fast enough on the CPU to pass the ratio
+    measured_pp, predicted_pp = report["measured_pp_per_s"], report["predicted_pp_per_s"]
+    if on_gpu and measured_pp and predicted_pp and measured_pp / predicted_pp < SLOW_PREFILL_RATIO:
+        findings.append(f"slow: prefill {measured_pp} tokens/s, predicted {predicted_pp}: probable CPU fallback")
+    converted = fa_converted(result)
+    report["fa_converted"] = converted
+    if converted is not None and on_gpu:
+        have = f" (this build has {result.placement.fa_quants})" if result.placement.fa_quants else ""
+        findings.append(f"slow: no FlashAttention kernel for K/V types {converted}{have}: llama.cpp converts K and "
+                        "V to f16 every step; plan with a pair the build compiles")  # fmt: skip
     split = splits_finding(result.placement)
     if split is not None:
         findings.append(split)
@@ -659,7 +713,29 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     return report
 
 
+def fa_converted(result: RunResult) -> str | None:
+    """The K-V pair the server said it has no FlashAttention kernel for ("q8_0-f16"), from the load or from the
+    warm-up after it (llama.cpp warns at the first attention it runs); None when it did not say so."""
+    if result.placement.fa_converted:
+        return result.placement.fa_converted
+    path = result.instance.log_path
+    if path is None:
+        return None
+    from launcher.llamalog import parse
+
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - LOG_TAIL_BYTES))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return parse(text).fa_converted
+
+
+LOG_TAIL_BYTES = 1 << 20  # the warm-up's lines are at the end of the server's log
+
 SLOW_DECODE_RATIO = 0.6  # a GPU load decoding under this share of its prediction is a finding, not a success
+SLOW_PREFILL_RATIO = 0.3  # prefill is compute-bound and varies more: only far below its prediction is a finding
 
 
 def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float) -> ChatReply:
@@ -753,6 +829,7 @@ def record_entry(result: RunResult, model: str) -> dict[str, Any]:
         "needs_bytes": needs,
         "predicted_bytes": dict(o.needs),
         "speed": dict(result.speed),  # predicted and measured tokens/s: the next plan's calibration
+        "fa_quants": p.fa_quants,  # a CUDA build's FlashAttention K-V pairs: the next plan keeps to them
     }
 
 

@@ -421,3 +421,53 @@ def measured_speed(reply: ChatReply, *, ollama: bool) -> Speed:
         return Speed(tg, pp)
     tg, pp = timings.get("predicted_per_second"), timings.get("prompt_per_second")
     return Speed(tg if tg and tg > 0 else None, pp if pp and pp > 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K/V cache types a CUDA build runs flash attention for on the GPU
+
+# A CUDA build compiles FlashAttention vector kernels only for the K-V type pairs of GGML_CUDA_FA_QUANTS (default
+# "q4_0-q4_0;q8_0-q8_0;f16-f16;bf16-bf16", f16-f16 always; "all" for every pair of these types). Any other pair is
+# converted to f16 on every step ("no FlashAttention vector kernel compiled for K/V types ..., converting K and V to
+# f16 instead (slow)"): see ggml/CMakeLists.txt, ggml/cmake/common.cmake ggml_cuda_fattn_vec_instances and
+# ggml/src/ggml-cuda/fattn.cu ggml_cuda_flash_attn_ext_vec at llama.cpp 0c1e570. The build prints its set in the
+# system info line (`CUDA : ARCHS = ... | FA_QUANTS = q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16 | ...`).
+CUDA_FA_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
+DEFAULT_CUDA_FA_QUANTS = "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"
+_KV_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5,
+            "iq4_nl": 4.5}  # fmt: skip
+
+
+def parse_fa_quants(text: str) -> frozenset[tuple[str, str]]:
+    """The K-V pairs of a build's FA_QUANTS ("all", or "q8_0-q8_0,f16-f16" / ';'-separated); f16-f16 is always
+    compiled. ValueError for a pair of types llama.cpp does not know."""
+    value = text.strip().lower()
+    if value == "all":
+        return frozenset((k, v) for k in CUDA_FA_TYPES for v in CUDA_FA_TYPES)
+    pairs = {("f16", "f16")}
+    for item in re.split(r"[,;]", value):
+        item = item.strip()
+        if not item:
+            continue
+        k, sep, v = item.partition("-")
+        if not sep or k not in CUDA_FA_TYPES or v not in CUDA_FA_TYPES:
+            raise ValueError(f"not a FlashAttention K-V pair: {item!r} (types: {', '.join(CUDA_FA_TYPES)})")
+        pairs.add((k, v))
+    return frozenset(pairs)
+
+
+def nearest_kv_pair(type_k: str, type_v: str, compiled: frozenset[tuple[str, str]]) -> tuple[str, str]:
+    """The pair the build runs on the GPU closest to (type_k, type_v): the asked pair when compiled (f32 runs as
+    f16); else the smallest compiled pair at least as precise as each of them; else the one that loses the least
+    precision."""
+    asked = (type_k, type_v)
+    as_run = tuple("f16" if t == "f32" else t for t in asked)
+    if as_run in compiled:
+        return asked
+
+    def key(pair: tuple[str, str]) -> tuple[float, float, bool]:
+        loss = sum(max(0.0, _KV_BITS.get(a, 16.0) - _KV_BITS.get(p, 16.0)) for a, p in zip(asked, pair, strict=True))
+        size = sum(_KV_BITS.get(p, 16.0) for p in pair)
+        return (loss, size, pair != ("f16", "f16"))  # ties: f16 over bf16 (every GPU runs it)
+
+    return min(compiled, key=key)

@@ -1,4 +1,4 @@
-"""Sizes and context lengths: bytes in code, GiB/MiB for people, tokens for contexts."""
+"""Sizes, context lengths and durations: bytes in code, GiB/MiB for people, tokens for contexts, seconds for time."""
 
 from __future__ import annotations
 
@@ -82,3 +82,81 @@ def format_bytes(n_bytes: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
+
+
+# ---------------------------------------------------------------------------------------------- durations
+
+MAX_DURATION_S = 10 * 365 * 24 * 3600.0  # 10 years: a bound on typos, far beyond any timeout or keep-alive
+
+# Go's time.ParseDuration units, which Ollama's keep_alive takes ("5m", "1h30m", "500ms"); µ in both spellings
+_DURATION_UNITS = {
+    "h": Fraction(3600),
+    "m": Fraction(60),
+    "s": Fraction(1),
+    "ms": Fraction(1, 10**3),
+    "us": Fraction(1, 10**6),
+    "µs": Fraction(1, 10**6),
+    "μs": Fraction(1, 10**6),
+    "ns": Fraction(1, 10**9),
+}
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+|[0-9]+\.)(h|ms|m|s|us|µs|μs|ns)")
+_BARE_NUMBER = re.compile(r"^[+-]?(?:[0-9]*\.?[0-9]+|[0-9]+\.)$")
+
+
+def _duration_seconds(value: str | int | float) -> float:
+    """Signed seconds from a number or Go-style duration text. Raises ValueError naming the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{shown_value(value)} is not a duration; write it like 30s, 10m or 1h30m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if len(text) > _MAX_NUMBER_CHARS or not text:
+            raise ValueError(f"{shown_value(value)} is not a duration; write it like 30s, 10m or 1h30m")
+        if _BARE_NUMBER.match(text):  # a bare number is seconds (Ollama's keep_alive takes "300" and "-1")
+            seconds = float(text)
+        else:
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-") if text[:1] in "+-" else text
+            parts = _DURATION_PART.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"{shown_value(value)} is not a duration; write it like 30s, 10m or 1h30m")
+            seconds = sign * float(sum(Fraction(n) * _DURATION_UNITS[u] for n, u in parts))
+    if seconds != seconds:  # NaN: no comparison refuses it below
+        raise ValueError(f"{shown_value(value)} is not a duration; write it like 30s, 10m or 1h30m")
+    if abs(seconds) > MAX_DURATION_S:
+        raise OutOfRange(f"duration {shown_value(value)} is more than 10 years")
+    return seconds
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from a number (seconds) or text: '30s', '10m', '1h30m', '500ms', '2h45m30s', '0', '90' (seconds).
+    Units as Go's time.ParseDuration: h m s ms us/µs ns. Raises ValueError: not a duration, negative, or
+    more than 10 years (OutOfRange)."""
+    seconds = _duration_seconds(value)
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {shown_value(value)}")
+    return seconds
+
+
+def parse_keep_alive(value: str | int | float) -> float | None:
+    """Ollama's keep_alive: seconds to stay loaded after a request, 0 = unload now, any negative value = forever
+    (None). Raises ValueError as parse_duration does."""
+    seconds = _duration_seconds(value)
+    return None if seconds < 0 else seconds
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a profile writes it: '30s', '10m', '1h30m', '500ms', '0s'; parse_duration reads it back.
+    From a second up it is rounded to the second; below, to the ms, us or ns."""
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"duration must be 0 to 10 years, got {seconds!r}")
+    if 0 < seconds < 0.9995:
+        for unit, scale in (("ms", 1e3), ("us", 1e6), ("ns", 1e9)):
+            if seconds * scale >= 0.9995 or unit == "ns":
+                return f"{round(seconds * scale)}{unit}"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"

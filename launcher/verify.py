@@ -122,6 +122,8 @@ class Placement:
     n_ubatch: int | None = None
     planned_type_k: str | None = None  # the plan's KV cache type, when attach_prediction was told it
     graph_splits: int | None = None  # the scheduler's graph splits at reserve (`sched_reserve: graph: ... splits`)
+    fa_quants: str | None = None  # a CUDA build's FlashAttention K-V pairs (its system info's FA_QUANTS)
+    fa_converted: str | None = None  # a K-V pair it has no FlashAttention kernel for: converted to f16 (slow)
 
     @property
     def gpu_devices(self) -> list[DevicePlacement]:
@@ -150,6 +152,8 @@ class Placement:
             "context_mismatch": self.context_mismatch,
             "mismatches": [m.to_json() for m in mismatches(self)],
             "graph_splits": self.graph_splits,
+            "fa_quants": self.fa_quants,
+            "fa_converted": self.fa_converted,
         }
 
 
@@ -312,6 +316,8 @@ def placement_from_log(text: str, *, token_embd_bytes: int | None = None) -> Pla
         repack_bytes=sum(round(b.mib * MiB) for b in log.buffers if b.kind == "model" and b.name.endswith("_REPACK")),
         n_ubatch=log.n_ubatch,
         graph_splits=log.graph_splits,
+        fa_quants=log.fa_quants,
+        fa_converted=log.fa_converted,
     )
     counts, _planned = _layer_counts(log)
     if counts is not None:

@@ -345,3 +345,49 @@ def test_plan_offers_the_most_context_when_no_quant_reaches_the_minimum(family):
     assert "only" in plan.reason and f"{plan.chosen.n_ctx} tokens fit" in plan.reason
     assert any("reaches 4096 tokens" in note for note in plan.notes)
     jsonschema.validate(plan.to_json(), SCHEMA)
+
+
+def test_plan_json_gives_each_quants_published_quality_loss_with_its_source():
+    """Quality beside speed: each option carries the quant's published mean KLD vs FP16 and where it comes from;
+    the table shows it in a KLD column."""
+    from click.testing import CliRunner
+
+    from launcher.cli import main
+    from launcher.quants import quant_info
+
+    result = CliRunner().invoke(main, ["plan", "--vram", "2GiB", "--reserve", "0", "--no-engine", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    jsonschema.validate(plan, SCHEMA)
+    quality = plan["chosen"]["quality"]
+    info = quant_info("Q4_1")
+    assert quality["kld"] == info.kld and info.kld is not None
+    assert quality["measure"] == "mean KL divergence vs FP16"
+    assert "LLaMA-3-8B" in quality["source"] and "perplexity" in quality["source"]
+    table = CliRunner().invoke(
+        main, ["plan", "--vram", "2GiB", "--reserve", "0", "--no-engine"], env={"COLUMNS": "120"}
+    )
+    assert "KLD" in table.output and f"{info.kld:.4f}" in table.output
+    assert "not accuracy" in table.output
+
+
+def test_plan_moe_shows_a_better_quant_with_experts_on_the_cpu_beside_the_full_fit(family):
+    """An MoE whose better quant fits only with its experts on the CPU: the plan still chooses the quant that fits
+    entirely, and shows the other beside it (as an alternative with its own predicted speed) with a note."""
+    quants = {c.quant: c for c in family("tiny-qwen3moe")}
+    low, high = quants["Q4_K_M"], quants["F16"]
+    roomy = _gpu_plan([high], [10_000], n_ctx=4096, min_quant="Q2_K").chosen
+    experts = sum(layer.expert_bytes for layer in roomy.facts.layers)
+    small = _gpu_plan([low], [10_000], n_ctx=4096, min_quant="Q2_K").chosen
+    gpu_mib = (roomy.needs["GPU0"] - experts // 2) // MiB  # F16 fits only without its experts; Q4_K_M fits whole
+    assert small.needs["GPU0"] < gpu_mib * MiB
+    plan = _gpu_plan([high, low], [gpu_mib], n_ctx=4096, min_quant="Q2_K")
+    assert plan.mode == "gpu" and plan.chosen.quant == "Q4_K_M" and not plan.chosen.cpu_moe
+    [beside] = plan.alternatives
+    assert beside.quant == "F16" and beside.cpu_moe and beside.fits
+    assert any(n.startswith("F16 fits with its MoE experts on the CPU") for n in plan.notes)
+    data = plan.to_json()
+    jsonschema.validate(data, SCHEMA)
+    assert data["alternatives"][0]["mode"] == "moe-cpu-experts"
+    dense = _gpu_plan(family("tiny-llama"), [10_000], n_ctx=4096, min_quant="Q2_K")
+    assert dense.alternatives == []

@@ -258,5 +258,32 @@ def test_process_ps_at_80_columns_keeps_names_and_endpoints_whole():
             assert "…" in result.output and "PID" not in lines[0] and "BACKEND" not in lines[0]
         if columns == "300":
             assert lines[0].split() == ["NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT",
-                                        "UPTIME"]  # fmt: skip
+                                        "T/S", "UPTIME"]  # fmt: skip
             assert "…" not in result.output
+
+
+def test_process_ps_shows_measured_decode_speed_beside_the_prediction_and_a_slow_finding():
+    """`fitquant ps` says how fast each model decodes (the warm-up's measure) against what the plan predicted, and
+    marks a load whose speed was a finding."""
+    rows = (
+        ("fast-q4-k-m-8080", 94.4, 80.2, None),
+        ("slow-q4-k-m-8081", 12.0, 80.0, "slow: decode 12.0 tokens/s, predicted 80.0: probable CPU fallback"),
+        ("new-q4-k-m-8082", None, None, None),
+    )
+    for name, measured, predicted, finding in rows:
+        instances.save(
+            instances.RunningInstance(
+                name=name, model="m.gguf", quant="Q4_K_M", n_ctx=4096, backend="llamacpp", server="llama-server",
+                pid=os.getpid(), owner_pid=os.getpid(), endpoint="http://127.0.0.1:8080/v1", verdict="gpu",
+                started=time.time(), measured_tg_per_s=measured, predicted_tg_per_s=predicted, speed_finding=finding,
+            )
+        )  # fmt: skip
+    result = CliRunner().invoke(main, ["ps"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    line = {row[0]: next(x for x in result.output.splitlines() if x.startswith(row[0])) for row in rows}
+    assert "94 (pred 80)" in line["fast-q4-k-m-8080"] and "gpu, slow" not in line["fast-q4-k-m-8080"]
+    assert "12 (pred 80)" in line["slow-q4-k-m-8081"] and "gpu, slow" in line["slow-q4-k-m-8081"]
+    assert " - " in line["new-q4-k-m-8082"]
+    listed = {i["name"]: i for i in json.loads(CliRunner().invoke(main, ["ps", "--json"]).output)["instances"]}
+    assert listed["slow-q4-k-m-8081"]["measured_tg_per_s"] == 12.0
+    assert listed["slow-q4-k-m-8081"]["speed_finding"].startswith("slow: decode")

@@ -72,7 +72,13 @@ def test_profiles_examples_describe_their_machines():
     machine, reserve = profile_machine(server)
     assert reserve == 1 * GiB  # the smallest reserve is the Policy's; GPU0 keeps 512 MiB more
     assert [d.free_bytes for d in machine.devices] == [24 * GiB - 512 * MiB, 24 * GiB]
-    assert server.api_key_file == "/etc/fitquant/api-key" and server.host == "0.0.0.0"
+    assert server.api_key_file == "/etc/fitquant/api-key" and server.listen == "0.0.0.0:8080" and not server.loopback
+    assert [(m.name, m.pin, m.preload, m.ttl, m.embeddings) for m in server.models] == [
+        ("chat", True, False, None, False),
+        ("coder", False, True, 1800.0, False),
+        ("embed", False, False, None, True),
+    ]
+    assert [(p.url, p.api_key_env) for p in server.peers] == [("http://192.168.1.21:8080", "FITQUANT_MAC_KEY")]
 
     mac = profile_hardware(load_profile(EXAMPLES / "macbook-m2-32g.yaml"))
     assert mac is not None
@@ -89,8 +95,8 @@ def test_profiles_validate_command_accepts_the_examples():
     code, out, err = run("profile", "validate", *files)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        f"ok: {files[0]} (machine rtx3060-12g, 1 model)",
-        f"ok: {files[1]} (machine 2x3090-home-server, 2 models)",
+        f"ok: {files[0]} (machine rtx3060-12g, 2 models)",
+        f"ok: {files[1]} (machine 2x3090-home-server, 3 models)",
         f"ok: {files[2]} (machine macbook-m2-32g, 1 model)",
         f"ok: {files[3]} (machine cpu-only, 1 model)",
     ]
@@ -110,7 +116,7 @@ BAD = {
                                     "yes/no/on/off as true/false: quote it)"),
     "unknown key": ("machine: box\nmodels:\n  - model: qwen3:14b\n    ctx: 32k\n",
                     "line 4: 'models[0].ctx' is not a profile setting here; known: model, context, min_quant, "
-                    "vision, alias, port"),
+                    "vision, alias, port, pin, preload, ttl, embeddings"),
     "negative size": ("machine: box\nreserve: -1GiB\n", "line 2: 'reserve' must not be negative, got '-1GiB'"),
     "negative size (a number)": ("machine: box\nram: -5\n", "line 2: 'ram' must not be negative, got -5"),
     "zero device memory": ("machine: box\ndevices:\n  - {name: a, kind: cuda, memory: 0GiB}\n",
@@ -120,8 +126,8 @@ BAD = {
     "bad context": ("machine: box\nmodels:\n  - model: m\n    context: 32q\n",
                     "line 4: 'models[0].context' must be a context length like 32768 or 32k (more than 0), "
                     "got '32q'"),
-    "duplicate ports": ("machine: box\nmodels:\n  - {model: a, port: 8080}\n  - {model: b, port: 8080}\n",
-                        "line 4: 'models[1].port' 8080 is already the port of models[0]"),
+    "duplicate ports": ("machine: box\nmodels:\n  - {model: a, port: 9001}\n  - {model: b, port: 9001}\n",
+                        "line 4: 'models[1].port' 9001 is already the port of models[0]"),
     "duplicate aliases": ("machine: box\nmodels:\n  - {model: a, alias: chat}\n  - {model: b, alias: chat}\n",
                           "line 4: 'models[1].alias' 'chat' already names models[0]; give each model its own alias"),
     "unknown backend": ("machine: box\nbackend: vllm\n",
@@ -132,11 +138,11 @@ BAD = {
     "not YAML": ("machine: box\n  reserve: [1GiB\n", "line 2: not valid YAML: mapping values are not allowed here"),
     "not a mapping": ("- machine: box\n", "line 1: is a list, not a profile (key: value lines: machine: NAME)"),
     "empty": ("# nothing\n", "is empty; a profile needs at least 'machine: NAME'"),
-    "a key twice": ("machine: box\nhost: a\nhost: b\n", "line 3: 'host' is given twice (first on line 2)"),
-    "missing machine": ("host: 127.0.0.1\n", "line 1: 'machine' is required"),
+    "a key twice": ("machine: box\nlisten: a:1\nlisten: b:1\n", "line 3: 'listen' is given twice (first on line 2)"),
+    "missing machine": ("listen: 127.0.0.1:8080\n", "line 1: 'machine' is required"),
     "alias bomb": (BOMB, "line 6: expands to more than 10000 values (YAML aliases)"),
     "recursive alias": ("machine: box\nrpc: &r [*r]\n", "line 2: the alias *r refers to itself"),
-    "literal api key": ("machine: box\nhost: 0.0.0.0\napi_key: sk-very-secret\n",
+    "literal api key": ("machine: box\nlisten: 0.0.0.0:8080\napi_key: sk-very-secret\n",
                         "line 3: 'api_key' would hold an API key, and a profile never does: name an environment "
                         "variable (api_key_env: FITQUANT_API_KEY) or a file (api_key_file: PATH)"),
     "literal key in a model": ("machine: box\nmodels:\n  - model: a\n    token: abc\n",
@@ -153,7 +159,8 @@ BAD = {
                               "line 5: 'reserve.GPU1' names no device; use CPU, GPU0, a, default"),
     "llama_server with ollama": ("machine: box\nbackend: ollama\nllama_server: /bin/llama-server\n",
                                  "line 3: 'llama_server' is a llama.cpp setting; the backend is ollama"),
-    "two errors": ("machine: box\nhost: 3\nbackend: x\n", "line 2: 'host' must be a valid string, got 3 (and 1 more)"),
+    "two errors": ("machine: box\ndefaults: {parallel: x}\nbackend: x\n",
+                   "line 2: 'defaults.parallel' must be a valid integer, got 'x' (and 1 more)"),
     "absurd device memory": ("machine: box\ndevices:\n  - {name: a, kind: cuda, memory: 99999999999999999999999GiB}\n",
                              "line 3: 'devices[0].memory' must be at most 1 PiB, got '99999999999999999999999GiB'"),
     "absurd ram (a number)": ("machine: box\nram: 99999999999999999999999\n",
@@ -166,6 +173,73 @@ BAD = {
                               "line 3: 'models[0].context' must be at most 16777216 tokens (16M), got '17M'"),
     "a 5000-digit size": (f"machine: box\nram: '{'9' * 5000}'\n",
                           "line 2: 'ram' must be a size like 1GiB or 512MiB, got '99999999999999999999999999999999999...'"),
+    "host is replaced by listen": ("machine: box\nhost: 0.0.0.0\n",
+                                   "line 2: 'host' is replaced by 'listen' (HOST:PORT of fitquant serve's one endpoint); "
+                                   "model servers bind 127.0.0.1"),
+    "listen without a port": ("machine: box\nlisten: 0.0.0.0\n",
+                              "line 2: 'listen' must be HOST:PORT like 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, "
+                              "got '0.0.0.0'"),
+    "listen a bare port": ("machine: box\nlisten: 8080\n",
+                           "line 2: 'listen' must be HOST:PORT like 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, "
+                           "got 8080"),
+    "listen IPv6 without brackets": ("machine: box\nlisten: '::1:8080'\n",
+                                     "line 2: 'listen' must be HOST:PORT like 127.0.0.1:8080, 0.0.0.0:8080 or "
+                                     "[::1]:8080, got '::1:8080'"),
+    "listen port 0": ("machine: box\nlisten: 127.0.0.1:0\n",
+                      "line 2: 'listen' must be HOST:PORT like 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, "
+                      "got '127.0.0.1:0'"),
+    "model port is listen's": ("machine: box\nlisten: 0.0.0.0:9000\nmodels:\n  - model: m\n    port: 9000\n",
+                               "line 5: 'models[0].port' 9000 is the port of listen (0.0.0.0:9000); give the model's "
+                               "own server another port, or leave port out"),
+    "model port is the default listen's": ("machine: box\nmodels:\n  - {model: m, port: 8080}\n",
+                                           "line 3: 'models[0].port' 8080 is the port of listen (127.0.0.1:8080); "
+                                           "give the model's own server another port, or leave port out"),
+    "ttl on a pinned model": ("machine: box\nmodels:\n  - model: m\n    pin: true\n    ttl: 5m\n",
+                              "line 5: 'models[0].ttl' is set, but a pinned model is never unloaded; drop ttl or pin"),
+    "bad ttl": ("machine: box\nmodels:\n  - model: m\n    ttl: later\n",
+                "line 4: 'models[0].ttl' must be a duration like 30s or 10m, got 'later'"),
+    "pin not a boolean": ("machine: box\nmodels:\n  - model: m\n    pin: 'yes'\n",
+                          "line 4: 'models[0].pin' must be a valid boolean, got 'yes'"),
+    "bad duration": ("machine: box\nrouter:\n  drain: soon\n",
+                     "line 3: 'router.drain' must be a duration like 30s or 10m, got 'soon'"),
+    "negative duration": ("machine: box\nrouter:\n  min_residency: -5s\n",
+                          "line 3: 'router.min_residency' must not be negative, got '-5s'"),
+    "negative duration (a number)": ("machine: box\nrouter:\n  max_wait: -1\n",
+                                     "line 3: 'router.max_wait' must not be negative, got -1"),
+    "absurd duration": ("machine: box\nrouter:\n  swap_after: 87601h\n",
+                        "line 3: 'router.swap_after' must be at most 10 years, got '87601h'"),
+    "queue of 0": ("machine: box\nrouter:\n  max_queue: 0\n",
+                   "line 3: 'router.max_queue' must be greater than or equal to 1, got 0"),
+    "queue too long": ("machine: box\nrouter:\n  max_queue: 10001\n",
+                       "line 3: 'router.max_queue' must be less than or equal to 10000, got 10001"),
+    "body limit of 0": ("machine: box\nrouter:\n  max_body: 0MiB\n",
+                        "line 3: 'router.max_body' must be more than 0, got '0MiB'"),
+    "unknown router key": ("machine: box\nrouter:\n  queue: 5\n",
+                           "line 3: 'router.queue' is not a profile setting here; known: min_residency, max_queue, "
+                           "max_wait, swap_after, drain, max_body, body_timeout"),
+    "insecure not a boolean": ("machine: box\ninsecure: 'true'\n",
+                               "line 2: 'insecure' must be a valid boolean, got 'true'"),
+    "peer not http": ("machine: box\npeers:\n  - ftp://192.168.1.21\n",
+                      "line 3: 'peers[0].url' must be an http(s) URL like http://192.168.1.20:8080, "
+                      "got 'ftp://192.168.1.21'"),
+    "peer with a bad port": ("machine: box\npeers:\n  - url: http://a:99999\n",
+                             "line 3: 'peers[0].url' must be an http(s) URL like http://192.168.1.20:8080, "
+                             "got 'http://a:99999'"),
+    "peer with credentials": ("machine: box\npeers:\n  - http://me:s3cret@192.168.1.21:8080\n",
+                              "line 3: 'peers[0].url' must not hold credentials; name the peer's key with api_key_env"),
+    "peer with a query": ("machine: box\npeers:\n  - http://a:8080/?key=1\n",
+                          "line 3: 'peers[0].url' must be a plain base URL without ?query or #fragment, "
+                          "got 'http://a:8080/?key=1'"),
+    "peer twice": ("machine: box\npeers:\n  - http://a:8080\n  - url: http://a:8080/\n",
+                   "line 4: 'peers[1]' 'http://a:8080' is already peers[0]"),
+    "peer not a URL or mapping": ("machine: box\npeers:\n  - 5\n",
+                                  "line 3: 'peers[0]' must be a URL like http://192.168.1.20:8080 or a mapping with "
+                                  "url:, got 5"),
+    "peer key env not a name": ("machine: box\npeers:\n  - url: http://a:8080\n    api_key_env: my key\n",
+                                "line 4: 'peers[0].api_key_env' must be an environment variable name (letters, digits "
+                                "and _, not first a digit), got 'my key'"),
+    "peer without url": ("machine: box\npeers:\n  - api_key_env: K\n",
+                         "line 3: 'peers[0].url' is required"),
     "nested 400 levels": ("machine: box\nx:\n" + "".join("  " * i + "  a:\n" for i in range(400)) + "  " * 401 + "1\n",
                           "line 51: nests more than 50 levels deep; a profile needs a few"),
     "nested 400 lists": ("machine: box\nx:\n" + "".join("  " * i + "- \n" for i in range(400)),
@@ -304,7 +378,78 @@ def test_profiles_sizes_contexts_and_yaml_booleans():
     assert (profile.defaults.kv, profile.defaults.flash_attn, profile.defaults.parallel) == ("f16", "off", 4)
     (entry,) = profile.models
     assert (entry.context, entry.min_quant, entry.port, entry.name) == (32768, "Q5_K_M", 9000, "m")
-    assert profile.host == "127.0.0.1" and profile.backend == "auto"
+    assert profile.listen == "127.0.0.1:8080" and profile.backend == "auto"
+
+
+def test_profiles_router_settings_default_to_the_documented_values():
+    profile = parse_profile("machine: box\nmodels:\n  - model: m\n")
+    r = profile.router
+    assert (r.min_residency, r.max_queue, r.max_wait, r.swap_after, r.drain, r.max_body) == (
+        30.0, 64, 600.0, 10.0, 30.0, 8 * MiB
+    )  # fmt: skip
+    assert (profile.listen, profile.listen_host, profile.listen_port, profile.loopback) == (
+        "127.0.0.1:8080", "127.0.0.1", 8080, True
+    )  # fmt: skip
+    assert (profile.insecure, profile.peers) == (False, [])
+    (entry,) = profile.models
+    assert (entry.pin, entry.preload, entry.ttl, entry.embeddings, entry.port) == (False, False, None, False, None)
+
+
+def test_profiles_router_settings_and_model_flags_parse_durations_and_sizes():
+    profile = parse_profile(
+        "machine: box\nlisten: 0.0.0.0:11434\ninsecure: true\n"
+        "router: {min_residency: 1m30s, max_queue: 10000, max_wait: 90, swap_after: 500ms, drain: 0, max_body: 1MiB}\n"
+        "models:\n  - {model: a, pin: true, port: 9000}\n  - {model: b, preload: true, ttl: 1h}\n"
+        "  - {model: c, ttl: 2.5, embeddings: true}\n"
+    )
+    r = profile.router
+    assert (r.min_residency, r.max_queue, r.max_wait, r.swap_after, r.drain, r.max_body) == (
+        90.0, 10000, 90.0, 0.5, 0.0, MiB
+    )  # fmt: skip
+    assert [(m.pin, m.preload, m.ttl, m.embeddings, m.port) for m in profile.models] == [
+        (True, False, None, False, 9000), (False, True, 3600.0, False, None), (False, False, 2.5, True, None)
+    ]  # fmt: skip
+    assert (profile.listen_host, profile.listen_port, profile.loopback, profile.insecure) == (
+        "0.0.0.0", 11434, False, True
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port", "loopback"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080, True),
+        ("127.0.0.2:80", "127.0.0.2", 80, True),
+        ("localhost:8080", "localhost", 8080, True),
+        ("'[::1]:8080'", "::1", 8080, True),
+        ("'[::]:8080'", "::", 8080, False),
+        ("0.0.0.0:65535", "0.0.0.0", 65535, False),
+        ("192.168.1.20:8080", "192.168.1.20", 8080, False),
+        ("home-server.lan:8080", "home-server.lan", 8080, False),  # a name may resolve to anything
+    ],
+)
+def test_profiles_listen_splits_into_host_port_and_loopback(listen: str, host: str, port: int, loopback: bool):
+    profile = parse_profile(f"machine: box\nlisten: {listen}\n")
+    assert (profile.listen_host, profile.listen_port, profile.loopback) == (host, port, loopback)
+
+
+def test_profiles_peers_take_a_url_or_a_mapping():
+    profile = parse_profile(
+        "machine: box\npeers:\n  - http://192.168.1.21:8080/\n  - url: https://gpu-box.lan\n    api_key_env: GPU_KEY\n"
+        "  - 'http://[fd00::2]:8080'\n"
+    )
+    assert [(p.url, p.api_key_env) for p in profile.peers] == [
+        ("http://192.168.1.21:8080", None), ("https://gpu-box.lan", "GPU_KEY"), ("http://[fd00::2]:8080", None)
+    ]  # fmt: skip
+
+
+def test_profiles_init_text_documents_the_router_defaults():
+    # the template's commented router block, uncommented, is what a profile gets without it
+    text = profile_text("desk", fake_machine())
+    block = text[text.index("# router:") :].splitlines()
+    uncommented = "\n".join(line.replace("# ", "", 1) for line in block)
+    documented = parse_profile("machine: desk\n" + uncommented + "\n").router
+    assert documented == parse_profile("machine: desk\n").router
+    assert "\nlisten: 127.0.0.1:8080" in text and "\nhost:" not in text
 
 
 def test_profiles_vulkan_devices_are_accepted_but_not_planned_yet(tmp_path: Path):
@@ -581,3 +726,32 @@ def test_profiles_plan_with_a_bad_profile_is_one_error_line(tmp_path: Path):
     assert (
         err.strip() == f"ProfileError: profile {path} line 2: 'reserve' must be a size like 1GiB or 512MiB, got 'lots'"
     )
+
+
+# ---------------------------------------------------------------------------------------------- the JSON schema
+
+SCHEMA_FILE = REPO / "docs" / "profile.schema.json"
+
+
+def test_profiles_committed_json_schema_is_the_generated_one():
+    from launcher.profiles.schema import profile_json_schema
+
+    committed = json.loads(SCHEMA_FILE.read_text())
+    assert committed == profile_json_schema(), (
+        "docs/profile.schema.json is stale; regenerate it: .venv/bin/python -c 'import json; from "
+        "launcher.profiles.schema import profile_json_schema as s; print(json.dumps(s(), indent=2))' "
+        "> docs/profile.schema.json"
+    )
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_profiles_examples_match_the_json_schema(name: str):
+    import jsonschema
+    import yaml
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    data = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    jsonschema.validate(data, schema)  # sizes as text, durations, peers as URLs: what the loader takes
+    for bad in ({"host": "0.0.0.0"}, {"router": {"drain": [1]}}, {"peers": [5]}, {"listen": True}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**data, **bad}, schema)

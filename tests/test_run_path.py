@@ -26,8 +26,8 @@ from launcher.backends.ollama import OllamaBackend
 from launcher.errors import BackendError, NoFitError, RunFailed
 from launcher.plan import Policy, budgets_for
 from launcher.profiles import parse_profile, profile_plan
-from launcher.run import launch, plan_runs, read_api_key, run_machine, server_policy
-from launcher.service.serve import Supervisor
+from launcher.run import backend_and_machine, launch, plan_runs, read_api_key, run_machine, server_policy
+from launcher.service.pool import Pool, settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -55,22 +55,26 @@ def test_serve_and_plan_profile_keep_each_reserve_once(tmp_path: Path) -> None:
     """A per-device reserve was subtracted twice by serve (20 GiB usable on GPU0) against once by plan --profile."""
     tiny = tiny_candidate(tmp_path)
     profile = parse_profile(TWO_GPUS.replace("MODEL", tiny.files[0].local_path or ""))
-    supervisor = Supervisor(tmp_path / "p.yaml", profile)
-    supervisor.machine, supervisor.reserve = run_machine(LlamaCppBackend(), profile=profile)
-    [(entry, served_plan)] = supervisor._plan_together(profile.models, supervisor.machine)
-    by_plan = profile_plan(profile, entry.name)
+    backend = LlamaCppBackend()
+    machine, reserve = run_machine(backend, profile=profile)
+    pool = Pool(profile, backend=backend, machine=machine, reserve=reserve, settings=settings_of(profile))
+    pool.prepare()  # what serve plans at its start, each model on the empty machine
+    [served] = pool.models.values()
+    by_plan = profile_plan(profile, served.alias)
     plan_budgets = budgets_for(by_plan.machine.devices, ram_available_bytes=None,
                                reserve_bytes=by_plan.policy.reserve_bytes)  # fmt: skip
-    usable = {b.name: b.usable_bytes for b in served_plan.budgets}
+    usable = {b.name: b.usable_bytes for b in served.plan.budgets}
     assert usable == {b.name: b.usable_bytes for b in plan_budgets}
-    assert usable == {"GPU0": 21 * GiB, "GPU1": 23 * GiB}
+    assert usable == pool.usable == {"GPU0": 21 * GiB, "GPU1": 23 * GiB}
 
 
 def test_a_profiles_ollama_host_reaches_the_backend(tmp_path: Path) -> None:
     stub = OllamaApiServer(models_dir=tmp_path / "ollama").start()
     try:
         profile = parse_profile(f"machine: m\nbackend: ollama\nollama_host: {stub.url}\nram: 8GiB\n")
-        backend, _machine, _reserve = Supervisor(tmp_path / "p.yaml", profile)._backend_and_machine(profile)
+        # what serve resolves for its pool (launcher.service.serve._Service._new_pool)
+        backend, _machine, _reserve = backend_and_machine(profile.backend, llama_server=profile.llama_server,
+                                                          ollama_host=profile.ollama_host, profile=profile)  # fmt: skip
         assert isinstance(backend, OllamaBackend)
         assert backend.base_url == stub.url
         assert ("GET", "/api/version", None) in stub.requests or any(r[1] == "/" for r in stub.requests)

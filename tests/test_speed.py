@@ -142,3 +142,132 @@ def test_min_speed_takes_the_best_quant_that_is_fast_enough(tmp_path: Path) -> N
     assert any("nothing that fits decodes that fast" in n for n in too_fast.notes)
     unknown = fit("tiny", Policy(n_ctx=4096, min_tg_per_s=1.0), machine=described, candidates=candidates, confirm=False)
     assert any("the speed of these devices is unknown" in n for n in unknown.notes)
+
+
+def test_prefer_speed_takes_the_fastest_quant_above_the_floor(tmp_path: Path) -> None:
+    """--prefer speed: the option predicted to decode fastest at the target depth among those that fit above the
+    floor (here Q4_K_M over Q8_0: fewer bytes per token), with a note saying what quality was given up for it."""
+    from launcher.fit import fit
+    from launcher.plan import Policy
+
+    candidates = [tiny_candidate(tmp_path, "Q8_0", QT.Q8_0), tiny_candidate(tmp_path, "Q4_K_M", QT.Q4_K)]
+    described = describe_machine(vram=[8 * GiB])
+    rtx = described.model_copy(update={"devices": (described.devices[0].model_copy(
+        update={"name": "NVIDIA GeForce RTX 4090"}),)})  # fmt: skip
+    by_quality = fit("tiny", Policy(n_ctx=4096), machine=rtx, candidates=candidates, confirm=False)
+    assert by_quality.chosen is not None and by_quality.chosen.quant == "Q8_0"
+    fastest = fit("tiny", Policy(n_ctx=4096, prefer="speed"), machine=rtx, candidates=candidates, confirm=False)
+    assert fastest.chosen is not None and fastest.chosen.quant == "Q4_K_M"
+    assert "--prefer speed" in fastest.reason
+    assert any(n.startswith("--prefer speed: Q4_K_M decodes") and "Q8_0 (the highest quality that fits)" in n
+               for n in fastest.notes)  # fmt: skip
+    floor = fit("tiny", Policy(n_ctx=4096, prefer="speed", min_quant="Q8_0"), machine=rtx, candidates=candidates,
+                confirm=False)  # fmt: skip
+    assert floor.chosen is not None and floor.chosen.quant == "Q8_0"  # nothing faster above that floor
+    unknown = fit("tiny", Policy(n_ctx=4096, prefer="speed"), machine=described, candidates=candidates, confirm=False)
+    assert unknown.chosen is not None and unknown.chosen.quant == "Q8_0"
+    assert any("--prefer speed: the speed of these devices is unknown" in n for n in unknown.notes)
+
+
+# ---------------------------------------------------------------------------------------------- K/V pairs a build runs
+
+SYSTEM_INFO = ("system_info: n_threads = 16 (n_threads_batch = 16) / 32 | CUDA : ARCHS = 900 | "
+               "FA_QUANTS = q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | "
+               "CPU : SSE3 = 1 | AVX2 = 1 |")  # fmt: skip
+CONVERTED = ("ggml_cuda_flash_attn_ext_vec: no FlashAttention vector kernel compiled for K/V types q8_0-f16, converting "
+             'K and V to f16 instead (slow). Add "q8_0-f16" to GGML_CUDA_FA_QUANTS to compile it.')  # fmt: skip
+
+
+def test_fa_quants_parse_and_the_nearest_pair_a_build_runs() -> None:
+    from launcher.speed import DEFAULT_CUDA_FA_QUANTS, nearest_kv_pair, parse_fa_quants
+
+    default = parse_fa_quants(DEFAULT_CUDA_FA_QUANTS)
+    assert default == {("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f16", "f16"), ("bf16", "bf16")}
+    assert parse_fa_quants("q8_0-q4_0; q5_1-q5_1") == {("q8_0", "q4_0"), ("q5_1", "q5_1"), ("f16", "f16")}
+    assert len(parse_fa_quants("ALL")) == 49
+    with pytest.raises(ValueError, match="not a FlashAttention K-V pair: 'q3_k-q3_k'"):
+        parse_fa_quants("q3_k-q3_k")
+    cases = {
+        ("q8_0", "q8_0"): ("q8_0", "q8_0"),  # compiled: as asked
+        ("f32", "f32"): ("f32", "f32"),  # runs as f16
+        ("q8_0", "f16"): ("f16", "f16"),  # the smallest pair at least as precise as each
+        ("q4_0", "q8_0"): ("q8_0", "q8_0"),
+        ("q5_1", "q5_1"): ("q8_0", "q8_0"),
+        ("iq4_nl", "iq4_nl"): ("q4_0", "q4_0"),  # nothing at least as precise is smaller
+    }
+    for asked, runs in cases.items():
+        assert nearest_kv_pair(*asked, default) == runs, asked
+    assert nearest_kv_pair("q8_0", "f16", parse_fa_quants("all")) == ("q8_0", "f16")
+
+
+def test_the_log_says_which_pairs_a_build_compiled_and_which_it_converted() -> None:
+    from launcher.verify import placement_from_log
+
+    log = f"{SYSTEM_INFO}\nload_tensors: offloaded 29/29 layers to GPU\n{CONVERTED}\n"
+    placement = placement_from_log(log)
+    assert placement.fa_quants == "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"
+    assert placement.fa_converted == "q8_0-f16"
+    assert placement.to_json()["fa_converted"] == "q8_0-f16"
+    assert not any("FlashAttention" in e for e in placement.errors)  # a warning about speed, not a load error
+    assert placement_from_log("load_tensors: offloaded 29/29 layers to GPU\n").fa_converted is None
+
+
+def test_a_kv_pair_the_build_converts_to_f16_is_a_slow_finding(tmp_path: Path) -> None:
+    """The warning comes at the first attention the server runs (the warm-up), after the load was verified: the
+    speed report reads it from the server's log."""
+    from launcher.backends.base import Instance
+    from launcher.run import RunResult, speed_report
+    from launcher.verify import DevicePlacement, Placement
+
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    assert plan.chosen is not None
+    log = tmp_path / "server.log"
+    log.write_text(f"{SYSTEM_INFO}\nload_tensors: offloaded 5/5 layers to GPU\nsrv  update_slots: all slots are idle\n")
+    placement = Placement("gpu", "", devices=[DevicePlacement("CUDA0", model_bytes=10**8, is_gpu=True)],
+                          fa_quants="q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16")  # fmt: skip
+    instance = Instance("llamacpp", "llama-server", None, "http://127.0.0.1:1/v1", "m", None, log_path=log)
+    result = RunResult(plan, plan.chosen, instance, placement, [], {"measured_tg_per_s": None})
+    machine = describe_machine(vram=[8 * GiB])
+    assert speed_report(result, machine)["finding"] is None
+    with open(log, "a") as f:
+        f.write(CONVERTED + "\n")
+    report = speed_report(result, machine)
+    assert report["fa_converted"] == "q8_0-f16"
+    assert report["finding"].startswith(
+        "slow: no FlashAttention kernel for K/V types q8_0-f16 (this build has q4_0-q4_0"
+    )
+
+
+def test_the_plan_keeps_to_a_kv_pair_the_cuda_build_runs(tmp_path: Path) -> None:
+    """A CUDA build's FA_QUANTS, from fitquant's own build.json or from an earlier load's log kept in the record,
+    moves an asked pair it has no kernel for to the nearest one it runs, with a note; anything else is left alone."""
+    from processes import built_llama_server
+
+    from launcher import record
+    from launcher.backends.builds import Build
+    from launcher.backends.llamacpp import LlamaCppBackend
+    from launcher.plan import Policy
+    from launcher.run import kv_for_build
+
+    assert Build(tmp_path, "0.3.36", "cuda", None, "", ()).fa_quants == "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"
+    assert Build(tmp_path, "0.3.36", "cuda", None, "", ("-DGGML_CUDA_FA_ALL_QUANTS=ON",)).fa_quants == "all"
+    assert Build(tmp_path, "0.3.36", "cuda", None, "", ("-DGGML_CUDA_FA_QUANTS=q8_0-f16;q8_0-q8_0",)).fa_quants \
+        == "q8_0-f16,q8_0-q8_0"  # fmt: skip
+    assert Build(tmp_path, "0.3.36", "cpu", None, "", ()).fa_quants is None
+
+    backend = LlamaCppBackend(str(built_llama_server()))  # this machine's CPU build: its pairs are not limited
+    assert backend.fa_quants() is None
+    gpu = describe_machine(vram=[24 * GiB])
+    asked = Policy(n_ctx=4096, type_k="q8_0", type_v="f16")
+    assert kv_for_build(asked, backend, gpu) == (asked, None)  # nothing known about this build's pairs yet
+    record.append(gpu, {"model": "m", "backend": "llamacpp", "version": backend.program.version,
+                        "fa_quants": "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"})  # fmt: skip
+    policy, note = kv_for_build(asked, backend, gpu)
+    assert (policy.type_k, policy.type_v) == ("f16", "f16")
+    assert note is not None and note.startswith("K/V cache q8_0/f16: this llama-server build has no FlashAttention")
+    default = Policy(n_ctx=4096)  # q8_0/q8_0 is compiled
+    assert kv_for_build(default, backend, gpu) == (default, None)
+    cpu = describe_machine(ram=16 * GiB)
+    assert kv_for_build(asked, backend, cpu) == (asked, None)  # no CUDA device: the CPU runs every pair
+    no_fa = Policy(n_ctx=4096, type_k="q8_0", type_v="f16", flash_attn="off")
+    assert kv_for_build(no_fa, backend, gpu) == (no_fa, None)

@@ -56,6 +56,8 @@ class LaunchRequest:
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, host:port
     ready_timeout_s: float = 600.0
     keep_alive: str = "-1"  # Ollama: keep the model loaded while fitquant runs it
+    embeddings: bool = False  # llama.cpp: the server also answers /v1/embeddings (Ollama always does)
+    alias: str | None = None  # llama.cpp: the model name the server answers with (default: the file's path)
 
 
 @dataclass

@@ -36,6 +36,22 @@ class Build:
     variant: str  # cpu, cuda, metal, rocm or vulkan
     commit: str | None  # llama.cpp commit, from `llama-server --version`
     date: str  # ISO 8601, UTC
+    cmake_args: tuple[str, ...] = ()  # how it was configured (build.json)
+
+    @property
+    def fa_quants(self) -> str | None:
+        """A CUDA build's FlashAttention K-V pairs (GGML_CUDA_FA_QUANTS, as its system info prints them); None for
+        other variants, whose flash attention is not limited to compiled pairs this way."""
+        if self.variant != "cuda":
+            return None
+        from launcher.speed import DEFAULT_CUDA_FA_QUANTS
+
+        for arg in self.cmake_args:
+            if arg.startswith("-DGGML_CUDA_FA_QUANTS="):
+                return arg.split("=", 1)[1].replace(";", ",")
+            if arg.upper() in ("-DGGML_CUDA_FA_ALL_QUANTS=ON", "-DGGML_CUDA_FA_ALL_QUANTS=1"):
+                return "all"
+        return DEFAULT_CUDA_FA_QUANTS
 
     def binary(self, name: str = "llama-server") -> Path:
         return self.path / "bin" / (name + (".exe" if os.name == "nt" else ""))
@@ -79,7 +95,9 @@ def read_build(path: Path) -> Build | None:
     version, variant, commit, date = (data.get(k) for k in ("version", "variant", "commit", "date"))
     if not isinstance(version, str) or variant not in VARIANTS or not isinstance(date, str):
         return None
-    build = Build(path, version, str(variant), commit if isinstance(commit, str) else None, date)
+    args = data.get("cmake_args")
+    cmake_args = tuple(a for a in args if isinstance(a, str)) if isinstance(args, list) else ()
+    build = Build(path, version, str(variant), commit if isinstance(commit, str) else None, date, cmake_args)
     for name in BINARIES:
         exe = build.binary(name)
         if not exe.is_file() or not os.access(exe, os.X_OK):

@@ -351,6 +351,16 @@ class LlamaCppBackend:
         python_server = self.unavailable() is None and self.program.kind == "llama-cpp-python"
         return ServerMemory(all_logits=python_server, swa_full=python_server, cpu_repack=True)
 
+    def fa_quants(self) -> str | None:
+        """The FlashAttention K-V pairs of this server's build when fitquant built it (build.json: a CUDA build's
+        GGML_CUDA_FA_QUANTS); None when unknown (another build: its first load's log tells, and the record keeps it)."""
+        from launcher.backends.builds import read_build
+
+        if self.unavailable() is not None or self.program.kind != "llama-server":
+            return None
+        build = read_build(Path(self.program.argv0[0]).resolve().parent.parent)
+        return build.fa_quants if build is not None else None
+
     def unavailable(self) -> str | None:
         try:
             self.program  # noqa: B018 (finding it is the check)
@@ -369,8 +379,17 @@ class LlamaCppBackend:
             if request.rpc:
                 raise BackendError("llama-cpp-python's server takes no RPC devices; use llama-server for --rpc")
             argv = python_server_argv(plan, option, program, host=request.host, port=port)
+            if request.embeddings:
+                argv += ["--embedding", "True"]
+            if request.alias:
+                argv += ["--model_alias", request.alias]
         else:
             argv = adapt_argv(server_argv(plan, option, port=port, host=request.host), program, rpc=request.rpc)
+            if request.embeddings:
+                # mean pooling gives a causal chat model sentence embeddings; this server still answers chat
+                argv += ["--embeddings", "--pooling", "mean"]
+            if request.alias:
+                argv += ["--alias", request.alias]
         first = option.candidate.files[0] if option.candidate.files else None
         template = builtin_template(first.local_path) if first is not None and first.local_path else None
         if template:
@@ -395,6 +414,7 @@ class LlamaCppBackend:
         proc = spawn(argv, log_path=log_path, env=self._env, extra_env=key_env)
         first = option.candidate.files[0] if option.candidate.files else None
         model_name = first.local_path if first is not None and first.local_path else option.candidate.model
+        model_name = request.alias or model_name
         return Instance(
             backend=self.name,
             server=self.program.kind,

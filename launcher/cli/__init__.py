@@ -6,7 +6,7 @@
     hardware.py   hw
     model.py      inspect, estimate
     plan.py       plan, quants
-    run.py        run, ps, stop
+    run.py        run, ps, stop, bench
     verify.py     verify
     profile.py    profile init, show, validate
     service.py    service install, uninstall, status; serve
@@ -51,7 +51,7 @@ def _register() -> None:
     from launcher.cli import hardware, model, plan, profile, run, service, verify
 
     commands = (hardware.hw, model.inspect, model.estimate, plan.plan, plan.quants, run.run, run.ps, run.stop,
-                verify.verify, profile.profile, service.service, service.serve)  # fmt: skip
+                run.bench, verify.verify, profile.profile, service.service, service.serve)  # fmt: skip
     for command in commands:
         main.add_command(command)
 

@@ -25,6 +25,8 @@ from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
 @click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
 @click.option("--min-speed", "min_speed", type=click.FloatRange(min=0, min_open=True, max=1e6), metavar="T",
               help="The best quant predicted to decode T tokens/s or more at the target context.")  # fmt: skip
+@click.option("--prefer", type=click.Choice(["quality", "speed"]), default="quality", show_default=True,
+              help="quality: the best quant that fits; speed: the fastest above the quality floor.")  # fmt: skip
 @click.option("--vision/--no-vision", default=False, help="Count the vision projector (mmproj) when there is one.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Confirm the choice with a llama.cpp dry run when llama-cpp-python is installed.")  # fmt: skip
@@ -50,6 +52,7 @@ def plan(
     min_quant: str | None,
     strict: bool,
     min_speed: float | None,
+    prefer: str,
     vision: bool,
     engine: bool,
     port: int,
@@ -68,7 +71,8 @@ def plan(
     from launcher.plan import Plan, Policy
 
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
-                    min_quant=min_quant, strict=strict, vision=vision, min_tg_per_s=min_speed)  # fmt: skip
+                    min_quant=min_quant, strict=strict, vision=vision, min_tg_per_s=min_speed,
+                    prefer=prefer)  # fmt: skip
     if rpc and profile_ref is not None:
         raise click.UsageError(
             "--rpc and --profile: give the RPC servers in the profile's rpc: list, or drop --profile"
@@ -98,17 +102,20 @@ def plan(
             render_plan(result, forms=forms)
 
     from launcher import record
-    from launcher.run import backend_build, planning_backend, server_policy
+    from launcher.run import backend_build, kv_for_build, planning_backend, server_policy
 
-    # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking)
+    # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking),
+    # and a K/V pair its build runs flash attention for on the GPU
     backend = planning_backend("llamacpp" if rpc else "auto")
-    policy = server_policy(policy, backend)
+    policy, kv_note = kv_for_build(server_policy(policy, backend), backend, machine)
     try:
         known = record.remembered(machine, record.model_key(model), policy)
         result = fit(model, policy, machine=machine, confirm=engine, remembered=known, build=backend_build(backend))
     except NoFitError as refused:
         show(refused.plan)  # what was refused and why, then the error line
         raise
+    if kv_note is not None:
+        result.notes.insert(0, kv_note)
     show(result)
 
 

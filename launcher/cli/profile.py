@@ -115,6 +115,8 @@ _POLICY_FLAGS = {
     "min_quant": ("min_quant",),
     "strict": ("strict",),
     "vision": ("vision",),
+    "min_speed": ("min_tg_per_s",),
+    "prefer": ("prefer",),
 }
 
 
@@ -180,7 +182,7 @@ def _render_profile(loaded: Profile, machine: HardwareSnapshot, records: list[di
         runtime.append(f"Ollama at {escape(loaded.ollama_host)}")
     if loaded.rpc:
         runtime.append(f"RPC {', '.join(loaded.rpc)}")
-    console.print(f"backend: {', '.join(runtime)}; servers bind {escape(loaded.host)}")
+    console.print(f"backend: {', '.join(runtime)}; listens on {escape(loaded.listen)}")
     if loaded.api_key_env:
         console.print(f"API key: from the environment variable {loaded.api_key_env}")
     elif loaded.api_key_file:

@@ -166,7 +166,7 @@ def render_estimate(result: MemoryEstimate) -> None:
 
 
 _BAR_PARTS = (("weights", "cyan"), ("KV", "magenta"), ("compute", "yellow"), ("runtime", "white"))
-_BAR_MIN, _BAR_MAX = 8, 40  # cells
+_BAR_MIN, _BAR_MAX = 4, 40  # cells
 
 
 def _bar(option: Option, budget_bytes: int, width: int) -> str:
@@ -197,6 +197,7 @@ def render_plan(result: Plan, *, forms: dict[str, Any]) -> None:
     from rich.table import Table
 
     from launcher.plan import shell_line
+    from launcher.quants import quant_info
     from launcher.units import format_bytes
 
     console = Console()
@@ -212,30 +213,36 @@ def render_plan(result: Plan, *, forms: dict[str, Any]) -> None:
             fits = "below floor"
         style = "bold green" if chosen and result.mode in ("gpu", "cpu") else ("bold" if chosen else None)
         tg = (option.speed or {}).get("tg_per_s")  # predicted decode tokens/s (launcher.speed), when known
+        kld = quant_info(option.quant, bpw).kld  # published mean KLD vs FP16 (launcher/data/quants.json)
         cells = [("▶ " if chosen else "  ") + option.quant, format_bytes(option.candidate.size_bytes),
                  f"{bpw:.2f}" if bpw else "-", format_bytes(max(option.needs.values())),
-                 f"{tg:.0f}" if tg is not None else "-", fits]  # fmt: skip
+                 f"{tg:.0f}" if tg is not None else "-", f"{kld:.4f}" if kld is not None else "-", fits]  # fmt: skip
         rows.append((option, cells, style))
-    columns = ("quant", "file", "bpw", "needs", "t/s", "fits")
+    columns = ("quant", "file", "bpw", "needs", "t/s", "KLD", "fits")
     widths = [max([len(name), *(len(cells[i]) for _, cells, _ in rows)]) for i, name in enumerate(columns)]
     # the bar takes what the terminal has left: each column costs its width plus 3 (padding, rule), +1 border
     bar_width = max(_BAR_MIN, min(_BAR_MAX, console.width - sum(widths) - 3 * (len(columns) + 1) - 1 - 1))
-    for column in (*columns[:5], "memory", "fits"):
-        table.add_column(column, justify="right" if column in ("file", "bpw", "needs", "t/s") else "left",
+    for column in (*columns[:6], "memory", "fits"):
+        table.add_column(column, justify="right" if column in ("file", "bpw", "needs", "t/s", "KLD") else "left",
                          no_wrap=True)  # fmt: skip
     colors = {"yes": "green", "no": "red", "below floor": "yellow"}
     for option, cells, style in rows:
-        fits = cells[5]
-        table.add_row(*cells[:5], _bar(option, budget, bar_width), f"[{colors[fits]}]{fits}[/{colors[fits]}]",
+        fits = cells[6]
+        table.add_row(*cells[:6], _bar(option, budget, bar_width), f"[{colors[fits]}]{fits}[/{colors[fits]}]",
                       style=style)  # fmt: skip
     console.print(table)
     console.print("memory: " + "  ".join(f"[{color}]█[/{color}] {what}" for what, color in _BAR_PARTS)
                   + "  [dim]·[/dim] free  [red]▶[/red] over budget")  # fmt: skip
-    console.print("t/s: predicted decode tokens per second at an empty context")
+    console.print(
+        "t/s: predicted decode tokens per second at an empty context; KLD: the quant's published mean KL "
+        "divergence vs FP16 (llama.cpp's LLaMA-3-8B scoreboard: how far the output moved, not accuracy)"
+    )
     console.print(f"[bold]{escape(result.reason)}[/bold]")
     for option in result.alternatives:
+        tg = (option.speed or {}).get("tg_per_s")
+        speed = f", about {tg:.0f} tokens/s" if tg is not None else ""
         console.print(f"  alternative: {option.quant} at {option.n_ctx} tokens, {option.n_gpu_layers} layers on GPU"
-                      f"{' (experts on CPU)' if option.cpu_moe else ''}: {escape(option.reason)}")  # fmt: skip
+                      f"{' (experts on CPU)' if option.cpu_moe else ''}{speed}: {escape(option.reason)}")  # fmt: skip
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.chosen is None:

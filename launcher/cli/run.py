@@ -48,6 +48,8 @@ def _say(text: str) -> None:
 @click.option("--strict", is_flag=True, help="Accept nothing but a full fit at the target context.")
 @click.option("--min-speed", "min_speed", type=click.FloatRange(min=0, min_open=True, max=1e6), metavar="T",
               help="The best quant predicted to decode T tokens/s or more at the target context.")  # fmt: skip
+@click.option("--prefer", type=click.Choice(["quality", "speed"]), default="quality", show_default=True,
+              help="quality: the best quant that fits; speed: the fastest above the quality floor.")  # fmt: skip
 @click.option("--vision/--no-vision", default=False, help="Load the vision projector (mmproj) when there is one.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Confirm the plan with a llama.cpp dry run before starting it.")  # fmt: skip
@@ -87,6 +89,7 @@ def run(
     min_quant: str | None,
     strict: bool,
     min_speed: float | None,
+    prefer: str,
     vision: bool,
     engine: bool,
     backend_name: str,
@@ -123,7 +126,7 @@ def run(
                                                   ram=ram, unified=unified)  # fmt: skip
         policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel,
                         reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision,
-                        min_tg_per_s=min_speed)  # fmt: skip
+                        min_tg_per_s=min_speed, prefer=prefer)  # fmt: skip
         spec = RunSpec(model, policy, request, confirm=engine, max_attempts=max_attempts, warmup=warmup)  # type: ignore[arg-type]
         result = start(
             spec, backend=backend, machine=machine, progress=sys.stderr.isatty(), on_plan=_plan_lines,
@@ -287,7 +290,8 @@ def ps(as_json: bool) -> None:
     from rich.table import Table
 
     rows = [{"NAME": i.name, "MODEL": i.model, "QUANT": i.quant, "CONTEXT": str(i.n_ctx), "BACKEND": i.server,
-             "PID": str(i.pid or "-"), "ENDPOINT": i.endpoint, "VERDICT": i.verdict, "UPTIME": _uptime(i.uptime_s)}
+             "PID": str(i.pid or "-"), "ENDPOINT": i.endpoint, "VERDICT": _verdict(i), "T/S": _speed(i),
+             "UPTIME": _uptime(i.uptime_s)}
             for i in running]  # fmt: skip
     console = Console()
     columns, model_width = _ps_layout(rows, console.width)
@@ -303,8 +307,23 @@ def ps(as_json: bool) -> None:
 
 # Columns by how readily they go when the terminal is narrow: MODEL shrinks to _PS_MODEL_MIN (with …) first, then
 # these go in this order, then MODEL. NAME and ENDPOINT never go and are never cut.
-_PS_COLUMNS = ("NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT", "UPTIME")
-_PS_DROPPED_FIRST = ("BACKEND", "PID", "UPTIME", "VERDICT", "CONTEXT", "QUANT", "MODEL")
+_PS_COLUMNS = ("NAME", "MODEL", "QUANT", "CONTEXT", "BACKEND", "PID", "ENDPOINT", "VERDICT", "T/S", "UPTIME")
+_PS_DROPPED_FIRST = ("BACKEND", "PID", "UPTIME", "T/S", "VERDICT", "CONTEXT", "QUANT", "MODEL")
+
+
+def _speed(instance: Any) -> str:
+    """Decode tokens/s measured at warm-up, with the prediction: "94 (pred 80)"; "-" when not measured."""
+    measured, predicted = instance.measured_tg_per_s, instance.predicted_tg_per_s
+    if measured is None:
+        return "-" if predicted is None else f"- (pred {predicted:.0f})"
+    return f"{measured:.0f}" + (f" (pred {predicted:.0f})" if predicted is not None else "")
+
+
+def _verdict(instance: Any) -> str:
+    slow = bool(instance.speed_finding) and "slow" in instance.speed_finding
+    return f"{instance.verdict}, slow" if slow else instance.verdict
+
+
 _PS_MODEL_MIN = 12
 
 
@@ -371,3 +390,68 @@ def stop(name: str | None, stop_all: bool) -> None:
             stop_pid(i.pid, expected=i.server_identity)
         instances.remove(i.name)
         click.echo(f"stopped {i.name}")
+
+
+def _depths(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    from launcher.units import parse_context
+
+    depths = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            depths.append(0 if part == "0" else parse_context(part))
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a depth in tokens like 0, 512 or 4k") from None
+    return tuple(sorted(set(depths)))
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--depth", "depths", default="0,512,2048", show_default=True, callback=_depths, metavar="N,N,...",
+              help="Prompt tokens before the generated ones, one request each.")  # fmt: skip
+@click.option("--tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Tokens generated per request.")  # fmt: skip
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The key the server requires (else FITQUANT_API_KEY).")  # fmt: skip
+@click.option("--predict/--no-predict", default=True, show_default=True,
+              help="Plan the model again to put fitquant's prediction beside each measure.")  # fmt: skip
+@options.json_option()
+def bench(name: str | None, depths: tuple[int, ...], tokens: int, api_key_file: Path | None, predict: bool,
+          as_json: bool) -> None:  # fmt: skip
+    """Prefill and decode tokens/s of a running model at a few depths, predicted beside measured.
+
+    NAME: a model `fitquant ps` lists (the only one running when left out).
+    """
+    from launcher.bench import bench as run_bench
+    from launcher.bench import find_instance
+    from launcher.cli.render import print_json
+    from launcher.run import read_api_key
+
+    result = run_bench(find_instance(name), depths=depths, tokens=tokens, api_key=read_api_key(api_key_file),
+                       predict=predict)  # fmt: skip
+    if as_json:
+        print_json(result.to_json())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    def ratio(measured: float | None, predicted: float | None) -> str:
+        return "-" if not measured or not predicted else f"{measured / predicted:.2f}"
+
+    table = Table(title=f"{result.name}: {result.quant} at {result.n_ctx} tokens on {result.server}",
+                  title_justify="left")  # fmt: skip
+    for column in ("depth", "pp t/s", "predicted", "ratio", "tg t/s", "predicted", "ratio"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        table.add_row(str(row.depth), cell(row.measured_pp_per_s), cell(row.predicted_pp_per_s),
+                      ratio(row.measured_pp_per_s, row.predicted_pp_per_s), cell(row.measured_tg_per_s),
+                      cell(row.predicted_tg_per_s), ratio(row.measured_tg_per_s, row.predicted_tg_per_s))  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(f"pp: prefill of the prompt at that depth; tg: decode of {tokens} tokens after it (the server's own "
+                  "timings); ratio: measured / predicted")  # fmt: skip
+    for note in result.notes:
+        console.print(f"note: {note}")

@@ -11,8 +11,12 @@
     rpc: [192.168.1.20:50052]          # llama.cpp RPC servers whose devices join this machine
     defaults: {kv: q8_0, flash_attn: on, parallel: 1, min_quant: Q4_K_M, warmup: short}
     models:
-      - {model: qwen3:14b, context: 32k, min_quant: Q4_K_M, vision: false, alias: qwen3, port: 8080}
-    host: 127.0.0.1                    # the address servers bind
+      - {model: qwen3:14b, context: 32k, min_quant: Q4_K_M, alias: qwen3, pin: true}   # also ttl: 10m, preload,
+                                       # embeddings, port (its server's private 127.0.0.1 port)
+    router: {min_residency: 30s, max_queue: 64, max_wait: 600s, swap_after: 10s, drain: 30s, max_body: 8MiB,
+             body_timeout: 30s}
+    peers: [http://192.168.1.21:8080]  # other fitquant endpoints: their models are answered here too
+    listen: 127.0.0.1:8080             # fitquant serve's one endpoint (model servers bind 127.0.0.1)
     api_key_env: FITQUANT_API_KEY      # or api_key_file: a file holding the key; never the key itself
 
 `parse_profile(text)` checks text against the schema; `load_profile(path)` reads a file; `find_profile(ref)`

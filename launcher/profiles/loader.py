@@ -124,8 +124,10 @@ def _message(error: Mapping[str, Any], known: Sequence[str]) -> str:
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return "must be a mapping (key: value lines)"
     text = _SHOULD.sub(r"must \2 ", text)
-    if kind == "string_pattern_mismatch":
+    if kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == _NAME:
         text = "must be a simple name (letters, digits and . _ : @ / + -)"
+    elif kind == "string_pattern_mismatch":  # EnvName's
+        text = "must be an environment variable name (letters, digits and _, not first a digit)"
     if isinstance(value, (str, int, float)) or value is None:
         text += f", got {value!r}"
     if isinstance(value, bool) and kind == "string_type":
@@ -368,17 +370,34 @@ def profile_text(name: str, machine: HardwareSnapshot) -> str:
         "  warmup: short  # short, full (fills the context once) or none",
         "  # min_quant: Q4_K_M  # quality floor (default: by the model's size)",
         "",
-        "# The models this machine runs: model, context, min_quant, vision, alias, port.",
+        "# The models this machine runs, loaded on demand behind `fitquant serve`'s one endpoint: model, context,",
+        "# min_quant, vision, alias, port (of its own server, on 127.0.0.1), pin, preload, ttl, embeddings.",
         "models: []",
         "#  - model: qwen3:14b",
         "#    context: 32k",
         "#    alias: qwen3",
-        "#    port: 8080",
+        "#    pin: true  # loaded at start, never evicted (preload: true loads it at start, evictable)",
+        "#  - model: qwen3:4b",
+        "#    ttl: 10m  # unloaded after 10 minutes idle",
         "",
-        "host: 127.0.0.1  # the address servers bind",
-        "# An API key is never stored here: name an environment variable or a file that holds it.",
+        "listen: 127.0.0.1:8080  # fitquant serve's one endpoint (HOST:PORT; [::1]:8080 for IPv6)",
+        "# An API key is never stored here: name an environment variable or a file that holds it. A listen address",
+        "# beyond this machine needs one (or insecure: true).",
         "# api_key_env: FITQUANT_API_KEY",
         "# api_key_file: ~/.config/fitquant/api-key",
+        "",
+        "# Other fitquant endpoints: requests for models they list, and this machine does not, go there.",
+        "# peers:",
+        "#   - http://192.168.1.21:8080",
+        "",
+        "# router:  # loading, queueing and stopping (these are the defaults)",
+        "#   min_residency: 30s  # a model loaded less than this long ago is not evicted",
+        "#   max_queue: 64  # requests waiting for a load, all models together",
+        "#   max_wait: 10m  # a queued request is answered 503 after this",
+        "#   swap_after: 10s  # a loaded model takes new requests at most this long while another waits for memory",
+        "#   drain: 30s  # on stop: how long requests in flight may finish",
+        "#   max_body: 8MiB  # larger request bodies are answered 413",
+        "#   body_timeout: 30s  # a body that has not arrived by then is answered 408",
     ]
     return "\n".join(lines) + "\n"
 

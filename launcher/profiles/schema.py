@@ -4,6 +4,7 @@ so every module reports in the same `profile FILE line N: 'field' ...` form."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     model_serializer,
     model_validator,
 )
@@ -21,7 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_RESERVE_BYTES
 from launcher.errors import BackendError, ProfileError
-from launcher.units import MAX_BYTES, MAX_CONTEXT, OutOfRange, parse_bytes, parse_context
+from launcher.units import MAX_BYTES, MAX_CONTEXT, MiB, OutOfRange, parse_bytes, parse_context, parse_duration
 from launcher.units import shown_value as _shown
 
 Path_ = tuple[str | int, ...]  # a field's place: ("models", 2, "port")
@@ -132,6 +134,70 @@ def _host_port(value: Any) -> Any:
     return value
 
 
+def _duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a duration like 30s or 10m, got {_shown(value)}")
+    if (isinstance(value, str) and value.strip().startswith("-")) or (not isinstance(value, str) and value < 0):
+        raise ValueError(f"must not be negative, got {_shown(value)}")
+    try:
+        return parse_duration(value)
+    except OutOfRange:
+        raise ValueError(f"must be at most 10 years, got {_shown(value)}") from None
+    except ValueError:
+        raise ValueError(f"must be a duration like 30s or 10m, got {_shown(value)}") from None
+
+
+def _listen(value: Any) -> Any:
+    host, port = _split_host_port(value) if isinstance(value, str) else (None, None)
+    if host is None or port is None:
+        raise ValueError(f"must be HOST:PORT like 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, got {_shown(value)}")
+    return value
+
+
+def _split_host_port(value: str) -> tuple[str | None, int | None]:
+    """('::1', 8080) from '[::1]:8080', ('0.0.0.0', 8080) from '0.0.0.0:8080'; None for a part that is not one."""
+    import ipaddress
+
+    host, _, port_text = value.rpartition(":")
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), port
+        except ValueError:
+            return None, port
+    # a host name or IPv4 address: no colon (a bare IPv6 address needs its brackets), no spaces or slashes
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        return None, port
+    return host, port
+
+
+def _peer(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"url": value}  # `- http://host:8080` for `- url: http://host:8080`
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a URL like http://192.168.1.20:8080 or a mapping with url:, got {_shown(value)}")
+    return value
+
+
+def _peer_url(value: Any) -> Any:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        return value
+    if "@" in value:  # user:password@host; checked first, as the other errors show the value
+        raise ValueError("must not hold credentials; name the peer's key with api_key_env")
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # brackets that hold no IPv6 address, a port that is no number or beyond 65535
+        valid = False
+    if not valid:
+        raise ValueError(f"must be an http(s) URL like http://192.168.1.20:8080, got {_shown(value)}")
+    if "?" in value or "#" in value:
+        raise ValueError(f"must be a plain base URL without ?query or #fragment, got {_shown(value)}")
+    return value.rstrip("/")
+
+
 def _ollama_host(value: Any) -> Any:
     from launcher.ollama_host import ollama_base_url
 
@@ -145,19 +211,31 @@ def _ollama_host(value: Any) -> Any:
     return value
 
 
+def _number_or_text(example: str, minimum: int = 0, number: str = "integer") -> WithJsonSchema:
+    # the JSON schema (docs/profile.schema.json) of a value YAML gives as a number or as text with a unit
+    return WithJsonSchema({"anyOf": [{"type": number, "minimum": minimum}, {"type": "string"}],
+                           "examples": [example]})  # fmt: skip
+
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$"
-Size = Annotated[int, BeforeValidator(_size)]
-PositiveSize = Annotated[int, BeforeValidator(_positive_size)]
-Context = Annotated[int, BeforeValidator(_context)]
+Size = Annotated[int, BeforeValidator(_size), _number_or_text("1GiB")]
+PositiveSize = Annotated[int, BeforeValidator(_positive_size), _number_or_text("8GiB", 1)]
+Context = Annotated[int, BeforeValidator(_context), _number_or_text("32k", 1)]
 KvType = Annotated[str, BeforeValidator(_kv_type)]
 Quant = Annotated[str, BeforeValidator(_quant)]
 Text = Annotated[str, Field(min_length=1)]
 Name = Annotated[str, Field(pattern=_NAME)]
 HostPort = Annotated[str, BeforeValidator(_host_port)]
 OllamaHost = Annotated[str, BeforeValidator(_ollama_host)]
-Bandwidth = Annotated[float, BeforeValidator(_bandwidth)]  # bytes/s, from "936GB/s"
-Flops = Annotated[float, BeforeValidator(_flops)]  # dense FP16 FLOPS, from "142TFLOPS"
+# bytes/s, from "936GB/s"
+Bandwidth = Annotated[float, BeforeValidator(_bandwidth), _number_or_text("936GB/s", number="number")]
+# dense FP16 FLOPS, from "142TFLOPS"
+Flops = Annotated[float, BeforeValidator(_flops), _number_or_text("142TFLOPS", number="number")]
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# seconds, from "30s", "10m", "1h30m", "500ms" (Go's units, as Ollama's keep_alive), or a number of seconds
+Duration = Annotated[float, BeforeValidator(_duration), _number_or_text("10m", number="number")]
+Listen = Annotated[str, BeforeValidator(_listen)]
+PeerUrl = Annotated[str, BeforeValidator(_peer_url)]
 
 ProfileDeviceKind = Literal["cuda", "rocm", "metal", "vulkan", "cpu", "rpc"]
 
@@ -192,14 +270,21 @@ class Defaults(_Strict):
     """Settings every model of the profile gets unless its entry says otherwise."""
 
     kv: KvType = DEFAULT_KV_TYPE
-    flash_attn: Annotated[Literal["on", "off", "auto"] | None, BeforeValidator(_on_off)] = None  # None: by kv
+    flash_attn: Annotated[
+        Literal["on", "off", "auto"] | None,
+        BeforeValidator(_on_off),
+        WithJsonSchema({"anyOf": [{"enum": ["on", "off", "auto"]}, {"type": "boolean"}, {"type": "null"}]}),
+    ] = None  # None: by kv
     parallel: int = Field(default=1, ge=1, le=256)
     min_quant: Quant | None = None  # None: the floor for the model's size
     warmup: Literal["short", "full", "none"] = "short"
 
 
 class ModelEntry(_Strict):
-    """A model the machine runs, served as `alias` (default: the reference) on `port`."""
+    """A model the machine runs, served as `alias` (default: the reference) through the router; its own server
+    listens on 127.0.0.1:`port` (default: a free port). `pin`: loaded at start and never evicted; `preload`: loaded
+    at start, evicted like any other; `ttl`: unloaded after this long idle (None: only when another model needs
+    the memory); `embeddings`: its server also answers /v1/embeddings."""
 
     model: Text
     context: Context | None = None  # tokens; None: DEFAULT_PLAN_CONTEXT
@@ -207,10 +292,43 @@ class ModelEntry(_Strict):
     vision: bool = False
     alias: Name | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
+    pin: bool = False
+    preload: bool = False
+    ttl: Duration | None = None  # seconds
+    embeddings: bool = False
 
     @property
     def name(self) -> str:
         return self.alias or self.model
+
+
+class Peer(_Strict):
+    """Another fitquant endpoint: requests for the models it lists (and this machine does not serve) go there,
+    with the key in `api_key_env` when it needs one. A plain URL is short for `{url: URL}`."""
+
+    url: PeerUrl
+    api_key_env: EnvName | None = None
+
+
+_PeerOrUrl = Annotated[
+    Peer,
+    BeforeValidator(_peer),
+    WithJsonSchema({"anyOf": [{"type": "string", "examples": ["http://192.168.1.21:8080"]}, Peer.model_json_schema()]}),
+]
+
+
+class RouterSettings(_Strict):
+    """How `fitquant serve`'s router admits, queues, swaps and stops. Durations are seconds (YAML takes 30s, 10m)."""
+
+    min_residency: Duration = 30.0  # a model loaded less than this long ago is not evicted (no thrashing)
+    max_queue: int = Field(default=64, ge=1, le=10000)  # requests waiting for a load, all models together
+    max_wait: Duration = 600.0  # a queued request is answered 503 after this
+    # a loaded model keeps taking new requests at most this long while another model waits for its memory: the
+    # bound that keeps a busy model from starving a queued one
+    swap_after: Duration = 10.0
+    drain: Duration = 30.0  # on SIGTERM: how long in-flight requests may finish
+    max_body: PositiveSize = 8 * MiB  # larger request bodies are answered 413
+    body_timeout: Duration = 30.0  # a request body that has not arrived after this is answered 408 (a slow client)
 
 
 class Profile(_Strict):
@@ -220,25 +338,37 @@ class Profile(_Strict):
     devices: list[DeviceSpec] | None = None  # None: probe this machine
     ram: PositiveSize | None = None
     unified: PositiveSize | None = None
-    reserve: Annotated[int | dict[str, int], BeforeValidator(_reserve)] = DEFAULT_RESERVE_BYTES
+    reserve: Annotated[Size | dict[str, Size], BeforeValidator(_reserve)] = DEFAULT_RESERVE_BYTES
     backend: Literal["auto", "llamacpp", "ollama"] = "auto"
     llama_server: Text | None = None
     ollama_host: OllamaHost | None = None
     rpc: list[HostPort] = Field(default_factory=list)
     defaults: Defaults = Field(default_factory=Defaults)
     models: list[ModelEntry] = Field(default_factory=list)
-    host: Text = "127.0.0.1"
+    listen: Listen = "127.0.0.1:8080"  # fitquant serve's one endpoint; model servers bind 127.0.0.1
+    insecure: bool = False  # allows a listen address beyond loopback without an API key
     api_key_env: EnvName | None = None
     api_key_file: Text | None = None
+    peers: list[_PeerOrUrl] = Field(default_factory=list)
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     _source: str = PrivateAttr(default="<profile>")
     _lines: dict[Path_, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "host" in data:  # the key of the one-server-per-port serve
+            raise _field_error(("host",), "is replaced by 'listen' (HOST:PORT of fitquant serve's one endpoint); "
+                               "model servers bind 127.0.0.1")  # fmt: skip
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
         self._check_machine()
         self._check_runtime()
         self._check_models()
+        self._check_peers()
         return self
 
     def _check_machine(self) -> None:
@@ -286,6 +416,13 @@ class Profile(_Strict):
         ports: dict[int, int] = {}
         names: dict[str, int] = {}
         for i, entry in enumerate(self.models):
+            if entry.ttl is not None and entry.pin:
+                raise _field_error(
+                    ("models", i, "ttl"), "is set, but a pinned model is never unloaded; drop ttl or pin"
+                )
+            if entry.port is not None and entry.port == self.listen_port:
+                raise _field_error(("models", i, "port"), f"{entry.port} is the port of listen ({self.listen}); "
+                                   "give the model's own server another port, or leave port out")  # fmt: skip
             if entry.port is not None:
                 if entry.port in ports:
                     raise _field_error(
@@ -299,6 +436,40 @@ class Profile(_Strict):
                     f"{entry.name!r} already names models[{names[entry.name]}]; give each model its own alias",
                 )
             names[entry.name] = i
+
+    def _check_peers(self) -> None:
+        seen: dict[str, int] = {}
+        for i, peer in enumerate(self.peers):
+            if peer.url in seen:
+                raise _field_error(("peers", i), f"{peer.url!r} is already peers[{seen[peer.url]}]")
+            seen[peer.url] = i
+
+    @property
+    def listen_host(self) -> str:
+        """The host of `listen`, without IPv6 brackets: '127.0.0.1', '0.0.0.0', '::1'."""
+        host, _ = _split_host_port(self.listen)
+        assert host is not None  # checked when the profile was read
+        return host
+
+    @property
+    def listen_port(self) -> int:
+        """The port of `listen`."""
+        _, port = _split_host_port(self.listen)
+        assert port is not None
+        return port
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `listen` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+        import ipaddress
+
+        host = self.listen_host
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False  # a host name may resolve to any address
 
     @property
     def source(self) -> str:
@@ -328,6 +499,19 @@ class Profile(_Strict):
             if key is not None and key in self.reserve:
                 return self.reserve[key]
         return self.reserve.get("default", DEFAULT_RESERVE_BYTES)
+
+
+def profile_json_schema() -> dict[str, Any]:
+    """The JSON schema of a profile file (committed as docs/profile.schema.json, for editors: a YAML language
+    server takes it). The checks that need code (sizes' bounds, durations' units, cross-field rules) are the
+    loader's; the schema accepts their shapes."""
+    schema = {k: v for k, v in Profile.model_json_schema().items() if k != "title"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://fitquant.dev/schema/profile.schema.json",
+        "title": "fitquant profile",
+        **schema,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- error places

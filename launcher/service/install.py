@@ -32,11 +32,14 @@ from typing import TYPE_CHECKING, Literal
 from launcher.errors import ServiceError
 from launcher.service.units import (
     API_KEY_CREDENTIAL,
+    DEFAULT_DRAIN_S,
+    NOTIFY_RELOAD_SINCE,
     OLLAMA_DROPIN,
     UNIT_NAME,
     Scope,
     UnitSpec,
     is_fitquant_text,
+    parse_systemd_version,
     render_ollama_dropin,
     render_unit,
 )
@@ -55,6 +58,7 @@ __all__ = [
     "UninstallResult",
     "fitquant_command",
     "install_service",
+    "installed_systemd_version",
     "profile_service",
     "read_key_source",
     "service_environment",
@@ -176,10 +180,14 @@ def unit_spec(
     command: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
     credentials_dir: Path | None = None,
+    drain_s: float = DEFAULT_DRAIN_S,
+    systemd_version: int | None = None,
 ) -> UnitSpec:
     """The unit for `fitquant serve --profile PROFILE` on this machine. A system unit runs as `user` (default: the
     user who ran sudo, else the current one), with that user's cache and state folders writable, and loads the
-    API key from root's copy in `credentials_dir` (default SYSTEM_CREDENTIALS_DIR), which install writes."""
+    API key from root's copy in `credentials_dir` (default SYSTEM_CREDENTIALS_DIR), which install writes. `drain_s`
+    is the profile's router.drain (the stop timeout follows it); `systemd_version` picks how reload is declared
+    (default: the installed systemd's; unknown: the form every version takes)."""
     from launcher import __version__
 
     env = dict(os.environ if environ is None else environ)
@@ -208,7 +216,22 @@ def unit_spec(
         extra_devices=("/dev/dxg",) if Path("/dev/dxg").exists() else (),  # WSL's GPU, by path: it has no major name
         wants_ollama=backend == "ollama",
         version=__version__,
+        drain_s=drain_s,
+        notify_reload=(systemd_version or installed_systemd_version() or 0) >= NOTIFY_RELOAD_SINCE,
     )
+
+
+def installed_systemd_version(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> int | None:
+    """The version of the systemd whose systemctl is on PATH (`systemctl --version`); None when there is none or it
+    does not answer."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return None
+    try:
+        done = run([systemctl, "--version"], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_systemd_version(done.stdout or "") if done.returncode == 0 else None
 
 
 @dataclass(frozen=True)
@@ -230,12 +253,14 @@ def profile_service(
     command: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
     credentials_dir: Path | None = None,
+    systemd_version: int | None = None,
 ) -> ProfileService:
     """Read and check the profile `ref` (a path, or a name on the profile search path) and derive its service: the
     backend (`backend` may only confirm the profile's, or choose for `auto`), the API key's file (a credential of
     a system unit) or variable (PassEnvironment=), and for Ollama the server environment of the profile's defaults
-    and models. `user`, `command`, `environ`, `credentials_dir`: as for unit_spec. Raises ProfileError for a bad
-    profile, ServiceError for settings the unit or Ollama cannot take."""
+    and models; the stop timeout follows the profile's router.drain. `user`, `command`, `environ`, `credentials_dir`,
+    `systemd_version`: as for unit_spec. Raises ProfileError for a bad profile, ServiceError for settings the unit or
+    Ollama cannot take."""
     from launcher.defaults import DEFAULT_PLAN_CONTEXT
     from launcher.profiles import find_profile, load_profile
     from launcher.service.units import ollama_dropin_env
@@ -277,7 +302,8 @@ def profile_service(
         notes.append("the profile's backend is auto: no Ollama drop-in is written (--backend ollama writes one)")
     passed = (profile.api_key_env,) if profile.api_key_env else ()
     spec = unit_spec(path, scope=scope, backend=chosen, api_key_file=api_key_file, pass_environment=passed,
-                     user=user, command=command, environ=environ, credentials_dir=credentials_dir)  # fmt: skip
+                     user=user, command=command, environ=environ, credentials_dir=credentials_dir,
+                     drain_s=profile.router.drain, systemd_version=systemd_version)  # fmt: skip
     return ProfileService(spec, ollama_env, notes)
 
 

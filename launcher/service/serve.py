@@ -1,361 +1,373 @@
-"""`fitquant serve --profile P`: every model of a machine profile, fitted together, launched, verified and kept
-running.
+"""`fitquant serve --profile P`: one endpoint for every model of a machine profile.
 
-Everything a model goes through is `fitquant run`'s own path (launcher.run): the backend and the machine
-(`run_machine`: probed, or the profile's devices, its reserve applied once), the policy with the backend's memory
-defaults, what was measured before, the fit (`plan_runs`: all the models together, in the profile's order, each
-on what the ones before it take; one that does not fit stops the start with its name), then `start_planned`
-(fetch, start, ready, verify, warm up, step down on memory failures only, record, register). The supervisor only
-says what changed since the last verified start of the profile (another fingerprint, or less free memory than
-that start needed), supervises and reloads.
+The router (launcher.service.router) listens on the profile's `listen` address; the pool (launcher.service.pool)
+loads each model on demand through `fitquant run`'s own path (plan, start, verify, warm up), on a private 127.0.0.1
+port, and evicts idle models by measured memory. At start every model is planned on the empty machine (one that
+cannot fit alone stops the start, naming what would fit), the pinned and preloaded models are loaded and verified,
+and then systemd hears READY=1.
 
-Each server is supervised: a
-server that dies is started again with a growing pause, and verified again. SIGTERM stops everything. SIGHUP
-reads the profile again and restarts only the models whose entry changed (all of them when a machine-wide
-setting changed); a profile that no longer reads is reported and the running models are kept.
+SIGHUP reads the profile again: a profile that no longer reads is reported and everything keeps running; models
+whose entry changed or that left the profile are unloaded once their requests end, new ones are planned (and
+loaded when pinned or preloaded); a change of the machine-wide settings replaces the whole pool (`listen` needs a
+restart). SIGTERM (or Ctrl-C) stops taking requests, lets those in flight finish for `router.drain` at most, stops
+every model server and exits 0.
 
-The log is one event per line on stderr (`event key=value ...`), which journald keeps as is; readiness goes
-to systemd through NOTIFY_SOCKET (launcher.service.notify).
+The log is one event per line on stderr (`fitquant: event key=value ...`), which journald keeps as is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
 import signal
-import sys
+import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.errors import BackendError, NoFitError, ProfileError
+from launcher.errors import ProfileError
 from launcher.paths import state_dir
+from launcher.service.events import log_event
+from launcher.service.pool import Pool, ServeError, identity, settings_of
 
 if TYPE_CHECKING:
-    from launcher.backends.base import Backend
-    from launcher.hardware.types import HardwareSnapshot
-    from launcher.plan import Plan
-    from launcher.profiles import ModelEntry, Profile
-    from launcher.run import RunResult, RunSpec
+    from launcher.profiles import Profile
+    from launcher.service.router import Peer, Router
 
-BACKOFF_FIRST_S = 1.0
-BACKOFF_MAX_S = 60.0
-HEALTHY_AFTER_S = 600.0  # a model that ran this long starts its next restart from the first pause again
-POLL_S = 0.2
-
-
-class ServeError(BackendError):
-    """The profile's models cannot be served as asked."""
-
-
-def log_event(event: str, **fields: Any) -> None:
-    """One line per event: `fitquant: event key=value ...`, values quoted only when they need it."""
-    parts = [event]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        text = str(value)
-        if not text or any(c.isspace() or c in '"=' for c in text):
-            text = json.dumps(text)
-        parts.append(f"{key}={text}")
-    print("fitquant: " + " ".join(parts), file=sys.stderr, flush=True)
-
-
-@dataclass
-class Served:
-    """One model of the profile and the server that runs it now (None between a crash and its restart)."""
-
-    entry: ModelEntry
-    identity: str  # the entry and the machine-wide settings it was started with: what a reload compares
-    plan: Plan
-    result: RunResult | None = None
-    started_at: float = 0.0  # monotonic
-    restarts: int = 0
-    next_try: float = 0.0  # monotonic; when a dead server is started again
-    pause_s: float = BACKOFF_FIRST_S
-
-
-@dataclass
-class Supervisor:
-    path: Path
-    profile: Profile
-    api_key: str | None = None
-    on_ready: Callable[[str], None] = lambda text: None
-    served: dict[str, Served] = field(default_factory=dict)
-    backend: Backend | None = None
-    machine: HardwareSnapshot | None = None
-    reserve: int | None = None  # the profile's common reserve (run_machine): every model's Policy keeps it
-
-    # --- start -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.backend, self.machine, self.reserve = self._backend_and_machine(self.profile)
-        self._say_what_changed()
-        plans = self._plan_together(self.profile.models, self.machine)
-        for entry, plan in plans:
-            self._launch(entry, plan)
-        self._save_state()
-        self.on_ready(self._status())
-
-    def _backend_and_machine(self, profile: Profile) -> tuple[Backend, HardwareSnapshot, int | None]:
-        """The run path's backend and machine for the profile (its reserve applied once, in run_machine)."""
-        from launcher.run import backend_and_machine
-
-        return backend_and_machine(profile.backend, llama_server=profile.llama_server, ollama_host=profile.ollama_host,
-                                   profile=profile)  # fmt: skip
-
-    def _say_what_changed(self) -> None:
-        from launcher.record import fingerprint, machine_identity
-        from launcher.units import format_bytes
-
-        assert self.machine is not None
-        last = _read_state(self.path)
-        if last is None:
-            log_event("plan", reason="first verified start of this profile on this machine")
-            return
-        now = fingerprint(self.machine)
-        if last.get("fingerprint") != now:
-            before = _describe(last.get("identity", {}))
-            after = _describe(machine_identity(self.machine))
-            log_event("hardware-changed", before=before, now=after, action="planning again for this hardware")
-            return
-        needs: dict[str, int] = {}
-        for model in last.get("models", {}).values():
-            for budget, n in model.get("needs_bytes", {}).items():
-                needs[budget] = needs.get(budget, 0) + int(n)
-        for budget, needed in sorted(needs.items()):
-            free = _free_bytes(self.machine, budget)
-            if free is not None and free < needed:
-                needed_text = format_bytes(needed)
-                log_event("memory-changed", device=budget, free=format_bytes(free), last_start_needed=needed_text,
-                          action="planning again for what is free now")  # fmt: skip
-
-    def _spec(self, entry: ModelEntry) -> RunSpec:
-        """What the run path takes for one model of the profile."""
-        from launcher.backends.base import LaunchRequest
-        from launcher.profiles import profile_policy
-        from launcher.run import RunSpec
-
-        policy = profile_policy(self.profile, entry, reserve_bytes=self.reserve)
-        request = LaunchRequest(host=self.profile.host, port=entry.port, api_key=self.api_key,
-                                rpc=tuple(self.profile.rpc))  # fmt: skip
-        return RunSpec(entry.model, policy, request, name=entry.name, warmup=self.profile.defaults.warmup)
-
-    def _plan_together(self, entries: list[ModelEntry], machine: HardwareSnapshot) -> list[tuple[ModelEntry, Plan]]:
-        """Each model's plan on what the ones before it leave; a model that does not fit entirely stops it all."""
-        from launcher.run import plan_runs
-
-        try:
-            plans = plan_runs([self._spec(e) for e in entries], backend=self.backend, machine=machine, entirely=True)
-        except NoFitError as exc:
-            raise ServeError(f"profile model {exc}") from None
-        for entry, plan in zip(entries, plans, strict=True):
-            assert plan.chosen is not None
-            log_event("planned", model=entry.name, quant=plan.chosen.quant, ctx=plan.chosen.n_ctx,
-                      layers_on_gpu=plan.chosen.n_gpu_layers, mode=plan.mode)  # fmt: skip
-        return list(zip(entries, plans, strict=True))
-
-    # --- launch ------------------------------------------------------------------------------------------
-    def _launch(self, entry: ModelEntry, plan: Plan, served: Served | None = None) -> Served:
-        from launcher.run import exposure_warning, start_planned
-
-        assert self.backend is not None and self.machine is not None
-        spec = self._spec(entry)
-        warning = exposure_warning(spec.request)
-        if warning:
-            log_event("warning", model=entry.name, message=warning)
-        log_event("starting", model=entry.name, quant=plan.chosen.quant if plan.chosen else None)
-        result = start_planned(
-            spec, plan, backend=self.backend, machine=self.machine,
-            on_attempt=lambda a: log_event("attempt", model=entry.name, quant=a.quant, ctx=a.n_ctx,
-                                           outcome=a.outcome, detail=a.detail),
-        )  # fmt: skip
-        # held at once, so that a SIGTERM from here on stops this server too
-        if served is None:
-            served = Served(entry, _identity(entry), result.plan)
-            self.served[entry.name] = served
-        served.plan, served.result = result.plan, result
-        served.started_at = time.monotonic()
-        self._save_state()
-        inst = result.instance
-        log_event("ready", model=entry.name, quant=result.option.quant, ctx=result.option.n_ctx,
-                  endpoint=inst.endpoint, pid=inst.pid, verdict=result.placement.verdict,
-                  placement=result.placement.reason)  # fmt: skip
-        return served
-
-    def _stop(self, served: Served, why: str) -> None:
-        from launcher.run import stop
-
-        if served.result is not None and self.backend is not None:
-            log_event("stopping", model=served.entry.name, reason=why, pid=served.result.instance.pid)
-            stop(served.result, self.backend)
-            served.result = None
-
-    def stop_all(self, why: str) -> None:
-        for served in list(self.served.values()):
-            self._stop(served, why)
-
-    # --- supervise ---------------------------------------------------------------------------------------
-    def check(self) -> None:
-        """Notice servers that died and start them again when their pause is over."""
-        now = time.monotonic()
-        for served in self.served.values():
-            result = served.result
-            if result is not None:
-                proc = result.instance.process
-                if proc is None or proc.poll() is None:
-                    continue
-                ran = now - served.started_at
-                if ran >= HEALTHY_AFTER_S:
-                    served.pause_s = BACKOFF_FIRST_S
-                log_event("crashed", model=served.entry.name, status=proc.returncode, ran_s=round(ran, 1),
-                          restart_in_s=served.pause_s, log=result.instance.log_path)  # fmt: skip
-                self._stop(served, "it exited")
-                served.next_try = now + served.pause_s
-                served.pause_s = min(BACKOFF_MAX_S, served.pause_s * 2)
-                continue
-            if now < served.next_try:
-                continue
-            served.restarts += 1
-            try:
-                self._launch(served.entry, served.plan, served)
-            except (BackendError, NoFitError) as exc:
-                log_event("restart-failed", model=served.entry.name, error=str(exc), retry_in_s=served.pause_s)
-                served.next_try = time.monotonic() + served.pause_s
-                served.pause_s = min(BACKOFF_MAX_S, served.pause_s * 2)
-        self._save_state()
-
-    # --- reload ------------------------------------------------------------------------------------------
-    def reload(self) -> None:
-        """Read the profile again and apply only what changed."""
-        from launcher.profiles import load_profile
-
-        try:
-            profile = load_profile(self.path)
-        except ProfileError as exc:
-            log_event("reload-refused", error=str(exc), action="keeping the running models")
-            self.on_ready(self._status())
-            return
-        old_globals, new_globals = _globals(self.profile), _globals(profile)
-        wanted = {entry.name: entry for entry in profile.models}
-        if old_globals != new_globals:
-            log_event("reload", change="machine-wide settings", action="restarting every model")
-            self.stop_all("the profile's machine-wide settings changed")
-            self.served.clear()
-            self.profile = profile
-            self.start()
-            return
-        self.profile = profile
-        gone = [s for name, s in self.served.items() if name not in wanted or s.identity != _identity(wanted[name])]
-        for served in gone:
-            self._stop(served, "its profile entry changed" if served.entry.name in wanted else "it left the profile")
-            del self.served[served.entry.name]
-        fresh = [entry for name, entry in wanted.items() if name not in self.served]
-        if not fresh and not gone:
-            log_event("reload", change="none")
-            self.on_ready(self._status())
-            return
-        assert self.machine is not None
-        # what the running models take stays taken (a described machine does not see it in its free memory)
-        from launcher.fit import less_free
-
-        remaining = self._backend_and_machine(profile)[1] if not self.machine.described else self.machine
-        if self.machine.described or not remaining.devices:
-            for served in self.served.values():
-                if served.result is not None:
-                    remaining = less_free(remaining, served.result.option.needs)
-        for entry, plan in self._plan_together(fresh, remaining):
-            self._launch(entry, plan)
-        self._save_state()
-        self.on_ready(self._status())
-
-    # --- state -------------------------------------------------------------------------------------------
-    def _status(self) -> str:
-        up = [s for s in self.served.values() if s.result is not None]
-        return f"{len(up)} of {len(self.served)} models verified and serving"
-
-    def _save_state(self) -> None:
-        from launcher.record import fingerprint, machine_identity
-
-        assert self.machine is not None
-        models = {
-            name: {
-                "quant": s.result.option.quant,
-                "n_ctx": s.result.option.n_ctx,
-                "needs_bytes": dict(s.result.option.needs),
-            }
-            for name, s in self.served.items()
-            if s.result is not None
-        }
-        state = {"profile": str(self.path), "fingerprint": fingerprint(self.machine),
-                 "identity": machine_identity(self.machine), "models": models, "time": time.time()}  # fmt: skip
-        from launcher.paths import write_private
-
-        write_private(_state_path(self.path), json.dumps(state, indent=2))
+__all__ = ["ServeError", "log_event", "serve"]
 
 
 def serve(ref: str, *, api_key_file: Path | None = None) -> None:
-    """Run the profile's models until SIGTERM; SIGHUP reloads the profile. Raises ProfileError/ServeError."""
+    """Serve the profile's models on its one address until SIGTERM; SIGHUP reloads the profile. Raises
+    ProfileError/ServeError (one line) for what stops the start."""
     from launcher.profiles import find_profile, load_profile, profile_api_key
     from launcher.run import read_api_key
-    from launcher.service import notify
 
     path = find_profile(ref).resolve()
     profile = load_profile(path)
     api_key = read_api_key(api_key_file) if api_key_file is not None else profile_api_key(profile)
-    hup = {"pending": False}
+    check_exposure(profile, api_key)
+    _run(_Service(path, profile, api_key).run())
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
 
-    def on_hup(_signum: int, _frame: Any) -> None:
-        hup["pending"] = True
+KEEP_ALIVE_S = 75  # longer than clients keep idle connections (httpx: 5 s), so they never race the server's close
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
-    supervisor = Supervisor(path, profile, api_key, on_ready=_notify_ready)
-    log_event("serve", profile=path, machine=profile.machine, models=len(profile.models))
+
+def _run(main: Any) -> None:
+    """asyncio.run, on uvloop where it is installed (a faster loop: what the router adds per request and per
+    streamed chunk is mostly the event loop's own work)."""
     try:
-        supervisor.start()
-        while True:
-            if hup["pending"]:
-                hup["pending"] = False
-                notify.reloading("reading the profile again")
-                supervisor.reload()
-            supervisor.check()
-            time.sleep(POLL_S)
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def check_exposure(profile: Profile, api_key: str | None) -> None:
+    """A `listen` beyond this machine needs an API key, or the profile's explicit `insecure: true`."""
+    host = listen_address(profile)[0]
+    if api_key or profile.insecure or _loopback(host):
+        return
+    raise ServeError(
+        f"profile {profile.source}: 'listen' {profile.listen} is reachable beyond this machine and no API key is set; "
+        "set api_key_env or api_key_file (or pass --api-key-file), bind 127.0.0.1, or say insecure: true"
+    )
+
+
+def listen_address(profile: Profile) -> tuple[str, int]:
+    host, _, port = profile.listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _peers(profile: Profile) -> list[Peer]:
+    import os
+
+    from launcher.service.router import Peer
+
+    return [Peer(p.url.rstrip("/"), os.environ.get(p.api_key_env) if p.api_key_env else None)
+            for p in profile.peers]  # fmt: skip
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for a socket that says it is TCP,
+    # and without it every answer waits out the client's delayed ACK (about 40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise ServeError(f"cannot listen on {host}:{port}: {why}; change 'listen' in the profile") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class _Service:
+    def __init__(self, path: Path, profile: Profile, api_key: str | None) -> None:
+        self.path = path
+        self.profile = profile
+        self.api_key = api_key
+        self.ready = False
+        self.pool: Pool | None = None
+        self.router: Router | None = None
+
+    async def _new_pool(self, profile: Profile) -> Pool:
+        from launcher.run import backend_and_machine
+        from launcher.service.metrics import RouterMetrics
+
+        backend, machine, reserve = await asyncio.to_thread(
+            backend_and_machine, profile.backend, llama_server=profile.llama_server,
+            ollama_host=profile.ollama_host, profile=profile)  # fmt: skip
+        self.metrics = getattr(self, "metrics", None) or RouterMetrics()
+        pool = Pool(profile, backend=backend, machine=machine, reserve=reserve, settings=settings_of(profile),
+                    metrics=self.metrics, probe_free=_live_free(machine, profile, reserve))  # fmt: skip
+        _say_what_changed(self.path, machine)
+        await asyncio.to_thread(pool.prepare)
+        return pool
+
+    async def run(self) -> None:
+        import uvicorn
+
+        from launcher.service import notify
+        from launcher.service.router import Router
+
+        log_event("serve", profile=self.path, machine=self.profile.machine, models=len(self.profile.models),
+                  listen=self.profile.listen)  # fmt: skip
+        self.pool = await self._new_pool(self.profile)
+        settings = settings_of(self.profile)
+        self.router = Router(self.pool, api_key=self.api_key, peers=_peers(self.profile), metrics=self.metrics,
+                             max_body=self.profile.router.max_body, body_timeout_s=self.profile.router.body_timeout,
+                             ready=lambda: self.ready)  # fmt: skip
+        host, port = listen_address(self.profile)
+        sock = _bind(host, port)
+        # no proxy-header rewriting (nothing sits in front of it by default), no per-response Server/Date headers
+        config = uvicorn.Config(self.router.app(), log_level="warning", access_log=False, lifespan="off",
+                                proxy_headers=False, server_header=False, date_header=False,
+                                timeout_graceful_shutdown=int(settings.drain_s) + 1,
+                                timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
+        server = _QuietServer(config)
+        stop, hup = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="fitquant-http")
+        try:
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.01)
+            log_event("listening", address=f"http://{self.profile.listen}", auth="api key" if self.api_key else "none")
+            await self.pool.start()
+            self.ready = True
+            self._save_state()
+            _notify(notify.ready, self._status())
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(_either(stop, hup), timeout=0.5)
+                if serving.done():
+                    raise ServeError("the HTTP server stopped unexpectedly")
+                if hup.is_set() and not stop.is_set():
+                    hup.clear()
+                    _notify(notify.reloading, "reading the profile again")
+                    await self.reload()
+                    _notify(notify.ready, self._status())
+                await self.pool.upkeep()
+        finally:
+            _notify(notify.stopping, "draining requests, stopping every model")
+            log_event("stopping", reason="signal" if stop.is_set() else "error", drain_s=settings.drain_s)
+            self.pool._closing = True
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(serving, settings.drain_s + 5)
+            try:
+                await asyncio.wait_for(self.pool.close(), settings.drain_s + 60)
+            except BaseException:
+                self.pool.stop_now()
+                raise
+            finally:
+                await self.router.aclose()
+                log_event("stopped")
+
+    def _status(self) -> str:
+        assert self.pool is not None
+        loaded = sum(1 for m in self.pool.models.values() if m.state == "ready")
+        return f"listening on {self.profile.listen}: {len(self.pool.models)} models, {loaded} loaded and verified"
+
+    async def reload(self) -> None:
+        """Read the profile again and apply what changed; a profile that no longer reads changes nothing."""
+        from launcher.profiles import load_profile
+
+        assert self.pool is not None and self.router is not None
+        try:
+            profile = load_profile(self.path)
+            check_exposure(profile, self.api_key)
+        except (ProfileError, ServeError) as exc:
+            log_event("reload-refused", error=str(exc), action="keeping the running models")
+            return
+        if profile.listen != self.profile.listen:
+            log_event("reload-partial", change="listen", action=f"still on {self.profile.listen}; restart to move")
+        old, new = _machine_wide(self.profile), _machine_wide(profile)
+        if old != new:
+            log_event("reload", change="machine-wide settings", action="replacing every model")
+            try:
+                fresh = await self._new_pool(profile)
+            except (ServeError, ProfileError) as exc:
+                log_event("reload-refused", error=str(exc), action="keeping the running models")
+                return
+            await self.pool.close()
+            self.pool, self.profile = fresh, profile
+            self.router.pool = fresh
+            self.router.peers.peers = _peers(profile)
+            await fresh.start()
+            self._save_state()
+            return
+        await self._reload_models(profile)
+
+    async def _reload_models(self, profile: Profile) -> None:
+        assert self.pool is not None
+        pool = self.pool
+        wanted = {entry.name: entry for entry in profile.models}
+        gone = [m for alias, m in pool.models.items()
+                if alias not in wanted or identity(m.entry) != identity(wanted[alias])]  # fmt: skip
+        fresh = [e for alias, e in wanted.items() if alias not in pool.models or any(m.alias == alias for m in gone)]
+        if not gone and not fresh:
+            log_event("reload", change="none")
+            self.profile = profile
+            return
+        pool.profile = profile
+        self.profile = profile
+        try:
+            added = await asyncio.to_thread(pool.plan_entries, fresh)
+        except ServeError as exc:
+            log_event("reload-refused", error=str(exc), action="keeping the running models")
+            return
+        for model in gone:
+            why = "its profile entry changed" if model.alias in wanted else "it left the profile"
+            await pool.remove(model.alias, why)
+        for model in added:
+            pool.models[model.alias] = model
+            log_event("reload", model=model.alias, change="added" if model.alias not in [g.alias for g in gone]
+                      else "changed")  # fmt: skip
+        for model in added:
+            if model.entry.pin or model.entry.preload:
+                await pool.load(model.alias)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        from launcher.paths import write_private
+        from launcher.record import fingerprint, machine_identity
+
+        assert self.pool is not None
+        machine = self.pool.machine
+        models = {m.alias: {"quant": m.plan.chosen.quant if m.plan.chosen else None,
+                            "n_ctx": m.plan.chosen.n_ctx if m.plan.chosen else None, "needs_bytes": dict(m.cost)}
+                  for m in self.pool.models.values()}  # fmt: skip
+        state = {"profile": str(self.path), "fingerprint": fingerprint(machine),
+                 "identity": machine_identity(machine), "models": models, "time": time.time()}  # fmt: skip
+        write_private(_state_path(self.path), json.dumps(state, indent=2))
+
+
+class _QuietServer:
+    """uvicorn's Server without its own signal handling: serve installs SIGTERM/SIGINT/SIGHUP itself (uvicorn's
+    would re-raise SIGTERM on the way out, and a clean stop must exit 0)."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(config)
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        notify.stopping("stopping every model")
-        supervisor.stop_all("fitquant serve is stopping")
-        log_event("stopped")
+        for w in waits:
+            w.cancel()
 
 
-# --- helpers -------------------------------------------------------------------------------------------------
-def _notify_ready(text: str) -> None:
-    from launcher.service import notify
+def _notify(send: Any, text: str) -> None:
+    from launcher.errors import ServiceError
 
-    notify.ready(text)
-
-
-def _identity(entry: ModelEntry) -> str:
-    return json.dumps(entry.model_dump(mode="json"), sort_keys=True)
+    try:
+        send(text)
+    except ServiceError as exc:
+        log_event("notify-failed", error=str(exc))
 
 
-def _globals(profile: Profile) -> str:
-    """The settings every model depends on: anything but the model list and the machine's name."""
-    return json.dumps(profile.model_dump(mode="json", exclude={"models", "machine"}), sort_keys=True)
+def _machine_wide(profile: Profile) -> str:
+    """The settings every model depends on: anything but the model list, the machine's name, where it listens,
+    its peers and the router's own settings."""
+    exclude = {"models", "machine", "listen", "peers", "insecure", "router"}
+    return json.dumps(profile.model_dump(mode="json", exclude=exclude), sort_keys=True)
 
 
-def _free_bytes(machine: HardwareSnapshot, budget: str) -> int | None:
-    if budget == "CPU":
-        return machine.ram_available_bytes
-    for d in machine.devices:
-        if f"GPU{d.index}" == budget:
-            return d.free_bytes
-    return 0  # the device is gone
+def _live_free(machine: Any, profile: Profile, reserve: int | None) -> Any:
+    """Free bytes per budget read again before each load, so memory other processes took counts: per GPU from NVML
+    on a probed NVIDIA machine; on a probed machine without a GPU, the RAM available now (the pool takes the smaller
+    of that and what its own models leave). None for a described machine and RPC devices: counted by cost."""
+    if machine.described or any(d.kind != "cuda" for d in machine.devices):
+        return None
+    if not machine.devices:
+
+        def ram() -> dict[str, int] | None:
+            import psutil
+
+            return {"CPU": max(0, psutil.virtual_memory().available - profile.reserve_of("CPU"))}
+
+        return ram
+
+    def probe() -> dict[str, int] | None:
+        from launcher.hardware import detect_hardware
+
+        try:
+            now = detect_hardware()
+        except Exception:
+            return None
+        out = {}
+        for d in now.devices:
+            if d.free_bytes is None:
+                return None
+            keep = profile.reserve_of(f"GPU{d.index}", d.name)
+            out[f"GPU{d.index}"] = max(0, d.free_bytes - keep)
+        return out
+
+    return probe
 
 
-def _describe(identity: Mapping[str, Any]) -> str:
+def _say_what_changed(path: Path, machine: Any) -> None:
+    from launcher.record import fingerprint, machine_identity
+
+    last = _read_state(path)
+    if last is None:
+        log_event("plan", reason="first start of this profile on this machine")
+        return
+    if last.get("fingerprint") != fingerprint(machine):
+        log_event("hardware-changed", before=_describe(last.get("identity", {})),
+                  now=_describe(machine_identity(machine)), action="planning again for this hardware")  # fmt: skip
+
+
+def _describe(identity: dict[str, Any]) -> str:
     from launcher.units import format_bytes
 
     devices = identity.get("devices") or []

@@ -8,12 +8,17 @@ Values are written with systemd's own escaping (systemd.syntax(7), systemd.servi
 backslash, a double quote and control characters are C-escaped inside double quotes, `%` (specifiers) is doubled
 everywhere, `$` (variable expansion) is doubled on command lines.
 
+`systemctl reload` sends serve a SIGHUP (it re-reads the profile): Type=notify-reload where the installed systemd has
+it (253 and later), else Type=notify with ExecReload=. A stop gives serve the profile's router.drain and a margin
+(TimeoutStopSec=) before SIGKILL.
+
 The hardening is what `systemd-analyze security` asks for, less what would break GPU access; every setting
 left out says why beside the others (see _HARDENING).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ __all__ = [
     "API_KEY_CREDENTIAL",
     "GPU_DEVICES",
     "MARKER",
+    "NOTIFY_RELOAD_SINCE",
     "OLLAMA_DROPIN",
     "UNIT_NAME",
     "Scope",
@@ -33,6 +39,7 @@ __all__ = [
     "exec_arg",
     "is_fitquant_text",
     "ollama_dropin_env",
+    "parse_systemd_version",
     "quoted",
     "render_ollama_dropin",
     "render_unit",
@@ -59,6 +66,9 @@ GPU_DEVICES = (
 
 START_TIMEOUT = "1h"  # a first start may download and load several models; serve may extend it (EXTEND_TIMEOUT_USEC)
 RESTART_DELAY = "10s"
+DEFAULT_DRAIN_S = 30.0  # the profile's router.drain default (RouterSettings)
+STOP_MARGIN_S = 30  # beyond the drain: stopping every model server (SIGTERM, then SIGKILL after its own grace)
+NOTIFY_RELOAD_SINCE = 253  # the systemd version that has Type=notify-reload
 
 # Settings that do not depend on the machine or the profile. Left out on purpose:
 # - PrivateDevices=, PrivateUsers= (system units): PrivateDevices hides /dev/nvidia*, /dev/kfd and /dev/dri.
@@ -127,6 +137,8 @@ class UnitSpec:
     extra_devices: tuple[str, ...] = ()  # device paths present on this machine, e.g. /dev/dxg (WSL)
     wants_ollama: bool = False  # the Ollama backend: start after ollama.service
     version: str = ""
+    drain_s: float = DEFAULT_DRAIN_S  # the profile's router.drain: in-flight requests may finish this long on stop
+    notify_reload: bool = False  # Type=notify-reload (systemd >= 253) instead of Type=notify with ExecReload=
 
 
 def render_unit(spec: UnitSpec) -> str:
@@ -156,15 +168,24 @@ def render_unit(spec: UnitSpec) -> str:
         "StartLimitBurst=5",
         "",
         "[Service]",
-        # serve sends READY=1 once every model is verified; only serve itself may notify, not the servers it starts
-        "Type=notify",
+        # serve sends READY=1 once the pinned models are verified; only serve itself may notify, not its servers.
+        # On SIGHUP serve reloads the profile, between RELOADING=1 (with MONOTONIC_USEC) and READY=1: the protocol
+        # of Type=notify-reload (systemd >= 253), which sends the SIGHUP and waits for READY=1, so `systemctl reload`
+        # returns once the profile is in effect. Older systemd (Debian 12 has 252) cannot parse that type: there
+        # ExecReload= sends the signal itself, and the reload finishes after systemctl returns.
+        f"Type={'notify-reload' if spec.notify_reload else 'notify'}",
         "NotifyAccess=main",
         f"ExecStart={argv}",
+        *([] if spec.notify_reload else ["ExecReload=/bin/kill -HUP $MAINPID"]),  # $MAINPID: systemd expands it
         "Restart=on-failure",
         f"RestartSec={RESTART_DELAY}",
         f"TimeoutStartSec={START_TIMEOUT}",
-        # SIGTERM to serve alone, which stops its servers by process group; then SIGKILL to whatever is left
+        # SIGTERM to serve alone, which drains requests in flight (router.drain), then stops its servers by
+        # process group; SIGKILL to whatever is left after the drain and a margin
         "KillMode=mixed",
+        f"TimeoutStopSec={_stop_timeout(spec.drain_s)}s",
+        # serve exits 0 after a drain; 143 (128 + SIGTERM) is a stop too, should the signal end it first
+        "SuccessExitStatus=143",
     ]
     if spec.user:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", spec.user):
@@ -186,6 +207,19 @@ def render_unit(spec: UnitSpec) -> str:
         lines.append(f"ReadWritePaths={' '.join(writable)}")
     lines += ["", "[Install]", f"WantedBy={'multi-user.target' if spec.scope == 'system' else 'default.target'}"]
     return "\n".join(lines) + "\n"
+
+
+def _stop_timeout(drain_s: float) -> int:
+    if not 0 <= drain_s <= 24 * 3600:  # systemd takes longer, but a stop that may take a day is a mistake
+        raise ServiceError(f"the drain time must be 0 to 24h, not {drain_s!r} s (the profile's router.drain)")
+    return math.ceil(drain_s) + STOP_MARGIN_S
+
+
+def parse_systemd_version(text: str) -> int | None:
+    """The version from `systemctl --version`'s first line ('systemd 252 (252.38-1~deb12u1)' -> 252); None when
+    the text is not that."""
+    match = re.match(r"\s*systemd\s+([0-9]+)\b", text)
+    return int(match.group(1)) if match else None
 
 
 def ollama_dropin_env(

@@ -1,0 +1,158 @@
+"""`fitquant bench [NAME]`: prefill and decode tokens/s of a running model at a few depths, measured through its
+server with the server's own timings, beside what fitquant predicts for it (launcher.speed), as llama-bench prints
+them.
+
+Each depth is one request whose prompt is about that many tokens (counted with the server's tokenizer where it has
+one) and which generates a fixed number of tokens: llama-server's `timings` give prefill (`prompt_per_second`) and
+decode (`predicted_per_second`), Ollama's its `prompt_eval_*` and `eval_*` durations. A fresh word at the start of
+every prompt keeps the server's prompt cache from answering for it, and llama.cpp's servers are asked not to use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import BackendError
+
+if TYPE_CHECKING:
+    from launcher.backends.base import Instance
+    from launcher.instances import RunningInstance
+    from launcher.plan import Option, Plan
+
+DEFAULT_DEPTHS = (0, 512, 2048)
+DEFAULT_TOKENS = 64
+BENCH_SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchRow:
+    depth: int  # prompt tokens before the generated ones (0: a prompt of a few tokens)
+    prompt_tokens: int | None  # what the server says it processed
+    generated_tokens: int | None
+    measured_pp_per_s: float | None
+    measured_tg_per_s: float | None
+    predicted_pp_per_s: float | None = None
+    predicted_tg_per_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class BenchResult:
+    name: str
+    model: str
+    quant: str
+    n_ctx: int
+    server: str
+    rows: list[BenchRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": BENCH_SCHEMA_VERSION, "name": self.name, "model": self.model, "quant": self.quant,
+                "n_ctx": self.n_ctx, "server": self.server, "rows": [r.to_json() for r in self.rows],
+                "notes": list(self.notes)}  # fmt: skip
+
+
+def find_instance(name: str | None) -> RunningInstance:
+    """The running model `name` names (its instance name, or the model it runs), or the only one running."""
+    from launcher import instances
+
+    running = instances.running()
+    if name is None:
+        if len(running) == 1:
+            return running[0]
+        if not running:
+            raise BackendError("nothing is running; start a model with `fitquant run MODEL --serve` first")
+        raise BackendError(f"{len(running)} models are running; name one: {', '.join(i.name for i in running)}")
+    hits = [i for i in running if name in (i.name, i.model)]
+    if len(hits) != 1:
+        known = ", ".join(i.name for i in running) or "nothing is running"
+        why = "no running model is called" if not hits else "several running models are called"
+        raise BackendError(f"{why} {name!r} ({known}); `fitquant ps` lists them")
+    return hits[0]
+
+
+def as_instance(running: RunningInstance, api_key: str | None) -> Instance:
+    from launcher.backends.base import Instance
+
+    return Instance(backend=running.backend, server=running.server, version=None, endpoint=running.endpoint,
+                    model_name=running.model_name or running.model, pid=running.pid, api_key=api_key)  # fmt: skip
+
+
+def measure(instance: Instance, depth: int, tokens: int, *, run: int, timeout_s: float = 600.0) -> BenchRow:
+    """One request at `depth`: prefill and decode tokens/s from the server's own timings."""
+    from launcher.chat import ChatError, count_tokens, reply
+    from launcher.speed import measured_speed
+
+    ollama = instance.backend == "ollama"
+    head = f"bench{run}d{depth}"  # a word no earlier prompt began with: the prompt cache cannot answer for it
+    prompt = head
+    if depth > 0:
+        words = depth
+        try:
+            sample = count_tokens(instance, "hello" + " hello" * 255, timeout_s=timeout_s)
+        except ChatError as exc:
+            raise BackendError(f"{instance.endpoint}: {exc}") from None
+        if sample:
+            words = max(1, depth * 256 // sample)
+        prompt = head + " hello" * words
+    extra = None if ollama else {"cache_prompt": False, "ignore_eos": True}
+    try:
+        answer = reply(instance, [{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0,
+                       timeout_s=timeout_s, extra=extra)  # fmt: skip
+    except ChatError as exc:
+        raise BackendError(f"{instance.endpoint}: {exc}") from None
+    speed = measured_speed(answer, ollama=ollama)
+    return BenchRow(depth, answer.prompt_tokens, answer.completion_tokens, _round(speed.pp_per_s),
+                    _round(speed.tg_per_s))  # fmt: skip
+
+
+def predicted_option(running: RunningInstance) -> tuple[Option | None, str | None]:
+    """The plan's option for what runs (same model, quant and context), to predict from; None and why not."""
+    from launcher.errors import FitquantError
+    from launcher.fit import fit
+    from launcher.plan import Policy
+
+    reference = running.reference if running.reference is not None else running.model
+    try:
+        plan: Plan | None = fit(reference or None, Policy(n_ctx=running.n_ctx), confirm=False)
+    except FitquantError as exc:
+        plan = getattr(exc, "plan", None)
+        if plan is None:
+            return None, f"no prediction: {exc}"
+    assert plan is not None
+    option = next((o for o in plan.candidates if o.quant == running.quant), None)
+    return (option, None) if option is not None else (None, f"no prediction: {running.quant} is not a quant of it")
+
+
+def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS, tokens: int = DEFAULT_TOKENS,
+          api_key: str | None = None, predict: bool = True) -> BenchResult:  # fmt: skip
+    """Measure `running` at each depth (one warm-up request first, not counted) and put the prediction beside it."""
+    from launcher.hardware import detect_hardware
+    from launcher.speed import machine_speeds
+    from launcher.speed import predict as predict_speed
+
+    slot = max(16, running.n_ctx - tokens - 64)
+    result = BenchResult(running.name, running.model, running.quant, running.n_ctx, running.server)
+    usable = [d for d in depths if d <= slot]
+    if len(usable) < len(depths):
+        result.notes.append(f"depths above {slot} tokens skipped: the context is {running.n_ctx}")
+    instance = as_instance(running, api_key)
+    measure(instance, 0, 4, run=0)  # the first request pays for warming caches
+    option, why = predicted_option(running) if predict else (None, None)
+    devices = machine_speeds(detect_hardware()) if option is not None else {}
+    if why:
+        result.notes.append(why)
+    for run, depth in enumerate(usable, start=1):
+        row = measure(instance, depth, tokens, run=run)
+        if option is not None:
+            guess = predict_speed(option, devices, depth)
+            row.predicted_pp_per_s, row.predicted_tg_per_s = _round(guess.pp_per_s), _round(guess.tg_per_s)
+        result.rows.append(row)
+    return result
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -1,0 +1,687 @@
+"""`fitquant serve`'s one endpoint: a Starlette app that routes by the request's `model` to the pool's verified
+servers (launcher.service.pool), each on a private 127.0.0.1 port.
+
+    OpenAI    GET /v1/models; POST /v1/chat/completions, /v1/completions, /v1/embeddings (SSE passed through
+              untouched and unbuffered)
+    Ollama    GET /, /api/version, /api/tags, /api/ps; POST /api/show, /api/chat, /api/generate, /api/embed,
+              /api/embeddings (NDJSON streams; keep_alive, 0 unloads); pull/push/create/delete/copy answer 501
+    admin     GET /health, /running, /metrics; POST /models/load, /models/unload
+
+With an API key every route but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`. A model this
+machine does not serve goes to the profile peer that lists it. Bodies are bounded (router.max_body, 413) and must
+arrive within `router.body_timeout` (408). Errors are one line: OpenAI's `{"error": {"message", "type", "code"}}` on its
+routes, Ollama's `{"error": "..."}` on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from launcher.service import ollama_api
+from launcher.service.events import log_event
+from launcher.service.pool import Lease, Pool, Refused
+
+if TYPE_CHECKING:
+    from launcher.service.metrics import RouterMetrics
+
+PEER_HEADER = "x-fitquant-peer"  # set on requests between fitquant routers: never forwarded again
+PEER_LIST_TTL_S = 30.0
+OLLAMA_API_VERSION = "0.12.0"  # the Ollama API these routes follow (what /api/version answers)
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class HTTPFailure(Exception):
+    """A request this router answers with an error: status and one line."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.retry_after_s = status, message, code, retry_after_s
+
+
+# --------------------------------------------------------------------------------------------------- peers
+@dataclass
+class Peer:
+    url: str
+    api_key: str | None = field(default=None, repr=False)
+
+    def headers(self) -> dict[str, str]:
+        return {PEER_HEADER: "1", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+
+
+class Peers:
+    """Other fitquant endpoints and the models they serve (their own, not their peers'), cached briefly."""
+
+    def __init__(self, peers: list[Peer], client: httpx.AsyncClient) -> None:
+        self.peers = peers
+        self.client = client
+        self._models: dict[str, tuple[Peer, dict[str, Any]]] = {}
+        self._fetched = 0.0
+        self._lock = asyncio.Lock()
+
+    async def models(self, *, fresh: bool = False) -> dict[str, tuple[Peer, dict[str, Any]]]:
+        if not self.peers:
+            return {}
+        async with self._lock:
+            if fresh or time.monotonic() - self._fetched > PEER_LIST_TTL_S:
+                found: dict[str, tuple[Peer, dict[str, Any]]] = {}
+                for peer in self.peers:
+                    try:
+                        r = await self.client.get(f"{peer.url}/v1/models", headers=peer.headers(), timeout=5.0)
+                        r.raise_for_status()
+                        rows = r.json().get("data", [])
+                    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                        log_event("peer-down", peer=peer.url, error=type(exc).__name__, action="skipped")
+                        continue
+                    for row in rows:
+                        if isinstance(row, dict) and isinstance(row.get("id"), str):
+                            found.setdefault(row["id"], (peer, row))
+                self._models, self._fetched = found, time.monotonic()
+            return dict(self._models)
+
+    async def find(self, alias: str) -> Peer | None:
+        known = await self.models()
+        if alias not in known:
+            known = await self.models(fresh=True)
+        hit = known.get(alias)
+        return hit[0] if hit else None
+
+
+# --------------------------------------------------------------------------------------------------- auth
+class KeyCheck:
+    """ASGI middleware: with an API key, every route but /health needs it (Bearer or x-api-key)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or scope.get("path") == "/health":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        given = headers.get("x-api-key")
+        auth = headers.get("authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given, self.key):
+            path = str(scope.get("path", ""))
+            message = "an API key is required: send Authorization: Bearer KEY or x-api-key: KEY"
+            response = _error(path, HTTPFailure(401, message, code="invalid_api_key"))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+def _ollama_route(path: str) -> bool:
+    return path.startswith("/api/") or path == "/"
+
+
+def _error(path: str, failure: HTTPFailure) -> JSONResponse:
+    headers = {"Retry-After": str(int(max(1, failure.retry_after_s)))} if failure.retry_after_s else None
+    if _ollama_route(path):
+        body: dict[str, Any] = ollama_api.error_body(failure.message)
+    else:
+        kind = "invalid_request_error" if failure.status < 500 else "server_error"
+        body = {"error": {"message": failure.message, "type": kind, "code": failure.code}}
+    return JSONResponse(body, status_code=failure.status, headers=headers)
+
+
+def _refused(exc: Refused) -> HTTPFailure:
+    code = "model_not_found" if exc.status == 404 else "unavailable"
+    return HTTPFailure(exc.status, str(exc), code=code, retry_after_s=exc.retry_after_s)
+
+
+# --------------------------------------------------------------------------------------------------- the app
+class Router:
+    def __init__(self, pool: Pool, *, api_key: str | None, peers: list[Peer], metrics: RouterMetrics | None,
+                 max_body: int, body_timeout_s: float = 30.0,
+                 ready: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+        self.pool = pool
+        self.api_key = api_key
+        self.metrics = metrics
+        self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
+        self.ready = ready
+        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=httpx.Limits(max_connections=512,
+                                        max_keepalive_connections=64), trust_env=False)  # fmt: skip
+        self.transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=512,
+                                                  max_keepalive_connections=64))  # fmt: skip
+        self.peers = Peers(peers, self.client)
+
+    def app(self) -> ASGIApp:
+        post, get = ["POST"], ["GET"]
+        routes = [
+            Route("/health", self.health, methods=get),
+            Route("/running", self.running, methods=get),
+            Route("/metrics", self.metrics_text, methods=get),
+            Route("/models/load", self.admin_load, methods=post),
+            Route("/models/unload", self.admin_unload, methods=post),
+            Route("/v1/models", self.v1_models, methods=get),
+            *(Route(path, self._openai(path), methods=post) for path in OPENAI_ROUTES),
+            Route("/", self.ollama_root, methods=["GET", "HEAD"]),
+            Route("/api/version", self.ollama_version, methods=get),
+            Route("/api/tags", self.ollama_tags, methods=get),
+            Route("/api/ps", self.ollama_ps, methods=get),
+            Route("/api/show", self.ollama_show, methods=post),
+            Route("/api/chat", self.ollama_chat, methods=post),
+            Route("/api/generate", self.ollama_generate, methods=post),
+            Route("/api/embed", self.ollama_embed, methods=post),
+            Route("/api/embeddings", self.ollama_embeddings, methods=post),
+        ]
+        for verb in ("pull", "push", "create", "delete", "copy"):
+            routes.append(Route(f"/api/{verb}", self.ollama_not_implemented, methods=["POST", "DELETE"]))
+        app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+        return KeyCheck(app, self.api_key)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.transport.aclose()
+
+    async def _not_found(self, request: Request, _exc: Exception) -> Response:
+        return _error(request.url.path, HTTPFailure(404, f"no route {request.url.path}"))
+
+    async def _not_allowed(self, request: Request, _exc: Exception) -> Response:
+        return _error(request.url.path, HTTPFailure(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    # --- request helpers -------------------------------------------------------------------------------------
+    async def _body(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            raise HTTPFailure(413, f"the request body is larger than {self.max_body} bytes (router.max_body)")
+        data = bytearray()
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                data.extend(chunk)
+                if len(data) > self.max_body:
+                    raise HTTPFailure(413, f"the request body is larger than {self.max_body} bytes (router.max_body)")
+
+        try:
+            with anyio.fail_after(self.body_timeout_s):  # a cancel scope: cheaper than a task per request
+                await read()
+        except TimeoutError:
+            raise HTTPFailure(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                   "(router.body_timeout)") from None  # fmt: skip
+        except ClientDisconnect:
+            raise HTTPFailure(400, "the client disconnected before sending its body") from None
+        try:
+            body = json.loads(bytes(data)) if data else None
+        except ValueError:
+            raise HTTPFailure(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPFailure(400, "the request body must be a JSON object")
+        request.scope["fitquant_raw"] = bytes(data)  # sent upstream as is when nothing in it changes
+        return body
+
+    @staticmethod
+    def _alias(body: Mapping[str, Any], *keys: str) -> str:
+        for key in keys or ("model",):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value
+        raise HTTPFailure(
+            400, f"the request names no model: give '{(keys or ('model',))[0]}' (GET /v1/models lists them)"
+        )
+
+    async def _guarded(self, request: Request, route: str, handler: Callable[[], Awaitable[Response]]) -> Response:
+        """Run a handler, turning failures into the route's error shape and counting the request."""
+        started = time.monotonic()
+        model = "unknown"
+        try:
+            response = await handler()
+        except HTTPFailure as failure:
+            response = _error(request.url.path, failure)
+        except Refused as exc:
+            response = _error(request.url.path, _refused(exc))
+        except Exception as exc:  # a bug must cost one request, not the service: one line in the log and a 500
+            log_event("error", route=route, error=f"{type(exc).__name__}: {exc}")
+            bug = HTTPFailure(500, f"fitquant failed on this request: {type(exc).__name__}")
+            response = _error(request.url.path, bug)
+        model = request.scope.get("fitquant_model", model)
+        # a request that held a lease was counted when it ended (_finish), streamed or not
+        leased = request.scope.get("fitquant_leased", False)
+        if self.metrics is not None and not leased and not isinstance(response, StreamingResponse):
+            self.metrics.request(model, route, response.status_code, time.monotonic() - started)
+        return response
+
+    def _served_alias(self, request: Request, alias: str) -> None:
+        if self.pool.get(alias) is not None:
+            request.scope["fitquant_model"] = alias  # a label the metrics may use: only the profile's aliases
+
+    async def _acquire(self, request: Request, alias: str, **kwargs: Any) -> Lease:
+        """The pool's lease, given up when the client disconnects while it waits."""
+        lease = self.pool.try_lease(alias, **kwargs)  # a loaded model: no task, no wait
+        if lease is not None:
+            request.scope["fitquant_leased"] = True
+            return lease
+        waiter = asyncio.ensure_future(self.pool.acquire(alias, **kwargs))
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.25)
+            if done:
+                lease = waiter.result()
+                request.scope["fitquant_leased"] = True
+                return lease
+            if await request.is_disconnected():
+                waiter.cancel()
+                raise HTTPFailure(499, "the client disconnected while its model was loading")
+
+    # --- upstream ----------------------------------------------------------------------------------------------
+    async def _send(self, lease: Lease, path: str, body: Mapping[str, Any] | bytes) -> httpx.Response:
+        """POST to the model's private server, the answer left to stream. The transport is called directly: the
+        client's cookie jar, auth and redirect handling cost more than the rest of the router for a request to a
+        loopback server that uses none of them."""
+        url = lease.base_url + path
+        headers = {"Content-Type": "application/json", **lease.instance.headers()}
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+        def request() -> httpx.Request:
+            r = httpx.Request("POST", url, content=content, headers=headers)
+            r.extensions["timeout"] = UPSTREAM_TIMEOUT.as_dict()
+            return r
+
+        try:
+            try:
+                return await self.transport.handle_async_request(request())
+            except httpx.RemoteProtocolError:
+                # a kept-alive connection the server had just closed: once more on a fresh one
+                return await self.transport.handle_async_request(request())
+        except httpx.HTTPError as exc:
+            self.pool.note_failure(lease)
+            self.pool.release(lease)
+            raise HTTPFailure(502, f"{lease.alias}'s server did not answer: {type(exc).__name__}") from None
+
+    def _finish(self, lease: Lease, route: str, status: int, started: float) -> None:
+        self.pool.release(lease)
+        if self.metrics is not None:
+            self.metrics.request(lease.alias, route, status, time.monotonic() - started)
+
+    async def _passthrough(self, lease: Lease, route: str, path: str, body: Mapping[str, Any] | bytes,
+                           rename: str | None = None) -> Response:  # fmt: skip
+        """Send to the model's server; a stream comes back chunk by chunk as it arrives, untouched."""
+        started = time.monotonic()
+        upstream = await self._send(lease, path, body)
+        kind = upstream.headers.get("content-type", "application/json")
+        if "text/event-stream" not in kind and "ndjson" not in kind:
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as exc:
+                self.pool.note_failure(lease)
+                self._finish(lease, route, 502, started)
+                raise HTTPFailure(502, f"{lease.alias}'s server failed mid-answer: {type(exc).__name__}") from None
+            finally:
+                await upstream.aclose()
+            self._finish(lease, route, upstream.status_code, started)
+            if rename is not None:
+                content = _renamed(content, rename)
+            return Response(content, status_code=upstream.status_code, media_type=kind.split(";")[0])
+
+        async def relay() -> AsyncIterator[bytes]:
+            pending = b""  # renaming: the part of a line not yet ended (a line may be split across chunks)
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if rename is None:
+                        yield chunk
+                        continue
+                    whole, cut, pending = (pending + chunk).rpartition(b"\n")
+                    if cut:
+                        yield _renamed_lines(whole, rename) + b"\n"
+                if pending:
+                    yield _renamed_lines(pending, rename or "")
+            except httpx.HTTPError as exc:
+                self.pool.note_failure(lease)
+                message = f"{lease.alias}'s server failed mid-stream: {type(exc).__name__}"
+                log_event("stream-failed", model=lease.alias, error=message)
+                if "ndjson" in kind:
+                    yield json.dumps(ollama_api.error_body(message)).encode() + b"\n"
+                else:
+                    yield b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
+                    yield b"\n\n"
+            finally:
+                self._finish(lease, route, upstream.status_code, started)
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=kind.split(";")[0],
+                                 headers=headers)  # fmt: skip
+
+    async def _to_peer(self, request: Request, alias: str, body: Mapping[str, Any], route: str) -> Response:
+        if request.headers.get(PEER_HEADER):
+            raise HTTPFailure(404, f"model {alias!r} is not served here", code="model_not_found")
+        peer = await self.peers.find(alias)
+        if peer is None:
+            raise HTTPFailure(404, f"model {alias!r} is not served here; GET /v1/models lists the models",
+                              code="model_not_found")  # fmt: skip
+        headers = {"Content-Type": "application/json", **peer.headers()}
+        upstream_request = self.client.build_request("POST", f"{peer.url}{request.url.path}",
+                                                     content=json.dumps(body).encode(), headers=headers)  # fmt: skip
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise HTTPFailure(502, f"peer {peer.url} serving {alias} did not answer: {type(exc).__name__}") from None
+        kind = upstream.headers.get("content-type", "application/json")
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:
+                pass  # the client sees the stream end early
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
+
+        log_event("forwarded", model=alias, peer=peer.url, route=route)
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=kind.split(";")[0],
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    # --- OpenAI ------------------------------------------------------------------------------------------------
+    def _openai(self, path: str) -> Callable[[Request], Awaitable[Response]]:
+        route = path.removeprefix("/v1/")
+
+        async def handle(request: Request) -> Response:
+            async def work() -> Response:
+                body = await self._body(request)
+                alias = self._alias(body)
+                if self.pool.get(alias) is None:
+                    return await self._to_peer(request, alias, body, route)
+                self._served_alias(request, alias)
+                lease = await self._acquire(request, alias)
+                if lease.instance.backend == "ollama":
+                    upstream = {**body, "model": lease.instance.model_name}
+                    return await self._passthrough(lease, route, path, upstream, rename=alias)
+                return await self._passthrough(lease, route, path, request.scope["fitquant_raw"])
+
+            return await self._guarded(request, route, work)
+
+        return handle
+
+    async def v1_models(self, request: Request) -> Response:
+        created = int(time.time())
+        rows = []
+        for m in self.pool.models.values():
+            rows.append({"id": m.alias, "object": "model", "created": created, "owned_by": "fitquant",
+                         "fitquant": {"state": m.state, "quant": m.plan.chosen.quant if m.plan.chosen else None,
+                                      "n_ctx": m.plan.chosen.n_ctx if m.plan.chosen else None}})  # fmt: skip
+        if not request.headers.get(PEER_HEADER):
+            local = {r["id"] for r in rows}
+            for alias, (peer, row) in (await self.peers.models()).items():
+                if alias not in local:
+                    rows.append({**row, "id": alias, "owned_by": f"peer {peer.url}"})
+        return JSONResponse({"object": "list", "data": rows})
+
+    # --- Ollama ------------------------------------------------------------------------------------------------
+    async def ollama_root(self, _request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def ollama_version(self, _request: Request) -> Response:
+        return JSONResponse(ollama_api.version_response(OLLAMA_API_VERSION))
+
+    def _infos(self, *, loaded_only: bool) -> list[Any]:
+        out = []
+        now_wall, now = time.time(), time.monotonic()
+        for m in self.pool.models.values():
+            if m.info is None:
+                continue
+            if m.state == "ready" and m.result is not None:
+                held = sum(m.cost.values())
+                vram = sum(n for b, n in m.cost.items() if b != "CPU")
+                expires = None if m.expires_at is None else int(now_wall + (m.expires_at - now))
+                loaded = ollama_api.Loaded(size_bytes=held, vram_bytes=vram, expires_at=expires,
+                                           context_length=m.result.option.n_ctx)  # fmt: skip
+                out.append(replace(m.info, loaded=loaded))
+            elif not loaded_only:
+                out.append(m.info)
+        return out
+
+    async def ollama_tags(self, _request: Request) -> Response:
+        return JSONResponse(ollama_api.tags_response(self._infos(loaded_only=False)))
+
+    async def ollama_ps(self, _request: Request) -> Response:
+        return JSONResponse(ollama_api.ps_response(self._infos(loaded_only=True)))
+
+    async def ollama_show(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await self._body(request)
+            alias = self._alias(body, "model", "name")
+            self._served_alias(request, alias)
+            infos = {i.name: i for i in self._infos(loaded_only=False)}
+            if alias not in infos:
+                raise HTTPFailure(404, f"model '{alias}' not found")
+            return JSONResponse(ollama_api.show_response(infos[alias], verbose=bool(body.get("verbose"))))
+
+        return await self._guarded(request, "show", work)
+
+    async def ollama_not_implemented(self, request: Request) -> Response:
+        status, body = ollama_api.not_implemented(request.url.path)
+        return JSONResponse(body, status_code=status)
+
+    @staticmethod
+    def _keep_alive(body: Mapping[str, Any]) -> dict[str, Any]:
+        if "keep_alive" not in body or body["keep_alive"] is None:
+            return {}
+        from launcher.units import parse_keep_alive
+
+        try:
+            return {"keep_alive_s": parse_keep_alive(body["keep_alive"])}
+        except ValueError as exc:
+            raise HTTPFailure(400, f"keep_alive: {exc}") from None
+
+    async def ollama_chat(self, request: Request) -> Response:
+        return await self._ollama(request, "chat")
+
+    async def ollama_generate(self, request: Request) -> Response:
+        return await self._ollama(request, "generate")
+
+    async def ollama_embed(self, request: Request) -> Response:
+        return await self._ollama(request, "embed")
+
+    async def ollama_embeddings(self, request: Request) -> Response:
+        return await self._ollama(request, "embeddings")
+
+    async def _ollama(self, request: Request, verb: str) -> Response:
+        async def work() -> Response:
+            body = await self._body(request)
+            alias = self._alias(body)
+            if self.pool.get(alias) is None:
+                return await self._to_peer(request, alias, body, verb)
+            self._served_alias(request, alias)
+            keep = self._keep_alive(body)
+            try:
+                upstream = _translate(verb, body)
+            except ValueError as exc:
+                raise HTTPFailure(400, str(exc)) from None
+            if upstream is None:  # an empty generate/chat: load (or, with keep_alive 0, unload) only
+                return await self._load_only(alias, keep.get("keep_alive_s", "unset"), verb)
+            lease = await self._acquire(request, alias, **keep)
+            if lease.instance.backend == "ollama":  # an Ollama server speaks its own API: only the name changes
+                native = {**body, "model": lease.instance.model_name}
+                return await self._passthrough(lease, verb, request.url.path, native, rename=alias)
+            return await self._translated(lease, verb, upstream, stream=_streams(verb, body))
+
+        return await self._guarded(request, verb, work)
+
+    async def _load_only(self, alias: str, keep_alive_s: Any, verb: str) -> Response:
+        if keep_alive_s == 0:
+            await self.pool.unload(alias, "keep_alive 0")
+            return JSONResponse(ollama_api.load_response(alias, unloaded=True, now_ns=time.time_ns()))
+        lease = await self.pool.acquire(alias, keep_alive_s=keep_alive_s)
+        self.pool.release(lease)
+        return JSONResponse(ollama_api.load_response(alias, unloaded=False, now_ns=time.time_ns()))
+
+    async def _translated(self, lease: Lease, verb: str, up: Any, *, stream: bool) -> Response:
+        """An Ollama request answered by a llama.cpp server: OpenAI shapes upstream, Ollama's back."""
+        started, started_ns = time.monotonic(), time.time_ns()
+        alias = lease.alias
+        upstream = await self._send(lease, up.path, up.body)
+        if not stream or upstream.status_code != 200:
+            try:
+                raw = await upstream.aread()
+            except httpx.HTTPError as exc:
+                self.pool.note_failure(lease)
+                self._finish(lease, verb, 502, started)
+                raise HTTPFailure(502, f"{alias}'s server failed mid-answer: {type(exc).__name__}") from None
+            finally:
+                await upstream.aclose()
+            self._finish(lease, verb, upstream.status_code, started)
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = None
+            if upstream.status_code != 200 or not isinstance(answer, dict):
+                message = _upstream_message(answer) or f"{alias}'s server answered {upstream.status_code}"
+                raise HTTPFailure(upstream.status_code if upstream.status_code >= 400 else 502, message)
+            try:
+                out = _translate_answer(verb, up.path, answer, alias, started_ns)
+            except ValueError as exc:  # an answer not of the shape llama.cpp's server gives
+                raise HTTPFailure(502, f"{alias}'s server answered in an unexpected shape: {exc}") from None
+            return JSONResponse(out)
+
+        converter = (ollama_api.ChatStream if verb == "chat" else ollama_api.GenerateStream)(
+            alias, started_ns=started_ns
+        )
+
+        async def relay() -> AsyncIterator[bytes]:
+            rest = b""
+            status = 200
+            failed = False
+            try:
+                async for chunk in upstream.aiter_raw():
+                    payloads, rest = ollama_api.parse_sse(rest + chunk)
+                    lines = []
+                    for payload in payloads:
+                        if payload == "[DONE]" or not isinstance(payload, dict) or failed:
+                            continue
+                        if payload.get("error"):
+                            failed, status = True, 502
+                            lines.append(ollama_api.error_body(_upstream_message(payload) or "upstream error"))
+                            continue
+                        try:
+                            lines.extend(converter.feed(payload))
+                        except ValueError as exc:
+                            failed, status = True, 502
+                            lines.append(ollama_api.error_body(f"{alias}'s server streamed an unexpected chunk: {exc}"))
+                    if lines:
+                        yield b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+                if not failed:
+                    yield json.dumps(converter.finish(time.time_ns())).encode() + b"\n"
+            except httpx.HTTPError as exc:
+                status = 502
+                self.pool.note_failure(lease)
+                message = f"{alias}'s server failed mid-stream: {type(exc).__name__}"
+                log_event("stream-failed", model=alias, error=message)
+                yield json.dumps(ollama_api.error_body(message)).encode() + b"\n"
+            finally:
+                self._finish(lease, verb, status, started)
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
+
+        return StreamingResponse(relay(), media_type="application/x-ndjson",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    # --- admin -------------------------------------------------------------------------------------------------
+    async def health(self, _request: Request) -> Response:
+        if not self.ready():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        loaded = sum(1 for m in self.pool.models.values() if m.state == "ready")
+        return JSONResponse({"status": "ok", "models": len(self.pool.models), "loaded": loaded})
+
+    async def running(self, _request: Request) -> Response:
+        return JSONResponse(self.pool.running())
+
+    async def metrics_text(self, _request: Request) -> Response:
+        if self.metrics is None:
+            return PlainTextResponse("", status_code=204)
+        body, kind = self.metrics.render()
+        return Response(body, media_type=kind)
+
+    async def admin_load(self, request: Request) -> Response:
+        async def work() -> Response:
+            alias = self._alias(await self._body(request))
+            self._served_alias(request, alias)
+            await self.pool.load(alias)
+            return JSONResponse(next(r for r in self.pool.running()["models"] if r["model"] == alias))
+
+        return await self._guarded(request, "load", work)
+
+    async def admin_unload(self, request: Request) -> Response:
+        async def work() -> Response:
+            alias = self._alias(await self._body(request))
+            self._served_alias(request, alias)
+            stopped = await self.pool.unload(alias, "asked (POST /models/unload)")
+            return JSONResponse({"model": alias, "unloaded": stopped})
+
+        return await self._guarded(request, "unload", work)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _streams(verb: str, body: Mapping[str, Any]) -> bool:
+    # Ollama streams chat and generate unless told not to; embeddings never stream
+    return verb in ("chat", "generate") and body.get("stream", True) is not False
+
+
+def _translate(verb: str, body: Mapping[str, Any]) -> Any:
+    if verb == "chat":
+        if not body.get("messages"):
+            return None  # Ollama's "load the model" chat call
+        return ollama_api.chat_request(dict(body))
+    if verb == "generate":
+        return ollama_api.generate_request(dict(body))
+    if verb == "embed":
+        return ollama_api.embed_request(dict(body))
+    return ollama_api.embeddings_request(dict(body))
+
+
+def _translate_answer(verb: str, path: str, answer: dict[str, Any], alias: str, started_ns: int) -> dict[str, Any]:
+    now_ns = time.time_ns()
+    if verb == "chat":
+        return ollama_api.chat_response(answer, model=alias, started_ns=started_ns, now_ns=now_ns)
+    if verb == "generate":
+        return ollama_api.generate_response(answer, model=alias, started_ns=started_ns, now_ns=now_ns)
+    if verb == "embed":
+        return ollama_api.embed_response(answer, model=alias, started_ns=started_ns, now_ns=now_ns)
+    return ollama_api.embeddings_response(answer, model=alias)
+
+
+def _upstream_message(answer: Any) -> str | None:
+    if isinstance(answer, dict):
+        error = answer.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None
+
+
+def _renamed(content: bytes, alias: str) -> bytes:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return content
+    if isinstance(value, dict) and "model" in value:
+        value["model"] = alias
+        return json.dumps(value).encode()
+    return content
+
+
+def _renamed_lines(chunk: bytes, alias: str) -> bytes:
+    # whole NDJSON or SSE `data:` lines from an Ollama server, each naming the model
+    return b"\n".join(b"data: " + _renamed(line[6:], alias) if line.startswith(b"data: ") else
+                      _renamed(line, alias) if line.strip() else line for line in chunk.split(b"\n"))  # fmt: skip
