@@ -285,6 +285,9 @@ models:
         idle = time.monotonic() - answered
         assert 1.5 <= idle <= 6, f"unloaded after {idle:.1f} s idle; the ttl is 2 s"
         assert gone(pid)
+        deadline = time.monotonic() + 10  # "stopping" until the stop's worker thread has returned (after the exit)
+        while serve.model_row("smol")["state"] == "stopping" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert serve.model_row("smol")["state"] == "unloaded"
         # the next request loads it again, verified
         mark = serve.mark()
