@@ -171,7 +171,8 @@ def test_the_official_ollama_client_chats_generates_lists_shows_embeds_and_keep_
     reply = client.chat(model="smol", messages=messages, options=options)
     assert reply.message.content == CAPITAL_A and reply.done
 
-    parts = list(client.chat(model="smol", messages=messages, options=options, stream=True))
+    # as Ollama lists its own models, a client may name an untagged one NAME:latest
+    parts = list(client.chat(model="smol:latest", messages=messages, options=options, stream=True))
     assert len(parts) > 3 and parts[-1].done
     assert "".join(p.message.content or "" for p in parts) == CAPITAL_A
 

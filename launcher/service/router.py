@@ -230,11 +230,14 @@ class Router:
         request.scope["fitquant_raw"] = bytes(data)  # sent upstream as is when nothing in it changes
         return body
 
-    @staticmethod
-    def _alias(body: Mapping[str, Any], *keys: str) -> str:
+    def _alias(self, body: Mapping[str, Any], *keys: str) -> str:
         for key in keys or ("model",):
             value = body.get(key)
             if isinstance(value, str) and value:
+                # Ollama clients name an untagged model NAME:latest (as Ollama lists its own)
+                bare = value.removesuffix(":latest")
+                if self.pool.get(value) is None and bare != value and self.pool.get(bare) is not None:
+                    return bare
                 return value
         raise HTTPFailure(
             400, f"the request names no model: give '{(keys or ('model',))[0]}' (GET /v1/models lists them)"
