@@ -426,11 +426,15 @@ def plan_runs(
 
 def backend_build(backend: Backend | None) -> tuple[str, str | None] | None:
     """(backend name, server version) as the machine record stores them: what the speed calibration is keyed by.
-    Only llama.cpp's server version is known before a launch; other backends are not calibrated yet."""
+    llama.cpp's server version from its program; Ollama's from the server a launch would use (or its binary)."""
     from launcher.backends.llamacpp import LlamaCppBackend
+    from launcher.backends.ollama import OllamaBackend
 
     if isinstance(backend, LlamaCppBackend) and backend.unavailable() is None:
         return backend.name, backend.program.version
+    if isinstance(backend, OllamaBackend):
+        version = backend.server_version()
+        return (backend.name, version) if version is not None else None
     return None
 
 

@@ -196,3 +196,31 @@ def test_the_plan_is_calibrated_by_what_this_build_measured_here(tmp_path: Path)
     assert after["tg_per_s_at_depth"] == pytest.approx(before["tg_per_s_at_depth"] * 0.92, abs=0.1)
     assert after["pp_per_s"] == before["pp_per_s"]  # the record's ratio is decode's
     assert "calibrated by 3 verified runs on this machine: ×0.92" in plan.notes
+
+
+def test_an_ollama_plan_is_calibrated_by_the_ollama_version_a_launch_would_use(tmp_path: Path) -> None:
+    """Ollama's version is known before a launch (the server at OLLAMA_HOST, or the `ollama` binary fitquant would
+    start), so the next plan with it is calibrated by that version's verified runs on this machine."""
+    from ollama_api_server import OllamaApiServer
+
+    from launcher.backends.ollama import OllamaBackend
+    from launcher.run import backend_build
+
+    stub = OllamaApiServer(version="0.12.6").start()
+    try:
+        assert backend_build(OllamaBackend(host=stub.url)) == ("ollama", "0.12.6")
+    finally:
+        stub.close()
+    fake = tmp_path / "ollama"  # no server answers: the binary's own version (as `ollama --version` prints it)
+    fake.write_text("#!/bin/sh\necho 'Warning: could not connect to a running Ollama instance' >&2\n"
+                    "echo 'Warning: client version is 0.13.1' >&2\n")  # fmt: skip
+    fake.chmod(0o755)
+    assert OllamaBackend(host="127.0.0.1:9", binary=str(fake)).server_version() == "0.13.1"
+    assert OllamaBackend(host="127.0.0.1:9", binary=str(tmp_path / "missing")).server_version() is None
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    record.append(machine, run_entry("ollama", "0.12.6", 0.8))
+    from launcher.fit import attach_speeds
+
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    attach_speeds(plan, machine, backend="ollama", version="0.12.6")
+    assert "calibrated by 1 verified run on this machine: ×0.80" in plan.notes

@@ -236,6 +236,29 @@ class OllamaBackend:
             return None
         return self._unavailable_line()
 
+    def server_version(self) -> str | None:
+        """The version of the Ollama server a launch would use, before the launch (what the machine record keys the
+        speed calibration by, as each launch's instance records it): the server fitquant runs, else the one at
+        OLLAMA_HOST, else the `ollama` binary it would start (`ollama --version`); None when none says."""
+        if self._host_error:
+            return None
+        if self._own is not None and self._own.alive:
+            return self._version(self._own.base)
+        if self._answers(self.base_url):
+            return self._version(self.base_url)
+        binary = self._find_binary()
+        if binary is None:
+            return None
+        import subprocess
+
+        try:
+            done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S * 4)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        # "ollama version is 0.12.6", or, with no server running, "Warning: client version is 0.12.6"
+        found = re.findall(r"version is\s+v?([0-9][\w.+-]{0,40})", done.stdout + done.stderr)
+        return found[-1] if found else None
+
     def fetch(self, candidate: Candidate, *, vision: bool = False, progress: bool = True) -> Candidate:
         """The candidate as a model the Ollama server has (`ollama_model` set): already there (ollama-local),
         pulled by the server (its registry's names and hf.co/<user>/<repo>:<quant>), or created from a single GGUF
