@@ -856,7 +856,10 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cli
             "-np", "1"]  # fmt: skip
     proc = spawn(argv, log_path=log)
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        # a fresh connection per request: this llama-server build may close a kept-alive connection right after a
+        # streamed answer, and the next request on it would fail with "Server disconnected" (not what is tested here)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                              limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, log.read_text(errors="replace")[-2000:]

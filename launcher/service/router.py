@@ -42,6 +42,7 @@ PEER_HEADER = "x-fitquant-peer"  # set on requests between fitquant routers: nev
 PEER_LIST_TTL_S = 30.0
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API these routes follow (what /api/version answers)
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)
+STALE_RETRIES = 2  # requests sent again after a kept-alive upstream connection turned out closed
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
@@ -300,11 +301,14 @@ class Router:
             return r
 
         try:
-            try:
-                return await self.transport.handle_async_request(request())
-            except httpx.RemoteProtocolError:
-                # a kept-alive connection the server had just closed: once more on a fresh one
-                return await self.transport.handle_async_request(request())
+            for _ in range(STALE_RETRIES):
+                try:
+                    return await self.transport.handle_async_request(request())
+                except httpx.RemoteProtocolError:
+                    # a kept-alive connection the server had just closed (llama-server may close one right after a
+                    # streamed answer, unannounced): nothing was answered on it; the next idle one, or a new one
+                    continue
+            return await self.transport.handle_async_request(request())
         except httpx.HTTPError as exc:
             self.pool.note_failure(lease)
             self.pool.release(lease)
