@@ -425,6 +425,15 @@ def test_hostile_requests_get_a_4xx_in_the_routes_shape_and_serve_stays_healthy(
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
         r = http.post("/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 404 and isinstance(r.json()["error"], str), r.text
+        # a model name 100 KB long: 404, and the answer does not echo it back whole
+        r = http.post("/v1/chat/completions", json={"model": "x" * 100_000, "messages": []})
+        assert r.status_code == 404 and len(r.text) < 300, r.text[:300]
+        r = http.post("/api/show", json={"model": "../" * 1000})
+        assert r.status_code == 404 and len(r.text) < 300, r.text[:300]
+        # a keep_alive that is no duration, or of the wrong type
+        for keep in ("soon", [5], {"s": 1}):
+            r = http.post("/api/generate", json={"model": "smol", "prompt": "", "keep_alive": keep})
+            assert r.status_code == 400 and r.json()["error"].startswith("keep_alive: "), r.text
         # not JSON, a JSON array, no model
         for path in ("/v1/chat/completions", "/api/generate"):
             r = http.post(path, content=b"{not json", headers={"Content-Type": "application/json"})

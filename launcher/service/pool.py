@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.errors import BackendError, FitquantError, NoFitError, RunFailed
 from launcher.service.events import log_event
+from launcher.units import shown_value
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend, Instance
@@ -244,7 +245,7 @@ class Pool:
         model the profile does not name, 503 when the queue is full, the wait too long, or the load failed."""
         model = self.models.get(alias)
         if model is None:
-            raise Refused(404, f"model {alias!r} is not served here; GET /v1/models lists the models")
+            raise Refused(404, f"model {shown_value(alias)} is not served here; GET /v1/models lists the models")
         if self._closing:
             raise Refused(503, "fitquant serve is stopping", retry_after_s=5)
         # as in Ollama, each request sets the expiry: one without keep_alive goes back to the profile's ttl
@@ -332,7 +333,7 @@ class Pool:
         it was not loaded."""
         model = self.models.get(alias)
         if model is None:
-            raise Refused(404, f"model {alias!r} is not served here; GET /v1/models lists the models")
+            raise Refused(404, f"model {shown_value(alias)} is not served here; GET /v1/models lists the models")
         deadline = time.monotonic() + (self.settings.drain_s if wait_s is None else wait_s)
         assert self._load_lock is not None
         async with self._load_lock:

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from launcher.service import ollama_api
 from launcher.service.events import log_event
 from launcher.service.pool import Lease, Pool, Refused
+from launcher.units import shown_value
 
 if TYPE_CHECKING:
     from launcher.service.metrics import RouterMetrics
@@ -371,10 +372,10 @@ class Router:
 
     async def _to_peer(self, request: Request, alias: str, body: Mapping[str, Any], route: str) -> Response:
         if request.headers.get(PEER_HEADER):
-            raise HTTPFailure(404, f"model {alias!r} is not served here", code="model_not_found")
+            raise HTTPFailure(404, f"model {shown_value(alias)} is not served here", code="model_not_found")
         peer = await self.peers.find(alias)
         if peer is None:
-            raise HTTPFailure(404, f"model {alias!r} is not served here; GET /v1/models lists the models",
+            raise HTTPFailure(404, f"model {shown_value(alias)} is not served here; GET /v1/models lists the models",
                               code="model_not_found")  # fmt: skip
         headers = {"Content-Type": "application/json", **peer.headers()}
         upstream_request = self.client.build_request("POST", f"{peer.url}{request.url.path}",
@@ -471,7 +472,7 @@ class Router:
             self._served_alias(request, alias)
             infos = {i.name: i for i in self._infos(loaded_only=False)}
             if alias not in infos:
-                raise HTTPFailure(404, f"model '{alias}' not found")
+                raise HTTPFailure(404, f"model {shown_value(alias)} not found")
             return JSONResponse(ollama_api.show_response(infos[alias], verbose=bool(body.get("verbose"))))
 
         return await self._guarded(request, "show", work)
