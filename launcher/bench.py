@@ -83,21 +83,13 @@ def as_instance(running: RunningInstance, api_key: str | None) -> Instance:
 
 def measure(instance: Instance, depth: int, tokens: int, *, run: int, timeout_s: float = 600.0) -> BenchRow:
     """One request at `depth`: prefill and decode tokens/s from the server's own timings."""
-    from launcher.chat import ChatError, count_tokens, reply
+    from launcher.chat import ChatError, reply
+    from launcher.run import filler
     from launcher.speed import measured_speed
 
     ollama = instance.backend == "ollama"
     head = f"bench{run}d{depth}"  # a word no earlier prompt began with: the prompt cache cannot answer for it
-    prompt = head
-    if depth > 0:
-        words = depth
-        try:
-            sample = count_tokens(instance, "hello" + " hello" * 255, timeout_s=timeout_s)
-        except ChatError as exc:
-            raise BackendError(f"{instance.endpoint}: {exc}") from None
-        if sample:
-            words = max(1, depth * 256 // sample)
-        prompt = head + " hello" * words
+    prompt = head + " " + filler(instance, depth, timeout_s=timeout_s)[0] if depth > 0 else head
     extra = None if ollama else {"cache_prompt": False, "ignore_eos": True}
     try:
         answer = reply(instance, [{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0,

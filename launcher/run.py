@@ -637,7 +637,7 @@ def warm_up(
     if mode == "full":
         n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
         tokens = max(16, n_slot - 96)  # room for the chat template and the reply
-        prompt, counted = _filler(instance, tokens, timeout_s=timeout_s)
+        prompt, counted = filler(instance, tokens, timeout_s=timeout_s)
         filled = _ask(instance, prompt, max_tokens=4, timeout_s=timeout_s)
         processed = filled.prompt_tokens
         if processed is None:
@@ -752,7 +752,7 @@ def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float)
         raise _warmup_failure(instance, str(exc), status=exc.status) from None
 
 
-def _filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, int | None]:
+def filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, int | None]:
     """A prompt of about `tokens` tokens for this server's tokenizer (a word is not always one token), measured
     with the server's own tokenizer where it has one; and that count (None without a tokenizer endpoint)."""
     from launcher.chat import ChatError, count_tokens

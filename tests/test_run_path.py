@@ -27,7 +27,7 @@ from launcher.errors import BackendError, NoFitError, RunFailed
 from launcher.plan import Policy, budgets_for
 from launcher.profiles import parse_profile, profile_plan
 from launcher.run import backend_and_machine, launch, plan_runs, read_api_key, run_machine, server_policy
-from launcher.service.pool import Pool, settings_of
+from launcher.service.pool import Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -57,7 +57,7 @@ def test_serve_and_plan_profile_keep_each_reserve_once(tmp_path: Path) -> None:
     profile = parse_profile(TWO_GPUS.replace("MODEL", tiny.files[0].local_path or ""))
     backend = LlamaCppBackend()
     machine, reserve = run_machine(backend, profile=profile)
-    pool = Pool(profile, backend=backend, machine=machine, reserve=reserve, settings=settings_of(profile))
+    pool = Pool(profile, backend=backend, machine=machine, reserve=reserve)
     pool.prepare()  # what serve plans at its start, each model on the empty machine
     [served] = pool.models.values()
     by_plan = profile_plan(profile, served.alias)

@@ -67,7 +67,6 @@ def plan(
     """
     from launcher.backends import launch_forms
     from launcher.errors import NoFitError
-    from launcher.fit import fit
     from launcher.plan import Plan, Policy
 
     policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel, reserve_bytes=reserve,
@@ -101,21 +100,16 @@ def plan(
 
             render_plan(result, forms=forms)
 
-    from launcher import record
-    from launcher.run import backend_build, kv_for_build, planning_backend, server_policy
+    from launcher.run import RunSpec, plan_runs, planning_backend
 
-    # what the server `run` would start does by default that changes memory (logits rows, SWA cache, repacking),
-    # and a K/V pair its build runs flash attention for on the GPU
+    # planned as `run` plans it: what the server it would start does by default that changes memory (logits rows,
+    # SWA cache, repacking), a K/V pair its build runs on the GPU, what was measured here before
     backend = planning_backend("llamacpp" if rpc else "auto")
-    policy, kv_note = kv_for_build(server_policy(policy, backend), backend, machine)
     try:
-        known = record.remembered(machine, record.model_key(model), policy)
-        result = fit(model, policy, machine=machine, confirm=engine, remembered=known, build=backend_build(backend))
+        [result] = plan_runs([RunSpec(model, policy, confirm=engine)], backend=backend, machine=machine)
     except NoFitError as refused:
         show(refused.plan)  # what was refused and why, then the error line
         raise
-    if kv_note is not None:
-        result.notes.insert(0, kv_note)
     show(result)
 
 

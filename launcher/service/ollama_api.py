@@ -421,29 +421,6 @@ def embeddings_request(body: Any) -> Upstream | None:
     return Upstream(EMBEDDINGS_PATH, {**_model(body), "input": prompt}, ignored=tuple(dropped))
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_keep_alive(value: Any) -> float | None:
-    """Ollama's `keep_alive` in seconds: a number of seconds or a Go duration ("5m", "1h30m", "0"); a negative
-    value means forever (None). Raises ValueError naming `keep_alive` otherwise."""
-    if isinstance(value, str):
-        text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
-        text = text.lstrip("+-")
-        try:
-            seconds = float(text)  # "300", "-1": plain numbers are seconds
-        except ValueError:
-            if not text or _DURATION.sub("", text):
-                raise ValueError(f'keep_alive must be seconds or a duration like "5m", not {value!r}') from None
-            seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION.findall(text))
-        seconds *= sign
-    else:
-        seconds = _number(value, "keep_alive")
-    return None if seconds < 0 else float(seconds)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Responses
 
@@ -723,6 +700,20 @@ class _Stream:
             self.timings = chunk["timings"]
         return chunk
 
+    def feed(self, chunk: dict[str, Any] | str, now_ns: int | None = None) -> list[dict[str, Any]]:
+        """One SSE payload (a dict, or "[DONE]") -> zero or more Ollama stream objects."""
+        parsed = self._common(chunk)
+        if parsed is None:
+            return []
+        if (error := _error(parsed)) is not None:
+            self.failed = True
+            return [error]
+        return self._objects(parsed, self._stamp(parsed, now_ns))
+
+    def _objects(self, parsed: dict[str, Any], stamp: str) -> list[dict[str, Any]]:
+        """The stream objects of one parsed chunk (each stream says how)."""
+        raise NotImplementedError
+
     def _final(self, now_ns: int) -> dict[str, Any]:
         metrics = _metrics(
             self.usage, self.timings, self.native, started_ns=self.started_ns, now_ns=now_ns, load_ns=self.load_ns
@@ -758,16 +749,8 @@ class ChatStream(_Stream):
     def _line(self, stamp: str, message: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model, "created_at": stamp, "message": message, "done": False}
 
-    def feed(self, chunk: dict[str, Any] | str, now_ns: int | None = None) -> list[dict[str, Any]]:
-        """One SSE payload (a dict, or "[DONE]") -> zero or more Ollama stream objects."""
-        parsed = self._common(chunk)
-        if parsed is None:
-            return []
-        if (error := _error(parsed)) is not None:
-            self.failed = True
-            return [error]
-        stamp = self._stamp(parsed, now_ns)
-        out = []
+    def _objects(self, parsed: dict[str, Any], stamp: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         for choice in parsed.get("choices") or []:
             choice = _dict(choice, "choices[]")
             delta = _sub(choice, "delta")
@@ -826,16 +809,8 @@ class GenerateStream(_Stream):
             out["thinking"] = thinking
         return {**out, "done": False}
 
-    def feed(self, chunk: dict[str, Any] | str, now_ns: int | None = None) -> list[dict[str, Any]]:
-        """One SSE payload (a dict, or "[DONE]") -> zero or more Ollama stream objects."""
-        parsed = self._common(chunk)
-        if parsed is None:
-            return []
-        if (error := _error(parsed)) is not None:
-            self.failed = True
-            return [error]
-        stamp = self._stamp(parsed, now_ns)
-        out = []
+    def _objects(self, parsed: dict[str, Any], stamp: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         if "choices" not in parsed and isinstance(parsed.get("content"), str):  # llama-server native
             self.native = parsed
             if parsed["content"]:
@@ -1055,14 +1030,14 @@ def model_info_from(
 # ---------------------------------------------------------------------------------------------------------------
 # Errors and the routes fitquant does not offer
 
-_NOT_IMPLEMENTED = ("pull", "push", "create", "delete", "copy")
+NOT_IMPLEMENTED = ("pull", "push", "create", "delete", "copy")  # Ollama's model management: 501
 
 
 def not_implemented(route: str) -> tuple[int, dict[str, Any]]:
     """501 and Ollama's error body for the model-management routes (pull, push, create, delete, copy)."""
     name = route.rstrip("/").rsplit("/", 1)[-1]
-    if name not in _NOT_IMPLEMENTED:
-        raise ValueError(f"route must be one of {', '.join(_NOT_IMPLEMENTED)}, not {route!r}")
+    if name not in NOT_IMPLEMENTED:
+        raise ValueError(f"route must be one of {', '.join(NOT_IMPLEMENTED)}, not {route!r}")
     return 501, error_body(
         f"/api/{name} is not available: fitquant serve runs the models its profile names; "
         "add the model to the profile and reload (systemctl reload fitquant)"

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from launcher.hardware.types import HardwareSnapshot
     from launcher.plan import Plan
     from launcher.profiles import ModelEntry, Profile
+    from launcher.profiles.schema import RouterSettings
     from launcher.run import RunResult, RunSpec
     from launcher.service.metrics import RouterMetrics
     from launcher.service.ollama_api import ModelInfo
@@ -98,27 +99,11 @@ class Model:
     keep_alive_s: float | None = None  # the last request's keep_alive (None: the profile's ttl)
     drain_from: float | None = None  # monotonic: since when another queued model has waited for its memory
     last_error: str | None = None
-    verify_s: float | None = None
     load_s: float | None = None
 
     @property
     def alias(self) -> str:
         return self.entry.name
-
-    @property
-    def draining(self) -> bool:
-        return self.drain_from is not None
-
-
-@dataclass
-class RouterSettings:
-    """What the profile's `router:` section says, in seconds and counts."""
-
-    min_residency_s: float = 30.0
-    max_queue: int = 64
-    max_wait_s: float = 600.0
-    swap_after_s: float = 10.0
-    drain_s: float = 30.0
 
 
 class Pool:
@@ -129,7 +114,6 @@ class Pool:
         backend: Backend,
         machine: HardwareSnapshot,
         reserve: int | None,
-        settings: RouterSettings,
         metrics: RouterMetrics | None = None,
         probe_free: Callable[[], dict[str, int] | None] | None = None,
     ) -> None:
@@ -137,7 +121,6 @@ class Pool:
         self.backend = backend
         self.machine = machine
         self.reserve = reserve
-        self.settings = settings
         self.metrics = metrics
         self.models: dict[str, Model] = {}
         self.usable: dict[str, int] = {}  # each budget's usable bytes on the empty machine
@@ -200,6 +183,11 @@ class Pool:
         self._fail_waiters(model, Refused(503, f"{alias} was {reason}", retry_after_s=1))
         del self.models[alias]
 
+    @property
+    def settings(self) -> RouterSettings:
+        """The profile's `router:` section (durations in seconds): a reload's new values apply at once."""
+        return self.profile.router
+
     def _spec(self, entry: ModelEntry) -> RunSpec:
         from launcher.backends.base import LaunchRequest
         from launcher.profiles import profile_policy
@@ -210,7 +198,7 @@ class Pool:
         # a load that neither comes up nor fails holds the one load slot: bounded like a queued request's wait
         request = LaunchRequest(host="127.0.0.1", port=entry.port, rpc=tuple(self.profile.rpc),
                                 embeddings=entry.embeddings, alias=entry.name,
-                                ready_timeout_s=settings_of(self.profile).max_wait_s)  # fmt: skip
+                                ready_timeout_s=self.settings.max_wait)  # fmt: skip
         return RunSpec(entry.model, policy, request, name=entry.name, warmup=self.profile.defaults.warmup,
                        max_attempts=1)  # fmt: skip
 
@@ -237,6 +225,7 @@ class Pool:
         model = self.models.get(alias)
         if model is None or self._closing or model.state != "ready" or self.serving_blocked(model):
             return None
+        # as in Ollama, each request sets the expiry: one without keep_alive goes back to the profile's ttl
         model.keep_alive_s = None if keep_alive_s == "unset" else keep_alive_s
         return self._lease(model)
 
@@ -248,10 +237,10 @@ class Pool:
             raise Refused(404, f"model {shown_value(alias)} is not served here; GET /v1/models lists the models")
         if self._closing:
             raise Refused(503, "fitquant serve is stopping", retry_after_s=5)
-        # as in Ollama, each request sets the expiry: one without keep_alive goes back to the profile's ttl
+        lease = self.try_lease(alias, keep_alive_s=keep_alive_s)
+        if lease is not None:
+            return lease
         model.keep_alive_s = None if keep_alive_s == "unset" else keep_alive_s
-        if model.state == "ready" and not self.serving_blocked(model):
-            return self._lease(model)
         queued = sum(len(m.waiters) for m in self.models.values())
         if queued >= self.settings.max_queue:
             raise Refused(503, f"{queued} requests are waiting for models to load (router.max_queue); try again",
@@ -262,10 +251,10 @@ class Pool:
         self._gauge_queue(model)
         self._kick()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.max_wait_s)
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.max_wait)
         except asyncio.TimeoutError:
             self._forget(model, future)
-            raise Refused(503, f"{alias} was not loaded within {self.settings.max_wait_s:g} s (router.max_wait)",
+            raise Refused(503, f"{alias} was not loaded within {self.settings.max_wait:g} s (router.max_wait)",
                           retry_after_s=self._retry_after()) from None  # fmt: skip
         except asyncio.CancelledError:
             # the client left: out of the queue, and a lease handed to it meanwhile goes back
@@ -300,16 +289,13 @@ class Pool:
         model.in_flight = max(0, model.in_flight - 1)
         now = time.monotonic()
         model.last_used = now
-        ttl = model.keep_alive_s if model.keep_alive_s is not None else self._ttl(model)
+        ttl = model.keep_alive_s if model.keep_alive_s is not None else model.entry.ttl
         if model.keep_alive_s is not None and model.keep_alive_s < 0:
             ttl = None
         model.expires_at = None if ttl is None or model.entry.pin else now + ttl
         if self.metrics is not None:
             self.metrics.in_flight(model.alias, model.in_flight)
         self._kick()
-
-    def _ttl(self, model: Model) -> float | None:
-        return getattr(model.entry, "ttl", None)
 
     def _retry_after(self) -> float:
         loads = [m.load_s for m in self.models.values() if m.load_s]
@@ -334,7 +320,7 @@ class Pool:
         model = self.models.get(alias)
         if model is None:
             raise Refused(404, f"model {shown_value(alias)} is not served here; GET /v1/models lists the models")
-        deadline = time.monotonic() + (self.settings.drain_s if wait_s is None else wait_s)
+        deadline = time.monotonic() + (self.settings.drain if wait_s is None else wait_s)
         assert self._load_lock is not None
         async with self._load_lock:
             while model.in_flight and time.monotonic() < deadline:
@@ -353,7 +339,7 @@ class Pool:
                 future, _ = model.waiters.popleft()
                 if not future.done():
                     future.set_exception(Refused(503, "fitquant serve is stopping", retry_after_s=5))
-        deadline = time.monotonic() + self.settings.drain_s
+        deadline = time.monotonic() + self.settings.drain
         while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._loader is not None:
@@ -365,7 +351,7 @@ class Pool:
 
         for work in list(self._starting):
             try:
-                result = await asyncio.wait_for(asyncio.shield(work), self.settings.drain_s)
+                result = await asyncio.wait_for(asyncio.shield(work), self.settings.drain)
             except BaseException:  # it failed, or is still starting: its own cleanup (or our exit) ends it
                 continue
             with contextlib.suppress(Exception):
@@ -515,7 +501,7 @@ class Pool:
 
         now = time.monotonic()
         decision = admit(model.alias, model.cost, self.free(), self._residents(), now=now,
-                         min_residency_s=self.settings.min_residency_s, total=self.usable)  # fmt: skip
+                         min_residency_s=self.settings.min_residency, total=self.usable)  # fmt: skip
         for other in self.models.values():  # only the blockers of the model now waiting are drained
             if decision.action != "wait" or other.alias not in decision.blockers:
                 other.drain_from = None
@@ -544,7 +530,7 @@ class Pool:
 
     def serving_blocked(self, model: Model) -> bool:
         """Whether new requests for a loaded model queue instead (another model has waited past swap_after)."""
-        return model.drain_from is not None and time.monotonic() - model.drain_from >= self.settings.swap_after_s
+        return model.drain_from is not None and time.monotonic() - model.drain_from >= self.settings.swap_after
 
     async def _load(self, model: Model, *, retry: bool = True) -> None:
         from launcher.run import record_entry, start_planned
@@ -594,7 +580,7 @@ class Pool:
         model.load_s = round(model.loaded_at - started, 3)
         model.drain_from = None
         model.expires_at = None
-        ttl = self._ttl(model)
+        ttl = model.entry.ttl
         if ttl is not None and not model.entry.pin:
             model.expires_at = model.loaded_at + ttl
         budgets = set(self.usable)
@@ -715,10 +701,8 @@ class Pool:
 
 
 def _info(entry: ModelEntry, plan: Plan) -> ModelInfo | None:
-    try:
-        from launcher.service.ollama_api import model_info_from
-    except ImportError:
-        return None
+    from launcher.service.ollama_api import model_info_from
+
     assert plan.chosen is not None
     try:
         return model_info_from(entry.name, plan.chosen.candidate, plan.chosen.n_ctx, embeddings=entry.embeddings)
@@ -733,19 +717,8 @@ def _bytes_text(per_budget: Mapping[str, int]) -> str:
     return ", ".join(f"{b} {format_bytes(n)}" for b, n in sorted(per_budget.items())) or "nothing"
 
 
-def settings_of(profile: Profile) -> RouterSettings:
-    """The profile's router section in seconds (defaults where the profile has none)."""
-    section = getattr(profile, "router", None)
-    if section is None:
-        return RouterSettings()
-    return RouterSettings(
-        min_residency_s=float(section.min_residency), max_queue=int(section.max_queue),
-        max_wait_s=float(section.max_wait), swap_after_s=float(section.swap_after), drain_s=float(section.drain),
-    )  # fmt: skip
-
-
 def identity(entry: ModelEntry) -> str:
     return json.dumps(entry.model_dump(mode="json"), sort_keys=True)
 
 
-__all__ = ["Lease", "Model", "Pool", "Refused", "RouterSettings", "ServeError"]
+__all__ = ["Lease", "Model", "Pool", "Refused", "ServeError"]

@@ -44,6 +44,7 @@ PEER_LIST_TTL_S = 30.0
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API these routes follow (what /api/version answers)
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)
 STALE_RETRIES = 2  # requests sent again after a kept-alive upstream connection turned out closed
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy in between may buffer a stream
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
@@ -187,7 +188,7 @@ class Router:
             Route("/api/embed", self.ollama_embed, methods=post),
             Route("/api/embeddings", self.ollama_embeddings, methods=post),
         ]
-        for verb in ("pull", "push", "create", "delete", "copy"):
+        for verb in ollama_api.NOT_IMPLEMENTED:
             routes.append(Route(f"/api/{verb}", self.ollama_not_implemented, methods=["POST", "DELETE"]))
         app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
         return KeyCheck(app, self.api_key)
@@ -315,6 +316,26 @@ class Router:
             self.pool.release(lease)
             raise HTTPFailure(502, f"{lease.alias}'s server did not answer: {type(exc).__name__}") from None
 
+    async def _whole(self, lease: Lease, route: str, upstream: httpx.Response, started: float) -> bytes:
+        """A whole (not streamed) answer; the lease goes back and the request is counted either way."""
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError as exc:
+            self.pool.note_failure(lease)
+            self._finish(lease, route, 502, started)
+            raise HTTPFailure(502, f"{lease.alias}'s server failed mid-answer: {type(exc).__name__}") from None
+        finally:
+            await upstream.aclose()
+        self._finish(lease, route, upstream.status_code, started)
+        return content
+
+    def _stream_failed(self, lease: Lease, exc: Exception) -> str:
+        """The one line a client gets when the model's server fails mid-stream (logged; a dead server is seen)."""
+        self.pool.note_failure(lease)
+        message = f"{lease.alias}'s server failed mid-stream: {type(exc).__name__}"
+        log_event("stream-failed", model=lease.alias, error=message)
+        return message
+
     def _finish(self, lease: Lease, route: str, status: int, started: float) -> None:
         self.pool.release(lease)
         if self.metrics is not None:
@@ -327,15 +348,7 @@ class Router:
         upstream = await self._send(lease, path, body)
         kind = upstream.headers.get("content-type", "application/json")
         if "text/event-stream" not in kind and "ndjson" not in kind:
-            try:
-                content = await upstream.aread()
-            except httpx.HTTPError as exc:
-                self.pool.note_failure(lease)
-                self._finish(lease, route, 502, started)
-                raise HTTPFailure(502, f"{lease.alias}'s server failed mid-answer: {type(exc).__name__}") from None
-            finally:
-                await upstream.aclose()
-            self._finish(lease, route, upstream.status_code, started)
+            content = await self._whole(lease, route, upstream, started)
             if rename is not None:
                 content = _renamed(content, rename)
             return Response(content, status_code=upstream.status_code, media_type=kind.split(";")[0])
@@ -353,9 +366,7 @@ class Router:
                 if pending:
                     yield _renamed_lines(pending, rename or "")
             except httpx.HTTPError as exc:
-                self.pool.note_failure(lease)
-                message = f"{lease.alias}'s server failed mid-stream: {type(exc).__name__}"
-                log_event("stream-failed", model=lease.alias, error=message)
+                message = self._stream_failed(lease, exc)
                 if "ndjson" in kind:
                     yield json.dumps(ollama_api.error_body(message)).encode() + b"\n"
                 else:
@@ -366,9 +377,8 @@ class Router:
                 with anyio.CancelScope(shield=True):
                     await upstream.aclose()
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(relay(), status_code=upstream.status_code, media_type=kind.split(";")[0],
-                                 headers=headers)  # fmt: skip
+                                 headers=STREAM_HEADERS)  # fmt: skip
 
     async def _to_peer(self, request: Request, alias: str, body: Mapping[str, Any], route: str) -> Response:
         if request.headers.get(PEER_HEADER):
@@ -398,7 +408,7 @@ class Router:
 
         log_event("forwarded", model=alias, peer=peer.url, route=route)
         return StreamingResponse(relay(), status_code=upstream.status_code, media_type=kind.split(";")[0],
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+                                 headers=STREAM_HEADERS)  # fmt: skip
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
     def _openai(self, path: str) -> Callable[[Request], Awaitable[Response]]:
@@ -540,15 +550,7 @@ class Router:
         alias = lease.alias
         upstream = await self._send(lease, up.path, up.body)
         if not stream or upstream.status_code != 200:
-            try:
-                raw = await upstream.aread()
-            except httpx.HTTPError as exc:
-                self.pool.note_failure(lease)
-                self._finish(lease, verb, 502, started)
-                raise HTTPFailure(502, f"{alias}'s server failed mid-answer: {type(exc).__name__}") from None
-            finally:
-                await upstream.aclose()
-            self._finish(lease, verb, upstream.status_code, started)
+            raw = await self._whole(lease, verb, upstream, started)
             try:
                 answer = json.loads(raw)
             except ValueError:
@@ -592,17 +594,14 @@ class Router:
                     yield json.dumps(converter.finish(time.time_ns())).encode() + b"\n"
             except httpx.HTTPError as exc:
                 status = 502
-                self.pool.note_failure(lease)
-                message = f"{alias}'s server failed mid-stream: {type(exc).__name__}"
-                log_event("stream-failed", model=alias, error=message)
-                yield json.dumps(ollama_api.error_body(message)).encode() + b"\n"
+                yield json.dumps(ollama_api.error_body(self._stream_failed(lease, exc))).encode() + b"\n"
             finally:
                 self._finish(lease, verb, status, started)
                 with anyio.CancelScope(shield=True):
                     await upstream.aclose()
 
         return StreamingResponse(relay(), media_type="application/x-ndjson",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+                                 headers=STREAM_HEADERS)  # fmt: skip
 
     # --- admin -------------------------------------------------------------------------------------------------
     async def health(self, _request: Request) -> Response:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import signal
 import socket
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.errors import ProfileError
 from launcher.paths import state_dir
 from launcher.service.events import log_event
-from launcher.service.pool import Pool, ServeError, identity, settings_of
+from launcher.service.pool import Pool, ServeError, identity
 
 if TYPE_CHECKING:
     from launcher.profiles import Profile
@@ -69,27 +68,12 @@ def _run(main: Any) -> None:
 
 def check_exposure(profile: Profile, api_key: str | None) -> None:
     """A `listen` beyond this machine needs an API key, or the profile's explicit `insecure: true`."""
-    host = listen_address(profile)[0]
-    if api_key or profile.insecure or _loopback(host):
+    if api_key or profile.insecure or profile.loopback:
         return
     raise ServeError(
         f"profile {profile.source}: 'listen' {profile.listen} is reachable beyond this machine and no API key is set; "
         "set api_key_env or api_key_file (or pass --api-key-file), bind 127.0.0.1, or say insecure: true"
     )
-
-
-def listen_address(profile: Profile) -> tuple[str, int]:
-    host, _, port = profile.listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _peers(profile: Profile) -> list[Peer]:
@@ -135,7 +119,7 @@ class _Service:
             backend_and_machine, profile.backend, llama_server=profile.llama_server,
             ollama_host=profile.ollama_host, profile=profile)  # fmt: skip
         self.metrics = getattr(self, "metrics", None) or RouterMetrics()
-        pool = Pool(profile, backend=backend, machine=machine, reserve=reserve, settings=settings_of(profile),
+        pool = Pool(profile, backend=backend, machine=machine, reserve=reserve,
                     metrics=self.metrics, probe_free=_live_free(machine, profile, reserve))  # fmt: skip
         _say_what_changed(self.path, machine)
         await asyncio.to_thread(pool.prepare)
@@ -150,18 +134,18 @@ class _Service:
         log_event("serve", profile=self.path, machine=self.profile.machine, models=len(self.profile.models),
                   listen=self.profile.listen)  # fmt: skip
         self.pool = await self._new_pool(self.profile)
-        settings = settings_of(self.profile)
+        drain_s = self.profile.router.drain
         self.router = Router(self.pool, api_key=self.api_key, peers=_peers(self.profile), metrics=self.metrics,
                              max_body=self.profile.router.max_body, body_timeout_s=self.profile.router.body_timeout,
                              ready=lambda: self.ready)  # fmt: skip
-        host, port = listen_address(self.profile)
+        host, port = self.profile.listen_host, self.profile.listen_port
         sock = _bind(host, port)
         # no proxy-header rewriting (nothing sits in front of it by default), no per-response Server/Date headers
         config = uvicorn.Config(self.router.app(), log_level="warning", access_log=False, lifespan="off",
                                 proxy_headers=False, server_header=False, date_header=False,
-                                timeout_graceful_shutdown=int(settings.drain_s) + 1,
+                                timeout_graceful_shutdown=int(drain_s) + 1,
                                 timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
-        server = _QuietServer(config)
+        server = _quiet_server(config)
         stop, hup = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,13 +173,13 @@ class _Service:
                 await self.pool.upkeep()
         finally:
             _notify(notify.stopping, "draining requests, stopping every model")
-            log_event("stopping", reason="signal" if stop.is_set() else "error", drain_s=settings.drain_s)
+            log_event("stopping", reason="signal" if stop.is_set() else "error", drain_s=drain_s)
             self.pool._closing = True
             server.should_exit = True
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(serving, settings.drain_s + 5)
+                await asyncio.wait_for(serving, drain_s + 5)
             try:
-                await asyncio.wait_for(self.pool.close(), settings.drain_s + 60)
+                await asyncio.wait_for(self.pool.close(), drain_s + 60)
             except BaseException:
                 self.pool.stop_now()
                 raise
@@ -282,19 +266,17 @@ class _Service:
         write_private(_state_path(self.path), json.dumps(state, indent=2))
 
 
-class _QuietServer:
+def _quiet_server(config: Any) -> Any:
     """uvicorn's Server without its own signal handling: serve installs SIGTERM/SIGINT/SIGHUP itself (uvicorn's
     would re-raise SIGTERM on the way out, and a clean stop must exit 0)."""
+    import uvicorn
 
-    def __new__(cls, config: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
-        return Server(config)
+    return Server(config)
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
