@@ -263,6 +263,36 @@ models:
     assert notify.until("STOPPING=1", timeout=10)
 
 
+def test_an_ollama_keep_alive_below_zero_keeps_a_model_past_its_ttl(tmp_path: Path, smol: Path) -> None:
+    """As in Ollama, a negative keep_alive keeps the model loaded for ever; the next request without one goes back
+    to the profile's ttl."""
+    profile = _profile(
+        tmp_path / "forever.yaml",
+        f"""machine: roomy-box
+backend: llamacpp
+ram: 2GiB
+reserve: 0
+listen: 127.0.0.1:{free_port()}
+models:
+  - {{model: {smol}, context: 1024, alias: smol, ttl: 2s}}
+""",
+    )
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        body = {"model": "smol", "prompt": "Hi", "stream": False, "keep_alive": -1, "options": {"num_predict": 2}}
+        assert httpx.post(serve.url + "/api/generate", json=body, timeout=180).status_code == 200
+        pid = _ready_pid(serve, "smol")
+        ps = httpx.get(serve.url + "/api/ps", timeout=10).json()["models"]
+        assert ps[0]["expires_at"].startswith("2318-"), ps  # Ollama's "for ever"
+        assert serve.model_row("smol")["expires_in_s"] is None
+        time.sleep(4)  # twice the ttl
+        assert serve.model_row("smol")["state"] == "ready" and not serve.events("unloading"), serve.log()
+        assert _chat(serve, "smol").status_code == 200  # no keep_alive: the profile's ttl again
+        serve.wait_for(r'unloading model=smol reason="idle past its ttl"', timeout=30)
+        assert gone(pid)
+        _stopped_cleanly(serve, {pid})
+
+
 def test_a_model_idle_past_its_ttl_is_unloaded(tmp_path: Path, smol: Path) -> None:
     profile = _profile(
         tmp_path / "ttl.yaml",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -95,8 +96,7 @@ class Model:
     last_used: float = 0.0
     loaded_at: float = 0.0
     waiters: deque[tuple[asyncio.Future[Lease], float]] = field(default_factory=deque)
-    expires_at: float | None = None  # monotonic: unload when idle past this (ttl, or a request's keep_alive)
-    keep_alive_s: float | None = None  # the last request's keep_alive (None: the profile's ttl)
+    keep_alive_s: float | None = None  # the last request's keep_alive (None: the profile's ttl; inf: forever)
     drain_from: float | None = None  # monotonic: since when another queued model has waited for its memory
     last_error: str | None = None
     load_s: float | None = None
@@ -104,6 +104,18 @@ class Model:
     @property
     def alias(self) -> str:
         return self.entry.name
+
+    @property
+    def ttl_s(self) -> float | None:
+        """How long it may stay idle: the last request's keep_alive, else the profile's ttl; None: for ever."""
+        ttl = self.keep_alive_s if self.keep_alive_s is not None else self.entry.ttl
+        return None if self.entry.pin or ttl is None or math.isinf(ttl) else ttl
+
+    @property
+    def expires_at(self) -> float | None:
+        """Monotonic seconds at which it unloads if still idle; None: loaded for ever, or not loaded."""
+        ttl = self.ttl_s
+        return None if self.state != "ready" or ttl is None else self.last_used + ttl
 
 
 class Pool:
@@ -289,10 +301,6 @@ class Pool:
         model.in_flight = max(0, model.in_flight - 1)
         now = time.monotonic()
         model.last_used = now
-        ttl = model.keep_alive_s if model.keep_alive_s is not None else model.entry.ttl
-        if model.keep_alive_s is not None and model.keep_alive_s < 0:
-            ttl = None
-        model.expires_at = None if ttl is None or model.entry.pin else now + ttl
         if self.metrics is not None:
             self.metrics.in_flight(model.alias, model.in_flight)
         self._kick()
@@ -373,17 +381,19 @@ class Pool:
     # --- upkeep ------------------------------------------------------------------------------------------------
     async def upkeep(self) -> None:
         """Notice dead servers, and unload idle models past their ttl or keep_alive."""
-        now = time.monotonic()
+        from launcher.service.admission import expired
+
         for model in self.models.values():
             if model.state == "ready":
                 self._check_crash(model)
-            if (model.state == "ready" and not model.in_flight and not model.entry.pin
-                    and model.expires_at is not None and now >= model.expires_at):  # fmt: skip
-                why = "keep_alive" if model.keep_alive_s is not None else "ttl"
-                assert self._load_lock is not None
-                async with self._load_lock:
-                    if model.state == "ready" and not model.in_flight:
-                        await self._stop(model, f"idle past its {why}", metric_reason=why)
+        ready = [r for r in self._residents() if self.models[r.name].state == "ready"]
+        for name in expired(ready, {r.name: self.models[r.name].ttl_s for r in ready}, time.monotonic()):
+            model = self.models[name]
+            why = "keep_alive" if model.keep_alive_s is not None else "ttl"
+            assert self._load_lock is not None
+            async with self._load_lock:
+                if model.state == "ready" and not model.in_flight:
+                    await self._stop(model, f"idle past its {why}", metric_reason=why)
         self._kick()
 
     def _check_crash(self, model: Model) -> None:
@@ -579,10 +589,6 @@ class Pool:
         model.loaded_at = model.last_used = time.monotonic()
         model.load_s = round(model.loaded_at - started, 3)
         model.drain_from = None
-        model.expires_at = None
-        ttl = model.entry.ttl
-        if ttl is not None and not model.entry.pin:
-            model.expires_at = model.loaded_at + ttl
         budgets = set(self.usable)
         measured = {k: v for k, v in record_entry(result, "").get("needs_bytes", {}).items() if k in budgets and v}
         if measured:
@@ -640,7 +646,6 @@ class Pool:
             model.result, model.state, model.drain_from = None, "unloaded", None
             model.generation += 1
             model.in_flight = 0  # requests still running (an unload past its drain) end against the old generation
-            model.expires_at = None
         if before is not None:
             await self._wait_freed(before, model.cost)
         if self.metrics is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -498,9 +499,10 @@ class Router:
         from launcher.units import parse_keep_alive
 
         try:
-            return {"keep_alive_s": parse_keep_alive(body["keep_alive"])}
+            seconds = parse_keep_alive(body["keep_alive"])
         except ValueError as exc:
             raise HTTPFailure(400, f"keep_alive: {exc}") from None
+        return {"keep_alive_s": math.inf if seconds is None else seconds}  # negative: loaded for ever
 
     async def ollama_chat(self, request: Request) -> Response:
         return await self._ollama(request, "chat")
