@@ -5,11 +5,14 @@ One `fitquant serve` runs as a child on a profile with two models (SmolLM2 135M 
 `ram:` that holds only one of them, so asking for the other evicts the first. Every baseline is the same
 llama-server called (or started) directly, measured in this process, interleaved with the router's runs:
 
-1. latency: the same tiny request (max_tokens 1, temperature 0) through the router and to the model's own server
-   (its endpoint from GET /running), alternately, one warm httpx.Client each; p50/p99 of each and of the
-   per-pair difference;
+1. latency: the same tiny request (max_tokens 1, temperature 0) through the router, to the model's own server (its
+   endpoint from GET /running) and to it again (an A/A control), in rotating order, one warm httpx.Client for the
+   router and one for the server; added at p50: the median of the per-round differences; added at p99: the
+   router's p99 minus the direct p99 (a per-round difference's p99 also holds both requests' own noise: printed
+   beside it, with the control's, which a path that adds nothing would show);
 2. streaming: the same streamed request (`ignore_eos`, so the token count is fixed), tokens/s counted over the
-   SSE content chunks from the first token to the last, through the router and direct;
+   SSE content chunks from the first token to the last, through the router and direct, back to back in each
+   round; the ratio is the median of the rounds' ratios;
 3. swap: a streamed request for the unloaded model (evict, load, verify with fitquant's warm-up request, first
    token) against the argv the router's server ran (read from its pid) started directly: until /health is 200,
    then the same request's first token.
@@ -245,16 +248,24 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         one_request(direct, url, body)
         via: list[float] = []
         own: list[float] = []
-        for i in range(args.runs):  # interleaved, the order swapped each pair so neither always goes first
-            pair = [("r", router, "/v1/chat/completions"), ("d", direct, url)]
-            for kind, client, target in pair if i % 2 == 0 else pair[::-1]:
-                (via if kind == "r" else own).append(one_request(client, target, body))
+        again: list[float] = []  # the A/A control: the same direct request a second time in each round
+        for i in range(args.runs):  # interleaved, the order rotated each round so none always goes first
+            trio = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url)]
+            for kind, client, target in trio[i % 3 :] + trio[: i % 3]:
+                {"r": via, "d": own, "a": again}[kind].append(one_request(client, target, body))
         diff = [a - b for a, b in zip(via, own, strict=True)]
+        control = [a - b for a, b in zip(again, own, strict=True)]
         out["latency"] = {
             "runs": args.runs,
             "router_p50_ms": quantile(via, 0.5) * 1e3, "router_p99_ms": quantile(via, 0.99) * 1e3,
             "direct_p50_ms": quantile(own, 0.5) * 1e3, "direct_p99_ms": quantile(own, 0.99) * 1e3,
-            "added_p50_ms": quantile(diff, 0.5) * 1e3, "added_p99_ms": quantile(diff, 0.99) * 1e3,
+            # what the router adds: the median of the per-round differences; at p99, the difference of the two
+            # paths' own p99s. A per-round difference's p99 measures both requests' noise too: the A/A control (the
+            # direct request against itself, a path that adds nothing) shows how much of it that is.
+            "added_p50_ms": quantile(diff, 0.5) * 1e3,
+            "added_p99_ms": (quantile(via, 0.99) - quantile(own, 0.99)) * 1e3,
+            "pair_diff_p99_ms": quantile(diff, 0.99) * 1e3,
+            "control_pair_diff_p99_ms": quantile(control, 0.99) * 1e3,
         }  # fmt: skip
 
         # 2. streamed tokens/s, same model, same request
@@ -269,9 +280,12 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
                 (r_tps if kind == "r" else d_tps).append(s["tokens_per_s"])
                 chunks.add(int(s["chunks"]))
         r_med, d_med = statistics.median(r_tps), statistics.median(d_tps)
+        # the ratio of each round's two runs, back to back, then their median: a slow spell of the machine (other
+        # processes, the server's own variation run to run) falls on both runs of a round, not on one path's median
+        paired = statistics.median(r / d for r, d in zip(r_tps, d_tps, strict=True))
         out["stream"] = {"runs": args.stream_runs, "tokens": args.tokens, "content_chunks": sorted(chunks),
                          "router_tokens_per_s": r_med, "direct_tokens_per_s": d_med,
-                         "ratio": r_med / d_med}  # fmt: skip
+                         "ratio": paired}  # fmt: skip
 
         # 3. swap: gemma is not loaded; asking for it evicts the small model, loads, verifies, answers
         body = chat("gemma", max_tokens=4, stream=True)
@@ -323,6 +337,8 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("latency added by router, p50", f"{lat['added_p50_ms']:.2f} ms", "< 2 ms", verdict(lat["added_p50_ms"] < 2)),
         ("latency added by router, p99", f"{lat['added_p99_ms']:.2f} ms", "< 10 ms",
          verdict(lat["added_p99_ms"] < 10)),
+        ("  per-round difference, p99", f"{lat['pair_diff_p99_ms']:.2f} ms", "", ""),
+        ("  A/A control (direct vs direct), p99", f"{lat['control_pair_diff_p99_ms']:.2f} ms", "", ""),
         ("streamed tokens/s via router", f"{st['router_tokens_per_s']:.1f}", "", ""),
         ("streamed tokens/s direct", f"{st['direct_tokens_per_s']:.1f}", "", ""),
         ("streamed tokens/s, router / direct", f"{st['ratio']:.3f}", ">= 0.99", verdict(st["ratio"] >= 0.99)),
@@ -348,8 +364,13 @@ def render(m: dict[str, Any]) -> str:
     lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lat, st, sw = m["latency"], m["stream"], m["swap"]
     lines.append("")
-    lines.append(f"latency: {lat['runs']} pairs, max_tokens 1, small model; streaming: {st['runs']} runs each, "
-                 f"{st['tokens']} tokens (content chunks seen: {st['content_chunks']}), medians; "
+    lines.append(
+        "latency added at p99: the router's p99 minus the direct p99; a per-round difference's p99 holds "
+        "both requests' own noise, as the A/A control (a path that adds nothing) shows"
+    )
+    lines.append(f"latency: {lat['runs']} rounds, max_tokens 1, small model; streaming: {st['runs']} runs each, "
+                 f"{st['tokens']} tokens (content chunks seen: {st['content_chunks']}), medians (the ratio: of the "
+                 "rounds' ratios); "
                  f"swap: {sw['runs']} runs, medians")  # fmt: skip
     lines.append(f"machine: {m['cpus']} CPUs, load average {m['load_before']:.2f} before, {m['load_after']:.2f} after "
                  "(other processes' load shows in every figure)")  # fmt: skip
@@ -403,7 +424,7 @@ def serving(args: argparse.Namespace) -> Iterator[tuple[Serve, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="latency: request pairs (router, direct)")
-    parser.add_argument("--stream-runs", type=int, default=10, help="streaming: runs through each")
+    parser.add_argument("--stream-runs", type=int, default=20, help="streaming: runs through each")
     parser.add_argument("--swap-runs", type=int, default=3, help="swaps, each against a direct start")
     parser.add_argument("--tokens", type=int, default=128, help="streaming: tokens per run")
     parser.add_argument("--ctx", type=int, default=2048, help="context of both models")

@@ -25,6 +25,8 @@ FIGURES = [
     "request latency direct, p50 / p99",
     "latency added by router, p50",
     "latency added by router, p99",
+    "  per-round difference, p99",
+    "  A/A control (direct vs direct), p99",
     "streamed tokens/s via router",
     "streamed tokens/s direct",
     "streamed tokens/s, router / direct",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import socket
@@ -64,6 +65,13 @@ def _run(main: Any) -> None:
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+def _freeze_heap() -> None:
+    """Collect once and move everything start-up made (modules, the app, the pool) out of the collector's sight:
+    a full collection then scans only what requests made, not the whole heap (35 ms measured: a p99 spike)."""
+    gc.collect()
+    gc.freeze()
 
 
 def check_exposure(profile: Profile, api_key: str | None) -> None:
@@ -157,6 +165,7 @@ class _Service:
                 await asyncio.sleep(0.01)
             log_event("listening", address=f"http://{self.profile.listen}", auth="api key" if self.api_key else "none")
             await self.pool.start()
+            _freeze_heap()
             self.ready = True
             self._save_state()
             _notify(notify.ready, self._status())
