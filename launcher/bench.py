@@ -140,8 +140,10 @@ def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS,
     for run, depth in enumerate(usable, start=1):
         row = measure(instance, depth, tokens, run=run)
         if option is not None:
-            guess = predict_speed(option, devices, depth)
-            row.predicted_pp_per_s, row.predicted_tg_per_s = _round(guess.pp_per_s), _round(guess.tg_per_s)
+            # the prompt fills the context from empty to `depth`; the tokens after it decode at that depth
+            filling = predict_speed(option, devices, 0, n_prompt=max(1, row.prompt_tokens or depth))
+            row.predicted_pp_per_s = _round(filling.pp_per_s)
+            row.predicted_tg_per_s = _round(predict_speed(option, devices, depth).tg_per_s)
         result.rows.append(row)
     return result
 

@@ -103,35 +103,36 @@ def attach_speeds(
 ) -> None:
     """Predicted decode and prefill tokens/s on every option of the plan (launcher.speed), where the machine's
     devices have known figures: a GPU's own (NVML, a profile) or by name, the host's (a profile's, else measured;
-    not for a described machine). With the `backend` and its build's `version` that will run the plan, decode is
-    calibrated by what verified runs of that build measured on this machine (launcher.speed.calibration), and a
-    plan note says so."""
-    from dataclasses import replace
-
+    not for a described machine). With the `backend` and its build's `version` that will run the plan, each
+    option is calibrated by what verified runs of that build measured on this machine, those of its quant type
+    first (launcher.speed.calibration), and a plan note says so for the chosen one."""
     from launcher.speed import Calibration, calibration, machine_speeds, predict
 
     devices = machine_speeds(machine)
-    calibrated: Calibration | None = None
-    if backend is not None and devices:
-        calibrated = calibration(machine, backend, version)
+    by_quant: dict[str, Calibration | None] = {}
+
+    def calibrated(quant: str) -> Calibration | None:
+        if backend is None or not devices:
+            return None
+        if quant not in by_quant:
+            by_quant[quant] = calibration(machine, backend, version, quant)
+        return by_quant[quant]
+
     seen: set[int] = set()
-    applied = False
     for option in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]:
         if id(option) in seen:
             continue
         seen.add(id(option))
-        empty = predict(option, devices, 0)
-        deep = predict(option, devices, option.n_ctx // max(1, plan.policy.n_parallel))
+        factors = calibrated(option.quant)
+        empty = predict(option, devices, 0, calibration=factors)
+        deep = predict(option, devices, option.n_ctx // max(1, plan.policy.n_parallel), calibration=factors)
         if empty.tg_per_s is None and empty.pp_per_s is None:
             continue
-        if calibrated is not None and empty.tg_per_s is not None:
-            # the decode ratio only: prefill has its own efficiency, and the record's ratio is decode's
-            empty = replace(empty, tg_per_s=empty.tg_per_s * calibrated.factor)
-            deep = replace(deep, tg_per_s=None if deep.tg_per_s is None else deep.tg_per_s * calibrated.factor)
-            applied = True
-        option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"]}
-    if applied and calibrated is not None:
-        plan.notes.append(calibrated.note())
+        option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"],
+                        "pp_per_s_at_depth": deep.to_json()["pp_per_s"]}  # fmt: skip
+    chosen = calibrated(plan.chosen.quant) if plan.chosen is not None and plan.chosen.speed else None
+    if chosen is not None:
+        plan.notes.append(chosen.note())
 
 
 def apply_min_speed(plan: Plan, min_tg_per_s: float) -> None:

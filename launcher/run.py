@@ -18,6 +18,7 @@ ends the run with RunFailed: no quant or context fixes that. Every attempt is re
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -634,11 +635,15 @@ def warm_up(
     report["short_reply"] = hello.text
     # the server's own decode speed (the short prompt's prefill says little; the full fill's says more)
     report["measured_tg_per_s"] = _rounded(measured_speed(hello, ollama=ollama).tg_per_s)
+    report["short_prompt_tokens"] = hello.prompt_tokens
     if mode == "full":
         n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
         tokens = max(16, n_slot - 96)  # room for the chat template and the reply
         prompt, counted = filler(instance, tokens, timeout_s=timeout_s)
-        filled = _ask(instance, prompt, max_tokens=4, timeout_s=timeout_s)
+        # tokens decoded after the fill: decode at depth (what separates attention from reading weights); llama.cpp's
+        # servers are asked to go on past an end-of-text token, so the rate is over that many tokens
+        extra = None if ollama else {"ignore_eos": True}
+        filled = _ask(instance, prompt, max_tokens=DEEP_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
         processed = filled.prompt_tokens
         if processed is None:
             raise AttemptFailed(
@@ -656,7 +661,24 @@ def warm_up(
         report["filled_tokens"] = processed
         report["sent_tokens"] = counted
         report["full_reply"] = filled.text
-        report["measured_pp_per_s"] = _rounded(measured_speed(filled, ollama=ollama).pp_per_s)
+        filled_speed = measured_speed(filled, ollama=ollama)
+        report["measured_pp_per_s"] = _rounded(filled_speed.pp_per_s)
+        if (filled.completion_tokens or 0) >= MIN_TIMED_TOKENS:  # fewer: a rate over one or two gaps means little
+            report["measured_tg_per_s_at_fill"] = _rounded(filled_speed.tg_per_s)
+        # prefill at depth: the fill's prompt with its last words changed, all before them answered from the server's
+        # prompt cache; with the fill's own prefill (every depth from 0) it separates prefill's attention from its
+        # matmuls. As long as the fill: no more room needed
+        words = prompt.split(" ")
+        changed = " ".join(words[:-DEEP_PROMPT_WORDS] + ["world"] * DEEP_PROMPT_WORDS)
+        if counted is not None and len(words) > 2 * DEEP_PROMPT_WORDS and _tokens(instance, changed) <= counted:
+            # (no longer than the fill, by the server's own tokenizer: it fits where the fill did)
+            deeper = _ask(instance, changed, max_tokens=1, timeout_s=timeout_s)
+            count = deeper.prompt_tokens if ollama else deeper.timings.get("prompt_n")  # llama-server: a float
+            evaluated = int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else 0
+            reused = OFFLOAD_BATCH <= evaluated <= 3 * DEEP_PROMPT_WORDS
+            if reused:  # the server answered the prefix from its cache: the changed words' prefill alone
+                report["deep_prompt_tokens"] = evaluated
+                report["measured_pp_per_s_at_fill"] = _rounded(measured_speed(deeper, ollama=ollama).pp_per_s)
     proc = instance.process
     if proc is not None and proc.poll() is not None:
         raise _warmup_failure(instance, f"the server exited (status {proc.returncode})", status=None)
@@ -665,6 +687,10 @@ def warm_up(
 
 
 SHORT_REPLY_TOKENS = 16  # the short warm-up: enough tokens for the server's decode speed to mean something
+MIN_TIMED_TOKENS = 8  # a decode rate over fewer generated tokens is not kept
+DEEP_REPLY_TOKENS = 32  # decoded after the full fill: a rate steady enough to calibrate attention by
+DEEP_PROMPT_WORDS = 64  # the fill's last words, changed: prefill at depth, the rest from the prompt cache
+OFFLOAD_BATCH = 32  # a prompt batch this big runs as prefill does (llama.cpp offloads host weights' matmuls from 32)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -672,28 +698,58 @@ def _rounded(value: float | None) -> float | None:
 
 
 def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]:
-    """Predicted decode and prefill tokens/s (launcher.speed) beside what the warm-up measured, and the finding when
-    a load on a GPU decodes far below its prediction or its log shows more graph splits than a full offload gives
-    (compute that probably ran on the CPU)."""
-    from launcher.speed import machine_speeds, predict
+    """Predicted decode and prefill tokens/s (launcher.speed) beside what the warm-up measured, the measured /
+    predicted ratios the next plan on this machine is calibrated by (decode; with `--warmup full` also attention,
+    from decode after the fill, and prefill, from the fill), and the finding when a load on a GPU decodes or fills
+    far below its prediction or its log shows more graph splits than a full offload gives (compute that probably ran
+    on the CPU)."""
+    from launcher.speed import machine_speeds, predict, solve_ratios, times
     from launcher.verify import full_offload_splits, splits_finding
 
     devices = machine_speeds(machine)
     option = result.option
+    warmup = result.warmup
     at_empty = predict(option, devices, 0)
     at_depth = predict(option, devices, option.n_ctx // max(1, result.plan.policy.n_parallel))
-    measured_tg = result.warmup.get("measured_tg_per_s")
+    measured_tg = warmup.get("measured_tg_per_s")
+    filled = warmup.get("filled_tokens")
     report: dict[str, Any] = {
         "predicted_tg_per_s": _rounded(at_empty.tg_per_s),
         "predicted_pp_per_s": _rounded(at_empty.pp_per_s),
         "predicted_tg_per_s_at_depth": _rounded(at_depth.tg_per_s),
+        "predicted_pp_per_s_at_depth": _rounded(at_depth.pp_per_s),
         "measured_tg_per_s": measured_tg,
-        "measured_pp_per_s": result.warmup.get("measured_pp_per_s"),
-        "tg_ratio": round(measured_tg / at_empty.tg_per_s, 3) if measured_tg and at_empty.tg_per_s else None,
+        "measured_pp_per_s": warmup.get("measured_pp_per_s"),
+        "tg_ratio": None,
         "graph_splits": result.placement.graph_splits,
         "full_offload_splits": full_offload_splits(result.placement),
         "finding": None,
     }
+    short_depth = warmup.get("short_prompt_tokens") or 0
+    short = times(option, devices, short_depth)
+    if measured_tg and short is not None:
+        deep = fill = deep_fill = None
+        if filled:
+            fill_pp = predict(option, devices, 0, n_prompt=filled)
+            deep_tg = predict(option, devices, filled)
+            report["predicted_pp_per_s_fill"] = _rounded(fill_pp.pp_per_s)
+            report["predicted_tg_per_s_at_fill"] = _rounded(deep_tg.tg_per_s)
+            report["measured_tg_per_s_at_fill"] = warmup.get("measured_tg_per_s_at_fill")
+            at_fill = times(option, devices, filled)
+            fill_parts = times(option, devices, 0, n_prompt=filled)
+            if at_fill is not None and report["measured_tg_per_s_at_fill"]:
+                deep = (at_fill, report["measured_tg_per_s_at_fill"])
+            if fill_parts is not None and report["measured_pp_per_s"]:
+                fill = (fill_parts, report["measured_pp_per_s"])
+            more: int = warmup.get("deep_prompt_tokens") or 0
+            report["measured_pp_per_s_at_fill"] = warmup.get("measured_pp_per_s_at_fill")
+            # the changed words come after the cached prefix: the prompt's last `more` tokens, from filled - more
+            deeper_parts = times(option, devices, filled - more, n_prompt=more) if more else None
+            if deeper_parts is not None and report["measured_pp_per_s_at_fill"]:
+                deep_fill = (deeper_parts, report["measured_pp_per_s_at_fill"])
+                deeper_pp = predict(option, devices, filled - more, n_prompt=more).pp_per_s
+                report["predicted_pp_per_s_at_fill"] = _rounded(deeper_pp)
+        report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill))
     findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
     if on_gpu and report["tg_ratio"] is not None and report["tg_ratio"] < SLOW_DECODE_RATIO:
@@ -701,7 +757,8 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
             f"slow: decode {measured_tg} tokens/s, predicted {report['predicted_tg_per_s']}: probable CPU fallback"
         )
     # independent of the measured speed: a small model can decode fast enough on the CPU to pass the ratio
-    measured_pp, predicted_pp = report["measured_pp_per_s"], report["predicted_pp_per_s"]
+    measured_pp = report["measured_pp_per_s"]
+    predicted_pp = report.get("predicted_pp_per_s_fill") or report["predicted_pp_per_s"]
     if on_gpu and measured_pp and predicted_pp and measured_pp / predicted_pp < SLOW_PREFILL_RATIO:
         findings.append(f"slow: prefill {measured_pp} tokens/s, predicted {predicted_pp}: probable CPU fallback")
     converted = fa_converted(result)
@@ -742,14 +799,27 @@ SLOW_DECODE_RATIO = 0.6  # a GPU load decoding under this share of its predictio
 SLOW_PREFILL_RATIO = 0.3  # prefill is compute-bound and varies more: only far below its prediction is a finding
 
 
-def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float) -> ChatReply:
+def _ask(instance: Instance, content: str, *, max_tokens: int, timeout_s: float,
+         extra: dict[str, Any] | None = None) -> ChatReply:  # fmt: skip
     """One chat request, with the server's own token counts; AttemptFailed as warm_up classifies it."""
     from launcher.chat import ChatError, reply
 
     try:
-        return reply(instance, [{"role": "user", "content": content}], max_tokens=max_tokens, timeout_s=timeout_s)
+        return reply(instance, [{"role": "user", "content": content}], max_tokens=max_tokens, timeout_s=timeout_s,
+                     extra=extra)  # fmt: skip
     except ChatError as exc:
         raise _warmup_failure(instance, str(exc), status=exc.status) from None
+
+
+def _tokens(instance: Instance, text: str) -> float:
+    """The server's token count of `text`; infinite where it cannot say (nothing is sent then)."""
+    from launcher.chat import ChatError, count_tokens
+
+    try:
+        count = count_tokens(instance, text)
+    except ChatError:
+        return math.inf
+    return math.inf if count is None else count
 
 
 def filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, int | None]:

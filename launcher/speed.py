@@ -11,14 +11,25 @@ used / total), the output layer where it lives, no token embeddings (one row is 
 depth (a sliding-window layer reads at most its window).
 
 Prefill is compute-bound: 2 x active parameters FLOPs per token over the device's FLOPS, times a slope, plus a fixed
-cost per token (dequantizing, launches), per backend, fitted the same way.
+cost per token (dequantizing, launches), per backend, fitted the same way. The output layer is left out: a prompt's
+logits are computed for its last token only.
+
+Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and cached position (a sliding-window layer
+at most its window). A backend whose published rows measure it at depth (a CPU: llama-bench pp512 beside pp4096) has
+its own attention efficiency, fitted on them, and pays it in decode and prefill; elsewhere decode at depth is bound by
+reading the KV cache (counted in the bytes) and prefill's attention runs at the matmuls' efficiency (flash attention
+is a matmul there).
 
     bytes_per_token(option, depth)          bytes read per decoded token, per device of the estimate (pure)
-    predict(option, device_speeds, depth)   Speed(tg_per_s, pp_per_s) (pure)
+    attention_flops(option, depth)          attention FLOPs of one token at a depth, per device (pure)
+    times(option, device_speeds, depth, n_prompt)  predicted seconds per token by part (pure)
+    predict(option, device_speeds, depth, n_prompt=, calibration=)  Speed(tg_per_s, pp_per_s) (pure)
+    solve_ratios(short, deep, fill)         a warm-up's measured / predicted ratios: decode, attention, prefill
     machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
-                                            profile, else measured once (a short multi-threaded copy, cached)
-    calibration(machine, backend, version)  the median measured / predicted decode ratio of this machine's record
+                                            profile, else measured once (a short multi-threaded copy and matrix
+                                            product, cached)
+    calibration(machine, backend, version)  the median measured / predicted ratios of this machine's record
     parse_bandwidth(text), parse_flops(text)  a profile's "936GB/s", "142TFLOPS"
     measured_speed(reply)                   decode and prefill tokens/s a server reports for one reply (pure)
     fitted(backend)                         a backend's Fit: decode eta and t0, prefill slope and fixed cost
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,11 +59,13 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class DeviceSpeed:
-    """What one device offers: memory bandwidth (bytes/s) and dense FP16 FLOPS (None: unknown)."""
+    """What one device offers: memory bandwidth (bytes/s), dense FP16 FLOPS (FP32 for a CPU) and its link to the
+    host (PCIe, one direction, bytes/s); None: unknown."""
 
     bandwidth_bytes_per_s: float
     flops: float | None = None
     backend: str = "cuda"  # which fitted constants apply: cuda, rocm, metal, vulkan, cpu
+    link_bytes_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,44 +90,68 @@ def _data() -> dict[str, Any]:
 
 
 def device_table() -> dict[str, DeviceSpeed]:
-    """Bandwidth and FLOPS of known devices by name (data/speed.json): NVIDIA, AMD and Apple by chip and GPU bin."""
+    """Bandwidth and FLOPS of known devices by name (data/speed.json): NVIDIA, AMD and Apple by chip and GPU bin, and
+    the CPUs of the published CPU rows (their FP32 peak: llama.cpp's CPU backend computes in FP32)."""
+    from launcher.hardware.nvml import pcie_bytes_per_s
+
     out = {}
     for name, entry in _data()["devices"].items():
         backend = "metal" if name.startswith("Apple") else "rocm" if name.startswith("AMD") else "cuda"
-        if entry.get("fp16_tflops") is None and "Intel" in name:
-            backend = "cpu"
-        flops = entry.get("fp16_tflops")
-        out[name] = DeviceSpeed(entry["bandwidth_gbps"] * GB, None if flops is None else flops * 1e12, backend)
+        tflops = entry.get("fp16_tflops")
+        if entry.get("cpu"):
+            backend, tflops = "cpu", entry.get("fp32_tflops")
+        link = None
+        if entry.get("pcie"):  # "4.0 x16": the card's own link
+            generation, _, lanes = entry["pcie"].partition(" x")
+            link = pcie_bytes_per_s(int(float(generation)), int(lanes))
+        flops = None if tflops is None else tflops * 1e12
+        out[name] = DeviceSpeed(entry["bandwidth_gbps"] * GB, flops, backend, link)
     return out
 
 
 def published_rows() -> list[dict[str, Any]]:
-    """The published llama-bench rows the constants are fitted on, each with its bytes read per token."""
+    """The published llama-bench rows the constants are fitted on, each with its bytes read per decoded token, the
+    parameters a prompt token multiplies by (no token embeddings, no output layer: logits for the last token only)
+    and its attention FLOPs per cached position. A tied output layer is the token embedding read in full."""
     rows = []
     for row in _data()["rows"]:
-        read = row["size_gib"] * GiB - row["embd_params"] * row["embd_bytes_per_param"]
-        rows.append({**row, "bytes_per_token": read, "active_params": row["params"] - row["embd_params"]})
+        tied = bool(row.get("tied"))
+        embd_bytes = row["embd_params"] * row["embd_bytes_per_param"]
+        read = row["size_gib"] * GiB - (0 if tied else embd_bytes)
+        prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
+        attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
+        rows.append({**row, "bytes_per_token": read, "active_params": prompt_params, "attention_flops": attention})
     return rows
 
 
 @dataclass(frozen=True)
 class Fit:
     """A backend's fitted constants: decode reads at eta x bandwidth with a fixed t0 per token; prefill computes at
-    FLOPS / pp_slope with a fixed pp_t0 per token (None: no published prefill row to fit on)."""
+    FLOPS / pp_slope with a fixed pp_t0 per token (None: no published prefill row to fit on); attention runs at
+    attention_eff x FLOPS (None: no published row at depth; see the module's docstring)."""
 
     eta: float
     t0_s: float
     pp_slope: float | None
     pp_t0_s: float
+    attention_eff: float | None = None
+
+
+PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
 
 
 @functools.cache
 def fitted(backend: str) -> Fit:
     """The constants for `backend`, fitted by weighted least squares on the relative error over its published rows:
     1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 · active params / FLOPS + pp_t0. A backend with fewer
-    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows."""
+    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows. The
+    attention efficiency comes first, from each row measured at two depths (pp512 and pp4096: the same matmuls, more
+    attention), and prefill's fit takes the attention out of each row."""
     table = device_table()
     rows = [r for r in published_rows() if r["device"] in table]
+    backends = {r["backend"] for r in rows}
+    attention_of = {b: _fit_attention([r for r in rows if r["backend"] == b], table) for b in backends}
+    attention = attention_of.get(backend)
 
     def fit(points_of: Any, usable: Any) -> tuple[float, float] | None:
         own = [r for r in rows if r["backend"] == backend and usable(r)]
@@ -127,12 +165,39 @@ def fitted(backend: str) -> Fit:
             fixed = max(0.0, sum(y - slope * x for x, y in map(points_of, own)) / len(own))
         return slope, fixed
 
+    def prefill_point(r: Mapping[str, Any]) -> tuple[float, float]:
+        # the pp512 row's own attention (positions 0..511, 256 on average): at its own efficiency where the backend
+        # has one, else with the matmuls
+        flops = table[r["device"]].flops or 1.0
+        attention_flops = r["attention_flops"] * PP_TOKENS / 2
+        eff = attention_of.get(r["backend"])
+        if eff:
+            return 2 * r["active_params"] / flops, 1 / r["pp"] - attention_flops / (eff * flops)
+        return (2 * r["active_params"] + attention_flops) / flops, 1 / r["pp"]
+
     decode = fit(lambda r: (r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]),
                  lambda r: True)  # fmt: skip
-    prefill = fit(lambda r: (2 * r["active_params"] / (table[r["device"]].flops or 1), 1 / r["pp"]),
-                  lambda r: bool(r.get("pp")) and bool(table[r["device"]].flops))  # fmt: skip
+    prefill = fit(prefill_point, lambda r: bool(r.get("pp")) and bool(table[r["device"]].flops))
     assert decode is not None, f"no published decode row for {backend}"
-    return Fit(1 / decode[0], decode[1], prefill[0] if prefill else None, prefill[1] if prefill else 0.0)
+    return Fit(1 / decode[0], decode[1], prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention)
+
+
+def _fit_attention(rows: list[Mapping[str, Any]], table: Mapping[str, DeviceSpeed]) -> float | None:
+    """Attention FLOPS / device FLOPS, the median over rows that measured prefill at two prompt lengths: the longer
+    prompt's extra seconds per token are its extra attention (positions n/2 on average instead of 256)."""
+    from statistics import median
+
+    found = []
+    for r in rows:
+        flops = table[r["device"]].flops
+        for deep in r.get("deep", ()):
+            if not (flops and r.get("pp") and r["attention_flops"] and deep.get("test") == "pp"):
+                continue
+            extra_positions = deep.get("depth", 0) + deep["n_prompt"] / 2 - PP_TOKENS / 2
+            extra_s = 1 / deep["t_per_s"] - 1 / r["pp"]
+            if extra_positions > 0 and extra_s > 0:
+                found.append(r["attention_flops"] * extra_positions / (extra_s * flops))
+    return median(found) if found else None
 
 
 def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -153,14 +218,19 @@ def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
-def predict_published(row: Mapping[str, Any]) -> Speed:
-    """The uncalibrated prediction for one published row (what the accuracy test and bench compare)."""
+def predict_published(row: Mapping[str, Any], *, n_prompt: int = PP_TOKENS) -> Speed:
+    """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at an
+    empty context, prefill of `n_prompt` tokens from an empty one."""
     device = device_table()[row["device"]]
     fit = fitted(device.backend)
     tg = 1 / (row["bytes_per_token"] / (fit.eta * device.bandwidth_bytes_per_s) + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
-        pp = 1 / (fit.pp_slope * 2 * row["active_params"] / device.flops + fit.pp_t0_s)
+        seconds = fit.pp_slope * 2 * row["active_params"] / device.flops + fit.pp_t0_s
+        positions = n_prompt / 2
+        eff = fit.attention_eff if fit.attention_eff else 1 / fit.pp_slope
+        seconds += row["attention_flops"] * positions / (eff * device.flops)
+        pp = 1 / seconds
     return Speed(tg, pp)
 
 
@@ -176,12 +246,16 @@ def llmfit_published(row: Mapping[str, Any]) -> float:
 # -- a configuration of the plan ----------------------------------------------------------------------------------
 
 
+def _device_of_layers(option: Option) -> dict[int, str]:
+    return {i: d.name for d in option.estimate.devices for i in d.layers}
+
+
 def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
     """Bytes read per decoded token on each device of the option's estimate, at `depth` tokens of context. Pure."""
     facts, est = option.facts, option.estimate
     n_layer = facts.n_layer
     share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
-    device_of = {i: d.name for d in est.devices for i in d.layers}
+    device_of = _device_of_layers(option)
     out: dict[str, int] = {d.name: 0 for d in est.devices}
     for layer in facts.layers:
         device = device_of.get(layer.index, "CPU")
@@ -201,46 +275,212 @@ def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
     return out
 
 
-def active_params(option: Option) -> float:
-    """Parameters a token multiplies by (no embeddings; MoE routed experts x used / total), from the weights'
-    bytes and the file's bits per weight."""
+def attention_flops(option: Option, depth: float) -> dict[str, float]:
+    """Attention FLOPs of one token with `depth` positions before it, per device of the estimate: 2 x heads x (K + V
+    head size) per layer and position (QK^T, then the weighted sum of V), a sliding-window layer at most its window
+    and every layer at most its cache's cells. Pure."""
     facts = option.facts
+    device_of = _device_of_layers(option)
+    cells = {il: max(1, cache.cells) for cache in option.estimate.kv_caches for il in cache.layers}
+    out: dict[str, float] = {d.name: 0.0 for d in option.estimate.devices}
+    for layer in facts.layers:
+        if not layer.has_kv or layer.index not in cells:
+            continue
+        positions = min(depth, cells[layer.index])
+        if layer.swa and facts.sliding_window:
+            positions = min(positions, facts.sliding_window)
+        device = device_of.get(layer.index, "CPU")
+        out[device] = out.get(device, 0.0) + 2 * layer.n_head * (layer.head_dim_k + layer.head_dim_v) * positions
+    return out
+
+
+def active_params(option: Option) -> float:
+    """Parameters a prompt token multiplies by: the blocks' weights (MoE routed experts x used / total), no
+    embeddings and no output layer (a prompt's logits are its last token's). Counted from the tensors' shapes;
+    from the weights' bytes over the file's bits per weight where the shapes are unknown."""
+    facts = option.facts
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    if facts.tensor_shapes:
+        total = 0.0
+        for name, shape in facts.tensor_shapes.items():
+            if name.startswith("blk."):
+                elements = math.prod(shape)
+                total += elements * share if "_exps" in name else elements
+        return total
     if not facts.tensor_bytes_total:
         return 0.0
     per_param = facts.tensor_bytes_total / max(1, facts.n_params)
-    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
     experts = sum(layer.expert_bytes for layer in facts.layers)
-    read = facts.tensor_bytes_total - facts.input_bytes - experts * (1 - share)
-    return read / per_param
+    blocks = sum(layer.weight_bytes for layer in facts.layers) - experts * (1 - share)
+    return max(0.0, blocks / per_param)
 
 
-def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: int = 0) -> Speed:
-    """Decode and prefill tokens/s of `option` at `depth`, with `devices` naming each device of its estimate (CPU
-    included). A device without figures makes the prediction unknown (None), never a guess."""
-    per_device = bytes_per_token(option, depth)
-    seconds = 0.0
-    t0 = 0.0
-    backends = []
+@dataclass(frozen=True)
+class Times:
+    """Predicted seconds per token by part, before calibration: decode's reads and fixed cost, decode's attention
+    compute (on a backend with its own attention efficiency), prefill's matmuls and fixed cost (None: unknown) and
+    prefill's attention at that efficiency (elsewhere it is counted with the matmuls)."""
+
+    decode_s: float
+    decode_attention_s: float
+    prefill_s: float | None
+    prefill_attention_s: float
+    # prefill's attention runs decode's path: llama.cpp's CPU flash attention tiles a prompt's queries only for f16
+    # (or f32) K and V of one type (ggml-cpu ops.cpp ggml_compute_forward_flash_attn_ext: use_tiled); a quantized
+    # cache runs the same per-query vector loop as decode
+    prefill_attention_as_decode: bool = False
+
+
+def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, n_prompt: int = PP_TOKENS
+          ) -> Times | None:  # fmt: skip
+    """The parts of a token's time for `option`, decode at `depth` and a prompt of `n_prompt` tokens starting at
+    `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
+    per_device = bytes_per_token(option, round(depth))
+    decode_flops = attention_flops(option, depth)
+    seconds = attention_s = t0 = 0.0
+    used = []
     for name, nbytes in per_device.items():
         if not nbytes:
             continue
         device = devices.get(name)
         if device is None:
-            return Speed(None, None)
+            return None
         fit = fitted(device.backend)
         seconds += nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+        if fit.attention_eff and device.flops:
+            attention_s += decode_flops.get(name, 0.0) / (fit.attention_eff * device.flops)
         t0 = max(t0, fit.t0_s)
-        backends.append(device)
-    tg = 1 / (seconds + t0) if seconds else None
-    # prefill on the device that holds most of the weights (llama.cpp runs host weights' matmuls there too)
-    main = max(backends, key=lambda d: d.flops or 0.0, default=None)
+        used.append(device)
+    if not seconds:
+        return None
+    # prefill on the GPU that computes fastest (llama.cpp runs host weights' matmuls on the GPU for big batches); on
+    # the CPU only when no GPU holds a layer
+    gpus = [d for d in used if d.backend != "cpu"]
+    main = max(gpus or used, key=lambda d: d.flops or 0.0)
+    prefill_s: float | None = None
+    prefill_attention_s = 0.0
+    fit = fitted(main.backend)
+    params = active_params(option)
+    settings = option.estimate.settings
+    as_decode = settings.type_k != settings.type_v or settings.type_k not in ("f16", "f32")
+    if main.flops and fit.pp_slope is not None and params:
+        prefill_s = fit.pp_slope * 2 * params / main.flops + fit.pp_t0_s
+        flops = sum(attention_flops(option, depth + n_prompt / 2).values())
+        if fit.attention_eff and settings.flash_attn != "off":
+            prefill_attention_s = flops / (fit.attention_eff * main.flops)
+        else:  # flash attention runs as a matmul here (a GPU's), or no flash attention: KQ and KQV are matmuls
+            prefill_s += fit.pp_slope * flops / main.flops
+            as_decode = False
+        if main.backend != "cpu":
+            trip = host_weights_trip_s(option, main, n_prompt)
+            prefill_s = None if trip is None else prefill_s + trip
+    return Times(seconds + t0, attention_s, prefill_s, prefill_attention_s, as_decode and prefill_attention_s > 0)
+
+
+OFFLOAD_MIN_BATCH = 32  # ggml-cuda: a batch this big runs host weights' matmuls on the GPU (GGML_OP_OFFLOAD_MIN_BATCH)
+
+
+def host_weights_trip_s(option: Option, gpu: DeviceSpeed, n_prompt: int) -> float | None:
+    """Seconds per prompt token that host-resident block weights spend crossing to the GPU in a partial offload:
+    llama.cpp's CUDA backend copies every host weight an op uses for each micro-batch of 32 tokens or more, so a
+    prompt token pays the host weights (routed experts whole: the batch's tokens pick all of them) over the link,
+    divided by the micro-batch's tokens. 0 when every block is on the GPU; None when the link is unknown. (A prompt
+    under 32 tokens computes the host layers on the CPU instead; that is priced at the GPU's rate, a known
+    approximation for prompts that short.)"""
+    device_of = _device_of_layers(option)
+    host = 0
+    for layer in option.facts.layers:
+        on_cpu = device_of.get(layer.index, "CPU") == "CPU"
+        host += layer.weight_bytes if on_cpu else (layer.expert_bytes if option.cpu_moe else 0)
+    ubatch = min(n_prompt, option.estimate.settings.n_ubatch)
+    if not host or ubatch < OFFLOAD_MIN_BATCH:
+        return 0.0
+    if not gpu.link_bytes_per_s:
+        return None
+    return host / (gpu.link_bytes_per_s * ubatch)
+
+
+def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, *, n_prompt: int = PP_TOKENS,
+            calibration: Calibration | None = None) -> Speed:  # fmt: skip
+    """Decode tokens/s at `depth` and prefill tokens/s of a prompt of `n_prompt` tokens starting at `depth`, with
+    `devices` naming each device of the option's estimate (CPU included), scaled by this machine's `calibration`
+    where given. A device without figures makes the prediction unknown (None), never a guess. Pure."""
+    parts = times(option, devices, depth, n_prompt)
+    if parts is None:
+        return Speed(None, None)
+    tg_ratio = calibration.factor if calibration else 1.0
+    pp_ratio = calibration.pp_factor if calibration and calibration.pp_factor else 1.0
+    attention_ratio = calibration.attention_factor if calibration and calibration.attention_factor else None
+    prefill_attention = calibration.prefill_attention_factor if calibration else None
+    if parts.prefill_attention_as_decode:
+        prefill_attention = attention_ratio  # the same loop as decode's attention
+    decode_attention = parts.decode_attention_s / (attention_ratio or tg_ratio)
+    tg = 1 / (parts.decode_s / tg_ratio + decode_attention)
     pp = None
-    if main is not None and main.flops:
-        fit = fitted(main.backend)
-        params = active_params(option)
-        if fit.pp_slope is not None and params:
-            pp = 1 / (fit.pp_slope * 2 * params / main.flops + fit.pp_t0_s)
+    if parts.prefill_s is not None:
+        pp = 1 / (parts.prefill_s / pp_ratio + parts.prefill_attention_s / (prefill_attention or attention_ratio
+                                                                              or pp_ratio))  # fmt: skip
     return Speed(tg, pp)
+
+
+def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = None,
+                 fill: tuple[Times, float] | None = None, deep_fill: tuple[Times, float] | None = None
+                 ) -> dict[str, float | None]:  # fmt: skip
+    """A warm-up's measured / predicted ratios from the server's own figures. Each argument is the parts predicted
+    for one measurement and the tokens/s the server measured: decode at a short prompt (`short`), decode after the
+    full fill (`deep`), the fill's prefill (`fill`, every depth from 0) and a short prompt's prefill after the fill
+    (`deep_fill`). Where attention has its own efficiency (a CPU), two measurements at different depths separate
+    it from the rest: the decodes give reading the weights (tg_ratio) and decode's attention (attention_ratio), the
+    prefills the matmuls (pp_ratio) and prefill's attention (prefill_attention_ratio), which runs on another path
+    (llama.cpp's CPU flash attention: a vector loop per token in decode, tiles of queries in prefill), unless the
+    cache's types make prefill run decode's loop too: then decode's ratio prices it. A ratio the measurements cannot
+    tell apart is None; with one prefill, pp_ratio takes attention at decode's ratio. Pure."""
+    ratios: dict[str, float | None] = {"tg_ratio": None, "attention_ratio": None, "pp_ratio": None,
+                                       "prefill_attention_ratio": None}  # fmt: skip
+    (p1, tg1) = short
+    decode = None
+    if deep is not None:
+        decode = _two_parts((p1.decode_s, p1.decode_attention_s, 1 / tg1),
+                            (deep[0].decode_s, deep[0].decode_attention_s, 1 / deep[1]))  # fmt: skip
+    read, attention = decode if decode is not None else (1 / tg1 / (p1.decode_s + p1.decode_attention_s), None)
+    ratios["tg_ratio"] = _ratio(1 / read)
+    if attention is not None:
+        ratios["attention_ratio"] = _ratio(1 / attention)
+    if fill is None or not fill[0].prefill_s:
+        return ratios
+    p3, m3 = fill[0], 1 / fill[1]
+    prefill = None
+    if deep_fill is not None and deep_fill[0].prefill_s and not (p3.prefill_attention_as_decode and attention):
+        p4 = deep_fill[0]
+        prefill = _two_parts((p3.prefill_s or 0.0, p3.prefill_attention_s, m3),
+                             (p4.prefill_s or 0.0, p4.prefill_attention_s, 1 / deep_fill[1]))  # fmt: skip
+    if prefill is not None:
+        ratios["pp_ratio"], ratios["prefill_attention_ratio"] = _ratio(1 / prefill[0]), _ratio(1 / prefill[1])
+        return ratios
+    spent = m3 - (attention * p3.prefill_attention_s if attention is not None else 0.0)
+    matmul = (p3.prefill_s or 0.0) + (0.0 if attention is not None else p3.prefill_attention_s)
+    if spent > 0:
+        ratios["pp_ratio"] = _ratio(matmul / spent)
+    return ratios
+
+
+def _two_parts(first: tuple[float, float, float], second: tuple[float, float, float]) -> tuple[float, float] | None:
+    """(x, y) with measured = x · base + y · attention at two points (base, attention, measured seconds), both
+    positive; None when the points do not tell them apart (attention under a tenth of the time at the deeper one,
+    or the measurements contradict the model: a factor at or below zero)."""
+    (b1, a1, m1), (b2, a2, m2) = first, second
+    if a2 <= 0.1 * b2:
+        return None
+    det = b1 * a2 - b2 * a1
+    if det <= 0:
+        return None
+    x = (m1 * a2 - m2 * a1) / det
+    y = (b1 * m2 - b2 * m1) / det
+    return (x, y) if x > 0 and y > 0 else None
+
+
+def _ratio(value: float) -> float | None:
+    return round(value, 4) if 0 < value < math.inf else None
 
 
 # -- this machine ---------------------------------------------------------------------------------------------------
@@ -249,8 +489,8 @@ def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: int = 0) 
 def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
     """What each device of `machine` offers, by the plan's device names. A GPU's own figures first (NVML's clocks
     and bus, or a profile's `bandwidth` / `flops`), then its name in the table, each figure on its own; a GPU with
-    no bandwidth from either has no speed (unknown, never guessed). The host: a profile's bandwidth, else the
-    measured one (not for a described machine: its host is not this one)."""
+    no bandwidth from either has no speed (unknown, never guessed). The host: a profile's bandwidth and FLOPS, else
+    the measured ones (not for a described machine: its host is not this one)."""
     table = device_table()
     out: dict[str, DeviceSpeed] = {}
     for device in machine.devices:
@@ -260,12 +500,15 @@ def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
             continue
         flops = device.fp16_flops or (known.flops if known else None)
         backend = known.backend if known else _BACKEND_OF_KIND.get(device.kind, device.kind)
-        out[f"GPU{device.index}"] = DeviceSpeed(bandwidth, flops, backend)
-    host = machine.host_bandwidth_bytes_per_s
-    if host is None and not machine.described:
-        host = host_bandwidth_bytes_per_s()
+        link = device.host_link_bytes_per_s or (known.link_bytes_per_s if known else None)
+        out[f"GPU{device.index}"] = DeviceSpeed(bandwidth, flops, backend, None if device.unified else link)
+    host, host_flops = machine.host_bandwidth_bytes_per_s, machine.host_flops
+    if not machine.described and (host is None or host_flops is None):
+        measured = host_figures()
+        host = host or measured.bandwidth_bytes_per_s
+        host_flops = host_flops or measured.flops
     if host:
-        out["CPU"] = DeviceSpeed(host, None, "cpu")
+        out["CPU"] = DeviceSpeed(host, host_flops, "cpu")
     return out
 
 
@@ -309,61 +552,105 @@ def _parse_rate(text: str, units: Mapping[str, float], limit: float, like: str) 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The median measured / predicted decode ratio of `runs` verified runs on one machine, backend and build."""
+    """The median measured / predicted ratios of `runs` verified runs on one machine, backend and build: decode
+    (`factor`), prefill and attention (None where no run measured them: a short warm-up measures decode only)."""
 
     factor: float
     runs: int
+    pp_factor: float | None = None
+    attention_factor: float | None = None  # decode's attention
+    prefill_attention_factor: float | None = None
 
     def note(self) -> str:
         runs = f"{self.runs} verified run{'s' if self.runs != 1 else ''}"
-        return f"calibrated by {runs} on this machine: ×{self.factor:.2f}"
+        parts = [f"×{self.factor:.2f}"]
+        if any(f is not None for f in (self.pp_factor, self.attention_factor, self.prefill_attention_factor)):
+            parts = [f"decode ×{self.factor:.2f}"]
+            if self.pp_factor is not None:
+                parts.append(f"prefill ×{self.pp_factor:.2f}")
+            if self.attention_factor is not None:
+                parts.append(f"attention ×{self.attention_factor:.2f}")
+            if self.prefill_attention_factor is not None:
+                parts.append(f"prefill attention ×{self.prefill_attention_factor:.2f}")
+        return f"calibrated by {runs} on this machine: {', '.join(parts)}"
 
 
-def calibration(machine: HardwareSnapshot, backend: str, version: str | None) -> Calibration | None:
-    """The median measured / predicted decode ratio of this machine's record (launcher.record.entries) for one
-    backend and build; None when it has no such run. A run flagged slow (probable CPU fallback) is left out: it
-    measured a fault, and folding it in would hide the next one."""
+def calibration(machine: HardwareSnapshot, backend: str, version: str | None, quant: str | None = None
+                ) -> Calibration | None:  # fmt: skip
+    """The median measured / predicted ratios of this machine's record (launcher.record.entries) for one backend and
+    build (decode; prefill and attention where runs measured them); None when it has no such run. With a `quant`,
+    the runs of that quant type where there are any: a CPU's kernels differ by type (this project's 2-core test
+    machine decodes an F16 135M model's weights in 2.6 ms of compute a token, its Q4_1 in 6.6), so a ratio measured
+    on one type is the best guess for another model of the same type; attention's ratio from every run (it reads
+    the KV cache, whatever the weights' type). A run flagged slow (probable CPU fallback) is left out: it measured a
+    fault, and folding it in would hide the next one."""
     from statistics import median
 
     from launcher.record import entries
 
-    ratios = []
-    for entry in entries(machine):
-        if entry.get("backend") != backend or entry.get("version") != version:
-            continue
-        speed = entry.get("speed")
-        if not isinstance(speed, dict) or speed.get("finding"):
-            continue
-        ratio = speed.get("tg_ratio")
-        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 100:
-            ratios.append(float(ratio))
-    return Calibration(median(ratios), len(ratios)) if ratios else None
+    runs = [e for e in entries(machine) if e.get("backend") == backend and e.get("version") == version]
+    same_type = [e for e in runs if quant is not None and str(e.get("quant", "")).upper() == quant.upper()]
+    found: dict[str, list[float]] = {
+        "tg_ratio": [],
+        "pp_ratio": [],
+        "attention_ratio": [],
+        "prefill_attention_ratio": [],
+    }
+    for key, values in found.items():
+        # attention reads the KV cache, not the weights: every run of the build measures it alike
+        for entry in runs if "attention" in key else same_type or runs:
+            speed = entry.get("speed")
+            if not isinstance(speed, dict) or speed.get("finding"):
+                continue
+            ratio = speed.get(key)
+            if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 100:
+                values.append(float(ratio))
+    if not found["tg_ratio"]:
+        return None
+
+    def middle(key: str) -> float | None:
+        return round(median(found[key]), 4) if found[key] else None
+
+    return Calibration(round(median(found["tg_ratio"]), 4), len(found["tg_ratio"]), middle("pp_ratio"),
+                       middle("attention_ratio"), middle("prefill_attention_ratio"))  # fmt: skip
 
 
 COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache
 COPY_SECONDS = 0.4
+MATMUL_SIZE = 1024  # an FP32 matrix product this size: compute-bound, in cache, on every core
+MATMUL_SECONDS = 0.4
 
 
-def host_bandwidth_bytes_per_s(*, refresh: bool = False) -> float | None:
-    """The host's memory bandwidth: a short copy on every core at once (read + write bytes over the time), measured
-    once per machine and kept in the user's cache folder (a fact of the machine, like the llama.cpp builds beside
-    it: not under FITQUANT_HOME); None when it cannot be measured."""
+@dataclass(frozen=True)
+class HostFigures:
+    """The host's measured memory bandwidth (bytes/s) and FP32 FLOPS (None: could not be measured)."""
+
+    bandwidth_bytes_per_s: float | None
+    flops: float | None
+
+
+def host_figures(*, refresh: bool = False) -> HostFigures:
+    """The host's memory bandwidth (a short copy on every core at once, read + write bytes over the time) and its
+    FP32 FLOPS (a short matrix product on every core), measured once per machine and kept in the user's cache folder
+    (a fact of the machine, like the llama.cpp builds beside it: not under FITQUANT_HOME). Measured, not read from a
+    spec sheet: a virtual machine's cores are what it gets, not what the chip offers."""
     import platformdirs
 
-    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-bandwidth.json"
+    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-speed.json"
     key = _host_key()
     if not refresh:
         try:
             cached = json.loads(path.read_text())
-            if cached.get("host") == key and cached.get("bytes_per_s", 0) > 0:
-                return float(cached["bytes_per_s"])
-        except (OSError, ValueError, AttributeError):
+            if cached.get("host") == key and cached.get("bytes_per_s", 0) > 0 and cached.get("flops", 0) > 0:
+                return HostFigures(float(cached["bytes_per_s"]), float(cached["flops"]))
+        except (OSError, ValueError, AttributeError, TypeError):
             pass
-    measured = measure_copy_bandwidth()
-    if measured:
+    measured = HostFigures(measure_copy_bandwidth(), measure_matmul_flops())
+    if measured.bandwidth_bytes_per_s and measured.flops:
         from launcher.paths import write_private
 
-        write_private(path, json.dumps({"host": key, "bytes_per_s": measured}))
+        write_private(path, json.dumps({"host": key, "bytes_per_s": measured.bandwidth_bytes_per_s,
+                                        "flops": measured.flops}))  # fmt: skip
     return measured
 
 
@@ -387,7 +674,10 @@ def measure_copy_bandwidth(threads: int | None = None, seconds: float = COPY_SEC
     import os
 
     count = threads or os.cpu_count() or 1
-    pairs = [(np.ones(COPY_BYTES, dtype=np.uint8), np.empty(COPY_BYTES, dtype=np.uint8)) for _ in range(count)]
+    # both buffers touched before the clock starts: a first copy into fresh pages times the page faults
+    pairs = [(np.ones(COPY_BYTES, dtype=np.uint8), np.zeros(COPY_BYTES, dtype=np.uint8)) for _ in range(count)]
+    for src, dst in pairs:
+        np.copyto(dst, src)
     moved = [0] * count
     deadline = time.perf_counter() + seconds
 
@@ -408,6 +698,27 @@ def measure_copy_bandwidth(threads: int | None = None, seconds: float = COPY_SEC
     for n in moved:
         total += n
     return total / elapsed if elapsed > 0 and total else None
+
+
+def measure_matmul_flops(seconds: float = MATMUL_SECONDS) -> float | None:
+    """FP32 FLOPS of a square matrix product, repeated for `seconds` (numpy's BLAS uses every core)."""
+    import time
+
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    n = MATMUL_SIZE
+    a = np.full((n, n), 0.5, dtype=np.float32)
+    b = np.full((n, n), 0.25, dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)  # the first pays for threads starting
+    done = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        np.matmul(a, b, out=out)
+        done += 1
+    return 2 * n**3 * done / elapsed if done and elapsed > 0 else None
 
 
 def measured_speed(reply: ChatReply, *, ollama: bool) -> Speed:

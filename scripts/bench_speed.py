@@ -1,64 +1,212 @@
 #!/usr/bin/env python3
-"""Speed predictions against measurements: the published llama-bench rows fitquant's model is fitted on (with
-llmfit's formula on the same rows, so the gap is measured, not claimed), then this machine: the embedded models
-run for real through fitquant's own run path, decode and prefill measured by the server at warm-up.
+"""Speed predictions against measurements (issue 21 "Accuracy and checks").
 
-    .venv/bin/python scripts/bench_speed.py [--no-local]
+1. Published llama-bench rows fitquant's constants are fitted on, uncalibrated, with llmfit's formula on the same
+   rows, so the gap is measured, not claimed.
+2. This machine: the embedded models (SmolLM2 135M Q4_1 and Gemma 3 270M Q4_K_M) and a quant ladder made from them
+   (llama-cpp-python's llama_model_quantize: F16, Q8_0, Q4_K_M, Q2_K of SmolLM2, Q8_0 of Gemma), each measured by
+   llama-bench from the same llama.cpp build (scripts/build-llama-cpp) at pp512 and tg128 at depths 0, 512 and 2048
+   with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated, then
+   calibrated after one `--warmup full` of SmolLM2 at each quant type through fitquant's own run path (a temporary
+   FITQUANT_HOME: the record it writes is thrown away). Gemma's rows are calibrated by SmolLM2's warm-up of the same
+   type: another model, so they test the calibration, not an echo of it.
+
+    .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEPTHS = (0, 512, 2048)
+PP, TG = 512, 128
+SMOL_LADDER = ("F16", "Q8_0", "Q4_K_M", "Q2_K")  # made from the embedded Q4_1 (requantized: speed, not quality)
+GEMMA_LADDER = ("Q8_0",)
+CTX = 4096  # every depth plus the prompt or the generated tokens fits
 
 
 def published() -> None:
     from launcher.speed import llmfit_published, predict_published, published_rows
 
-    print(
-        "| device | model | tg measured | tg predicted | error | llmfit | error | pp measured | pp predicted | error |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | model | test | measured | predicted | error | llmfit | error |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in published_rows():
         s = predict_published(row)
         peer = llmfit_published(row)
         tg = s.tg_per_s or 0.0
-        pp = f"{s.pp_per_s:.0f}" if s.pp_per_s else "-"
-        pp_error = f"{s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s and row.get("pp") else "-"
-        print(f"| {row['device']} | {row['model']} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | {peer:.1f} | "
-              f"{peer / row['tg'] - 1:+.0%} | {row.get('pp') or '-'} | {pp} | {pp_error} |")  # fmt: skip
+        print(f"| {row['device']} | {row['model']} | tg128 | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
+              f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
+        if row.get("pp"):
+            pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
+            print(f"| {row['device']} | {row['model']} | pp512 | {row['pp']} | {pp} | - | - |")
+        for deep in row.get("deep", ()):
+            d = predict_published(row, n_prompt=deep["n_prompt"])
+            pp = f"{d.pp_per_s:.1f} | {d.pp_per_s / deep['t_per_s'] - 1:+.0%}" if d.pp_per_s else "- | -"
+            print(f"| {row['device']} | {row['model']} | pp{deep['n_prompt']} | {deep['t_per_s']} | {pp} | - | - |")
 
 
-def local() -> None:
-    from launcher.backends.base import LaunchRequest
-    from launcher.embedded import embedded_model_path, gemma_model_path
+# -- this machine ---------------------------------------------------------------------------------------------------
+
+
+def quantize(source: Path, label: str, folder: Path) -> Path:
+    """`source` requantized to `label` (kept in `folder`, reused when there)."""
+    import llama_cpp
+
+    out = folder / f"{source.stem.split('.')[0]}-{label}.gguf"
+    if out.is_file():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{label}" if label != "F16" else "LLAMA_FTYPE_MOSTLY_F16")
+    params.allow_requantize = True
+    partial = out.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"bench_speed: quantizing {source.name} to {label} failed")
+    partial.rename(out)
+    return out
+
+
+def llama_bench(binary: Path, model: Path, reps: int) -> dict[tuple[str, int], float]:
+    """llama-bench's mean tokens/s per (test, depth): ("pp", d) for pp512 @ d, ("tg", d) for tg128 @ d."""
+    argv = [str(binary), "-m", str(model), "-p", str(PP), "-n", str(TG), "-d", ",".join(map(str, DEPTHS)),
+            "-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0", "-r", str(reps), "-o", "json"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_speed: llama-bench failed on {model.name}: {done.stderr.strip()[-300:]}")
+    return {("pp" if r["n_prompt"] else "tg", int(r["n_depth"])): float(r["avg_ts"]) for r in json.loads(done.stdout)}
+
+
+def option_for(path: Path, machine: Any) -> Any:
+    from launcher.fit import fit
     from launcher.plan import Policy
-    from launcher.run import RunSpec, backend_and_machine, start, stop
 
-    print("\n| model (this machine, CPU) | ctx | tg measured | tg predicted | ratio | pp measured (full fill) |")
-    print("|---|---|---|---|---|---|")
-    backend, machine, _ = backend_and_machine("llamacpp")
-    for path in (embedded_model_path(), gemma_model_path()):
+    plan = fit(str(path), Policy(n_ctx=CTX), machine=machine, confirm=False)
+    assert plan.chosen is not None
+    return plan.chosen
+
+
+def predictions(option: Any, devices: Any, calibration: Any) -> dict[tuple[str, int], float | None]:
+    from launcher.speed import predict
+
+    out: dict[tuple[str, int], float | None] = {}
+    for depth in DEPTHS:
+        out[("pp", depth)] = predict(option, devices, depth, n_prompt=PP, calibration=calibration).pp_per_s
+        # tg128 @ d: 128 tokens decoded from depth d, 64 on average before each
+        out[("tg", depth)] = predict(option, devices, depth + TG // 2, calibration=calibration).tg_per_s
+    return out
+
+
+def warm_up_types(models: dict[str, Path], machine: Any) -> tuple[str, str | None]:
+    """One `--warmup full` run per SmolLM2 quant type through fitquant's run path (recorded in FITQUANT_HOME, which
+    main() points at a temporary folder); the (backend, version) the record is keyed by."""
+    from launcher.backends.base import LaunchRequest
+    from launcher.plan import Policy
+    from launcher.run import RunSpec, backend_and_machine, backend_build, start, stop
+
+    backend, _, _ = backend_and_machine("llamacpp")
+    for name, path in models.items():
+        if not name.startswith("SmolLM2"):
+            continue
         spec = RunSpec(str(path), Policy(n_ctx=2048), LaunchRequest(), warmup="full", confirm=False)
         result = start(spec, backend=backend, machine=machine)
+        stop(result, backend)
+        s = result.speed
+        print(f"  warm-up {name}: decode {s.get('measured_tg_per_s')} t/s (ratio {s.get('tg_ratio')}), after the "
+              f"fill {s.get('measured_tg_per_s_at_fill')} (attention ratio {s.get('attention_ratio')}), fill "
+              f"{s.get('measured_pp_per_s')} t/s (prefill ratio {s.get('pp_ratio')}), after the fill "
+              f"{s.get('measured_pp_per_s_at_fill')} t/s", file=sys.stderr)  # fmt: skip
+    build = backend_build(backend)
+    assert build is not None
+    return build
+
+
+def local(reps: int) -> list[dict[str, Any]]:
+    from launcher.backends.builds import find_built
+    from launcher.embedded import embedded_model_path, gemma_model_path
+    from launcher.hardware import detect_hardware
+    from launcher.speed import calibration, machine_speeds
+
+    binary = find_built("llama-bench")
+    if binary is None:
+        raise SystemExit("bench_speed: no llama-bench in the cached llama.cpp build; scripts/build-llama-cpp --force "
+                         "builds it beside llama-server")  # fmt: skip
+    from launcher.paths import cache_dir
+
+    folder = cache_dir() / "bench-ladder"
+    folder.mkdir(parents=True, exist_ok=True)
+    smol, gemma = embedded_model_path(), gemma_model_path()
+    models = {
+        "SmolLM2-135M Q4_1": smol,
+        **{f"SmolLM2-135M {q}": quantize(smol, q, folder) for q in SMOL_LADDER},
+        "Gemma-3-270M Q4_K_M": gemma,
+        **{f"Gemma-3-270M {q}": quantize(gemma, q, folder) for q in GEMMA_LADDER},
+    }
+    machine = detect_hardware()
+    devices = machine_speeds(machine)
+    cpu = devices.get("CPU")
+    print(f"\nthis machine: {os.cpu_count()} cpus, measured {cpu.bandwidth_bytes_per_s / 1e9:.1f} GB/s copy, "
+          f"{(cpu.flops or 0) / 1e9:.0f} GFLOPS FP32 matmul" if cpu else "\nthis machine: no host figures")  # fmt: skip
+    measured = {name: llama_bench(binary, path, reps) for name, path in models.items()}
+    options = {name: option_for(path, machine) for name, path in models.items()}
+    raw = {name: predictions(options[name], devices, None) for name in models}
+    with tempfile.TemporaryDirectory(prefix="fitquant-bench-speed-") as home:
+        os.environ["FITQUANT_HOME"] = home  # the warm-ups' record and instances: thrown away after
         try:
-            s = result.speed
-            print(f"| {path.name} | 2048 | {s['measured_tg_per_s']} | {s['predicted_tg_per_s']} | {s['tg_ratio']} | "
-                  f"{s['measured_pp_per_s']} |")  # fmt: skip
+            backend, version = warm_up_types(models, machine)
+            factors = {name: calibration(machine, backend, version, name.rsplit(" ", 1)[-1]) for name in models}
         finally:
-            stop(result, backend)
+            del os.environ["FITQUANT_HOME"]
+    rows = []
+    for name in models:
+        calibrated = predictions(options[name], devices, factors[name])
+        for test in ("pp", "tg"):
+            for depth in DEPTHS:
+                key = (test, depth)
+                rows.append({"model": name, "test": f"{test}{PP if test == 'pp' else TG} @ d{depth}",
+                             "measured": measured[name].get(key), "predicted": raw[name][key],
+                             "calibrated": calibrated[key]})  # fmt: skip
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> None:
+    def err(p: float | None, m: float | None) -> str:
+        return f"{p / m - 1:+.0%}" if p and m else "-"
+
+    print("\n| model (this machine, CPU) | test | llama-bench t/s | predicted | error | after warm-up | error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        m, p, c = r["measured"], r["predicted"], r["calibrated"]
+        print(f"| {r['model']} | {r['test']} | {m:.1f} | {p:.1f} | {err(p, m)} | {c:.1f} | {err(c, m)} |")
+    for label, key in (("uncalibrated", "predicted"), ("after one warm-up", "calibrated")):
+        errors = [abs(r[key] / r["measured"] - 1) for r in rows if r[key] and r["measured"]]
+        within = {t: sum(e <= t for e in errors) for t in (0.1, 0.2)}
+        print(f"\n{label}: {within[0.2]}/{len(errors)} within 20%, {within[0.1]}/{len(errors)} within 10%, "
+              f"median error {sorted(errors)[len(errors) // 2]:.0%}, worst {max(errors):.0%}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-local", action="store_true", help="Only the published rows (no model is started).")
+    parser.add_argument("--no-local", action="store_true", help="Only the published rows (nothing is run).")
+    parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per test (default 3).")
+    parser.add_argument("--json", type=Path, help="Also write this machine's rows to FILE.")
     args = parser.parse_args()
     published()
-    if not args.no_local:
-        local()
+    if args.no_local:
+        return
+    rows = local(args.reps)
+    render(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class FakeGpu:
     max_sm_clock_mhz: int | None = None
     multiprocessor_count: int | None = None  # nvmlDeviceGetAttributes_v2 (answered for MIG handles on most drivers)
     gpu_cores: int | None = None
+    pcie_generation: int | None = None  # nvmlDeviceGetMaxPcieLinkGeneration (the GPU and its slot)
+    pcie_width: int | None = None  # nvmlDeviceGetMaxPcieLinkWidth
 
 
 def _supported(value: int | None) -> int:
@@ -159,6 +161,14 @@ class FakeNvml:
     def nvmlDeviceGetMemoryBusWidth(self, handle: _Handle) -> int:
         self._check("nvmlDeviceGetMemoryBusWidth")
         return _supported(self._gpu(handle).memory_bus_width_bits)
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: _Handle) -> int:
+        self._check("nvmlDeviceGetMaxPcieLinkGeneration")
+        return _supported(self._gpu(handle).pcie_generation)
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: _Handle) -> int:
+        self._check("nvmlDeviceGetMaxPcieLinkWidth")
+        return _supported(self._gpu(handle).pcie_width)
 
     def nvmlDeviceGetAttributes_v2(self, handle: _Handle) -> pynvml.c_nvmlDeviceAttributes:
         self._check("nvmlDeviceGetAttributes_v2")

@@ -34,10 +34,11 @@ def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )  # fmt: skip
 
 
-def fake_build(root: Path, version: str, variant: str, *, date: str = "2026-10-01T00:00:00+00:00") -> Path:
+def fake_build(root: Path, version: str, variant: str, *, date: str = "2026-10-01T00:00:00+00:00",
+               tools: bool = True) -> Path:  # fmt: skip
     folder = root / f"{version}-{variant}"
     (folder / "bin").mkdir(parents=True)
-    for name in builds.BINARIES:
+    for name in builds.BINARIES + (builds.TOOLS if tools else ()):
         exe = folder / "bin" / name
         exe.write_text("#!/bin/sh\n")
         exe.chmod(0o755)
@@ -75,6 +76,21 @@ def test_build_script_skips_a_cached_build(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == [
         f"build-llama-cpp: llama.cpp abc1234 (0.3.36-vulkan) is already built: {folder / 'bin'} (--force rebuilds)"
     ]
+
+
+def test_a_cached_build_without_llama_bench_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build cached before llama-bench joined the targets serves llama-server still, but the script builds again
+    (here: stopped at once by a PATH without cmake, after deciding to)."""
+    fake_build(tmp_path, "0.3.36", "cpu", tools=False)
+    monkeypatch.setenv(builds.ENV_ROOT, str(tmp_path))
+    monkeypatch.setattr(builds, "installed_version", lambda: "0.3.36")
+    assert builds.find_built() == tmp_path / "0.3.36-cpu" / "bin" / "llama-server"
+    assert builds.find_built("llama-bench") is None
+    (tmp_path / "empty").mkdir()
+    done = run_script(
+        "--llama-cpp-python", "0.3.36", env={"PATH": str(tmp_path / "empty"), builds.ENV_ROOT: str(tmp_path)}
+    )
+    assert done.returncode == 1 and "cmake not found" in done.stderr  # not "already built"
 
 
 def test_build_script_bad_source_fails_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:

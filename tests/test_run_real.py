@@ -212,3 +212,27 @@ def test_the_next_plan_is_calibrated_by_the_speed_measured_here(tmp_path: Path) 
     assert any(n.startswith("calibrated by 1 verified run") for n in plan["notes"]), plan["notes"]
     calibrated = plan["chosen"]["speed"]["tg_per_s"]
     assert calibrated == pytest.approx(speed["predicted_tg_per_s"] * speed["tg_ratio"], rel=0.02)
+
+
+def test_a_full_warmup_calibrates_prefill_and_attention_too(tmp_path: Path) -> None:
+    """`--warmup full` decodes after the fill too: two decodes at different depths separate reading the weights from
+    attention (its own efficiency on a CPU), and the fill's prefill gives the prefill ratio; the next plan says all
+    three."""
+    from launcher.embedded import embedded_model_path
+
+    env = _env(tmp_path, "llama-server")
+    model = str(embedded_model_path())
+    args = ["run", model, "--ctx", "2048", "--no-engine", "--json", "--warmup", "full", "--max-tokens", "4"]
+    done = _fitquant(args, env, stdin="hi")
+    assert done.returncode == 0, done.stderr
+    speed = _first_json(done.stdout)["speed"]
+    assert speed["measured_tg_per_s_at_fill"] < speed["measured_tg_per_s"]  # attention over ~1900 positions
+    assert speed["predicted_tg_per_s_at_fill"] < speed["predicted_tg_per_s"]
+    assert speed["predicted_pp_per_s_fill"] and speed["pp_ratio"] and speed["attention_ratio"], speed
+    # a few words prompted after the fill, the rest from the server's prompt cache: prefill at depth
+    assert speed["measured_pp_per_s_at_fill"] and speed["predicted_pp_per_s_at_fill"], speed
+    planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
+    assert planned.returncode == 0, planned.stderr
+    notes = json.loads(planned.stdout)["notes"]
+    assert any(n.startswith("calibrated by 1 verified run") and "prefill ×" in n and "attention ×" in n
+               for n in notes), notes  # fmt: skip

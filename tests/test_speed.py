@@ -3,6 +3,7 @@ bytes read per token from the plan's own figures, the server's measured speed, a
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from launcher.chat import ChatReply
 from launcher.hardware import describe_machine
 from launcher.speed import (
     DeviceSpeed,
+    Times,
+    active_params,
+    attention_flops,
     bytes_per_token,
     fitted,
     llmfit_published,
@@ -21,6 +25,8 @@ from launcher.speed import (
     predict,
     predict_published,
     published_rows,
+    solve_ratios,
+    times,
 )
 
 GiB = 1024**3
@@ -45,7 +51,73 @@ def test_the_constants_are_fitted_not_guessed() -> None:
     cuda = fitted("cuda")
     assert 0.5 < cuda.eta <= 1.0 and 0 < cuda.t0_s < 0.01  # a fixed cost per token, a share of the bandwidth
     assert cuda.pp_slope is not None and cuda.pp_slope > 1  # prefill reaches less than the FP16 peak
-    assert fitted("cpu").pp_slope is None  # no published CPU prefill row: unknown, not invented
+    cpu = fitted("cpu")  # one published CPU row with prefill at two prompt lengths (llama-bench pp512, pp4096)
+    assert cpu.pp_slope is not None and cpu.pp_slope > 1 and cpu.attention_eff is not None
+    assert 0 < cpu.attention_eff < 1 / cpu.pp_slope  # attention runs slower than the matmuls on a CPU
+    assert fitted("cuda").attention_eff is None  # no published GPU row at depth: not invented
+
+
+@pytest.mark.parametrize("row", [r for r in published_rows() if r.get("deep")], ids=lambda r: r["device"])
+def test_published_rows_at_depth_are_predicted_within_a_quarter(row: dict) -> None:
+    for deep in row["deep"]:
+        speed = predict_published(row, n_prompt=deep["n_prompt"])
+        assert speed.pp_per_s is not None and abs(speed.pp_per_s / deep["t_per_s"] - 1) <= 0.25, (speed, deep)
+
+
+def test_attention_grows_with_depth_and_is_paid_on_the_cpu(tmp_path: Path) -> None:
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    option = plan.chosen
+    assert option is not None
+    per_position = sum(2 * layer.n_head * (layer.head_dim_k + layer.head_dim_v) for layer in option.facts.layers)
+    assert sum(attention_flops(option, 100).values()) == pytest.approx(100 * per_position)
+    assert sum(attention_flops(option, 10**9).values()) == pytest.approx(option.n_ctx * per_position)  # cells
+    cpu = {name: DeviceSpeed(30e9, 200e9, "cpu") for name in ("CPU", "GPU0")}
+    shallow, deep = times(option, cpu, 0), times(option, cpu, 2048)
+    assert shallow is not None and deep is not None
+    assert shallow.decode_attention_s == 0 and deep.decode_attention_s > 0
+    assert predict(option, cpu, 2048).tg_per_s < predict(option, cpu, 0).tg_per_s  # type: ignore[operator]
+    assert predict(option, cpu, 2048).pp_per_s < predict(option, cpu, 0).pp_per_s  # type: ignore[operator]
+
+
+def test_the_prompts_params_leave_out_embeddings_and_the_output_layer(tmp_path: Path) -> None:
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    option = plan.chosen
+    assert option is not None
+    blocks = sum(math.prod(shape) for name, shape in option.facts.tensor_shapes.items() if name.startswith("blk."))
+    assert active_params(option) == blocks and blocks < option.facts.n_params
+
+
+def parts(decode: float, attention: float, prefill: float = 0.0, prefill_attention: float = 0.0) -> Times:
+    return Times(decode, attention, prefill or None, prefill_attention)
+
+
+def test_a_full_warmup_separates_reads_attention_and_prefill() -> None:
+    # the machine: reads 20% slower than predicted, attention at half the predicted speed, matmuls 1.5x faster
+    read, attention, matmul = 1.25, 2.0, 1 / 1.5
+    short, deep, fill = parts(0.010, 0.0001), parts(0.011, 0.008), parts(0, 0, 0.004, 0.003)
+
+    def measured(p: Times, prefill: bool = False) -> float:
+        if prefill:
+            return 1 / (matmul * (p.prefill_s or 0) + attention * p.prefill_attention_s)
+        return 1 / (read * p.decode_s + attention * p.decode_attention_s)
+
+    ratios = solve_ratios((short, measured(short)), (deep, measured(deep)), (fill, measured(fill, prefill=True)))
+    assert ratios == {"tg_ratio": pytest.approx(0.8, abs=1e-3), "attention_ratio": pytest.approx(0.5, abs=1e-3),
+                      "pp_ratio": pytest.approx(1.5, abs=1e-3), "prefill_attention_ratio": None}  # fmt: skip
+    # two prefills at different depths (the fill, then a few words after it) separate prefill's attention, which
+    # runs on another path than decode's, from its matmuls
+    prefill_attention = 4.0
+    deep_fill = parts(0, 0, 0.004, 0.009)
+
+    def prefill_rate(p: Times) -> float:
+        return 1 / (matmul * (p.prefill_s or 0) + prefill_attention * p.prefill_attention_s)
+
+    both = solve_ratios((short, measured(short)), (deep, measured(deep)), (fill, prefill_rate(fill)),
+                        (deep_fill, prefill_rate(deep_fill)))  # fmt: skip
+    assert both["pp_ratio"] == pytest.approx(1.5, abs=1e-3) and both["prefill_attention_ratio"] == pytest.approx(0.25)
+    only_short = solve_ratios((short, measured(short)))
+    assert only_short["attention_ratio"] is None and only_short["pp_ratio"] is None
+    assert only_short["tg_ratio"] == pytest.approx(1 / (read * 0.010 + attention * 0.0001) / (1 / 0.0101), abs=1e-3)
 
 
 def test_bytes_per_token_are_the_weights_read_and_the_kv_at_depth(tmp_path: Path) -> None:
@@ -271,3 +343,53 @@ def test_the_plan_keeps_to_a_kv_pair_the_cuda_build_runs(tmp_path: Path) -> None
     assert kv_for_build(asked, backend, cpu) == (asked, None)  # no CUDA device: the CPU runs every pair
     no_fa = Policy(n_ctx=4096, type_k="q8_0", type_v="f16", flash_attn="off")
     assert kv_for_build(no_fa, backend, gpu) == (no_fa, None)
+
+
+def test_a_partial_offload_pays_the_host_weights_trip_over_pcie(tmp_path: Path) -> None:
+    """llama.cpp's CUDA backend copies host weights to the GPU for every micro-batch of 32 tokens or more: a prompt
+    token pays the host layers' bytes over the link / the micro-batch's tokens; an unknown link leaves it unknown."""
+    from launcher.plan import Policy, budgets_for, evaluate
+    from launcher.speed import host_weights_trip_s
+
+    candidate = tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)
+    plan = make_test_plan([candidate])
+    assert plan.chosen is not None
+    facts = plan.chosen.facts
+    budgets = budgets_for(describe_machine(vram=[8 * GiB]).devices, ram_available_bytes=None, reserve_bytes=GiB)
+    half = evaluate(candidate, facts, Policy(n_ctx=4096), budgets, n_gpu_layers=facts.n_layer // 2, floor="Q2_K")
+    on_gpu = {i for d in half.estimate.devices if d.name != "CPU" for i in d.layers}
+    host = sum(layer.weight_bytes for layer in facts.layers if layer.index not in on_gpu)
+    assert 0 < host < sum(layer.weight_bytes for layer in facts.layers)
+    gpu = DeviceSpeed(1008e9, 330e12, "cuda", 31.5e9)
+    assert host_weights_trip_s(half, gpu, 512) == pytest.approx(host / (31.5e9 * 512))
+    assert host_weights_trip_s(half, gpu, 16) == 0  # a batch under 32: the CPU computes its own layers
+    assert host_weights_trip_s(plan.chosen, gpu, 512) == 0  # every block on the GPU
+    devices = {"GPU0": gpu, "CPU": DeviceSpeed(50e9, 1e12, "cpu")}
+    full = times(half, {**devices, "GPU0": replace(gpu, link_bytes_per_s=1e15)}, 0)
+    slow = times(half, devices, 0)
+    assert full is not None and slow is not None and slow.prefill_s > full.prefill_s  # type: ignore[operator]
+    assert predict(half, {**devices, "GPU0": replace(gpu, link_bytes_per_s=None)}, 0).pp_per_s is None
+
+
+def test_a_quantized_cache_runs_prefills_attention_on_decodes_path_on_a_cpu(tmp_path: Path) -> None:
+    """llama.cpp's CPU flash attention tiles a prompt's queries only for f16 K and V: with q8_0 the prompt runs
+    decode's per-query loop, so decode's measured attention ratio prices it."""
+    from launcher.speed import Calibration
+
+    cpu = {name: DeviceSpeed(30e9, 200e9, "cpu") for name in ("CPU", "GPU0")}
+    quantized = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)], kv="q8_0").chosen
+    plain = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)], kv="f16").chosen
+    assert quantized is not None and plain is not None
+    q_parts, f_parts = times(quantized, cpu, 1024), times(plain, cpu, 1024)
+    assert q_parts is not None and q_parts.prefill_attention_as_decode
+    assert f_parts is not None and not f_parts.prefill_attention_as_decode
+    factors = Calibration(1.0, 1, 1.0, attention_factor=0.25, prefill_attention_factor=2.0)
+    assert predict(quantized, cpu, 1024, calibration=factors).pp_per_s == pytest.approx(
+        1 / (q_parts.prefill_s + q_parts.prefill_attention_s / 0.25)
+    )  # type: ignore[operator]
+    assert predict(plain, cpu, 1024, calibration=factors).pp_per_s == pytest.approx(
+        1 / (f_parts.prefill_s + f_parts.prefill_attention_s / 2.0)
+    )  # type: ignore[operator]
+    gpu = {"GPU0": DeviceSpeed(1008e9, 330e12, "cuda"), "CPU": DeviceSpeed(30e9, 200e9, "cpu")}
+    on_gpu = times(quantized, gpu, 1024)  # a GPU's flash attention is a matmul: no part of its own
+    assert on_gpu is not None and on_gpu.prefill_attention_s == 0 and not on_gpu.prefill_attention_as_decode

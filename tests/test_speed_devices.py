@@ -19,6 +19,7 @@ from launcher.hardware.nvml import (
     nvidia_devices,
     nvml_bandwidth_bytes_per_s,
     nvml_fp16_flops,
+    pcie_bytes_per_s,
     read_nvml,
 )
 from launcher.hardware.types import HardwareSnapshot
@@ -34,7 +35,7 @@ TFLOPS = 1e12
 RTX_4090 = dict(name="NVIDIA GeForce RTX 4090", uuid="GPU-00000000-0000-4000-8000-000000004090",
                 pci_bus_id="00000000:01:00.0", total_bytes=24 * GiB, used_bytes=512 * 2**20, compute_capability=(8, 9),
                 max_memory_clock_mhz=10501, memory_bus_width_bits=384, boost_sm_clock_mhz=2520, max_sm_clock_mhz=3120,
-                gpu_cores=16384)  # fmt: skip
+                gpu_cores=16384, pcie_generation=4, pcie_width=16)  # fmt: skip
 H100_SXM = dict(name="NVIDIA H100 80GB HBM3", uuid="GPU-00000000-0000-4000-8000-000000000100",
                 pci_bus_id="00000000:02:00.0", total_bytes=80 * GiB, used_bytes=512 * 2**20, compute_capability=(9, 0),
                 max_memory_clock_mhz=2619, memory_bus_width_bits=5120, max_sm_clock_mhz=1830,
@@ -76,9 +77,18 @@ def test_nvml_gives_each_gpu_its_own_figures_matching_the_published_ones() -> No
     assert ada.fp16_flops == pytest.approx(128 * 2520e6 * 1024)
 
 
+def test_nvml_host_link_is_the_pcie_generation_times_its_lanes() -> None:
+    (ada,) = nvml_devices(FakeGpu(**RTX_4090))
+    assert ada.host_link_bytes_per_s == pytest.approx(31.5 * GB, rel=1e-3)  # PCIe 4.0 x16, one direction
+    assert device_table()["NVIDIA GeForce RTX 4090"].link_bytes_per_s == ada.host_link_bytes_per_s  # its spec sheet
+    assert pcie_bytes_per_s(5, 16) == pytest.approx(63.0 * GB, rel=1e-3) and pcie_bytes_per_s(4, 8) == 15.752e9
+    assert pcie_bytes_per_s(9, 16) is None and pcie_bytes_per_s(4, None) is None  # unpublished, unknown
+
+
 def test_nvml_figures_a_driver_declines_stay_unknown() -> None:
     (plain,) = nvml_devices(FakeGpu(**RTX_3090, used_bytes=GiB))  # every speed call answers NotSupported
     assert plain.memory_bandwidth_bytes_per_s is None and plain.fp16_flops is None
+    assert plain.host_link_bytes_per_s is None
     no_boost = {**RTX_4090, "boost_sm_clock_mhz": None}
     (fallback,) = nvml_devices(FakeGpu(**no_boost))  # the maximum SM clock only where no boost clock is given
     assert fallback.fp16_flops == pytest.approx(128 * 3120e6 * 1024)
@@ -140,10 +150,12 @@ def test_a_profiles_speed_figures_are_checked_in_one_line(device: str, message: 
         parse_profile(f"machine: box\ndevices:\n  - {{name: g, kind: cuda, memory: 8GiB, {device}}}\n", source="p.yaml")
 
 
-def test_a_cpu_device_takes_no_flops() -> None:
-    with pytest.raises(ProfileError, match=r"'devices\[1\].flops' is a GPU's figure; a cpu device may set bandwidth"):
-        parse_profile("machine: box\ndevices:\n  - {name: g, kind: cuda, memory: 8GiB}\n"
-                      "  - {name: h, kind: cpu, memory: 8GiB, flops: 1TFLOPS}\n")  # fmt: skip
+def test_a_cpu_device_sets_the_hosts_flops() -> None:
+    """The host's FP32 FLOPS price prefill and attention on the CPU (a measured figure unless a profile gives one)."""
+    profile = parse_profile("machine: box\ndevices:\n  - {name: g, kind: cuda, memory: 8GiB}\n"
+                            "  - {name: h, kind: cpu, memory: 8GiB, bandwidth: 50GB/s, flops: 1TFLOPS}\n")  # fmt: skip
+    host = machine_speeds(profile_hardware(profile))["CPU"]  # type: ignore[arg-type]
+    assert (host.bandwidth_bytes_per_s, host.flops, host.backend) == (50 * GB, 1 * TFLOPS, "cpu")
 
 
 def test_speed_figures_parse_with_their_units() -> None:
@@ -177,6 +189,40 @@ def test_calibration_is_the_median_ratio_of_this_backend_and_build(tmp_path: Pat
     assert calibration(machine, "llamacpp", "b7000") == Calibration(0.50, 1)
     assert calibration(machine, "ollama", "0.12.0") == Calibration(1.30, 1)
     assert calibration(one_gpu("NVIDIA GeForce RTX 3090"), "llamacpp", "b6413") is None  # another machine
+
+
+def test_calibration_takes_the_runs_of_the_same_quant_type_first(tmp_path: Path) -> None:
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    for quant, ratio, pp, attention in (("Q8_0", 0.9, 1.2, None), ("Q8_0", 0.8, 1.4, 0.5), ("Q4_1", 0.4, None, None)):
+        entry = run_entry("llamacpp", "b6413", ratio)
+        entry["quant"] = quant
+        entry["speed"].update(pp_ratio=pp, attention_ratio=attention)
+        record.append(machine, entry)
+    assert calibration(machine, "llamacpp", "b6413", "q8_0") == Calibration(0.85, 2, 1.3, 0.5)
+    # attention reads the KV cache whatever the weights' type: its ratio comes from every run
+    assert calibration(machine, "llamacpp", "b6413", "Q4_1") == Calibration(0.4, 1, None, 0.5)
+    assert calibration(machine, "llamacpp", "b6413", "F16") == Calibration(0.8, 3, 1.3, 0.5)  # no F16 run: all
+    assert calibration(machine, "llamacpp", "b7000", "Q4_1") is None
+    assert calibration(machine, "llamacpp", "b6413", "Q4_1").note() == (  # type: ignore[union-attr]
+        "calibrated by 1 verified run on this machine: decode ×0.40, attention ×0.50"
+    )
+    assert calibration(machine, "llamacpp", "b6413", "Q8_0").note() == (  # type: ignore[union-attr]
+        "calibrated by 2 verified runs on this machine: decode ×0.85, prefill ×1.30, attention ×0.50"
+    )
+
+
+def test_a_calibration_scales_each_part_of_the_prediction(tmp_path: Path) -> None:
+    from launcher.speed import DeviceSpeed, predict, times
+
+    plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
+    option = plan.chosen
+    assert option is not None
+    cpu = {name: DeviceSpeed(30e9, 200e9, "cpu") for name in ("CPU", "GPU0")}
+    parts = times(option, cpu, 1024)
+    assert parts is not None and parts.prefill_s is not None
+    scaled = predict(option, cpu, 1024, calibration=Calibration(0.5, 1, 2.0, 0.25))
+    assert scaled.tg_per_s == pytest.approx(1 / (parts.decode_s / 0.5 + parts.decode_attention_s / 0.25))
+    assert scaled.pp_per_s == pytest.approx(1 / (parts.prefill_s / 2.0 + parts.prefill_attention_s / 0.25))
 
 
 def test_the_plan_is_calibrated_by_what_this_build_measured_here(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
         0.3.36-cpu/                        <llama-cpp-python version>-<variant>
             bin/llama-server               RPATH $ORIGIN: the lib*.so beside them
             bin/ggml-rpc-server
+            bin/llama-bench                 (builds since it was added; not required: scripts/bench_speed.py)
             bin/lib*.so
             build.json                     version, variant, llama.cpp commit, date
         .partial-0.3.36-cpu-<pid>/         a build in progress (never looked at)
@@ -23,7 +24,8 @@ from pathlib import Path
 
 ENV_ROOT = "FITQUANT_LLAMA_CPP_BUILDS"
 VARIANTS = ("cpu", "cuda", "metal", "rocm", "vulkan")
-BINARIES = ("llama-server", "ggml-rpc-server")
+BINARIES = ("llama-server", "ggml-rpc-server")  # a complete build has both
+TOOLS = ("llama-bench",)  # built beside them; an older cached build may lack it
 MANIFEST = "build.json"
 
 
@@ -121,15 +123,17 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 def find_built(binary: str = "llama-server", *, variant: str | None = None) -> Path | None:
-    """`binary` (llama-server or ggml-rpc-server) from the best complete cached build, or None.
+    """`binary` (llama-server, ggml-rpc-server or llama-bench) from the best complete cached build, or None (also
+    when that build lacks a tool: it was cached before the tool was added; `scripts/build-llama-cpp --force`).
 
     Best: built from the installed llama-cpp-python version, then (without `variant`) a GPU variant over
     cpu, then the newest version, then the latest build date."""
-    if binary not in BINARIES:
-        raise ValueError(f"unknown binary {binary!r}; one of {', '.join(BINARIES)}")
+    if binary not in BINARIES + TOOLS:
+        raise ValueError(f"unknown binary {binary!r}; one of {', '.join(BINARIES + TOOLS)}")
     installed = installed_version()
     builds = [b for b in list_builds() if variant is None or b.variant == variant]
     if not builds:
         return None
     best = max(builds, key=lambda b: (b.version == installed, b.variant != "cpu", _version_key(b.version), b.date))
-    return best.binary(binary)
+    found = best.binary(binary)
+    return found if binary in BINARIES or found.is_file() else None

@@ -11,8 +11,10 @@ it applies CUDA_VISIBLE_DEVICES and decides what is a note and what is a `Hardwa
   it is reported as unified and integrated, sized from host RAM, with a note.
 - Speed figures (launcher.speed): memory bandwidth from the maximum memory clock and the bus width, dense FP16
   tensor FLOPS from the SM count, the boost clock and the architecture's FLOPs per SM per clock
-  (`memory_bandwidth_bytes_per_s`, `fp16_flops`); None whenever NVML does not say or the architecture is not in
-  the table, never guessed. Not for a unified GPU: NVML has no bus width for it (reference/speed.md).
+  (`memory_bandwidth_bytes_per_s`, `fp16_flops`), and the host link from the PCIe generation and width
+  (`host_link_bytes_per_s`: prefill copies host weights over it in a partial offload); None whenever NVML does not
+  say or the architecture is not in the table, never guessed. Not for a unified GPU: NVML has no bus width for it
+  (reference/speed.md).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class NvmlGpuReading:
     boost_sm_clock_mhz: int | None = None  # nvmlDeviceGetClock(SM, CUSTOMER_BOOST_MAX), else the maximum SM clock
     multiprocessor_count: int | None = None  # nvmlDeviceGetAttributes_v2, else CUDA cores / cores per SM
     gpu_cores: int | None = None  # nvmlDeviceGetNumGpuCores
+    pcie_generation: int | None = None  # nvmlDeviceGetMaxPcieLinkGeneration: the GPU's and its slot's best
+    pcie_width: int | None = None  # nvmlDeviceGetMaxPcieLinkWidth (lanes)
 
 
 # Dense FP16 tensor FLOPs per SM per clock (FP16 accumulate: the figure NVIDIA's whitepapers quote, and the one
@@ -88,6 +92,18 @@ def nvml_bandwidth_bytes_per_s(max_memory_clock_mhz: int | None, bus_width_bits:
     if not max_memory_clock_mhz or not bus_width_bits:
         return None
     return max_memory_clock_mhz * 1e6 * bus_width_bits * 2 / 8
+
+
+# One direction of one PCIe lane, bytes/s after line encoding (PCI-SIG: 2.5 and 5 GT/s with 8b/10b; 8, 16 and 32
+# GT/s with 128b/130b; 64 GT/s PAM4 with FLIT encoding, 242/256).
+PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
+
+
+def pcie_bytes_per_s(generation: int | None, width: int | None) -> float | None:
+    """The host link's peak, one direction: lanes x the generation's rate per lane (4.0 x16: 31.5 GB/s). None when
+    either is unknown or the generation is not one PCI-SIG has published."""
+    rate = PCIE_LANE_BYTES_PER_S.get(generation or 0)
+    return rate * width if rate and width else None
 
 
 def nvml_fp16_flops(gpu: NvmlGpuReading) -> float | None:
@@ -197,6 +213,10 @@ def _read_speed(nvml: Any, handle: Any, gpu: NvmlGpuReading, failures: tuple[typ
         gpu.multiprocessor_count = int(nvml.nvmlDeviceGetAttributes_v2(handle).multiprocessorCount) or None
     with contextlib.suppress(*failures):
         gpu.gpu_cores = int(nvml.nvmlDeviceGetNumGpuCores(handle)) or None
+    with contextlib.suppress(*failures):
+        gpu.pcie_generation = int(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)) or None
+    with contextlib.suppress(*failures):
+        gpu.pcie_width = int(nvml.nvmlDeviceGetMaxPcieLinkWidth(handle)) or None
 
 
 def _read_processes(
@@ -306,6 +326,7 @@ def _device(
         if unified
         else nvml_bandwidth_bytes_per_s(gpu.max_memory_clock_mhz, gpu.memory_bus_width_bits),
         fp16_flops=nvml_fp16_flops(gpu),
+        host_link_bytes_per_s=None if unified else pcie_bytes_per_s(gpu.pcie_generation, gpu.pcie_width),
     )
     return device, notes
 

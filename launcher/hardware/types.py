@@ -37,6 +37,7 @@ class Device(_Frozen):
     `processes` is None when the platform does not say, an empty tuple when it says "none".
     `memory_bandwidth_bytes_per_s` (peak) and `fp16_flops` (dense FP16 tensor) are the device's own speed figures
     (NVML's clocks and bus, or a profile's `bandwidth` / `flops`); None: not known, a table by name may know them.
+    `host_link_bytes_per_s` is its PCIe link to the host, one direction (NVML's generation x width).
     """
 
     kind: DeviceKind
@@ -55,6 +56,7 @@ class Device(_Frozen):
     processes: tuple[GpuProcess, ...] | None = None
     memory_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
     fp16_flops: float | None = Field(default=None, gt=0)
+    host_link_bytes_per_s: float | None = Field(default=None, gt=0)  # PCIe to the host, one direction (NVML)
 
     @model_validator(mode="after")
     def _free_within_total(self) -> Device:
@@ -92,7 +94,8 @@ class HardwareSnapshot(_Frozen):
     `described` is True when the snapshot comes from `describe_machine` (numbers a user gave)
     rather than from probing this computer. `notes` explain fallbacks and oddities, one line each.
     `host_bandwidth_bytes_per_s` is the host memory's bandwidth where a person gave it (a profile's cpu device);
-    None: measured on this computer when needed (launcher.speed), unknown for a described one.
+    None: measured on this computer when needed (launcher.speed), unknown for a described one. `host_flops` is the
+    host's FP32 FLOPS the same way.
     """
 
     devices: tuple[Device, ...] = ()
@@ -103,6 +106,7 @@ class HardwareSnapshot(_Frozen):
     described: bool = False
     backends: BackendSupport | None = None
     host_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
+    host_flops: float | None = Field(default=None, gt=0)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON form (`fitquant hw --json`), with `schema_version`."""

@@ -35,8 +35,8 @@ def profile_hardware(profile: Profile) -> HardwareSnapshot | None:
     except ValueError as exc:
         raise profile.error(("devices",), str(exc)) from None
     host = next((d for d in devices if d.kind == "cpu"), None)
-    if host is not None and host.bandwidth is not None:
-        machine = machine.model_copy(update={"host_bandwidth_bytes_per_s": host.bandwidth})
+    if host is not None and (host.bandwidth is not None or host.flops is not None):
+        machine = machine.model_copy(update={"host_bandwidth_bytes_per_s": host.bandwidth, "host_flops": host.flops})
     if not gpus:
         return machine
     named = tuple(

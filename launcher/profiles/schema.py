@@ -251,7 +251,8 @@ class _Strict(BaseModel):
 class DeviceSpec(_Strict):
     """A device of a described machine. `memory` is what it can hold: a GPU's VRAM (a Metal GPU's working
     set), or for `kind: cpu` the host RAM a model may use. `bandwidth` and `flops` override the speed figures
-    fitquant would take from NVML or its table by name (a cpu device: the host's measured bandwidth)."""
+    fitquant would take from NVML or its table by name (a cpu device: the host's measured bandwidth and FP32
+    FLOPS)."""
 
     name: Text
     kind: ProfileDeviceKind
@@ -378,8 +379,6 @@ class Profile(_Strict):
             raise _field_error(("unified",), "describes a Mac's whole memory; give it alone, without ram or devices")
         if len(cpus) > 1:
             raise _field_error(("devices", cpus[1], "kind"), "cpu is the host's RAM; describe it once")
-        if cpus and devices[cpus[0]].flops is not None:  # prefill runs on a GPU's FLOPS; the host's are not counted
-            raise _field_error(("devices", cpus[0], "flops"), "is a GPU's figure; a cpu device may set bandwidth only")
         if cpus and self.ram is not None:
             raise _field_error(("ram",), f"repeats devices[{cpus[0]}] (kind cpu, the host's RAM); give one of them")
         if self.devices is not None and not devices and self.ram is None:
