@@ -342,6 +342,8 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("streamed tokens/s via router", f"{st['router_tokens_per_s']:.1f}", "", ""),
         ("streamed tokens/s direct", f"{st['direct_tokens_per_s']:.1f}", "", ""),
         ("streamed tokens/s, router / direct", f"{st['ratio']:.3f}", ">= 0.99", verdict(st["ratio"] >= 0.99)),
+        ("  the same as a ratio of the medians", f"{st['router_tokens_per_s'] / st['direct_tokens_per_s']:.3f}", "",
+         ""),
         ("swap via router: request to first token", f"{sw['router_first_token_s']:.3f} s", "", ""),
         ("  of which: eviction of the other model", f"{sw['evict_s']:.3f} s", "", ""),
         ("  of which: load + verify (incl. warm-up)", f"{sw['load_verify_s']:.3f} s", "", ""),

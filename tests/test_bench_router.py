@@ -30,6 +30,7 @@ FIGURES = [
     "streamed tokens/s via router",
     "streamed tokens/s direct",
     "streamed tokens/s, router / direct",
+    "  the same as a ratio of the medians",
     "swap via router: request to first token",
     "same argv direct: start to /health 200",
     "same argv direct: start to first token",
