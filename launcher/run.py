@@ -703,7 +703,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     from decode after the fill, and prefill, from the fill), and the finding when a load on a GPU decodes or fills
     far below its prediction or its log shows more graph splits than a full offload gives (compute that probably ran
     on the CPU)."""
-    from launcher.speed import machine_speeds, predict, solve_ratios, times
+    from launcher.speed import MODEL_VERSION, machine_speeds, predict, solve_ratios, times
     from launcher.verify import full_offload_splits, splits_finding
 
     devices = machine_speeds(machine)
@@ -721,6 +721,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
         "measured_tg_per_s": measured_tg,
         "measured_pp_per_s": warmup.get("measured_pp_per_s"),
         "tg_ratio": None,
+        "model_version": MODEL_VERSION,  # the form of prediction the ratios were measured against
         "graph_splits": result.placement.graph_splits,
         "full_offload_splits": full_offload_splits(result.placement),
         "finding": None,

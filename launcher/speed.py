@@ -138,6 +138,9 @@ class Fit:
 
 
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
+# The prediction's form: a run's measured / predicted ratios hold for the predictions they were measured against,
+# so a record of another form does not calibrate this one (raised whenever what a prediction counts changes).
+MODEL_VERSION = 2
 
 
 @functools.cache
@@ -583,12 +586,14 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
     machine decodes an F16 135M model's weights in 2.6 ms of compute a token, its Q4_1 in 6.6), so a ratio measured
     on one type is the best guess for another model of the same type; attention's ratio from every run (it reads
     the KV cache, whatever the weights' type). A run flagged slow (probable CPU fallback) is left out: it measured a
-    fault, and folding it in would hide the next one."""
+    fault, and folding it in would hide the next one; so is a run measured against another form of the prediction
+    (MODEL_VERSION)."""
     from statistics import median
 
     from launcher.record import entries
 
-    runs = [e for e in entries(machine) if e.get("backend") == backend and e.get("version") == version]
+    runs = [e for e in entries(machine) if e.get("backend") == backend and e.get("version") == version
+            and isinstance(e.get("speed"), dict) and e["speed"].get("model_version") == MODEL_VERSION]  # fmt: skip
     same_type = [e for e in runs if quant is not None and str(e.get("quant", "")).upper() == quant.upper()]
     found: dict[str, list[float]] = {
         "tg_ratio": [],

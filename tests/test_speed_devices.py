@@ -24,7 +24,15 @@ from launcher.hardware.nvml import (
 )
 from launcher.hardware.types import HardwareSnapshot
 from launcher.profiles import parse_profile, profile_hardware
-from launcher.speed import Calibration, calibration, device_table, machine_speeds, parse_bandwidth, parse_flops
+from launcher.speed import (
+    MODEL_VERSION,
+    Calibration,
+    calibration,
+    device_table,
+    machine_speeds,
+    parse_bandwidth,
+    parse_flops,
+)
 
 GiB = 1024**3
 GB = 1e9
@@ -168,8 +176,10 @@ def test_speed_figures_parse_with_their_units() -> None:
 # --- calibration from the machine's record ------------------------------------------------------------------------
 
 
-def run_entry(backend: str, version: str | None, ratio: float, finding: str | None = None) -> dict:
-    speed = {"predicted_tg_per_s": 100.0, "measured_tg_per_s": 100.0 * ratio, "tg_ratio": ratio, "finding": finding}
+def run_entry(backend: str, version: str | None, ratio: float, finding: str | None = None,
+              model_version: int | None = MODEL_VERSION) -> dict:  # fmt: skip
+    speed = {"predicted_tg_per_s": 100.0, "measured_tg_per_s": 100.0 * ratio, "tg_ratio": ratio, "finding": finding,
+             "model_version": model_version}  # fmt: skip
     return {"model": "tiny", "quant": "Q8_0", "backend": backend, "version": version, "speed": speed}
 
 
@@ -183,6 +193,8 @@ def test_calibration_is_the_median_ratio_of_this_backend_and_build(tmp_path: Pat
         run_entry("llamacpp", "b6413", 0.20, finding="slow: decode 20 tokens/s, predicted 100: probable CPU fallback"),
         run_entry("llamacpp", "b7000", 0.50),  # another build
         run_entry("ollama", "0.12.0", 1.30),  # another backend
+        run_entry("llamacpp", "b6413", 0.10, model_version=None),  # measured against an older form of prediction
+        run_entry("llamacpp", "b6413", 0.10, model_version=MODEL_VERSION - 1),
     ]:
         record.append(machine, entry)
     assert calibration(machine, "llamacpp", "b6413") == Calibration(0.90, 3)
