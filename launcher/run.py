@@ -703,7 +703,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     from decode after the fill, and prefill, from the fill), and the finding when a load on a GPU decodes or fills
     far below its prediction or its log shows more graph splits than a full offload gives (compute that probably ran
     on the CPU)."""
-    from launcher.speed import MODEL_VERSION, machine_speeds, predict, solve_ratios, times
+    from launcher.speed import MODEL_VERSION, machine_speeds, predict, rates, solve_ratios, times
     from launcher.verify import full_offload_splits, splits_finding
 
     devices = machine_speeds(machine)
@@ -731,25 +731,22 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     if measured_tg and short is not None:
         deep = fill = deep_fill = None
         if filled:
-            fill_pp = predict(option, devices, 0, n_prompt=filled)
-            deep_tg = predict(option, devices, filled)
-            report["predicted_pp_per_s_fill"] = _rounded(fill_pp.pp_per_s)
-            report["predicted_tg_per_s_at_fill"] = _rounded(deep_tg.tg_per_s)
+            at_fill = times(option, devices, filled)  # decode right after the fill
+            fill_parts = times(option, devices, 0, n_prompt=filled)  # the fill: every depth from 0
+            # the changed words come after the cached prefix: the prompt's last `more` tokens, from filled - more
+            more: int = warmup.get("deep_prompt_tokens") or 0
+            deeper_parts = times(option, devices, filled - more, n_prompt=more) if more else None
+            report["predicted_pp_per_s_fill"] = _rounded(rates(fill_parts).pp_per_s) if fill_parts else None
+            report["predicted_tg_per_s_at_fill"] = _rounded(rates(at_fill).tg_per_s) if at_fill else None
             report["measured_tg_per_s_at_fill"] = warmup.get("measured_tg_per_s_at_fill")
-            at_fill = times(option, devices, filled)
-            fill_parts = times(option, devices, 0, n_prompt=filled)
+            report["measured_pp_per_s_at_fill"] = warmup.get("measured_pp_per_s_at_fill")
             if at_fill is not None and report["measured_tg_per_s_at_fill"]:
                 deep = (at_fill, report["measured_tg_per_s_at_fill"])
             if fill_parts is not None and report["measured_pp_per_s"]:
                 fill = (fill_parts, report["measured_pp_per_s"])
-            more: int = warmup.get("deep_prompt_tokens") or 0
-            report["measured_pp_per_s_at_fill"] = warmup.get("measured_pp_per_s_at_fill")
-            # the changed words come after the cached prefix: the prompt's last `more` tokens, from filled - more
-            deeper_parts = times(option, devices, filled - more, n_prompt=more) if more else None
             if deeper_parts is not None and report["measured_pp_per_s_at_fill"]:
                 deep_fill = (deeper_parts, report["measured_pp_per_s_at_fill"])
-                deeper_pp = predict(option, devices, filled - more, n_prompt=more).pp_per_s
-                report["predicted_pp_per_s_at_fill"] = _rounded(deeper_pp)
+                report["predicted_pp_per_s_at_fill"] = _rounded(rates(deeper_parts).pp_per_s)
         report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill))
     findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)

@@ -24,6 +24,7 @@ is a matmul there).
     attention_flops(option, depth)          attention FLOPs of one token at a depth, per device (pure)
     times(option, device_speeds, depth, n_prompt)  predicted seconds per token by part (pure)
     predict(option, device_speeds, depth, n_prompt=, calibration=)  Speed(tg_per_s, pp_per_s) (pure)
+    rates(times, calibration)               the same from parts already computed (pure)
     solve_ratios(short, deep, fill)         a warm-up's measured / predicted ratios: decode, attention, prefill
     machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
@@ -409,8 +410,11 @@ def predict(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0
     `devices` naming each device of the option's estimate (CPU included), scaled by this machine's `calibration`
     where given. A device without figures makes the prediction unknown (None), never a guess. Pure."""
     parts = times(option, devices, depth, n_prompt)
-    if parts is None:
-        return Speed(None, None)
+    return Speed(None, None) if parts is None else rates(parts, calibration)
+
+
+def rates(parts: Times, calibration: Calibration | None = None) -> Speed:
+    """Decode and prefill tokens/s from a token's predicted parts, each scaled by its calibration ratio. Pure."""
     tg_ratio = calibration.factor if calibration else 1.0
     pp_ratio = calibration.pp_factor if calibration and calibration.pp_factor else 1.0
     attention_ratio = calibration.attention_factor if calibration and calibration.attention_factor else None

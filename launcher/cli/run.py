@@ -164,7 +164,7 @@ def _serve_or_chat(
     inst = result.instance
     render_placement(result.placement, err=True)
     if result.speed:
-        _say(_speed_line(result.speed))
+        _say(_speed_line(result.speed, result.warmup.get("filled_tokens")))
     _say(f"OpenAI-compatible endpoint: {inst.endpoint} (model {inst.model_name!r})")
     warning = exposure_warning(request)
     if warning:
@@ -241,17 +241,24 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGHUP, handler)
 
 
-def _speed_line(speed: dict[str, Any]) -> str:
-    """Measured beside predicted tokens/s, then the finding when a GPU load decodes far below its prediction."""
+def _speed_line(speed: dict[str, Any], filled: int | None = None) -> str:
+    """Measured beside predicted tokens/s, each against the prediction for what was measured: decode at a short
+    prompt; with a full warm-up (`filled` tokens), decode after the fill and the fill's own prefill (every depth from
+    0, not a 512-token prompt); then the finding when a GPU load runs far below its prediction."""
 
     def rate(value: float | None) -> str:
         return "?" if value is None else f"{value:,.1f}"
 
-    line = (f"speed: decode {rate(speed.get('measured_tg_per_s'))} tokens/s measured, "
-            f"{rate(speed.get('predicted_tg_per_s'))} predicted")  # fmt: skip
-    if speed.get("measured_pp_per_s") is not None or speed.get("predicted_pp_per_s") is not None:
-        line += (f"; prefill {rate(speed.get('measured_pp_per_s'))} measured, "
-                 f"{rate(speed.get('predicted_pp_per_s'))} predicted")  # fmt: skip
+    def pair(measured: str, predicted: str) -> str:
+        return f"{rate(speed.get(measured))} measured, {rate(speed.get(predicted))} predicted"
+
+    line = f"speed: decode {pair('measured_tg_per_s', 'predicted_tg_per_s')} tokens/s"
+    if filled and speed.get("measured_pp_per_s") is not None:
+        deep = pair("measured_tg_per_s_at_fill", "predicted_tg_per_s_at_fill")
+        line += f"; after the {filled:,}-token fill: decode {deep}; the fill's prefill "
+        line += pair("measured_pp_per_s", "predicted_pp_per_s_fill")
+    elif speed.get("predicted_pp_per_s") is not None:
+        line += f"; prefill {rate(speed['predicted_pp_per_s'])} predicted (--warmup full measures it)"
     return line + (f" — {speed['finding']}" if speed.get("finding") else "")
 
 
