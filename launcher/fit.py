@@ -88,7 +88,10 @@ def fit(
         machine = detect_hardware()
     plan = _fit(model, policy, machine=machine, candidates=candidates, confirm=confirm, measurer=measurer,
                 client=client, remembered=remembered)  # fmt: skip
-    attach_speeds(plan, machine, backend=build[0] if build else None, version=build[1] if build else None)
+    from launcher.record import model_key
+
+    attach_speeds(plan, machine, backend=build[0] if build else None, version=build[1] if build else None,
+                  model=model_key(model))  # fmt: skip
     if policy.min_tg_per_s is not None:
         apply_min_speed(plan, policy.min_tg_per_s)
     if policy.prefer == "speed":
@@ -99,13 +102,19 @@ def fit(
 
 
 def attach_speeds(
-    plan: Plan, machine: HardwareSnapshot, *, backend: str | None = None, version: str | None = None
+    plan: Plan,
+    machine: HardwareSnapshot,
+    *,
+    backend: str | None = None,
+    version: str | None = None,
+    model: str | None = None,
 ) -> None:
     """Predicted decode and prefill tokens/s on every option of the plan (launcher.speed), where the machine's
     devices have known figures: a GPU's own (NVML, a profile) or by name, the host's (a profile's, else measured;
     not for a described machine). With the `backend` and its build's `version` that will run the plan, each
-    option is calibrated by what verified runs of that build measured on this machine, those of its quant type
-    first (launcher.speed.calibration), and a plan note says so for the chosen one."""
+    option is calibrated by what verified runs of that build measured on this machine, those of this `model`
+    (launcher.record.model_key) and its quant type first (launcher.speed.calibration), and a plan note says so for
+    the chosen one."""
     from launcher.speed import Calibration, calibration, machine_speeds, predict
 
     devices = machine_speeds(machine)
@@ -115,7 +124,7 @@ def attach_speeds(
         if backend is None or not devices:
             return None
         if quant not in by_quant:
-            by_quant[quant] = calibration(machine, backend, version, quant)
+            by_quant[quant] = calibration(machine, backend, version, quant, model)
         return by_quant[quant]
 
     seen: set[int] = set()

@@ -30,7 +30,8 @@ is a matmul there).
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
                                             profile, else measured once (a short multi-threaded copy and matrix
                                             product, cached)
-    calibration(machine, backend, version)  the median measured / predicted ratios of this machine's record
+    calibration(machine, backend, version, quant, model)  the median measured / predicted ratios of this
+                                            machine's record: the model's own runs first, then its quant type's
     parse_bandwidth(text), parse_flops(text)  a profile's "936GB/s", "142TFLOPS"
     measured_speed(reply)                   decode and prefill tokens/s a server reports for one reply (pure)
     fitted(backend)                         a backend's Fit: decode eta and t0, prefill slope and fixed cost
@@ -441,7 +442,8 @@ def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = 
     prefills the matmuls (pp_ratio) and prefill's attention (prefill_attention_ratio), which runs on another path
     (llama.cpp's CPU flash attention: a vector loop per token in decode, tiles of queries in prefill), unless the
     cache's types make prefill run decode's loop too: then decode's ratio prices it. A ratio the measurements cannot
-    tell apart is None; with one prefill, pp_ratio takes attention at decode's ratio. Pure."""
+    tell apart is None; with one prefill, pp_ratio takes attention at decode's ratio, and is None where attention so
+    priced leaves the matmuls under MIN_PREFILL_SHARE of the fill's measured time. Pure."""
     ratios: dict[str, float | None] = {"tg_ratio": None, "attention_ratio": None, "pp_ratio": None,
                                        "prefill_attention_ratio": None}  # fmt: skip
     (p1, tg1) = short
@@ -466,17 +468,26 @@ def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = 
         return ratios
     spent = m3 - (attention * p3.prefill_attention_s if attention is not None else 0.0)
     matmul = (p3.prefill_s or 0.0) + (0.0 if attention is not None else p3.prefill_attention_s)
-    if spent > 0:
+    # the matmuls' time is what is left of the fill once attention is priced; where attention took most of it, the
+    # rest is a small difference of two large figures (a 135M model's fill on a CPU: ratios of 6 and 16 came out of
+    # such), so it is kept only where it is a fair share of the measured time
+    if spent >= MIN_PREFILL_SHARE * m3:
         ratios["pp_ratio"] = _ratio(matmul / spent)
     return ratios
 
 
+MIN_PREFILL_SHARE = 0.25
+MIN_SHARE_GAP = 0.2  # attention's share of the deeper point over the shallower one's, at the least
+
+
 def _two_parts(first: tuple[float, float, float], second: tuple[float, float, float]) -> tuple[float, float] | None:
     """(x, y) with measured = x · base + y · attention at two points (base, attention, measured seconds), both
-    positive; None when the points do not tell them apart (attention under a tenth of the time at the deeper one,
-    or the measurements contradict the model: a factor at or below zero)."""
+    positive; None when the points do not tell them apart: attention under a tenth of the time at the deeper one,
+    attention's share of the two points too alike (MIN_SHARE_GAP: then a measurement's noise swings both factors
+    wildly; a CPU's fill and a short prompt after it, both mostly attention, gave a prefill ratio of 12), or the
+    measurements contradict the model (a factor at or below zero)."""
     (b1, a1, m1), (b2, a2, m2) = first, second
-    if a2 <= 0.1 * b2:
+    if a2 <= 0.1 * b2 or a2 / (a2 + b2) - a1 / (a1 + b1) < MIN_SHARE_GAP:
         return None
     det = b1 * a2 - b2 * a1
     if det <= 0:
@@ -567,9 +578,10 @@ class Calibration:
     pp_factor: float | None = None
     attention_factor: float | None = None  # decode's attention
     prefill_attention_factor: float | None = None
+    same_model: bool = False  # the decode ratio is this model's own (runs of the same file), not another's
 
     def note(self) -> str:
-        runs = f"{self.runs} verified run{'s' if self.runs != 1 else ''}"
+        runs = f"{self.runs} verified run{'s' if self.runs != 1 else ''}{' of this model' if self.same_model else ''}"
         parts = [f"×{self.factor:.2f}"]
         if any(f is not None for f in (self.pp_factor, self.attention_factor, self.prefill_attention_factor)):
             parts = [f"decode ×{self.factor:.2f}"]
@@ -582,46 +594,56 @@ class Calibration:
         return f"calibrated by {runs} on this machine: {', '.join(parts)}"
 
 
-def calibration(machine: HardwareSnapshot, backend: str, version: str | None, quant: str | None = None
-                ) -> Calibration | None:  # fmt: skip
+def calibration(machine: HardwareSnapshot, backend: str, version: str | None, quant: str | None = None,
+                model: str | None = None) -> Calibration | None:  # fmt: skip
     """The median measured / predicted ratios of this machine's record (launcher.record.entries) for one backend and
-    build (decode; prefill and attention where runs measured them); None when it has no such run. With a `quant`,
-    the runs of that quant type where there are any: a CPU's kernels differ by type (this project's 2-core test
-    machine decodes an F16 135M model's weights in 2.6 ms of compute a token, its Q4_1 in 6.6), so a ratio measured
-    on one type is the best guess for another model of the same type; attention's ratio from every run (it reads
-    the KV cache, whatever the weights' type). A run flagged slow (probable CPU fallback) is left out: it measured a
-    fault, and folding it in would hide the next one; so is a run measured against another form of the prediction
-    (MODEL_VERSION)."""
+    build (decode; prefill and attention where runs measured them); None when it has no such run.
+
+    The runs most like the one predicted are taken first. For the weights' ratios (decode, prefill): runs of the same
+    `model` (launcher.record.model_key) and `quant` type, else of that type on any model, else of the same model, else
+    every run. A CPU's kernels differ by type (this project's 2-core test machine decodes an F16 135M model's weights
+    in 2.6 ms of compute a token, its Q4_1 in 6.6), and a small model's fixed cost per token differs by model (its
+    graph's size), which the prediction does not price: a model's own run carries both. For attention (it reads the KV
+    cache, whatever the weights' type): the model's own runs where it has any (its heads' shapes; where none of them
+    could tell attention apart, e.g. sliding-window layers leave it too small a share, another model's ratio would
+    misprice it), else every run. A run flagged slow
+    (probable CPU fallback) is left out: it measured a fault, and folding it in would hide the next one; so is a run
+    measured against another form of the prediction (MODEL_VERSION)."""
     from statistics import median
 
     from launcher.record import entries
 
     runs = [e for e in entries(machine) if e.get("backend") == backend and e.get("version") == version
-            and isinstance(e.get("speed"), dict) and e["speed"].get("model_version") == MODEL_VERSION]  # fmt: skip
-    same_type = [e for e in runs if quant is not None and str(e.get("quant", "")).upper() == quant.upper()]
-    found: dict[str, list[float]] = {
-        "tg_ratio": [],
-        "pp_ratio": [],
-        "attention_ratio": [],
-        "prefill_attention_ratio": [],
-    }
-    for key, values in found.items():
-        # attention reads the KV cache, not the weights: every run of the build measures it alike
-        for entry in runs if "attention" in key else same_type or runs:
-            speed = entry.get("speed")
-            if not isinstance(speed, dict) or speed.get("finding"):
-                continue
-            ratio = speed.get(key)
-            if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 100:
-                values.append(float(ratio))
-    if not found["tg_ratio"]:
+            and isinstance(e.get("speed"), dict) and e["speed"].get("model_version") == MODEL_VERSION
+            and not e["speed"].get("finding")]  # fmt: skip
+
+    def ratios(found: list[dict[str, Any]], key: str) -> list[float]:
+        values = [e["speed"].get(key) for e in found]
+        return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 100]
+
+    def first(key: str, *scopes: list[dict[str, Any]]) -> tuple[list[float], int]:
+        """The ratios of the first scope that has any, and which scope that was."""
+        for n, scope in enumerate(scopes):
+            if values := ratios(scope, key):
+                return values, n
+        return [], -1
+
+    def of_type(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in found if quant is not None and str(e.get("quant", "")).upper() == quant.upper()]
+
+    mine = [e for e in runs if model is not None and e.get("model") == model]
+    weights = (of_type(mine), of_type(runs), mine, runs)
+    tg, scope = first("tg_ratio", *weights)
+    if not tg:
         return None
 
-    def middle(key: str) -> float | None:
-        return round(median(found[key]), 4) if found[key] else None
+    def middle(values: list[float]) -> float | None:
+        return round(median(values), 4) if values else None
 
-    return Calibration(round(median(found["tg_ratio"]), 4), len(found["tg_ratio"]), middle("pp_ratio"),
-                       middle("attention_ratio"), middle("prefill_attention_ratio"))  # fmt: skip
+    attention = mine or runs
+    return Calibration(round(median(tg), 4), len(tg), middle(first("pp_ratio", *weights)[0]),
+                       middle(ratios(attention, "attention_ratio")),
+                       middle(ratios(attention, "prefill_attention_ratio")), same_model=scope in (0, 2))  # fmt: skip
 
 
 COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache

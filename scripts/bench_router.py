@@ -11,8 +11,10 @@ llama-server called (or started) directly, measured in this process, interleaved
    router's p99 minus the direct p99 (a per-round difference's p99 also holds both requests' own noise: printed
    beside it, with the control's, which a path that adds nothing would show);
 2. streaming: the same streamed request (`ignore_eos`, so the token count is fixed), tokens/s counted over the
-   SSE content chunks from the first token to the last, through the router and direct, back to back in each
-   round; the ratio is the median of the rounds' ratios;
+   SSE content chunks from the first token to the last, through the router, direct, and direct again (an A/A
+   control), back to back in each round in rotating order; the ratio is the median of the rounds' ratios, the
+   control's likewise; beside them the router's CPU time per chunk it relayed (on a machine whose cores the model's
+   server keeps busy, that time is what the router takes from decoding);
 3. swap: a streamed request for the unloaded model (evict, load, verify with fitquant's warm-up request, first
    token) against the argv the router's server ran (read from its pid) started directly: until /health is 200,
    then the same request's first token.
@@ -272,20 +274,28 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         body = chat("small", max_tokens=args.tokens, stream=True)
         r_tps: list[float] = []
         d_tps: list[float] = []
+        a_tps: list[float] = []  # the A/A control: the same direct stream a second time in each round
         chunks: set[int] = set()
-        for i in range(args.stream_runs):
-            pair = [("r", router, "/v1/chat/completions"), ("d", direct, url)]
-            for kind, client, target in pair if i % 2 == 0 else pair[::-1]:
+        router_proc = psutil.Process(serve.proc.pid)
+        cpu_before, router_chunks = sum(router_proc.cpu_times()[:2]), 0
+        for i in range(args.stream_runs):  # three runs a round, back to back, the order rotated each round
+            trio = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url)]
+            for kind, client, target in trio[i % 3 :] + trio[: i % 3]:
                 s = streamed(client, target, body, fresh=True)
-                (r_tps if kind == "r" else d_tps).append(s["tokens_per_s"])
+                {"r": r_tps, "d": d_tps, "a": a_tps}[kind].append(s["tokens_per_s"])
                 chunks.add(int(s["chunks"]))
-        r_med, d_med = statistics.median(r_tps), statistics.median(d_tps)
-        # the ratio of each round's two runs, back to back, then their median: a slow spell of the machine (other
-        # processes, the server's own variation run to run) falls on both runs of a round, not on one path's median
+                router_chunks += int(s["chunks"]) if kind == "r" else 0
+        # the router's CPU time over the streaming rounds (its idle ticks included) per chunk it relayed: on 2 cores
+        # that time is taken from the model's server, which is what lowers tokens/s through the router
+        cpu_per_chunk = (sum(router_proc.cpu_times()[:2]) - cpu_before) / router_chunks
+        # the ratio of each round's runs, back to back, then their median: a slow spell of the machine (other
+        # processes, the server's own variation run to run) falls on every run of a round, not on one path's median
         paired = statistics.median(r / d for r, d in zip(r_tps, d_tps, strict=True))
+        control = statistics.median(a / d for a, d in zip(a_tps, d_tps, strict=True))
         out["stream"] = {"runs": args.stream_runs, "tokens": args.tokens, "content_chunks": sorted(chunks),
-                         "router_tokens_per_s": r_med, "direct_tokens_per_s": d_med,
-                         "ratio": paired}  # fmt: skip
+                         "router_tokens_per_s": statistics.median(r_tps),
+                         "direct_tokens_per_s": statistics.median(d_tps), "ratio": paired,
+                         "control_ratio": control, "router_cpu_per_chunk_us": cpu_per_chunk * 1e6}  # fmt: skip
 
         # 3. swap: gemma is not loaded; asking for it evicts the small model, loads, verifies, answers
         body = chat("gemma", max_tokens=4, stream=True)
@@ -344,6 +354,8 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("streamed tokens/s, router / direct", f"{st['ratio']:.3f}", ">= 0.99", verdict(st["ratio"] >= 0.99)),
         ("  the same as a ratio of the medians", f"{st['router_tokens_per_s'] / st['direct_tokens_per_s']:.3f}", "",
          ""),
+        ("  A/A control (direct / direct)", f"{st['control_ratio']:.3f}", "", ""),
+        ("  router CPU per relayed chunk", f"{st['router_cpu_per_chunk_us']:.0f} us", "", ""),
         ("swap via router: request to first token", f"{sw['router_first_token_s']:.3f} s", "", ""),
         ("  of which: eviction of the other model", f"{sw['evict_s']:.3f} s", "", ""),
         ("  of which: load + verify (incl. warm-up)", f"{sw['load_verify_s']:.3f} s", "", ""),
@@ -426,7 +438,7 @@ def serving(args: argparse.Namespace) -> Iterator[tuple[Serve, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="latency: request pairs (router, direct)")
-    parser.add_argument("--stream-runs", type=int, default=20, help="streaming: runs through each")
+    parser.add_argument("--stream-runs", type=int, default=45, help="streaming: rounds (router, direct, direct again)")
     parser.add_argument("--swap-runs", type=int, default=3, help="swaps, each against a direct start")
     parser.add_argument("--tokens", type=int, default=128, help="streaming: tokens per run")
     parser.add_argument("--ctx", type=int, default=2048, help="context of both models")

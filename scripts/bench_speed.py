@@ -7,9 +7,9 @@
    (llama-cpp-python's llama_model_quantize: F16, Q8_0, Q4_K_M, Q2_K of SmolLM2, Q8_0 of Gemma), each measured by
    llama-bench from the same llama.cpp build (scripts/build-llama-cpp) at pp512 and tg128 at depths 0, 512 and 2048
    with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated, then
-   calibrated after one `--warmup full` of SmolLM2 at each quant type through fitquant's own run path (a temporary
-   FITQUANT_HOME: the record it writes is thrown away). Gemma's rows are calibrated by SmolLM2's warm-up of the same
-   type: another model, so they test the calibration, not an echo of it.
+   calibrated after one `--warmup full` of each model through fitquant's own run path (a temporary FITQUANT_HOME: the
+   record it writes is thrown away), and for Gemma's rows also after SmolLM2's warm-ups alone (its own not yet run):
+   calibrated by another model of the same type, which tests the calibration across models, not an echo of it.
 
     .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--json FILE]
 """
@@ -106,17 +106,15 @@ def predictions(option: Any, devices: Any, calibration: Any) -> dict[tuple[str, 
     return out
 
 
-def warm_up_types(models: dict[str, Path], machine: Any) -> tuple[str, str | None]:
-    """One `--warmup full` run per SmolLM2 quant type through fitquant's run path (recorded in FITQUANT_HOME, which
-    main() points at a temporary folder); the (backend, version) the record is keyed by."""
+def warm_up(models: dict[str, Path], machine: Any) -> tuple[str, str | None]:
+    """One `--warmup full` run of each model through fitquant's run path (recorded in FITQUANT_HOME, which local()
+    points at a temporary folder); the (backend, version) the record is keyed by."""
     from launcher.backends.base import LaunchRequest
     from launcher.plan import Policy
     from launcher.run import RunSpec, backend_and_machine, backend_build, start, stop
 
     backend, _, _ = backend_and_machine("llamacpp")
     for name, path in models.items():
-        if not name.startswith("SmolLM2"):
-            continue
         spec = RunSpec(str(path), Policy(n_ctx=2048), LaunchRequest(), warmup="full", confirm=False)
         result = start(spec, backend=backend, machine=machine)
         stop(result, backend)
@@ -134,6 +132,7 @@ def local(reps: int) -> list[dict[str, Any]]:
     from launcher.backends.builds import find_built
     from launcher.embedded import embedded_model_path, gemma_model_path
     from launcher.hardware import detect_hardware
+    from launcher.record import model_key
     from launcher.speed import calibration, machine_speeds
 
     binary = find_built("llama-bench")
@@ -159,22 +158,33 @@ def local(reps: int) -> list[dict[str, Any]]:
     measured = {name: llama_bench(binary, path, reps) for name, path in models.items()}
     options = {name: option_for(path, machine) for name, path in models.items()}
     raw = {name: predictions(options[name], devices, None) for name in models}
+    smol_models = {name: path for name, path in models.items() if name.startswith("SmolLM2")}
+    gemma_models = {name: path for name, path in models.items() if name not in smol_models}
+
+    def factors(names: dict[str, Path]) -> dict[str, Any]:
+        # what the next plan of each model would be calibrated by: its own runs first, else its type's
+        return {name: calibration(machine, backend, version, name.rsplit(" ", 1)[-1], model_key(str(path)))
+                for name, path in names.items()}  # fmt: skip
+
     with tempfile.TemporaryDirectory(prefix="fitquant-bench-speed-") as home:
         os.environ["FITQUANT_HOME"] = home  # the warm-ups' record and instances: thrown away after
         try:
-            backend, version = warm_up_types(models, machine)
-            factors = {name: calibration(machine, backend, version, name.rsplit(" ", 1)[-1]) for name in models}
+            backend, version = warm_up(smol_models, machine)
+            by_other = factors(gemma_models)  # Gemma not run yet: SmolLM2's runs of its type
+            warm_up(gemma_models, machine)
+            by_own = factors(models)
         finally:
             del os.environ["FITQUANT_HOME"]
     rows = []
     for name in models:
-        calibrated = predictions(options[name], devices, factors[name])
+        own = predictions(options[name], devices, by_own[name])
+        other = predictions(options[name], devices, by_other[name]) if name in by_other else {}
         for test in ("pp", "tg"):
             for depth in DEPTHS:
                 key = (test, depth)
                 rows.append({"model": name, "test": f"{test}{PP if test == 'pp' else TG} @ d{depth}",
                              "measured": measured[name].get(key), "predicted": raw[name][key],
-                             "calibrated": calibrated[key]})  # fmt: skip
+                             "calibrated": own[key], "by_other": other.get(key)})  # fmt: skip
     return rows
 
 
@@ -182,13 +192,21 @@ def render(rows: list[dict[str, Any]]) -> None:
     def err(p: float | None, m: float | None) -> str:
         return f"{p / m - 1:+.0%}" if p and m else "-"
 
-    print("\n| model (this machine, CPU) | test | llama-bench t/s | predicted | error | after warm-up | error |")
-    print("|---|---|---|---|---|---|---|")
+    def value(v: float | None) -> str:
+        return f"{v:.1f}" if v else "-"
+
+    print("\n| model (this machine, CPU) | test | llama-bench t/s | predicted | error | after its warm-up | error "
+          "| after another model's | error |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        m, p, c = r["measured"], r["predicted"], r["calibrated"]
-        print(f"| {r['model']} | {r['test']} | {m:.1f} | {p:.1f} | {err(p, m)} | {c:.1f} | {err(c, m)} |")
-    for label, key in (("uncalibrated", "predicted"), ("after one warm-up", "calibrated")):
+        m, p, c, o = r["measured"], r["predicted"], r["calibrated"], r["by_other"]
+        print(f"| {r['model']} | {r['test']} | {value(m)} | {value(p)} | {err(p, m)} | {value(c)} | {err(c, m)} | "
+              f"{value(o)} | {err(o, m)} |")  # fmt: skip
+    for label, key in (("uncalibrated", "predicted"), ("after one warm-up of the model", "calibrated"),
+                       ("after another model's warm-ups of its type (Gemma's rows)", "by_other")):  # fmt: skip
         errors = [abs(r[key] / r["measured"] - 1) for r in rows if r[key] and r["measured"]]
+        if not errors:
+            continue
         within = {t: sum(e <= t for e in errors) for t in (0.1, 0.2)}
         print(f"\n{label}: {within[0.2]}/{len(errors)} within 20%, {within[0.1]}/{len(errors)} within 10%, "
               f"median error {sorted(errors)[len(errors) // 2]:.0%}, worst {max(errors):.0%}")  # fmt: skip

@@ -209,7 +209,7 @@ def test_the_next_plan_is_calibrated_by_the_speed_measured_here(tmp_path: Path) 
     planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
-    assert any(n.startswith("calibrated by 1 verified run") for n in plan["notes"]), plan["notes"]
+    assert any(n.startswith("calibrated by 1 verified run of this model") for n in plan["notes"]), plan["notes"]
     calibrated = plan["chosen"]["speed"]["tg_per_s"]
     assert calibrated == pytest.approx(speed["predicted_tg_per_s"] * speed["tg_ratio"], rel=0.02)
 

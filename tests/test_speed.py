@@ -120,6 +120,26 @@ def test_a_full_warmup_separates_reads_attention_and_prefill() -> None:
     assert only_short["tg_ratio"] == pytest.approx(1 / (read * 0.010 + attention * 0.0001) / (1 / 0.0101), abs=1e-3)
 
 
+def test_a_fill_mostly_attention_gives_no_prefill_ratio() -> None:
+    """With one prefill, the matmuls' ratio is what is left of the fill once attention is priced at decode's ratio:
+    where attention took most of the fill, that rest is a small difference of two large figures, and is not kept."""
+    short, deep = parts(0.010, 0.0001), parts(0.011, 0.008)
+    decodes = (short, 1 / (0.010 + 2.0 * 0.0001)), (deep, 1 / (0.011 + 2.0 * 0.008))  # attention ratio 0.5
+    fill = Times(0.0, 0.0, 0.001, 0.004, prefill_attention_as_decode=True)  # attention: 0.008 s of the measured
+    kept = solve_ratios(*decodes, (fill, 1 / (0.008 + 0.004)))  # the matmuls a third of the measured time
+    assert kept["attention_ratio"] == pytest.approx(0.5) and kept["pp_ratio"] == pytest.approx(0.25)
+    dropped = solve_ratios(*decodes, (fill, 1 / (0.008 + 0.0015)))  # a sixth of it: noise would swing it wildly
+    assert dropped["attention_ratio"] == pytest.approx(0.5) and dropped["pp_ratio"] is None
+    # two prefills whose attention shares are alike do not tell matmuls from attention (a noisy 10% either way swings
+    # the split): the fill alone prices the prefill, attention at decode's ratio, or all of it by one ratio
+    fill = Times(0.0, 0.0, 0.002, 0.004)
+    alike = Times(0.0, 0.0, 0.002, 0.005)
+    noisy = solve_ratios(*decodes, (fill, 1 / 0.012), (alike, 1 / 0.014 * 1.1))
+    assert noisy["prefill_attention_ratio"] is None and noisy["pp_ratio"] == pytest.approx(0.002 / (0.012 - 0.008))
+    alone = solve_ratios((short, decodes[0][1]), None, (fill, 1 / 0.012), (alike, 1 / 0.014 * 1.1))
+    assert alone["pp_ratio"] == pytest.approx(0.006 / 0.012) and alone["prefill_attention_ratio"] is None
+
+
 def test_bytes_per_token_are_the_weights_read_and_the_kv_at_depth(tmp_path: Path) -> None:
     plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
     option = plan.chosen

@@ -211,15 +211,39 @@ def test_calibration_takes_the_runs_of_the_same_quant_type_first(tmp_path: Path)
         entry["speed"].update(pp_ratio=pp, attention_ratio=attention)
         record.append(machine, entry)
     assert calibration(machine, "llamacpp", "b6413", "q8_0") == Calibration(0.85, 2, 1.3, 0.5)
-    # attention reads the KV cache whatever the weights' type: its ratio comes from every run
-    assert calibration(machine, "llamacpp", "b6413", "Q4_1") == Calibration(0.4, 1, None, 0.5)
+    # attention reads the KV cache whatever the weights' type: its ratio comes from every run; a type whose runs
+    # measured no prefill takes prefill's from every run, as decode does when the type has no run
+    assert calibration(machine, "llamacpp", "b6413", "Q4_1") == Calibration(0.4, 1, 1.3, 0.5)
     assert calibration(machine, "llamacpp", "b6413", "F16") == Calibration(0.8, 3, 1.3, 0.5)  # no F16 run: all
     assert calibration(machine, "llamacpp", "b7000", "Q4_1") is None
     assert calibration(machine, "llamacpp", "b6413", "Q4_1").note() == (  # type: ignore[union-attr]
-        "calibrated by 1 verified run on this machine: decode ×0.40, attention ×0.50"
+        "calibrated by 1 verified run on this machine: decode ×0.40, prefill ×1.30, attention ×0.50"
     )
     assert calibration(machine, "llamacpp", "b6413", "Q8_0").note() == (  # type: ignore[union-attr]
         "calibrated by 2 verified runs on this machine: decode ×0.85, prefill ×1.30, attention ×0.50"
+    )
+
+
+def test_calibration_takes_this_models_own_runs_first(tmp_path: Path) -> None:
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    for model, quant, ratio, attention in (("tiny", "Q8_0", 0.9, 0.5), ("tiny", "Q8_0", 0.7, 0.3),
+                                           ("/m/big.gguf", "Q8_0", 0.5, 0.8), ("/m/big.gguf", "Q4_1", 0.3, 0.6),
+                                           ("/m/swa.gguf", "Q8_0", 0.6, None)):  # fmt: skip
+        entry = run_entry("llamacpp", "b6413", ratio)
+        entry.update(model=model, quant=quant)
+        entry["speed"].update(attention_ratio=attention)
+        record.append(machine, entry)
+    # the same model and type; the same type on another model; the same model of another type; every run
+    assert calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/big.gguf") == Calibration(
+        0.5, 1, None, 0.7, same_model=True
+    )  # attention: this model's two runs
+    assert calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/other.gguf") == Calibration(0.65, 4, None, 0.55)
+    assert calibration(machine, "llamacpp", "b6413", "Q2_K", "tiny") == Calibration(0.8, 2, None, 0.4, same_model=True)
+    assert calibration(machine, "llamacpp", "b6413", "Q2_K", "/m/other.gguf") == Calibration(0.6, 5, None, 0.55)
+    # a model whose own runs could not tell attention apart (too small a share): no other model's ratio for it
+    assert calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/swa.gguf") == Calibration(0.6, 1, same_model=True)
+    assert calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/big.gguf").note() == (  # type: ignore[union-attr]
+        "calibrated by 1 verified run of this model on this machine: decode ×0.50, attention ×0.70"
     )
 
 
