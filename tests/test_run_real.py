@@ -228,11 +228,14 @@ def test_a_full_warmup_calibrates_prefill_and_attention_too(tmp_path: Path) -> N
     speed = _first_json(done.stdout)["speed"]
     assert speed["measured_tg_per_s_at_fill"] < speed["measured_tg_per_s"]  # attention over ~1900 positions
     assert speed["predicted_tg_per_s_at_fill"] < speed["predicted_tg_per_s"]
-    assert speed["predicted_pp_per_s_fill"] and speed["pp_ratio"] and speed["attention_ratio"], speed
+    assert speed["predicted_pp_per_s_fill"] and speed["measured_pp_per_s"] and speed["attention_ratio"], speed
+    # the matmuls' ratio is what the fill leaves once attention is priced, kept only where that is a fair share of
+    # it (launcher.speed.MIN_PREFILL_SHARE): on this model's q8_0 cache attention takes most of a fill, near the edge
+    assert speed["pp_ratio"] is None or speed["pp_ratio"] > 0, speed
     # a few words prompted after the fill, the rest from the server's prompt cache: prefill at depth
     assert speed["measured_pp_per_s_at_fill"] and speed["predicted_pp_per_s_at_fill"], speed
     planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
     assert planned.returncode == 0, planned.stderr
     notes = json.loads(planned.stdout)["notes"]
-    assert any(n.startswith("calibrated by 1 verified run") and "prefill ×" in n and "attention ×" in n
-               for n in notes), notes  # fmt: skip
+    assert any(n.startswith("calibrated by 1 verified run of this model") and "attention ×" in n
+               and ("prefill ×" in n) == bool(speed["pp_ratio"]) for n in notes), notes  # fmt: skip
