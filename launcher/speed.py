@@ -476,7 +476,7 @@ def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = 
     return ratios
 
 
-MIN_PREFILL_SHARE = 0.25
+MIN_PREFILL_SHARE = 0.25  # of a fill's measured time, at the least, left to the matmuls for a prefill ratio
 MIN_SHARE_GAP = 0.2  # attention's share of the deeper point over the shallower one's, at the least
 
 
