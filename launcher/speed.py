@@ -606,9 +606,9 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
     graph's size), which the prediction does not price: a model's own run carries both. For attention (it reads the KV
     cache, whatever the weights' type): the model's own runs where it has any (its heads' shapes; where none of them
     could tell attention apart, e.g. sliding-window layers leave it too small a share, another model's ratio would
-    misprice it), else every run. A run flagged slow
-    (probable CPU fallback) is left out: it measured a fault, and folding it in would hide the next one; so is a run
-    measured against another form of the prediction (MODEL_VERSION)."""
+    misprice it), else every run. A run flagged slow (probable CPU fallback) is left out: it measured a fault, and
+    folding it in would hide the next one; so is a run measured against another form of the prediction
+    (MODEL_VERSION)."""
     from statistics import median
 
     from launcher.record import entries
