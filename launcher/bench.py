@@ -102,14 +102,21 @@ def measure(instance: Instance, depth: int, tokens: int, *, run: int, timeout_s:
 
 
 def predicted_option(running: RunningInstance) -> tuple[Option | None, str | None]:
-    """The plan's option for what runs (same model, quant and context), to predict from; None and why not."""
+    """The plan's option for what runs (same model, quant and context), to predict from, calibrated as `run`'s plan
+    is by this machine's verified runs of its backend's build; None and why not."""
+    from launcher.backends import load_backend
     from launcher.errors import FitquantError
     from launcher.fit import fit
     from launcher.plan import Policy
+    from launcher.run import backend_build
 
     reference = running.reference if running.reference is not None else running.model
     try:
-        plan: Plan | None = fit(reference or None, Policy(n_ctx=running.n_ctx), confirm=False)
+        build = backend_build(load_backend(running.backend))
+    except FitquantError:
+        build = None  # predicted uncalibrated
+    try:
+        plan: Plan | None = fit(reference or None, Policy(n_ctx=running.n_ctx), confirm=False, build=build)
     except FitquantError as exc:
         plan = getattr(exc, "plan", None)
         if plan is None:
@@ -137,13 +144,17 @@ def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS,
     devices = machine_speeds(detect_hardware()) if option is not None else {}
     if why:
         result.notes.append(why)
+    if option is not None and option.calibration is not None:
+        result.notes.append(f"predicted: {option.calibration.note()}")
     for run, depth in enumerate(usable, start=1):
         row = measure(instance, depth, tokens, run=run)
         if option is not None:
             # the prompt fills the context from empty to `depth`; the tokens after it decode at that depth
-            filling = predict_speed(option, devices, 0, n_prompt=max(1, row.prompt_tokens or depth))
+            factors = option.calibration
+            filling = predict_speed(option, devices, 0, n_prompt=max(1, row.prompt_tokens or depth),
+                                    calibration=factors)  # fmt: skip
             row.predicted_pp_per_s = _round(filling.pp_per_s)
-            row.predicted_tg_per_s = _round(predict_speed(option, devices, depth).tg_per_s)
+            row.predicted_tg_per_s = _round(predict_speed(option, devices, depth, calibration=factors).tg_per_s)
         result.rows.append(row)
     return result
 

@@ -139,6 +139,7 @@ def attach_speeds(
             continue
         option.speed = {**empty.to_json(), "tg_per_s_at_depth": deep.to_json()["tg_per_s"],
                         "pp_per_s_at_depth": deep.to_json()["pp_per_s"]}  # fmt: skip
+        option.calibration = factors
     chosen = calibrated(plan.chosen.quant) if plan.chosen is not None and plan.chosen.speed else None
     if chosen is not None:
         plan.notes.append(chosen.note())

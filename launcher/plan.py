@@ -42,6 +42,7 @@ from launcher.quants import at_least, known_labels, normalize_label, quality_flo
 from launcher.units import MiB, format_bytes
 
 if TYPE_CHECKING:
+    from launcher.calibration import Calibration
     from launcher.hardware.types import Device
 
 SCHEMA_VERSION = 1
@@ -144,6 +145,8 @@ class Option:
     # predicted tokens/s (launcher.speed, attached by fit where the devices' figures are known): decode at an empty
     # context and at the target depth, prefill; None: not predicted
     speed: dict[str, float | None] | None = None
+    # the ratios `speed` was scaled by (this machine's verified runs of the build that will run it); None: uncalibrated
+    calibration: Calibration | None = field(default=None, repr=False, compare=False)
 
     @property
     def quant(self) -> str:

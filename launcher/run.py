@@ -517,7 +517,7 @@ def register(result: RunResult, name: str, *, reference: str | None = None) -> s
             verdict=result.placement.verdict, started=time.time(),
             log_path=str(inst.log_path) if inst.log_path else None,
             model_name=inst.model_name, reference=reference, measured_tg_per_s=result.speed.get("measured_tg_per_s"),
-            predicted_tg_per_s=result.speed.get("predicted_tg_per_s"), speed_finding=result.speed.get("finding"),
+            predicted_tg_per_s=_planned_tg(result.speed), speed_finding=result.speed.get("finding"),
         )
     )  # fmt: skip
     return instance_name
@@ -631,7 +631,10 @@ def warm_up(
     from launcher.speed import measured_speed
 
     ollama = instance.backend == "ollama"
-    hello = _ask(instance, "Say hello.", max_tokens=SHORT_REPLY_TOKENS, timeout_s=timeout_s)
+    # llama.cpp's servers are asked to go on past an end-of-text token: the decode rate is over that many tokens
+    # every time, not over however few a model says hello in
+    extra = None if ollama else {"ignore_eos": True}
+    hello = _ask(instance, "Say hello.", max_tokens=SHORT_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
     report["short_reply"] = hello.text
     # the server's own decode speed (the short prompt's prefill says little; the full fill's says more)
     report["measured_tg_per_s"] = _rounded(measured_speed(hello, ollama=ollama).tg_per_s)
@@ -640,9 +643,7 @@ def warm_up(
         n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
         tokens = max(16, n_slot - 96)  # room for the chat template and the reply
         prompt, counted = filler(instance, tokens, timeout_s=timeout_s)
-        # tokens decoded after the fill: decode at depth (what separates attention from reading weights); llama.cpp's
-        # servers are asked to go on past an end-of-text token, so the rate is over that many tokens
-        extra = None if ollama else {"ignore_eos": True}
+        # tokens decoded after the fill: decode at depth (what separates attention from reading weights)
         filled = _ask(instance, prompt, max_tokens=DEEP_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
         processed = filled.prompt_tokens
         if processed is None:
@@ -748,6 +749,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
                 deep_fill = (deeper_parts, report["measured_pp_per_s_at_fill"])
                 report["predicted_pp_per_s_at_fill"] = _rounded(rates(deeper_parts).pp_per_s)
         report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill))
+    report.update(_calibrated(report, option, devices, filled, warmup.get("deep_prompt_tokens") or 0))
     findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
     if on_gpu and report["tg_ratio"] is not None and report["tg_ratio"] < SLOW_DECODE_RATIO:
@@ -770,6 +772,37 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
         findings.append(split)
     report["finding"] = "; ".join(findings) or None
     return report
+
+
+def _planned_tg(speed: Mapping[str, Any]) -> float | None:
+    """Decode tokens/s as the plan predicted it: calibrated by this machine's runs where it was."""
+    calibrated = speed.get("calibrated_tg_per_s")
+    return calibrated if calibrated is not None else speed.get("predicted_tg_per_s")
+
+
+def _calibrated(report: dict[str, Any], option: Option, devices: Mapping[str, Any], filled: int | None,
+                more: int) -> dict[str, Any]:  # fmt: skip
+    """What the plan predicted for each measured point, scaled by the calibration it was made with (this machine's
+    earlier verified runs), beside the model's own prediction the new ratios are taken against; {} uncalibrated."""
+    from launcher.speed import predict, rates, times
+
+    factors = option.calibration
+    if factors is None:
+        return {}
+    empty = predict(option, devices, 0, calibration=factors)
+    out: dict[str, Any] = {
+        "calibration": factors.note(),
+        "calibrated_tg_per_s": _rounded(empty.tg_per_s),
+        "calibrated_pp_per_s": _rounded(empty.pp_per_s),
+    }
+    if filled and report.get("measured_pp_per_s") is not None:
+        at_fill = times(option, devices, filled)
+        fill_parts = times(option, devices, 0, n_prompt=filled)
+        deeper = times(option, devices, filled - more, n_prompt=more) if more else None
+        out["calibrated_tg_per_s_at_fill"] = _rounded(rates(at_fill, factors).tg_per_s) if at_fill else None
+        out["calibrated_pp_per_s_fill"] = _rounded(rates(fill_parts, factors).pp_per_s) if fill_parts else None
+        out["calibrated_pp_per_s_at_fill"] = _rounded(rates(deeper, factors).pp_per_s) if deeper else None
+    return out
 
 
 def fa_converted(result: RunResult) -> str | None:

@@ -50,6 +50,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.calibration import Calibration
+
 if TYPE_CHECKING:
     from launcher.chat import ChatReply
     from launcher.hardware.types import HardwareSnapshot
@@ -568,32 +570,6 @@ def _parse_rate(text: str, units: Mapping[str, float], limit: float, like: str) 
 # -- calibration: what this machine measured ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The median measured / predicted ratios of `runs` verified runs on one machine, backend and build: decode
-    (`factor`), prefill and attention (None where no run measured them: a short warm-up measures decode only)."""
-
-    factor: float
-    runs: int
-    pp_factor: float | None = None
-    attention_factor: float | None = None  # decode's attention
-    prefill_attention_factor: float | None = None
-    same_model: bool = False  # the decode ratio is this model's own (runs of the same file), not another's
-
-    def note(self) -> str:
-        runs = f"{self.runs} verified run{'s' if self.runs != 1 else ''}{' of this model' if self.same_model else ''}"
-        parts = [f"×{self.factor:.2f}"]
-        if any(f is not None for f in (self.pp_factor, self.attention_factor, self.prefill_attention_factor)):
-            parts = [f"decode ×{self.factor:.2f}"]
-            if self.pp_factor is not None:
-                parts.append(f"prefill ×{self.pp_factor:.2f}")
-            if self.attention_factor is not None:
-                parts.append(f"attention ×{self.attention_factor:.2f}")
-            if self.prefill_attention_factor is not None:
-                parts.append(f"prefill attention ×{self.prefill_attention_factor:.2f}")
-        return f"calibrated by {runs} on this machine: {', '.join(parts)}"
-
-
 def calibration(machine: HardwareSnapshot, backend: str, version: str | None, quant: str | None = None,
                 model: str | None = None) -> Calibration | None:  # fmt: skip
     """The median measured / predicted ratios of this machine's record (launcher.record.entries) for one backend and
@@ -641,9 +617,10 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
         return round(median(values), 4) if values else None
 
     attention = mine or runs
-    return Calibration(round(median(tg), 4), len(tg), middle(first("pp_ratio", *weights)[0]),
-                       middle(ratios(attention, "attention_ratio")),
-                       middle(ratios(attention, "prefill_attention_ratio")), same_model=scope in (0, 2))  # fmt: skip
+    pp, pp_scope = first("pp_ratio", *weights)
+    return Calibration(round(median(tg), 4), len(tg), middle(pp), middle(ratios(attention, "attention_ratio")),
+                       middle(ratios(attention, "prefill_attention_ratio")), same_model=scope in (0, 2),
+                       pp_same_model=pp_scope in (0, 2))  # fmt: skip
 
 
 COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache

@@ -13,8 +13,9 @@ llama-server called (or started) directly, measured in this process, interleaved
 2. streaming: the same streamed request (`ignore_eos`, so the token count is fixed), tokens/s counted over the
    SSE content chunks from the first token to the last, through the router, direct, and direct again (an A/A
    control), back to back in each round in rotating order; the ratio is the median of the rounds' ratios, the
-   control's likewise; beside them the router's CPU time per chunk it relayed (on a machine whose cores the model's
-   server keeps busy, that time is what the router takes from decoding);
+   control's likewise, each with a bootstrap interval over the rounds; beside them the router's CPU time per chunk it
+   relayed and its share of one core while streaming (on a machine whose cores the model's server keeps busy, that
+   time is what the router takes from decoding);
 3. swap: a streamed request for the unloaded model (evict, load, verify with fitquant's warm-up request, first
    token) against the argv the router's server ran (read from its pid) started directly: until /health is 200,
    then the same request's first token.
@@ -161,6 +162,16 @@ def failing(client: httpx.Client, url: str) -> Iterator[None]:
         raise SystemExit(f"POST {client.base_url.join(url)} failed: {type(exc).__name__}: {exc}") from None
 
 
+def median_interval(values: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """The median's percentile-bootstrap interval over rounds (resampled with replacement, a fixed seed): how far the
+    machine's own noise moves it with this many rounds."""
+    import random
+
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int((1 - level) / 2 * draws)], medians[int((1 + level) / 2 * draws) - 1]
+
+
 def quantile(values: list[float], q: float) -> float:
     """The q-quantile by the nearest rank (p99 of 200 samples is the second largest)."""
     ordered = sorted(values)
@@ -290,12 +301,16 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         cpu_per_chunk = (sum(router_proc.cpu_times()[:2]) - cpu_before) / router_chunks
         # the ratio of each round's runs, back to back, then their median: a slow spell of the machine (other
         # processes, the server's own variation run to run) falls on every run of a round, not on one path's median
-        paired = statistics.median(r / d for r, d in zip(r_tps, d_tps, strict=True))
-        control = statistics.median(a / d for a, d in zip(a_tps, d_tps, strict=True))
+        ratios = [r / d for r, d in zip(r_tps, d_tps, strict=True)]
+        controls = [a / d for a, d in zip(a_tps, d_tps, strict=True)]
         out["stream"] = {"runs": args.stream_runs, "tokens": args.tokens, "content_chunks": sorted(chunks),
                          "router_tokens_per_s": statistics.median(r_tps),
-                         "direct_tokens_per_s": statistics.median(d_tps), "ratio": paired,
-                         "control_ratio": control, "router_cpu_per_chunk_us": cpu_per_chunk * 1e6}  # fmt: skip
+                         "direct_tokens_per_s": statistics.median(d_tps), "ratio": statistics.median(ratios),
+                         "ratio_interval": median_interval(ratios), "control_ratio": statistics.median(controls),
+                         "control_interval": median_interval(controls),
+                         "router_cpu_per_chunk_us": cpu_per_chunk * 1e6,
+                         # the router's CPU time per second of streaming: what it takes from a server using every core
+                         "router_core_share": cpu_per_chunk * statistics.median(r_tps)}  # fmt: skip
 
         # 3. swap: gemma is not loaded; asking for it evicts the small model, loads, verifies, answers
         body = chat("gemma", max_tokens=4, stream=True)
@@ -354,8 +369,11 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("streamed tokens/s, router / direct", f"{st['ratio']:.3f}", ">= 0.99", verdict(st["ratio"] >= 0.99)),
         ("  the same as a ratio of the medians", f"{st['router_tokens_per_s'] / st['direct_tokens_per_s']:.3f}", "",
          ""),
+        ("  90% interval of that median over rounds", "{:.3f} to {:.3f}".format(*st["ratio_interval"]), "", ""),
         ("  A/A control (direct / direct)", f"{st['control_ratio']:.3f}", "", ""),
+        ("  90% interval of the control's median", "{:.3f} to {:.3f}".format(*st["control_interval"]), "", ""),
         ("  router CPU per relayed chunk", f"{st['router_cpu_per_chunk_us']:.0f} us", "", ""),
+        ("  router CPU while streaming, of one core", f"{st['router_core_share'] * 100:.1f} %", "", ""),
         ("swap via router: request to first token", f"{sw['router_first_token_s']:.3f} s", "", ""),
         ("  of which: eviction of the other model", f"{sw['evict_s']:.3f} s", "", ""),
         ("  of which: load + verify (incl. warm-up)", f"{sw['load_verify_s']:.3f} s", "", ""),
@@ -386,6 +404,8 @@ def render(m: dict[str, Any]) -> str:
                  f"{st['tokens']} tokens (content chunks seen: {st['content_chunks']}), medians (the ratio: of the "
                  "rounds' ratios); "
                  f"swap: {sw['runs']} runs, medians")  # fmt: skip
+    lines.append("streaming: the interval is a bootstrap over rounds (how far this machine's noise moves the "
+                 "median); the router's CPU share is what it takes from a server keeping every core busy")  # fmt: skip
     lines.append(f"machine: {m['cpus']} CPUs, load average {m['load_before']:.2f} before, {m['load_after']:.2f} after "
                  "(other processes' load shows in every figure)")  # fmt: skip
     lines.append("the swap's extra time is the eviction (SIGTERM, wait for exit), fitquant's verify (placement from "

@@ -49,7 +49,10 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         result = json.loads(done.stdout)
         assert result["quant"] == "Q4_1" and result["n_ctx"] == 2048 and result["server"] == "llama-server"
         assert [r["depth"] for r in result["rows"]] == [0, 256]
-        assert result["notes"] == ["depths above 1976 tokens skipped: the context is 2048"]
+        # the run's warm-up calibrated this machine: the prediction is the one the next plan makes, and says so
+        assert result["notes"][0] == "depths above 1976 tokens skipped: the context is 2048"
+        assert result["notes"][1].startswith("predicted: calibrated by 1 verified run of this model on this machine")
+        assert len(result["notes"]) == 2
         deep = result["rows"][1]
         assert deep["prompt_tokens"] >= 256  # the filler reached the depth (plus the chat template)
         assert deep["generated_tokens"] == 8  # ignore_eos: a fixed count to time

@@ -212,6 +212,13 @@ def test_the_next_plan_is_calibrated_by_the_speed_measured_here(tmp_path: Path) 
     assert any(n.startswith("calibrated by 1 verified run of this model") for n in plan["notes"]), plan["notes"]
     calibrated = plan["chosen"]["speed"]["tg_per_s"]
     assert calibrated == pytest.approx(speed["predicted_tg_per_s"] * speed["tg_ratio"], rel=0.02)
+    # the next run puts that calibrated prediction beside what it measures (the ratios stay the model's own)
+    again = _fitquant(["run", model, "--ctx", "2048", "--no-engine", "--json", "--max-tokens", "4"], env, stdin="hi")
+    assert again.returncode == 0, again.stderr
+    second = _first_json(again.stdout)["speed"]
+    assert second["calibrated_tg_per_s"] == pytest.approx(calibrated, abs=0.1), second
+    assert second["predicted_tg_per_s"] == speed["predicted_tg_per_s"]
+    assert second["calibration"].startswith("calibrated by 1 verified run of this model"), second
 
 
 def test_a_full_warmup_calibrates_prefill_and_attention_too(tmp_path: Path) -> None:

@@ -428,3 +428,19 @@ def test_the_run_line_sets_each_measurement_beside_the_prediction_for_it() -> No
         "speed: decode 110.9 measured, 177.6 predicted tokens/s; after the 1,982-token fill: decode 45.8 measured, "
         "76.6 predicted; the fill's prefill 119.6 measured, 315.4 predicted — slow: decode"
     )
+
+
+def test_the_run_line_shows_the_plans_calibrated_prediction_with_the_models_own_beside_it() -> None:
+    """A plan calibrated by this machine's earlier runs predicted the calibrated figure: the line says that one."""
+    from launcher.cli.run import _speed_line
+
+    speed = {"measured_tg_per_s": 110.9, "predicted_tg_per_s": 177.6, "calibrated_tg_per_s": 112.0,
+             "predicted_pp_per_s": 451.6, "calibrated_pp_per_s": 380.2, "measured_pp_per_s": None}  # fmt: skip
+    assert _speed_line(speed) == ("speed: decode 110.9 measured, 112.0 predicted (177.6 uncalibrated) tokens/s; "
+                                  "prefill 380.2 predicted (--warmup full measures it)")  # fmt: skip
+    full = {**speed, "measured_pp_per_s": 119.6, "predicted_pp_per_s_fill": 315.4, "calibrated_pp_per_s_fill": 125.0,
+            "measured_tg_per_s_at_fill": 45.8, "predicted_tg_per_s_at_fill": 76.6}  # fmt: skip
+    assert _speed_line(full, 1982) == (
+        "speed: decode 110.9 measured, 112.0 predicted (177.6 uncalibrated) tokens/s; after the 1,982-token fill: "
+        "decode 45.8 measured, 76.6 predicted; the fill's prefill 119.6 measured, 125.0 predicted (315.4 uncalibrated)"
+    )

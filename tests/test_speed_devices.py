@@ -247,6 +247,32 @@ def test_calibration_takes_this_models_own_runs_first(tmp_path: Path) -> None:
     )
 
 
+def test_a_calibration_note_says_which_ratio_came_from_other_models(tmp_path: Path) -> None:
+    """A model whose own run kept no prefill ratio takes another model's: the note says so, not "of this model"."""
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+
+    def add(model: str, ratio: float, pp: float | None) -> None:
+        entry = run_entry("llamacpp", "b6413", ratio)
+        entry["model"] = model
+        entry["speed"].update(pp_ratio=pp, attention_ratio=0.4 if model == "/m/a.gguf" else None)
+        record.append(machine, entry)
+
+    add("/m/a.gguf", 0.9, None)
+    add("/m/b.gguf", 0.7, 1.5)
+    borrowed = calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/a.gguf")
+    assert borrowed == Calibration(0.9, 1, 1.5, 0.4, same_model=True)
+    assert borrowed.note() == (  # type: ignore[union-attr]
+        "calibrated by 1 verified run of this model on this machine: decode ×0.90, attention ×0.40; "
+        "prefill ×1.50 from other models' runs"
+    )
+    add("/m/a.gguf", 0.8, 1.1)  # a run of its own that kept one
+    own = calibration(machine, "llamacpp", "b6413", "Q8_0", "/m/a.gguf")
+    assert own == Calibration(0.85, 2, 1.1, 0.4, same_model=True, pp_same_model=True)
+    assert own.note() == (  # type: ignore[union-attr]
+        "calibrated by 2 verified runs of this model on this machine: decode ×0.85, prefill ×1.10, attention ×0.40"
+    )
+
+
 def test_a_calibration_scales_each_part_of_the_prediction(tmp_path: Path) -> None:
     from launcher.speed import DeviceSpeed, predict, times
 

@@ -250,7 +250,12 @@ def _speed_line(speed: dict[str, Any], filled: int | None = None) -> str:
         return "?" if value is None else f"{value:,.1f}"
 
     def pair(measured: str, predicted: str) -> str:
-        return f"{rate(speed.get(measured))} measured, {rate(speed.get(predicted))} predicted"
+        # the plan's prediction: calibrated by this machine's earlier runs where it was, the model's own beside it
+        calibrated = speed.get(predicted.replace("predicted_", "calibrated_", 1))
+        shown = f"{rate(speed.get(measured))} measured, "
+        if calibrated is None:
+            return shown + f"{rate(speed.get(predicted))} predicted"
+        return shown + f"{rate(calibrated)} predicted ({rate(speed.get(predicted))} uncalibrated)"
 
     line = f"speed: decode {pair('measured_tg_per_s', 'predicted_tg_per_s')} tokens/s"
     if filled and speed.get("measured_pp_per_s") is not None:
@@ -258,7 +263,8 @@ def _speed_line(speed: dict[str, Any], filled: int | None = None) -> str:
         line += f"; after the {filled:,}-token fill: decode {deep}; the fill's prefill "
         line += pair("measured_pp_per_s", "predicted_pp_per_s_fill")
     elif speed.get("predicted_pp_per_s") is not None:
-        line += f"; prefill {rate(speed['predicted_pp_per_s'])} predicted (--warmup full measures it)"
+        prefill = speed.get("calibrated_pp_per_s") or speed["predicted_pp_per_s"]
+        line += f"; prefill {rate(prefill)} predicted (--warmup full measures it)"
     return line + (f" — {speed['finding']}" if speed.get("finding") else "")
 
 
