@@ -628,7 +628,7 @@ def warm_up(
         return {"mode": "none"}
     started = time.monotonic()
     report: dict[str, Any] = {"mode": mode}
-    from launcher.speed import measured_speed
+    from launcher.speed import PP_TOKENS, measured_speed
 
     ollama = instance.backend == "ollama"
     # llama.cpp's servers are asked to go on past an end-of-text token: the decode rate is over that many tokens
@@ -642,6 +642,17 @@ def warm_up(
     if mode == "full":
         n_slot = placement.n_ctx_per_slot or option.n_ctx // max(1, option.estimate.settings.n_parallel)
         tokens = max(16, n_slot - 96)  # room for the chat template and the reply
+        shallow = min(PP_TOKENS, tokens // 2)
+        if shallow >= 2 * OFFLOAD_BATCH:
+            # a prompt of a few hundred tokens at an empty context, in another word than the fill's (none of it is
+            # answered from the prompt cache, nor is the fill from it): prefill where the matmuls take most of the
+            # time, which prices them more surely than the fill, mostly attention on a CPU
+            text, _ = filler(instance, shallow, timeout_s=timeout_s, word="story")
+            first = _ask(instance, text, max_tokens=1, timeout_s=timeout_s)
+            evaluated = _evaluated(first, ollama=ollama)
+            if evaluated >= OFFLOAD_BATCH:
+                report["shallow_prompt_tokens"] = evaluated
+                report["measured_pp_per_s_shallow"] = _rounded(measured_speed(first, ollama=ollama).pp_per_s)
         prompt, counted = filler(instance, tokens, timeout_s=timeout_s)
         # tokens decoded after the fill: decode at depth (what separates attention from reading weights)
         filled = _ask(instance, prompt, max_tokens=DEEP_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
@@ -674,8 +685,7 @@ def warm_up(
         if counted is not None and len(words) > 2 * DEEP_PROMPT_WORDS and _tokens(instance, changed) <= counted:
             # (no longer than the fill, by the server's own tokenizer: it fits where the fill did)
             deeper = _ask(instance, changed, max_tokens=1, timeout_s=timeout_s)
-            count = deeper.prompt_tokens if ollama else deeper.timings.get("prompt_n")  # llama-server: a float
-            evaluated = int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else 0
+            evaluated = _evaluated(deeper, ollama=ollama)
             reused = OFFLOAD_BATCH <= evaluated <= 3 * DEEP_PROMPT_WORDS
             if reused:  # the server answered the prefix from its cache: the changed words' prefill alone
                 report["deep_prompt_tokens"] = evaluated
@@ -685,6 +695,12 @@ def warm_up(
         raise _warmup_failure(instance, f"the server exited (status {proc.returncode})", status=None)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
+
+
+def _evaluated(answer: ChatReply, *, ollama: bool) -> int:
+    """The prompt tokens the server evaluated for `answer` (those it answered from its prompt cache not counted)."""
+    count = answer.prompt_tokens if ollama else answer.timings.get("prompt_n")  # llama-server: a float
+    return int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else 0
 
 
 SHORT_REPLY_TOKENS = 16  # the short warm-up: enough tokens for the server's decode speed to mean something
@@ -730,7 +746,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     short_depth = warmup.get("short_prompt_tokens") or 0
     short = times(option, devices, short_depth)
     if measured_tg and short is not None:
-        deep = fill = deep_fill = None
+        deep = fill = deep_fill = shallow = None
         if filled:
             at_fill = times(option, devices, filled)  # decode right after the fill
             fill_parts = times(option, devices, 0, n_prompt=filled)  # the fill: every depth from 0
@@ -738,6 +754,12 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
             more: int = warmup.get("deep_prompt_tokens") or 0
             deeper_parts = times(option, devices, filled - more, n_prompt=more) if more else None
             report["predicted_pp_per_s_fill"] = _rounded(rates(fill_parts).pp_per_s) if fill_parts else None
+            first: int = warmup.get("shallow_prompt_tokens") or 0  # a prompt at an empty context
+            shallow_parts = times(option, devices, 0, n_prompt=first) if first else None
+            if shallow_parts is not None and warmup.get("measured_pp_per_s_shallow"):
+                report["measured_pp_per_s_shallow"] = warmup["measured_pp_per_s_shallow"]
+                report["predicted_pp_per_s_shallow"] = _rounded(rates(shallow_parts).pp_per_s)
+                shallow = (shallow_parts, report["measured_pp_per_s_shallow"])
             report["predicted_tg_per_s_at_fill"] = _rounded(rates(at_fill).tg_per_s) if at_fill else None
             report["measured_tg_per_s_at_fill"] = warmup.get("measured_tg_per_s_at_fill")
             report["measured_pp_per_s_at_fill"] = warmup.get("measured_pp_per_s_at_fill")
@@ -748,7 +770,7 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
             if deeper_parts is not None and report["measured_pp_per_s_at_fill"]:
                 deep_fill = (deeper_parts, report["measured_pp_per_s_at_fill"])
                 report["predicted_pp_per_s_at_fill"] = _rounded(rates(deeper_parts).pp_per_s)
-        report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill))
+        report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill, shallow))
     report.update(_calibrated(report, option, devices, filled, warmup.get("deep_prompt_tokens") or 0))
     findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
@@ -853,7 +875,7 @@ def _tokens(instance: Instance, text: str) -> float:
     return math.inf if count is None else count
 
 
-def filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, int | None]:
+def filler(instance: Instance, tokens: int, *, timeout_s: float, word: str = "hello") -> tuple[str, int | None]:
     """A prompt of about `tokens` tokens for this server's tokenizer (a word is not always one token), measured
     with the server's own tokenizer where it has one; and that count (None without a tokenizer endpoint)."""
     from launcher.chat import ChatError, count_tokens
@@ -866,14 +888,14 @@ def filler(instance: Instance, tokens: int, *, timeout_s: float) -> tuple[str, i
 
     words = tokens
     sample = 256
-    counted = count("hello" + " hello" * (sample - 1))
+    counted = count(word + f" {word}" * (sample - 1))
     if counted:
         words = max(1, tokens * sample // counted)
-    prompt = "hello" + " hello" * (words - 1)
+    prompt = word + f" {word}" * (words - 1)
     total = count(prompt) if counted else None
     while total is not None and words > 1 and total > tokens:
         words = words * 9 // 10  # a tokenizer that merges runs unevenly: trim until it fits
-        prompt = "hello" + " hello" * (words - 1)
+        prompt = word + f" {word}" * (words - 1)
         total = count(prompt)
     return prompt, total
 

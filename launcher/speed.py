@@ -422,8 +422,8 @@ def rates(parts: Times, calibration: Calibration | None = None) -> Speed:
     pp_ratio = calibration.pp_factor if calibration and calibration.pp_factor else 1.0
     attention_ratio = calibration.attention_factor if calibration and calibration.attention_factor else None
     prefill_attention = calibration.prefill_attention_factor if calibration else None
-    if parts.prefill_attention_as_decode:
-        prefill_attention = attention_ratio  # the same loop as decode's attention
+    if parts.prefill_attention_as_decode:  # decode's loop: prefill's own ratio on it, else decode's
+        prefill_attention = (calibration.prefill_loop_factor if calibration else None) or attention_ratio
     decode_attention = parts.decode_attention_s / (attention_ratio or tg_ratio)
     tg = 1 / (parts.decode_s / tg_ratio + decode_attention)
     pp = None
@@ -434,20 +434,23 @@ def rates(parts: Times, calibration: Calibration | None = None) -> Speed:
 
 
 def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = None,
-                 fill: tuple[Times, float] | None = None, deep_fill: tuple[Times, float] | None = None
-                 ) -> dict[str, float | None]:  # fmt: skip
+                 fill: tuple[Times, float] | None = None, deep_fill: tuple[Times, float] | None = None,
+                 shallow: tuple[Times, float] | None = None) -> dict[str, float | None]:  # fmt: skip
     """A warm-up's measured / predicted ratios from the server's own figures. Each argument is the parts predicted
     for one measurement and the tokens/s the server measured: decode at a short prompt (`short`), decode after the
-    full fill (`deep`), the fill's prefill (`fill`, every depth from 0) and a short prompt's prefill after the fill
-    (`deep_fill`). Where attention has its own efficiency (a CPU), two measurements at different depths separate
-    it from the rest: the decodes give reading the weights (tg_ratio) and decode's attention (attention_ratio), the
-    prefills the matmuls (pp_ratio) and prefill's attention (prefill_attention_ratio), which runs on another path
-    (llama.cpp's CPU flash attention: a vector loop per token in decode, tiles of queries in prefill), unless the
-    cache's types make prefill run decode's loop too: then decode's ratio prices it. A ratio the measurements cannot
-    tell apart is None; with one prefill, pp_ratio takes attention at decode's ratio, and is None where attention so
-    priced leaves the matmuls under MIN_PREFILL_SHARE of the fill's measured time. Pure."""
+    full fill (`deep`), the fill's prefill (`fill`, every depth from 0), a short prompt's prefill after the fill
+    (`deep_fill`) and a prompt of a few hundred tokens at an empty context (`shallow`). Where attention has its own
+    efficiency (a CPU), two measurements at different depths separate it from the rest: the decodes give reading
+    the weights (tg_ratio) and decode's attention (attention_ratio), two prefills the matmuls (pp_ratio) and
+    prefill's attention (prefill_attention_ratio), which runs on another path (llama.cpp's CPU flash attention: a
+    vector loop per token in decode, tiles of queries in prefill), unless the cache's types make prefill run
+    decode's loop too: then it is prefill_loop_ratio, and where the prefills cannot tell it, decode's ratio prices
+    it (a calibration keeps the two apart: a plan with the other cache takes the other). A ratio the measurements
+    cannot tell apart is None; from one
+    prefill (the shallowest: the matmuls' largest share), pp_ratio takes attention at decode's ratio, and is None
+    where attention so priced leaves the matmuls under MIN_PREFILL_SHARE of its measured time. Pure."""
     ratios: dict[str, float | None] = {"tg_ratio": None, "attention_ratio": None, "pp_ratio": None,
-                                       "prefill_attention_ratio": None}  # fmt: skip
+                                       "prefill_attention_ratio": None, "prefill_loop_ratio": None}  # fmt: skip
     (p1, tg1) = short
     decode = None
     if deep is not None:
@@ -457,23 +460,33 @@ def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = 
     ratios["tg_ratio"] = _ratio(1 / read)
     if attention is not None:
         ratios["attention_ratio"] = _ratio(1 / attention)
-    if fill is None or not fill[0].prefill_s:
+    prefills = [m for m in (shallow, fill) if m is not None and m[0].prefill_s]
+    if not prefills:
         return ratios
-    p3, m3 = fill[0], 1 / fill[1]
-    prefill = None
-    if deep_fill is not None and deep_fill[0].prefill_s and not (p3.prefill_attention_as_decode and attention):
-        p4 = deep_fill[0]
-        prefill = _two_parts((p3.prefill_s or 0.0, p3.prefill_attention_s, m3),
-                             (p4.prefill_s or 0.0, p4.prefill_attention_s, 1 / deep_fill[1]))  # fmt: skip
-    if prefill is not None:
-        ratios["pp_ratio"], ratios["prefill_attention_ratio"] = _ratio(1 / prefill[0]), _ratio(1 / prefill[1])
-        return ratios
-    spent = m3 - (attention * p3.prefill_attention_s if attention is not None else 0.0)
-    matmul = (p3.prefill_s or 0.0) + (0.0 if attention is not None else p3.prefill_attention_s)
-    # the matmuls' time is what is left of the fill once attention is priced; where attention took most of it, the
-    # rest is a small difference of two large figures (a 135M model's fill on a CPU: ratios of 6 and 16 came out of
-    # such), so it is kept only where it is a fair share of the measured time
-    if spent >= MIN_PREFILL_SHARE * m3:
+
+    def point(m: tuple[Times, float]) -> tuple[float, float, float]:
+        return m[0].prefill_s or 0.0, m[0].prefill_attention_s, 1 / m[1]
+
+    # two prefills at different depths separate prefill's attention from its matmuls, the pair furthest apart first.
+    # Where prefill runs decode's attention loop (a quantized cache on a CPU), prefill's own two points (seconds of
+    # batched work each) price it more directly than two decodes of a few dozen tokens, so they are tried first too
+    on_loop = prefills[0][0].prefill_attention_as_decode
+    # the fill and a few words after it: on decode's loop, too alike to beat decode's ratio
+    pairs = [(shallow, fill)] + ([] if on_loop and attention else [(fill, deep_fill)])
+    for a, b in pairs:
+        if a is not None and b is not None and a[0].prefill_s and b[0].prefill_s:
+            prefill = _two_parts(point(a), point(b))
+            if prefill is not None:
+                ratios["pp_ratio"] = _ratio(1 / prefill[0])
+                ratios["prefill_loop_ratio" if on_loop else "prefill_attention_ratio"] = _ratio(1 / prefill[1])
+                return ratios
+    matmul, attention_s, measured_s = point(prefills[0])
+    spent = measured_s - (attention * attention_s if attention is not None else 0.0)
+    matmul += 0.0 if attention is not None else attention_s
+    # the matmuls' time is what is left of the prefill once attention is priced; where attention took most of it,
+    # the rest is a small difference of two large figures (a 135M model's 2k fill on a CPU: ratios of 6 and 16 came
+    # out of such), so it is kept only where it is a fair share of the measured time
+    if spent >= MIN_PREFILL_SHARE * measured_s:
         ratios["pp_ratio"] = _ratio(matmul / spent)
     return ratios
 
@@ -619,7 +632,8 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
     attention = mine or runs
     pp, pp_scope = first("pp_ratio", *weights)
     return Calibration(round(median(tg), 4), len(tg), middle(pp), middle(ratios(attention, "attention_ratio")),
-                       middle(ratios(attention, "prefill_attention_ratio")), same_model=scope in (0, 2),
+                       middle(ratios(attention, "prefill_attention_ratio")),
+                       middle(ratios(attention, "prefill_loop_ratio")), same_model=scope in (0, 2),
                        pp_same_model=pp_scope in (0, 2))  # fmt: skip
 
 

@@ -239,6 +239,10 @@ def test_a_full_warmup_calibrates_prefill_and_attention_too(tmp_path: Path) -> N
     # the matmuls' ratio is what the fill leaves once attention is priced, kept only where that is a fair share of
     # it (launcher.speed.MIN_PREFILL_SHARE): on this model's q8_0 cache attention takes most of a fill, near the edge
     assert speed["pp_ratio"] is None or speed["pp_ratio"] > 0, speed
+    # a prompt of 512 tokens at an empty context first: prefill mostly matmuls, which the prefill ratio comes from
+    assert speed["measured_pp_per_s_shallow"] > 0, speed
+    assert speed["predicted_pp_per_s_shallow"] > speed["predicted_pp_per_s_fill"], speed  # no attention at depth
+    assert _first_json(done.stdout)["warmup"]["shallow_prompt_tokens"] >= 500
     # a few words prompted after the fill, the rest from the server's prompt cache: prefill at depth
     assert speed["measured_pp_per_s_at_fill"] and speed["predicted_pp_per_s_at_fill"], speed
     planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)

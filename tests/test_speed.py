@@ -14,6 +14,7 @@ from test_backend_ollama import make_test_plan, tiny_candidate
 from launcher.chat import ChatReply
 from launcher.hardware import describe_machine
 from launcher.speed import (
+    Calibration,
     DeviceSpeed,
     Times,
     active_params,
@@ -25,6 +26,7 @@ from launcher.speed import (
     predict,
     predict_published,
     published_rows,
+    rates,
     solve_ratios,
     times,
 )
@@ -103,7 +105,8 @@ def test_a_full_warmup_separates_reads_attention_and_prefill() -> None:
 
     ratios = solve_ratios((short, measured(short)), (deep, measured(deep)), (fill, measured(fill, prefill=True)))
     assert ratios == {"tg_ratio": pytest.approx(0.8, abs=1e-3), "attention_ratio": pytest.approx(0.5, abs=1e-3),
-                      "pp_ratio": pytest.approx(1.5, abs=1e-3), "prefill_attention_ratio": None}  # fmt: skip
+                      "pp_ratio": pytest.approx(1.5, abs=1e-3), "prefill_attention_ratio": None,
+                      "prefill_loop_ratio": None}  # fmt: skip
     # two prefills at different depths (the fill, then a few words after it) separate prefill's attention, which
     # runs on another path than decode's, from its matmuls
     prefill_attention = 4.0
@@ -138,6 +141,47 @@ def test_a_fill_mostly_attention_gives_no_prefill_ratio() -> None:
     assert noisy["prefill_attention_ratio"] is None and noisy["pp_ratio"] == pytest.approx(0.002 / (0.012 - 0.008))
     alone = solve_ratios((short, decodes[0][1]), None, (fill, 1 / 0.012), (alike, 1 / 0.014 * 1.1))
     assert alone["pp_ratio"] == pytest.approx(0.006 / 0.012) and alone["prefill_attention_ratio"] is None
+
+
+def test_a_shallow_prefill_prices_the_matmuls_where_the_fill_is_mostly_attention() -> None:
+    """A prompt at an empty context (`--warmup full` sends one before the fill) is mostly matmuls. Beside the fill
+    (mostly attention) it separates prefill's matmuls from its attention, on a quantized cache too, whose prefill
+    runs decode's loop; alone, with attention at decode's ratio, it prices the matmuls where the fill cannot."""
+    short, deep = parts(0.010, 0.0001), parts(0.011, 0.008)
+    decodes = (short, 1 / (0.010 + 2.0 * 0.0001)), (deep, 1 / (0.011 + 2.0 * 0.008))  # attention ratio 0.5
+    matmul = 1 / 1.5  # the machine's matmuls 1.5x faster than predicted
+
+    def rate(p: Times, attention: float) -> float:
+        return 1 / (matmul * (p.prefill_s or 0.0) + attention * p.prefill_attention_s)
+
+    fill = Times(0.0, 0.0, 0.001, 0.004, prefill_attention_as_decode=True)
+    first = Times(0.0, 0.0, 0.001, 0.0004, prefill_attention_as_decode=True)
+    assert solve_ratios(*decodes, (fill, rate(fill, 2.0)))["pp_ratio"] is None  # the matmuls a twelfth of the fill
+    alone = solve_ratios(*decodes, None, None, (first, rate(first, 2.0)))
+    assert alone["pp_ratio"] == pytest.approx(1.5) and alone["prefill_attention_ratio"] is None
+    # prefill's attention at a ratio of its own (0.4 here, decode's 0.5): the two prefills tell it
+    both = solve_ratios(*decodes, (fill, rate(fill, 2.5)), None, (first, rate(first, 2.5)))
+    assert both["pp_ratio"] == pytest.approx(1.5) and both["prefill_loop_ratio"] == pytest.approx(0.4)
+    assert both["prefill_attention_ratio"] is None  # the tiled path's (f16 K and V) is another ratio
+    assert both["attention_ratio"] == pytest.approx(0.5)
+    # f16 K and V: prefill's attention runs tiled (ratio 0.25 here)
+    fill, first = Times(0.0, 0.0, 0.001, 0.004), Times(0.0, 0.0, 0.001, 0.0004)
+    split = solve_ratios(*decodes, (fill, rate(fill, 4.0)), None, (first, rate(first, 4.0)))
+    assert split["pp_ratio"] == pytest.approx(1.5) and split["prefill_attention_ratio"] == pytest.approx(0.25)
+    assert split["prefill_loop_ratio"] is None
+
+
+def test_a_calibration_prices_prefills_attention_by_its_own_ratio_before_decodes() -> None:
+    """A quantized cache's prefill runs decode's attention loop: decode's ratio prices it unless a warm-up measured
+    prefill's own on that loop; the tiled path's ratio (f16 K and V) is not for it."""
+    plain = Times(0.010, 0.002, 0.001, 0.004, prefill_attention_as_decode=True)
+    by_decode = rates(plain, Calibration(1.0, 1, 1.0, attention_factor=0.5))
+    assert by_decode.pp_per_s == pytest.approx(1 / (0.001 + 0.004 / 0.5))
+    tiled = rates(plain, Calibration(1.0, 1, 1.0, attention_factor=0.5, prefill_attention_factor=4.0))
+    assert tiled.pp_per_s == by_decode.pp_per_s
+    by_own = rates(plain, Calibration(1.0, 1, 1.0, attention_factor=0.5, prefill_loop_factor=0.25))
+    assert by_own.pp_per_s == pytest.approx(1 / (0.001 + 0.004 / 0.25))
+    assert by_own.tg_per_s == by_decode.tg_per_s == pytest.approx(1 / (0.010 + 0.002 / 0.5))
 
 
 def test_bytes_per_token_are_the_weights_read_and_the_kv_at_depth(tmp_path: Path) -> None:

@@ -332,3 +332,19 @@ def test_an_ollama_plan_is_calibrated_by_the_ollama_version_a_launch_would_use(t
     plan = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)])
     attach_speeds(plan, machine, backend="ollama", version="0.12.6")
     assert "calibrated by 1 verified run on this machine: ×0.80" in plan.notes
+
+
+def test_a_calibration_keeps_prefills_attention_on_decodes_loop_apart_from_the_tiled_path(tmp_path: Path) -> None:
+    """A quantized cache's prefill attention (decode's loop on a CPU) and f16's (tiled) are measured apart and kept
+    apart: each plan takes the one for its cache."""
+    machine = one_gpu("NVIDIA GeForce RTX 4090")
+    for loop, tiled in ((0.3, None), (0.5, None), (None, 2.0)):
+        entry = run_entry("llamacpp", "b6413", 1.0)
+        entry["speed"].update(attention_ratio=0.4, prefill_loop_ratio=loop, prefill_attention_ratio=tiled)
+        record.append(machine, entry)
+    found = calibration(machine, "llamacpp", "b6413", "Q8_0", "tiny")
+    assert found == Calibration(1.0, 3, None, 0.4, 2.0, 0.4, same_model=True)
+    assert found.note() == (  # type: ignore[union-attr]
+        "calibrated by 3 verified runs of this model on this machine: decode ×1.00, attention ×0.40, "
+        "prefill attention ×2.00, prefill attention (quantized cache) ×0.40"
+    )
