@@ -422,9 +422,13 @@ def rates(parts: Times, calibration: Calibration | None = None) -> Speed:
     pp_ratio = calibration.pp_factor if calibration and calibration.pp_factor else 1.0
     attention_ratio = calibration.attention_factor if calibration and calibration.attention_factor else None
     prefill_attention = calibration.prefill_attention_factor if calibration else None
+    loop = calibration.prefill_loop_factor if calibration and parts.prefill_attention_as_decode else None
     if parts.prefill_attention_as_decode:  # decode's loop: prefill's own ratio on it, else decode's
-        prefill_attention = (calibration.prefill_loop_factor if calibration else None) or attention_ratio
-    decode_attention = parts.decode_attention_s / (attention_ratio or tg_ratio)
+        prefill_attention = loop or attention_ratio
+    # decode's attention where its two decodes could not tell it apart: prefill's on the same loop (measured over
+    # seconds of batched work) before the weights' ratio, which left SmolLM2 F16's decode at depth 2048 +50% on this
+    # project's 2-core test machine
+    decode_attention = parts.decode_attention_s / (attention_ratio or loop or tg_ratio)
     tg = 1 / (parts.decode_s / tg_ratio + decode_attention)
     pp = None
     if parts.prefill_s is not None:

@@ -6,13 +6,13 @@ One `fitquant serve` runs as a child on a profile with two models (SmolLM2 135M 
 llama-server called (or started) directly, measured in this process, interleaved with the router's runs:
 
 1. latency: the same tiny request (max_tokens 1, temperature 0) through the router, to the model's own server (its
-   endpoint from GET /running) and to it again (an A/A control), in rotating order, one warm httpx.Client for the
+   endpoint from GET /running) and to it again (an A/A control), in every order in turn, one warm httpx.Client for the
    router and one for the server; added at p50: the median of the per-round differences; added at p99: the
    router's p99 minus the direct p99 (a per-round difference's p99 also holds both requests' own noise: printed
    beside it, with the control's, which a path that adds nothing would show);
 2. streaming: the same streamed request (`ignore_eos`, so the token count is fixed), tokens/s counted over the
    SSE content chunks from the first token to the last, through the router, direct, and direct again (an A/A
-   control), back to back in each round in rotating order; the ratio is the median of the rounds' ratios, the
+   control), back to back in each round in every order in turn; the ratio is the median of the rounds' ratios, the
    control's likewise, each with a bootstrap interval over the rounds; beside them the router's CPU time per chunk it
    relayed and its share of one core while streaming (on a machine whose cores the model's server keeps busy, that
    time is what the router takes from decoding);
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -162,6 +163,18 @@ def failing(client: httpx.Client, url: str) -> Iterator[None]:
         raise SystemExit(f"POST {client.base_url.join(url)} failed: {type(exc).__name__}: {exc}") from None
 
 
+# every order of a round's three runs in turn: each goes first, second and last equally often and follows each of
+# the others equally often (a run right after one through the router may find the router still finishing it; with
+# plain rotation the direct run followed the router's twice as often as the control did, and the A/A control read
+# 1.02 with an interval that left out 1)
+ORDERS = tuple(itertools.permutations(range(3)))
+
+
+def in_order(i: int, trio: list[Any]) -> list[Any]:
+    """Round `i`'s three runs in its order (ORDERS, cycled)."""
+    return [trio[k] for k in ORDERS[i % len(ORDERS)]]
+
+
 def median_interval(values: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
     """The median's percentile-bootstrap interval over rounds (resampled with replacement, a fixed seed): how far the
     machine's own noise moves it with this many rounds."""
@@ -262,9 +275,9 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         via: list[float] = []
         own: list[float] = []
         again: list[float] = []  # the A/A control: the same direct request a second time in each round
-        for i in range(args.runs):  # interleaved, the order rotated each round so none always goes first
+        for i in range(args.runs):  # interleaved, in every order in turn (ORDERS)
             trio = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url)]
-            for kind, client, target in trio[i % 3 :] + trio[: i % 3]:
+            for kind, client, target in in_order(i, trio):
                 {"r": via, "d": own, "a": again}[kind].append(one_request(client, target, body))
         diff = [a - b for a, b in zip(via, own, strict=True)]
         control = [a - b for a, b in zip(again, own, strict=True)]
@@ -288,17 +301,21 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         a_tps: list[float] = []  # the A/A control: the same direct stream a second time in each round
         chunks: set[int] = set()
         router_proc = psutil.Process(serve.proc.pid)
-        cpu_before, router_chunks = sum(router_proc.cpu_times()[:2]), 0
-        for i in range(args.stream_runs):  # three runs a round, back to back, the order rotated each round
+        router_cpu = router_chunks = 0.0
+        for i in range(args.stream_runs):  # three runs a round, back to back, in every order in turn (ORDERS)
             trio = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url)]
-            for kind, client, target in trio[i % 3 :] + trio[: i % 3]:
+            for kind, client, target in in_order(i, trio):
+                cpu_before = sum(router_proc.cpu_times()[:2])
                 s = streamed(client, target, body, fresh=True)
                 {"r": r_tps, "d": d_tps, "a": a_tps}[kind].append(s["tokens_per_s"])
                 chunks.add(int(s["chunks"]))
-                router_chunks += int(s["chunks"]) if kind == "r" else 0
-        # the router's CPU time over the streaming rounds (its idle ticks included) per chunk it relayed: on 2 cores
-        # that time is taken from the model's server, which is what lowers tokens/s through the router
-        cpu_per_chunk = (sum(router_proc.cpu_times()[:2]) - cpu_before) / router_chunks
+                if kind == "r":
+                    router_cpu += sum(router_proc.cpu_times()[:2]) - cpu_before
+                    router_chunks += int(s["chunks"])
+        # the router's CPU time over its own streams (the request, the relay, and the few ms a second it spends idle,
+        # which it spends during the direct runs as well) per chunk it relayed: on 2 cores that time is taken from
+        # the model's server, which is what lowers tokens/s through the router
+        cpu_per_chunk = router_cpu / router_chunks
         # the ratio of each round's runs, back to back, then their median: a slow spell of the machine (other
         # processes, the server's own variation run to run) falls on every run of a round, not on one path's median
         ratios = [r / d for r, d in zip(r_tps, d_tps, strict=True)]
@@ -458,7 +475,7 @@ def serving(args: argparse.Namespace) -> Iterator[tuple[Serve, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="latency: request pairs (router, direct)")
-    parser.add_argument("--stream-runs", type=int, default=45, help="streaming: rounds (router, direct, direct again)")
+    parser.add_argument("--stream-runs", type=int, default=48, help="streaming: rounds (router, direct, direct again)")
     parser.add_argument("--swap-runs", type=int, default=3, help="swaps, each against a direct start")
     parser.add_argument("--tokens", type=int, default=128, help="streaming: tokens per run")
     parser.add_argument("--ctx", type=int, default=2048, help="context of both models")

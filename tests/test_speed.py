@@ -173,7 +173,8 @@ def test_a_shallow_prefill_prices_the_matmuls_where_the_fill_is_mostly_attention
 
 def test_a_calibration_prices_prefills_attention_by_its_own_ratio_before_decodes() -> None:
     """A quantized cache's prefill runs decode's attention loop: decode's ratio prices it unless a warm-up measured
-    prefill's own on that loop; the tiled path's ratio (f16 K and V) is not for it."""
+    prefill's own on that loop, which prices decode's where decode's own is unknown; the tiled path's ratio (f16 K
+    and V) is for neither."""
     plain = Times(0.010, 0.002, 0.001, 0.004, prefill_attention_as_decode=True)
     by_decode = rates(plain, Calibration(1.0, 1, 1.0, attention_factor=0.5))
     assert by_decode.pp_per_s == pytest.approx(1 / (0.001 + 0.004 / 0.5))
@@ -182,6 +183,13 @@ def test_a_calibration_prices_prefills_attention_by_its_own_ratio_before_decodes
     by_own = rates(plain, Calibration(1.0, 1, 1.0, attention_factor=0.5, prefill_loop_factor=0.25))
     assert by_own.pp_per_s == pytest.approx(1 / (0.001 + 0.004 / 0.25))
     assert by_own.tg_per_s == by_decode.tg_per_s == pytest.approx(1 / (0.010 + 0.002 / 0.5))
+    # decode's own attention ratio unknown (its two decodes too alike): prefill's on the same loop prices it
+    no_decode = rates(plain, Calibration(1.2, 1, 1.0, prefill_loop_factor=0.25))
+    assert no_decode.tg_per_s == pytest.approx(1 / (0.010 / 1.2 + 0.002 / 0.25))
+    tiled = Times(0.010, 0.002, 0.001, 0.004)  # f16 K and V: prefill's attention on another path than decode's
+    assert rates(tiled, Calibration(1.2, 1, 1.0, prefill_loop_factor=0.25)).tg_per_s == pytest.approx(
+        1 / (0.010 / 1.2 + 0.002 / 1.2)
+    )
 
 
 def test_bytes_per_token_are_the_weights_read_and_the_kv_at_depth(tmp_path: Path) -> None:
