@@ -146,11 +146,11 @@ def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS,
         result.notes.append(why)
     if option is not None and option.calibration is not None:
         result.notes.append(f"predicted: {option.calibration.note()}")
+    factors = option.calibration if option is not None else None
     for run, depth in enumerate(usable, start=1):
         row = measure(instance, depth, tokens, run=run)
         if option is not None:
             # the prompt fills the context from empty to `depth`; the tokens after it decode at that depth
-            factors = option.calibration
             filling = predict_speed(option, devices, 0, n_prompt=max(1, row.prompt_tokens or depth),
                                     calibration=factors)  # fmt: skip
             row.predicted_pp_per_s = _round(filling.pp_per_s)

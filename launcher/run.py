@@ -33,6 +33,7 @@ from launcher.plan import MeasureKey, Measurements, Option, Plan, Policy, make_p
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend
+    from launcher.calibration import Calibration
     from launcher.chat import ChatReply
     from launcher.hardware.types import HardwareSnapshot
     from launcher.profiles import Profile
@@ -719,20 +720,21 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     predicted ratios the next plan on this machine is calibrated by (decode; with `--warmup full` also attention,
     from decode after the fill, and prefill, from the fill), and the finding when a load on a GPU decodes or fills
     far below its prediction or its log shows more graph splits than a full offload gives (compute that probably ran
-    on the CPU)."""
-    from launcher.speed import MODEL_VERSION, machine_speeds, predict, rates, solve_ratios, times
+    on the CPU). Where the plan was calibrated by earlier runs, each prediction's calibrated figure (what the plan
+    itself predicted) is beside it as calibrated_*; the new ratios are taken against the uncalibrated ones."""
+    from launcher.speed import MODEL_VERSION, Times, machine_speeds, predict, rates, solve_ratios, times
     from launcher.verify import full_offload_splits, splits_finding
 
     devices = machine_speeds(machine)
     option = result.option
     warmup = result.warmup
-    at_empty = predict(option, devices, 0)
+    factors = option.calibration  # what the plan's figures were scaled by; None: uncalibrated
     at_depth = predict(option, devices, option.n_ctx // max(1, result.plan.policy.n_parallel))
     measured_tg = warmup.get("measured_tg_per_s")
     filled = warmup.get("filled_tokens")
     report: dict[str, Any] = {
-        "predicted_tg_per_s": _rounded(at_empty.tg_per_s),
-        "predicted_pp_per_s": _rounded(at_empty.pp_per_s),
+        "predicted_tg_per_s": None,
+        "predicted_pp_per_s": None,
         "predicted_tg_per_s_at_depth": _rounded(at_depth.tg_per_s),
         "predicted_pp_per_s_at_depth": _rounded(at_depth.pp_per_s),
         "measured_tg_per_s": measured_tg,
@@ -743,6 +745,25 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
         "full_offload_splits": full_offload_splits(result.placement),
         "finding": None,
     }
+
+    def predicted(key: str, parts: Times | None, *, decode: bool) -> None:
+        """The prediction for one measured point under `key`, and the plan's calibrated one beside it."""
+
+        def figure(scale: Calibration | None) -> float | None:
+            if parts is None:
+                return None
+            speed = rates(parts, scale)
+            return _rounded(speed.tg_per_s if decode else speed.pp_per_s)
+
+        report[key] = figure(None)
+        if factors is not None:
+            report[key.replace("predicted_", "calibrated_", 1)] = figure(factors)
+
+    empty = times(option, devices, 0)
+    predicted("predicted_tg_per_s", empty, decode=True)
+    predicted("predicted_pp_per_s", empty, decode=False)
+    if factors is not None:
+        report["calibration"] = factors.note()
     short_depth = warmup.get("short_prompt_tokens") or 0
     short = times(option, devices, short_depth)
     if measured_tg and short is not None:
@@ -753,14 +774,14 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
             # the changed words come after the cached prefix: the prompt's last `more` tokens, from filled - more
             more: int = warmup.get("deep_prompt_tokens") or 0
             deeper_parts = times(option, devices, filled - more, n_prompt=more) if more else None
-            report["predicted_pp_per_s_fill"] = _rounded(rates(fill_parts).pp_per_s) if fill_parts else None
+            predicted("predicted_pp_per_s_fill", fill_parts, decode=False)
             first: int = warmup.get("shallow_prompt_tokens") or 0  # a prompt at an empty context
             shallow_parts = times(option, devices, 0, n_prompt=first) if first else None
             if shallow_parts is not None and warmup.get("measured_pp_per_s_shallow"):
                 report["measured_pp_per_s_shallow"] = warmup["measured_pp_per_s_shallow"]
                 report["predicted_pp_per_s_shallow"] = _rounded(rates(shallow_parts).pp_per_s)
                 shallow = (shallow_parts, report["measured_pp_per_s_shallow"])
-            report["predicted_tg_per_s_at_fill"] = _rounded(rates(at_fill).tg_per_s) if at_fill else None
+            predicted("predicted_tg_per_s_at_fill", at_fill, decode=True)
             report["measured_tg_per_s_at_fill"] = warmup.get("measured_tg_per_s_at_fill")
             report["measured_pp_per_s_at_fill"] = warmup.get("measured_pp_per_s_at_fill")
             if at_fill is not None and report["measured_tg_per_s_at_fill"]:
@@ -769,9 +790,8 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
                 fill = (fill_parts, report["measured_pp_per_s"])
             if deeper_parts is not None and report["measured_pp_per_s_at_fill"]:
                 deep_fill = (deeper_parts, report["measured_pp_per_s_at_fill"])
-                report["predicted_pp_per_s_at_fill"] = _rounded(rates(deeper_parts).pp_per_s)
+                predicted("predicted_pp_per_s_at_fill", deeper_parts, decode=False)
         report.update(solve_ratios((short, measured_tg), deep, fill, deep_fill, shallow))
-    report.update(_calibrated(report, option, devices, filled, warmup.get("deep_prompt_tokens") or 0))
     findings = []
     on_gpu = any(d.is_gpu and d.model_bytes for d in result.placement.devices)
     if on_gpu and report["tg_ratio"] is not None and report["tg_ratio"] < SLOW_DECODE_RATIO:
@@ -800,31 +820,6 @@ def _planned_tg(speed: Mapping[str, Any]) -> float | None:
     """Decode tokens/s as the plan predicted it: calibrated by this machine's runs where it was."""
     calibrated = speed.get("calibrated_tg_per_s")
     return calibrated if calibrated is not None else speed.get("predicted_tg_per_s")
-
-
-def _calibrated(report: dict[str, Any], option: Option, devices: Mapping[str, Any], filled: int | None,
-                more: int) -> dict[str, Any]:  # fmt: skip
-    """What the plan predicted for each measured point, scaled by the calibration it was made with (this machine's
-    earlier verified runs), beside the model's own prediction the new ratios are taken against; {} uncalibrated."""
-    from launcher.speed import predict, rates, times
-
-    factors = option.calibration
-    if factors is None:
-        return {}
-    empty = predict(option, devices, 0, calibration=factors)
-    out: dict[str, Any] = {
-        "calibration": factors.note(),
-        "calibrated_tg_per_s": _rounded(empty.tg_per_s),
-        "calibrated_pp_per_s": _rounded(empty.pp_per_s),
-    }
-    if filled and report.get("measured_pp_per_s") is not None:
-        at_fill = times(option, devices, filled)
-        fill_parts = times(option, devices, 0, n_prompt=filled)
-        deeper = times(option, devices, filled - more, n_prompt=more) if more else None
-        out["calibrated_tg_per_s_at_fill"] = _rounded(rates(at_fill, factors).tg_per_s) if at_fill else None
-        out["calibrated_pp_per_s_fill"] = _rounded(rates(fill_parts, factors).pp_per_s) if fill_parts else None
-        out["calibrated_pp_per_s_at_fill"] = _rounded(rates(deeper, factors).pp_per_s) if deeper else None
-    return out
 
 
 def fa_converted(result: RunResult) -> str | None:

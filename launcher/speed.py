@@ -450,9 +450,9 @@ def solve_ratios(short: tuple[Times, float], deep: tuple[Times, float] | None = 
     vector loop per token in decode, tiles of queries in prefill), unless the cache's types make prefill run
     decode's loop too: then it is prefill_loop_ratio, and where the prefills cannot tell it, decode's ratio prices
     it (a calibration keeps the two apart: a plan with the other cache takes the other). A ratio the measurements
-    cannot tell apart is None; from one
-    prefill (the shallowest: the matmuls' largest share), pp_ratio takes attention at decode's ratio, and is None
-    where attention so priced leaves the matmuls under MIN_PREFILL_SHARE of its measured time. Pure."""
+    cannot tell apart is None; from one prefill (the shallowest: the matmuls' largest share), pp_ratio takes
+    attention at decode's ratio, and is None where attention so priced leaves the matmuls under MIN_PREFILL_SHARE
+    of its measured time. Pure."""
     ratios: dict[str, float | None] = {"tg_ratio": None, "attention_ratio": None, "pp_ratio": None,
                                        "prefill_attention_ratio": None, "prefill_loop_ratio": None}  # fmt: skip
     (p1, tg1) = short
