@@ -141,7 +141,7 @@ def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS,
     instance = as_instance(running, api_key)
     measure(instance, 0, 4, run=0)  # the first request pays for warming caches
     option, why = predicted_option(running) if predict else (None, None)
-    devices = machine_speeds(detect_hardware()) if option is not None else {}
+    devices = machine_speeds(detect_hardware(), [option]) if option is not None else {}
     if why:
         result.notes.append(why)
     if option is not None and option.calibration is not None:

@@ -117,7 +117,9 @@ def attach_speeds(
     the chosen one."""
     from launcher.speed import Calibration, calibration, machine_speeds, predict
 
-    devices = machine_speeds(machine)
+    options = list({id(o): o for o in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]
+                    }.values())  # fmt: skip
+    devices = machine_speeds(machine, options)
     by_quant: dict[str, Calibration | None] = {}
 
     def calibrated(quant: str) -> Calibration | None:
@@ -127,11 +129,7 @@ def attach_speeds(
             by_quant[quant] = calibration(machine, backend, version, quant, model)
         return by_quant[quant]
 
-    seen: set[int] = set()
-    for option in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]:
-        if id(option) in seen:
-            continue
-        seen.add(id(option))
+    for option in options:
         factors = calibrated(option.quant)
         empty = predict(option, devices, 0, calibration=factors)
         deep = predict(option, devices, option.n_ctx // max(1, plan.policy.n_parallel), calibration=factors)

@@ -725,8 +725,8 @@ def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]
     from launcher.speed import MODEL_VERSION, Times, machine_speeds, predict, rates, solve_ratios, times
     from launcher.verify import full_offload_splits, splits_finding
 
-    devices = machine_speeds(machine)
     option = result.option
+    devices = machine_speeds(machine, [option])
     warmup = result.warmup
     factors = option.calibration  # what the plan's figures were scaled by; None: uncalibrated
     at_depth = predict(option, devices, option.n_ctx // max(1, result.plan.policy.n_parallel))

@@ -18,7 +18,9 @@ Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and ca
 at most its window). A backend whose published rows measure it at depth (a CPU: llama-bench pp512 beside pp4096) has
 its own attention efficiency, fitted on them, and pays it in decode and prefill; elsewhere decode at depth is bound by
 reading the KV cache (counted in the bytes) and prefill's attention runs at the matmuls' efficiency (flash attention
-is a matmul there).
+is a matmul there). This host's CPU goes further: its flash-attention rate for each layer's shape and cache types is
+timed once on llama.cpp's own kernel (launcher.measure.attention) and prices that layer, decode and prefill apart,
+since a quantized cache's per-query loop runs at a fraction of the published (f16) figure.
 
     bytes_per_token(option, depth)          bytes read per decoded token, per device of the estimate (pure)
     attention_flops(option, depth)          attention FLOPs of one token at a depth, per device (pure)
@@ -26,10 +28,11 @@ is a matmul there).
     predict(option, device_speeds, depth, n_prompt=, calibration=)  Speed(tg_per_s, pp_per_s) (pure)
     rates(times, calibration)               the same from parts already computed (pure)
     solve_ratios(short, deep, fill)         a warm-up's measured / predicted ratios: decode, attention, prefill
-    machine_speeds(machine)                 DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
+    machine_speeds(machine, options)        DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
                                             profile, else measured once (a short multi-threaded copy and matrix
-                                            product, cached)
+                                            product, cached), and the options' flash-attention rates on this host
+                                            (host_attention, cached)
     calibration(machine, backend, version, quant, model)  the median measured / predicted ratios of this
                                             machine's record: the model's own runs first, then its quant type's
     parse_bandwidth(text), parse_flops(text)  a profile's "936GB/s", "142TFLOPS"
@@ -44,8 +47,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,7 @@ from launcher.calibration import Calibration
 if TYPE_CHECKING:
     from launcher.chat import ChatReply
     from launcher.hardware.types import HardwareSnapshot
+    from launcher.measure.attention import AttentionShape
     from launcher.plan import Option
 
 GiB = 1024**3
@@ -70,6 +74,9 @@ class DeviceSpeed:
     flops: float | None = None
     backend: str = "cuda"  # which fitted constants apply: cuda, rocm, metal, vulkan, cpu
     link_bytes_per_s: float | None = None
+    # attention FLOPs per second measured on this host's llama.cpp kernel, by launcher.measure.attention.rate_key:
+    # where a layer's shape and cache types have one, it prices that layer's attention instead of the fitted figure
+    attention_rates: Mapping[str, float] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,8 @@ class Fit:
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
 # The prediction's form: a run's measured / predicted ratios hold for the predictions they were measured against,
 # so a record of another form does not calibrate this one (raised whenever what a prediction counts changes).
-MODEL_VERSION = 2
+# 3: a CPU's attention at the host's measured flash-attention rate (launcher.measure.attention)
+MODEL_VERSION = 3
 
 
 @functools.cache
@@ -286,19 +294,52 @@ def attention_flops(option: Option, depth: float) -> dict[str, float]:
     """Attention FLOPs of one token with `depth` positions before it, per device of the estimate: 2 x heads x (K + V
     head size) per layer and position (QK^T, then the weighted sum of V), a sliding-window layer at most its window
     and every layer at most its cache's cells. Pure."""
+    out: dict[str, float] = {d.name: 0.0 for d in option.estimate.devices}
+    for device, _shape, flops in _attention_layers(option, depth):
+        out[device] = out.get(device, 0.0) + flops
+    return out
+
+
+def _attention_layers(option: Option, depth: float) -> list[tuple[str, AttentionShape, float]]:
+    """(device, shape, attention FLOPs of one token at `depth`) for each layer that attends (see attention_flops)."""
+    from launcher.measure.attention import AttentionShape
+
     facts = option.facts
     device_of = _device_of_layers(option)
     cells = {il: max(1, cache.cells) for cache in option.estimate.kv_caches for il in cache.layers}
-    out: dict[str, float] = {d.name: 0.0 for d in option.estimate.devices}
+    out = []
     for layer in facts.layers:
         if not layer.has_kv or layer.index not in cells:
             continue
         positions = min(depth, cells[layer.index])
         if layer.swa and facts.sliding_window:
             positions = min(positions, facts.sliding_window)
-        device = device_of.get(layer.index, "CPU")
-        out[device] = out.get(device, 0.0) + 2 * layer.n_head * (layer.head_dim_k + layer.head_dim_v) * positions
+        shape = AttentionShape(layer.n_head, layer.n_head_kv, layer.head_dim_k, layer.head_dim_v)
+        flops = 2 * layer.n_head * (layer.head_dim_k + layer.head_dim_v) * positions
+        out.append((device_of.get(layer.index, "CPU"), shape, flops))
     return out
+
+
+def _attention_s(layers: list[tuple[str, AttentionShape, float]], devices: Mapping[str, DeviceSpeed],
+                 kind: str | None, types: tuple[str, str], eff: float | None, on: DeviceSpeed | None = None
+                 ) -> float:  # fmt: skip
+    """Seconds of attention for `layers` on a backend with its own attention figures: each layer at its device's
+    measured flash-attention rate for its shape and cache types (`kind`: decode or prefill; None: not flash
+    attention, no measured rate applies), else at `eff` x the device's FLOPS (the fitted figure; 0 where it has
+    none). `on`: every layer computed on that device (prefill). Pure."""
+    from launcher.measure.attention import rate_key
+
+    seconds = 0.0
+    for name, shape, flops in layers:
+        device = on or devices.get(name)
+        if device is None or not flops:
+            continue
+        rate = (device.attention_rates or {}).get(rate_key(kind, *types, shape)) if kind else None
+        if rate:
+            seconds += flops / rate
+        elif eff and device.flops:
+            seconds += flops / (eff * device.flops)
+    return seconds
 
 
 def active_params(option: Option) -> float:
@@ -343,7 +384,10 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     """The parts of a token's time for `option`, decode at `depth` and a prompt of `n_prompt` tokens starting at
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
     per_device = bytes_per_token(option, round(depth))
-    decode_flops = attention_flops(option, depth)
+    settings = option.estimate.settings
+    types = (settings.type_k, settings.type_v)
+    fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
+    decode_layers = _attention_layers(option, depth)
     seconds = attention_s = t0 = 0.0
     used = []
     for name, nbytes in per_device.items():
@@ -354,8 +398,9 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
             return None
         fit = fitted(device.backend)
         seconds += nbytes / (fit.eta * device.bandwidth_bytes_per_s)
-        if fit.attention_eff and device.flops:
-            attention_s += decode_flops.get(name, 0.0) / (fit.attention_eff * device.flops)
+        if fit.attention_eff or (fused and device.attention_rates):
+            mine = [layer for layer in decode_layers if layer[0] == name]
+            attention_s += _attention_s(mine, devices, "decode" if fused else None, types, fit.attention_eff)
         t0 = max(t0, fit.t0_s)
         used.append(device)
     if not seconds:
@@ -368,13 +413,13 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     prefill_attention_s = 0.0
     fit = fitted(main.backend)
     params = active_params(option)
-    settings = option.estimate.settings
     as_decode = settings.type_k != settings.type_v or settings.type_k not in ("f16", "f32")
     if main.flops and fit.pp_slope is not None and params:
         prefill_s = fit.pp_slope * 2 * params / main.flops + fit.pp_t0_s
-        flops = sum(attention_flops(option, depth + n_prompt / 2).values())
-        if fit.attention_eff and settings.flash_attn != "off":
-            prefill_attention_s = flops / (fit.attention_eff * main.flops)
+        prompt_layers = _attention_layers(option, depth + n_prompt / 2)
+        flops = sum(layer[2] for layer in prompt_layers)
+        if (fit.attention_eff or main.attention_rates) and fused:
+            prefill_attention_s = _attention_s(prompt_layers, devices, "prefill", types, fit.attention_eff, on=main)
         else:  # flash attention runs as a matmul here (a GPU's), or no flash attention: KQ and KQV are matmuls
             prefill_s += fit.pp_slope * flops / main.flops
             as_decode = False
@@ -523,11 +568,12 @@ def _ratio(value: float) -> float | None:
 # -- this machine ---------------------------------------------------------------------------------------------------
 
 
-def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
+def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) -> dict[str, DeviceSpeed]:
     """What each device of `machine` offers, by the plan's device names. A GPU's own figures first (NVML's clocks
     and bus, or a profile's `bandwidth` / `flops`), then its name in the table, each figure on its own; a GPU with
     no bandwidth from either has no speed (unknown, never guessed). The host: a profile's bandwidth and FLOPS, else
-    the measured ones (not for a described machine: its host is not this one)."""
+    the measured ones (not for a described machine: its host is not this one), and, for the `options` that attend
+    on the CPU, the flash-attention rate of their shapes and cache types measured on this host (host_attention)."""
     table = device_table()
     out: dict[str, DeviceSpeed] = {}
     for device in machine.devices:
@@ -545,8 +591,26 @@ def machine_speeds(machine: HardwareSnapshot) -> dict[str, DeviceSpeed]:
         host = host or measured.bandwidth_bytes_per_s
         host_flops = host_flops or measured.flops
     if host:
-        out["CPU"] = DeviceSpeed(host, host_flops, "cpu")
+        rates = None if machine.described else host_attention(_attention_wanted(options)) or None
+        out["CPU"] = DeviceSpeed(host, host_flops, "cpu", attention_rates=rates)
     return out
+
+
+def _attention_wanted(options: Sequence[Option]) -> list[tuple[str, str, str, AttentionShape]]:
+    """The (kind, type_k, type_v, shape) of every layer the `options` attend with on the CPU under flash attention:
+    decode for a layer kept there, prefill too where no GPU holds a layer (the CPU then computes the prompt)."""
+    wanted: dict[tuple[str, str, str, AttentionShape], None] = {}
+    for option in options:
+        settings = option.estimate.settings
+        if settings.flash_attn == "off":
+            continue
+        layers = _attention_layers(option, 1)
+        on_gpu = any(device != "CPU" for device, _, _ in layers)
+        for device, shape, _ in layers:
+            if device == "CPU":
+                for kind in ("decode",) if on_gpu else ("decode", "prefill"):
+                    wanted[(kind, settings.type_k, settings.type_v, shape)] = None
+    return list(wanted)
 
 
 _BACKEND_OF_KIND = {"cuda": "cuda", "rocm": "rocm", "metal": "metal"}  # a device kind's fitted constants
@@ -678,6 +742,59 @@ def host_figures(*, refresh: bool = False) -> HostFigures:
         write_private(path, json.dumps({"host": key, "bytes_per_s": measured.bandwidth_bytes_per_s,
                                         "flops": measured.flops}))  # fmt: skip
     return measured
+
+
+def host_attention(wanted: Sequence[tuple[str, str, str, AttentionShape]], *, refresh: bool = False
+                   ) -> dict[str, float]:  # fmt: skip
+    """This host's flash-attention rate (FLOPs/s, by launcher.measure.attention.rate_key) for each wanted (kind,
+    type_k, type_v, shape), timed on llama.cpp's own CPU kernel on as many threads as llama.cpp starts
+    (llama_threads), once per machine, threads and llama-cpp-python version, and kept beside host-speed.json.
+    What could not be timed is left out (the fitted figure prices it)."""
+    import platformdirs
+
+    from launcher.measure.attention import measure_rates, rate_key
+
+    if not wanted:
+        return {}
+    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-attention.json"
+    threads = llama_threads()
+    key = f"{_host_key()} | {threads} threads | llama-cpp-python {_llama_cpp_version()}"
+    known: dict[str, float] = {}
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("host") == key and isinstance(cached.get("rates"), dict):
+            known = {str(k): float(v) for k, v in cached["rates"].items() if isinstance(v, (int, float)) and v > 0}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    keys = {rate_key(*w): w for w in wanted}
+    missing = [w for k, w in keys.items() if refresh or k not in known]
+    if missing:
+        measured = measure_rates(missing, threads=threads)
+        if measured:
+            from launcher.paths import write_private
+
+            known.update(measured)
+            write_private(path, json.dumps({"host": key, "rates": known}))
+    return {k: known[k] for k in keys if k in known}
+
+
+def llama_threads() -> int:
+    """The threads llama.cpp computes on by default: one per physical core (cpu_get_num_math; psutil's count of
+    physical cores stands for it), else every logical one."""
+    import os
+
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _llama_cpp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _host_key() -> str:

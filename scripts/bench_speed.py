@@ -151,12 +151,14 @@ def local(reps: int) -> list[dict[str, Any]]:
         **{f"Gemma-3-270M {q}": quantize(gemma, q, folder) for q in GEMMA_LADDER},
     }
     machine = detect_hardware()
-    devices = machine_speeds(machine)
+    options = {name: option_for(path, machine) for name, path in models.items()}
+    devices = machine_speeds(machine, list(options.values()))
     cpu = devices.get("CPU")
     print(f"\nthis machine: {os.cpu_count()} cpus, measured {cpu.bandwidth_bytes_per_s / 1e9:.1f} GB/s copy, "
           f"{(cpu.flops or 0) / 1e9:.0f} GFLOPS FP32 matmul" if cpu else "\nthis machine: no host figures")  # fmt: skip
+    for key, rate in sorted((cpu.attention_rates or {}).items()) if cpu else ():
+        print(f"  flash attention {key}: {rate / 1e9:.1f} GFLOPS (llama.cpp's kernel, timed on this host)")
     measured = {name: llama_bench(binary, path, reps) for name, path in models.items()}
-    options = {name: option_for(path, machine) for name, path in models.items()}
     raw = {name: predictions(options[name], devices, None) for name in models}
     smol_models = {name: path for name, path in models.items() if name.startswith("SmolLM2")}
     gemma_models = {name: path for name, path in models.items() if name not in smol_models}
