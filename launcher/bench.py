@@ -111,10 +111,12 @@ def predicted_option(running: RunningInstance) -> tuple[Option | None, str | Non
     from launcher.run import backend_build
 
     reference = running.reference if running.reference is not None else running.model
-    try:
-        build = backend_build(load_backend(running.backend))
-    except FitquantError:
-        build = None  # predicted uncalibrated
+    build: tuple[str, str | None] | None = (running.backend, running.version) if running.version else None
+    if build is None:  # a record from before instances kept their build: the backend's default build
+        try:
+            build = backend_build(load_backend(running.backend))
+        except FitquantError:
+            build = None  # predicted uncalibrated
     try:
         plan: Plan | None = fit(reference or None, Policy(n_ctx=running.n_ctx), confirm=False, build=build)
     except FitquantError as exc:

@@ -48,6 +48,7 @@ class RunningInstance:
     measured_tg_per_s: float | None = None
     predicted_tg_per_s: float | None = None
     speed_finding: str | None = None
+    version: str | None = None  # the server build's version (what its speed calibration is keyed by)
     identify: InitVar[bool] = True  # fill the four above from the live processes (False: as read from a record)
 
     def __post_init__(self, identify: bool) -> None:

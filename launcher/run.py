@@ -519,6 +519,7 @@ def register(result: RunResult, name: str, *, reference: str | None = None) -> s
             log_path=str(inst.log_path) if inst.log_path else None,
             model_name=inst.model_name, reference=reference, measured_tg_per_s=result.speed.get("measured_tg_per_s"),
             predicted_tg_per_s=_planned_tg(result.speed), speed_finding=result.speed.get("finding"),
+            version=inst.version,
         )
     )  # fmt: skip
     return instance_name

@@ -42,9 +42,12 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         line = proc.stdout.readline()
         assert line, proc.stderr.read() if proc.stderr else ""
         started = json.loads(line)
+        # bench calibrates by the build that runs, as its instance recorded it, not by whichever llama-server this
+        # shell would start (here none at all)
+        elsewhere = {**env, "FITQUANT_LLAMA_SERVER": str(tmp_path / "no-such-llama-server")}
         done = subprocess.run([sys.executable, "-m", "launcher", "bench", "--depth", "0,256,4096", "--tokens", "8",
                                "--api-key-file", str(key), "--json"],
-                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+                              capture_output=True, text=True, env=elsewhere, cwd=ROOT, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["quant"] == "Q4_1" and result["n_ctx"] == 2048 and result["server"] == "llama-server"
@@ -66,6 +69,7 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         assert instance["measured_tg_per_s"] == started["speed"]["measured_tg_per_s"]
         assert instance["predicted_tg_per_s"] == started["speed"]["predicted_tg_per_s"]
         assert instance["reference"] == ""  # the embedded default model: bench plans it again for the prediction
+        assert instance["version"] and instance["version"] == started["backend"]["version"]
         assert "bench-key" not in done.stdout + done.stderr + listed.stdout
     finally:
         proc.terminate()
