@@ -6,8 +6,9 @@
 2. This machine: the embedded models (SmolLM2 135M Q4_1 and Gemma 3 270M Q4_K_M) and a quant ladder made from them
    (llama-cpp-python's llama_model_quantize: F16, Q8_0, Q4_K_M, Q2_K of SmolLM2, Q8_0 of Gemma), each measured by
    llama-bench from the same llama.cpp build (scripts/build-llama-cpp) at pp512 and tg128 at depths 0, 512 and 2048
-   with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated, then
-   calibrated after one `--warmup full` of each model through fitquant's own run path (a temporary FITQUANT_HOME: the
+   with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated (this
+   host's measured bandwidth and FLOPS, and its flash-attention rate timed on llama.cpp's kernel, printed above the
+   table; no run of any model), then calibrated after one `--warmup full` of each model through fitquant's own run path (a temporary FITQUANT_HOME: the
    record it writes is thrown away), and for Gemma's rows also after SmolLM2's warm-ups alone (its own not yet run):
    calibrated by another model of the same type, which tests the calibration across models, not an echo of it.
 
