@@ -35,6 +35,8 @@ DECODE_POSITIONS = 2048  # cached positions a decoded token attends to while tim
 PREFILL_QUERIES = 64  # GGML_FA_TILE_Q: a batch this big takes the tiled path where K and V are f16 (ggml-cpu common.h)
 PREFILL_POSITIONS = 1024
 OPS = 8  # ops per graph, each with its own K and V (like layers): one graph call starts the threads once for all
+GRAPH_FLOPS = 250_000_000  # a graph's work at most (while it holds more than one op or MIN_POSITIONS positions)
+MIN_POSITIONS = 256
 SECONDS = 0.2  # timed per measurement, after one untimed run, in ROUNDS rounds
 ROUNDS = 5
 MAX_REPS = 200
@@ -138,7 +140,7 @@ def _libraries() -> tuple[Any, Any]:
 
 
 class _Graph:
-    """One job's graph: OPS flash-attention ops, each with its own zero-filled Q, K, V and mask, in its own ggml
+    """One job's graph: up to OPS flash-attention ops, each with its own zero-filled Q, K, V and mask, in its own ggml
     context (freed by close)."""
 
     def __init__(self, base: Any, job: dict[str, Any]) -> None:
@@ -157,16 +159,21 @@ class _Graph:
         queries, positions = (1, DECODE_POSITIONS) if decode else (PREFILL_QUERIES, PREFILL_POSITIONS)
         padded = -(-queries // 64) * 64  # the mask's rows: at least the queries, padded (GGML_KQ_MASK_PAD)
         h, hkv, dk, dv = shape.n_head, shape.n_head_kv, shape.head_dim_k, shape.head_dim_v
+        # a big model's heads make one op costly: fewer ops, then fewer positions (a prompt's at least
+        # MIN_POSITIONS), so that one graph stays near GRAPH_FLOPS and the whole timing near a second
+        per_position = 2 * h * (dk + dv) * queries
+        positions = max(min(positions, MIN_POSITIONS), min(positions, GRAPH_FLOPS // per_position))
+        ops = max(1, min(OPS, GRAPH_FLOPS // (per_position * positions)))
         per_op = (base.ggml_row_size(f32, dk) * queries * h + base.ggml_row_size(tk, dk) * positions * hkv
                   + base.ggml_row_size(tv, dv) * positions * hkv + base.ggml_row_size(f16, positions) * padded
                   + base.ggml_row_size(f32, dv) * h * queries)  # fmt: skip
-        size = OPS * (per_op + 5 * base.ggml_tensor_overhead()) + base.ggml_graph_overhead() + 64 * 2**20  # + work
-        self.flops = 2 * h * (dk + dv) * positions * queries * OPS
+        size = ops * (per_op + 5 * base.ggml_tensor_overhead()) + base.ggml_graph_overhead() + 64 * 2**20  # + work
+        self.flops = per_position * positions * ops
         self.ctx = base.ggml_init(InitParams(size, None, False))
         if not self.ctx:
             raise MemoryError(f"ggml_init({size})")
         self.graph = base.ggml_new_graph(self.ctx)
-        for _ in range(OPS):
+        for _ in range(ops):
             q = base.ggml_new_tensor_4d(self.ctx, f32, dk, queries, h, 1)
             k = base.ggml_new_tensor_4d(self.ctx, tk, dk, positions, hkv, 1)
             v = base.ggml_new_tensor_4d(self.ctx, tv, dv, positions, hkv, 1)
