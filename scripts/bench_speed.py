@@ -8,9 +8,10 @@
    llama-bench from the same llama.cpp build (scripts/build-llama-cpp) at pp512 and tg128 at depths 0, 512 and 2048
    with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated (this
    host's measured bandwidth and FLOPS, and its flash-attention rate timed on llama.cpp's kernel, printed above the
-   table; no run of any model), then calibrated after one `--warmup full` of each model through fitquant's own run path (a temporary FITQUANT_HOME: the
-   record it writes is thrown away), and for Gemma's rows also after SmolLM2's warm-ups alone (its own not yet run):
-   calibrated by another model of the same type, which tests the calibration across models, not an echo of it.
+   table; no run of any model), then calibrated after one `--warmup full` of each model through fitquant's own run
+   path (a temporary FITQUANT_HOME: the record it writes is thrown away), and for Gemma's rows also after SmolLM2's
+   warm-ups alone (its own not yet run): calibrated by another model of the same type, which tests the calibration
+   across models, not an echo of it.
 
     .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--json FILE]
 """
