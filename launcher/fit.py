@@ -98,6 +98,9 @@ def fit(
         apply_prefer_speed(plan)
     if plan.chosen is None:
         raise NoFitError(plan.reason, plan=plan)
+    note = cpu_kv_note(plan, machine)
+    if note is not None:
+        plan.notes.append(note)
     return plan
 
 
@@ -141,6 +144,48 @@ def attach_speeds(
     chosen = calibrated(plan.chosen.quant) if plan.chosen is not None and plan.chosen.speed else None
     if chosen is not None:
         plan.notes.append(chosen.note())
+
+
+KV_SPEEDUP_NOTE = 1.5  # an f16 cache is named beside a quantized one that prefills at least this much slower
+
+
+def cpu_kv_note(plan: Plan, machine: HardwareSnapshot) -> str | None:
+    """On a plan that runs on the CPU alone with a quantized K/V cache: how much faster the same option would
+    prefill and decode at the target depth with an f16 cache on this host, and what that costs in memory, where it
+    prefills at least KV_SPEEDUP_NOTE times faster. llama.cpp's CPU flash attention tiles a prompt's queries only
+    for f16 K and V, and runs a per-query loop over a quantized cache (launcher.measure.attention times both)."""
+    from dataclasses import replace
+
+    from launcher.speed import machine_speeds, predict
+    from launcher.units import format_bytes
+
+    chosen = plan.chosen
+    settings = chosen.estimate.settings if chosen is not None else None
+    if (
+        chosen is None
+        or settings is None
+        or chosen.speed is None
+        or settings.flash_attn == "off"
+        or any(b.name != "CPU" for b in plan.budgets)
+        or {settings.type_k, settings.type_v} <= {"f16", "f32"}
+    ):
+        return None  # fmt: skip
+    policy = replace(plan.policy, type_k="f16", type_v="f16", flash_attn=settings.flash_attn)
+    f16 = evaluate(chosen.candidate, chosen.facts, policy, plan.budgets, n_ctx=chosen.n_ctx, n_gpu_layers=0,
+                   cpu_moe=chosen.cpu_moe, floor=plan.floor)  # fmt: skip
+    devices = machine_speeds(machine, [chosen, f16])
+    depth = chosen.n_ctx // max(1, plan.policy.n_parallel)
+    now, then = predict(chosen, devices, depth), predict(f16, devices, depth)
+    if not (now.pp_per_s and then.pp_per_s and now.tg_per_s and then.tg_per_s):
+        return None
+    if then.pp_per_s < KV_SPEEDUP_NOTE * now.pp_per_s:
+        return None
+    extra = f16.total_bytes - chosen.total_bytes
+    room = "it fits" if f16.fits else f"it does not fit here ({f16.reason})"
+    return (f"K/V {settings.type_k}/{settings.type_v} on this CPU: an f16 cache would prefill "
+            f"{then.pp_per_s / now.pp_per_s:.1f}x and decode {then.tg_per_s / now.tg_per_s:.1f}x as fast at "
+            f"{depth} tokens (llama.cpp's CPU flash attention tiles prompts only for f16 K and V; measured on this "
+            f"host) for {format_bytes(extra)} more memory; {room}" + (": --kv f16" if f16.fits else ""))  # fmt: skip
 
 
 def apply_min_speed(plan: Plan, min_tg_per_s: float) -> None:

@@ -102,3 +102,41 @@ def test_the_hosts_rates_are_measured_once_and_kept(tmp_path: Path, monkeypatch:
     assert host_attention(wanted, refresh=True)[key] != 1234.0
     path.write_text("{not json")  # a damaged file is measured again, not a failure
     assert host_attention(wanted)[key] > 0
+
+
+def test_a_cpu_plan_with_a_quantized_cache_says_what_an_f16_cache_would_change() -> None:
+    """On a CPU, llama.cpp tiles a prompt's flash attention only for f16 K and V: with this host's measured rates the
+    plan says how much faster an f16 cache would prefill and decode at the target depth, and what it costs."""
+    import re
+
+    from launcher.embedded import embedded_model_path
+    from launcher.fit import KV_SPEEDUP_NOTE, fit
+    from launcher.hardware import detect_hardware
+
+    model = str(embedded_model_path())
+    machine = detect_hardware().model_copy(update={"devices": ()})  # this host, as if it had no GPU
+
+    def kv_notes(plan_notes: list[str]) -> list[str]:
+        return [n for n in plan_notes if n.startswith("K/V ")]
+
+    plan = fit(model, Policy(n_ctx=8192), machine=machine, confirm=False)
+    [note] = kv_notes(plan.notes)
+    found = re.search(r"^K/V q8_0/q8_0 on this CPU: an f16 cache would prefill ([0-9.]+)x and decode ([0-9.]+)x as fast "
+                      r"at 8192 tokens .* for ([0-9.]+ MiB) more memory; it fits: --kv f16$", note)  # fmt: skip
+    assert found, note
+    assert float(found.group(1)) >= KV_SPEEDUP_NOTE
+    # an f16 cache already, or a described machine (nothing of this host's measured): nothing to say
+    assert (
+        kv_notes(fit(model, Policy(n_ctx=8192, type_k="f16", type_v="f16"), machine=machine, confirm=False).notes) == []
+    )
+    described = describe_machine(vram=[], ram=16 * GiB)
+    assert kv_notes(fit(model, Policy(n_ctx=8192), machine=described, confirm=False).notes) == []
+    # RAM that holds the q8_0 cache and not the f16 one: said, without the flag
+    assert plan.chosen is not None
+    [budget] = plan.budgets
+    extra = fit(model, Policy(n_ctx=8192, type_k="f16", type_v="f16"), machine=machine, confirm=False).chosen
+    assert extra is not None
+    between = budget.reserve_bytes + (plan.chosen.total_bytes + extra.total_bytes) // 2
+    tight = machine.model_copy(update={"ram_available_bytes": between})
+    [short] = kv_notes(fit(model, Policy(n_ctx=8192), machine=tight, confirm=False).notes)
+    assert "it does not fit here (needs" in short and not short.endswith("--kv f16")
