@@ -156,7 +156,7 @@ def cpu_kv_note(plan: Plan, machine: HardwareSnapshot) -> str | None:
     for f16 K and V, and runs a per-query loop over a quantized cache (launcher.measure.attention times both)."""
     from dataclasses import replace
 
-    from launcher.speed import machine_speeds, predict
+    from launcher.speed import attention_measured, machine_speeds, predict
     from launcher.units import format_bytes
 
     chosen = plan.chosen
@@ -174,6 +174,8 @@ def cpu_kv_note(plan: Plan, machine: HardwareSnapshot) -> str | None:
     f16 = evaluate(chosen.candidate, chosen.facts, policy, plan.budgets, n_ctx=chosen.n_ctx, n_gpu_layers=0,
                    cpu_moe=chosen.cpu_moe, floor=plan.floor)  # fmt: skip
     devices = machine_speeds(machine, [chosen, f16])
+    if not (attention_measured(chosen, devices) and attention_measured(f16, devices)):
+        return None  # a fitted figure on either side: the difference would not be this host's
     depth = chosen.n_ctx // max(1, plan.policy.n_parallel)
     now, then = predict(chosen, devices, depth), predict(f16, devices, depth)
     if not (now.pp_per_s and then.pp_per_s and now.tg_per_s and then.tg_per_s):

@@ -613,6 +613,16 @@ def _attention_wanted(options: Sequence[Option]) -> list[tuple[str, str, str, At
     return list(wanted)
 
 
+def attention_measured(option: Option, devices: Mapping[str, DeviceSpeed]) -> bool:
+    """Whether every attention layer the option keeps on the CPU has this host's measured flash-attention rate,
+    decode and prefill (its predictions at depth are then this host's, not the fitted figure's). Pure."""
+    from launcher.measure.attention import rate_key
+
+    wanted = _attention_wanted([option])
+    rates = devices["CPU"].attention_rates if "CPU" in devices else None
+    return bool(wanted) and all(rate_key(*w) in (rates or {}) for w in wanted)
+
+
 _BACKEND_OF_KIND = {"cuda": "cuda", "rocm": "rocm", "metal": "metal"}  # a device kind's fitted constants
 
 

@@ -17,6 +17,7 @@ from launcher.speed import (
     DeviceSpeed,
     _attention_layers,
     _attention_wanted,
+    attention_measured,
     fitted,
     host_attention,
     llama_threads,
@@ -82,6 +83,12 @@ def test_only_what_the_options_attend_with_on_the_cpu_is_measured(tmp_path: Path
         ("prefill", "q8_0", "q8_0", shape),
     ]
     assert _attention_wanted([cpu_plan_option(tmp_path, kv="f16", flash_attn="off")]) == []
+    # a prediction is this host's where every such layer has its rate, decode and prefill
+    rates = {rate_key(kind, "q8_0", "q8_0", shape): 1e10 for kind in ("decode", "prefill")}
+    assert attention_measured(on_cpu, {"CPU": DeviceSpeed(30e9, 200e9, "cpu", attention_rates=rates)})
+    decode_only = {k: v for k, v in rates.items() if k.startswith("decode")}
+    assert not attention_measured(on_cpu, {"CPU": DeviceSpeed(30e9, 200e9, "cpu", attention_rates=decode_only)})
+    assert not attention_measured(on_gpu, {"CPU": DeviceSpeed(30e9, 200e9, "cpu", attention_rates=rates)})
     # a described machine's host is not this one: nothing of this host's is measured for it
     described = describe_machine(vram=[]).model_copy(update={"host_bandwidth_bytes_per_s": 30e9, "host_flops": 200e9})
     assert machine_speeds(described, [on_cpu])["CPU"].attention_rates is None
