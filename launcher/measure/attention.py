@@ -23,7 +23,6 @@ Run as `python -m launcher.measure.attention` it reads a request as JSON on stdi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -66,9 +65,6 @@ def rate_key(kind: str, type_k: str, type_v: str, shape: AttentionShape) -> str:
     return f"{kind} {type_k}-{type_v} {shape.key()}"
 
 
-_PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the launcher package
-
-
 def measure_rates(wanted: list[tuple[str, str, str, AttentionShape]], *, threads: int,
                   timeout_s: float = TIMEOUT_S) -> dict[str, float]:  # fmt: skip
     """Attention FLOPs per second of llama.cpp's CPU kernel for each (kind, type_k, type_v, shape) in `wanted`
@@ -76,19 +72,18 @@ def measure_rates(wanted: list[tuple[str, str, str, AttentionShape]], *, threads
     left out (unknown). FLOPs as launcher.speed counts them: 2 x heads x (K + V head size) per position."""
     import importlib.util
 
+    from launcher.measure.dryrun import PACKAGE_PARENT, worker_env
+
     jobs = []
     for kind, type_k, type_v, shape in wanted:
         if kind in KINDS and type_k in CACHE_TYPES and type_v in CACHE_TYPES and shape.valid():
             jobs.append({"kind": kind, "type_k": type_k, "type_v": type_v, "shape": shape.__dict__})
     if not jobs or importlib.util.find_spec("llama_cpp") is None:
         return {}
-    env = {**os.environ, "GGML_NO_BACKTRACE": "1",
-           "PYTHONPATH": str(_PACKAGE_PARENT) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                 if os.environ.get("PYTHONPATH") else "")}  # fmt: skip
     request = json.dumps({"threads": max(1, threads), "jobs": jobs}).encode()
     try:  # run() kills the child on a timeout or Ctrl-C
         done = subprocess.run([sys.executable, "-m", "launcher.measure.attention"], input=request, capture_output=True,
-                              timeout=timeout_s, env=env, cwd=_PACKAGE_PARENT, check=False)  # fmt: skip
+                              timeout=timeout_s, env=worker_env(), cwd=PACKAGE_PARENT, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return {}
     try:

@@ -264,12 +264,12 @@ def _describe(s: EngineSettings) -> str:
     )
 
 
-_PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the launcher package
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the launcher package
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(_PACKAGE_PARENT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(PACKAGE_PARENT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort would otherwise run gdb to print a backtrace
     return env
@@ -286,8 +286,8 @@ def _run_worker(
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err_file,
-            env=_worker_env(),
-            cwd=_PACKAGE_PARENT,  # `-m` puts the working folder first on sys.path: make it this package's
+            env=worker_env(),
+            cwd=PACKAGE_PARENT,  # `-m` puts the working folder first on sys.path: make it this package's
             start_new_session=True,
         )
         lines: queue.Queue[bytes | None] = queue.Queue()
