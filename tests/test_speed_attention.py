@@ -46,6 +46,12 @@ def test_the_host_times_llama_cpps_own_flash_attention_kernel() -> None:
     # FLOPs per second a CPU reaches on attention: above a megaflop, below a petaflop
     assert all(1e6 < rate < 1e15 for rate in rates.values()), rates
     assert measure_rates(wanted, threads=1, timeout_s=0.001) == {}  # too slow: unknown, and the plan goes on
+    # a header's shape whose one graph would hold gigabytes is refused before anything is allocated, and the
+    # request's other jobs are still timed
+    huge = AttentionShape(1024, 1024, 1024, 1024)
+    assert huge.valid()
+    rates = measure_rates([("decode", "f32", "f32", huge), ("decode", "q8_0", "q8_0", SHAPE)], threads=1)
+    assert set(rates) == {rate_key("decode", "q8_0", "q8_0", SHAPE)}
 
 
 def test_each_cpu_layers_attention_is_priced_at_the_measured_rate(tmp_path: Path) -> None:

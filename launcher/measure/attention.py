@@ -36,6 +36,7 @@ PREFILL_POSITIONS = 1024
 OPS = 8  # ops per graph, each with its own K and V (like layers): one graph call starts the threads once for all
 GRAPH_FLOPS = 250_000_000  # a graph's work at most (while it holds more than one op or MIN_POSITIONS positions)
 MIN_POSITIONS = 256
+MAX_GRAPH_BYTES = 512 * 2**20  # a graph's tensors at most: a shape past it (a hostile header's) is left unknown
 SECONDS = 0.2  # timed per measurement, after one untimed run, in ROUNDS rounds
 ROUNDS = 5
 MAX_REPS = 200
@@ -164,6 +165,8 @@ class _Graph:
                   + base.ggml_row_size(f32, dv) * h * queries)  # fmt: skip
         size = ops * (per_op + 5 * base.ggml_tensor_overhead()) + base.ggml_graph_overhead() + 64 * 2**20  # + work
         self.flops = per_position * positions * ops
+        if size > MAX_GRAPH_BYTES:  # checked before anything is allocated
+            raise MemoryError(f"{size} bytes for one graph of {shape.key()}")
         self.ctx = base.ggml_init(InitParams(size, None, False))
         if not self.ctx:
             raise MemoryError(f"ggml_init({size})")
@@ -188,16 +191,21 @@ def _rates(base: Any, cpu: Any, jobs: list[dict[str, Any]], threads: int) -> lis
     rather than one job all of its rounds)."""
     import time
 
-    graphs = []
+    graphs: list[_Graph | None] = []
     try:
         for job in jobs:
-            graphs.append(_Graph(base, job))
+            try:
+                graphs.append(_Graph(base, job))
+            except MemoryError:  # too big to time (or no memory for it): that job's rate stays unknown
+                graphs.append(None)
         best: list[float | None] = [None] * len(graphs)
         for graph in graphs:  # untimed: pages touched, threads warm
-            if cpu.ggml_graph_compute_with_ctx(graph.ctx, graph.graph, threads) != 0:
+            if graph is not None and cpu.ggml_graph_compute_with_ctx(graph.ctx, graph.graph, threads) != 0:
                 return [None] * len(jobs)
         for _ in range(ROUNDS):
             for i, graph in enumerate(graphs):
+                if graph is None:
+                    continue
                 reps, started = 0, time.perf_counter()
                 while reps < 1 or (time.perf_counter() - started < SECONDS / ROUNDS and reps < MAX_REPS):
                     if cpu.ggml_graph_compute_with_ctx(graph.ctx, graph.graph, threads) != 0:
@@ -205,10 +213,11 @@ def _rates(base: Any, cpu: Any, jobs: list[dict[str, Any]], threads: int) -> lis
                     reps += 1
                 per_graph = (time.perf_counter() - started) / reps
                 best[i] = per_graph if best[i] is None else min(per_graph, best[i] or per_graph)
-        return [g.flops / b if b else None for g, b in zip(graphs, best, strict=True)]
+        return [g.flops / b if g is not None and b else None for g, b in zip(graphs, best, strict=True)]
     finally:
         for graph in graphs:
-            graph.close()
+            if graph is not None:
+                graph.close()
 
 
 def main() -> int:
