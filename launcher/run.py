@@ -246,6 +246,7 @@ def backend_and_machine(
     ram: int | None = None,
     unified: int | None = None,
     profile: Profile | None = None,
+    gpu_names: Sequence[str] | None = None,
 ) -> tuple[Backend, HardwareSnapshot, int | None]:
     """The backend, the machine and the reserve for `run`, `serve` and the router, resolved in one place. The
     machine comes first where it can (its GPUs decide whether a llama.cpp server that cannot reach them is
@@ -255,9 +256,13 @@ def backend_and_machine(
     needs_server = bool(rpc) and vram is None and (profile is None or profile.devices is None)
     if needs_server:
         backend = choose_backend(name, llama_server=llama_server, rpc=rpc, ollama_host=ollama_host)
-        machine, reserve = run_machine(backend, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile)
+        machine, reserve = run_machine(
+            backend, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile, gpu_names=gpu_names
+        )
         return backend, machine, reserve
-    machine, reserve = run_machine(None, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile)
+    machine, reserve = run_machine(
+        None, vram=vram, ram=ram, unified=unified, rpc=rpc, profile=profile, gpu_names=gpu_names
+    )
     backend = choose_backend(name, llama_server=llama_server, rpc=rpc, ollama_host=ollama_host, machine=machine)
     return backend, machine, reserve
 
@@ -270,6 +275,7 @@ def run_machine(
     unified: int | None = None,
     rpc: Sequence[str] = (),
     profile: Profile | None = None,
+    gpu_names: Sequence[str] | None = None,
 ) -> tuple[HardwareSnapshot, int | None]:
     """The machine to plan a launch for, resolved in one place, and the reserve its Policy must keep (None: the
     caller's). Probed, or described by `vram`/`ram`/`unified`; with RPC servers, their devices as llama.cpp lists
@@ -279,6 +285,8 @@ def run_machine(
     if profile is not None:
         from launcher.profiles import profile_hardware, profile_machine
 
+        if gpu_names:
+            raise ValueError("a profile names its own GPUs (each device's name:); drop the GPU names")
         described = profile_hardware(profile)
         if described is None:
             described = run_machine(backend, rpc=tuple(profile.rpc))[0]
@@ -286,9 +294,11 @@ def run_machine(
     from launcher.hardware import describe_machine, resolve_machine
 
     if not rpc:
-        return resolve_machine(vram=vram, ram=ram, unified=unified), None
+        return resolve_machine(vram=vram, ram=ram, unified=unified, gpu_names=gpu_names), None
     if vram is not None:
-        return describe_machine(vram=vram, ram=ram, kind="rpc"), None
+        return describe_machine(vram=vram, ram=ram, kind="rpc", gpu_names=gpu_names), None
+    if gpu_names:
+        raise ValueError("GPU names describe GPUs: give the RPC devices' memory too (vram)")
     from launcher.backends.llamacpp import LlamaCppBackend, rpc_devices
 
     if not isinstance(backend, LlamaCppBackend):

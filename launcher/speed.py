@@ -120,6 +120,21 @@ def device_table() -> dict[str, DeviceSpeed]:
     return out
 
 
+def table_gpu(text: str) -> str:
+    """The chip table's GPU that `text` names ('RTX 4090', 'M3 Max (40-core GPU)'): an exact name (any case), else
+    the one chip whose name holds it. Raises ValueError naming the choices when none or several match."""
+    wanted = " ".join(text.split()).lower()
+    gpus = [name for name, speed in device_table().items() if speed.backend != "cpu"]
+    exact = [name for name in gpus if name.lower() == wanted]
+    found = exact or [name for name in gpus if wanted and wanted in name.lower()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"GPU name {text!r} matches {len(found)} chips ({'; '.join(found)}); name one of them")
+    raise ValueError(f"GPU name {text!r} is not in the chip table (known: {'; '.join(gpus)}); for another GPU, give "
+                     "its bandwidth and flops in a profile's device")  # fmt: skip
+
+
 def published_rows() -> list[dict[str, Any]]:
     """The published llama-bench rows the constants are fitted on, each with its bytes read per decoded token, the
     parameters a prompt token multiplies by (no token embeddings, no output layer: logits for the last token only)
@@ -596,6 +611,38 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
     return out
 
 
+def speed_figures(machine: HardwareSnapshot, speeds: Mapping[str, DeviceSpeed]) -> dict[str, dict[str, Any]]:
+    """What `fitquant hw` shows: each device's bandwidth and FLOPS that plans predict from (machine_speeds), with where
+    each came from; a GPU with no bandwidth anywhere is listed as unknown (None). Pure."""
+    table = device_table()
+    out: dict[str, dict[str, Any]] = {}
+    for device in machine.devices:
+        name = f"GPU{device.index}"
+        figures = speeds.get(name)
+        own = "profile" if machine.described else "NVML"
+        in_table = device.name in table or any(k.lower() in device.name.lower() for k in table)
+        out[name] = {
+            "name": device.name,
+            "bandwidth_bytes_per_s": figures.bandwidth_bytes_per_s if figures else None,
+            "flops": figures.flops if figures else None,
+            "flops_precision": "fp16",
+            "backend": figures.backend if figures else None,
+            "source": (own if device.memory_bandwidth_bytes_per_s else "table" if in_table else None),
+        }
+    cpu = speeds.get("CPU")
+    if cpu is not None:
+        given = machine.host_bandwidth_bytes_per_s is not None
+        out["CPU"] = {
+            "name": machine.cpu.model,
+            "bandwidth_bytes_per_s": cpu.bandwidth_bytes_per_s,
+            "flops": cpu.flops,
+            "flops_precision": "fp32",
+            "backend": "cpu",
+            "source": "profile" if given else "measured",
+        }
+    return out
+
+
 def _attention_wanted(options: Sequence[Option]) -> list[tuple[str, str, str, AttentionShape]]:
     """The (kind, type_k, type_v, shape) of every layer the `options` attend with on the CPU under flash attention:
     decode for a layer kept there, prefill too where no GPU holds a layer (the CPU then computes the prompt)."""
@@ -763,12 +810,13 @@ def host_attention(wanted: Sequence[tuple[str, str, str, AttentionShape]], *, re
     import platformdirs
 
     from launcher.measure.attention import measure_rates, rate_key
+    from launcher.version import llama_cpp_python_version
 
     if not wanted:
         return {}
     path = Path(platformdirs.user_cache_dir("fitquant")) / "host-attention.json"
     threads = llama_threads()
-    key = f"{_host_key()} | {threads} threads | llama-cpp-python {_llama_cpp_version()}"
+    key = f"{_host_key()} | {threads} threads | llama-cpp-python {llama_cpp_python_version() or 'none'}"
     known: dict[str, float] = {}
     try:
         cached = json.loads(path.read_text())
@@ -796,15 +844,6 @@ def llama_threads() -> int:
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
-def _llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama_cpp_python")
-    except PackageNotFoundError:
-        return "none"
 
 
 def _host_key() -> str:

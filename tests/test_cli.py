@@ -184,6 +184,15 @@ def _fitquant(*args: str) -> subprocess.CompletedProcess[str]:
          "Error: Invalid value for '--reserve': '1.5PB' is not a size; write it like 24GiB, 12GB or 512MiB"),
         (["plan", "x.gguf", "--reserve", "1200TB"],
          "Error: Invalid value for '--reserve': '1200TB' is more than 1 PiB; no machine has that much memory"),
+        (["plan", "x.gguf", "--vram", "24GiB", "--unified", "32GiB"],
+         "Error: give either discrete GPU memory (vram) or unified memory, not both"),
+        (["estimate", "--vram", "24GiB", "--unified", "32GiB"],
+         "Error: give either discrete GPU memory (vram) or unified memory, not both"),
+        (["run", "x.gguf", "--gpu-name", "RTX 4090"],
+         "Error: GPU names describe GPUs: give their memory too (vram or unified)"),
+        (["plan", "x.gguf", "--vram", "24GiB", "--gpu-name", "RTX 40"],
+         "Error: Invalid value for '--gpu-name': GPU name 'RTX 40' matches 4 chips (NVIDIA GeForce RTX 4060 Ti; "
+         "NVIDIA GeForce RTX 4070; NVIDIA GeForce RTX 4080; NVIDIA GeForce RTX 4090); name one of them"),
     ],
 )  # fmt: skip
 def test_cli_absurd_sizes_and_contexts_are_one_line(args: list[str], line: str):
@@ -203,3 +212,17 @@ def test_cli_overlong_gguf_path_is_one_line(tmp_path: Path, command: str):
     assert line.startswith(f"CatalogError: {path[:40]}...")
     assert line.endswith(f"aaaa.gguf ({len(path)} characters): cannot be read as a path (File name too long)")
     assert len(line) < 200
+
+
+def test_cli_plan_for_a_named_gpu_predicts_its_speed_from_the_chip_table():
+    """--vram with --gpu-name: a plan for another machine predicts from that chip's figures; unnamed, it cannot."""
+    base = ["plan", "--vram", "24GiB", "--ctx", "4096", "--no-engine", "--json"]
+    code, out, err = run(*base, "--gpu-name", "RTX 4090")
+    assert code == 0, err
+    named = json.loads(out)["chosen"]["speed"]
+    code, out, err = run(*base, "--gpu-name", "RTX 3060")
+    slower = json.loads(out)["chosen"]["speed"]
+    code, out, err = run(*base)
+    unnamed = json.loads(out)["chosen"]["speed"]
+    assert named["tg_per_s"] > slower["tg_per_s"] > 0  # 1008 GB/s against 360: the same plan, another chip
+    assert unnamed is None  # a described GPU with no name has no figures: unknown, never guessed

@@ -52,8 +52,45 @@ def test_hw_contradictory_description_is_a_usage_error():
     result = invoke("--doctor", "--vram", "12GiB")
     assert result.exit_code == 2
     assert last_line(result.output) == (
-        "Error: --doctor reads this machine; it cannot be combined with --vram, --ram or --unified"
+        "Error: --doctor reads this machine; it cannot be combined with --vram, --ram, --unified or --gpu-name"
     )
+
+
+def test_hw_names_described_gpus_from_the_chip_table_and_shows_their_speed_figures():
+    result = invoke("--vram", "24GiB,16GiB", "--gpu-name", "RTX 4090,rx 7900 xtx", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [(d["name"], d["kind"]) for d in data["devices"]] == [
+        ("NVIDIA GeForce RTX 4090", "cuda"),
+        ("AMD Radeon RX 7900 XTX", "rocm"),
+    ]
+    assert data["speed"]["GPU0"]["bandwidth_bytes_per_s"] == 1008e9 and data["speed"]["GPU0"]["source"] == "table"
+    assert data["speed"]["GPU1"]["backend"] == "rocm"
+    assert "CPU" not in data["speed"]  # a described host has no figures unless a profile gives them
+    result = invoke("--unified", "36GiB", "--gpu-name", "M3 Max (30-core GPU)")
+    assert result.exit_code == 0, result.output
+    assert "GPU0: 300.0 GB/s memory" in result.output and "(the chip table)" in result.output
+    result = invoke("--vram", "24GiB")  # no name: the plan cannot know its speed, and says how to give it
+    assert "GPU0: GPU 0 (described): unknown (not in the chip table" in " ".join(result.output.split())
+
+
+def test_hw_gpu_name_errors_name_the_choices():
+    result = invoke("--vram", "24GiB", "--gpu-name", "M3 Max")
+    assert result.exit_code == 2
+    assert "matches 2 chips (Apple M3 Max (30-core GPU); Apple M3 Max (40-core GPU)); name one of them" in result.output
+    result = invoke("--vram", "24GiB", "--gpu-name", "RTX 9999")
+    assert result.exit_code == 2
+    assert "GPU name 'RTX 9999' is not in the chip table (known: NVIDIA GeForce RTX 3060;" in result.output
+    result = invoke("--vram", "8GiB,8GiB", "--gpu-name", "4090,3090,3060")
+    assert result.exit_code == 2
+    assert last_line(result.output) == (
+        "Error: 3 GPU names for 2 described GPUs; give one name for all, or one per GPU size"
+    )
+    result = invoke("--gpu-name", "4090")
+    assert result.exit_code == 2
+    assert last_line(result.output) == "Error: GPU names describe GPUs: give their memory too (vram or unified)"
+    result = invoke("--vram", "8GiB", "--gpu-name", "4090,")
+    assert result.exit_code == 2 and "has an empty item" in result.output
 
 
 def test_hw_describes_two_gpus_as_json():

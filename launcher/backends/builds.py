@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.version import llama_cpp_python_version as installed_version
+
 ENV_ROOT = "FITQUANT_LLAMA_CPP_BUILDS"
 VARIANTS = ("cpu", "cuda", "metal", "rocm", "vulkan")
 BINARIES = ("llama-server", "ggml-rpc-server")  # a complete build has both
@@ -74,16 +76,6 @@ def build_name(version: str, variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     return f"{version}-{variant}"
-
-
-def installed_version() -> str | None:
-    """The version of llama-cpp-python installed beside fitquant, or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        return None
 
 
 def read_build(path: Path) -> Build | None:

@@ -82,7 +82,10 @@ def estimate(
     from launcher.plan import budgets_for, layer_split
 
     facts = read_model_facts(model)
-    machine = resolve_machine(vram=vram, unified=unified)
+    try:
+        machine = resolve_machine(vram=vram, unified=unified)
+    except ValueError as exc:  # a described machine that cannot be: --vram and --unified together
+        raise click.UsageError(str(exc)) from None
     gpus = layer_split(budgets_for(machine.devices, ram_available_bytes=None, reserve_bytes=reserve))
     settings = default_settings(
         facts, has_gpu=bool(gpus), n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, flash_attn=flash_attn,

@@ -37,6 +37,18 @@ def vram_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     return _parsed(parse_vram_list, value)
 
 
+def gpu_names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    """--gpu-name 'RTX 4090' or 'RTX 4090,RTX 3090': the chip table's name of each described GPU."""
+    from launcher.speed import table_gpu
+
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",")]
+    if not all(items):
+        raise click.BadParameter(f"{value!r} has an empty item; write one name, or one per GPU: 'RTX 4090,RTX 3090'")
+    return [name for item in items if (name := _parsed(table_gpu, item))]
+
+
 def byte_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     """--ram 64GiB, --unified 32GiB: a positive size in bytes."""
     from launcher.units import parse_bytes
@@ -99,6 +111,14 @@ def gpu_options(func: F) -> F:
         click.option("--vram", callback=vram_sizes, help="Describe GPUs instead of probing: 12GiB, or 24GiB,24GiB."),
         click.option("--unified", callback=byte_size, help="Describe an Apple Silicon Mac's unified memory: 32GiB."),
     ])  # fmt: skip
+
+
+def gpu_name_option(func: F) -> F:
+    """--gpu-name: which chips the described GPUs are, for the speed figures a plan predicts from."""
+    return click.option("--gpu-name", "gpu_name", callback=gpu_names,
+                        help="Name the described GPUs, for their speed figures: 'RTX 4090', one per --vram size "
+                             "('RTX 4090,RTX 3090'), or a Mac's chip with --unified ('M3 Max (40-core GPU)')."
+                        )(func)  # fmt: skip
 
 
 def ram_option(func: F) -> F:

@@ -17,6 +17,7 @@ from launcher.defaults import DEFAULT_PLAN_CONTEXT, DEFAULT_SERVER_PORT
 @options.kv_options
 @options.parallel_option("Parallel sequences (slots); the context is shared between them.")
 @options.gpu_options
+@options.gpu_name_option
 @options.ram_option
 @options.reserve_option
 @click.option(
@@ -48,6 +49,7 @@ def plan(
     vram: list[int] | None,
     ram: int | None,
     unified: int | None,
+    gpu_name: list[str] | None,
     reserve: int,
     min_quant: str | None,
     strict: bool,
@@ -81,7 +83,10 @@ def plan(
         from launcher.run import choose_backend, run_machine
 
         lister = choose_backend("llamacpp", rpc=rpc) if rpc and vram is None else None
-        machine, _ = run_machine(lister, vram=vram, ram=ram, unified=unified, rpc=rpc)
+        try:
+            machine, _ = run_machine(lister, vram=vram, ram=ram, unified=unified, rpc=rpc, gpu_names=gpu_name)
+        except ValueError as exc:  # a described machine that cannot be: --vram and --unified together, ...
+            raise click.UsageError(str(exc)) from None
     else:
         from launcher.cli.profile import with_profile
 

@@ -139,9 +139,13 @@ def with_profile(
     profile = load_profile(find_profile(ref))
     rpc = tuple(profile.rpc)
     machine = None
-    if any(_given(ctx, flag) for flag in ("vram", "ram", "unified")):
+    if any(_given(ctx, flag) for flag in ("vram", "ram", "unified", "gpu_name")):
         p = ctx.params
-        machine = resolve_machine(vram=p.get("vram"), ram=p.get("ram"), unified=p.get("unified"))
+        try:
+            machine = resolve_machine(vram=p.get("vram"), ram=p.get("ram"), unified=p.get("unified"),
+                                      gpu_names=p.get("gpu_name"))  # fmt: skip
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     elif rpc and profile.devices is None:
         from launcher.run import choose_backend, run_machine
 

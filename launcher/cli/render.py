@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from launcher.estimate import MemoryEstimate
     from launcher.hardware import HardwareSnapshot
     from launcher.model import ModelFacts
@@ -31,7 +33,7 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def render_hardware(snapshot: HardwareSnapshot) -> None:
+def render_hardware(snapshot: HardwareSnapshot, speed: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -77,8 +79,32 @@ def render_hardware(snapshot: HardwareSnapshot) -> None:
         console.print(f"llama-cpp-python GPU offload: {offload[snapshot.backends.llama_cpp_gpu_offload]}")
         ollama = snapshot.backends.ollama
         console.print(f"Ollama: {ollama.version} at {ollama.url}" if ollama else "Ollama: not answering")
+    if speed:
+        console.print("Speed figures (what predicted tokens/s start from):")
+        for name, figures in speed.items():
+            console.print(f"  {name}: {escape(_speed_line(figures))}")
     for note in snapshot.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+SOURCES = {
+    "NVML": "the driver's clocks and bus (NVML)",
+    "profile": "the profile",
+    "table": "the chip table",
+    "measured": "measured on this host, cached",
+}
+
+
+def _speed_line(figures: Mapping[str, Any]) -> str:
+    """'1008 GB/s memory, 165.2 TFLOPS FP16 (the chip table)', or why a GPU has none."""
+    bandwidth, flops = figures.get("bandwidth_bytes_per_s"), figures.get("flops")
+    if not bandwidth:
+        return (f"{figures.get('name') or '?'}: unknown (not in the chip table; a profile's device can give "
+                "'bandwidth' and 'flops')")  # fmt: skip
+    precision = str(figures.get("flops_precision", "")).upper()
+    compute = f"{flops / 1e12:.1f} TFLOPS {precision}" if flops and flops >= 1e12 else (
+        f"{flops / 1e9:.0f} GFLOPS {precision}" if flops else "FLOPS unknown")  # fmt: skip
+    return f"{bandwidth / 1e9:.1f} GB/s memory, {compute} ({SOURCES.get(figures.get('source') or '', '?')})"
 
 
 def render_facts(facts: ModelFacts, data: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ def _say(text: str) -> None:
 @options.kv_options
 @options.parallel_option("Parallel sequences (slots); the context is shared between them.")
 @options.gpu_options
+@options.gpu_name_option
 @options.ram_option
 @options.reserve_option
 @click.option("--min-quant", callback=options.quality_floor, help="Quality floor, e.g. Q4_K_M (default: by size).")
@@ -85,6 +86,7 @@ def run(
     vram: list[int] | None,
     ram: int | None,
     unified: int | None,
+    gpu_name: list[str] | None,
     reserve: int,
     min_quant: str | None,
     strict: bool,
@@ -122,8 +124,11 @@ def run(
     try:
         request = LaunchRequest(host=host, port=port, api_key=read_api_key(api_key_file), rpc=rpc,
                                 ready_timeout_s=ready_timeout)  # fmt: skip
-        backend, machine, _ = backend_and_machine(backend_name, llama_server=llama_server, rpc=rpc, vram=vram,
-                                                  ram=ram, unified=unified)  # fmt: skip
+        try:
+            backend, machine, _ = backend_and_machine(backend_name, llama_server=llama_server, rpc=rpc, vram=vram,
+                                                      ram=ram, unified=unified, gpu_names=gpu_name)  # fmt: skip
+        except ValueError as exc:  # a described machine that cannot be: --vram and --unified together, ...
+            raise click.UsageError(str(exc)) from None
         policy = Policy(n_ctx=n_ctx, type_k=kv_k or kv, type_v=kv_v or kv, n_parallel=n_parallel,
                         reserve_bytes=reserve, min_quant=min_quant, strict=strict, vision=vision,
                         min_tg_per_s=min_speed, prefer=prefer)  # fmt: skip

@@ -203,10 +203,15 @@ def describe_machine(
     ram: int | None = None,
     unified: int | None = None,
     kind: DeviceKind = "cuda",
+    gpu_names: Sequence[str] | None = None,
 ) -> HardwareSnapshot:
     """A snapshot of a machine described by numbers: discrete GPUs (`vram`, one size each), host `ram`,
-    or an Apple-style `unified` memory size. All memory is taken to be free. Raises ValueError.
+    or an Apple-style `unified` memory size. All memory is taken to be free. `gpu_names`: the chips the GPUs are
+    (one for all, or one per GPU), by their names in the speed table (launcher.speed.table_gpu), so that a plan
+    for this machine predicts speed from that chip's figures. Raises ValueError.
     """
+    if gpu_names and not vram and unified is None:
+        raise ValueError("GPU names describe GPUs: give their memory too (vram or unified)")
     if vram is None and ram is None and unified is None:
         raise ValueError("describe at least one of vram, ram or unified memory")
     if unified is not None and vram:
@@ -216,6 +221,11 @@ def describe_machine(
     for name, value in (("ram", ram), ("unified", unified), *(("vram", size) for size in vram or ())):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    n_gpus = 1 if unified is not None else len(vram or ())
+    if gpu_names and len(gpu_names) not in (1, n_gpus):
+        raise ValueError(f"{len(gpu_names)} GPU names for {n_gpus} described GPUs; give one name for all, or one per "
+                         "GPU size")  # fmt: skip
+    names = [gpu_names[min(i, len(gpu_names) - 1)] for i in range(n_gpus)] if gpu_names else []
     devices: list[Device] = []
     notes = ["described machine: sizes as given, all memory taken to be free"]
     if unified is not None:
@@ -225,7 +235,7 @@ def describe_machine(
             Device(
                 kind="metal",
                 index=0,
-                name="Apple GPU (described)",
+                name=names[0] if names else "Apple GPU (described)",
                 total_bytes=working_set,
                 free_bytes=working_set,
                 used_bytes=0,
@@ -237,9 +247,9 @@ def describe_machine(
     for index, size in enumerate(vram or ()):
         devices.append(
             Device(
-                kind=kind,
+                kind="rocm" if kind == "cuda" and names and names[index].startswith("AMD ") else kind,
                 index=index,
-                name=f"GPU {index} (described)",
+                name=names[index] if names else f"GPU {index} (described)",
                 total_bytes=size,
                 free_bytes=size,
                 used_bytes=0,
@@ -260,14 +270,18 @@ def resolve_machine(
     vram: str | Sequence[int] | None = None,
     ram: str | int | None = None,
     unified: str | int | None = None,
+    gpu_names: Sequence[str] | None = None,
     **detect: Any,
 ) -> HardwareSnapshot:
     """The machine a command plans for: described when any of vram/ram/unified is given (as bytes or as
     text like '24GiB,24GiB'), else detected with `detect_hardware(**detect)`. Raises ValueError on bad text.
     """
     if vram is None and ram is None and unified is None:
+        if gpu_names:
+            raise ValueError("GPU names describe GPUs: give their memory too (vram or unified)")
         return detect_hardware(**detect)
     return describe_machine(
+        gpu_names=gpu_names,
         vram=parse_vram_list(vram) if isinstance(vram, str) else vram,
         ram=parse_bytes(ram) if isinstance(ram, str) else ram,
         unified=parse_bytes(unified) if isinstance(unified, str) else unified,
