@@ -10,8 +10,16 @@ of data/speed.json, never guessed. Bytes read per token: every block weight on t
 used / total), the output layer where it lives, no token embeddings (one row is read), and the KV cache at the
 depth (a sliding-window layer reads at most its window).
 
+Where a backend's published rows show its mat-vec kernel for K-quants (and i-quants) slower than memory (Apple's
+M1 Max decodes Llama-3-8B Q4_K_M at 153 GB/s where its Q4_0 and F16 reach 230-280), such a weight also costs
+`kquant_ops` FLOPs over the device's FLOPS, fitted on those rows, and a device's read takes the longer of the two:
+
+    seconds on device i = max(bytes_read_i / (η · bandwidth_i), K-quant weights_i x kquant_ops / FLOPS_i)
+
 Prefill is compute-bound: 2 x active parameters FLOPs per token over the device's FLOPS, times a slope, plus a fixed
-cost per token (dequantizing, launches), per backend, fitted the same way. The output layer is left out: a prompt's
+cost per token (dequantizing, launches), per backend, fitted the same way; float weights (F16, BF16, F32) have their
+own slope where a backend has published float rows (CUDA multiplies them on the FP16 tensor cores directly, with no
+dequantizing: Llama-3-8B F16 prefills 1.1-1.3x as fast as its Q4_K_M). The output layer is left out: a prompt's
 logits are computed for its last token only.
 
 Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and cached position (a sliding-window layer
@@ -137,17 +145,27 @@ def table_gpu(text: str) -> str:
 
 def published_rows() -> list[dict[str, Any]]:
     """The published llama-bench rows the constants are fitted on, each with its bytes read per decoded token, the
-    parameters a prompt token multiplies by (no token embeddings, no output layer: logits for the last token only)
-    and its attention FLOPs per cached position. A tied output layer is the token embedding read in full."""
-    rows = []
-    for row in _data()["rows"]:
-        tied = bool(row.get("tied"))
-        embd_bytes = row["embd_params"] * row["embd_bytes_per_param"]
-        read = row["size_gib"] * GiB - (0 if tied else embd_bytes)
-        prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
-        attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
-        rows.append({**row, "bytes_per_token": read, "active_params": prompt_params, "attention_flops": attention})
-    return rows
+    parameters a prompt token multiplies by (no token embeddings, no output layer: logits for the last token only),
+    the weights a decoded token multiplies by (the output layer's included) and its attention FLOPs per cached
+    position. A tied output layer is the token embedding read in full."""
+    return [_with_counts(row) for row in _data()["rows"]]
+
+
+def validation_rows() -> list[dict[str, Any]]:
+    """Published llama-bench rows held out: never fitted on, predicted as the fitted ones are (a `suspect` row says
+    why it is not held to the same bound)."""
+    return [_with_counts(row) for row in _data().get("validation", [])]
+
+
+def _with_counts(row: Mapping[str, Any]) -> dict[str, Any]:
+    tied = bool(row.get("tied"))
+    embd_bytes = row["embd_params"] * row["embd_bytes_per_param"]
+    read = row["size_gib"] * GiB - (0 if tied else embd_bytes)
+    prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
+    decode_params = row["params"] - (0 if tied else row["embd_params"])
+    attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
+    return {**row, "bytes_per_token": read, "active_params": prompt_params, "decode_params": decode_params,
+            "attention_flops": attention, "weights": _row_weights(row)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,13 +179,34 @@ class Fit:
     pp_slope: float | None
     pp_t0_s: float
     attention_eff: float | None = None
+    # float weights' prefill (None: as quantized ones) and a K-quant weight's FLOPs in decode (None: bound by memory)
+    pp_slope_float: float | None = None
+    pp_t0_float_s: float = 0.0
+    kquant_ops: float | None = None
 
 
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
 # The prediction's form: a run's measured / predicted ratios hold for the predictions they were measured against,
 # so a record of another form does not calibrate this one (raised whenever what a prediction counts changes).
 # 3: a CPU's attention at the host's measured flash-attention rate (launcher.measure.attention)
-MODEL_VERSION = 3
+# 4: float weights' own prefill slope; a K-quant compute floor in decode where a backend's rows show one
+MODEL_VERSION = 4
+FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
+
+
+def is_kquant(type_name: str) -> bool:
+    """A K-quant or i-quant ggml type (Q2_K..Q6_K, IQ*): a super-block of sub-block scales to unpack per weight (the
+    i-quants, with no published row of their own, are priced as K-quants)."""
+    name = type_name.upper()
+    return name.startswith("IQ") or bool(re.fullmatch(r"Q[2-8]_K", name))
+
+
+def _row_weights(row: Mapping[str, Any]) -> str:
+    """A published row's weights: 'float', 'kquant' or 'quant', by its model's quant label ("Llama-3-8B Q4_K_M")."""
+    label = row["model"].rsplit(" ", 1)[-1].upper()
+    if label in FLOAT_WEIGHTS:
+        return "float"
+    return "kquant" if is_kquant(re.sub(r"_(XXS|XS|S|M|L|NL)$", "", label)) else "quant"
 
 
 @functools.cache
@@ -178,13 +217,18 @@ def fitted(backend: str) -> Fit:
     attention efficiency comes first, from each row measured at two depths (pp512 and pp4096: the same matmuls, more
     attention), and prefill's fit takes the attention out of each row."""
     table = device_table()
-    rows = [r for r in published_rows() if r["device"] in table]
+    bound = set(_data().get("kquant_compute_bound", {}))
+    every = [r for r in published_rows() if r["device"] in table]
+    # a K-quant row of a backend whose K-quant kernel is compute-bound fits that kernel's cost, nothing else
+    rows = [r for r in every if not (r["backend"] in bound and r["weights"] == "kquant")]
     backends = {r["backend"] for r in rows}
     attention_of = {b: _fit_attention([r for r in rows if r["backend"] == b], table) for b in backends}
     attention = attention_of.get(backend)
 
-    def fit(points_of: Any, usable: Any) -> tuple[float, float] | None:
+    def fit(points_of: Any, usable: Any, *, own_only: bool = False) -> tuple[float, float] | None:
         own = [r for r in rows if r["backend"] == backend and usable(r)]
+        if own_only and len(own) < 2:
+            return None
         pool = own if len(own) >= 2 else [r for r in rows if r["backend"] != "cpu" and usable(r)]
         if backend == "cpu" and len(own) < 2:
             pool = own
@@ -207,9 +251,26 @@ def fitted(backend: str) -> Fit:
 
     decode = fit(lambda r: (r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]),
                  lambda r: True)  # fmt: skip
-    prefill = fit(prefill_point, lambda r: bool(r.get("pp")) and bool(table[r["device"]].flops))
     assert decode is not None, f"no published decode row for {backend}"
-    return Fit(1 / decode[0], decode[1], prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention)
+    eta, t0 = 1 / decode[0], decode[1]
+
+    def prefillable(r: Mapping[str, Any]) -> bool:
+        return bool(r.get("pp")) and bool(table[r["device"]].flops)
+
+    # float weights' own slope only from a backend's own float rows (two at least): how much faster its float
+    # matmuls run than its quantized ones is the backend's, not a pool's
+    prefill_float = fit(prefill_point, lambda r: prefillable(r) and r["weights"] == "float", own_only=True)
+    prefill = fit(prefill_point, lambda r: prefillable(r) and (prefill_float is None or r["weights"] != "float"))
+    from statistics import median
+
+    kquant_ops = None
+    if backend in bound:  # each K-quant row's decode beyond the fixed cost, as FLOPs per weight it multiplies by
+        found = [(1 / r["tg"] - t0) * (table[r["device"]].flops or 0) / r["decode_params"]
+                 for r in every if r["backend"] == backend and r["weights"] == "kquant"]  # fmt: skip
+        kquant_ops = median(found) if found and min(found) > 0 else None
+    return Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
+               pp_slope_float=prefill_float[0] if prefill_float else None,
+               pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops)  # fmt: skip
 
 
 def _fit_attention(rows: list[Mapping[str, Any]], table: Mapping[str, DeviceSpeed]) -> float | None:
@@ -253,12 +314,18 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int = PP_TOKENS) -> S
     empty context, prefill of `n_prompt` tokens from an empty one."""
     device = device_table()[row["device"]]
     fit = fitted(device.backend)
-    tg = 1 / (row["bytes_per_token"] / (fit.eta * device.bandwidth_bytes_per_s) + fit.t0_s)
+    reads = row["bytes_per_token"] / (fit.eta * device.bandwidth_bytes_per_s)
+    if fit.kquant_ops and device.flops and row["weights"] == "kquant":
+        reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
+    tg = 1 / (reads + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
-        seconds = fit.pp_slope * 2 * row["active_params"] / device.flops + fit.pp_t0_s
+        slope, fixed = fit.pp_slope, fit.pp_t0_s
+        if row["weights"] == "float" and fit.pp_slope_float is not None:
+            slope, fixed = fit.pp_slope_float, fit.pp_t0_float_s
+        seconds = slope * 2 * row["active_params"] / device.flops + fixed
         positions = n_prompt / 2
-        eff = fit.attention_eff if fit.attention_eff else 1 / fit.pp_slope
+        eff = fit.attention_eff if fit.attention_eff else 1 / slope
         seconds += row["attention_flops"] * positions / (eff * device.flops)
         pp = 1 / seconds
     return Speed(tg, pp)
@@ -378,6 +445,49 @@ def active_params(option: Option) -> float:
     return max(0.0, blocks / per_param)
 
 
+def float_share(option: Option) -> float:
+    """The share of a prompt token's block parameters stored as floats (F16, BF16, F32): their matmuls take the
+    backend's float prefill slope. 0 where the tensors' types are unknown."""
+    facts = option.facts
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    total = floats = 0.0
+    for name, shape in facts.tensor_shapes.items():
+        if not name.startswith("blk.") or len(shape) < 2:  # norms and biases: no matmul
+            continue
+        elements = math.prod(shape) * (share if "_exps" in name else 1.0)
+        total += elements
+        if facts.tensor_types_by_name.get(name, ("", 0))[0].upper() in FLOAT_WEIGHTS:
+            floats += elements
+    return floats / total if total else 0.0
+
+
+def kquant_weights_per_token(option: Option) -> dict[str, float]:
+    """K-quant (and i-quant) weights a decoded token multiplies by, per device of the option's estimate: the blocks'
+    (MoE routed experts x used / total) where their layers sit, the output layer's where it lives (bytes_per_token's
+    placement). Empty where the tensors' types are unknown. Pure."""
+    facts, est = option.facts, option.estimate
+    types = facts.tensor_types_by_name
+    if not types or not facts.tensor_shapes:
+        return {}
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    device_of = _device_of_layers(option)
+    out: dict[str, float] = {}
+    for name, shape in facts.tensor_shapes.items():
+        if not is_kquant(types.get(name, ("", 0))[0]):
+            continue
+        elements = float(math.prod(shape))
+        if name.startswith("blk."):
+            index = name.split(".", 2)[1]
+            expert = "_exps" in name
+            device = "CPU" if expert and option.cpu_moe else device_of.get(int(index) if index.isdigit() else -1, "CPU")
+            out[device] = out.get(device, 0.0) + elements * (share if expert else 1.0)
+        elif name == "output.weight" or (name == "token_embd.weight" and facts.output_tied):
+            gpus = [d.name for d in est.devices if d.name != "CPU" and d.layers]
+            device = gpus[-1] if gpus and option.n_gpu_layers > facts.n_layer else "CPU"
+            out[device] = out.get(device, 0.0) + elements
+    return out
+
+
 @dataclass(frozen=True)
 class Times:
     """Predicted seconds per token by part, before calibration: decode's reads and fixed cost, decode's attention
@@ -403,6 +513,7 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
     decode_layers = _attention_layers(option, depth)
+    kquant = kquant_weights_per_token(option)
     seconds = attention_s = t0 = 0.0
     used = []
     for name, nbytes in per_device.items():
@@ -412,7 +523,10 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         if device is None:
             return None
         fit = fitted(device.backend)
-        seconds += nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+        reads = nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+        if fit.kquant_ops and device.flops and kquant.get(name):
+            reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
+        seconds += reads
         if fit.attention_eff or (fused and device.attention_rates):
             mine = [layer for layer in decode_layers if layer[0] == name]
             attention_s += _attention_s(mine, devices, "decode" if fused else None, types, fit.attention_eff)
@@ -430,7 +544,9 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     params = active_params(option)
     as_decode = settings.type_k != settings.type_v or settings.type_k not in ("f16", "f32")
     if main.flops and fit.pp_slope is not None and params:
-        prefill_s = fit.pp_slope * 2 * params / main.flops + fit.pp_t0_s
+        floats = float_share(option) if fit.pp_slope_float is not None else 0.0
+        slope = fit.pp_slope + floats * ((fit.pp_slope_float or fit.pp_slope) - fit.pp_slope)
+        prefill_s = slope * 2 * params / main.flops + (fit.pp_t0_float_s if floats > 0.5 else fit.pp_t0_s)
         prompt_layers = _attention_layers(option, depth + n_prompt / 2)
         flops = sum(layer[2] for layer in prompt_layers)
         if (fit.attention_eff or main.attention_rates) and fused:

@@ -39,23 +39,43 @@ CTX = 4096  # every depth plus the prompt or the generated tokens fits
 
 
 def published() -> None:
-    from launcher.speed import llmfit_published, predict_published, published_rows
+    """Published llama-bench rows: the ones the constants are fitted on, then held-out ones they never saw."""
+    from launcher.speed import llmfit_published, predict_published, published_rows, validation_rows
 
-    print("| device | model | test | measured | predicted | error | llmfit | error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in published_rows():
-        s = predict_published(row)
-        peer = llmfit_published(row)
-        tg = s.tg_per_s or 0.0
-        print(f"| {row['device']} | {row['model']} | tg128 | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
-              f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
-        if row.get("pp"):
-            pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
-            print(f"| {row['device']} | {row['model']} | pp512 | {row['pp']} | {pp} | - | - |")
-        for deep in row.get("deep", ()):
-            d = predict_published(row, n_prompt=deep["n_prompt"])
-            pp = f"{d.pp_per_s:.1f} | {d.pp_per_s / deep['t_per_s'] - 1:+.0%}" if d.pp_per_s else "- | -"
-            print(f"| {row['device']} | {row['model']} | pp{deep['n_prompt']} | {deep['t_per_s']} | {pp} | - | - |")
+    print("| rows | device | model | test | measured | predicted | error | llmfit | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    misses: dict[str, list[float]] = {"fitted": [], "held out": []}
+    notes = []
+    for kind, rows in (("fitted", published_rows()), ("held out", validation_rows())):
+        for row in rows:
+            s = predict_published(row)
+            peer = llmfit_published(row)
+            tg = s.tg_per_s or 0.0
+            name = f"{kind} | {row['device']} | {row['model']}" + (" (suspect)" if row.get("suspect") else "")
+            test = "tg512" if "tg512" in row.get("source", "") else "tg128"
+            print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
+                  f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
+            errors = [tg / row["tg"] - 1]
+            if row.get("pp"):
+                pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
+                print(f"| {name} | pp512 | {row['pp']} | {pp} | - | - |")
+                errors.append((s.pp_per_s or 0.0) / row["pp"] - 1)
+            for deep in row.get("deep", ()):
+                d = predict_published(row, n_prompt=deep["n_prompt"])
+                pp = f"{d.pp_per_s:.1f} | {d.pp_per_s / deep['t_per_s'] - 1:+.0%}" if d.pp_per_s else "- | -"
+                print(f"| {name} | pp{deep['n_prompt']} | {deep['t_per_s']} | {pp} | - | - |")
+                errors.append((d.pp_per_s or 0.0) / deep["t_per_s"] - 1)
+            if row.get("suspect"):
+                notes.append(f"suspect: {row['device']} {row['model']}: {row['suspect']}")
+            else:
+                misses[kind] += errors
+    print()
+    for kind, errors in misses.items():
+        within = sum(abs(e) <= 0.25 for e in errors)
+        worst = max((abs(e) for e in errors), default=0.0)
+        print(f"{kind}: {within}/{len(errors)} figures within 25%, worst {worst:.0%} (suspect rows left out)")
+    for note in notes:
+        print(note)
 
 
 # -- this machine ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ from launcher.speed import (
     attention_flops,
     bytes_per_token,
     fitted,
+    float_share,
+    is_kquant,
+    kquant_weights_per_token,
     llmfit_published,
     measured_speed,
     predict,
@@ -29,6 +32,7 @@ from launcher.speed import (
     rates,
     solve_ratios,
     times,
+    validation_rows,
 )
 
 GiB = 1024**3
@@ -41,6 +45,74 @@ def test_published_rows_are_predicted_within_a_quarter(row: dict) -> None:
     assert speed.tg_per_s is not None and abs(speed.tg_per_s / row["tg"] - 1) <= 0.25, (speed, row)
     if row.get("pp") and speed.pp_per_s is not None:
         assert abs(speed.pp_per_s / row["pp"] - 1) <= 0.25, (speed, row)
+
+
+@pytest.mark.parametrize("row", [r for r in validation_rows() if not r.get("suspect")],
+                         ids=lambda r: f"{r['device']} {r['model']}")  # fmt: skip
+def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> None:
+    """Rows the constants never saw (data/speed.json `validation`): the same bound as the fitted ones. Prefill of a
+    70B K-quant on an M1 Max is the one miss: it runs 18% slower per weight than the 8B's, and no published row
+    separates why."""
+    speed = predict_published(row)
+    assert speed.tg_per_s is not None and abs(speed.tg_per_s / row["tg"] - 1) <= 0.25, (speed, row)
+    assert speed.pp_per_s is not None
+    if row["device"] == "Apple M1 Max" and row["model"] == "Llama-3-70B Q4_K_M":
+        assert 0.25 < speed.pp_per_s / row["pp"] - 1 < 0.40  # the known miss, measured (it fails if it moves)
+        return
+    assert abs(speed.pp_per_s / row["pp"] - 1) <= 0.25, (speed, row)
+
+
+def test_the_held_out_rows_are_not_fitted_on() -> None:
+    fitted_keys = {(r["device"], r["model"]) for r in published_rows()}
+    assert validation_rows() and not fitted_keys & {(r["device"], r["model"]) for r in validation_rows()}
+    assert all(r.get("url", "").startswith("https://github.com/") for r in validation_rows())
+    # a row not held to the bound says why (printed by scripts/bench_speed.py beside the others)
+    assert all(len(r["suspect"]) > 40 for r in validation_rows() if "suspect" in r)
+
+
+def test_a_kquant_on_metal_is_priced_by_its_kernels_arithmetic_where_that_is_slower_than_memory() -> None:
+    """M1 Max reads Q4_K_M at 153 GB/s where Q4_0 reaches 233: fitted as FLOPs per K-quant weight, on Metal only."""
+    metal = fitted("metal")
+    assert metal.kquant_ops is not None and 10 < metal.kquant_ops < 100
+    assert fitted("cuda").kquant_ops is None and fitted("cpu").kquant_ops is None  # their rows show no such floor
+    assert is_kquant("Q4_K") and is_kquant("q6_k") and is_kquant("IQ4_XS") and not is_kquant("Q4_0")
+    assert not is_kquant("Q8_0") and not is_kquant("F16")
+
+
+def test_float_weights_prefill_at_their_own_slope_on_cuda() -> None:
+    """CUDA multiplies F16 weights on the tensor cores with no dequantizing: its F16 rows prefill faster per FLOP."""
+    cuda = fitted("cuda")
+    assert cuda.pp_slope is not None and cuda.pp_slope_float is not None and cuda.pp_slope_float < cuda.pp_slope
+    assert fitted("metal").pp_slope_float is None  # no published float row of its own: not borrowed from CUDA
+
+
+def test_a_metal_plans_kquant_decode_is_bound_by_the_kernel_and_its_legacy_quant_by_memory(tmp_path: Path) -> None:
+    kquant = make_test_plan([tiny_candidate(tmp_path, "Q4_K_M", QT.Q4_K)]).chosen
+    legacy = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)]).chosen
+    assert kquant is not None and legacy is not None
+    weights = kquant_weights_per_token(kquant)
+    blocks = sum(math.prod(s) for n, s in kquant.facts.tensor_shapes.items()
+                 if n.startswith("blk.") and kquant.facts.tensor_types_by_name[n][0] == "Q4_K")  # fmt: skip
+    assert weights["GPU0"] >= blocks > 0 and kquant_weights_per_token(legacy) == {}
+    slow_alu = {"GPU0": DeviceSpeed(400e9, 1e12, "metal")}  # memory like an M1 Max's, a tenth of its arithmetic
+    k_times, l_times = times(kquant, slow_alu), times(legacy, slow_alu)
+    assert k_times is not None and l_times is not None
+    fit = fitted("metal")
+    assert k_times.decode_s == pytest.approx(weights["GPU0"] * fit.kquant_ops / 1e12 + fit.t0_s, rel=1e-6)
+    assert l_times.decode_s < k_times.decode_s  # twice the bytes, but read at memory speed
+    cuda = times(kquant, {"GPU0": DeviceSpeed(400e9, 1e12, "cuda")})
+    assert cuda is not None and cuda.decode_s < k_times.decode_s  # no floor where the rows show none
+
+
+def test_a_plans_float_share_is_its_float_matmul_weights(tmp_path: Path) -> None:
+    f16 = make_test_plan([tiny_candidate(tmp_path, "F16", QT.F16)]).chosen
+    q8 = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)]).chosen
+    assert f16 is not None and q8 is not None
+    assert float_share(f16) == pytest.approx(1.0) and float_share(q8) == 0.0
+    rtx = {"GPU0": DeviceSpeed(1008e9, 330e12, "cuda")}
+    f16_times, q8_times = times(f16, rtx), times(q8, rtx)
+    assert f16_times is not None and q8_times is not None and f16_times.prefill_s and q8_times.prefill_s
+    assert f16_times.prefill_s < q8_times.prefill_s  # the same parameters, the float slope
 
 
 def test_the_fit_beats_llmfits_formula_on_the_same_rows() -> None:
