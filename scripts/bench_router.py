@@ -11,11 +11,12 @@ llama-server called (or started) directly, measured in this process, interleaved
    router's p99 minus the direct p99 (a per-round difference's p99 also holds both requests' own noise: printed
    beside it, with the control's, which a path that adds nothing would show);
 2. streaming: the same streamed request (`ignore_eos`, so the token count is fixed), tokens/s counted over the
-   SSE content chunks from the first token to the last, through the router, direct, and direct again (an A/A
-   control), back to back in each round in every order in turn; the ratio is the median of the rounds' ratios, the
-   control's likewise, each with a bootstrap interval over the rounds; beside them the router's CPU time per chunk it
-   relayed and its share of one core while streaming (on a machine whose cores the model's server keeps busy, that
-   time is what the router takes from decoding);
+   SSE content chunks from the first token to the last, through the router, direct, direct again (an A/A
+   control) and through a bare byte relay (uvloop, no HTTP parsed: the least any Python relay pays here), back to
+   back in each round in every order in turn; the ratio is the median of the rounds' ratios, the control's and the
+   bare relay's likewise, each with a bootstrap interval over the rounds; beside them the router's and the bare
+   relay's CPU time per chunk relayed and the router's share of one core while streaming (on a machine whose cores
+   the model's server keeps busy, that time is what a relay takes from decoding);
 3. swap: a streamed request for the unloaded model (evict, load, verify with fitquant's warm-up request, first
    token) against the argv the router's server ran (read from its pid) started directly: until /health is 200,
    then the same request's first token.
@@ -170,9 +171,95 @@ def failing(client: httpx.Client, url: str) -> Iterator[None]:
 ORDERS = tuple(itertools.permutations(range(3)))
 
 
-def in_order(i: int, trio: list[Any]) -> list[Any]:
-    """Round `i`'s three runs in its order (ORDERS, cycled)."""
-    return [trio[k] for k in ORDERS[i % len(ORDERS)]]
+def in_order(i: int, runs: list[Any]) -> list[Any]:
+    """Round `i`'s runs in its order (every order of them in turn, cycled)."""
+    orders = ORDERS if len(runs) == 3 else tuple(itertools.permutations(range(len(runs))))
+    return [runs[k] for k in orders[i % len(orders)]]
+
+
+# A bare byte relay in front of the model's server: asyncio on uvloop as the router, the bytes passed on both ways as
+# they come and no HTTP parsed (HTTP/1.1's chunked stream goes through as it is). What it costs per streamed chunk is
+# the least any relay written in Python pays on this machine, measured beside the router's in the same rounds.
+BARE_RELAY = """
+import asyncio, sys, uvloop
+
+UPSTREAM = int(sys.argv[1])
+
+
+class Up(asyncio.Protocol):
+    def __init__(self, down):
+        self.down = down
+
+    def data_received(self, data):
+        self.down.write(data)
+
+    def connection_lost(self, exc):
+        self.down.close()
+
+
+class Down(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.up, self.early = transport, None, []
+        asyncio.ensure_future(self.connect())
+
+    async def connect(self):
+        try:
+            up, _ = await asyncio.get_running_loop().create_connection(
+                lambda: Up(self.transport), "127.0.0.1", UPSTREAM)
+        except OSError:
+            self.transport.close()
+            return
+        if self.transport.is_closing():
+            up.close()
+            return
+        self.up = up
+        for data in self.early:
+            up.write(data)
+
+    def data_received(self, data):
+        if self.up is None:
+            self.early.append(data)
+        else:
+            self.up.write(data)
+
+    def connection_lost(self, exc):
+        if self.up is not None:
+            self.up.close()
+
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+uvloop.run(main())
+"""
+
+
+@contextlib.contextmanager
+def bare_relay(url: str, pids: list[int]) -> Iterator[tuple[str, Any]]:
+    """BARE_RELAY in front of `url`'s server: the same URL through it, and its psutil.Process (stopped after)."""
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    parts = urlsplit(url)
+    proc = subprocess.Popen([sys.executable, "-c", BARE_RELAY, str(parts.port)], stdout=subprocess.PIPE, text=True)
+    pids.append(proc.pid)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline() or 0)
+        if not port:
+            raise SystemExit("bench_router: the bare relay did not start")
+        yield f"http://127.0.0.1:{port}{parts.path}", psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def median_interval(values: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
@@ -294,40 +381,45 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
             "control_pair_diff_p99_ms": quantile(control, 0.99) * 1e3,
         }  # fmt: skip
 
-        # 2. streamed tokens/s, same model, same request
+        # 2. streamed tokens/s, same model, same request: through the router, direct, direct again (the A/A
+        # control) and through a bare byte relay (what any relay pays here), four runs a round, back to back
         body = chat("small", max_tokens=args.tokens, stream=True)
-        r_tps: list[float] = []
-        d_tps: list[float] = []
-        a_tps: list[float] = []  # the A/A control: the same direct stream a second time in each round
+        tps: dict[str, list[float]] = {"r": [], "d": [], "a": [], "b": []}
         chunks: set[int] = set()
-        router_proc = psutil.Process(serve.proc.pid)
-        router_cpu = router_chunks = 0.0
-        for i in range(args.stream_runs):  # three runs a round, back to back, in every order in turn (ORDERS)
-            trio = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url)]
-            for kind, client, target in in_order(i, trio):
-                cpu_before = sum(router_proc.cpu_times()[:2])
-                s = streamed(client, target, body, fresh=True)
-                {"r": r_tps, "d": d_tps, "a": a_tps}[kind].append(s["tokens_per_s"])
-                chunks.add(int(s["chunks"]))
-                if kind == "r":
-                    router_cpu += sum(router_proc.cpu_times()[:2]) - cpu_before
-                    router_chunks += int(s["chunks"])
-        # the router's CPU time over its own streams (the request, the relay, and the few ms a second it spends idle,
-        # which it spends during the direct runs as well) per chunk it relayed: on 2 cores that time is taken from
-        # the model's server, which is what lowers tokens/s through the router
-        cpu_per_chunk = router_cpu / router_chunks
+        cpu = {"r": 0.0, "b": 0.0}
+        relayed = {"r": 0, "b": 0}
+        with bare_relay(url, pids) as (bare_url, bare_proc):
+            procs = {"r": psutil.Process(serve.proc.pid), "b": bare_proc}
+            for i in range(args.stream_runs):  # in every order in turn
+                runs = [("r", router, "/v1/chat/completions"), ("d", direct, url), ("a", direct, url),
+                        ("b", direct, bare_url)]  # fmt: skip
+                for kind, client, target in in_order(i, runs):
+                    cpu_before = sum(procs[kind].cpu_times()[:2]) if kind in procs else 0.0
+                    s = streamed(client, target, body, fresh=True)
+                    tps[kind].append(s["tokens_per_s"])
+                    chunks.add(int(s["chunks"]))
+                    if kind in procs:
+                        cpu[kind] += sum(procs[kind].cpu_times()[:2]) - cpu_before
+                        relayed[kind] += int(s["chunks"])
+        # a relay's CPU time over its own streams (the request, the relay, and the few ms a second it spends idle,
+        # which it spends during the other runs as well) per chunk it relayed: on 2 cores that time is taken from
+        # the model's server, which is what lowers tokens/s through a relay
+        cpu_per_chunk = cpu["r"] / relayed["r"]
         # the ratio of each round's runs, back to back, then their median: a slow spell of the machine (other
         # processes, the server's own variation run to run) falls on every run of a round, not on one path's median
-        ratios = [r / d for r, d in zip(r_tps, d_tps, strict=True)]
-        controls = [a / d for a, d in zip(a_tps, d_tps, strict=True)]
+        ratios = [r / d for r, d in zip(tps["r"], tps["d"], strict=True)]
+        controls = [a / d for a, d in zip(tps["a"], tps["d"], strict=True)]
+        bares = [b / d for b, d in zip(tps["b"], tps["d"], strict=True)]
         out["stream"] = {"runs": args.stream_runs, "tokens": args.tokens, "content_chunks": sorted(chunks),
-                         "router_tokens_per_s": statistics.median(r_tps),
-                         "direct_tokens_per_s": statistics.median(d_tps), "ratio": statistics.median(ratios),
+                         "router_tokens_per_s": statistics.median(tps["r"]),
+                         "direct_tokens_per_s": statistics.median(tps["d"]), "ratio": statistics.median(ratios),
                          "ratio_interval": median_interval(ratios), "control_ratio": statistics.median(controls),
                          "control_interval": median_interval(controls),
                          "router_cpu_per_chunk_us": cpu_per_chunk * 1e6,
                          # the router's CPU time per second of streaming: what it takes from a server using every core
-                         "router_core_share": cpu_per_chunk * statistics.median(r_tps)}  # fmt: skip
+                         "router_core_share": cpu_per_chunk * statistics.median(tps["r"]),
+                         "bare_ratio": statistics.median(bares), "bare_interval": median_interval(bares),
+                         "bare_cpu_per_chunk_us": cpu["b"] / relayed["b"] * 1e6}  # fmt: skip
 
         # 3. swap: gemma is not loaded; asking for it evicts the small model, loads, verifies, answers
         body = chat("gemma", max_tokens=4, stream=True)
@@ -391,6 +483,9 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("  90% interval of the control's median", "{:.3f} to {:.3f}".format(*st["control_interval"]), "", ""),
         ("  router CPU per relayed chunk", f"{st['router_cpu_per_chunk_us']:.0f} us", "", ""),
         ("  router CPU while streaming, of one core", f"{st['router_core_share'] * 100:.1f} %", "", ""),
+        ("  a bare byte relay (no HTTP) / direct", f"{st['bare_ratio']:.3f}", "", ""),
+        ("  90% interval of the bare relay's median", "{:.3f} to {:.3f}".format(*st["bare_interval"]), "", ""),
+        ("  bare relay CPU per relayed chunk", f"{st['bare_cpu_per_chunk_us']:.0f} us", "", ""),
         ("swap via router: request to first token", f"{sw['router_first_token_s']:.3f} s", "", ""),
         ("  of which: eviction of the other model", f"{sw['evict_s']:.3f} s", "", ""),
         ("  of which: load + verify (incl. warm-up)", f"{sw['load_verify_s']:.3f} s", "", ""),
@@ -475,7 +570,9 @@ def serving(args: argparse.Namespace) -> Iterator[tuple[Serve, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="latency: request pairs (router, direct)")
-    parser.add_argument("--stream-runs", type=int, default=48, help="streaming: rounds (router, direct, direct again)")
+    parser.add_argument(
+        "--stream-runs", type=int, default=48, help="streaming: rounds (router, direct, direct again, bare relay)"
+    )
     parser.add_argument("--swap-runs", type=int, default=3, help="swaps, each against a direct start")
     parser.add_argument("--tokens", type=int, default=128, help="streaming: tokens per run")
     parser.add_argument("--ctx", type=int, default=2048, help="context of both models")

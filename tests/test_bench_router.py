@@ -36,6 +36,9 @@ FIGURES = [
     "  90% interval of the control's median",
     "  router CPU per relayed chunk",
     "  router CPU while streaming, of one core",
+    "  a bare byte relay (no HTTP) / direct",
+    "  90% interval of the bare relay's median",
+    "  bare relay CPU per relayed chunk",
     "swap via router: request to first token",
     "same argv direct: start to /health 200",
     "same argv direct: start to first token",
@@ -68,8 +71,9 @@ def test_bench_router_reports_every_figure_with_a_verdict_and_stops_every_proces
     assert out["stream"]["content_chunks"] == [8], "ignore_eos: each run streams exactly --tokens content chunks"
     assert 0 < out["swap"]["direct_ready_s"] <= out["swap"]["direct_first_token_s"]
     assert out["swap"]["load_verify_s"] > 0 and out["swap"]["router_first_token_s"] > out["swap"]["load_verify_s"]
-    # serve, both model servers and the direct start: all started, all stopped
-    assert len(out["pids"]) >= 4
+    assert out["stream"]["bare_ratio"] > 0 and out["stream"]["bare_cpu_per_chunk_us"] >= 0
+    # serve, both model servers, the bare relay and the direct start: all started, all stopped
+    assert len(out["pids"]) >= 5
     assert [pid for pid in out["pids"] if not gone(pid)] == []
     # the printed table (without --json) is the same rows: figure | value | target | result
     lines = _script().render(out).splitlines()
