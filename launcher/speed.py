@@ -347,10 +347,16 @@ def _device_of_layers(option: Option) -> dict[int, str]:
     return {i: d.name for d in option.estimate.devices for i in d.layers}
 
 
+def _output_device(option: Option) -> str:
+    """Where the output layer runs: the last GPU holding layers when every layer is offloaded (llama.cpp's ngl counts
+    the output layer as one past the blocks), else the CPU."""
+    gpus = [d.name for d in option.estimate.devices if d.name != "CPU" and d.layers]
+    return gpus[-1] if gpus and option.n_gpu_layers > option.facts.n_layer else "CPU"
+
+
 def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
     """Bytes read per decoded token on each device of the option's estimate, at `depth` tokens of context. Pure."""
     facts, est = option.facts, option.estimate
-    n_layer = facts.n_layer
     share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
     device_of = _device_of_layers(option)
     out: dict[str, int] = {d.name: 0 for d in est.devices}
@@ -360,8 +366,7 @@ def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
         out[device] += dense
         experts_on = "CPU" if option.cpu_moe else device
         out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
-    gpus = [d.name for d in est.devices if d.name != "CPU" and d.layers]
-    output_device = gpus[-1] if gpus and option.n_gpu_layers > n_layer else "CPU"
+    output_device = _output_device(option)
     out[output_device] = out.get(output_device, 0) + facts.output_bytes
     for cache in est.kv_caches:
         cells = max(1, cache.cells)
@@ -465,7 +470,7 @@ def kquant_weights_per_token(option: Option) -> dict[str, float]:
     """K-quant (and i-quant) weights a decoded token multiplies by, per device of the option's estimate: the blocks'
     (MoE routed experts x used / total) where their layers sit, the output layer's where it lives (bytes_per_token's
     placement). Empty where the tensors' types are unknown. Pure."""
-    facts, est = option.facts, option.estimate
+    facts = option.facts
     types = facts.tensor_types_by_name
     if not types or not facts.tensor_shapes:
         return {}
@@ -482,8 +487,7 @@ def kquant_weights_per_token(option: Option) -> dict[str, float]:
             device = "CPU" if expert and option.cpu_moe else device_of.get(int(index) if index.isdigit() else -1, "CPU")
             out[device] = out.get(device, 0.0) + elements * (share if expert else 1.0)
         elif name == "output.weight" or (name == "token_embd.weight" and facts.output_tied):
-            gpus = [d.name for d in est.devices if d.name != "CPU" and d.layers]
-            device = gpus[-1] if gpus and option.n_gpu_layers > facts.n_layer else "CPU"
+            device = _output_device(option)
             out[device] = out.get(device, 0.0) + elements
     return out
 
