@@ -51,6 +51,7 @@ since a quantized cache's per-query loop runs at a fraction of the published (f1
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -141,6 +142,19 @@ def table_gpu(text: str) -> str:
         raise ValueError(f"GPU name {text!r} matches {len(found)} chips ({'; '.join(found)}); name one of them")
     raise ValueError(f"GPU name {text!r} is not in the chip table (known: {'; '.join(gpus)}); for another GPU, give "
                      "its bandwidth and flops in a profile's device")  # fmt: skip
+
+
+def _table_entry(name: str, table: Mapping[str, DeviceSpeed]) -> str | None:
+    """The chip table's entry for a device's name: the name itself, an entry the name holds (a driver's longer
+    name), else the one GPU entry that holds the name (a person's "RTX 4090" in a profile); None: not in the table."""
+    if name in table:
+        return name
+    held = next((k for k in table if k.lower() in name.lower()), None)
+    if held is not None:
+        return held
+    with contextlib.suppress(ValueError):
+        return table_gpu(name)
+    return None
 
 
 def published_rows() -> list[dict[str, Any]]:
@@ -712,7 +726,8 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
     table = device_table()
     out: dict[str, DeviceSpeed] = {}
     for device in machine.devices:
-        known = table.get(device.name) or next((v for k, v in table.items() if k.lower() in device.name.lower()), None)
+        entry = _table_entry(device.name, table)
+        known = table[entry] if entry else None
         bandwidth = device.memory_bandwidth_bytes_per_s or (known.bandwidth_bytes_per_s if known else None)
         if not bandwidth:
             continue
@@ -740,7 +755,7 @@ def speed_figures(machine: HardwareSnapshot, speeds: Mapping[str, DeviceSpeed]) 
         name = f"GPU{device.index}"
         figures = speeds.get(name)
         own = "profile" if machine.described else "NVML"
-        in_table = device.name in table or any(k.lower() in device.name.lower() for k in table)
+        in_table = _table_entry(device.name, table) is not None
         out[name] = {
             "name": device.name,
             "bandwidth_bytes_per_s": figures.bandwidth_bytes_per_s if figures else None,

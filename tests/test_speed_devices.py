@@ -128,6 +128,14 @@ def test_machine_speeds_prefers_a_devices_own_figures_then_the_table() -> None:
     assert "CPU" not in machine_speeds(one_gpu("NVIDIA RTX Foo"))  # a described host is not this one
 
 
+def test_a_persons_short_gpu_name_finds_its_one_chip_in_the_table() -> None:
+    """A profile's `name: RTX 3060` (or --gpu-name's text) is the chip whose table name holds it, when only one does."""
+    table = device_table()["NVIDIA GeForce RTX 3060"]
+    short = machine_speeds(one_gpu("RTX 3060"))["GPU0"]
+    assert (short.bandwidth_bytes_per_s, short.flops) == (table.bandwidth_bytes_per_s, table.flops)
+    assert "GPU0" not in machine_speeds(one_gpu("RTX"))  # several chips hold it: unknown, not a guess among them
+
+
 # --- a profile's overrides -----------------------------------------------------------------------------------------
 
 
