@@ -98,7 +98,28 @@ def test_profiles_validate_command_accepts_the_examples():
         f"ok: {files[0]} (machine rtx3060-12g, 2 models)",
         f"ok: {files[1]} (machine 2x3090-home-server, 3 models)",
         f"ok: {files[2]} (machine macbook-m2-32g, 1 model)",
+        # valid, but the chip table has no base M2: the plans would predict no speed, and validate says how to fix it
+        f"note: {files[2]}: GPU0 (Apple GPU (described)) is not in the chip table and has no 'bandwidth': its plans "
+        "predict no speed; describe it under devices: with 'bandwidth' and 'flops', or with a chip name "
+        "`fitquant plan --gpu-name` accepts",
         f"ok: {files[3]} (machine cpu-only, 1 model)",
+    ]
+
+
+def test_profiles_validate_names_a_gpu_whose_speed_plans_cannot_know(tmp_path: Path):
+    named = tmp_path / "named.yaml"
+    named.write_text("machine: box\ndevices:\n  - {name: RTX 3060, kind: cuda, memory: 12GiB}\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("machine: box\ndevices:\n  - {name: Mystery GPU, kind: cuda, memory: 12GiB}\n"
+                       "  - {name: Own Figures, kind: cuda, memory: 12GiB, bandwidth: 500GB/s}\n")  # fmt: skip
+    code, out, err = run("profile", "validate", str(named), str(unknown))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"ok: {named} (machine box, 0 models)",  # a short name the table knows: nothing to say
+        f"ok: {unknown} (machine box, 0 models)",
+        f"note: {unknown}: GPU0 (Mystery GPU) is not in the chip table and has no 'bandwidth': its plans predict no "
+        "speed; describe it under devices: with 'bandwidth' and 'flops', or with a chip name `fitquant plan "
+        "--gpu-name` accepts",
     ]
 
 

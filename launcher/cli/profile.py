@@ -93,13 +93,22 @@ def validate(files: tuple[str, ...]) -> None:
     for file in files:
         try:
             loaded = load_profile(file)
-            profile_hardware(loaded)  # what only the planner would notice (a device kind it cannot plan)
+            machine = profile_hardware(loaded)  # what only the planner would notice (a device kind it cannot plan)
         except ProfileError as exc:
             error_line(exc)
             bad += 1
             continue
         count = len(loaded.models)
         click.echo(f"ok: {file} (machine {loaded.machine}, {count} model{'' if count == 1 else 's'})")
+        if machine is not None:
+            from launcher.speed import machine_speeds
+
+            known = machine_speeds(machine)
+            for device in machine.devices:
+                if f"GPU{device.index}" not in known:  # valid, but its plans will show no speed: say how to give it
+                    click.echo(f"note: {file}: GPU{device.index} ({device.name}) is not in the chip table and has no "
+                               "'bandwidth': its plans predict no speed; describe it under devices: with 'bandwidth' "
+                               "and 'flops', or with a chip name `fitquant plan --gpu-name` accepts")  # fmt: skip
     if bad:
         sys.exit(1)
 
