@@ -132,6 +132,8 @@ def device_table() -> dict[str, DeviceSpeed]:
 def table_gpu(text: str) -> str:
     """The chip table's GPU that `text` names ('RTX 4090', 'M3 Max (40-core GPU)'): an exact name (any case), else
     the one chip whose name holds it. Raises ValueError naming the choices when none or several match."""
+    from launcher.units import shown_value
+
     wanted = " ".join(text.split()).lower()
     gpus = [name for name, speed in device_table().items() if speed.backend != "cpu"]
     exact = [name for name in gpus if name.lower() == wanted]
@@ -139,9 +141,10 @@ def table_gpu(text: str) -> str:
     if len(found) == 1:
         return found[0]
     if found:
-        raise ValueError(f"GPU name {text!r} matches {len(found)} chips ({'; '.join(found)}); name one of them")
-    raise ValueError(f"GPU name {text!r} is not in the chip table (known: {'; '.join(gpus)}); for another GPU, give "
-                     "its bandwidth and flops in a profile's device")  # fmt: skip
+        raise ValueError(f"GPU name {shown_value(text)} matches {len(found)} chips ({'; '.join(found)}); name one of "
+                         "them")  # fmt: skip
+    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table (known: {'; '.join(gpus)}); for another "
+                     "GPU, give its bandwidth and flops in a profile's device")  # fmt: skip
 
 
 def _table_entry(name: str, table: Mapping[str, DeviceSpeed]) -> str | None:

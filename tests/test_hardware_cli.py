@@ -91,6 +91,11 @@ def test_hw_gpu_name_errors_name_the_choices():
     assert last_line(result.output) == "Error: GPU names describe GPUs: give their memory too (vram or unified)"
     result = invoke("--vram", "8GiB", "--gpu-name", "4090,")
     assert result.exit_code == 2 and "has an empty item" in result.output
+    for huge in ("x" * 100_000, "4090," * 20_000):  # one line, whatever was typed
+        result = invoke("--vram", "8GiB", "--gpu-name", huge)
+        assert result.exit_code == 2 and len(last_line(result.output)) < 1000, last_line(result.output)[:200]
+    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 4090\x1b[2J")  # a terminal escape is shown, not sent
+    assert result.exit_code == 2 and "\x1b" not in result.output and "\\x1b" in result.output
 
 
 def test_hw_describes_two_gpus_as_json():

@@ -40,12 +40,14 @@ def vram_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 def gpu_names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
     """--gpu-name 'RTX 4090' or 'RTX 4090,RTX 3090': the chip table's name of each described GPU."""
     from launcher.speed import table_gpu
+    from launcher.units import shown_value
 
     if value is None:
         return None
     items = [item.strip() for item in value.split(",")]
     if not all(items):
-        raise click.BadParameter(f"{value!r} has an empty item; write one name, or one per GPU: 'RTX 4090,RTX 3090'")
+        raise click.BadParameter(f"{shown_value(value)} has an empty item; write one name, or one per GPU: "
+                                 "'RTX 4090,RTX 3090'")  # fmt: skip
     return [name for item in items if (name := _parsed(table_gpu, item))]
 
 
