@@ -752,20 +752,20 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
 def speed_figures(machine: HardwareSnapshot, speeds: Mapping[str, DeviceSpeed]) -> dict[str, dict[str, Any]]:
     """What `fitquant hw` shows: each device's bandwidth and FLOPS that plans predict from (machine_speeds), with where
     each came from; a GPU with no bandwidth anywhere is listed as unknown (None). Pure."""
-    table = device_table()
     out: dict[str, dict[str, Any]] = {}
     for device in machine.devices:
         name = f"GPU{device.index}"
         figures = speeds.get(name)
         own = "profile" if machine.described else "NVML"
-        in_table = _table_entry(device.name, table) is not None
+        # machine_speeds takes a device's own bandwidth first, else the table's: any other figure is the table's
+        source = own if device.memory_bandwidth_bytes_per_s else "table" if figures else None
         out[name] = {
             "name": device.name,
             "bandwidth_bytes_per_s": figures.bandwidth_bytes_per_s if figures else None,
             "flops": figures.flops if figures else None,
             "flops_precision": "fp16",
             "backend": figures.backend if figures else None,
-            "source": (own if device.memory_bandwidth_bytes_per_s else "table" if in_table else None),
+            "source": source,
         }
     cpu = speeds.get("CPU")
     if cpu is not None:
