@@ -14,15 +14,18 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
-from processes import gone
-from router_fixtures import ServeProcess, two_model_profile
+from processes import built_llama_server, gone
+from router_fixtures import ServeProcess, free_port, two_model_profile
 
 pytestmark = pytest.mark.slow
 
@@ -374,6 +377,47 @@ def test_sigterm_mid_stream_drains_the_stream_exits_0_and_leaves_no_server(
         serve.wait_for(r'unloading model=smol reason="fitquant serve is stopping"', after=signalled, timeout=5)
         serve.wait_for(r"fitquant: stopped", after=signalled, timeout=5)
         assert not _failures(serve)
+
+
+def test_serve_whose_log_reader_is_gone_keeps_answering_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, smol_path: Path
+) -> None:
+    # `fitquant serve | something` where something exits, or a supervisor that dropped its pipe: every log line
+    # then fails to write (EPIPE). Before, the first such line raised inside the request or the stop, and serve hung
+    # in its stop with the HTTP server still up.
+    profile = tmp_path / "one.yaml"
+    port = free_port()
+    profile.write_text(f"machine: smoke\nram: 360MiB\nreserve: 0\nlisten: 127.0.0.1:{port}\n"
+                       f"models:\n  - {{model: {smol_path}, alias: smol, context: 2048, pin: true}}\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "CUDA_VISIBLE_DEVICES", "NOTIFY_SOCKET")}
+    env |= {"FITQUANT_HOME": str(tmp_path / "home"), "FITQUANT_LLAMA_SERVER": str(built_llama_server())}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--profile", str(profile)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not turn healthy"
+            time.sleep(0.1)
+        servers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert proc.stderr is not None
+        proc.stderr.close()  # the log's reader goes away
+        answer = _chat(url, "smol", CAPITAL_Q)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == CAPITAL_A
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert servers and all(gone(pid) for pid in servers), "a model server outlived serve"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------- 7. auth

@@ -1,6 +1,7 @@
 """The router's client for its model servers (launcher.service.router.Router._send and the relays): a kept-alive
 connection the server drops is retried, a dead or failing server gives the router's one error line, and a stream is
-relayed chunk by chunk as it comes.
+relayed chunk by chunk as it comes, spliced (launcher.service.splice, as `fitquant serve` runs it) or through ASGI
+(a server without the splicing protocol).
 
 The router runs in this process under uvicorn on a free 127.0.0.1 port; its model server is a raw HTTP/1.1 socket
 server (RawUpstream) whose every answer and close the test decides. The pool is a one-model stand-in with the four
@@ -23,6 +24,8 @@ import pytest
 from router_fixtures import free_port
 
 from launcher.backends.base import Instance
+from launcher.service import router as router_module
+from launcher.service import splice
 from launcher.service.pool import Lease
 from launcher.service.router import Router
 
@@ -71,6 +74,7 @@ class RawUpstream:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.requests: list[tuple[int, int]] = []  # (connection, request on it) for every request that arrived
+        self.heads: list[bytes] = []  # each request's line and headers, lower-cased
         self._connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -101,6 +105,7 @@ class RawUpstream:
                 body, buffered = buffered[:length], buffered[length:]
                 on_conn += 1
                 self.requests.append((number, on_conn))
+                self.heads.append(head.lower())
                 if not self.answer(conn, on_conn, body):
                     return
 
@@ -119,8 +124,10 @@ def _sse_event(text: str) -> bytes:
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
-def _with_router(endpoint: str, test: Callable[[str, OneModelPool], Awaitable[None]]) -> OneModelPool:
-    """Run `test(router_url, pool)` against a Router serving `smol` from `endpoint`, under uvicorn."""
+def _with_router(endpoint: str, test: Callable[[str, OneModelPool], Awaitable[None]], *,
+                 spliced: bool = True) -> OneModelPool:  # fmt: skip
+    """Run `test(router_url, pool)` against a Router serving `smol` from `endpoint`, under uvicorn with the protocol
+    `fitquant serve` gives it (spliced streams) or uvicorn's own httptools one (streams through ASGI)."""
     import uvicorn
 
     pool = OneModelPool(endpoint)
@@ -128,7 +135,9 @@ def _with_router(endpoint: str, test: Callable[[str, OneModelPool], Awaitable[No
     async def main() -> None:
         router = Router(pool, api_key=None, peers=[], metrics=None, max_body=1 << 20)  # type: ignore[arg-type]
         port = free_port()
-        config = uvicorn.Config(router.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        http = splice.protocol_class() if spliced else "httptools"
+        config = uvicorn.Config(router.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                http=http)  # fmt: skip
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         while not server.started:
@@ -184,9 +193,12 @@ def test_a_dead_model_server_gives_the_routes_502_line_and_is_reported_to_the_po
                                           "type": "server_error", "code": None}}  # fmt: skip
             r = await client.post(f"{url}/api/chat", json={**BODY, "stream": False})
             assert (r.status_code, r.json()) == (502, {"error": "smol's server did not answer: ConnectError"})
+            r = await client.post(f"{url}/v1/chat/completions", json={**BODY, "stream": True})  # spliced
+            assert r.status_code == 502
+            assert r.json()["error"]["message"] == "smol's server did not answer: ConnectError"
 
     pool = _with_router(f"http://127.0.0.1:{free_port()}/v1", test)
-    assert (pool.released, pool.failures) == (2, 2)
+    assert (pool.released, pool.failures) == (3, 3)
 
 
 def test_a_model_server_that_dies_mid_answer_gives_the_mid_answer_line() -> None:
@@ -209,7 +221,8 @@ def test_a_model_server_that_dies_mid_answer_gives_the_mid_answer_line() -> None
     assert (pool.released, pool.failures) == (1, 1)
 
 
-def test_a_stream_is_relayed_chunk_by_chunk_and_one_cut_short_ends_with_the_error_event() -> None:
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "asgi"])
+def test_a_stream_is_relayed_chunk_by_chunk_and_one_cut_short_ends_with_the_error_event(spliced: bool) -> None:
     # the second event is sent only once the client has read the first through the router: a router that
     # buffered the stream would never deliver it, and the test would time out
     first_seen = threading.Event()
@@ -238,10 +251,194 @@ def test_a_stream_is_relayed_chunk_by_chunk_and_one_cut_short_ends_with_the_erro
                     first_seen.set()
 
     try:
-        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test)
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test, spliced=spliced)
     finally:
         upstream.close()
+    # spliced: on a connection of its own, closed after it; through ASGI: aiohttp's kept-alive pool
+    assert (b"connection: close" in upstream.heads[0]) == spliced
     assert [e["choices"][0]["delta"]["content"] for e in events[:2]] == ["Red", " and blue"]
     assert events[2:] == [{"error": {"message": "smol's server failed mid-stream: RemoteProtocolError",
                                      "type": "server_error"}}]  # fmt: skip
     assert (pool.released, pool.failures) == (1, 1)
+
+
+def _chunked(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_spliced_stream_reaches_the_client_byte_for_byte_with_the_stream_headers() -> None:
+    # the model's chunks do not follow event boundaries: half an event, then one and a half, then several at once
+    events = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() + b"\n\n"
+              for w in ["Red", " and", " bl\u00fce", "!"]] + [b"data: [DONE]\n\n"]  # fmt: skip
+    body = b"".join(events)
+    pieces = [body[:10], body[10:130], body[130:]]
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        conn.sendall(STREAM_HEAD + b"".join(_chunked(p) for p in pieces) + b"0\r\n\r\n")
+        return True
+
+    upstream = RawUpstream(answer)
+    got: list[tuple[bytes, httpx.Headers]] = []
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(2):  # the client's connection stays usable after a spliced stream
+                async with client.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as r:
+                    assert r.status_code == 200
+                    got.append((b"".join([c async for c in r.aiter_bytes()]), r.headers))
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test)
+    finally:
+        upstream.close()
+    for content, headers in got:
+        assert content == body
+        assert headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert (headers["cache-control"], headers["x-accel-buffering"]) == ("no-cache", "no")
+    assert all(b"connection: close" in head for head in upstream.heads)
+    assert (pool.released, pool.failures) == (2, 0)
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "asgi"])
+def test_a_client_that_leaves_mid_stream_hangs_up_on_the_model_server(spliced: bool) -> None:
+    # llama-server stops generating once its connection is gone: the router must close it when the client goes
+    hung_up = threading.Event()
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        conn.sendall(STREAM_HEAD)
+        try:
+            for _ in range(400):  # an event every 25 ms for 10 s at most, until a write fails
+                conn.sendall(_sse_event("Red"))
+                threading.Event().wait(0.025)
+        except OSError:
+            hung_up.set()
+        return False
+
+    upstream = RawUpstream(answer)
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            client.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as r,
+        ):
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # and the client closes its connection
+        assert await asyncio.to_thread(hung_up.wait, 5), "the model's server was still streaming 5 s after"
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test, spliced=spliced)
+    finally:
+        upstream.close()
+    assert (pool.released, pool.failures) == (1, 0)  # a client leaving is not the server's failure
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "asgi"])
+def test_a_client_that_reads_slowly_holds_back_the_model_servers_stream(spliced: bool) -> None:
+    # 64 MiB as fast as the socket takes it; the client stops reading for a while. Read without pause, it would all
+    # sit in the router's memory within that while; held back, only the sockets' buffers fill (a few MiB each).
+    block, blocks = b"x" * 65536, 1024
+    sent = [0]
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        conn.sendall(STREAM_HEAD)
+        for _ in range(blocks):
+            conn.sendall(_chunked(block))
+            sent[0] += len(block)
+        conn.sendall(b"0\r\n\r\n")
+        return True
+
+    upstream = RawUpstream(answer)
+    seen: dict[str, int] = {}
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as r,
+        ):
+            chunks = r.aiter_raw()
+            total = len(await chunks.__anext__())
+            await asyncio.sleep(1.5)
+            seen["sent_while_paused"] = sent[0]
+            async for chunk in chunks:
+                total += len(chunk)
+            seen["total"] = total
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test, spliced=spliced)
+    finally:
+        upstream.close()
+    assert seen["total"] == len(block) * blocks
+    assert seen["sent_while_paused"] < 40 * 2**20, seen
+    assert (pool.released, pool.failures) == (1, 0)
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "asgi"])
+def test_a_stream_that_goes_silent_past_the_read_timeout_ends_with_the_error_event(
+    spliced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiohttp
+
+    monkeypatch.setattr(router_module, "UPSTREAM_TIMEOUT", aiohttp.ClientTimeout(sock_connect=5.0, sock_read=0.5))
+    release = threading.Event()
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        conn.sendall(STREAM_HEAD + _sse_event("Red"))
+        release.wait(10)  # silent, the connection open
+        return False
+
+    upstream = RawUpstream(answer)
+    events: list[Any] = []
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            client.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as r,
+        ):
+            events.extend([json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: ")])
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test, spliced=spliced)
+    finally:
+        release.set()
+        upstream.close()
+    assert events[0]["choices"][0]["delta"]["content"] == "Red"
+    assert events[1:] == [{"error": {"message": "smol's server failed mid-stream: ReadTimeout",
+                                     "type": "server_error"}}]  # fmt: skip
+    assert (pool.released, pool.failures) == (1, 1)
+
+
+def test_a_stream_request_the_model_server_refuses_gets_its_answer_as_it_is() -> None:
+    refusal = {"error": {"code": 400, "message": "the request exceeds the available context size", "type": "x"}}
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        payload = json.dumps(refusal).encode()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+        return True
+
+    upstream = RawUpstream(answer)
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(f"{url}/v1/chat/completions", json={**BODY, "stream": True})
+            assert (r.status_code, r.json()) == (400, refusal)
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test)
+    finally:
+        upstream.close()
+    assert b"connection: close" in upstream.heads[0]  # it went the spliced way
+    assert (pool.released, pool.failures) == (1, 0)
+
+
+def test_a_spliced_request_refuses_a_header_with_a_line_break() -> None:
+    async def send() -> None:
+        await splice.request("http://127.0.0.1:9/v1/chat/completions", b"{}", {"Authorization": "Bearer a\r\nX: y"},
+                             connect_timeout_s=1, read_timeout_s=1)  # fmt: skip
+
+    with pytest.raises(ValueError, match="line break"):
+        asyncio.run(send())

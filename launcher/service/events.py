@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -17,4 +18,6 @@ def log_event(event: str, **fields: Any) -> None:
         if not text or any(c.isspace() or c in '"=' for c in text):
             text = json.dumps(text)
         parts.append(f"{key}={text}")
-    print("fitquant: " + " ".join(parts), file=sys.stderr, flush=True)
+    # the log's reader may be gone (a closed pipe): serving goes on without the line
+    with contextlib.suppress(OSError, ValueError):
+        print("fitquant: " + " ".join(parts), file=sys.stderr, flush=True)

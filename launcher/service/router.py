@@ -2,7 +2,7 @@
 servers (launcher.service.pool), each on a private 127.0.0.1 port.
 
     OpenAI    GET /v1/models; POST /v1/chat/completions, /v1/completions, /v1/embeddings (SSE passed through
-              untouched and unbuffered)
+              untouched and unbuffered: spliced, socket to socket, where the server runs splice.protocol_class())
     Ollama    GET /, /api/version, /api/tags, /api/ps; POST /api/show, /api/chat, /api/generate, /api/embed,
               /api/embeddings (NDJSON streams; keep_alive, 0 unloads); pull/push/create/delete/copy answer 501
     admin     GET /health, /running, /metrics; POST /models/load, /models/unload
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from launcher.service import ollama_api
+from launcher.service import ollama_api, splice
 from launcher.service.events import log_event
 from launcher.service.pool import Lease, Pool, Refused
 from launcher.units import shown_value
@@ -332,18 +332,21 @@ class Router:
         try:
             content = await upstream.read()
         except UPSTREAM_ERRORS as exc:
-            self.pool.note_failure(lease)
-            self._finish(lease, route, 502, started)
-            raise HTTPFailure(502, f"{lease.alias}'s server failed mid-answer: {_failure_name(exc)}") from None
+            raise self._failed_mid_answer(lease, route, started, _failure_name(exc)) from None
         finally:
             upstream.release()
         self._finish(lease, route, upstream.status, started)
         return content
 
-    def _stream_failed(self, lease: Lease, exc: BaseException) -> str:
+    def _failed_mid_answer(self, lease: Lease, route: str, started: float, failure: str) -> HTTPFailure:
+        self.pool.note_failure(lease)
+        self._finish(lease, route, 502, started)
+        return HTTPFailure(502, f"{lease.alias}'s server failed mid-answer: {failure}")
+
+    def _stream_failed(self, lease: Lease, failure: str) -> str:
         """The one line a client gets when the model's server fails mid-stream (logged; a dead server is seen)."""
         self.pool.note_failure(lease)
-        message = f"{lease.alias}'s server failed mid-stream: {_failure_name(exc)}"
+        message = f"{lease.alias}'s server failed mid-stream: {failure}"
         log_event("stream-failed", model=lease.alias, error=message)
         return message
 
@@ -377,18 +380,52 @@ class Router:
                 if pending:
                     yield _renamed_lines(pending, rename or "")
             except UPSTREAM_ERRORS as exc:
-                message = self._stream_failed(lease, exc)
-                if "ndjson" in kind:
-                    yield json.dumps(ollama_api.error_body(message)).encode() + b"\n"
-                else:
-                    yield b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
-                    yield b"\n\n"
+                yield _stream_error(kind, self._stream_failed(lease, _failure_name(exc)))
             finally:
                 self._finish(lease, route, upstream.status, started)
                 _let_go(upstream)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=kind.split(";")[0],
                                  headers=STREAM_HEADERS)  # fmt: skip
+
+    async def _spliced(self, lease: Lease, route: str, path: str, body: bytes) -> Response:
+        """`_passthrough` for a stream on a server that splices (launcher.service.splice): the answer on a
+        connection of its own, its body written to the client's socket as each chunk arrives."""
+        started = time.monotonic()
+        read_timeout_s = float(UPSTREAM_TIMEOUT.sock_read or 600.0)
+        try:
+            upstream = await splice.request(lease.base_url + path, body, lease.instance.headers(),
+                                            connect_timeout_s=float(UPSTREAM_TIMEOUT.sock_connect or 5.0),
+                                            read_timeout_s=read_timeout_s)  # fmt: skip
+        except splice.UpstreamFailed as exc:
+            self.pool.note_failure(lease)
+            self.pool.release(lease)
+            raise HTTPFailure(502, f"{lease.alias}'s server did not answer: {exc.name}") from None
+        except BaseException:
+            self.pool.release(lease)
+            raise
+        kind = upstream.content_type or "application/json"
+        if "text/event-stream" not in kind and "ndjson" not in kind:  # an error, or a server that did not stream
+            try:
+                content = await upstream.whole(read_timeout_s)
+            except splice.UpstreamFailed as exc:
+                raise self._failed_mid_answer(lease, route, started, exc.name) from None
+            finally:
+                upstream.close()
+            self._finish(lease, route, upstream.status, started)
+            return Response(content, status_code=upstream.status, media_type=kind.split(";")[0])
+
+        async def relay(sink: splice.Downstream) -> None:
+            try:
+                await upstream.relay(sink, read_timeout_s)
+            except splice.UpstreamFailed as exc:
+                sink.write(_stream_error(kind, self._stream_failed(lease, exc.name)))
+            finally:
+                upstream.close()
+                self._finish(lease, route, upstream.status, started)
+
+        return splice.SplicedStream(relay, upstream, status_code=upstream.status, media_type=kind.split(";")[0],
+                                    headers=STREAM_HEADERS)  # fmt: skip
 
     async def _to_peer(self, request: Request, alias: str, body: Mapping[str, Any], route: str) -> Response:
         if request.headers.get(PEER_HEADER):
@@ -435,6 +472,8 @@ class Router:
                 if lease.instance.backend == "ollama":
                     upstream = {**body, "model": lease.instance.model_name}
                     return await self._passthrough(lease, route, path, upstream, rename=alias)
+                if body.get("stream") is True and splice.downstream(request.scope) is not None:
+                    return await self._spliced(lease, route, path, request.scope["fitquant_raw"])
                 return await self._passthrough(lease, route, path, request.scope["fitquant_raw"])
 
             return await self._guarded(request, route, work)
@@ -605,7 +644,7 @@ class Router:
                     yield json.dumps(converter.finish(time.time_ns())).encode() + b"\n"
             except UPSTREAM_ERRORS as exc:
                 status = 502
-                yield json.dumps(ollama_api.error_body(self._stream_failed(lease, exc))).encode() + b"\n"
+                yield _stream_error("ndjson", self._stream_failed(lease, _failure_name(exc)))
             finally:
                 self._finish(lease, verb, status, started)
                 _let_go(upstream)
@@ -701,6 +740,13 @@ def _failure_name(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientOSError):
         return "ReadError"
     return type(exc).__name__
+
+
+def _stream_error(kind: str, message: str) -> bytes:
+    """A failure's line at the end of a stream, in the stream's own shape (NDJSON or SSE)."""
+    if "ndjson" in kind:
+        return json.dumps(ollama_api.error_body(message)).encode() + b"\n"
+    return b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode() + b"\n\n"
 
 
 def _upstream_message(answer: Any) -> str | None:

@@ -136,7 +136,7 @@ class _Service:
     async def run(self) -> None:
         import uvicorn
 
-        from launcher.service import notify
+        from launcher.service import notify, splice
         from launcher.service.router import Router
 
         log_event("serve", profile=self.path, machine=self.profile.machine, models=len(self.profile.models),
@@ -149,7 +149,9 @@ class _Service:
         host, port = self.profile.listen_host, self.profile.listen_port
         sock = _bind(host, port)
         # no proxy-header rewriting (nothing sits in front of it by default), no per-response Server/Date headers
-        config = uvicorn.Config(self.router.app(), log_level="warning", access_log=False, lifespan="off",
+        # the http protocol: uvicorn's httptools one, which lets the router splice streams (launcher.service.splice)
+        config = uvicorn.Config(self.router.app(), http=splice.protocol_class(), log_level="warning",
+                                access_log=False, lifespan="off",
                                 proxy_headers=False, server_header=False, date_header=False,
                                 timeout_graceful_shutdown=int(drain_s) + 1,
                                 timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
