@@ -53,6 +53,7 @@ def serve(ref: str, *, api_key_file: Path | None = None) -> None:
     _run(_Service(path, profile, api_key).run())
 
 
+UPKEEP_S = 1.0  # how often serve looks for crashed servers and idle models past their ttl (a wakeup each time)
 KEEP_ALIVE_S = 75  # longer than clients keep idle connections (httpx: 5 s), so they never race the server's close
 
 
@@ -156,11 +157,16 @@ class _Service:
                                 timeout_graceful_shutdown=int(drain_s) + 1,
                                 timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
         server = _quiet_server(config)
-        stop, hup = asyncio.Event(), asyncio.Event()
+        stop, hup, signalled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        def on_signal(event: asyncio.Event) -> None:
+            event.set()
+            signalled.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, hup.set)
+            loop.add_signal_handler(sig, on_signal, stop)
+        loop.add_signal_handler(signal.SIGHUP, on_signal, hup)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="fitquant-http")
         try:
             while not server.started and not serving.done():
@@ -173,7 +179,8 @@ class _Service:
             _notify(notify.ready, self._status())
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(_either(stop, hup), timeout=0.5)
+                    await asyncio.wait_for(signalled.wait(), timeout=UPKEEP_S)
+                signalled.clear()
                 if serving.done():
                     raise ServeError("the HTTP server stopped unexpectedly")
                 if hup.is_set() and not stop.is_set():
@@ -186,7 +193,7 @@ class _Service:
             _notify(notify.stopping, "draining requests, stopping every model")
             log_event("stopping", reason="signal" if stop.is_set() else "error", drain_s=drain_s)
             self.pool._closing = True
-            server.should_exit = True
+            server.exit()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(serving, drain_s + 5)
             try:
@@ -283,20 +290,28 @@ def _quiet_server(config: Any) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self._exit = asyncio.Event()
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
 
+        async def main_loop(self) -> None:
+            # uvicorn's own loop wakes 10 times a second to see whether to stop and to refresh its Date header. serve
+            # sends no Date header and says when to stop (exit), so this waits for that: on a machine whose cores the
+            # model servers keep busy, each wakeup is time taken from decoding
+            await self.on_tick(0)  # the default headers, once
+            while not self.should_exit:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._exit.wait(), timeout=5.0)  # should_exit set by uvicorn itself
+
+        def exit(self) -> None:
+            self.should_exit = True
+            self._exit.set()
+
     return Server(config)
-
-
-async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def _notify(send: Any, text: str) -> None:
