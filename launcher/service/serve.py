@@ -285,8 +285,9 @@ class _Service:
 
 
 def _quiet_server(config: Any) -> Any:
-    """uvicorn's Server without its own signal handling: serve installs SIGTERM/SIGINT/SIGHUP itself (uvicorn's
-    would re-raise SIGTERM on the way out, and a clean stop must exit 0)."""
+    """uvicorn's Server without its own signal handling and without its tick: serve installs SIGTERM/SIGINT/SIGHUP
+    itself (uvicorn's would re-raise SIGTERM on the way out, and a clean stop must exit 0) and tells it when to stop
+    (`exit()`)."""
     import uvicorn
 
     class Server(uvicorn.Server):
