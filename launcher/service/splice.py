@@ -56,10 +56,6 @@ class Downstream:
         self._cycle = cycle
 
     @property
-    def gone(self) -> bool:
-        return bool(self._cycle.disconnected)
-
-    @property
     def paused(self) -> bool:
         """The client reads slower than the model writes: its buffer is past uvicorn's high-water mark."""
         return bool(self._cycle.flow.write_paused)
