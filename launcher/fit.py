@@ -120,7 +120,8 @@ def attach_speeds(
     the chosen one."""
     from launcher.speed import Calibration, calibration, machine_speeds, predict
 
-    options = list({id(o): o for o in [*plan.candidates, *plan.alternatives, *([plan.chosen] if plan.chosen else [])]
+    # the chosen option first: a host times its kernels for the first options' weights (up to a bound) before the rest
+    options = list({id(o): o for o in [*([plan.chosen] if plan.chosen else []), *plan.alternatives, *plan.candidates]
                     }.values())  # fmt: skip
     devices = machine_speeds(machine, options)
     by_quant: dict[str, Calibration | None] = {}
@@ -153,7 +154,7 @@ def cpu_kv_note(plan: Plan, machine: HardwareSnapshot) -> str | None:
     """On a plan that runs on the CPU alone with a quantized K/V cache: how much faster the same option would
     prefill and decode at the target depth with an f16 cache on this host, and what that costs in memory, where it
     prefills at least KV_SPEEDUP_NOTE times faster. llama.cpp's CPU flash attention tiles a prompt's queries only
-    for f16 K and V, and runs a per-query loop over a quantized cache (launcher.measure.attention times both)."""
+    for f16 K and V, and runs a per-query loop over a quantized cache (launcher.measure.kernels times both)."""
     from dataclasses import replace
 
     from launcher.speed import attention_measured, machine_speeds, predict

@@ -26,9 +26,14 @@ Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and ca
 at most its window). A backend whose published rows measure it at depth (a CPU: llama-bench pp512 beside pp4096) has
 its own attention efficiency, fitted on them, and pays it in decode and prefill; elsewhere decode at depth is bound by
 reading the KV cache (counted in the bytes) and prefill's attention runs at the matmuls' efficiency (flash attention
-is a matmul there). This host's CPU goes further: its flash-attention rate for each layer's shape and cache types is
-timed once on llama.cpp's own kernel (launcher.measure.attention) and prices that layer, decode and prefill apart,
-since a quantized cache's per-query loop runs at a fraction of the published (f16) figure.
+is a matmul there). This host's CPU goes further: llama.cpp's own kernels are timed on it once
+(launcher.measure.kernels), decode and prefill apart. Each layer's flash-attention rate for its shape and cache
+types prices that layer, since a quantized cache's per-query loop runs at a fraction of the published (f16)
+figure. Each weight type's matrix products, timed on the model's own shapes of that type, price the weights the
+CPU multiplies by: a CPU's dot-product kernels, not its memory, often set the pace (the 2-core test machine decoded
+SmolLM2-135M faster as F16 than as Q4_1, and prefilled Q8_0 at 190 GFLOPS where Q4_1 reached 72). The KV cache is
+then read at the fitted memory rate beside them, and each block tensor on the CPU adds llama.cpp's fixed cost per
+op, measured on this host by decoding the embedded model (a small model's decode is a third of it).
 
     bytes_per_token(option, depth)          bytes read per decoded token, per device of the estimate (pure)
     attention_flops(option, depth)          attention FLOPs of one token at a depth, per device (pure)
@@ -39,8 +44,8 @@ since a quantized cache's per-query loop runs at a fraction of the published (f1
     machine_speeds(machine, options)        DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
                                             profile, else measured once (a short multi-threaded copy and matrix
-                                            product, cached), and the options' flash-attention rates on this host
-                                            (host_attention, cached)
+                                            product, cached), and the options' flash-attention and weight rates on
+                                            this host (host_kernels, cached)
     calibration(machine, backend, version, quant, model)  the median measured / predicted ratios of this
                                             machine's record: the model's own runs first, then its quant type's
     parse_bandwidth(text), parse_flops(text)  a profile's "936GB/s", "142TFLOPS"
@@ -67,7 +72,7 @@ from launcher.calibration import Calibration
 if TYPE_CHECKING:
     from launcher.chat import ChatReply
     from launcher.hardware.types import HardwareSnapshot
-    from launcher.measure.attention import AttentionShape
+    from launcher.measure.kernels import AttentionShape, WeightSet
     from launcher.plan import Option
 
 GiB = 1024**3
@@ -83,9 +88,13 @@ class DeviceSpeed:
     flops: float | None = None
     backend: str = "cuda"  # which fitted constants apply: cuda, rocm, metal, vulkan, cpu
     link_bytes_per_s: float | None = None
-    # attention FLOPs per second measured on this host's llama.cpp kernel, by launcher.measure.attention.rate_key:
-    # where a layer's shape and cache types have one, it prices that layer's attention instead of the fitted figure
-    attention_rates: Mapping[str, float] | None = field(default=None, compare=False)
+    # FLOPs per second measured on this host's llama.cpp kernels (launcher.measure.kernels): attention by rate_key,
+    # a layer's shape and cache types; weights by weight_key, one type's matrices. Where a part has one, it prices
+    # that part instead of the fitted figures.
+    kernel_rates: Mapping[str, float] | None = field(default=None, compare=False)
+    # seconds per block tensor llama.cpp spends on a decoded token beyond its products, measured on this host
+    # (launcher.measure.kernels.measure_tensor_overhead); None: the fitted fixed cost alone
+    tensor_overhead_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,9 +214,10 @@ class Fit:
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
 # The prediction's form: a run's measured / predicted ratios hold for the predictions they were measured against,
 # so a record of another form does not calibrate this one (raised whenever what a prediction counts changes).
-# 3: a CPU's attention at the host's measured flash-attention rate (launcher.measure.attention)
+# 3: a CPU's attention at the host's measured flash-attention rate (launcher.measure.kernels)
 # 4: float weights' own prefill slope; a K-quant compute floor in decode where a backend's rows show one
-MODEL_VERSION = 4
+# 5: a CPU's weights at the host's measured matrix-product rate per type (launcher.measure.kernels)
+MODEL_VERSION = 5
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -373,6 +383,14 @@ def _output_device(option: Option) -> str:
 
 def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
     """Bytes read per decoded token on each device of the option's estimate, at `depth` tokens of context. Pure."""
+    out = _weight_bytes_per_token(option)
+    for device, nbytes in _kv_bytes_per_token(option, depth).items():
+        out[device] = out.get(device, 0) + nbytes
+    return out
+
+
+def _weight_bytes_per_token(option: Option) -> dict[str, int]:
+    """Weight bytes a decoded token reads on each device (bytes_per_token without the KV cache). Pure."""
     facts, est = option.facts, option.estimate
     share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
     device_of = _device_of_layers(option)
@@ -385,7 +403,15 @@ def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
         out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
     output_device = _output_device(option)
     out[output_device] = out.get(output_device, 0) + facts.output_bytes
-    for cache in est.kv_caches:
+    return out
+
+
+def _kv_bytes_per_token(option: Option, depth: int) -> dict[str, int]:
+    """KV cache bytes a decoded token reads at `depth` on each device (a sliding-window layer's cache holds at most
+    its window's cells). Pure."""
+    device_of = _device_of_layers(option)
+    out: dict[str, int] = {}
+    for cache in option.estimate.kv_caches:
         cells = max(1, cache.cells)
         for il, nbytes in zip(cache.layers, cache.layer_bytes, strict=False):
             per_cell = nbytes / (cells * max(1, cache.n_stream))
@@ -406,7 +432,7 @@ def attention_flops(option: Option, depth: float) -> dict[str, float]:
 
 def _attention_layers(option: Option, depth: float) -> list[tuple[str, AttentionShape, float]]:
     """(device, shape, attention FLOPs of one token at `depth`) for each layer that attends (see attention_flops)."""
-    from launcher.measure.attention import AttentionShape
+    from launcher.measure.kernels import AttentionShape
 
     facts = option.facts
     device_of = _device_of_layers(option)
@@ -431,14 +457,14 @@ def _attention_s(layers: list[tuple[str, AttentionShape, float]], devices: Mappi
     measured flash-attention rate for its shape and cache types (`kind`: decode or prefill; None: not flash
     attention, no measured rate applies), else at `eff` x the device's FLOPS (the fitted figure; 0 where it has
     none). `on`: every layer computed on that device (prefill). Pure."""
-    from launcher.measure.attention import rate_key
+    from launcher.measure.kernels import rate_key
 
     seconds = 0.0
     for name, shape, flops in layers:
         device = on or devices.get(name)
         if device is None or not flops:
             continue
-        rate = (device.attention_rates or {}).get(rate_key(kind, *types, shape)) if kind else None
+        rate = (device.kernel_rates or {}).get(rate_key(kind, *types, shape)) if kind else None
         if rate:
             seconds += flops / rate
         elif eff and device.flops:
@@ -487,26 +513,85 @@ def kquant_weights_per_token(option: Option) -> dict[str, float]:
     """K-quant (and i-quant) weights a decoded token multiplies by, per device of the option's estimate: the blocks'
     (MoE routed experts x used / total) where their layers sit, the output layer's where it lives (bytes_per_token's
     placement). Empty where the tensors' types are unknown. Pure."""
+    out: dict[str, float] = {}
+    for m in _matrices(option):
+        if is_kquant(m.type_name):
+            out[m.device] = out.get(m.device, 0.0) + m.k * m.rows * m.count
+    return out
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """One weight matrix a token multiplies by: where it is, its ggml type ("Q4_K"), row length and rows, and how
+    many of it one token uses (a stack of MoE routed experts: used of total)."""
+
+    device: str
+    type_name: str
+    k: int
+    rows: int
+    count: float
+    output: bool
+
+
+def _matrices(option: Option) -> list[_Matrix]:
+    """Every weight matrix of the option's model that a decoded token multiplies by, placed as bytes_per_token places
+    it: the blocks' 2-D (and stacked 3-D) weights, and the output layer (the token embeddings where tied). Empty where
+    the tensors' shapes or types are unknown. Pure."""
     facts = option.facts
     types = facts.tensor_types_by_name
     if not types or not facts.tensor_shapes:
-        return {}
+        return []
     share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
     device_of = _device_of_layers(option)
-    out: dict[str, float] = {}
+    out = []
     for name, shape in facts.tensor_shapes.items():
-        if not is_kquant(types.get(name, ("", 0))[0]):
+        if len(shape) < 2 or not name.endswith(".weight") or "conv1d" in name:  # a convolution is not a product
             continue
-        elements = float(math.prod(shape))
+        type_name = types.get(name, ("", 0))[0]
         if name.startswith("blk."):
             index = name.split(".", 2)[1]
             expert = "_exps" in name
             device = "CPU" if expert and option.cpu_moe else device_of.get(int(index) if index.isdigit() else -1, "CPU")
-            out[device] = out.get(device, 0.0) + elements * (share if expert else 1.0)
+            count = math.prod(shape[2:]) * (share if expert else 1.0)
+            out.append(_Matrix(device, type_name, shape[0], shape[1], count, False))
         elif name == "output.weight" or (name == "token_embd.weight" and facts.output_tied):
-            device = _output_device(option)
-            out[device] = out.get(device, 0.0) + elements
+            out.append(_Matrix(_output_device(option), type_name, shape[0], shape[1], 1.0, True))
     return out
+
+
+def _weight_sets(matrices: Sequence[_Matrix]) -> dict[WeightSet, float]:
+    """The weight sets launcher.measure.kernels times for `matrices` (kernels.weight_sets), each with the FLOPs per
+    token it stands for. Pure."""
+    from launcher.measure.kernels import weight_sets
+
+    return weight_sets((m.type_name, m.k, m.rows, m.count, m.output) for m in matrices)
+
+
+def _block_tensors(option: Option) -> dict[str, int]:
+    """How many block tensors (blk.N.*) each device holds: a fixed cost per tensor where one was measured. Pure."""
+    device_of = _device_of_layers(option)
+    out: dict[str, int] = {}
+    for name in option.facts.tensor_shapes:
+        index = name.split(".", 2)[1] if name.startswith("blk.") else ""
+        if index.isdigit():
+            device = "CPU" if "_exps" in name and option.cpu_moe else device_of.get(int(index), "CPU")
+            out[device] = out.get(device, 0) + 1
+    return out
+
+
+def _weights_s(matrices: Sequence[_Matrix], device: DeviceSpeed, kind: str) -> float | None:
+    """Seconds per token `device` spends multiplying by `matrices`, at this host's measured rate for each of their
+    weight sets (`kind`: decode, one token; prefill, a batch); None unless every set has one. Pure."""
+    from launcher.measure.kernels import weight_key
+
+    rates = device.kernel_rates or {}
+    seconds = 0.0
+    for weights, flops in _weight_sets(matrices).items():
+        rate = rates.get(weight_key(kind, weights))
+        if not rate:
+            return None
+        seconds += flops / rate
+    return seconds if matrices else None
 
 
 @dataclass(frozen=True)
@@ -530,11 +615,14 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     """The parts of a token's time for `option`, decode at `depth` and a prompt of `n_prompt` tokens starting at
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
     per_device = bytes_per_token(option, round(depth))
+    kv = _kv_bytes_per_token(option, round(depth))
     settings = option.estimate.settings
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
     decode_layers = _attention_layers(option, depth)
     kquant = kquant_weights_per_token(option)
+    matrices = _matrices(option)
+    tensors_on = _block_tensors(option)
     seconds = attention_s = t0 = 0.0
     used = []
     for name, nbytes in per_device.items():
@@ -544,11 +632,16 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         if device is None:
             return None
         fit = fitted(device.backend)
-        reads = nbytes / (fit.eta * device.bandwidth_bytes_per_s)
-        if fit.kquant_ops and device.flops and kquant.get(name):
-            reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
-        seconds += reads
-        if fit.attention_eff or (fused and device.attention_rates):
+        # this host's measured kernels for its weights where it has them (then the cache is read at memory speed)
+        timed = _weights_s([m for m in matrices if m.device == name], device, "decode") if device.kernel_rates else None
+        if timed is not None:
+            reads = timed + kv.get(name, 0) / (fit.eta * device.bandwidth_bytes_per_s)
+        else:
+            reads = nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+            if fit.kquant_ops and device.flops and kquant.get(name):
+                reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
+        seconds += reads + (device.tensor_overhead_s or 0.0) * tensors_on.get(name, 0)
+        if fit.attention_eff or (fused and device.kernel_rates):
             mine = [layer for layer in decode_layers if layer[0] == name]
             attention_s += _attention_s(mine, devices, "decode" if fused else None, types, fit.attention_eff)
         t0 = max(t0, fit.t0_s)
@@ -564,16 +657,23 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     fit = fitted(main.backend)
     params = active_params(option)
     as_decode = settings.type_k != settings.type_v or settings.type_k not in ("f16", "f32")
-    if main.flops and fit.pp_slope is not None and params:
-        floats = float_share(option) if fit.pp_slope_float is not None else 0.0
-        slope = fit.pp_slope + floats * ((fit.pp_slope_float or fit.pp_slope) - fit.pp_slope)
-        prefill_s = slope * 2 * params / main.flops + (fit.pp_t0_float_s if floats > 0.5 else fit.pp_t0_s)
+    # the host computing the prompt: its measured kernels for the blocks' weights (the output layer multiplies the
+    # last token only), else the fitted slope over its FLOPS
+    timed = _weights_s([m for m in matrices if not m.output], main, "prefill") if main.kernel_rates else None
+    if timed is not None or (main.flops and fit.pp_slope is not None and params):
+        if timed is not None:
+            prefill_s = timed + fit.pp_t0_s
+        else:
+            assert main.flops and fit.pp_slope is not None
+            floats = float_share(option) if fit.pp_slope_float is not None else 0.0
+            slope = fit.pp_slope + floats * ((fit.pp_slope_float or fit.pp_slope) - fit.pp_slope)
+            prefill_s = slope * 2 * params / main.flops + (fit.pp_t0_float_s if floats > 0.5 else fit.pp_t0_s)
         prompt_layers = _attention_layers(option, depth + n_prompt / 2)
         flops = sum(layer[2] for layer in prompt_layers)
-        if (fit.attention_eff or main.attention_rates) and fused:
+        if (fit.attention_eff or main.kernel_rates) and fused:
             prefill_attention_s = _attention_s(prompt_layers, devices, "prefill", types, fit.attention_eff, on=main)
-        else:  # flash attention runs as a matmul here (a GPU's), or no flash attention: KQ and KQV are matmuls
-            prefill_s += fit.pp_slope * flops / main.flops
+        elif main.flops:  # flash attention runs as a matmul here (a GPU's), or no flash attention: KQ and KQV are
+            prefill_s += (fit.pp_slope or 1.0) * flops / main.flops  # matmuls
             as_decode = False
         if main.backend != "cpu":
             trip = host_weights_trip_s(option, main, n_prompt)
@@ -725,7 +825,7 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
     and bus, or a profile's `bandwidth` / `flops`), then its name in the table, each figure on its own; a GPU with
     no bandwidth from either has no speed (unknown, never guessed). The host: a profile's bandwidth and FLOPS, else
     the measured ones (not for a described machine: its host is not this one), and, for the `options` that attend
-    on the CPU, the flash-attention rate of their shapes and cache types measured on this host (host_attention)."""
+    on the CPU, the flash-attention rate of their shapes and cache types measured on this host (host_kernels)."""
     table = device_table()
     out: dict[str, DeviceSpeed] = {}
     for device in machine.devices:
@@ -744,8 +844,12 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
         host = host or measured.bandwidth_bytes_per_s
         host_flops = host_flops or measured.flops
     if host:
-        rates = None if machine.described else host_attention(_attention_wanted(options)) or None
-        out["CPU"] = DeviceSpeed(host, host_flops, "cpu", attention_rates=rates)
+        rates, overhead = None, None
+        if not machine.described:  # a described machine's host is not this one
+            rates = host_kernels(_attention_wanted(options), _weights_wanted(options)) or None
+            if any(d.name == "CPU" and d.layers for o in options for d in o.estimate.devices):
+                overhead = host_tensor_overhead()
+        out["CPU"] = DeviceSpeed(host, host_flops, "cpu", kernel_rates=rates, tensor_overhead_s=overhead)
     return out
 
 
@@ -798,13 +902,28 @@ def _attention_wanted(options: Sequence[Option]) -> list[tuple[str, str, str, At
     return list(wanted)
 
 
+def _weights_wanted(options: Sequence[Option]) -> list[tuple[str, WeightSet]]:
+    """The (kind, weight set) of the weights the `options` multiply by on the CPU: decode for the matrices kept there,
+    prefill for every block's where no GPU holds a layer (the CPU then computes the prompt)."""
+    wanted: dict[tuple[str, WeightSet], None] = {}
+    for option in options:
+        matrices = _matrices(option)
+        on_cpu = [m for m in matrices if m.device == "CPU"]
+        for weights in _weight_sets(on_cpu):
+            wanted[("decode", weights)] = None
+        if not any(d.name != "CPU" and d.layers for d in option.estimate.devices):
+            for weights in _weight_sets([m for m in matrices if not m.output]):
+                wanted[("prefill", weights)] = None
+    return list(wanted)
+
+
 def attention_measured(option: Option, devices: Mapping[str, DeviceSpeed]) -> bool:
     """Whether every attention layer the option keeps on the CPU has this host's measured flash-attention rate,
     decode and prefill (its predictions at depth are then this host's, not the fitted figure's). Pure."""
-    from launcher.measure.attention import rate_key
+    from launcher.measure.kernels import rate_key
 
     wanted = _attention_wanted([option])
-    rates = devices["CPU"].attention_rates if "CPU" in devices else None
+    rates = devices["CPU"].kernel_rates if "CPU" in devices else None
     return bool(wanted) and all(rate_key(*w) in (rates or {}) for w in wanted)
 
 
@@ -939,39 +1058,87 @@ def host_figures(*, refresh: bool = False) -> HostFigures:
     return measured
 
 
-def host_attention(wanted: Sequence[tuple[str, str, str, AttentionShape]], *, refresh: bool = False
-                   ) -> dict[str, float]:  # fmt: skip
-    """This host's flash-attention rate (FLOPs/s, by launcher.measure.attention.rate_key) for each wanted (kind,
-    type_k, type_v, shape), timed on llama.cpp's own CPU kernel on as many threads as llama.cpp starts
-    (llama_threads), once per machine, threads and llama-cpp-python version, and kept beside host-speed.json.
-    What could not be timed is left out (the fitted figure prices it)."""
+def host_kernels(
+    wanted: Sequence[tuple[str, str, str, AttentionShape]],
+    weights: Sequence[tuple[str, WeightSet]] = (),
+    *,
+    refresh: bool = False,
+) -> dict[str, float]:
+    """This host's llama.cpp CPU kernels (FLOPs/s, launcher.measure.kernels): the flash-attention rate for each wanted
+    (kind, type_k, type_v, shape), by rate_key, and the matrix products' for each (kind, weight set) in `weights`, by
+    weight_key, timed on as many threads as llama.cpp starts (llama_threads), once per machine, threads and
+    llama-cpp-python version, and kept beside host-speed.json. What could not be timed is left out (the fitted
+    figures price it)."""
+    from launcher.measure.kernels import measure_rates, rate_key, weight_key
+
+    if not wanted and not weights:
+        return {}
+    known = _kept_kernels()
+    attention = {rate_key(*w): w for w in wanted}
+    matrices = {weight_key(*w): w for w in weights}
+    missing = [w for k, w in attention.items() if refresh or k not in known]
+    missing_weights = [w for k, w in matrices.items() if refresh or k not in known]
+    if missing or missing_weights:
+        _keep_kernels(measure_rates(missing, weights=missing_weights, threads=llama_threads()))
+        known = _kept_kernels()
+    return {k: known[k] for k in [*attention, *matrices] if k in known}
+
+
+OVERHEAD_KEY = "tensor overhead"  # its entry among the kept kernel figures (seconds, not FLOPs/s)
+
+
+def host_tensor_overhead(*, refresh: bool = False) -> float | None:
+    """Seconds per block tensor llama.cpp spends on a decoded token beyond its matrix products on this host,
+    measured once (per machine, threads and llama-cpp-python version, kept with host_kernels' rates) by decoding
+    the embedded model with llama.cpp itself (launcher.measure.kernels.measure_tensor_overhead); None where it could
+    not be."""
+    from launcher.embedded import embedded_model_path
+    from launcher.errors import CatalogError
+    from launcher.measure.kernels import measure_tensor_overhead
+
+    known = _kept_kernels()
+    if OVERHEAD_KEY in known and not refresh:
+        return known[OVERHEAD_KEY]
+    try:
+        model = embedded_model_path()
+    except CatalogError:  # not installed: the fitted fixed cost alone
+        return None
+    measured = measure_tensor_overhead(model, threads=llama_threads())
+    if measured is None:
+        return None
+    _keep_kernels({OVERHEAD_KEY: max(measured, 1e-12)})
+    return measured
+
+
+def _kernels_file() -> tuple[Path, str]:
     import platformdirs
 
-    from launcher.measure.attention import measure_rates, rate_key
     from launcher.version import llama_cpp_python_version
 
-    if not wanted:
-        return {}
-    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-attention.json"
-    threads = llama_threads()
-    key = f"{_host_key()} | {threads} threads | llama-cpp-python {llama_cpp_python_version() or 'none'}"
-    known: dict[str, float] = {}
+    path = Path(platformdirs.user_cache_dir("fitquant")) / "host-kernels.json"
+    key = f"{_host_key()} | {llama_threads()} threads | llama-cpp-python {llama_cpp_python_version() or 'none'}"
+    return path, key
+
+
+def _kept_kernels() -> dict[str, float]:
+    """The kernel figures kept for this host, threads and llama-cpp-python version ({} if none, or another's)."""
+    path, key = _kernels_file()
     try:
         cached = json.loads(path.read_text())
         if cached.get("host") == key and isinstance(cached.get("rates"), dict):
-            known = {str(k): float(v) for k, v in cached["rates"].items() if isinstance(v, (int, float)) and v > 0}
+            return {str(k): float(v) for k, v in cached["rates"].items() if isinstance(v, (int, float)) and v > 0}
     except (OSError, ValueError, AttributeError, TypeError):
         pass
-    keys = {rate_key(*w): w for w in wanted}
-    missing = [w for k, w in keys.items() if refresh or k not in known]
-    if missing:
-        measured = measure_rates(missing, threads=threads)
-        if measured:
-            from launcher.paths import write_private
+    return {}
 
-            known.update(measured)
-            write_private(path, json.dumps({"host": key, "rates": known}))
-    return {k: known[k] for k in keys if k in known}
+
+def _keep_kernels(measured: Mapping[str, float]) -> None:
+    if not measured:
+        return
+    from launcher.paths import write_private
+
+    path, key = _kernels_file()
+    write_private(path, json.dumps({"host": key, "rates": {**_kept_kernels(), **measured}}))
 
 
 def llama_threads() -> int:

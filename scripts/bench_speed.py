@@ -7,8 +7,10 @@
    (llama-cpp-python's llama_model_quantize: F16, Q8_0, Q4_K_M, Q2_K of SmolLM2, Q8_0 of Gemma), each measured by
    llama-bench from the same llama.cpp build (scripts/build-llama-cpp) at pp512 and tg128 at depths 0, 512 and 2048
    with fitquant's default cache (flash attention, q8_0 K and V), beside fitquant's prediction: uncalibrated (this
-   host's measured bandwidth and FLOPS, and its flash-attention rate timed on llama.cpp's kernel, printed above the
-   table; no run of any model), then calibrated after one `--warmup full` of each model through fitquant's own run
+   host's measured bandwidth and FLOPS, and llama.cpp's CPU kernels timed on it: flash attention and each weight
+   type's matrix products on the model's shapes, printed above the table, and the fixed cost per op, from a decode
+   of the embedded SmolLM2 Q4_1: that model's own decode rows are then no independent check of it; no run of any
+   other model), then calibrated after one `--warmup full` of each model through fitquant's own run
    path (a temporary FITQUANT_HOME: the record it writes is thrown away), and for Gemma's rows also after SmolLM2's
    warm-ups alone (its own not yet run): calibrated by another model of the same type, which tests the calibration
    across models, not an echo of it.
@@ -178,8 +180,11 @@ def local(reps: int) -> list[dict[str, Any]]:
     cpu = devices.get("CPU")
     print(f"\nthis machine: {os.cpu_count()} cpus, measured {cpu.bandwidth_bytes_per_s / 1e9:.1f} GB/s copy, "
           f"{(cpu.flops or 0) / 1e9:.0f} GFLOPS FP32 matmul" if cpu else "\nthis machine: no host figures")  # fmt: skip
-    for key, rate in sorted((cpu.attention_rates or {}).items()) if cpu else ():
-        print(f"  flash attention {key}: {rate / 1e9:.1f} GFLOPS (llama.cpp's kernel, timed on this host)")
+    if cpu and cpu.tensor_overhead_s:
+        print(f"  llama.cpp's fixed cost per block tensor of a decoded token: {cpu.tensor_overhead_s * 1e6:.2f} us")
+    for key, rate in sorted((cpu.kernel_rates or {}).items()) if cpu else ():
+        what = "flash attention" if "-" in key.split(" ")[1] else "weights"  # attention keys name K-V types
+        print(f"  {what} {key}: {rate / 1e9:.1f} GFLOPS (llama.cpp's kernel, timed on this host)")
     measured = {name: llama_bench(binary, path, reps) for name, path in models.items()}
     raw = {name: predictions(options[name], devices, None) for name in models}
     smol_models = {name: path for name, path in models.items() if name.startswith("SmolLM2")}
