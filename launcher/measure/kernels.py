@@ -155,7 +155,7 @@ def measure_tensor_overhead(model: Path, *, threads: int, timeout_s: float = TIM
     of small ops costs besides its products (norms, rope, the cache's writes, a barrier per op, the graph's build
     and scheduling) is the host's and llama.cpp's, not the model's size, and grows with the ops a layer holds, which
     its tensors stand for (a norm's weight is a norm and a multiply; a matrix, a product and what follows it). It
-    sets a small model's decode: 1.5 to 2.5 ms of SmolLM2-135M's 7 on the 2-core test machine. None when it could
+    sets a small model's decode: 1 to 2.5 ms of SmolLM2-135M's 7 on the 2-core test machine. None when it could
     not be measured."""
     import importlib.util
 
