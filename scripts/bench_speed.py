@@ -15,7 +15,11 @@
    warm-ups alone (its own not yet run): calibrated by another model of the same type, which tests the calibration
    across models, not an echo of it.
 
-    .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--json FILE]
+   llama-bench runs the whole ladder --rounds times, one round after the other, and each figure is the fastest
+   round's: this machine's speed wanders by 15-20% over minutes (a spell of other tenants' load only ever slows a
+   run down), so one round's figure for one model can be a busy spell's, not the model's.
+
+    .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--rounds R] [--json FILE]
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ def warm_up(models: dict[str, Path], machine: Any) -> tuple[str, str | None]:
     return build
 
 
-def local(reps: int) -> list[dict[str, Any]]:
+def local(reps: int, rounds: int = 2) -> list[dict[str, Any]]:
     from launcher.backends.builds import find_built
     from launcher.embedded import embedded_model_path, gemma_model_path
     from launcher.hardware import detect_hardware
@@ -185,7 +189,11 @@ def local(reps: int) -> list[dict[str, Any]]:
     for key, rate in sorted((cpu.kernel_rates or {}).items()) if cpu else ():
         what = "flash attention" if "-" in key.split(" ")[1] else "weights"  # attention keys name K-V types
         print(f"  {what} {key}: {rate / 1e9:.1f} GFLOPS (llama.cpp's kernel, timed on this host)")
-    measured = {name: llama_bench(binary, path, reps) for name, path in models.items()}
+    measured: dict[str, dict[tuple[str, int], float]] = {name: {} for name in models}
+    for _ in range(max(1, rounds)):  # the whole ladder in turn, each round after the other: the fastest kept
+        for name, path in models.items():
+            for key, value in llama_bench(binary, path, reps).items():
+                measured[name][key] = max(value, measured[name].get(key, 0.0))
     raw = {name: predictions(options[name], devices, None) for name in models}
     smol_models = {name: path for name, path in models.items() if name.startswith("SmolLM2")}
     gemma_models = {name: path for name, path in models.items() if name not in smol_models}
@@ -245,12 +253,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-local", action="store_true", help="Only the published rows (nothing is run).")
     parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per test (default 3).")
+    parser.add_argument("--rounds", type=int, default=2, help="llama-bench rounds over the ladder, fastest kept (2).")
     parser.add_argument("--json", type=Path, help="Also write this machine's rows to FILE.")
     args = parser.parse_args()
     published()
     if args.no_local:
         return
-    rows = local(args.reps)
+    rows = local(args.reps, args.rounds)
     render(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
