@@ -75,6 +75,10 @@ def test_the_host_times_llama_cpps_own_matrix_products_by_weight_set() -> None:
         ("sideways", WeightSet("q8_0", ((256, 256, 1),))),
         ("decode", WeightSet("q8_0", ((256, 256, 0),))),
         ("prefill", WeightSet("f32", tuple((256 * i, 256, 1) for i in range(1, 40)))),  # more shapes than a set holds
+        # a hostile header's largest shape, 64 of it: a graph of gigabytes even with its rows cut, refused before
+        # anything is allocated
+        ("decode", WeightSet("f32", ((2**17, 2**24, 64),))),
+        ("prefill", WeightSet("f32", ((2**17, 2**24, 64),))),
     ]
     rates = measure_rates([], weights=[*sets, *bad], threads=llama_threads())
     assert set(rates) == {weight_key(*w) for w in sets}  # the bad ones are left out, not guessed
