@@ -537,6 +537,8 @@ def _matrices(option: Option) -> list[_Matrix]:
     """Every weight matrix of the option's model that a decoded token multiplies by, placed as bytes_per_token places
     it: the blocks' 2-D (and stacked 3-D) weights, and the output layer (the token embeddings where tied). Empty where
     the tensors' shapes or types are unknown. Pure."""
+    from launcher.measure.kernels import multiplies
+
     facts = option.facts
     types = facts.tensor_types_by_name
     if not types or not facts.tensor_shapes:
@@ -545,7 +547,7 @@ def _matrices(option: Option) -> list[_Matrix]:
     device_of = _device_of_layers(option)
     out = []
     for name, shape in facts.tensor_shapes.items():
-        if len(shape) < 2 or not name.endswith(".weight") or "conv1d" in name:  # a convolution is not a product
+        if not multiplies(name, shape):
             continue
         type_name = types.get(name, ("", 0))[0]
         if name.startswith("blk."):
@@ -614,8 +616,10 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
           ) -> Times | None:  # fmt: skip
     """The parts of a token's time for `option`, decode at `depth` and a prompt of `n_prompt` tokens starting at
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
-    per_device = bytes_per_token(option, round(depth))
     kv = _kv_bytes_per_token(option, round(depth))
+    per_device = _weight_bytes_per_token(option)  # bytes_per_token, its KV part kept apart
+    for where, nbytes in kv.items():
+        per_device[where] = per_device.get(where, 0) + nbytes
     settings = option.estimate.settings
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls

@@ -41,6 +41,7 @@ Run as `python -m launcher.measure.kernels` it reads a request as JSON on stdin 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import subprocess
@@ -127,6 +128,12 @@ def weight_key(kind: str, weights: WeightSet) -> str:
 SET_OPS = 32  # matrices in one weight set at most, its shapes kept in proportion
 
 
+def multiplies(name: str, shape: Sequence[int]) -> bool:
+    """Whether a model's tensor is a weight matrix a token multiplies by: 2-D (or stacked 3-D) `.weight` tensors, not
+    a convolution's."""
+    return len(shape) >= 2 and name.endswith(".weight") and "conv1d" not in name
+
+
 def weight_sets(matrices: Iterable[tuple[str, int, int, float, bool]]) -> dict[WeightSet, float]:
     """The weight sets that stand for a model's matrices, each (type, row length, rows, how many a token multiplies
     by, whether it is the output layer), with the FLOPs per token each set stands for: one set per type (the output
@@ -159,18 +166,30 @@ def measure_tensor_overhead(model: Path, *, threads: int, timeout_s: float = TIM
     not be measured."""
     import importlib.util
 
-    from launcher.measure.dryrun import PACKAGE_PARENT, worker_env
-
     if importlib.util.find_spec("llama_cpp") is None or not model.is_file():
         return None
-    request = json.dumps({"threads": max(1, threads), "overhead": str(model)}).encode()
+    out = _worker({"threads": max(1, threads), "overhead": str(model)}, timeout_s)
     try:
-        done = subprocess.run([sys.executable, "-m", "launcher.measure.kernels"], input=request, capture_output=True,
-                              timeout=timeout_s, env=worker_env(), cwd=PACKAGE_PARENT, check=False)  # fmt: skip
-        value = json.loads(done.stdout or b"{}").get("tensor_overhead_s")
-    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+        value = json.loads(out or b"{}").get("tensor_overhead_s")
+    except (ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, (int, float)) and 0 <= value < 0.1 else None
+
+
+def _worker(request: dict[str, Any], timeout_s: float) -> bytes:
+    """What this module, run as a subprocess on `request`, wrote to its standard output; on a timeout, what it had
+    written by then (run() kills it then, and on Ctrl-C); b"" when it could not start."""
+    from launcher.measure.dryrun import PACKAGE_PARENT, worker_env
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "launcher.measure.kernels"], input=json.dumps(request).encode(),
+                              capture_output=True, timeout=timeout_s, env=worker_env(), cwd=PACKAGE_PARENT,
+                              check=False)  # fmt: skip
+    except subprocess.TimeoutExpired as late:
+        return late.stdout if isinstance(late.stdout, bytes) else b""
+    except OSError:
+        return b""
+    return done.stdout or b""
 
 
 def measure_rates(
@@ -187,8 +206,6 @@ def measure_rates(
     head size) per position; a matrix product, 2 x row length x rows per token."""
     import importlib.util
 
-    from launcher.measure.dryrun import PACKAGE_PARENT, worker_env
-
     jobs: list[dict[str, Any]] = []
     for kind, type_k, type_v, shape in wanted:
         if kind in KINDS and type_k in CACHE_TYPES and type_v in CACHE_TYPES and shape.valid():
@@ -197,15 +214,7 @@ def measure_rates(
     jobs += [{"op": "mul_mat", "kind": kind, "type": w.type_name, "shapes": w.shapes} for kind, w in sets]
     if not jobs or importlib.util.find_spec("llama_cpp") is None:
         return {}
-    request = json.dumps({"threads": max(1, threads), "jobs": jobs}).encode()
-    try:  # run() kills the child on a timeout or Ctrl-C; what it wrote before a timeout is kept
-        done = subprocess.run([sys.executable, "-m", "launcher.measure.kernels"], input=request, capture_output=True,
-                              timeout=timeout_s, env=worker_env(), cwd=PACKAGE_PARENT, check=False)  # fmt: skip
-        out = done.stdout
-    except subprocess.TimeoutExpired as late:
-        out = late.stdout if isinstance(late.stdout, bytes) else b""
-    except OSError:
-        return {}
+    out = _worker({"threads": max(1, threads), "jobs": jobs}, timeout_s)
     rates: dict[str, float] = {}
     for line in (out or b"").splitlines():
         try:
@@ -232,9 +241,6 @@ def _libraries() -> tuple[Any, Any]:
     prefix = "" if sys.platform == "win32" else "lib"
     base = ctypes.CDLL(str(lib / f"{prefix}ggml-base{suffix}"), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
     cpu = ctypes.CDLL(str(lib / f"{prefix}ggml-cpu{suffix}"), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-    global _Plan, _QUIET
-    _Plan = _Plan or _plan_type()
-    _QUIET = _QUIET or ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_quiet)
     p = ctypes.c_void_p
     base.ggml_init.restype = p
     base.ggml_new_tensor_4d.restype = p
@@ -280,31 +286,21 @@ def _libraries() -> tuple[Any, Any]:
     cpu.ggml_graph_compute.restype = ctypes.c_int
     cpu.ggml_graph_compute.argtypes = [p, ctypes.POINTER(_Plan)]
     cpu.ggml_cpu_init()
-    base.ggml_log_set(_QUIET, None)  # a repacking buffer logs every tensor it repacks
+    base.ggml_log_set(_quiet, None)  # a repacking buffer logs every tensor it repacks
     return base, cpu
 
 
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _quiet(level: int, text: bytes, user_data: Any) -> None:
     return None
 
 
-_QUIET: Any = None
+class _Plan(ctypes.Structure):
+    """ggml_cplan (ggml-cpu.h): its first two fields, the work buffer's size and address, then room for the rest
+    (threads, threadpool, abort callback, flags), whose layout changes between ggml versions. Returned by value, a
+    struct this big comes back through memory the caller provides, so the room only needs to be enough."""
 
-
-def _plan_type() -> Any:
-    import ctypes
-
-    class Plan(ctypes.Structure):
-        """ggml_cplan (ggml-cpu.h): its first two fields, the work buffer's size and address, then room for the rest
-        (threads, threadpool, abort callback, flags), whose layout changes between ggml versions. Returned by value,
-        a struct this big comes back through memory the caller provides, so the room only needs to be enough."""
-
-        _fields_ = (("work_size", ctypes.c_size_t), ("work_data", ctypes.c_void_p), ("rest", ctypes.c_byte * 240))
-
-    return Plan
-
-
-_Plan: Any = None
+    _fields_ = (("work_size", ctypes.c_size_t), ("work_data", ctypes.c_void_p), ("rest", ctypes.c_byte * 240))
 
 
 def _compute(cpu: Any, graph: Any, threads: int) -> bool:
@@ -644,8 +640,7 @@ def _tensor_overhead(base: Any, cpu: Any, path: str, threads: int) -> float | No
     matrices = []
     for t in tensors:
         output = t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in names)
-        is_matrix = len(t.shape) >= 2 and t.name.endswith(".weight") and "conv1d" not in t.name
-        if is_matrix and (t.name.startswith("blk.") or output):
+        if multiplies(t.name, t.shape) and (t.name.startswith("blk.") or output):
             matrices.append((t.type_name, t.shape[0], t.shape[1], float(math.prod(t.shape[2:])), output))
     products = 0.0
     for weights, flops in weight_sets(matrices).items():
