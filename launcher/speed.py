@@ -147,12 +147,19 @@ def table_gpu(text: str) -> str:
     gpus = [name for name, speed in device_table().items() if speed.backend != "cpu"]
     exact = [name for name in gpus if name.lower() == wanted]
     found = exact or [name for name in gpus if wanted and wanted in name.lower()]
+    # a whole chip's name before a longer one's: "M1" is the M1's two bins, not also the M1 Pro, Max and Ultra
+    whole = [name for name in found if re.search(re.escape(wanted) + r"(?: \(|$)", name.lower())]
+    found = whole or found
     if len(found) == 1:
         return found[0]
     if found:
         raise ValueError(f"GPU name {shown_value(text)} matches {len(found)} chips ({'; '.join(found)}); name one of "
                          "them")  # fmt: skip
-    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table (known: {'; '.join(gpus)}); for another "
+    known = [name for name in gpus if not name.startswith("Apple ")]  # Apple's are many: named by their span
+    apple = sorted({name.split()[1] for name in gpus if name.startswith("Apple ")}, key=lambda g: (len(g), g))
+    if apple:
+        known.append(f"Apple {apple[0]} to {apple[-1]} by chip and GPU bin, such as 'M2 Pro (19-core GPU)'")
+    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table (known: {'; '.join(known)}); for another "
                      "GPU, give its bandwidth and flops in a profile's device")  # fmt: skip
 
 

@@ -344,6 +344,21 @@ Swapins:                                       0.
 Swapouts:                                      0.
 """
 
+# `ioreg -r -d 1 -w 0 -c AGXAccelerator` on the same 38-core M2 Max: the accelerator's entry, its properties one per
+# line (trimmed: the real entry holds about 40, among them these)
+IOREG_M2_MAX = """\
++-o AGXAcceleratorG14X  <class AGXAcceleratorG14X, id 0x1000003d6, registered, matched, active, busy 0 (1 ms), retain 20>
+    {
+      "IOMatchedAtBoot" = Yes
+      "IOClass" = "AGXAcceleratorG14X"
+      "PerformanceStatistics" = {"In use system memory (driver)"=0,"Alloc system memory"=2181693440,"Tiler Utilization %"=0,"Renderer Utilization %"=0,"Device Utilization %"=0,"In use system memory"=356089856}
+      "model" = "Apple M2 Max"
+      "gpu-core-count" = 38
+      "IOGLBundleName" = "AppleMetalOpenGLRenderer"
+    }
+
+"""
+
 # An Intel Mac has no hw.optional.arm64 = 1 and no iogpu sysctl: sysctl prints the keys it knows on
 # stdout and "sysctl: unknown oid 'iogpu.wired_limit_mb'" on stderr.
 SYSCTL_INTEL_MAC = """\

@@ -9,6 +9,7 @@ import httpx
 import pynvml
 import pytest
 from fakes_hardware import (
+    IOREG_M2_MAX,
     RTX_3060,
     RTX_3090,
     SYSCTL_INTEL_MAC,
@@ -33,7 +34,7 @@ from launcher.hardware import (
     resolve_machine,
 )
 from launcher.hardware.amd import gfx_target, parse_kfd_properties
-from launcher.hardware.apple import default_working_set_bytes, parse_sysctl, parse_vm_stat
+from launcher.hardware.apple import default_working_set_bytes, parse_gpu_cores, parse_sysctl, parse_vm_stat
 from launcher.hardware.cpu import parse_cpu_model, parse_meminfo
 from launcher.hardware.runtimes import probe_backends, probe_ollama
 from launcher.hardware.visible import hip_visible, visible_devices
@@ -304,11 +305,11 @@ def test_kfd_properties_and_gfx_names():
 
 def test_apple_m2_with_32_gib_is_one_unified_metal_gpu(proc):
     nvml = FakeNvml([FakeGpu(**RTX_3090, used_bytes=0)])
-    run = fake_run({"sysctl": SYSCTL_M2_MAX_32GIB, "vm_stat": VM_STAT_M2_MAX})
+    run = fake_run({"sysctl": SYSCTL_M2_MAX_32GIB, "vm_stat": VM_STAT_M2_MAX, "ioreg": IOREG_M2_MAX})
     snapshot = detect_hardware(nvml=nvml, run=run, proc_root=proc, env={}, platform="darwin")
 
     (gpu,) = snapshot.devices
-    assert (gpu.kind, gpu.index, gpu.name) == ("metal", 0, "Apple M2 Max")
+    assert (gpu.kind, gpu.index, gpu.name) == ("metal", 0, "Apple M2 Max (38-core GPU)")  # the chip and its GPU bin
     assert gpu.unified and gpu.integrated
     assert gpu.total_bytes == default_working_set_bytes(32 * GiB)
     assert 24 * GiB < gpu.total_bytes < 24.2 * GiB  # between 74 % and 84 % of 32 GiB, see apple.py
@@ -319,6 +320,33 @@ def test_apple_m2_with_32_gib_is_one_unified_metal_gpu(proc):
     assert (snapshot.cpu.model, snapshot.cpu.physical_cores, snapshot.cpu.logical_cores) == ("Apple M2 Max", 12, 12)
     assert nvml.calls == []  # no NVML on a Mac
     assert any(note.startswith("Metal working set estimated at 24.1 GiB of 32.0 GiB") for note in snapshot.notes)
+
+
+def test_a_macs_gpu_is_priced_by_its_bin_and_not_guessed_without_one():
+    """ioreg's core count names the bin the speed table lists; without it the chip alone names no bin: no speed."""
+    from launcher.speed import machine_speeds
+
+    run = fake_run({"sysctl": SYSCTL_M2_MAX_32GIB, "vm_stat": VM_STAT_M2_MAX, "ioreg": IOREG_M2_MAX})
+    machine = detect_hardware(run=run, env={}, platform="darwin")
+    assert not any("core count" in note for note in machine.notes)
+    speed = machine_speeds(machine)["GPU0"]
+    assert (speed.bandwidth_bytes_per_s, speed.flops, speed.backend) == (400e9, 13.6e12, "metal")
+    # a 30-core M2 Max: the same memory, 30 of the 38 cores' arithmetic
+    run = fake_run({"sysctl": SYSCTL_M2_MAX_32GIB, "vm_stat": VM_STAT_M2_MAX,
+                    "ioreg": IOREG_M2_MAX.replace("= 38", "= 30")})  # fmt: skip
+    speed = machine_speeds(detect_hardware(run=run, env={}, platform="darwin"))["GPU0"]
+    assert (speed.bandwidth_bytes_per_s, speed.flops) == (400e9, 10.74e12)
+
+    for ioreg in (None, "", IOREG_M2_MAX.replace("= 38", "= 0"), IOREG_M2_MAX.replace("= 38", "= 4096")):
+        outputs = {"sysctl": SYSCTL_M2_MAX_32GIB, "vm_stat": VM_STAT_M2_MAX}
+        if ioreg is not None:
+            outputs["ioreg"] = ioreg
+        machine = detect_hardware(run=fake_run(outputs), env={}, platform="darwin")
+        (gpu,) = machine.devices
+        assert gpu.name == "Apple M2 Max"
+        assert any(note.startswith("ioreg gave no GPU core count") and "predict no speed" in note
+                   for note in machine.notes)  # fmt: skip
+        assert "GPU0" not in machine_speeds(machine)  # two bins of the chip: none is taken for it
 
 
 def test_apple_wired_limit_sets_the_working_set():
@@ -352,6 +380,18 @@ def test_sysctl_and_vm_stat_parsers():
     assert parse_sysctl("sysctl: unknown oid 'iogpu.wired_limit_mb'\nhw.memsize: 8\n") == {"hw.memsize": "8"}
     assert parse_vm_stat("Pages free: 10.\n") is None  # no page size line
     assert parse_vm_stat("Mach Virtual Memory Statistics: (page size of 4096 bytes)\nPages free: 10.\n") == 40960
+    assert parse_gpu_cores(IOREG_M2_MAX) == 38
+    assert parse_gpu_cores('    | |   "gpu-core-count" = 14\n') == 14  # `ioreg -l`'s tree, drawn
+    for text in (
+        "",
+        '"gpu-core-count" = 0',
+        '"gpu-core-count" = 2048',
+        '"gpu-core-count" = 12a',
+        '"gpu-core-count" = -1',
+        '"gpu-core-count-max" = 40',
+        '"model" = "Apple M4"',
+    ):
+        assert parse_gpu_cores(text) is None, text
 
 
 # --- host ---------------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ def test_hw_gpu_name_errors_name_the_choices():
     result = invoke("--vram", "24GiB", "--gpu-name", "RTX 9999")
     assert result.exit_code == 2
     assert "GPU name 'RTX 9999' is not in the chip table (known: NVIDIA GeForce RTX 3060;" in result.output
+    assert "; Apple M1 to M4 by chip and GPU bin, such as 'M2 Pro (19-core GPU)')" in result.output  # not 30 names
+    result = invoke("--unified", "16GiB", "--gpu-name", "M1")  # the M1 itself, not also the M1 Pro, Max and Ultra
+    assert result.exit_code == 2
+    assert "matches 2 chips (Apple M1 (7-core GPU); Apple M1 (8-core GPU)); name one of them" in result.output
     result = invoke("--vram", "8GiB,8GiB", "--gpu-name", "4090,3090,3060")
     assert result.exit_code == 2
     assert last_line(result.output) == (

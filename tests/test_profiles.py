@@ -84,6 +84,7 @@ def test_profiles_examples_describe_their_machines():
     assert mac is not None
     (gpu,) = mac.devices
     assert gpu.kind == "metal" and gpu.unified and 16 * GiB < (gpu.total_bytes or 0) < 32 * GiB
+    assert gpu.name == "Apple M2 (10-core GPU)"  # its `chip`: the speed table's figures for it
     assert mac.ram_total_bytes == 32 * GiB
 
     cpu = profile_hardware(load_profile(EXAMPLES / "cpu-only.yaml"))
@@ -97,13 +98,49 @@ def test_profiles_validate_command_accepts_the_examples():
     assert out.splitlines() == [
         f"ok: {files[0]} (machine rtx3060-12g, 2 models)",
         f"ok: {files[1]} (machine 2x3090-home-server, 3 models)",
-        f"ok: {files[2]} (machine macbook-m2-32g, 1 model)",
-        # valid, but the chip table has no base M2: the plans would predict no speed, and validate says how to fix it
-        f"note: {files[2]}: GPU0 (Apple GPU (described)) is not in the chip table and has no 'bandwidth': its plans "
-        "predict no speed; describe it under devices: with 'bandwidth' and 'flops', or with a chip name "
-        "`fitquant plan --gpu-name` accepts",
+        f"ok: {files[2]} (machine macbook-m2-32g, 1 model)",  # its chip named: nothing to say
         f"ok: {files[3]} (machine cpu-only, 1 model)",
     ]
+
+
+def test_profiles_chip_names_a_macs_chip_and_gpu_bin(tmp_path: Path):
+    from launcher.speed import machine_speeds
+
+    mac = profile_hardware(parse_profile("machine: mac\nunified: 36GiB\nchip: m3 max (30-core gpu)\n"))
+    assert mac is not None and mac.devices[0].name == "Apple M3 Max (30-core GPU)"
+    speed = machine_speeds(mac)["GPU0"]
+    assert (speed.bandwidth_bytes_per_s, speed.backend) == (300e9, "metal")  # the 30-core bin's narrower bus
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text("machine: mac\nunified: 36GiB\n")
+    code, out, _ = run("profile", "validate", str(unnamed))
+    assert code == 0 and "GPU0 (Apple GPU (described)) is not in the chip table" in out  # no chip: no speed
+
+    cases = {
+        "machine: mac\nunified: 36GiB\nchip: M3 Max\n": "line 3: 'chip' is not one chip of the speed table: GPU "
+        "name 'M3 Max' matches 2 chips (Apple M3 Max (30-core GPU); Apple M3 Max (40-core GPU)); name one of them",
+        "machine: mac\nunified: 36GiB\nchip: M9 Hyper\n": "line 3: 'chip' is not one chip of the speed table: GPU "
+        "name 'M9 Hyper' is not in the chip table (known: ",
+        "machine: mac\nram: 36GiB\nchip: M3 Max (40-core GPU)\n": "line 3: 'chip' names a Mac's chip and GPU bin; "
+        "give it with unified (a GPU under devices: is named by its own name)",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ProfileError) as caught:
+            parse_profile(text)
+        assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_profiles_init_names_a_macs_chip_where_the_speed_table_has_it():
+    def mac(name: str):
+        machine = describe_machine(unified=32 * GiB)
+        return machine.model_copy(update={"devices": (machine.devices[0].model_copy(update={"name": name}),)})
+
+    text = profile_text("mac", mac("Apple M2 Pro (19-core GPU)"))
+    assert '\nchip: "M2 Pro (19-core GPU)"  # the chip and its GPU bin' in text
+    assert profile_hardware(parse_profile(text)).devices[0].name == "Apple M2 Pro (19-core GPU)"  # type: ignore[union-attr]
+    for name in ("Apple M5 Max (40-core GPU)", "Apple M2 Pro"):  # a chip the table lacks; a bin ioreg did not give
+        text = profile_text("mac", mac(name))
+        assert "\nchip:" not in text and f"# {name} is not in the speed table" in text
+        parse_profile(text)  # still a valid profile
 
 
 def test_profiles_validate_names_a_gpu_whose_speed_plans_cannot_know(tmp_path: Path):

@@ -56,7 +56,7 @@ def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> No
     speed = predict_published(row)
     assert speed.tg_per_s is not None and abs(speed.tg_per_s / row["tg"] - 1) <= 0.25, (speed, row)
     assert speed.pp_per_s is not None
-    if row["device"] == "Apple M1 Max" and row["model"] == "Llama-3-70B Q4_K_M":
+    if row["device"] == "Apple M1 Max (32-core GPU)" and row["model"] == "Llama-3-70B Q4_K_M":
         assert 0.25 < speed.pp_per_s / row["pp"] - 1 < 0.40  # the known miss, measured (it fails if it moves)
         return
     assert abs(speed.pp_per_s / row["pp"] - 1) <= 0.25, (speed, row)

@@ -1,4 +1,4 @@
-"""Apple Silicon: one Metal GPU sharing unified memory with the CPU, read through `sysctl` and `vm_stat`.
+"""Apple Silicon: one Metal GPU sharing unified memory with the CPU, read through `sysctl`, `vm_stat` and `ioreg`.
 
 llama.cpp's Metal backend sizes the GPU as `MTLDevice.recommendedMaxWorkingSetSize` and Ollama uses the
 same value (backends.md 8.3). Without pyobjc we cannot ask Metal, so the working set is:
@@ -11,11 +11,19 @@ Free memory for the GPU is that working set, capped by what the host can give no
 inactive + speculative pages), because it is the same RAM. The snapshot's RAM is the same pool again:
 the planner must never add the Metal device's memory to host RAM.
 
-`parse_sysctl` and `parse_vm_stat` are pure parsers of captured output; `read_apple(run)` is the probe.
+The GPU is named by its chip and its GPU bin, "Apple M3 Max (40-core GPU)", as the speed table lists Apple's chips:
+the bins of one chip differ in FLOPS and, for some (M3 Max 300 vs 400 GB/s, M4 Max 410 vs 546), in bandwidth. The
+core count is the accelerator's `gpu-core-count` in the IO registry (`ioreg -r -d 1 -c AGXAccelerator`); no sysctl
+holds it. Without it the GPU is named by its chip alone, which the table does not take for a bin, so its plans predict
+no speed rather than guess one.
+
+`parse_sysctl`, `parse_vm_stat` and `parse_gpu_cores` are pure parsers of captured output; `read_apple(run)` is the
+probe.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +41,10 @@ SYSCTL_KEYS = (
     "hw.logicalcpu",
     "hw.optional.arm64",
 )
+
+IOREG_ARGV = ("ioreg", "-r", "-d", "1", "-w", "0", "-c", "AGXAccelerator")  # the GPU's IO registry entry, one level
+_GPU_CORES = re.compile(r'^[\s|]*"gpu-core-count" = (\d{1,6})\s*$', re.MULTILINE)
+MAX_GPU_CORES = 1024  # an M3 Ultra has 80; a larger count is not a reading to name a chip by
 
 # macOS's default GPU working set as a fraction of RAM, at the two sizes backends.md 8.3 records:
 # 11.84 GiB of 16 GiB (74 %) and 107.52 GiB of 128 GiB (84 %), as measured by antirez/ds4 PR #893 and
@@ -63,18 +75,23 @@ def run_command(argv: Sequence[str]) -> str:
 
 @dataclass
 class AppleReading:
-    """Captured output of `sysctl <SYSCTL_KEYS>` and `vm_stat`; errors say what could not run."""
+    """Captured output of `sysctl <SYSCTL_KEYS>`, `vm_stat` and `ioreg` (IOREG_ARGV); errors say what could not run."""
 
     sysctl: str | None = None
     vm_stat: str | None = None
+    ioreg: str | None = None
     errors: list[str] = field(default_factory=list)
 
 
 def read_apple(run: Runner | None = None) -> AppleReading:
-    """Run sysctl and vm_stat (through `run`, for tests) and keep their output."""
+    """Run sysctl, vm_stat and ioreg (through `run`, for tests) and keep their output."""
     run = run or run_command
     reading = AppleReading()
-    for attribute, argv in (("sysctl", ["sysctl", *SYSCTL_KEYS]), ("vm_stat", ["vm_stat"])):
+    for attribute, argv in (
+        ("sysctl", ["sysctl", *SYSCTL_KEYS]),
+        ("vm_stat", ["vm_stat"]),
+        ("ioreg", list(IOREG_ARGV)),
+    ):
         try:
             setattr(reading, attribute, run(argv))
         except (OSError, subprocess.SubprocessError) as exc:
@@ -112,6 +129,14 @@ def parse_vm_stat(text: str) -> int | None:
     return count * page_size
 
 
+def parse_gpu_cores(text: str) -> int | None:
+    """The GPU's core count from `ioreg -r -d 1 -c AGXAccelerator` ('"gpu-core-count" = 40'), None when absent or
+    not a count a chip has (0, or past MAX_GPU_CORES)."""
+    match = _GPU_CORES.search(text)
+    cores = int(match.group(1)) if match else 0
+    return cores if 0 < cores <= MAX_GPU_CORES else None
+
+
 @dataclass
 class AppleMachine:
     """What an Apple reading means: the Metal device (if Apple Silicon), host RAM and CPU, notes."""
@@ -144,12 +169,19 @@ def apple_machine(reading: AppleReading) -> AppleMachine:
         working_set, note = metal_working_set(memsize, _int(values.get("iogpu.wired_limit_mb")))
         notes.append(note)
         free = working_set if available is None else min(working_set, available)
+        cores = parse_gpu_cores(reading.ioreg or "")
+        name = model or "Apple GPU"
+        if cores is not None:
+            name = f"{name} ({cores}-core GPU)"
+        else:
+            notes.append(f"ioreg gave no GPU core count (`{' '.join(IOREG_ARGV)}`): the GPU is named {name!r}, "
+                         "without its bin, and its plans predict no speed")  # fmt: skip
         devices.append(
             Device(
                 kind="metal",
                 index=0,
                 system_index=0,
-                name=model or "Apple GPU",
+                name=name,
                 total_bytes=working_set,
                 free_bytes=free,
                 unified=True,

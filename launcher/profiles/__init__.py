@@ -5,6 +5,7 @@
       - {name: RTX 3090, kind: cuda, memory: 24GiB}
     ram: 64GiB                         # optional: the host's RAM (with devices)
     unified: 32GiB                     # optional, alone: an Apple Silicon Mac's unified memory
+    chip: M2 Pro (19-core GPU)         # optional, with unified: the Mac's chip and GPU bin (its speed figures)
     reserve: 1GiB                      # kept free on every device, or {default: 1GiB, GPU0: 2GiB}
     backend: auto                      # auto | llamacpp | ollama
     llama_server: /opt/llama.cpp/bin/llama-server   # or ollama_host: 127.0.0.1:11434

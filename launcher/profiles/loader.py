@@ -343,6 +343,11 @@ def profile_text(name: str, machine: HardwareSnapshot) -> str:
     if metal and ram:
         lines += ["# Unified memory (Apple Silicon): the GPU may use macOS's default working set of it.",
                   f"unified: {_size_text(ram)}"]  # fmt: skip
+        chip = _table_chip(metal[0].name)
+        if chip:
+            lines.append(f"chip: {_quoted(chip)}  # the chip and its GPU bin: the speed figures plans predict from")
+        else:
+            lines.append(f"# {metal[0].name} is not in the speed table: its plans predict no speed")
     elif gpus or ram:
         lines.append("# The devices found here. With them, a plan uses these sizes instead of probing, all free.")
         lines.append("# Delete `devices` and `ram` to probe the machine (its free memory now) at every start.")
@@ -400,6 +405,18 @@ def profile_text(name: str, machine: HardwareSnapshot) -> str:
         "#   body_timeout: 30s  # a body that has not arrived by then is answered 408",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _table_chip(name: str) -> str | None:
+    """A probed Mac GPU's name ('Apple M2 Max (38-core GPU)') as a profile's `chip` gives it, if the speed table
+    has that chip and bin; else None."""
+    from launcher.speed import table_gpu
+
+    chip = name.removeprefix("Apple ")
+    try:
+        return chip if table_gpu(chip) == name else None
+    except ValueError:
+        return None
 
 
 def _quoted(text: str) -> str:

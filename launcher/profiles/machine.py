@@ -20,6 +20,7 @@ def profile_hardware(profile: Profile) -> HardwareSnapshot | None:
     """The machine the profile describes (devices, ram, unified), or None when it leaves that to the probe."""
     from launcher.hardware import describe_machine
     from launcher.hardware.types import DeviceKind
+    from launcher.speed import table_gpu
 
     if profile.devices is None and profile.ram is None and profile.unified is None:
         return None
@@ -31,7 +32,9 @@ def profile_hardware(profile: Profile) -> HardwareSnapshot | None:
                                 f"yet (it plans {', '.join(get_args(DeviceKind))})")  # fmt: skip
     ram = profile.ram if profile.ram is not None else next((d.memory for d in devices if d.kind == "cpu"), None)
     try:
-        machine = describe_machine(vram=[d.memory for _, d in gpus] or None, ram=ram, unified=profile.unified)
+        chip = [table_gpu(profile.chip)] if profile.chip else None  # the table's own name (checked at load)
+        machine = describe_machine(vram=[d.memory for _, d in gpus] or None, ram=ram, unified=profile.unified,
+                                   gpu_names=chip)  # fmt: skip
     except ValueError as exc:
         raise profile.error(("devices",), str(exc)) from None
     host = next((d for d in devices if d.kind == "cpu"), None)

@@ -339,6 +339,9 @@ class Profile(_Strict):
     devices: list[DeviceSpec] | None = None  # None: probe this machine
     ram: PositiveSize | None = None
     unified: PositiveSize | None = None
+    chip: Text | None = (
+        None  # with unified: the Mac's chip and GPU bin as the speed table names it, M2 Pro (19-core GPU)
+    )
     reserve: Annotated[Size | dict[str, Size], BeforeValidator(_reserve)] = DEFAULT_RESERVE_BYTES
     backend: Literal["auto", "llamacpp", "ollama"] = "auto"
     llama_server: Text | None = None
@@ -377,6 +380,16 @@ class Profile(_Strict):
         cpus = [i for i, d in enumerate(devices) if d.kind == "cpu"]
         if self.unified is not None and (self.ram is not None or devices):
             raise _field_error(("unified",), "describes a Mac's whole memory; give it alone, without ram or devices")
+        if self.chip is not None:
+            if self.unified is None:
+                raise _field_error(("chip",), "names a Mac's chip and GPU bin; give it with unified (a GPU under "
+                                   "devices: is named by its own name)")  # fmt: skip
+            from launcher.speed import table_gpu
+
+            try:
+                table_gpu(self.chip)
+            except ValueError as exc:
+                raise _field_error(("chip",), f"is not one chip of the speed table: {exc}") from None
         if len(cpus) > 1:
             raise _field_error(("devices", cpus[1], "kind"), "cpu is the host's RAM; describe it once")
         if cpus and self.ram is not None:
