@@ -138,6 +138,9 @@ def device_table() -> dict[str, DeviceSpeed]:
     return out
 
 
+_NOT_A_VARIANT = r"(?! (?:ti|super|xtx?|gre|pro|max|ultra|d)\b)"  # the words that make a sibling chip's name
+
+
 def table_gpu(text: str) -> str:
     """The chip table's GPU that `text` names ('RTX 4090', 'M3 Max (40-core GPU)'): an exact name (any case), else
     the one chip whose name holds it. Raises ValueError naming the choices when none or several match."""
@@ -146,10 +149,9 @@ def table_gpu(text: str) -> str:
     wanted = " ".join(text.split()).lower()
     gpus = [name for name, speed in device_table().items() if speed.backend != "cpu"]
     exact = [name for name in gpus if name.lower() == wanted]
-    found = exact or [name for name in gpus if wanted and wanted in name.lower()]
-    # a whole chip's name before a longer one's: "M1" is the M1's two bins, not also the M1 Pro, Max and Ultra
-    whole = [name for name in found if re.search(re.escape(wanted) + r"(?: \(|$)", name.lower())]
-    found = whole or found
+    # a name is found where the text is in it and is not the start of a sibling chip's name: "RTX 4060" is not the
+    # RTX 4060 Ti, "M1" not the M1 Pro, Max or Ultra, "RX 7900" none of the XT, XTX and GRE
+    found = exact or [name for name in gpus if wanted and re.search(re.escape(wanted) + _NOT_A_VARIANT, name.lower())]
     if len(found) == 1:
         return found[0]
     if found:

@@ -85,6 +85,9 @@ def test_hw_gpu_name_errors_name_the_choices():
     result = invoke("--unified", "16GiB", "--gpu-name", "M1")  # the M1 itself, not also the M1 Pro, Max and Ultra
     assert result.exit_code == 2
     assert "matches 2 chips (Apple M1 (7-core GPU); Apple M1 (8-core GPU)); name one of them" in result.output
+    for sibling in ("RTX 4060", "RX 7900"):  # not the RTX 4060 Ti's figures, nor the RX 7900 XTX's
+        result = invoke("--vram", "8GiB", "--gpu-name", sibling)
+        assert result.exit_code == 2 and f"GPU name '{sibling}' is not in the chip table" in result.output
     result = invoke("--vram", "8GiB,8GiB", "--gpu-name", "4090,3090,3060")
     assert result.exit_code == 2
     assert last_line(result.output) == (
