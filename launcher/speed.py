@@ -138,7 +138,13 @@ def device_table() -> dict[str, DeviceSpeed]:
     return out
 
 
-_NOT_A_VARIANT = r"(?! (?:ti|super|xtx?|gre|pro|max|ultra|d)\b)"  # the words that make a sibling chip's name
+_SIBLING = r"(?![0-9a-z]| (?:ti|super|xtx?|gre|pro|max|ultra|d)\b)"  # what makes a longer name another chip's
+
+
+def _names(name: str, text: str) -> bool:
+    """`name` holds `text` (any case), and not as the start of a sibling chip's name: "RTX 4060" is not the RTX 4060
+    Ti, "M1" not the M1 Pro, "RX 7600" not the RX 7600 XT or 7600M, "RX 6800" not the RX 6800M."""
+    return re.search(re.escape(text.lower()) + _SIBLING, name.lower()) is not None
 
 
 def table_gpu(text: str) -> str:
@@ -149,20 +155,21 @@ def table_gpu(text: str) -> str:
     wanted = " ".join(text.split()).lower()
     gpus = [name for name, speed in device_table().items() if speed.backend != "cpu"]
     exact = [name for name in gpus if name.lower() == wanted]
-    # a name is found where the text is in it and is not the start of a sibling chip's name: "RTX 4060" is not the
-    # RTX 4060 Ti, "M1" not the M1 Pro, Max or Ultra, "RX 7900" none of the XT, XTX and GRE
-    found = exact or [name for name in gpus if wanted and re.search(re.escape(wanted) + _NOT_A_VARIANT, name.lower())]
+    found = exact or [name for name in gpus if wanted and _names(name, wanted)]
     if len(found) == 1:
         return found[0]
-    if found:
-        raise ValueError(f"GPU name {shown_value(text)} matches {len(found)} chips ({'; '.join(found)}); name one of "
-                         "them")  # fmt: skip
+    # the start of several names ("RTX 40", "RX 7900") is a choice to make; of one, another chip's ("RTX 4060")
+    partial = found or [name for name in gpus if wanted and wanted in name.lower()]
+    if len(partial) > 1:
+        raise ValueError(f"GPU name {shown_value(text)} matches {len(partial)} chips ({'; '.join(partial)}); name one "
+                         "of them")  # fmt: skip
+    sibling = f", only another chip's name holds it ({partial[0]})" if partial else ""
     known = [name for name in gpus if not name.startswith("Apple ")]  # Apple's are many: named by their span
     apple = sorted({name.split()[1] for name in gpus if name.startswith("Apple ")}, key=lambda g: (len(g), g))
     if apple:
         known.append(f"Apple {apple[0]} to {apple[-1]} by chip and GPU bin, such as 'M2 Pro (19-core GPU)'")
-    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table (known: {'; '.join(known)}); for another "
-                     "GPU, give its bandwidth and flops in a profile's device")  # fmt: skip
+    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table{sibling} (known: {'; '.join(known)}); for "
+                     "another GPU, give its bandwidth and flops in a profile's device")  # fmt: skip
 
 
 def _table_entry(name: str, table: Mapping[str, DeviceSpeed]) -> str | None:
@@ -170,7 +177,7 @@ def _table_entry(name: str, table: Mapping[str, DeviceSpeed]) -> str | None:
     name), else the one GPU entry that holds the name (a person's "RTX 4090" in a profile); None: not in the table."""
     if name in table:
         return name
-    held = next((k for k in table if k.lower() in name.lower()), None)
+    held = next((k for k in table if _names(name, k)), None)
     if held is not None:
         return held
     with contextlib.suppress(ValueError):

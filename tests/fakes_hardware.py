@@ -256,6 +256,7 @@ class FakeAmdGpu:
     unique_id: int = 0
     product_name: str | None = None
     cpu_cores_count: int = 0
+    revision: int | None = None  # the PCI revision file (0xc8): with device_id, the product in amdgpu.ids
 
 
 def write_amd_sysfs(root: Path, gpus: Sequence[FakeAmdGpu], *, cpu_nodes: int = 1) -> Path:
@@ -299,6 +300,8 @@ def write_amd_sysfs(root: Path, gpus: Sequence[FakeAmdGpu], *, cpu_nodes: int = 
         }
         if gpu.product_name is not None:
             files["product_name"] = gpu.product_name
+        if gpu.revision is not None:
+            files["revision"] = f"0x{gpu.revision:02x}"
         for name, text in files.items():
             (pci / name).write_text(text + "\n")
         render = root / "class/drm" / f"renderD{gpu.render_minor}"
@@ -306,6 +309,28 @@ def write_amd_sysfs(root: Path, gpus: Sequence[FakeAmdGpu], *, cpu_nodes: int = 
         (render / "device").symlink_to(pci)
     return root
 
+
+# libdrm's amdgpu.ids, its head and an excerpt as mesa/drm ships it (data/amdgpu.ids): one tab after each comma,
+# though a few lines use spaces; 744C is one chip sold as the RX 7900 XTX, XT and GRE, told apart by the revision
+AMDGPU_IDS = """\
+# List of AMDGPU IDs
+#
+# Syntax:
+# device_id,\trevision_id,\tproduct_name        <-- single tab after comma
+
+1.0.0
+73BF,\tC0,\tAMD Radeon RX 6900 XT
+73BF,\tC1,\tAMD Radeon RX 6800 XT
+73BF,\tC3,\tAMD Radeon RX 6800
+743F,\tC3,\tAMD Radeon RX 6500
+743F,\tC3,\tAMD Radeon RX 6500M
+744C,\tC8,\tAMD Radeon RX 7900 XTX
+744C,\tCC,\tAMD Radeon RX 7900 XT
+744C,\tCE,\tAMD Radeon RX 7900 GRE
+744C,\tCF,\tAMD Radeon RX 7900M
+7481,   C7,     AMD Steam Machine
+7480,\tCF,\tAMD Radeon RX 7600
+"""
 
 # `sysctl hw.memsize iogpu.wired_limit_mb machdep.cpu.brand_string hw.physicalcpu hw.logicalcpu
 # hw.optional.arm64` and `vm_stat` as captured on a 32 GiB M2 Max (macOS 14).

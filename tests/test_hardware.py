@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pynvml
 import pytest
 from fakes_hardware import (
+    AMDGPU_IDS,
     IOREG_M2_MAX,
     RTX_3060,
     RTX_3090,
@@ -33,7 +36,7 @@ from launcher.hardware import (
     parse_vram_list,
     resolve_machine,
 )
-from launcher.hardware.amd import gfx_target, parse_kfd_properties
+from launcher.hardware.amd import amd_devices, gfx_target, parse_amdgpu_ids, parse_kfd_properties, read_amd
 from launcher.hardware.apple import default_working_set_bytes, parse_gpu_cores, parse_sysctl, parse_vm_stat
 from launcher.hardware.cpu import parse_cpu_model, parse_meminfo
 from launcher.hardware.runtimes import probe_backends, probe_ollama
@@ -290,6 +293,52 @@ def test_amd_gpu_node_without_a_drm_device_has_unknown_memory(proc, tmp_path):
     (card,) = snapshot.devices
     assert (card.total_bytes, card.free_bytes) == (None, None)
     assert any("cannot read its memory" in note for note in snapshot.notes)
+
+
+def test_amd_card_without_a_product_name_is_named_by_libdrms_table(tmp_path):
+    """Most consumer cards' VBIOS gives no product_name: amdgpu.ids names them by (device, revision), the name the
+    speed table knows them by. The XTX, XT and GRE share device 744C; the revision tells them apart."""
+    from launcher.speed import machine_speeds
+
+    ids = tmp_path / "amdgpu.ids"
+    ids.write_text(AMDGPU_IDS)
+    xt = replace(RX_7900_XTX, product_name=None, revision=0xCC)
+    sysfs = write_amd_sysfs(tmp_path / "sys", [xt, replace(APU_780M, revision=0xC1)])
+    reading = read_amd(sysfs, ids_files=[tmp_path / "missing.ids", ids])
+    assert reading.ids_file == str(ids)
+    card, apu = amd_devices(reading, env={})[0]
+    assert card.name == "AMD Radeon RX 7900 XT"
+    assert apu.name == "AMD Radeon GPU (gfx1103, 1002:15bf)"  # 15BF C1 is not in this excerpt: the fallback
+    speed = machine_speeds(describe_machine(vram=[20 * GiB], gpu_names=["AMD Radeon RX 7900 XT"]))["GPU0"]
+    assert (speed.bandwidth_bytes_per_s, speed.backend) == (800e9, "rocm")
+
+    # no revision file, no readable table, or one too large to be it: the fallback name, never a guess by device alone
+    bare = write_amd_sysfs(tmp_path / "bare", [replace(RX_7900_XTX, product_name=None)])
+    assert amd_devices(read_amd(bare, ids_files=[ids]), env={})[0][0].name == "AMD Radeon GPU (gfx1100, 1002:744c)"
+    nameless = write_amd_sysfs(tmp_path / "nameless", [xt])
+    assert amd_devices(read_amd(nameless, ids_files=[]), env={})[0][0].name == "AMD Radeon GPU (gfx1100, 1002:744c)"
+    huge = tmp_path / "huge.ids"
+    huge.write_text(AMDGPU_IDS + "#" * (1 << 20))
+    reading = read_amd(nameless, ids_files=[huge])
+    assert reading.ids_file is None and amd_devices(reading, env={})[0][0].name.startswith("AMD Radeon GPU (")
+    # a VBIOS product name wins over the table
+    named = write_amd_sysfs(tmp_path / "named", [replace(RX_7900_XTX, revision=0xCC)])
+    assert amd_devices(read_amd(named, ids_files=[ids]), env={})[0][0].name == "AMD Radeon RX 7900 XTX"
+
+
+def test_amdgpu_ids_parser():
+    names = parse_amdgpu_ids(AMDGPU_IDS)
+    assert names[(0x744C, 0xC8)] == "AMD Radeon RX 7900 XTX" and names[(0x744C, 0xCE)] == "AMD Radeon RX 7900 GRE"
+    assert names[(0x7481, 0xC7)] == "AMD Steam Machine"  # spaces, not tabs
+    assert names[(0x743F, 0xC3)] == "AMD Radeon RX 6500"  # a pair listed twice: the first line
+    assert (1, 0) not in names and len(names) == 10  # "1.0.0" and the comments are not entries
+    assert parse_amdgpu_ids("744C, C8\nZZZZ,\tC8,\tX\n744C,\tC8,\t\n12345,\t01,\tToo long\n") == {}
+
+
+@pytest.mark.skipif(not Path("/usr/share/libdrm/amdgpu.ids").is_file(), reason="no libdrm amdgpu.ids here")
+def test_amdgpu_ids_parser_reads_this_machines_libdrm_table():
+    names = parse_amdgpu_ids(Path("/usr/share/libdrm/amdgpu.ids").read_text())
+    assert len(names) > 300 and names[(0x73BF, 0xC1)] == "AMD Radeon RX 6800 XT"  # in every version since 2020
 
 
 def test_kfd_properties_and_gfx_names():

@@ -85,9 +85,18 @@ def test_hw_gpu_name_errors_name_the_choices():
     result = invoke("--unified", "16GiB", "--gpu-name", "M1")  # the M1 itself, not also the M1 Pro, Max and Ultra
     assert result.exit_code == 2
     assert "matches 2 chips (Apple M1 (7-core GPU); Apple M1 (8-core GPU)); name one of them" in result.output
-    for sibling in ("RTX 4060", "RX 7900"):  # not the RTX 4060 Ti's figures, nor the RX 7900 XTX's
-        result = invoke("--vram", "8GiB", "--gpu-name", sibling)
-        assert result.exit_code == 2 and f"GPU name '{sibling}' is not in the chip table" in result.output
+    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 4060")  # not the RTX 4060 Ti's figures
+    assert (
+        result.exit_code == 2
+        and (
+            "GPU name 'RTX 4060' is not in the chip table, only another chip's name holds it (NVIDIA GeForce RTX 4060 Ti)"
+        )
+        in result.output
+    )
+    result = invoke("--vram", "8GiB", "--gpu-name", "RX 7900")  # three cards: a choice, not the first of them
+    assert result.exit_code == 2 and "'RX 7900' matches 3 chips (AMD Radeon RX 7900 XTX; AMD Radeon RX 7900 XT; " in (
+        " ".join(result.output.split())
+    )
     result = invoke("--vram", "8GiB,8GiB", "--gpu-name", "4090,3090,3060")
     assert result.exit_code == 2
     assert last_line(result.output) == (

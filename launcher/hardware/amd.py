@@ -7,7 +7,13 @@ Layout read (under `sysfs_root`, normally /sys):
         mem_info_vram_total, mem_info_vram_used   dedicated VRAM (an APU's BIOS carve-out), bytes
         mem_info_gtt_total, mem_info_gtt_used     GTT: system RAM the GPU may map, bytes
         product_name                              marketing name, where the VBIOS has one
+        revision                                  PCI revision: with the device id, which product of a chip
     module/amdgpu/version                         only with AMD's DKMS driver
+
+A card whose VBIOS gives no product name (most consumer cards) is named from libdrm's `amdgpu.ids`, the table of
+(PCI device, revision) -> marketing name that Mesa and rocm-smi name cards by ("744C, C8, AMD Radeon RX 7900 XTX":
+the XTX, XT and GRE share one device id). Its name is what the speed table knows a card by; without a product
+name the GPU is "AMD Radeon GPU (gfx1100, 1002:744c)", which no table entry is taken for.
 
 GPU nodes are numbered in node order, as HIP numbers them. An APU (integrated GPU) is recognised by
 its KFD node also owning CPU cores, or by the heuristic of backends.md 8.2: VRAM <= 4 GiB with GTT
@@ -17,7 +23,7 @@ capped by the host's available RAM (GTT pages are host pages), and it is never c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +37,7 @@ _DRM_FILES = (
     "device",
     "uevent",
     "product_name",
+    "revision",
     "mem_info_vram_total",
     "mem_info_vram_used",
     "mem_info_vis_vram_total",
@@ -47,6 +54,7 @@ class AmdGpuReading:
     properties: dict[str, int]
     render_node: str | None = None
     drm: dict[str, str] = field(default_factory=dict)
+    marketing_name: str | None = None  # from amdgpu.ids by (device, revision), where the card has no product_name
 
 
 @dataclass
@@ -57,6 +65,7 @@ class AmdReading:
     driver_version: str | None = None
     cpu_nodes: int = 0
     gpus: list[AmdGpuReading] = field(default_factory=list)
+    ids_file: str | None = None  # the amdgpu.ids the marketing names came from
 
 
 def parse_kfd_properties(text: str) -> dict[str, int]:
@@ -78,8 +87,31 @@ def gfx_target(version: int) -> str:
     return f"gfx{major}{minor:x}{stepping:x}"
 
 
-def read_amd(sysfs_root: str | Path = "/sys") -> AmdReading:
-    """Read every KFD GPU node and its DRM device files."""
+# libdrm's table, where distributions install it, then where AMD's own driver packages do
+AMDGPU_IDS_FILES = ("/usr/share/libdrm/amdgpu.ids", "/opt/amdgpu/share/libdrm/amdgpu.ids")
+MAX_IDS_BYTES = 1 << 20  # the file is about 40 KB; anything past a MiB is not it
+
+
+def parse_amdgpu_ids(text: str) -> dict[tuple[int, int], str]:
+    """libdrm's amdgpu.ids ('744C,<tab>C8,<tab>AMD Radeon RX 7900 XTX' lines, '#' comments, a version line) ->
+    {(device id, revision): name}; the first line for a pair wins, malformed lines are skipped (pure)."""
+    names: dict[tuple[int, int], str] = {}
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",", 2)]
+        if len(parts) != 3 or line.startswith("#") or not parts[2]:
+            continue
+        try:
+            key = (int(parts[0], 16), int(parts[1], 16))
+        except ValueError:
+            continue
+        if len(parts[0]) == 4 and len(parts[1]) == 2:
+            names.setdefault(key, parts[2])
+    return names
+
+
+def read_amd(sysfs_root: str | Path = "/sys", ids_files: Sequence[str | Path] = AMDGPU_IDS_FILES) -> AmdReading:
+    """Read every KFD GPU node and its DRM device files; a card without a product name gets its marketing name
+    from the first readable amdgpu.ids of `ids_files`."""
     root = Path(sysfs_root)
     nodes_dir = root / "class/kfd/kfd/topology/nodes"
     if not nodes_dir.is_dir():
@@ -100,7 +132,23 @@ def read_amd(sysfs_root: str | Path = "/sys") -> AmdReading:
                 if text is not None:
                     gpu.drm[name] = text
         reading.gpus.append(gpu)
+    unnamed = [(gpu, key) for gpu in reading.gpus if not gpu.drm.get("product_name") and (key := _pci_id(gpu))]
+    for path in ids_files if unnamed else ():
+        text = _read_bounded(Path(path), MAX_IDS_BYTES)
+        if text is None:
+            continue
+        names = parse_amdgpu_ids(text)
+        reading.ids_file = str(path)
+        for gpu, key in unnamed:
+            gpu.marketing_name = names.get(key)
+        break
     return reading
+
+
+def _pci_id(gpu: AmdGpuReading) -> tuple[int, int] | None:
+    """(device id, revision) from the DRM device files; None when either is missing."""
+    device, revision = _hex(gpu.drm.get("device")), _hex(gpu.drm.get("revision"))
+    return (device, revision) if device is not None and revision is not None else None
 
 
 def amd_devices(
@@ -133,7 +181,7 @@ def _device(
     vendor, device_id = _hex(drm.get("vendor")), _hex(drm.get("device"))
     uevent = dict(line.partition("=")[::2] for line in drm.get("uevent", "").splitlines())
     ids = f", {vendor:04x}:{device_id:04x}" if vendor is not None and device_id is not None else ""
-    name = drm.get("product_name") or f"AMD Radeon GPU ({gfx}{ids})"
+    name = drm.get("product_name") or gpu.marketing_name or f"AMD Radeon GPU ({gfx}{ids})"
     vram_total, vram_used = _int(drm.get("mem_info_vram_total")), _int(drm.get("mem_info_vram_used"))
     gtt_total, gtt_used = _int(drm.get("mem_info_gtt_total")), _int(drm.get("mem_info_gtt_used"))
     notes = []
@@ -211,3 +259,13 @@ def _read(path: Path) -> str | None:
         return path.read_text(errors="replace").strip()
     except OSError:
         return None
+
+
+def _read_bounded(path: Path, limit: int) -> str | None:
+    """A text file of at most `limit` bytes (no more than that is read); None when unreadable or larger."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(limit + 1)
+    except OSError:
+        return None
+    return data.decode(errors="replace") if len(data) <= limit else None
