@@ -339,9 +339,7 @@ class Profile(_Strict):
     devices: list[DeviceSpec] | None = None  # None: probe this machine
     ram: PositiveSize | None = None
     unified: PositiveSize | None = None
-    chip: Text | None = (
-        None  # with unified: the Mac's chip and GPU bin as the speed table names it, M2 Pro (19-core GPU)
-    )
+    chip: Text | None = None  # with unified: the Mac's chip and GPU bin as the speed table names it
     reserve: Annotated[Size | dict[str, Size], BeforeValidator(_reserve)] = DEFAULT_RESERVE_BYTES
     backend: Literal["auto", "llamacpp", "ollama"] = "auto"
     llama_server: Text | None = None
