@@ -62,6 +62,27 @@ def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> No
     assert abs(speed.pp_per_s / row["pp"] - 1) <= 0.25, (speed, row)
 
 
+def test_apples_chips_are_listed_by_bin_with_one_figure_per_core_a_generation() -> None:
+    """The table's Apple entries (data/speed.json `about`): every chip by GPU bin, as the probe names a Mac's GPU,
+    and a bin's FLOPS its cores x the generation's figure per core (the bins of a generation share a core design)."""
+    import re
+
+    from launcher.speed import device_table
+
+    apple = {name: speed for name, speed in device_table().items() if name.startswith("Apple ")}
+    per_core: dict[str, list[float]] = {}
+    for name, speed in apple.items():
+        m = re.fullmatch(r"Apple (M\d)(?: (?:Pro|Max|Ultra))? \((\d+)-core GPU\)", name)
+        assert m is not None and speed.backend == "metal" and speed.flops, name
+        per_core.setdefault(m.group(1), []).append(speed.flops / int(m.group(2)))
+    assert sorted(per_core) == ["M1", "M2", "M3", "M4"] and len(apple) == 30
+    for generation, figures in per_core.items():
+        assert max(figures) / min(figures) < 1.01, generation
+    # the bins that differ in memory, not only in cores
+    assert apple["Apple M3 Max (30-core GPU)"].bandwidth_bytes_per_s == 300e9
+    assert apple["Apple M4 Max (32-core GPU)"].bandwidth_bytes_per_s == 410e9
+
+
 def test_the_held_out_rows_are_not_fitted_on() -> None:
     fitted_keys = {(r["device"], r["model"]) for r in published_rows()}
     assert validation_rows() and not fitted_keys & {(r["device"], r["model"]) for r in validation_rows()}
