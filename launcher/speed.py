@@ -399,8 +399,13 @@ def _output_device(option: Option) -> str:
 
 def bytes_per_token(option: Option, depth: int) -> dict[str, int]:
     """Bytes read per decoded token on each device of the option's estimate, at `depth` tokens of context. Pure."""
-    out = _weight_bytes_per_token(option)
-    for device, nbytes in _kv_bytes_per_token(option, depth).items():
+    return _added(_weight_bytes_per_token(option), _kv_bytes_per_token(option, depth))
+
+
+def _added(first: Mapping[str, int], second: Mapping[str, int]) -> dict[str, int]:
+    """Two per-device byte counts added up, device by device. Pure."""
+    out = dict(first)
+    for device, nbytes in second.items():
         out[device] = out.get(device, 0) + nbytes
     return out
 
@@ -529,8 +534,13 @@ def kquant_weights_per_token(option: Option) -> dict[str, float]:
     """K-quant (and i-quant) weights a decoded token multiplies by, per device of the option's estimate: the blocks'
     (MoE routed experts x used / total) where their layers sit, the output layer's where it lives (bytes_per_token's
     placement). Empty where the tensors' types are unknown. Pure."""
+    return _kquant_weights(_matrices(option))
+
+
+def _kquant_weights(matrices: Sequence[_Matrix]) -> dict[str, float]:
+    """kquant_weights_per_token of matrices already listed (_matrices). Pure."""
     out: dict[str, float] = {}
-    for m in _matrices(option):
+    for m in matrices:
         if is_kquant(m.type_name):
             out[m.device] = out.get(m.device, 0.0) + m.k * m.rows * m.count
     return out
@@ -633,15 +643,13 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     """The parts of a token's time for `option`, decode at `depth` and a prompt of `n_prompt` tokens starting at
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
     kv = _kv_bytes_per_token(option, round(depth))
-    per_device = _weight_bytes_per_token(option)  # bytes_per_token, its KV part kept apart
-    for where, nbytes in kv.items():
-        per_device[where] = per_device.get(where, 0) + nbytes
+    per_device = _added(_weight_bytes_per_token(option), kv)  # bytes_per_token, its KV part kept apart
     settings = option.estimate.settings
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
     decode_layers = _attention_layers(option, depth)
-    kquant = kquant_weights_per_token(option)
     matrices = _matrices(option)
+    kquant = _kquant_weights(matrices)
     tensors_on = _block_tensors(option)
     seconds = attention_s = t0 = 0.0
     used = []
