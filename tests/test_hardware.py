@@ -333,6 +333,9 @@ def test_amdgpu_ids_parser():
     assert names[(0x743F, 0xC3)] == "AMD Radeon RX 6500"  # a pair listed twice: the first line
     assert (1, 0) not in names and len(names) == 10  # "1.0.0" and the comments are not entries
     assert parse_amdgpu_ids("744C, C8\nZZZZ,\tC8,\tX\n744C,\tC8,\t\n12345,\t01,\tToo long\n") == {}
+    # a name that would be shown as the GPU's: not a terminal escape, not a page of text
+    hostile = f"744C,\tC8,\tAMD \x1b[2J Radeon\n744C,\tCC,\t{'X' * 101}\n744C,\tCE,\t{'Y' * 100}\n"
+    assert parse_amdgpu_ids(hostile) == {(0x744C, 0xCE): "Y" * 100}
 
 
 @pytest.mark.skipif(not Path("/usr/share/libdrm/amdgpu.ids").is_file(), reason="no libdrm amdgpu.ids here")

@@ -122,11 +122,18 @@ def test_profiles_chip_names_a_macs_chip_and_gpu_bin(tmp_path: Path):
         "name 'M9 Hyper' is not in the chip table (known: ",
         "machine: mac\nram: 36GiB\nchip: M3 Max (40-core GPU)\n": "line 3: 'chip' names a Mac's chip and GPU bin; "
         "give it with unified (a GPU under devices: is named by its own name)",
+        "machine: mac\nunified: 36GiB\nchip: 42\n": "line 3: 'chip' must be a valid string, got 42",
+        "machine: mac\nunified: 36GiB\nchip: ''\n": "line 3: 'chip' must have at least 1 character",
+        "machine: mac\nunified: 36GiB\nchip: [M3, Max]\n": "line 3: 'chip' must be a valid string",
+        f"machine: mac\nunified: 36GiB\nchip: {'M' * 100_000}\n": "line 3: 'chip' is not one chip of the speed "
+        "table: GPU name 'MMMMM",
+        'machine: mac\nunified: 36GiB\nchip: "M3\\e[2J Max"\n': "GPU name 'M3\\x1b[2J Max' is not in the chip table",
     }
     for text, message in cases.items():
         with pytest.raises(ProfileError) as caught:
             parse_profile(text)
         assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+        assert len(str(caught.value)) < 1500 and "\x1b" not in str(caught.value)  # one line, shown not sent
 
 
 def test_profiles_init_names_a_macs_chip_where_the_speed_table_has_it():

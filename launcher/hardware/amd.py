@@ -90,22 +90,25 @@ def gfx_target(version: int) -> str:
 # libdrm's table, where distributions install it, then where AMD's own driver packages do
 AMDGPU_IDS_FILES = ("/usr/share/libdrm/amdgpu.ids", "/opt/amdgpu/share/libdrm/amdgpu.ids")
 MAX_IDS_BYTES = 1 << 20  # the file is about 40 KB; anything past a MiB is not it
+MAX_NAME_CHARS = 100  # the longest name in it is under 40 characters
 
 
 def parse_amdgpu_ids(text: str) -> dict[tuple[int, int], str]:
     """libdrm's amdgpu.ids ('744C,<tab>C8,<tab>AMD Radeon RX 7900 XTX' lines, '#' comments, a version line) ->
-    {(device id, revision): name}; the first line for a pair wins, malformed lines are skipped (pure)."""
+    {(device id, revision): name}; the first line for a pair wins, malformed lines are skipped, and so is a name that
+    is not one printable line of at most MAX_NAME_CHARS (it becomes the GPU's name in every output) (pure)."""
     names: dict[tuple[int, int], str] = {}
     for line in text.splitlines():
         parts = [part.strip() for part in line.split(",", 2)]
-        if len(parts) != 3 or line.startswith("#") or not parts[2]:
+        name = parts[2] if len(parts) == 3 else ""
+        if line.startswith("#") or not name or not name.isprintable() or len(name) > MAX_NAME_CHARS:
             continue
         try:
             key = (int(parts[0], 16), int(parts[1], 16))
         except ValueError:
             continue
         if len(parts[0]) == 4 and len(parts[1]) == 2:
-            names.setdefault(key, parts[2])
+            names.setdefault(key, name)
     return names
 
 
