@@ -163,13 +163,40 @@ def table_gpu(text: str) -> str:
     if len(partial) > 1:
         raise ValueError(f"GPU name {shown_value(text)} matches {len(partial)} chips ({'; '.join(partial)}); name one "
                          "of them")  # fmt: skip
-    sibling = f", only another chip's name holds it ({partial[0]})" if partial else ""
-    known = [name for name in gpus if not name.startswith("Apple ")]  # Apple's are many: named by their span
-    apple = sorted({name.split()[1] for name in gpus if name.startswith("Apple ")}, key=lambda g: (len(g), g))
-    if apple:
-        known.append(f"Apple {apple[0]} to {apple[-1]} by chip and GPU bin, such as 'M2 Pro (19-core GPU)'")
-    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table{sibling} (known: {'; '.join(known)}); for "
-                     "another GPU, give its bandwidth and flops in a profile's device")  # fmt: skip
+    # (a longer number is another chip, not a sibling: "A40" is not the RTX A4000 in other words)
+    held = bool(partial) and re.search(re.escape(wanted) + r"(?!\d)", partial[0].lower()) is not None
+    sibling = f", only another chip's name holds it ({partial[0]})" if held else ""
+    nearest = [] if held else _nearest(wanted, gpus)
+    near = f"nearest: {'; '.join(nearest)}; " if nearest else ""
+    raise ValueError(f"GPU name {shown_value(text)} is not in the chip table{sibling} ({near}`fitquant hw --chips` "
+                     f"lists all {len(gpus)}); for another GPU, give its bandwidth and flops in a profile's "
+                     "device")  # fmt: skip
+
+
+def chip_table() -> list[dict[str, Any]]:
+    """Every GPU of the chip table (`hw --chips`): name, backend, bandwidth, FLOPS and host link (None: unified
+    memory), in the table's order."""
+    return [{"name": name, "backend": speed.backend, "bandwidth_bytes_per_s": speed.bandwidth_bytes_per_s,
+             "flops": speed.flops, "host_link_bytes_per_s": speed.link_bytes_per_s}
+            for name, speed in device_table().items() if speed.backend != "cpu"]  # fmt: skip
+
+
+_BIN = re.compile(r" \(\d+-core gpu\)$")
+_VENDOR = re.compile(r"^(?:nvidia geforce |nvidia |amd radeon |amd |apple |tesla )")
+
+
+def _nearest(wanted: str, gpus: Sequence[str], count: int = 5) -> list[str]:
+    """The chip table's names most like `wanted` (a misspelt or unknown name), their vendor's words left out of the
+    likeness ("rtx 3090" is no nearer one NVIDIA card than another for being NVIDIA's)."""
+    import difflib
+
+    short: dict[str, str] = {}
+    for name in gpus:
+        key = _VENDOR.sub("", name.lower())
+        short.setdefault(key, name)
+        short.setdefault(_BIN.sub("", key), name)  # "m3 max" beside "m3 max (30-core gpu)": a chip named alone
+    found = difflib.get_close_matches(_VENDOR.sub("", wanted), list(short), n=2 * count, cutoff=0.6)
+    return list(dict.fromkeys(short[key] for key in found))[:count]  # a name once, where both its keys came near
 
 
 def _table_entry(name: str, table: Mapping[str, DeviceSpeed]) -> str | None:

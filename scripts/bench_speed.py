@@ -15,9 +15,10 @@
    warm-ups alone (its own not yet run): calibrated by another model of the same type, which tests the calibration
    across models, not an echo of it.
 
-   llama-bench runs the whole ladder --rounds times, one round after the other, and each figure is the fastest
-   round's: this machine's speed wanders by 15-20% over minutes (a spell of other tenants' load only ever slows a
-   run down), so one round's figure for one model can be a busy spell's, not the model's.
+   Each model in turn: a llama-bench round, its warm-up, then --rounds - 1 more llama-bench rounds, each figure the
+   fastest round's. This machine's speed wanders by 10-20% over minutes (a spell of other tenants' load only ever
+   slows a run down): one round's figure can be a busy spell's, not the model's, and a warm-up taken minutes away
+   from the figures it is checked against would measure the difference between two spells, not the prediction.
 
     .venv/bin/python scripts/bench_speed.py [--no-local] [--reps N] [--rounds R] [--json FILE]
 """
@@ -190,10 +191,6 @@ def local(reps: int, rounds: int = 2) -> list[dict[str, Any]]:
         what = "flash attention" if "-" in key.split(" ")[1] else "weights"  # attention keys name K-V types
         print(f"  {what} {key}: {rate / 1e9:.1f} GFLOPS (llama.cpp's kernel, timed on this host)")
     measured: dict[str, dict[tuple[str, int], float]] = {name: {} for name in models}
-    for _ in range(max(1, rounds)):  # the whole ladder in turn, each round after the other: the fastest kept
-        for name, path in models.items():
-            for key, value in llama_bench(binary, path, reps).items():
-                measured[name][key] = max(value, measured[name].get(key, 0.0))
     raw = {name: predictions(options[name], devices, None) for name in models}
     smol_models = {name: path for name, path in models.items() if name.startswith("SmolLM2")}
     gemma_models = {name: path for name, path in models.items() if name not in smol_models}
@@ -203,12 +200,23 @@ def local(reps: int, rounds: int = 2) -> list[dict[str, Any]]:
         return {name: calibration(machine, backend, version, name.rsplit(" ", 1)[-1], model_key(str(path)))
                 for name, path in names.items()}  # fmt: skip
 
+    def bench(name: str, path: Path) -> None:
+        for key, value in llama_bench(binary, path, reps).items():
+            measured[name][key] = max(value, measured[name].get(key, 0.0))
+
+    by_other: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fitquant-bench-speed-") as home:
         os.environ["FITQUANT_HOME"] = home  # the warm-ups' record and instances: thrown away after
         try:
-            backend, version = warm_up(smol_models, machine)
-            by_other = factors(gemma_models)  # Gemma not run yet: SmolLM2's runs of its type
-            warm_up(gemma_models, machine)
+            for name, path in models.items():
+                if name in gemma_models and not by_other:
+                    by_other = factors(gemma_models)  # Gemma not run yet: SmolLM2's runs of its type
+                # the model's warm-up between its llama-bench rounds: the machine's speed wanders over minutes, and
+                # a warm-up taken in another spell than the figures it is checked against would measure the spell
+                for n in range(max(1, rounds)):
+                    if n == 1 or rounds <= 1:
+                        backend, version = warm_up({name: path}, machine)
+                    bench(name, path)
             by_own = factors(models)
         finally:
             del os.environ["FITQUANT_HOME"]
@@ -253,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-local", action="store_true", help="Only the published rows (nothing is run).")
     parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per test (default 3).")
-    parser.add_argument("--rounds", type=int, default=2, help="llama-bench rounds over the ladder, fastest kept (2).")
+    parser.add_argument("--rounds", type=int, default=2, help="llama-bench rounds per model, warm-up after the first.")
     parser.add_argument("--json", type=Path, help="Also write this machine's rows to FILE.")
     args = parser.parse_args()
     published()

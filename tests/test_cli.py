@@ -190,9 +190,9 @@ def _fitquant(*args: str) -> subprocess.CompletedProcess[str]:
          "Error: give either discrete GPU memory (vram) or unified memory, not both"),
         (["run", "x.gguf", "--gpu-name", "RTX 4090"],
          "Error: GPU names describe GPUs: give their memory too (vram or unified)"),
-        (["plan", "x.gguf", "--vram", "24GiB", "--gpu-name", "RTX 40"],
-         "Error: Invalid value for '--gpu-name': GPU name 'RTX 40' matches 4 chips (NVIDIA GeForce RTX 4060 Ti; "
-         "NVIDIA GeForce RTX 4070; NVIDIA GeForce RTX 4080; NVIDIA GeForce RTX 4090); name one of them"),
+        (["plan", "x.gguf", "--vram", "24GiB", "--gpu-name", "RTX 408"],
+         "Error: Invalid value for '--gpu-name': GPU name 'RTX 408' matches 2 chips (NVIDIA GeForce RTX 4080; "
+         "NVIDIA GeForce RTX 4080 SUPER); name one of them"),
     ],
 )  # fmt: skip
 def test_cli_absurd_sizes_and_contexts_are_one_line(args: list[str], line: str):

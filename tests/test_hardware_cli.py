@@ -80,18 +80,25 @@ def test_hw_gpu_name_errors_name_the_choices():
     assert "matches 2 chips (Apple M3 Max (30-core GPU); Apple M3 Max (40-core GPU)); name one of them" in result.output
     result = invoke("--vram", "24GiB", "--gpu-name", "RTX 9999")
     assert result.exit_code == 2
-    assert "GPU name 'RTX 9999' is not in the chip table (known: NVIDIA GeForce RTX 3060;" in result.output
-    assert "; Apple M1 to M4 by chip and GPU bin, such as 'M2 Pro (19-core GPU)')" in result.output  # not 30 names
+    text = " ".join(result.output.split())
+    # the names most like it, not the whole table
+    assert ("GPU name 'RTX 9999' is not in the chip table (nearest: NVIDIA GeForce RTX 5090; NVIDIA GeForce RTX 4090; "
+            "NVIDIA GeForce RTX 3090; `fitquant hw --chips` lists all ") in text  # fmt: skip
     result = invoke("--unified", "16GiB", "--gpu-name", "M1")  # the M1 itself, not also the M1 Pro, Max and Ultra
     assert result.exit_code == 2
     assert "matches 2 chips (Apple M1 (7-core GPU); Apple M1 (8-core GPU)); name one of them" in result.output
-    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 4060")  # not the RTX 4060 Ti's figures
-    assert (
-        result.exit_code == 2
-        and (
-            "GPU name 'RTX 4060' is not in the chip table, only another chip's name holds it (NVIDIA GeForce RTX 4060 Ti)"
-        )
-        in result.output
+    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 5060")  # not the RTX 5060 Ti's figures
+    assert result.exit_code == 2 and (
+        "GPU name 'RTX 5060' is not in the chip table, only another chip's name holds it (NVIDIA GeForce RTX 5060 Ti) "
+        "(`fitquant hw --chips` lists all "
+    ) in " ".join(result.output.split())
+    result = invoke("--vram", "48GiB", "--gpu-name", "A40")  # another number, not a sibling of the RTX A4000
+    assert result.exit_code == 2 and "GPU name 'A40' is not in the chip table (nearest: NVIDIA A10; " in (
+        " ".join(result.output.split())
+    )
+    result = invoke("--unified", "64GiB", "--gpu-name", "M5 Max")  # a chip without its bin is near every bin's name
+    assert result.exit_code == 2 and "(nearest: Apple M4 Max (32-core GPU); Apple M3 Max (30-core GPU); " in (
+        " ".join(result.output.split())
     )
     result = invoke("--vram", "8GiB", "--gpu-name", "RX 7900")  # three cards: a choice, not the first of them
     assert result.exit_code == 2 and "'RX 7900' matches 3 chips (AMD Radeon RX 7900 XTX; AMD Radeon RX 7900 XT; " in (
@@ -196,3 +203,29 @@ def test_fitquant_module_entry_point_runs_hw():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["devices"][0]["total_bytes"] == 12 * GiB
+
+
+def test_hw_chips_lists_the_chip_table_and_every_name_finds_itself():
+    from launcher.speed import table_gpu
+
+    result = invoke("--chips", "--json")
+    assert result.exit_code == 0, result.output
+    chips = json.loads(result.output)
+    names = [c["name"] for c in chips]
+    assert len(names) == len(set(names)) > 80 and not any(c["backend"] == "cpu" for c in chips)
+    by_name = {c["name"]: c for c in chips}
+    assert by_name["NVIDIA GeForce RTX 4090 D"]["bandwidth_bytes_per_s"] == 1008e9  # its own entry, not the 4090's
+    assert (
+        by_name["Tesla T4"]["backend"] == "cuda"
+        and by_name["Apple M2 Max (38-core GPU)"]["host_link_bytes_per_s"] is None
+    )
+    for name in names:
+        assert table_gpu(name) == name
+        short = name.removeprefix("NVIDIA GeForce ").removeprefix("AMD Radeon ")
+        if short != name:  # how people name a card: "RTX 4070 Ti" is the 4070 Ti, not the 4070 Ti SUPER
+            assert table_gpu(short) == name, short
+    result = invoke("--chips")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"The chip table: {len(names)} GPUs" in text and "RTX 4070 Ti SUPER" in text
+    result = invoke("--chips", "--vram", "8GiB")
+    assert result.exit_code == 2 and "--chips lists the chip table; it cannot be combined" in result.output

@@ -119,7 +119,7 @@ def test_profiles_chip_names_a_macs_chip_and_gpu_bin(tmp_path: Path):
         "machine: mac\nunified: 36GiB\nchip: M3 Max\n": "line 3: 'chip' is not one chip of the speed table: GPU "
         "name 'M3 Max' matches 2 chips (Apple M3 Max (30-core GPU); Apple M3 Max (40-core GPU)); name one of them",
         "machine: mac\nunified: 36GiB\nchip: M9 Hyper\n": "line 3: 'chip' is not one chip of the speed table: GPU "
-        "name 'M9 Hyper' is not in the chip table (known: ",
+        "name 'M9 Hyper' is not in the chip table (`fitquant hw --chips` lists all ",
         "machine: mac\nram: 36GiB\nchip: M3 Max (40-core GPU)\n": "line 3: 'chip' names a Mac's chip and GPU bin; "
         "give it with unified (a GPU under devices: is named by its own name)",
         "machine: mac\nunified: 36GiB\nchip: 42\n": "line 3: 'chip' must be a valid string, got 42",

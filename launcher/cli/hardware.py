@@ -13,12 +13,16 @@ from launcher.cli.render import print_json
 @click.option("--doctor", is_flag=True,
               help="Print every probe's raw readings as JSON, for bug reports, and whether the llama.cpp server found "
                    "here can reach this machine's GPUs.")  # fmt: skip
+@click.option("--chips", is_flag=True,
+              help="List the chip table: every GPU name --gpu-name and a profile's chip take, with its bandwidth, "
+                   "FLOPS and host link.")  # fmt: skip
 @options.gpu_options
 @options.gpu_name_option
 @options.ram_option
 def hw(
     as_json: bool,
     doctor: bool,
+    chips: bool,
     vram: list[int] | None,
     ram: int | None,
     unified: int | None,
@@ -28,6 +32,15 @@ def hw(
     from launcher.hardware import collect_readings, describe_machine, detect_hardware
 
     described = vram is not None or ram is not None or unified is not None or gpu_name is not None
+    if chips:
+        if described or doctor:
+            raise click.UsageError("--chips lists the chip table; it cannot be combined with other options but --json")
+        from launcher.cli.render import render_chips
+        from launcher.speed import chip_table
+
+        table = chip_table()
+        print_json(table) if as_json else render_chips(table)
+        return
     if doctor:
         if described:
             raise click.UsageError(

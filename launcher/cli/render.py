@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from launcher.estimate import MemoryEstimate
     from launcher.hardware import HardwareSnapshot
@@ -31,6 +31,26 @@ def error_line(exc: Exception) -> None:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+def render_chips(chips: Sequence[Mapping[str, Any]]) -> None:
+    """The chip table (`hw --chips`): the names --gpu-name takes, with the figures a plan's speed starts from."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"The chip table: {len(chips)} GPUs", title_justify="left")
+    for column in ("name", "backend", "GB/s", "TFLOPS", "PCIe GB/s"):
+        table.add_column(column, justify="left" if column in ("name", "backend") else "right", no_wrap=True)
+    for chip in chips:
+        link = chip["host_link_bytes_per_s"]
+        table.add_row(chip["name"], chip["backend"], f"{chip['bandwidth_bytes_per_s'] / 1e9:g}",
+                      "?" if chip["flops"] is None else f"{chip['flops'] / 1e12:g}",
+                      "unified" if link is None else f"{link / 1e9:.1f}")  # fmt: skip
+    console = Console(highlight=False)
+    console.print(table)
+    console.print("GB/s: memory bandwidth; TFLOPS: dense FP16 (Apple's FP32: its GPUs run FP16 at the same rate); PCIe "
+                  "GB/s: the link to the host, one way. Any unique part of a name will do: --gpu-name 'RTX 4070 Ti', "
+                  "a profile's chip: 'M3 Max (40-core GPU)'.")  # fmt: skip
 
 
 def render_hardware(snapshot: HardwareSnapshot, speed: Mapping[str, Mapping[str, Any]] | None = None) -> None:
