@@ -138,12 +138,15 @@ def device_table() -> dict[str, DeviceSpeed]:
     return out
 
 
-_SIBLING = r"(?![0-9a-z]| (?:ti|super|xtx?|gre|pro|max|ultra|d)\b)"  # what makes a longer name another chip's
+# what makes a longer name another chip's: a laptop's chip ("RTX 4090 Laptop GPU": 576 GB/s, not the card's 1008)
+# and a mobile part are not the card of the same number either
+_SIBLING = r"(?![0-9a-z]| (?:ti|super|xtx?|gre|pro|max|ultra|d|laptop|mobile)\b)"
 
 
 def _names(name: str, text: str) -> bool:
     """`name` holds `text` (any case), and not as the start of a sibling chip's name: "RTX 4060" is not the RTX 4060
-    Ti, "M1" not the M1 Pro, "RX 7600" not the RX 7600 XT or 7600M, "RX 6800" not the RX 6800M."""
+    Ti, "M1" not the M1 Pro, "RX 7600" not the RX 7600 XT or 7600M, "RX 6800" not the RX 6800M, the RTX 4090 not
+    the "RTX 4090 Laptop GPU"."""
     return re.search(re.escape(text.lower()) + _SIBLING, name.lower()) is not None
 
 

@@ -134,6 +134,10 @@ def test_a_persons_short_gpu_name_finds_its_one_chip_in_the_table() -> None:
     short = machine_speeds(one_gpu("RTX 3060"))["GPU0"]
     assert (short.bandwidth_bytes_per_s, short.flops) == (table.bandwidth_bytes_per_s, table.flops)
     assert "GPU0" not in machine_speeds(one_gpu("RTX"))  # several chips hold it: unknown, not a guess among them
+    # a laptop's chip of the same number is not the card: its bus and clocks are narrower (the 4090's: 576 GB/s)
+    for laptop in ("NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA GeForce RTX 3080 Ti Laptop GPU", "RTX 4070 Mobile"):
+        assert "GPU0" not in machine_speeds(one_gpu(laptop)), laptop
+    assert machine_speeds(one_gpu("NVIDIA GeForce RTX 4090 D"))["GPU0"].flops == 294.2 * TFLOPS  # its own entry
 
 
 # --- a profile's overrides -----------------------------------------------------------------------------------------
