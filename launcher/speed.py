@@ -166,7 +166,8 @@ def table_gpu(text: str) -> str:
     if len(partial) > 1:
         raise ValueError(f"GPU name {shown_value(text)} matches {len(partial)} chips ({'; '.join(partial)}); name one "
                          "of them")  # fmt: skip
-    # (a longer number is another chip, not a sibling: "A40" is not the RTX A4000 in other words)
+    # a sibling's name goes on in words ("RTX 4060" in "RTX 4060 Ti"); one that goes on in digits is another chip's
+    # ("A40" in "RTX A4000")
     held = bool(partial) and re.search(re.escape(wanted) + r"(?!\d)", partial[0].lower()) is not None
     sibling = f", only another chip's name holds it ({partial[0]})" if held else ""
     nearest = [] if held else _nearest(wanted, gpus)
