@@ -219,9 +219,9 @@ def local(reps: int, rounds: int = 2) -> list[dict[str, Any]]:
                     by_other = factors(gemma_models)  # Gemma not run yet: SmolLM2's runs of its type
                 # the model's warm-up between its llama-bench rounds: the machine's speed wanders over minutes, and
                 # a warm-up taken in another spell than the figures it is checked against would measure the spell
-                for n in range(max(1, rounds)):
-                    if n == 1 or rounds <= 1:
-                        backend, version = warm_up({name: path}, machine)
+                bench(name, path)
+                backend, version = warm_up({name: path}, machine)
+                for _ in range(rounds - 1):
                     bench(name, path)
             by_own = factors(models)
         finally:
