@@ -6,9 +6,12 @@ each token costs a fixed time on top (kernel launches, synchronisation). Per dev
     seconds per token = Σ_i bytes_read_i / (η · bandwidth_i) + t0
 
 with η and t0 per backend, fitted (weighted least squares on the relative error) on the published llama-bench rows
-of data/speed.json, never guessed. Bytes read per token: every block weight on the device (MoE routed experts x
-used / total), the output layer where it lives, no token embeddings (one row is read), and the KV cache at the
-depth (a sliding-window layer reads at most its window).
+of data/speed.json, never guessed. A card with HBM (a data-centre A100, H100, H200) reads at its own η, fitted with
+the same t0 on its backend's HBM rows: in the published (May 2024) builds llama.cpp's batch-1 kernels read about
+half of an HBM card's specified bandwidth where GDDR cards read 0.9 (the A100 SXM fitted, A100/H100 PCIe held out).
+Bytes read per token: every block weight on the device (MoE routed experts x used / total), the output layer where
+it lives, no token embeddings (one row is read), and the KV cache at the depth (a sliding-window layer reads at
+most its window).
 
 Where a backend's published rows show its mat-vec kernel for K-quants (and i-quants) slower than memory (Apple's
 M1 Max decodes Llama-3-8B Q4_K_M at 153 GB/s where its Q4_0 and F16 reach 230-280), such a weight also costs
@@ -95,6 +98,7 @@ class DeviceSpeed:
     # seconds per block tensor llama.cpp spends on a decoded token beyond its products, measured on this host
     # (launcher.measure.kernels.measure_tensor_overhead); None: the fitted fixed cost alone
     tensor_overhead_s: float | None = None
+    hbm: bool = False  # high-bandwidth memory (a data-centre card): read at the backend's HBM efficiency
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ def device_table() -> dict[str, DeviceSpeed]:
             generation, _, lanes = entry["pcie"].partition(" x")
             link = pcie_bytes_per_s(int(float(generation)), int(lanes))
         flops = None if tflops is None else tflops * 1e12
-        out[name] = DeviceSpeed(entry["bandwidth_gbps"] * GB, flops, backend, link)
+        hbm = str(entry.get("memory", "")).startswith("HBM")
+        out[name] = DeviceSpeed(entry["bandwidth_gbps"] * GB, flops, backend, link, hbm=hbm)
     return out
 
 
@@ -178,10 +183,12 @@ def table_gpu(text: str) -> str:
 
 
 def chip_table() -> list[dict[str, Any]]:
-    """Every GPU of the chip table (`hw --chips`): name, backend, bandwidth, FLOPS and host link (None: unified
-    memory), in the table's order."""
+    """Every GPU of the chip table (`hw --chips`): name, backend, bandwidth, its memory where the table says
+    (HBM2e: read at the backend's HBM efficiency), FLOPS and host link (None: unified memory), in the table's order."""
+    entries = _data()["devices"]
     return [{"name": name, "backend": speed.backend, "bandwidth_bytes_per_s": speed.bandwidth_bytes_per_s,
-             "flops": speed.flops, "host_link_bytes_per_s": speed.link_bytes_per_s}
+             "memory": entries[name].get("memory"), "flops": speed.flops,
+             "host_link_bytes_per_s": speed.link_bytes_per_s}
             for name, speed in device_table().items() if speed.backend != "cpu"]  # fmt: skip
 
 
@@ -256,6 +263,12 @@ class Fit:
     pp_slope_float: float | None = None
     pp_t0_float_s: float = 0.0
     kquant_ops: float | None = None
+    # an HBM card's decode efficiency (None: the backend has no HBM row, and reads HBM at `eta`, unchecked)
+    eta_hbm: float | None = None
+
+    def eta_of(self, device: DeviceSpeed) -> float:
+        """The share of `device`'s bandwidth a decoded token reads at."""
+        return self.eta_hbm if device.hbm and self.eta_hbm is not None else self.eta
 
 
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
@@ -264,7 +277,8 @@ PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is fo
 # 3: a CPU's attention at the host's measured flash-attention rate (launcher.measure.kernels)
 # 4: float weights' own prefill slope; a K-quant compute floor in decode where a backend's rows show one
 # 5: a CPU's weights at the host's measured matrix-product rate per type (launcher.measure.kernels)
-MODEL_VERSION = 5
+# 6: an HBM card's own decode efficiency
+MODEL_VERSION = 6
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -287,7 +301,9 @@ def _row_weights(row: Mapping[str, Any]) -> str:
 def fitted(backend: str) -> Fit:
     """The constants for `backend`, fitted by weighted least squares on the relative error over its published rows:
     1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 · active params / FLOPS + pp_t0. A backend with fewer
-    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows. The
+    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows. Decode's
+    eta and t0 come from the rows of cards without HBM; an HBM card's eta from the backend's own HBM rows, t0 held
+    (a row marked `prefill_held_out` is fitted for its decode only: its prefill is checked, not fitted). The
     attention efficiency comes first, from each row measured at two depths (pp512 and pp4096: the same matmuls, more
     attention), and prefill's fit takes the attention out of each row."""
     table = device_table()
@@ -323,13 +339,17 @@ def fitted(backend: str) -> Fit:
             return 2 * r["active_params"] / flops, 1 / r["pp"] - attention_flops / (eff * flops)
         return (2 * r["active_params"] + attention_flops) / flops, 1 / r["pp"]
 
-    decode = fit(lambda r: (r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]),
-                 lambda r: True)  # fmt: skip
+    def decode_point(r: Mapping[str, Any]) -> tuple[float, float]:
+        return r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]
+
+    decode = fit(decode_point, lambda r: not table[r["device"]].hbm)
     assert decode is not None, f"no published decode row for {backend}"
     eta, t0 = 1 / decode[0], decode[1]
+    hbm = [decode_point(r) for r in rows if r["backend"] == backend and table[r["device"]].hbm]
+    eta_hbm = 1 / _fit_slope(hbm, t0) if hbm else None
 
     def prefillable(r: Mapping[str, Any]) -> bool:
-        return bool(r.get("pp")) and bool(table[r["device"]].flops)
+        return bool(r.get("pp")) and bool(table[r["device"]].flops) and not r.get("prefill_held_out")
 
     # float weights' own slope only from a backend's own float rows (two at least): how much faster its float
     # matmuls run than its quantized ones is the backend's, not a pool's
@@ -344,7 +364,8 @@ def fitted(backend: str) -> Fit:
         kquant_ops = median(found) if found and min(found) > 0 else None
     return Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
                pp_slope_float=prefill_float[0] if prefill_float else None,
-               pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops)  # fmt: skip
+               pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops,
+               eta_hbm=eta_hbm)  # fmt: skip
 
 
 def _fit_attention(rows: list[Mapping[str, Any]], table: Mapping[str, DeviceSpeed]) -> float | None:
@@ -383,12 +404,17 @@ def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
+def _fit_slope(points: list[tuple[float, float]], fixed: float) -> float:
+    """a in y = a·x + fixed minimising Σ ((a·x + fixed - y) / y)², the fixed part given."""
+    return sum(x * (y - fixed) / (y * y) for x, y in points) / sum(x * x / (y * y) for x, y in points)
+
+
 def predict_published(row: Mapping[str, Any], *, n_prompt: int = PP_TOKENS) -> Speed:
     """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at an
     empty context, prefill of `n_prompt` tokens from an empty one."""
     device = device_table()[row["device"]]
     fit = fitted(device.backend)
-    reads = row["bytes_per_token"] / (fit.eta * device.bandwidth_bytes_per_s)
+    reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
     if fit.kquant_ops and device.flops and row["weights"] == "kquant":
         reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
     tg = 1 / (reads + fit.t0_s)
@@ -694,9 +720,9 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         # this host's measured kernels for its weights where it has them (then the cache is read at memory speed)
         timed = _weights_s([m for m in matrices if m.device == name], device, "decode") if device.kernel_rates else None
         if timed is not None:
-            reads = timed + kv.get(name, 0) / (fit.eta * device.bandwidth_bytes_per_s)
+            reads = timed + kv.get(name, 0) / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
         else:
-            reads = nbytes / (fit.eta * device.bandwidth_bytes_per_s)
+            reads = nbytes / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
             if fit.kquant_ops and device.flops and kquant.get(name):
                 reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
         seconds += reads + (device.tensor_overhead_s or 0.0) * tensors_on.get(name, 0)
@@ -896,7 +922,9 @@ def machine_speeds(machine: HardwareSnapshot, options: Sequence[Option] = ()) ->
         flops = device.fp16_flops or (known.flops if known else None)
         backend = known.backend if known else _BACKEND_OF_KIND.get(device.kind, device.kind)
         link = device.host_link_bytes_per_s or (known.link_bytes_per_s if known else None)
-        out[f"GPU{device.index}"] = DeviceSpeed(bandwidth, flops, backend, None if device.unified else link)
+        bus = device.memory_bus_width_bits
+        hbm = bus >= HBM_BUS_BITS if bus else bool(known and known.hbm)
+        out[f"GPU{device.index}"] = DeviceSpeed(bandwidth, flops, backend, None if device.unified else link, hbm=hbm)
     host, host_flops = machine.host_bandwidth_bytes_per_s, machine.host_flops
     if not machine.described and (host is None or host_flops is None):
         measured = host_figures()
@@ -986,6 +1014,8 @@ def attention_measured(option: Option, devices: Mapping[str, DeviceSpeed]) -> bo
     return bool(wanted) and all(rate_key(*w) in (rates or {}) for w in wanted)
 
 
+# HBM stacks are 1024 bits wide each (an A100 reads 5120 bits, an H100 SXM 5120); GDDR buses are 512 bits at most
+HBM_BUS_BITS = 1024
 _BACKEND_OF_KIND = {"cuda": "cuda", "rocm": "rocm", "metal": "metal"}  # a device kind's fitted constants
 
 

@@ -62,7 +62,8 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         for row in result["rows"]:
             assert row["measured_tg_per_s"] > 0 and row["measured_pp_per_s"] > 0
             assert row["predicted_tg_per_s"] > 0  # this host's measured bandwidth and the fitted CPU constants
-        assert result["rows"][0]["predicted_tg_per_s"] > deep["predicted_tg_per_s"]  # the KV cache read grows
+        # the KV cache read grows (the whole answer in the message: a failure here is a calibration to read)
+        assert result["rows"][0]["predicted_tg_per_s"] > deep["predicted_tg_per_s"], (result, started.get("speed"))
         listed = subprocess.run([sys.executable, "-m", "launcher", "ps", "--json"], capture_output=True, text=True,
                                 env=env, cwd=ROOT, timeout=60)  # fmt: skip
         [instance] = json.loads(listed.stdout)["instances"]

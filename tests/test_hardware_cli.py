@@ -219,6 +219,7 @@ def test_hw_chips_lists_the_chip_table_and_every_name_finds_itself():
         by_name["Tesla T4"]["backend"] == "cuda"
         and by_name["Apple M2 Max (38-core GPU)"]["host_link_bytes_per_s"] is None
     )
+    assert by_name["NVIDIA H200"]["memory"] == "HBM3e" and by_name["NVIDIA GeForce RTX 4090"]["memory"] is None
     for name in names:
         assert table_gpu(name) == name
         short = name.removeprefix("NVIDIA GeForce ").removeprefix("AMD Radeon ")
@@ -227,5 +228,6 @@ def test_hw_chips_lists_the_chip_table_and_every_name_finds_itself():
     result = invoke("--chips")
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and f"The chip table: {len(names)} GPUs" in text and "RTX 4070 Ti SUPER" in text
+    assert "HBM2e" in text  # the memory column: an HBM card decodes at its own efficiency
     result = invoke("--chips", "--vram", "8GiB")
     assert result.exit_code == 2 and "--chips lists the chip table; it cannot be combined" in result.output

@@ -128,6 +128,21 @@ def test_machine_speeds_prefers_a_devices_own_figures_then_the_table() -> None:
     assert "CPU" not in machine_speeds(one_gpu("NVIDIA RTX Foo"))  # a described host is not this one
 
 
+def test_an_hbm_card_is_known_by_its_bus_width_from_nvml_else_by_its_name() -> None:
+    """HBM decodes at its own efficiency (launcher.speed.Fit.eta_hbm): NVML's bus width says which memory a card has
+    (an H100's 5120 bits, a 4090's 384), a card NVML gives no width for is known by the table's `memory`."""
+    ada, hopper = nvml_devices(FakeGpu(**RTX_4090), FakeGpu(**H100_SXM))
+    assert (ada.memory_bus_width_bits, hopper.memory_bus_width_bits) == (384, 5120)
+    machine = describe_machine(vram=[24 * GiB, 80 * GiB]).model_copy(update={"devices": (ada, hopper)})
+    speeds = machine_speeds(machine)
+    assert not speeds["GPU0"].hbm and speeds["GPU1"].hbm
+    # a card the table lacks (a newer data-centre part): NVML's width alone
+    newer = machine_speeds(one_gpu("NVIDIA B300", memory_bandwidth_bytes_per_s=8000 * GB, memory_bus_width_bits=8192))
+    assert newer["GPU0"].hbm
+    assert machine_speeds(one_gpu("NVIDIA A100-SXM4-80GB"))["GPU0"].hbm  # a profile's card: the table's memory
+    assert not machine_speeds(one_gpu("NVIDIA RTX Foo", memory_bandwidth_bytes_per_s=700 * GB))["GPU0"].hbm
+
+
 def test_a_persons_short_gpu_name_finds_its_one_chip_in_the_table() -> None:
     """A profile's `name: RTX 3060` (or --gpu-name's text) is the chip whose table name holds it, when only one does."""
     table = device_table()["NVIDIA GeForce RTX 3060"]

@@ -43,14 +43,15 @@ def render_chips(chips: Sequence[Mapping[str, Any]]) -> None:
         table.add_column(column, justify="left" if column in ("name", "backend") else "right", no_wrap=True)
     for chip in chips:
         link = chip["host_link_bytes_per_s"]
-        table.add_row(chip["name"], chip["backend"], f"{chip['bandwidth_bytes_per_s'] / 1e9:g}",
+        memory = f" {chip['memory']}" if chip["memory"] else ""
+        table.add_row(chip["name"], chip["backend"], f"{chip['bandwidth_bytes_per_s'] / 1e9:g}{memory}",
                       "?" if chip["flops"] is None else f"{chip['flops'] / 1e12:g}",
                       "unified" if link is None else f"{link / 1e9:.1f}")  # fmt: skip
     console = Console(highlight=False)
     console.print(table)
-    console.print("GB/s: memory bandwidth; TFLOPS: dense FP16 (Apple's FP32: its GPUs run FP16 at the same rate); PCIe "
-                  "GB/s: the link to the host, one way. Any unique part of a name will do: --gpu-name 'RTX 4070 Ti', "
-                  "a profile's chip: 'M3 Max (40-core GPU)'.")  # fmt: skip
+    console.print("GB/s: memory bandwidth (HBM: decoded at its own efficiency); TFLOPS: dense FP16 (Apple's FP32: "
+                  "its GPUs run FP16 at the same rate); PCIe GB/s: the link to the host, one way. Any unique part of a "
+                  "name will do: --gpu-name 'RTX 4070 Ti', a profile's chip: 'M3 Max (40-core GPU)'.")  # fmt: skip
 
 
 def render_hardware(snapshot: HardwareSnapshot, speed: Mapping[str, Mapping[str, Any]] | None = None) -> None:

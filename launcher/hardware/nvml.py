@@ -327,6 +327,7 @@ def _device(
         else nvml_bandwidth_bytes_per_s(gpu.max_memory_clock_mhz, gpu.memory_bus_width_bits),
         fp16_flops=nvml_fp16_flops(gpu),
         host_link_bytes_per_s=None if unified else pcie_bytes_per_s(gpu.pcie_generation, gpu.pcie_width),
+        memory_bus_width_bits=None if unified else gpu.memory_bus_width_bits,
     )
     return device, notes
 

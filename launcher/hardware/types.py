@@ -57,6 +57,7 @@ class Device(_Frozen):
     memory_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
     fp16_flops: float | None = Field(default=None, gt=0)
     host_link_bytes_per_s: float | None = Field(default=None, gt=0)  # PCIe to the host, one direction (NVML)
+    memory_bus_width_bits: int | None = Field(default=None, gt=0)  # NVML's: HBM is 1024 bits a stack, GDDR <= 512
 
     @model_validator(mode="after")
     def _free_within_total(self) -> Device:
