@@ -66,8 +66,19 @@ def published() -> None:
             errors = [tg / row["tg"] - 1]
             if row.get("pp"):
                 pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
-                print(f"| {name} | pp512 | {row['pp']} | {pp} | - | - |")
-                errors.append((s.pp_per_s or 0.0) / row["pp"] - 1)
+                pp_error = (s.pp_per_s or 0.0) / row["pp"] - 1
+                if row.get("prefill_held_out"):  # a row fitted for its decode only: its prefill is held out
+                    why = row.get("prefill_suspect") or row.get("prefill_miss")
+                    pp_mark = " (suspect)" if row.get("prefill_suspect") else " (known miss)" if why else ""
+                    print(f"| held out | {row['device']} | {row['model']} (prefill){pp_mark} | pp512 | {row['pp']} | "
+                          f"{pp} | - | - |")  # fmt: skip
+                    if not row.get("prefill_suspect"):
+                        misses["held out"].append(pp_error)
+                    if why:
+                        notes.append(f"{pp_mark.strip(' ()')}: {row['device']} {row['model']} prefill: {why}")
+                else:
+                    print(f"| {name} | pp512 | {row['pp']} | {pp} | - | - |")
+                    errors.append(pp_error)
             for deep in row.get("deep", ()):
                 d = predict_published(row, n_prompt=deep["n_prompt"])
                 pp = f"{d.pp_per_s:.1f} | {d.pp_per_s / deep['t_per_s'] - 1:+.0%}" if d.pp_per_s else "- | -"
