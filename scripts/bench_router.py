@@ -15,8 +15,9 @@ llama-server called (or started) directly, measured in this process, interleaved
    control) and through a bare byte relay (uvloop, no HTTP parsed: the least any Python relay pays here), back to
    back in each round in every order in turn; the ratio is the median of the rounds' ratios, the control's and the
    bare relay's likewise, each with a bootstrap interval over the rounds; beside them the router's and the bare
-   relay's CPU time per chunk relayed and the router's share of one core while streaming (on a machine whose cores
-   the model's server keeps busy, that time is what a relay takes from decoding);
+   relay's CPU time per chunk relayed (over each request, and from its first token on: the relaying alone) and the
+   router's share of one core while streaming (on a machine whose cores the model's server keeps busy, that time is
+   what a relay takes from decoding);
 3. swap: a streamed request for the unloaded model (evict, load, verify with fitquant's warm-up request, first
    token) against the argv the router's server ran (read from its pid) started directly: until /health is 200,
    then the same request's first token.
@@ -129,13 +130,14 @@ def one_request(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
     return elapsed
 
 
-def streamed(
-    client: httpx.Client, url: str, body: dict[str, Any], started: float | None = None, *, fresh: bool = False
-) -> dict[str, float]:
+def streamed(client: httpx.Client, url: str, body: dict[str, Any], started: float | None = None, *,
+             fresh: bool = False, relay: Any = None) -> dict[str, float]:  # fmt: skip
     """Send a streamed chat request; the times (from `started`) of its first and last content chunk, and their
-    count. `fresh`: on a connection of its own, closed after it."""
+    count. `fresh`: on a connection of its own, closed after it. `relay` (a psutil.Process): its CPU seconds from
+    the first content chunk to the end of the answer (`relay_cpu_s`: the relaying alone, no request handling)."""
     started = time.perf_counter() if started is None else started
     times: list[float] = []
+    cpu_first = 0.0
     with failing(client, url), client.stream("POST", url, json=body, headers=CLOSE if fresh else None) as r:
         if r.status_code != 200:
             raise SystemExit(f"POST {url} answered {r.status_code}: {r.read()[:300]!r}")
@@ -148,10 +150,15 @@ def streamed(
             choices = event.get("choices") or [{}]
             if (choices[0].get("delta") or {}).get("content"):
                 times.append(time.perf_counter())
+                if relay is not None and len(times) == 1:
+                    cpu_first = sum(relay.cpu_times()[:2])
     if len(times) < 2:
         raise SystemExit(f"POST {url} streamed {len(times)} content chunks; expected more")
-    return {"first_s": times[0] - started, "last_s": times[-1] - started, "chunks": len(times),
-            "tokens_per_s": (len(times) - 1) / (times[-1] - times[0])}  # fmt: skip
+    out = {"first_s": times[0] - started, "last_s": times[-1] - started, "chunks": len(times),
+           "tokens_per_s": (len(times) - 1) / (times[-1] - times[0])}  # fmt: skip
+    if relay is not None:
+        out["relay_cpu_s"] = sum(relay.cpu_times()[:2]) - cpu_first
+    return out
 
 
 @contextlib.contextmanager
@@ -387,6 +394,7 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
         tps: dict[str, list[float]] = {"r": [], "d": [], "a": [], "b": []}
         chunks: set[int] = set()
         cpu = {"r": 0.0, "b": 0.0}
+        streaming_cpu = {"r": 0.0, "b": 0.0}  # from each answer's first content chunk to its end
         relayed = {"r": 0, "b": 0}
         with bare_relay(url, pids) as (bare_url, bare_proc):
             procs = {"r": psutil.Process(serve.proc.pid), "b": bare_proc}
@@ -395,11 +403,12 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
                         ("b", direct, bare_url)]  # fmt: skip
                 for kind, client, target in in_order(i, runs):
                     cpu_before = sum(procs[kind].cpu_times()[:2]) if kind in procs else 0.0
-                    s = streamed(client, target, body, fresh=True)
+                    s = streamed(client, target, body, fresh=True, relay=procs.get(kind))
                     tps[kind].append(s["tokens_per_s"])
                     chunks.add(int(s["chunks"]))
                     if kind in procs:
                         cpu[kind] += sum(procs[kind].cpu_times()[:2]) - cpu_before
+                        streaming_cpu[kind] += s["relay_cpu_s"]
                         relayed[kind] += int(s["chunks"])
         # a relay's CPU time over its own streams (the request, the relay, and the few ms a second it spends idle,
         # which it spends during the other runs as well) per chunk it relayed: on 2 cores that time is taken from
@@ -419,7 +428,10 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
                          # the router's CPU time per second of streaming: what it takes from a server using every core
                          "router_core_share": cpu_per_chunk * statistics.median(tps["r"]),
                          "bare_ratio": statistics.median(bares), "bare_interval": median_interval(bares),
-                         "bare_cpu_per_chunk_us": cpu["b"] / relayed["b"] * 1e6}  # fmt: skip
+                         "bare_cpu_per_chunk_us": cpu["b"] / relayed["b"] * 1e6,
+                         # the same from each answer's first content chunk on: the relaying, without the request
+                         "router_streaming_cpu_per_chunk_us": streaming_cpu["r"] / relayed["r"] * 1e6,
+                         "bare_streaming_cpu_per_chunk_us": streaming_cpu["b"] / relayed["b"] * 1e6}  # fmt: skip
 
         # 3. swap: gemma is not loaded; asking for it evicts the small model, loads, verifies, answers
         body = chat("gemma", max_tokens=4, stream=True)
@@ -486,6 +498,8 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("  a bare byte relay (no HTTP) / direct", f"{st['bare_ratio']:.3f}", "", ""),
         ("  90% interval of the bare relay's median", "{:.3f} to {:.3f}".format(*st["bare_interval"]), "", ""),
         ("  bare relay CPU per relayed chunk", f"{st['bare_cpu_per_chunk_us']:.0f} us", "", ""),
+        ("  the same from the first token on, router / bare",
+         f"{st['router_streaming_cpu_per_chunk_us']:.0f} / {st['bare_streaming_cpu_per_chunk_us']:.0f} us", "", ""),
         ("swap via router: request to first token", f"{sw['router_first_token_s']:.3f} s", "", ""),
         ("  of which: eviction of the other model", f"{sw['evict_s']:.3f} s", "", ""),
         ("  of which: load + verify (incl. warm-up)", f"{sw['load_verify_s']:.3f} s", "", ""),

@@ -442,3 +442,80 @@ def test_a_spliced_request_refuses_a_header_with_a_line_break() -> None:
 
     with pytest.raises(ValueError, match="line break"):
         asyncio.run(send())
+
+
+def _read_chunked_wire(sock: socket.socket) -> tuple[bytes, bytes]:
+    """A raw HTTP/1.1 answer read off `sock` up to its last chunk: (head, the body as it came on the wire, framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, wire = data.partition(b"\r\n\r\n")
+    while not wire.endswith(b"\r\n0\r\n\r\n"):
+        more = sock.recv(65536)
+        assert more, wire
+        wire += more
+    return head, wire
+
+
+def test_a_whole_chunk_passes_to_the_client_as_it_came_and_any_other_read_is_parsed_and_framed_again() -> None:
+    """Each streamed event of llama-server is one chunk, read whole: written to the client unparsed (its own
+    framing kept, an upper-case size included). A chunk split across reads, a size with a leading zero or with an
+    extension, or chunks that come together go through the parser and are framed again; whole chunks after them
+    pass as they came again; the body the client decodes is the model's, byte for byte, and the connection stays
+    usable for the next request."""
+    events = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() + b"\n\n"
+              for w in ["Red as a cherry", " and", " blue as the sky", ",", " green", "!", " done"]]  # fmt: skip
+    assert not f"{len(events[0]):X}".isdigit() and not f"{len(events[2]):X}".isdigit()  # 4C, 4D: a letter in each
+    reads = [
+        b"%X\r\n%s\r\n" % (len(events[0]), events[0]),  # whole, upper-case hex: passes as it came
+        _chunked(events[1])[:20],  # split: the parser's, framed again
+        _chunked(events[1])[20:],
+        b"%X\r\n%s\r\n" % (len(events[2]), events[2]),  # whole again, after the split: passes
+        b"0%x\r\n%s\r\n" % (len(events[3]), events[3]),  # a leading zero: parsed
+        b"%x;note=1\r\n%s\r\n" % (len(events[4]), events[4]),  # an extension: parsed
+        _chunked(events[5]) + _chunked(events[6]),  # two at once: parsed
+        b"0\r\n\r\n",
+    ]
+
+    def answer(conn: socket.socket, _on_conn: int, _body: bytes) -> bool:
+        conn.sendall(STREAM_HEAD)
+        for piece in reads:
+            threading.Event().wait(0.05)  # each its own read at the router
+            conn.sendall(piece)
+        return True
+
+    upstream = RawUpstream(answer)
+    wires: list[bytes] = []
+
+    async def test(url: str, _pool: OneModelPool) -> None:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({**BODY, "stream": True}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            for _ in range(2):  # kept alive: the second request on the same connection
+                await asyncio.to_thread(sock.sendall, request)
+                head, wire = await asyncio.to_thread(_read_chunked_wire, sock)
+                assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+                wires.append(wire)
+
+    try:
+        pool = _with_router(f"http://127.0.0.1:{upstream.port}/v1", test)
+    finally:
+        upstream.close()
+    for wire in wires:
+        # whole chunks exactly as the model's server framed them
+        assert wire.startswith(reads[0])
+        assert reads[3] in wire
+        # the others framed again by the router (its lower-case size, no zero, no extension), their bytes unchanged
+        first = 20 - len(b"%x\r\n" % len(events[1]))  # the split's first read: its size line and this much data
+        assert _chunked(events[1][:first]) + _chunked(events[1][first:]) in wire
+        assert _chunked(events[3]) + _chunked(events[4]) + _chunked(events[5]) + _chunked(events[6]) in wire
+        decoded, rest = b"", wire
+        while rest != b"0\r\n\r\n":
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            decoded, rest = decoded + rest[:size], rest[size + 2 :]
+        assert decoded == b"".join(events)
+    assert (pool.released, pool.failures) == (2, 0)

@@ -12,7 +12,11 @@ Two halves, both on the loop's thread:
   (chunked, as uvicorn sends a response that gives no length) and paused by uvicorn's own flow control.
 - `Upstream`: one request to a model's private 127.0.0.1 server on a connection of its own, the answer parsed by
   httptools (the C parser uvicorn uses); once the client's response has started, each body chunk is written
-  straight to its `Downstream`.
+  straight to its `Downstream`. A read that is one whole chunk of a chunked answer, at a chunk boundary, to a
+  client answered in chunks too (llama-server writes each streamed event as one chunk), is written to the client
+  as it came, unparsed and unframed: it is the client's chunk as well. That leaves a streamed token one read and one
+  write, as a bare byte relay pays (about 30 µs less of the router's CPU per token than parsing and framing it on
+  this project's 2-core machine, where each is taken from decoding).
 
 The response's start and end still go through ASGI `send`, so uvicorn keeps its account of the response
 (keep-alive, completion, graceful shutdown). A server without this protocol gives no `Downstream`, and the router
@@ -59,6 +63,16 @@ class Downstream:
     def paused(self) -> bool:
         """The client reads slower than the model writes: its buffer is past uvicorn's high-water mark."""
         return bool(self._cycle.flow.write_paused)
+
+    @property
+    def chunked(self) -> bool:
+        """The response goes out in HTTP/1.1 chunks (uvicorn frames a response that gives no length so)."""
+        return bool(self._cycle.chunked_encoding)
+
+    def raw_writer(self) -> tuple[Callable[[bytes], None], Any]:
+        """The client's transport's write, unframed, and uvicorn's flow control (its `write_paused`): for bytes that
+        are already this response's chunks."""
+        return self._cycle.transport.write, self._cycle.flow
 
     def write(self, data: bytes) -> None:
         cycle = self._cycle
@@ -116,8 +130,15 @@ class Upstream(asyncio.Protocol):
         self.failure: str | None = None
         self.status = 0
         self.content_type = ""
-        self.last_read = time.monotonic()
+        self.reads = 0  # body reads so far: the relay's task checks the read timeout by it (no clock read per chunk)
         self._framed = False  # the body has a length or is chunked (else it ends when the server closes)
+        self._chunked = False  # the body comes in HTTP/1.1 chunks
+        # the client's raw write and its flow control, once whole chunks may pass as they came (`relay`); `_pass` is
+        # it while the parser is between chunks, None while it is inside one
+        self._raw: Callable[[bytes], None] | None = None
+        self._pass: Callable[[bytes], None] | None = None
+        self._flow: Any = None
+        self._between_chunks = True  # the parser is not inside a chunk (or the body is not chunked)
         self._held = bytearray()
         self._sink: Downstream | None = None
         self._transport: asyncio.Transport | None = None
@@ -130,6 +151,27 @@ class Upstream(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's is an asyncio.Transport in all but name
 
     def data_received(self, data: bytes) -> None:
+        write = self._pass
+        if write is not None:
+            # one whole chunk ("1f\r\n" + 31 bytes + "\r\n"), the parser between chunks: written as it came. A size
+            # that is not plain hex (a leading zero, an extension, a sign) and anything else goes to the parser.
+            end = data.find(b"\r\n", 0, 10)
+            head = data[:end] if end > 0 else b""
+            if head.isalnum() and (end == 1 or data[0] != 48):  # 48: "0"
+                try:
+                    size = int(head, 16)
+                except ValueError:
+                    size = 0
+                if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+                    self.reads += 1
+                    try:
+                        write(data)
+                    except RuntimeError:  # the client's connection closed under us (it left): hang up
+                        self.abandon()
+                        return
+                    if self._flow.write_paused:
+                        self._stall()
+                    return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -149,6 +191,7 @@ class Upstream(asyncio.Protocol):
             self.content_type = value.decode("latin-1")
         elif key in (b"content-length", b"transfer-encoding"):
             self._framed = True
+            self._chunked = self._chunked or (key == b"transfer-encoding" and value.lower() == b"chunked")
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -156,21 +199,34 @@ class Upstream(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.last_read = time.monotonic()
+        self.reads += 1
         sink = self._sink
         if sink is None:
             self._held += body
             return
         sink.write(body)
-        if sink.paused and not self._stalled and self._transport is not None:
-            # the client is slower than the model: stop reading until its buffer drains (the relay's task resumes it)
+        if sink.paused:
+            self._stall()
+
+    def on_chunk_header(self) -> None:
+        self._between_chunks = False
+        self._pass = None  # inside a chunk: its rest must be parsed
+
+    def on_chunk_complete(self) -> None:
+        self._between_chunks = True
+        self._pass = self._raw
+
+    def on_message_complete(self) -> None:
+        self._raw = self._pass = None  # nothing more may pass unparsed
+        self._end(None)
+
+    def _stall(self) -> None:
+        """The client is slower than the model: stop reading until its buffer drains (the relay's task resumes it)."""
+        if not self._stalled and self._transport is not None:
             self._transport.pause_reading()
             self._stalled = True
             if self._wake is not None and not self._wake.done():
                 self._wake.set_result(None)
-
-    def on_message_complete(self) -> None:
-        self._end(None)
 
     # --- the router's side
     def _end(self, failure: str | None) -> None:
@@ -191,6 +247,7 @@ class Upstream(asyncio.Protocol):
 
     def abandon(self) -> None:
         """The client left: hang up (the model's server stops generating when its connection closes)."""
+        self._raw = self._pass = None
         self._abandoned = True
         self.close()
 
@@ -205,10 +262,18 @@ class Upstream(asyncio.Protocol):
         if self._held:
             held, self._held = bytes(self._held), bytearray()
             self.on_body(held)
-        await self._until_done(read_timeout_s)
+        if self._chunked and sink.chunked and not self.done.done():
+            self._raw, self._flow = sink.raw_writer()
+            self._pass = self._raw if self._between_chunks else None
+        try:
+            await self._until_done(read_timeout_s)
+        finally:
+            self._raw = self._pass = None
 
     async def _until_done(self, read_timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
+        # the read timeout: no read between two wakes for longer than it (a read is counted, not timed, per chunk)
+        seen, quiet_since = self.reads, time.monotonic()
         while not self.done.done():
             if not self._stalled:
                 self._wake = loop.create_future()
@@ -220,10 +285,14 @@ class Upstream(asyncio.Protocol):
                 self._stalled = False
                 if self._transport is not None and not self.done.done():
                     self._transport.resume_reading()
-                self.last_read = time.monotonic()
-            elif not self.done.done() and time.monotonic() - self.last_read > read_timeout_s:
-                self._end("ReadTimeout")
-                self.close()
+                seen, quiet_since = self.reads, time.monotonic()
+            elif not self.done.done():
+                now = time.monotonic()
+                if self.reads != seen:
+                    seen, quiet_since = self.reads, now
+                elif now - quiet_since > read_timeout_s:
+                    self._end("ReadTimeout")
+                    self.close()
         if self.failure is not None:
             raise UpstreamFailed(self.failure)
 
