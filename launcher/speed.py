@@ -1068,7 +1068,8 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
     could tell attention apart, e.g. sliding-window layers leave it too small a share, another model's ratio would
     misprice it), else every run. A run flagged slow (probable CPU fallback) is left out: it measured a fault, and
     folding it in would hide the next one; so is a run measured against another form of the prediction
-    (MODEL_VERSION)."""
+    (MODEL_VERSION), and any ratio outside PLAUSIBLE_RATIO (a CPU-only run has no slow finding, and a decode timed
+    through a stall of the machine once recorded 0.002)."""
     from statistics import median
 
     from launcher.record import entries
@@ -1079,7 +1080,8 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
 
     def ratios(found: list[dict[str, Any]], key: str) -> list[float]:
         values = [e["speed"].get(key) for e in found]
-        return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 100]
+        lo, hi = PLAUSIBLE_RATIO
+        return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi]
 
     def first(key: str, *scopes: list[dict[str, Any]]) -> tuple[list[float], int]:
         """The ratios of the first scope that has any, and which scope that was."""
@@ -1108,6 +1110,9 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
                        pp_same_model=pp_scope in (0, 2))  # fmt: skip
 
 
+# measured / predicted ratios a calibration takes: the uncalibrated model is within 25% of published decode and at
+# worst 4.5x off a published prefill (the L40S's F16); a ratio past these is a fault of that measurement
+PLAUSIBLE_RATIO = (0.2, 5.0)
 COPY_BYTES = 64 * 1024**2  # per thread: well past any CPU cache
 COPY_SECONDS = 0.4
 MATMUL_SIZE = 1024  # an FP32 matrix product this size: compute-bound, in cache, on every core

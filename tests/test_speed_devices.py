@@ -222,6 +222,9 @@ def test_calibration_is_the_median_ratio_of_this_backend_and_build(tmp_path: Pat
         run_entry("ollama", "0.12.0", 1.30),  # another backend
         run_entry("llamacpp", "b6413", 0.10, model_version=None),  # measured against an older form of prediction
         run_entry("llamacpp", "b6413", 0.10, model_version=MODEL_VERSION - 1),
+        # no finding (a CPU-only run has none), but a decode timed through a stall: not this machine's speed
+        run_entry("llamacpp", "b6413", 0.002),
+        run_entry("llamacpp", "b6413", 40.0),
     ]:
         record.append(machine, entry)
     assert calibration(machine, "llamacpp", "b6413") == Calibration(0.90, 3)
