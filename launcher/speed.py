@@ -1068,8 +1068,8 @@ def calibration(machine: HardwareSnapshot, backend: str, version: str | None, qu
     could tell attention apart, e.g. sliding-window layers leave it too small a share, another model's ratio would
     misprice it), else every run. A run flagged slow (probable CPU fallback) is left out: it measured a fault, and
     folding it in would hide the next one; so is a run measured against another form of the prediction
-    (MODEL_VERSION), and any ratio outside PLAUSIBLE_RATIO (a CPU-only run has no slow finding, and a decode timed
-    through a stall of the machine once recorded 0.002)."""
+    (MODEL_VERSION), and any ratio outside PLAUSIBLE_RATIO (a CPU-only run has no slow finding: a warm-up decode
+    timed through a stall of the machine once led `fitquant bench` to predict 0.3 tokens/s for a 130 tokens/s model)."""
     from statistics import median
 
     from launcher.record import entries
