@@ -206,6 +206,7 @@ def test_the_next_plan_is_calibrated_by_the_speed_measured_here(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     speed = _first_json(done.stdout)["speed"]
     assert speed["measured_tg_per_s"] and speed["predicted_tg_per_s"] and speed["tg_ratio"]
+    assert "decode_samples" not in _first_json(done.stdout)["warmup"]  # a short warm-up times one decode
     planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
@@ -242,7 +243,13 @@ def test_a_full_warmup_calibrates_prefill_and_attention_too(tmp_path: Path) -> N
     # a prompt of 512 tokens at an empty context first: prefill mostly matmuls, which the prefill ratio comes from
     assert speed["measured_pp_per_s_shallow"] > 0, speed
     assert speed["predicted_pp_per_s_shallow"] > speed["predicted_pp_per_s_fill"], speed  # no attention at depth
-    assert _first_json(done.stdout)["warmup"]["shallow_prompt_tokens"] >= 500
+    warmup = _first_json(done.stdout)["warmup"]
+    assert warmup["shallow_prompt_tokens"] >= 500
+    # each rate the fastest of three (a busy spell of the machine only slows one): the short decode, the decode
+    # after the fill (the same prompt again, answered from the prompt cache) and the shallow prefill (a word each)
+    for key, samples in (("measured_tg_per_s", "decode_samples"), ("measured_tg_per_s_at_fill", "decode_samples_at_fill"),
+                         ("measured_pp_per_s_shallow", "prefill_samples_shallow")):  # fmt: skip
+        assert len(warmup[samples]) == 3 and speed[key] == max(warmup[samples]), (key, warmup)
     # a few words prompted after the fill, the rest from the server's prompt cache: prefill at depth
     assert speed["measured_pp_per_s_at_fill"] and speed["predicted_pp_per_s_at_fill"], speed
     planned = _fitquant(["plan", model, "--ctx", "2048", "--no-engine", "--json"], env)
