@@ -2,8 +2,9 @@
 server with the server's own timings, beside what fitquant predicts for it (launcher.speed), as llama-bench prints
 them.
 
-Each depth is one request whose prompt is about that many tokens (counted with the server's tokenizer where it has
-one) and which generates a fixed number of tokens: llama-server's `timings` give prefill (`prompt_per_second`) and
+Each depth is `reps` requests (llama-bench's -r; their mean and standard deviation, as llama-bench prints them) whose
+prompt is about that many tokens (counted with the server's tokenizer where it has one) and which generate a fixed
+number of tokens: llama-server's `timings` give prefill (`prompt_per_second`) and
 decode (`predicted_per_second`), Ollama's its `prompt_eval_*` and `eval_*` durations. A fresh word at the start of
 every prompt keeps the server's prompt cache from answering for it, and llama.cpp's servers are asked not to use it.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DEPTHS = (0, 512, 2048)
 DEFAULT_TOKENS = 64
+DEFAULT_REPS = 3  # requests per depth: one request's rate wanders by 5-6% on a busy machine
 BENCH_SCHEMA_VERSION = 1
 
 
@@ -34,6 +36,9 @@ class BenchRow:
     measured_tg_per_s: float | None
     predicted_pp_per_s: float | None = None
     predicted_tg_per_s: float | None = None
+    reps: int = 1  # requests measured at this depth: the rates are their mean
+    measured_pp_per_s_sd: float | None = None  # the rates' standard deviation over the reps (None for one)
+    measured_tg_per_s_sd: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -128,9 +133,29 @@ def predicted_option(running: RunningInstance) -> tuple[Option | None, str | Non
     return (option, None) if option is not None else (None, f"no prediction: {running.quant} is not a quant of it")
 
 
+def measure_reps(instance: Instance, depth: int, tokens: int, reps: int, *, first_run: int) -> BenchRow:
+    """`reps` requests at `depth` (runs numbered from `first_run`: each prompt new to the cache), as one row: the
+    mean of each rate and its standard deviation, as llama-bench reports its repetitions."""
+    from statistics import fmean, stdev
+
+    rows = [measure(instance, depth, tokens, run=first_run + i) for i in range(reps)]
+
+    def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+        known = [v for v in values if v is not None]
+        if len(known) < len(values) or not known:  # a rate one request lacked: not averaged over fewer
+            return None, None
+        return _round(fmean(known)), _round(stdev(known)) if len(known) > 1 else None
+
+    pp, pp_sd = mean_sd([r.measured_pp_per_s for r in rows])
+    tg, tg_sd = mean_sd([r.measured_tg_per_s for r in rows])
+    return BenchRow(depth, rows[0].prompt_tokens, rows[0].generated_tokens, pp, tg, reps=reps,
+                    measured_pp_per_s_sd=pp_sd, measured_tg_per_s_sd=tg_sd)  # fmt: skip
+
+
 def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS, tokens: int = DEFAULT_TOKENS,
-          api_key: str | None = None, predict: bool = True) -> BenchResult:  # fmt: skip
-    """Measure `running` at each depth (one warm-up request first, not counted) and put the prediction beside it."""
+          reps: int = DEFAULT_REPS, api_key: str | None = None, predict: bool = True) -> BenchResult:  # fmt: skip
+    """Measure `running` at each depth, `reps` requests each (one warm-up request first, not counted), and put the
+    prediction beside it."""
     from launcher.hardware import detect_hardware
     from launcher.speed import machine_speeds
     from launcher.speed import predict as predict_speed
@@ -149,8 +174,8 @@ def bench(running: RunningInstance, *, depths: tuple[int, ...] = DEFAULT_DEPTHS,
     if option is not None and option.calibration is not None:
         result.notes.append(f"predicted: {option.calibration.note()}")
     factors = option.calibration if option is not None else None
-    for run, depth in enumerate(usable, start=1):
-        row = measure(instance, depth, tokens, run=run)
+    for n, depth in enumerate(usable):
+        row = measure_reps(instance, depth, tokens, reps, first_run=1 + n * reps)
         if option is not None:
             # the prompt fills the context from empty to `depth`; the tokens after it decode at that depth
             filling = predict_speed(option, devices, 0, n_prompt=max(1, row.prompt_tokens or depth),

@@ -164,9 +164,11 @@ def warm_up(models: dict[str, Path], machine: Any) -> tuple[str, str | None]:
         spec = RunSpec(str(path), Policy(n_ctx=2048), LaunchRequest(), warmup="full", confirm=False)
         result = start(spec, backend=backend, machine=machine)
         stop(result, backend)
-        s = result.speed
-        print(f"  warm-up {name}: decode {s.get('measured_tg_per_s')} t/s (ratio {s.get('tg_ratio')}), after the "
-              f"fill {s.get('measured_tg_per_s_at_fill')} (attention ratio {s.get('attention_ratio')}), fill "
+        s, w = result.speed, result.warmup
+        print(f"  warm-up {name}: decode {s.get('measured_tg_per_s')} t/s of {w.get('decode_samples')} (ratio "
+              f"{s.get('tg_ratio')}), after the fill {s.get('measured_tg_per_s_at_fill')} of "
+              f"{w.get('decode_samples_at_fill')} (attention ratio {s.get('attention_ratio')}), shallow prefill "
+              f"{s.get('measured_pp_per_s_shallow')} of {w.get('prefill_samples_shallow')}, fill "
               f"{s.get('measured_pp_per_s')} t/s (prefill ratio {s.get('pp_ratio')}), after the fill "
               f"{s.get('measured_pp_per_s_at_fill')} t/s", file=sys.stderr)  # fmt: skip
     build = backend_build(backend)

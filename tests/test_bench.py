@@ -26,6 +26,8 @@ def test_bench_refuses_bad_depths_and_an_unknown_model_in_one_line() -> None:
     assert none.output.strip().endswith("nothing is running; start a model with `fitquant run MODEL --serve` first")
     named = CliRunner().invoke(main, ["bench", "qwen3:14b"])
     assert named.exit_code == 1 and "no running model is called 'qwen3:14b'" in named.output
+    zero = CliRunner().invoke(main, ["bench", "--reps", "0"])
+    assert zero.exit_code == 2 and "'--reps': 0 is not in the range 1<=x<=100" in zero.output
 
 
 @pytest.mark.slow
@@ -46,7 +48,7 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         # shell would start (here none at all)
         elsewhere = {**env, "FITQUANT_LLAMA_SERVER": str(tmp_path / "no-such-llama-server")}
         done = subprocess.run([sys.executable, "-m", "launcher", "bench", "--depth", "0,256,4096", "--tokens", "8",
-                               "--api-key-file", str(key), "--json"],
+                               "--reps", "2", "--api-key-file", str(key), "--json"],
                               capture_output=True, text=True, env=elsewhere, cwd=ROOT, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
@@ -61,6 +63,8 @@ def test_bench_measures_a_running_model_at_each_depth_beside_the_prediction(tmp_
         assert deep["generated_tokens"] == 8  # ignore_eos: a fixed count to time
         for row in result["rows"]:
             assert row["measured_tg_per_s"] > 0 and row["measured_pp_per_s"] > 0
+            # two requests a depth, each a prompt new to the cache: their mean, and how far they spread
+            assert row["reps"] == 2 and row["measured_tg_per_s_sd"] >= 0 and row["measured_pp_per_s_sd"] >= 0, row
             assert row["predicted_tg_per_s"] > 0  # this host's measured bandwidth and the fitted CPU constants
         # the KV cache read grows (the whole answer in the message: a failure here is a calibration to read)
         assert result["rows"][0]["predicted_tg_per_s"] > deep["predicted_tg_per_s"], (result, started.get("speed"))

@@ -429,13 +429,15 @@ def _depths(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[i
               help="Prompt tokens before the generated ones, one request each.")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Tokens generated per request.")  # fmt: skip
+@click.option("--reps", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Requests per depth: their mean and standard deviation, as llama-bench's -r.")  # fmt: skip
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
               help="The key the server requires (else FITQUANT_API_KEY).")  # fmt: skip
 @click.option("--predict/--no-predict", default=True, show_default=True,
               help="Plan the model again to put fitquant's prediction beside each measure.")  # fmt: skip
 @options.json_option()
-def bench(name: str | None, depths: tuple[int, ...], tokens: int, api_key_file: Path | None, predict: bool,
-          as_json: bool) -> None:  # fmt: skip
+def bench(name: str | None, depths: tuple[int, ...], tokens: int, reps: int, api_key_file: Path | None,
+          predict: bool, as_json: bool) -> None:  # fmt: skip
     """Prefill and decode tokens/s of a running model at a few depths, predicted beside measured.
 
     NAME: a model `fitquant ps` lists (the only one running when left out).
@@ -445,16 +447,16 @@ def bench(name: str | None, depths: tuple[int, ...], tokens: int, api_key_file: 
     from launcher.cli.render import print_json
     from launcher.run import read_api_key
 
-    result = run_bench(find_instance(name), depths=depths, tokens=tokens, api_key=read_api_key(api_key_file),
-                       predict=predict)  # fmt: skip
+    result = run_bench(find_instance(name), depths=depths, tokens=tokens, reps=reps,
+                       api_key=read_api_key(api_key_file), predict=predict)  # fmt: skip
     if as_json:
         print_json(result.to_json())
         return
     from rich.console import Console
     from rich.table import Table
 
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
+    def cell(value: float | None, sd: float | None = None) -> str:
+        return "-" if value is None else f"{value:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
 
     def ratio(measured: float | None, predicted: float | None) -> str:
         return "-" if not measured or not predicted else f"{measured / predicted:.2f}"
@@ -464,12 +466,14 @@ def bench(name: str | None, depths: tuple[int, ...], tokens: int, api_key_file: 
     for column in ("depth", "pp t/s", "predicted", "ratio", "tg t/s", "predicted", "ratio"):
         table.add_column(column, justify="right")
     for row in result.rows:
-        table.add_row(str(row.depth), cell(row.measured_pp_per_s), cell(row.predicted_pp_per_s),
-                      ratio(row.measured_pp_per_s, row.predicted_pp_per_s), cell(row.measured_tg_per_s),
+        table.add_row(str(row.depth), cell(row.measured_pp_per_s, row.measured_pp_per_s_sd),
+                      cell(row.predicted_pp_per_s), ratio(row.measured_pp_per_s, row.predicted_pp_per_s),
+                      cell(row.measured_tg_per_s, row.measured_tg_per_s_sd),
                       cell(row.predicted_tg_per_s), ratio(row.measured_tg_per_s, row.predicted_tg_per_s))  # fmt: skip
     console = Console()
     console.print(table)
-    console.print(f"pp: prefill of the prompt at that depth; tg: decode of {tokens} tokens after it (the server's own "
-                  "timings); ratio: measured / predicted")  # fmt: skip
+    console.print(f"pp: prefill of the prompt at that depth; tg: decode of {tokens} tokens after it (the server's "
+                  f"own timings, the mean ± standard deviation of {reps} requests); ratio: measured / "
+                  "predicted")  # fmt: skip
     for note in result.notes:
         console.print(f"note: {note}")
