@@ -711,9 +711,9 @@ def warm_up(
             # would misprice attention): the same prompt again, answered from the server's prompt cache, decodes from
             # the same depth. A server that evaluated it again instead is not asked a third time
             deep = [filled_speed.tg_per_s]
-            while len(deep) < DECODE_SAMPLES:
+            for _ in range(DECODE_SAMPLES - 1):
                 again = _ask(instance, prompt, max_tokens=DEEP_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
-                if (again.completion_tokens or 0) >= MIN_TIMED_TOKENS:
+                if (again.completion_tokens or 0) >= MIN_TIMED_TOKENS:  # (Ollama may stop at an end-of-text)
                     deep.append(measured_speed(again, ollama=ollama).tg_per_s)
                 if _evaluated(again, ollama=ollama) > 3 * DEEP_PROMPT_WORDS:
                     break

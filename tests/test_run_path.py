@@ -192,6 +192,11 @@ def test_the_full_warm_up_reads_the_servers_own_prompt_count(stub: OllamaApiServ
         fill = stub.bodies("/api/chat")[-1]["messages"][0]["content"]
         assert result.warmup["filled_tokens"] == len(fill.split()) + 4 > 1000
         assert result.warmup["sent_tokens"] is None
+        # three short decodes timed, the fastest kept; the stub's answers (5 tokens: it stops, as Ollama may at an
+        # end-of-text) are too short to time a decode after the fill, so that is not asked again
+        chats = [b["messages"][0]["content"] for b in stub.bodies("/api/chat")]
+        assert chats.count("Say hello.") == 3 and len(result.warmup["decode_samples"]) == 3
+        assert chats.count(fill) == 1 and "decode_samples_at_fill" not in result.warmup
     finally:
         backend.stop(result.instance)
 
