@@ -657,8 +657,7 @@ def warm_up(
     while mode == "full" and len(samples) < DECODE_SAMPLES:
         again = _ask(instance, "Say hello.", max_tokens=SHORT_REPLY_TOKENS, timeout_s=timeout_s, extra=extra)
         samples.append(measured_speed(again, ollama=ollama).tg_per_s)
-    rates = [rate for rate in samples if rate]
-    report["measured_tg_per_s"] = _rounded(max(rates) if rates else None)
+    report["measured_tg_per_s"] = _fastest(samples)
     if len(samples) > 1:
         report["decode_samples"] = [_rounded(rate) for rate in samples]
     report["short_prompt_tokens"] = hello.prompt_tokens
@@ -717,8 +716,7 @@ def warm_up(
                     deep.append(measured_speed(again, ollama=ollama).tg_per_s)
                 if _evaluated(again, ollama=ollama) > 3 * DEEP_PROMPT_WORDS:
                     break
-            rates = [rate for rate in deep if rate]
-            report["measured_tg_per_s_at_fill"] = _rounded(max(rates) if rates else None)
+            report["measured_tg_per_s_at_fill"] = _fastest(deep)
             report["decode_samples_at_fill"] = [_rounded(rate) for rate in deep]
         # prefill at depth: the fill's prompt with its last words changed, all before them answered from the server's
         # prompt cache; with the fill's own prefill (every depth from 0) it separates prefill's attention from its
@@ -757,6 +755,11 @@ OFFLOAD_BATCH = 32  # a prompt batch this big runs as prefill does (llama.cpp of
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _fastest(rates: list[float | None]) -> float | None:
+    """The fastest of a warm-up's timings of one figure (None where none was timed), rounded."""
+    return _rounded(max((rate for rate in rates if rate), default=None))
 
 
 def speed_report(result: RunResult, machine: HardwareSnapshot) -> dict[str, Any]:
