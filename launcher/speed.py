@@ -6,9 +6,12 @@ each token costs a fixed time on top (kernel launches, synchronisation). Per dev
     seconds per token = Σ_i bytes_read_i / (η · bandwidth_i) + t0
 
 with η and t0 per backend, fitted (weighted least squares on the relative error) on the published llama-bench rows
-of data/speed.json, never guessed. A card with HBM (a data-centre A100, H100, H200) reads at its own η, fitted with
-the same t0 on its backend's HBM rows: in the published (May 2024) builds llama.cpp's batch-1 kernels read about
-half of an HBM card's specified bandwidth where GDDR cards read 0.9 (the A100 SXM fitted, A100/H100 PCIe held out).
+of data/speed.json, never guessed, and on rows of today's llama.cpp: CUDA's rows of May 2024 (ERA_2024) ran the
+kernels of then (an RTX 4090 prefilled Llama-3-8B at 0.56 of today's rate; decode's fitted fixed cost per token was
+three times today's), so they fit constants of their own, which predict only them. A card with HBM (a data-centre
+A100, H100, H200) reads at its own η: in May 2024's builds llama.cpp's batch-1 kernels read about half of an HBM
+card's specified bandwidth where GDDR cards read 0.9 (fitted on the A100 SXM with that era's t0, held out on the
+A100 and H100 PCIe); today's rows hold no HBM card, so today's η for HBM keeps that ratio to today's GDDR η.
 Bytes read per token: every block weight on the device (MoE routed experts x used / total), the output layer where
 it lives, no token embeddings (one row is read), and the KV cache at the depth (a sliding-window layer reads at
 most its window).
@@ -21,8 +24,9 @@ M1 Max decodes Llama-3-8B Q4_K_M at 153 GB/s where its Q4_0 and F16 reach 230-28
 
 Prefill is compute-bound: 2 x active parameters FLOPs per token over the device's FLOPS, times a slope, plus a fixed
 cost per token (dequantizing, launches), per backend, fitted the same way; float weights (F16, BF16, F32) have their
-own slope where a backend has published float rows (CUDA multiplies them on the FP16 tensor cores directly, with no
-dequantizing: Llama-3-8B F16 prefills 1.1-1.3x as fast as its Q4_K_M). The output layer is left out: a prompt's
+own slope where a backend's era has published float rows (May 2024's CUDA multiplied them on the FP16 tensor cores
+directly where it dequantized the others: Llama-3-8B F16 prefilled 1.1-1.3x as fast as its Q4_K_M; today's CUDA rows
+hold no float row, so today's float weights take the quantized slope). The output layer is left out: a prompt's
 logits are computed for its last token only.
 
 Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and cached position (a sliding-window layer
@@ -240,7 +244,8 @@ def validation_rows() -> list[dict[str, Any]]:
 def _with_counts(row: Mapping[str, Any]) -> dict[str, Any]:
     tied = bool(row.get("tied"))
     embd_bytes = row["embd_params"] * row["embd_bytes_per_param"]
-    read = row["size_gib"] * GiB - (0 if tied else embd_bytes)
+    # a prefill-only row (no tg) may give no size: it reads nothing a decode would
+    read = None if row.get("size_gib") is None else row["size_gib"] * GiB - (0 if tied else embd_bytes)
     prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
     decode_params = row["params"] - (0 if tied else row["embd_params"])
     attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
@@ -278,7 +283,8 @@ PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is fo
 # 4: float weights' own prefill slope; a K-quant compute floor in decode where a backend's rows show one
 # 5: a CPU's weights at the host's measured matrix-product rate per type (launcher.measure.kernels)
 # 6: an HBM card's own decode efficiency
-MODEL_VERSION = 6
+# 7: CUDA fitted on today's llama.cpp rows, May 2024's builds apart (ERA_2024)
+MODEL_VERSION = 7
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -297,18 +303,28 @@ def _row_weights(row: Mapping[str, Any]) -> str:
     return "kquant" if is_kquant(re.sub(r"_(XXS|XS|S|M|L|NL)$", "", label)) else "quant"
 
 
+# A published row's llama.cpp, where its kernels differ from today's (data/speed.json `era`): "2024-05", the CUDA
+# builds of May 2024 (b2824-b2843), before PR #8075 (June 2024) moved quantized prompt processing from dequantizing
+# to FP16 for cuBLAS to MMQ's int8 tensor-core kernels. Their figures fit their own constants, which predict only
+# their own rows; a plan predicts today's llama.cpp (era None), fitted on today's rows alone.
+ERA_2024 = "2024-05"
+
+
 @functools.cache
-def fitted(backend: str) -> Fit:
-    """The constants for `backend`, fitted by weighted least squares on the relative error over its published rows:
+def fitted(backend: str, era: str | None = None) -> Fit:
+    """The constants for `backend` in `era` (None: today's llama.cpp; see ERA_2024), fitted by weighted least
+    squares on the relative error over its published rows of that era:
     1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 · active params / FLOPS + pp_t0. A backend with fewer
     than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows. Decode's
     eta and t0 come from the rows of cards without HBM; an HBM card's eta from the backend's own HBM rows, t0 held
     (a row marked `prefill_held_out` is fitted for its decode only: its prefill is checked, not fitted). The
     attention efficiency comes first, from each row measured at two depths (pp512 and pp4096: the same matmuls, more
-    attention), and prefill's fit takes the attention out of each row."""
+    attention), and prefill's fit takes the attention out of each row. An era with no HBM row of its own reads HBM at
+    its eta times the HBM/GDDR ratio its backend's other era measured (decode's kernels read both kinds of memory;
+    which is faster is the memory's, not the build's)."""
     table = device_table()
     bound = set(_data().get("kquant_compute_bound", {}))
-    every = [r for r in published_rows() if r["device"] in table]
+    every = [r for r in published_rows() if r["device"] in table and r.get("era") == era]
     # a K-quant row of a backend whose K-quant kernel is compute-bound fits that kernel's cost, nothing else
     rows = [r for r in every if not (r["backend"] in bound and r["weights"] == "kquant")]
     backends = {r["backend"] for r in rows}
@@ -342,11 +358,15 @@ def fitted(backend: str) -> Fit:
     def decode_point(r: Mapping[str, Any]) -> tuple[float, float]:
         return r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]
 
-    decode = fit(decode_point, lambda r: not table[r["device"]].hbm)
+    decode = fit(decode_point, lambda r: r.get("tg") and not table[r["device"]].hbm)
     assert decode is not None, f"no published decode row for {backend}"
     eta, t0 = 1 / decode[0], decode[1]
-    hbm = [decode_point(r) for r in rows if r["backend"] == backend and table[r["device"]].hbm]
+    hbm = [decode_point(r) for r in rows if r["backend"] == backend and r.get("tg") and table[r["device"]].hbm]
     eta_hbm = 1 / _fit_slope(hbm, t0) if hbm else None
+    if eta_hbm is None:
+        other = next((fitted(backend, e) for e in _eras(backend) if e != era), None)
+        if other is not None and other.eta_hbm is not None:
+            eta_hbm = eta * other.eta_hbm / other.eta
 
     def prefillable(r: Mapping[str, Any]) -> bool:
         return bool(r.get("pp")) and bool(table[r["device"]].flops) and not r.get("prefill_held_out")
@@ -360,12 +380,17 @@ def fitted(backend: str) -> Fit:
     kquant_ops = None
     if backend in bound:  # each K-quant row's decode beyond the fixed cost, as FLOPs per weight it multiplies by
         found = [(1 / r["tg"] - t0) * (table[r["device"]].flops or 0) / r["decode_params"]
-                 for r in every if r["backend"] == backend and r["weights"] == "kquant"]  # fmt: skip
+                 for r in every if r["backend"] == backend and r["weights"] == "kquant" and r.get("tg")]  # fmt: skip
         kquant_ops = median(found) if found and min(found) > 0 else None
     return Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
                pp_slope_float=prefill_float[0] if prefill_float else None,
                pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops,
                eta_hbm=eta_hbm)  # fmt: skip
+
+
+def _eras(backend: str) -> list[str | None]:
+    """The eras `backend`'s published rows come from (None: today's)."""
+    return sorted({r.get("era") for r in published_rows() if r["backend"] == backend}, key=lambda e: e or "")
 
 
 def _fit_attention(rows: list[Mapping[str, Any]], table: Mapping[str, DeviceSpeed]) -> float | None:
@@ -413,11 +438,13 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int = PP_TOKENS) -> S
     """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at an
     empty context, prefill of `n_prompt` tokens from an empty one."""
     device = device_table()[row["device"]]
-    fit = fitted(device.backend)
-    reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
-    if fit.kquant_ops and device.flops and row["weights"] == "kquant":
-        reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
-    tg = 1 / (reads + fit.t0_s)
+    fit = fitted(device.backend, row.get("era"))
+    tg = None
+    if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
+        reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+        if fit.kquant_ops and device.flops and row["weights"] == "kquant":
+            reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
+        tg = 1 / (reads + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
         slope, fixed = fit.pp_slope, fit.pp_t0_s

@@ -56,26 +56,30 @@ def published() -> None:
     for kind, rows in (("fitted", published_rows()), ("held out", validation_rows())):
         for row in rows:
             s = predict_published(row)
-            peer = llmfit_published(row)
-            tg = s.tg_per_s or 0.0
             mark = " (suspect)" if row.get("suspect") else " (known miss)" if row.get("miss") else ""
-            name = f"{kind} | {row['device']} | {row['model']}{mark}"
-            test = "tg512" if "tg512" in row.get("source", "") else "tg128"
-            print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
-                  f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
-            errors = [tg / row["tg"] - 1]
+            # a row of an older llama.cpp, predicted by its own era's constants (launcher.speed.ERA_2024)
+            era = f" [{row['era']} build]" if row.get("era") else ""
+            name = f"{kind} | {row['device']} | {row['model']}{era}{mark}"
+            errors = []
+            if row.get("tg"):  # a prefill-only row has none
+                peer = llmfit_published(row)
+                tg = s.tg_per_s or 0.0
+                test = "tg512" if "tg512" in row.get("source", "") else "tg128"
+                print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
+                      f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
+                errors.append(tg / row["tg"] - 1)
             if row.get("pp"):
                 pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
                 pp_error = (s.pp_per_s or 0.0) / row["pp"] - 1
                 if row.get("prefill_held_out"):  # a row fitted for its decode only: its prefill is held out
                     why = row.get("prefill_suspect") or row.get("prefill_miss")
                     pp_mark = " (suspect)" if row.get("prefill_suspect") else " (known miss)" if why else ""
-                    print(f"| held out | {row['device']} | {row['model']} (prefill){pp_mark} | pp512 | {row['pp']} | "
-                          f"{pp} | - | - |")  # fmt: skip
+                    print(f"| held out | {row['device']} | {row['model']}{era} (prefill){pp_mark} | pp512 | "
+                          f"{row['pp']} | {pp} | - | - |")  # fmt: skip
                     if not row.get("prefill_suspect"):
                         misses["held out"].append(pp_error)
                     if why:
-                        notes.append(f"{pp_mark.strip(' ()')}: {row['device']} {row['model']} prefill: {why}")
+                        notes.append(f"{pp_mark.strip(' ()')}: {row['device']} {row['model']}{era} prefill: {why}")
                 else:
                     print(f"| {name} | pp512 | {row['pp']} | {pp} | - | - |")
                     errors.append(pp_error)
@@ -85,11 +89,11 @@ def published() -> None:
                 print(f"| {name} | pp{deep['n_prompt']} | {deep['t_per_s']} | {pp} | - | - |")
                 errors.append((d.pp_per_s or 0.0) / deep["t_per_s"] - 1)
             if row.get("suspect"):
-                notes.append(f"suspect: {row['device']} {row['model']}: {row['suspect']}")
+                notes.append(f"suspect: {row['device']} {row['model']}{era}: {row['suspect']}")
             else:
                 misses[kind] += errors
             if row.get("miss"):
-                notes.append(f"known miss: {row['device']} {row['model']}: {row['miss']}")
+                notes.append(f"known miss: {row['device']} {row['model']}{era}: {row['miss']}")
     print()
     for kind, errors in misses.items():
         within = sum(abs(e) <= 0.25 for e in errors)

@@ -14,6 +14,7 @@ from test_backend_ollama import make_test_plan, tiny_candidate
 from launcher.chat import ChatReply
 from launcher.hardware import describe_machine
 from launcher.speed import (
+    ERA_2024,
     Calibration,
     DeviceSpeed,
     Times,
@@ -50,8 +51,8 @@ def test_published_rows_are_predicted_within_a_quarter(row: dict) -> None:
 @pytest.mark.parametrize("row", [r for r in published_rows() if r.get("prefill_held_out")],
                          ids=lambda r: f"{r['device']} {r['model']}")  # fmt: skip
 def test_a_row_fitted_for_its_decode_only_has_its_prefill_checked_as_held_out(row: dict) -> None:
-    """The A100 SXM's rows set the HBM decode efficiency; their prefill is never fitted on (it would move every CUDA
-    card's prefill by one card's figures) but predicted: within a quarter, else missed as its reason says."""
+    """A row fitted for its decode whose prefill is not fitted on (the A100 SXM's F16 and 70B, May 2024's; today's
+    L40S) is still predicted: within a quarter, else missed as its reason says."""
     speed = predict_published(row)
     assert speed.pp_per_s is not None and row.get("pp")
     error = abs(speed.pp_per_s / row["pp"] - 1)
@@ -68,8 +69,10 @@ def test_hbm_cards_decode_at_their_own_fitted_efficiency() -> None:
     cards read about 0.9 of theirs; a backend with no HBM row has none (its Instinct cards read at its one eta)."""
     from launcher.speed import device_table
 
-    cuda = fitted("cuda")
-    assert cuda.eta_hbm is not None and 0.35 < cuda.eta_hbm < 0.65 < 0.8 < cuda.eta
+    old, cuda = fitted("cuda", ERA_2024), fitted("cuda")
+    assert old.eta_hbm is not None and 0.35 < old.eta_hbm < 0.65 < 0.8 < old.eta
+    # today's rows have no HBM card: May 2024's HBM/GDDR ratio applied to today's eta
+    assert cuda.eta_hbm is not None and cuda.eta_hbm / cuda.eta == pytest.approx(old.eta_hbm / old.eta)
     assert fitted("rocm").eta_hbm is None and fitted("metal").eta_hbm is None
     table = device_table()
     hbm = {name for name, d in table.items() if d.hbm}
@@ -85,9 +88,13 @@ def test_hbm_cards_decode_at_their_own_fitted_efficiency() -> None:
 def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> None:
     """Rows the constants never saw (data/speed.json `validation`): the same bound as the fitted ones. Prefill of a
     70B K-quant on an M1 Max is one miss: it runs 18% slower per weight than the 8B's, and no published row
-    separates why."""
+    separates why. A row may measure one of the two (a PR's table of prefill alone)."""
     speed = predict_published(row)
-    assert speed.tg_per_s is not None and abs(speed.tg_per_s / row["tg"] - 1) <= 0.25, (speed, row)
+    assert row.get("tg") or row.get("pp")
+    if row.get("tg"):
+        assert speed.tg_per_s is not None and abs(speed.tg_per_s / row["tg"] - 1) <= 0.25, (speed, row)
+    if not row.get("pp"):
+        return
     assert speed.pp_per_s is not None
     if row["device"] == "Apple M1 Max (32-core GPU)" and row["model"] == "Llama-3-70B Q4_K_M":
         assert 0.25 < speed.pp_per_s / row["pp"] - 1 < 0.40  # the known miss, measured (it fails if it moves)
@@ -99,13 +106,16 @@ def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> No
                          ids=lambda r: f"{r['device']} {r['model']}")  # fmt: skip
 def test_held_out_rows_the_model_misses_say_why_and_do_miss(row: dict) -> None:
     """A held-out row the model is known to miss (`miss`: why, printed by scripts/bench_speed.py) misses it as said:
-    every known miss is prefill's (a card of 300+ TFLOPS: a 70B's prefill, or F16's), decode stays within a quarter.
-    A change to the model that closes a miss fails here, so the marker cannot outlive it."""
+    every known miss is prefill's (May 2024's build on a card of 300+ TFLOPS: a 70B's prefill, or F16's; Turing's
+    int8 kernels today), decode stays within a quarter where the row has it. A change to the model that closes a miss
+    fails here, so the marker cannot outlive it."""
     speed = predict_published(row)
-    assert speed.tg_per_s is not None and speed.pp_per_s is not None and len(row["miss"]) > 40
+    assert speed.pp_per_s is not None and len(row["miss"]) > 40
     assert "prefill" in row["miss"]
-    decode = speed.tg_per_s / row["tg"]
-    assert abs(decode - 1) <= 0.25, (decode, row["device"], row["model"])
+    if row.get("tg"):
+        assert speed.tg_per_s is not None
+        decode = speed.tg_per_s / row["tg"]
+        assert abs(decode - 1) <= 0.25, (decode, row["device"], row["model"])
     assert abs(speed.pp_per_s / row["pp"] - 1) > 0.25, (speed.pp_per_s / row["pp"], row["device"], row["model"])
 
 
@@ -148,9 +158,12 @@ def test_a_kquant_on_metal_is_priced_by_its_kernels_arithmetic_where_that_is_slo
 
 
 def test_float_weights_prefill_at_their_own_slope_on_cuda() -> None:
-    """CUDA multiplies F16 weights on the tensor cores with no dequantizing: its F16 rows prefill faster per FLOP."""
-    cuda = fitted("cuda")
-    assert cuda.pp_slope is not None and cuda.pp_slope_float is not None and cuda.pp_slope_float < cuda.pp_slope
+    """May 2024's CUDA multiplied F16 weights on the tensor cores with no dequantizing: its F16 rows prefill faster
+    per FLOP than its quantized ones. Today's CUDA rows have no float row, so today's float weights take the quantized
+    slope (MMQ's int8 kernels now do what the dequantizing did), not May 2024's float one."""
+    old = fitted("cuda", ERA_2024)
+    assert old.pp_slope is not None and old.pp_slope_float is not None and old.pp_slope_float < old.pp_slope
+    assert fitted("cuda").pp_slope_float is None
     assert fitted("metal").pp_slope_float is None  # no published float row of its own: not borrowed from CUDA
 
 
@@ -172,7 +185,12 @@ def test_a_metal_plans_kquant_decode_is_bound_by_the_kernel_and_its_legacy_quant
     assert cuda is not None and cuda.decode_s < k_times.decode_s  # no floor where the rows show none
 
 
-def test_a_plans_float_share_is_its_float_matmul_weights(tmp_path: Path) -> None:
+def test_a_plans_float_share_is_its_float_matmul_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend with a float slope of its own (today none has: May 2024's CUDA constants stand in) prices a plan's
+    prefill by its share of float matmul weights."""
+    import launcher.speed
+
+    monkeypatch.setattr(launcher.speed, "fitted", lambda backend, era=None: fitted(backend, ERA_2024))
     f16 = make_test_plan([tiny_candidate(tmp_path, "F16", QT.F16)]).chosen
     q8 = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)]).chosen
     assert f16 is not None and q8 is not None
