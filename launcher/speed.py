@@ -346,10 +346,10 @@ def fitted(backend: str, era: str | None = None) -> Fit:
         return slope, fixed
 
     def prefill_point(r: Mapping[str, Any]) -> tuple[float, float]:
-        # the pp512 row's own attention (positions 0..511, 256 on average): at its own efficiency where the backend
+        # the row's own attention (pp512: positions 0..511, 256 on average): at its own efficiency where the backend
         # has one, else with the matmuls
         flops = table[r["device"]].flops or 1.0
-        attention_flops = r["attention_flops"] * PP_TOKENS / 2
+        attention_flops = r["attention_flops"] * r.get("pp_tokens", PP_TOKENS) / 2
         eff = attention_of.get(r["backend"])
         if eff:
             return 2 * r["active_params"] / flops, 1 / r["pp"] - attention_flops / (eff * flops)
@@ -363,9 +363,13 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     eta, t0 = 1 / decode[0], decode[1]
     hbm = [decode_point(r) for r in rows if r["backend"] == backend and r.get("tg") and table[r["device"]].hbm]
     eta_hbm = 1 / _fit_slope(hbm, t0) if hbm else None
-    if eta_hbm is None:
-        other = next((fitted(backend, e) for e in _eras(backend) if e != era), None)
-        if other is not None and other.eta_hbm is not None:
+    if eta_hbm is None:  # an era with HBM rows of its own (so it borrows nothing back: no recursion)
+        measured = [e for e in _eras(backend) if e != era and any(
+            r.get("tg") and r["device"] in table and table[r["device"]].hbm
+            for r in published_rows() if r["backend"] == backend and r.get("era") == e)]  # fmt: skip
+        if measured:
+            other = fitted(backend, measured[0])
+            assert other.eta_hbm is not None
             eta_hbm = eta * other.eta_hbm / other.eta
 
     def prefillable(r: Mapping[str, Any]) -> bool:
@@ -434,9 +438,11 @@ def _fit_slope(points: list[tuple[float, float]], fixed: float) -> float:
     return sum(x * (y - fixed) / (y * y) for x, y in points) / sum(x * x / (y * y) for x, y in points)
 
 
-def predict_published(row: Mapping[str, Any], *, n_prompt: int = PP_TOKENS) -> Speed:
+def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) -> Speed:
     """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at an
-    empty context, prefill of `n_prompt` tokens from an empty one."""
+    empty context, prefill of `n_prompt` tokens from an empty one (None: the row's own prompt, `pp_tokens`, else
+    llama-bench's 512)."""
+    n_prompt = n_prompt or row.get("pp_tokens", PP_TOKENS)
     device = device_table()[row["device"]]
     fit = fitted(device.backend, row.get("era"))
     tg = None

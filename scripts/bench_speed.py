@@ -64,24 +64,31 @@ def published() -> None:
             if row.get("tg"):  # a prefill-only row has none
                 peer = llmfit_published(row)
                 tg = s.tg_per_s or 0.0
-                test = "tg512" if "tg512" in row.get("source", "") else "tg128"
+                test = (
+                    "tg512"
+                    if "tg512" in row.get("source", "")
+                    else "tg64"
+                    if "tg64" in row.get("source", "")
+                    else "tg128"
+                )
                 print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
                       f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
                 errors.append(tg / row["tg"] - 1)
             if row.get("pp"):
+                pp_test = f"pp{row.get('pp_tokens', 512)}"
                 pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
                 pp_error = (s.pp_per_s or 0.0) / row["pp"] - 1
                 if row.get("prefill_held_out"):  # a row fitted for its decode only: its prefill is held out
                     why = row.get("prefill_suspect") or row.get("prefill_miss")
                     pp_mark = " (suspect)" if row.get("prefill_suspect") else " (known miss)" if why else ""
-                    print(f"| held out | {row['device']} | {row['model']}{era} (prefill){pp_mark} | pp512 | "
+                    print(f"| held out | {row['device']} | {row['model']}{era} (prefill){pp_mark} | {pp_test} | "
                           f"{row['pp']} | {pp} | - | - |")  # fmt: skip
                     if not row.get("prefill_suspect"):
                         misses["held out"].append(pp_error)
                     if why:
                         notes.append(f"{pp_mark.strip(' ()')}: {row['device']} {row['model']}{era} prefill: {why}")
                 else:
-                    print(f"| {name} | pp512 | {row['pp']} | {pp} | - | - |")
+                    print(f"| {name} | {pp_test} | {row['pp']} | {pp} | - | - |")
                     errors.append(pp_error)
             for deep in row.get("deep", ()):
                 d = predict_published(row, n_prompt=deep["n_prompt"])
