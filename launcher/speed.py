@@ -312,16 +312,15 @@ ERA_2024 = "2024-05"
 
 @functools.cache
 def fitted(backend: str, era: str | None = None) -> Fit:
-    """The constants for `backend` in `era` (None: today's llama.cpp; see ERA_2024), fitted by weighted least
-    squares on the relative error over its published rows of that era:
-    1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 · active params / FLOPS + pp_t0. A backend with fewer
-    than two rows of its own takes the slope of every GPU row and fits only its fixed cost on its own rows. Decode's
-    eta and t0 come from the rows of cards without HBM; an HBM card's eta from the backend's own HBM rows, t0 held
-    (a row marked `prefill_held_out` is fitted for its decode only: its prefill is checked, not fitted). The
-    attention efficiency comes first, from each row measured at two depths (pp512 and pp4096: the same matmuls, more
-    attention), and prefill's fit takes the attention out of each row. An era with no HBM row of its own reads HBM at
-    its eta times the HBM/GDDR ratio its backend's other era measured (decode's kernels read both kinds of memory;
-    which is faster is the memory's, not the build's)."""
+    """The constants for `backend` in `era` (None: today's llama.cpp; see ERA_2024), fitted by weighted least squares on
+    the relative error over its published rows of that era: 1/tg = bytes / (eta · bandwidth) + t0 and 1/pp = slope · 2 ·
+    active params / FLOPS + pp_t0. A backend with fewer than two rows of its own takes the slope of every GPU row of the
+    era and fits only its fixed cost on its own rows. Decode's eta and t0 come from the rows of cards without HBM; an
+    HBM card's eta from the backend's own HBM rows, t0 held (a row marked `prefill_held_out` is fitted for its decode
+    only: its prefill is checked, not fitted). The attention efficiency comes first, from each row measured at two
+    depths (pp512 and pp4096: the same matmuls, more attention), and prefill's fit takes the attention out of each row.
+    An era with no HBM row of its own reads HBM at its eta times the HBM/GDDR ratio its backend's other era measured: an
+    assumption, stated as one, since no row of that era measures an HBM card."""
     table = device_table()
     bound = set(_data().get("kquant_compute_bound", {}))
     every = [r for r in published_rows() if r["device"] in table and r.get("era") == era]

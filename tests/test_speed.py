@@ -153,6 +153,34 @@ def test_a_kquant_on_metal_is_priced_by_its_kernels_arithmetic_where_that_is_slo
     assert not is_kquant("Q8_0") and not is_kquant("F16")
 
 
+def test_a_plan_is_predicted_for_todays_llama_cpp_and_may_2024s_rows_by_their_own_constants(tmp_path: Path) -> None:
+    """May 2024's CUDA rows (`era`) ran the kernels of then: they fit constants of their own, which predict only them;
+    a plan (times) is priced by today's, fitted on today's rows alone."""
+    today, old = fitted("cuda"), fitted("cuda", ERA_2024)
+    assert today.t0_s < old.t0_s / 2  # decode's fixed cost per token fell to a third
+    assert today.pp_t0_s < old.pp_t0_s / 4  # and prefill's, which made May 2024's 70B prefill miss
+    rows = published_rows() + validation_rows()
+    assert {r.get("era") for r in rows if r["backend"] == "cuda"} == {None, ERA_2024}
+    assert all(r.get("era") is None for r in rows if r["backend"] != "cuda")
+    option = make_test_plan([tiny_candidate(tmp_path, "Q8_0", QT.Q8_0)]).chosen
+    assert option is not None
+    rtx = {"GPU0": DeviceSpeed(1008e9, 330e12, "cuda")}
+    parts = times(option, rtx)
+    assert parts is not None
+    reads = bytes_per_token(option, 0)["GPU0"] / (today.eta * 1008e9)
+    assert parts.decode_s == pytest.approx(reads + today.t0_s, rel=1e-9)
+    # a row of May 2024 is predicted by its era's constants, the same row of today's by today's
+    row = next(r for r in rows if r.get("era") == ERA_2024 and r["device"] == "NVIDIA GeForce RTX 4090" and r["tg"])
+    now = dict(row, era=None)
+    bandwidth = 1008e9
+    assert predict_published(row).tg_per_s == pytest.approx(
+        1 / (row["bytes_per_token"] / (old.eta * bandwidth) + old.t0_s)
+    )
+    assert predict_published(now).tg_per_s == pytest.approx(
+        1 / (row["bytes_per_token"] / (today.eta * bandwidth) + today.t0_s)
+    )
+
+
 def test_float_weights_prefill_at_their_own_slope_on_cuda() -> None:
     """May 2024's CUDA multiplied F16 weights on the tensor cores with no dequantizing: its F16 rows prefill faster
     per FLOP than its quantized ones. Today's CUDA rows have no float row, so today's float weights take the quantized
