@@ -14,7 +14,9 @@ card's specified bandwidth where GDDR cards read 0.9 (fitted on the A100 SXM wit
 A100 and H100 PCIe); today's rows hold no HBM card, so today's η for HBM keeps that ratio to today's GDDR η.
 Bytes read per token: every block weight on the device (MoE routed experts x used / total), the output layer where
 it lives, no token embeddings (one row is read), and the KV cache at the depth (a sliding-window layer reads at
-most its window).
+most its window). An MoE's routed experts read at their own fitted share of the bandwidth (Fit.eta_moe: their small
+matrices and the routing cost more than their bytes; today's CUDA reads Qwen3-30B-A3B's at about a third of its
+dense weights' share), where a backend has a published MoE row; elsewhere at the dense share, unchecked.
 
 Where a backend's published rows show its mat-vec kernel for K-quants (and i-quants) slower than memory (Apple's
 M1 Max decodes Llama-3-8B Q4_K_M at 153 GB/s where its Q4_0 and F16 reach 230-280), such a weight also costs
@@ -248,9 +250,17 @@ def _with_counts(row: Mapping[str, Any]) -> dict[str, Any]:
     read = None if row.get("size_gib") is None else row["size_gib"] * GiB - (0 if tied else embd_bytes)
     prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
     decode_params = row["params"] - (0 if tied else row["embd_params"])
+    # an MoE row: its routed experts' tensors (`expert_bytes`, `expert_params`), `experts_used` of `experts` a token
+    expert_read = 0.0
+    if row.get("experts"):
+        share = row["experts_used"] / row["experts"]
+        unused = row["expert_params"] * (1 - share)
+        prompt_params, decode_params = prompt_params - unused, decode_params - unused
+        expert_read = row["expert_bytes"] * share
+        read = None if read is None else read - row["expert_bytes"]
     attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
-    return {**row, "bytes_per_token": read, "active_params": prompt_params, "decode_params": decode_params,
-            "attention_flops": attention, "weights": _row_weights(row)}  # fmt: skip
+    return {**row, "bytes_per_token": read, "expert_bytes_per_token": expert_read, "active_params": prompt_params,
+            "decode_params": decode_params, "attention_flops": attention, "weights": _row_weights(row)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -270,10 +280,17 @@ class Fit:
     kquant_ops: float | None = None
     # an HBM card's decode efficiency (None: the backend has no HBM row, and reads HBM at `eta`, unchecked)
     eta_hbm: float | None = None
+    # an MoE's routed experts in decode: the share of the bandwidth their bytes read at (None: no published MoE row,
+    # read at `eta`, unchecked)
+    eta_moe: float | None = None
 
     def eta_of(self, device: DeviceSpeed) -> float:
         """The share of `device`'s bandwidth a decoded token reads at."""
         return self.eta_hbm if device.hbm and self.eta_hbm is not None else self.eta
+
+    def eta_moe_of(self, device: DeviceSpeed) -> float:
+        """The share of `device`'s bandwidth a decoded token reads its routed experts at (on HBM, in HBM's ratio)."""
+        return self.eta_of(device) if self.eta_moe is None else self.eta_moe * self.eta_of(device) / self.eta
 
 
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
@@ -284,7 +301,8 @@ PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is fo
 # 5: a CPU's weights at the host's measured matrix-product rate per type (launcher.measure.kernels)
 # 6: an HBM card's own decode efficiency
 # 7: CUDA fitted on today's llama.cpp rows, May 2024's builds apart (ERA_2024)
-MODEL_VERSION = 7
+# 8: an MoE's routed experts decode at their own fitted efficiency
+MODEL_VERSION = 8
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -357,10 +375,11 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     def decode_point(r: Mapping[str, Any]) -> tuple[float, float]:
         return r["bytes_per_token"] / table[r["device"]].bandwidth_bytes_per_s, 1 / r["tg"]
 
-    decode = fit(decode_point, lambda r: r.get("tg") and not table[r["device"]].hbm)
+    decode = fit(decode_point, lambda r: r.get("tg") and not r.get("experts") and not table[r["device"]].hbm)
     assert decode is not None, f"no published decode row for {backend}"
     eta, t0 = 1 / decode[0], decode[1]
-    hbm = [decode_point(r) for r in rows if r["backend"] == backend and r.get("tg") and table[r["device"]].hbm]
+    hbm = [decode_point(r) for r in rows
+           if r["backend"] == backend and r.get("tg") and not r.get("experts") and table[r["device"]].hbm]  # fmt: skip
     eta_hbm = 1 / _fit_slope(hbm, t0) if hbm else None
     if eta_hbm is None:  # an era with HBM rows of its own (so it borrows nothing back: no recursion)
         measured = [e for e in _eras(backend) if e != era and any(
@@ -373,6 +392,18 @@ def fitted(backend: str, era: str | None = None) -> Fit:
 
     def prefillable(r: Mapping[str, Any]) -> bool:
         return bool(r.get("pp")) and bool(table[r["device"]].flops) and not r.get("prefill_held_out")
+
+    # an MoE's routed experts: what each of the backend's MoE rows' decode leaves once its dense bytes are read at
+    # eta and t0 is paid is its experts' read; their efficiency is the median over the rows (an HBM row's in HBM's
+    # ratio to GDDR)
+    moe = []
+    for r in rows:
+        if r["backend"] == backend and r.get("tg") and r.get("experts"):
+            device = table[r["device"]]
+            dense_eta = eta_hbm if device.hbm and eta_hbm is not None else eta
+            left = 1 / r["tg"] - t0 - r["bytes_per_token"] / (dense_eta * device.bandwidth_bytes_per_s)
+            if left > 0:
+                moe.append(r["expert_bytes_per_token"] / (left * device.bandwidth_bytes_per_s) * eta / dense_eta)
 
     # float weights' own slope only from a backend's own float rows (two at least): how much faster its float
     # matmuls run than its quantized ones is the backend's, not a pool's
@@ -388,7 +419,7 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     return Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
                pp_slope_float=prefill_float[0] if prefill_float else None,
                pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops,
-               eta_hbm=eta_hbm)  # fmt: skip
+               eta_hbm=eta_hbm, eta_moe=median(moe) if moe else None)  # fmt: skip
 
 
 def _eras(backend: str) -> list[str | None]:
@@ -447,6 +478,7 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) ->
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
         reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+        reads += row["expert_bytes_per_token"] / (fit.eta_moe_of(device) * device.bandwidth_bytes_per_s)
         if fit.kquant_ops and device.flops and row["weights"] == "kquant":
             reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
         tg = 1 / (reads + fit.t0_s)
@@ -513,6 +545,20 @@ def _weight_bytes_per_token(option: Option) -> dict[str, int]:
         out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
     output_device = _output_device(option)
     out[output_device] = out.get(output_device, 0) + facts.output_bytes
+    return out
+
+
+def _expert_bytes_per_token(option: Option) -> dict[str, int]:
+    """The routed experts' part of _weight_bytes_per_token, per device. Pure."""
+    facts = option.facts
+    if not facts.expert_count:
+        return {}
+    share = facts.expert_used_count / facts.expert_count
+    device_of = _device_of_layers(option)
+    out: dict[str, int] = {}
+    for layer in facts.layers:
+        experts_on = "CPU" if option.cpu_moe else device_of.get(layer.index, "CPU")
+        out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
     return out
 
 
@@ -733,6 +779,7 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
     kv = _kv_bytes_per_token(option, round(depth))
     per_device = _added(_weight_bytes_per_token(option), kv)  # bytes_per_token, its KV part kept apart
+    experts = _expert_bytes_per_token(option)  # and its routed experts' part
     settings = option.estimate.settings
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
@@ -754,7 +801,9 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         if timed is not None:
             reads = timed + kv.get(name, 0) / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
         else:
-            reads = nbytes / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+            expert = experts.get(name, 0)
+            reads = (nbytes - expert) / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+            reads += expert / (fit.eta_moe_of(device) * device.bandwidth_bytes_per_s)
             if fit.kquant_ops and device.flops and kquant.get(name):
                 reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
         seconds += reads + (device.tensor_overhead_s or 0.0) * tensors_on.get(name, 0)

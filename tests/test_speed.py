@@ -181,6 +181,38 @@ def test_a_plan_is_predicted_for_todays_llama_cpp_and_may_2024s_rows_by_their_ow
     )
 
 
+def test_an_moes_routed_experts_decode_at_their_own_fitted_efficiency(tmp_path: Path) -> None:
+    """Qwen3-30B-A3B Q4_K_M on an RTX PRO 6000 Blackwell decodes 251.61 t/s where its experts' bytes at the dense
+    efficiency say 426: its routed experts read at their own fitted share of the bandwidth, in the plan as in the
+    published row (the plan counts the real header's tensors, the row llama-bench's size)."""
+    import corpus_real
+
+    from launcher.catalog.types import Candidate, CandidateFile
+    from launcher.gguf import read_header
+
+    cuda = fitted("cuda")
+    assert cuda.eta_moe is not None and 0.1 < cuda.eta_moe < cuda.eta
+    assert fitted("cuda", ERA_2024).eta_moe is None and fitted("metal").eta_moe is None  # no MoE row: not invented
+    model = corpus_real.real_qwen3_30b_a3b("Q4_K_M")
+    path = tmp_path / "Qwen3-30B-A3B-Q4_K_M.gguf"
+    size = corpus_real.write_sparse(model, path)
+    candidate = Candidate("qwen3-30b-a3b", "local", "Q4_K_M", (CandidateFile(path.name, size, local_path=str(path)),),
+                          header=read_header(path))  # fmt: skip
+    option = make_test_plan([candidate], vram=96 * GiB).chosen
+    assert option is not None and not option.cpu_moe
+    blackwell = {"GPU0": DeviceSpeed(1792e9, 504e12, "cuda")}
+    parts = times(option, blackwell)
+    assert parts is not None
+    total = bytes_per_token(option, 0)["GPU0"]
+    facts = option.facts
+    experts = sum(layer.expert_bytes for layer in facts.layers) * facts.expert_used_count / facts.expert_count
+    expected = (total - experts) / (cuda.eta * 1792e9) + experts / (cuda.eta_moe * 1792e9) + cuda.t0_s
+    assert parts.decode_s == pytest.approx(expected, rel=1e-6)
+    assert 1 / parts.decode_s == pytest.approx(251.61, rel=0.05)  # the published row, through the plan's own path
+    dense_only = (total / (cuda.eta * 1792e9) + cuda.t0_s) ** -1
+    assert dense_only > 1.5 * 251.61  # what pricing experts as dense weights said
+
+
 def test_float_weights_prefill_at_their_own_slope_on_cuda() -> None:
     """May 2024's CUDA multiplied F16 weights on the tensor cores with no dequantizing: its F16 rows prefill faster
     per FLOP than its quantized ones. Today's CUDA rows have no float row, so today's float weights take the quantized
