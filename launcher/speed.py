@@ -381,12 +381,9 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     hbm = [decode_point(r) for r in rows
            if r["backend"] == backend and r.get("tg") and not r.get("experts") and table[r["device"]].hbm]  # fmt: skip
     eta_hbm = 1 / _fit_slope(hbm, t0) if hbm else None
-    if eta_hbm is None:  # an era with HBM rows of its own (so it borrows nothing back: no recursion)
-        measured = [e for e in _eras(backend) if e != era and any(
-            r.get("tg") and r["device"] in table and table[r["device"]].hbm
-            for r in published_rows() if r["backend"] == backend and r.get("era") == e)]  # fmt: skip
-        if measured:
-            other = fitted(backend, measured[0])
+    if eta_hbm is None:  # the ratio of an era that measured HBM itself (it borrows nothing back: no recursion)
+        other = next((fitted(backend, e) for e in _eras(backend) if e != era and _measures_hbm(backend, e)), None)
+        if other is not None:
             assert other.eta_hbm is not None
             eta_hbm = eta * other.eta_hbm / other.eta
 
@@ -396,11 +393,12 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     # an MoE's routed experts: what each of the backend's MoE rows' decode leaves once its dense bytes are read at
     # eta and t0 is paid is its experts' read; their efficiency is the median over the rows (an HBM row's in HBM's
     # ratio to GDDR)
+    dense = Fit(eta, t0, None, 0.0, eta_hbm=eta_hbm)
     moe = []
     for r in rows:
         if r["backend"] == backend and r.get("tg") and r.get("experts"):
             device = table[r["device"]]
-            dense_eta = eta_hbm if device.hbm and eta_hbm is not None else eta
+            dense_eta = dense.eta_of(device)
             left = 1 / r["tg"] - t0 - r["bytes_per_token"] / (dense_eta * device.bandwidth_bytes_per_s)
             if left > 0:
                 moe.append(r["expert_bytes_per_token"] / (left * device.bandwidth_bytes_per_s) * eta / dense_eta)
@@ -425,6 +423,13 @@ def fitted(backend: str, era: str | None = None) -> Fit:
 def _eras(backend: str) -> list[str | None]:
     """The eras `backend`'s published rows come from (None: today's)."""
     return sorted({r.get("era") for r in published_rows() if r["backend"] == backend}, key=lambda e: e or "")
+
+
+def _measures_hbm(backend: str, era: str | None) -> bool:
+    """Whether `backend`'s published rows of `era` decode a dense model on an HBM card (fitted's eta_hbm rows)."""
+    table = device_table()
+    return any(r.get("tg") and not r.get("experts") and r["device"] in table and table[r["device"]].hbm
+               for r in published_rows() if r["backend"] == backend and r.get("era") == era)  # fmt: skip
 
 
 def _fit_attention(rows: list[Mapping[str, Any]], table: Mapping[str, DeviceSpeed]) -> float | None:
@@ -532,20 +537,16 @@ def _added(first: Mapping[str, int], second: Mapping[str, int]) -> dict[str, int
 
 
 def _weight_bytes_per_token(option: Option) -> dict[str, int]:
-    """Weight bytes a decoded token reads on each device (bytes_per_token without the KV cache). Pure."""
+    """Weight bytes a decoded token reads on each device (bytes_per_token without the KV cache): the blocks' dense
+    weights and the output layer where they live, and the routed experts a token uses. Pure."""
     facts, est = option.facts, option.estimate
-    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
     device_of = _device_of_layers(option)
     out: dict[str, int] = {d.name: 0 for d in est.devices}
     for layer in facts.layers:
-        device = device_of.get(layer.index, "CPU")
-        dense = layer.weight_bytes - layer.expert_bytes
-        out[device] += dense
-        experts_on = "CPU" if option.cpu_moe else device
-        out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
+        out[device_of.get(layer.index, "CPU")] += layer.weight_bytes - layer.expert_bytes
     output_device = _output_device(option)
     out[output_device] = out.get(output_device, 0) + facts.output_bytes
-    return out
+    return _added(out, _expert_bytes_per_token(option))
 
 
 def _expert_bytes_per_token(option: Option) -> dict[str, int]:

@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,13 +65,8 @@ def published() -> None:
             if row.get("tg"):  # a prefill-only row has none
                 peer = llmfit_published(row)
                 tg = s.tg_per_s or 0.0
-                test = (
-                    "tg512"
-                    if "tg512" in row.get("source", "")
-                    else "tg64"
-                    if "tg64" in row.get("source", "")
-                    else "tg128"
-                )
+                named = re.search(r"\btg(\d+)\b", row.get("source", ""))  # the source's test, else llama-bench's
+                test = f"tg{named.group(1)}" if named else "tg128"
                 print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
                       f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
                 errors.append(tg / row["tg"] - 1)
