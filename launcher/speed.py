@@ -14,9 +14,10 @@ card's specified bandwidth where GDDR cards read 0.9 (fitted on the A100 SXM wit
 A100 and H100 PCIe); today's rows hold no HBM card, so today's η for HBM keeps that ratio to today's GDDR η.
 Bytes read per token: every block weight on the device (MoE routed experts x used / total), the output layer where
 it lives, no token embeddings (one row is read), and the KV cache at the depth (a sliding-window layer reads at
-most its window). An MoE's routed experts read at their own fitted share of the bandwidth (Fit.eta_moe: their small
-matrices and the routing cost more than their bytes; today's CUDA reads Qwen3-30B-A3B's at about a third of its
-dense weights' share), where a backend has a published MoE row; elsewhere at the dense share, unchecked.
+most its window). An MoE's routed experts are read at the same share, and each routed expert matrix a token
+multiplies by costs a fixed time beyond its bytes (Fit.expert_matrix_s, about 1.4 us on today's CUDA: Qwen3-30B-A3B's
+1152 small matrices a token, 768 x 2048 each, cost it a third of its time where gpt-oss-20b's 288, 2880 x 2880,
+decode near their bytes' pace), where a backend has a published MoE row; elsewhere nothing, unchecked.
 
 Where a backend's published rows show its mat-vec kernel for K-quants (and i-quants) slower than memory (Apple's
 M1 Max decodes Llama-3-8B Q4_K_M at 153 GB/s where its Q4_0 and F16 reach 230-280), such a weight also costs
@@ -29,7 +30,12 @@ cost per token (dequantizing, launches), per backend, fitted the same way; float
 own slope where a backend's era has published float rows (May 2024's CUDA multiplied them on the FP16 tensor cores
 directly where it dequantized the others: Llama-3-8B F16 prefilled 1.1-1.3x as fast as its Q4_K_M; today's CUDA rows
 hold no float row, so today's float weights take the quantized slope). The output layer is left out: a prompt's
-logits are computed for its last token only.
+logits are computed for its last token only. An MoE's prefill adds each micro-batch's pass over the routed experts it
+sends tokens to (expert_pass_s): at the published micro-batches of 16-64 tokens an expert, llama.cpp's MMQ for
+mul_mat_id spends about as long on each micro-batch as reading those experts at a fitted fifth of the bandwidth
+(Fit.expert_pass_eff, fitted on Qwen3-30B-A3B on an RTX PRO 6000 and gpt-oss-20b on an RTX 3090, held out on an RTX
+5090 and on micro-batch sweeps from 16 to 2048 tokens): at llama-bench's default micro-batch that pass is most of an
+MoE's prefill (Qwen3-30B-A3B prefills at a quarter of what its FLOPs alone say).
 
 Attention grows with depth: 2 x heads x (K + V head size) FLOPs per layer and cached position (a sliding-window layer
 at most its window). A backend whose published rows measure it at depth (a CPU: llama-bench pp512 beside pp4096) has
@@ -49,6 +55,7 @@ op, measured on this host by decoding the embedded model (a small model's decode
     times(option, device_speeds, depth, n_prompt)  predicted seconds per token by part (pure)
     predict(option, device_speeds, depth, n_prompt=, calibration=)  Speed(tg_per_s, pp_per_s) (pure)
     rates(times, calibration)               the same from parts already computed (pure)
+    expert_pass_s(...)                      an MoE micro-batch's pass over the routed experts it uses (pure)
     solve_ratios(short, deep, fill)         a warm-up's measured / predicted ratios: decode, attention, prefill
     machine_speeds(machine, options)        DeviceSpeed per plan device name (GPU0.., CPU): a GPU's own figures
                                             (NVML, a profile), then the table by name; the host's bandwidth from a
@@ -66,6 +73,7 @@ op, measured on this host by decoding the embedded model (a small model's decode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -77,6 +85,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.calibration import Calibration
+from launcher.defaults import DEFAULT_UBATCH
 
 if TYPE_CHECKING:
     from launcher.chat import ChatReply
@@ -250,17 +259,21 @@ def _with_counts(row: Mapping[str, Any]) -> dict[str, Any]:
     read = None if row.get("size_gib") is None else row["size_gib"] * GiB - (0 if tied else embd_bytes)
     prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
     decode_params = row["params"] - (0 if tied else row["embd_params"])
-    # an MoE row: its routed experts' tensors (`expert_bytes`, `expert_params`), `experts_used` of `experts` a token
+    # an MoE row: its routed experts' tensors (`expert_bytes`, `expert_params`; `expert_tensors` of them, gate, up and
+    # down per layer), `experts_used` of `experts` a token
     expert_read = 0.0
+    expert_matrices = 0
     if row.get("experts"):
+        expert_matrices = row["expert_tensors"] * row["experts_used"]
         share = row["experts_used"] / row["experts"]
         unused = row["expert_params"] * (1 - share)
         prompt_params, decode_params = prompt_params - unused, decode_params - unused
         expert_read = row["expert_bytes"] * share
         read = None if read is None else read - row["expert_bytes"]
     attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
-    return {**row, "bytes_per_token": read, "expert_bytes_per_token": expert_read, "active_params": prompt_params,
-            "decode_params": decode_params, "attention_flops": attention, "weights": _row_weights(row)}  # fmt: skip
+    return {**row, "bytes_per_token": read, "expert_bytes_per_token": expert_read, "expert_matrices": expert_matrices,
+            "active_params": prompt_params, "decode_params": decode_params, "attention_flops": attention,
+            "weights": _row_weights(row)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -280,17 +293,15 @@ class Fit:
     kquant_ops: float | None = None
     # an HBM card's decode efficiency (None: the backend has no HBM row, and reads HBM at `eta`, unchecked)
     eta_hbm: float | None = None
-    # an MoE's routed experts in decode: the share of the bandwidth their bytes read at (None: no published MoE row,
-    # read at `eta`, unchecked)
-    eta_moe: float | None = None
+    # an MoE's routed experts (None: the backend has no published MoE row, and prices them as dense weights,
+    # unchecked): in decode, seconds each routed expert matrix a token multiplies by costs beyond its bytes; in
+    # prefill, the share of the bandwidth a micro-batch's pass over the experts it routes to runs at (expert_pass_s)
+    expert_matrix_s: float | None = None
+    expert_pass_eff: float | None = None
 
     def eta_of(self, device: DeviceSpeed) -> float:
         """The share of `device`'s bandwidth a decoded token reads at."""
         return self.eta_hbm if device.hbm and self.eta_hbm is not None else self.eta
-
-    def eta_moe_of(self, device: DeviceSpeed) -> float:
-        """The share of `device`'s bandwidth a decoded token reads its routed experts at (on HBM, in HBM's ratio)."""
-        return self.eta_of(device) if self.eta_moe is None else self.eta_moe * self.eta_of(device) / self.eta
 
 
 PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is for
@@ -302,7 +313,8 @@ PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is fo
 # 6: an HBM card's own decode efficiency
 # 7: CUDA fitted on today's llama.cpp rows, May 2024's builds apart (ERA_2024)
 # 8: an MoE's routed experts decode at their own fitted efficiency
-MODEL_VERSION = 8
+# 9: an MoE's routed expert matrices cost a fixed time each in decode, its micro-batches a pass over them in prefill
+MODEL_VERSION = 9
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -390,34 +402,86 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     def prefillable(r: Mapping[str, Any]) -> bool:
         return bool(r.get("pp")) and bool(table[r["device"]].flops) and not r.get("prefill_held_out")
 
-    # an MoE's routed experts: what each of the backend's MoE rows' decode leaves once its dense bytes are read at
-    # eta and t0 is paid is its experts' read; their efficiency is the median over the rows (an HBM row's in HBM's
-    # ratio to GDDR)
-    dense = Fit(eta, t0, None, 0.0, eta_hbm=eta_hbm)
-    moe = []
-    for r in rows:
-        if r["backend"] == backend and r.get("tg") and r.get("experts"):
-            device = table[r["device"]]
-            dense_eta = dense.eta_of(device)
-            left = 1 / r["tg"] - t0 - r["bytes_per_token"] / (dense_eta * device.bandwidth_bytes_per_s)
-            if left > 0:
-                moe.append(r["expert_bytes_per_token"] / (left * device.bandwidth_bytes_per_s) * eta / dense_eta)
+    def dense(r: Mapping[str, Any]) -> bool:  # an MoE row's prefill fits its experts' pass (below), not the slope
+        return prefillable(r) and not r.get("experts")
 
     # float weights' own slope only from a backend's own float rows (two at least): how much faster its float
     # matmuls run than its quantized ones is the backend's, not a pool's
-    prefill_float = fit(prefill_point, lambda r: prefillable(r) and r["weights"] == "float", own_only=True)
-    prefill = fit(prefill_point, lambda r: prefillable(r) and (prefill_float is None or r["weights"] != "float"))
+    prefill_float = fit(prefill_point, lambda r: dense(r) and r["weights"] == "float", own_only=True)
+    prefill = fit(prefill_point, lambda r: dense(r) and (prefill_float is None or r["weights"] != "float"))
     from statistics import median
+
+    dense_fit = Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
+                    pp_slope_float=prefill_float[0] if prefill_float else None,
+                    pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, eta_hbm=eta_hbm)  # fmt: skip
+    # an MoE's routed experts, on the backend's MoE rows: in decode, what a row's time per token leaves once every
+    # weight it reads (its experts' included) is read at eta and t0 is paid, per routed expert matrix it multiplies
+    # by; in prefill, what a row's time leaves once its active parameters and attention are priced as a dense
+    # model's is its micro-batch's pass over the experts, whose bytes over that time and the bandwidth are the pass's
+    # efficiency (rows whose experts average EXPERT_BATCH_FULL tokens a micro-batch or more). The medians.
+    per_matrix, passes = [], []
+    for r in rows:
+        if r["backend"] != backend or not r.get("experts"):
+            continue
+        device, share = table[r["device"]], r["experts_used"] / r["experts"]
+        bandwidth = device.bandwidth_bytes_per_s
+        if r.get("tg"):
+            reads = (r["bytes_per_token"] + r["expert_bytes_per_token"]) / (dense_fit.eta_of(device) * bandwidth)
+            per_matrix.append(max(0.0, 1 / r["tg"] - t0 - reads) / r["expert_matrices"])
+        ubatch = min(r.get("pp_tokens", PP_TOKENS), r.get("n_ubatch", DEFAULT_UBATCH))
+        if prefillable(r) and dense_fit.pp_slope is not None and ubatch * share >= EXPERT_BATCH_FULL:
+            left = (1 / r["pp"] - _row_prefill_s(r, device, dense_fit)) * ubatch
+            if left > 0:
+                passes.append(_touched_bytes(r["expert_bytes"], share, ubatch) / (left * bandwidth))
 
     kquant_ops = None
     if backend in bound:  # each K-quant row's decode beyond the fixed cost, as FLOPs per weight it multiplies by
         found = [(1 / r["tg"] - t0) * (table[r["device"]].flops or 0) / r["decode_params"]
                  for r in every if r["backend"] == backend and r["weights"] == "kquant" and r.get("tg")]  # fmt: skip
         kquant_ops = median(found) if found and min(found) > 0 else None
-    return Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
-               pp_slope_float=prefill_float[0] if prefill_float else None,
-               pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops,
-               eta_hbm=eta_hbm, eta_moe=median(moe) if moe else None)  # fmt: skip
+    return dataclasses.replace(dense_fit, kquant_ops=kquant_ops,
+                               expert_matrix_s=median(per_matrix) if per_matrix else None,
+                               expert_pass_eff=median(passes) if passes else None)  # fmt: skip
+
+
+# An MoE's micro-batch passes over every routed expert it sends a token to (ggml-cuda's MMQ for mul_mat_id): one
+# tile pass per expert, whatever its few tokens, and at the published rows' sizes of 16-64 tokens an expert it runs
+# far under the dense kernels' rate (an RTX 3090 spends 50-58 ms a micro-batch on gpt-oss-20b's experts beyond their
+# FLOPs at micro-batches of 128, 256 and 512: llama.cpp PR #20586). Under EXPERT_BATCH_FULL tokens an expert the pass
+# shrinks in proportion (the RTX 4090's Qwen3-30B-A3B at micro-batch 64, 4 an expert, PR #15631; the 3090's gpt-oss
+# at 16 and 32, PR #22298), never below reading the experts' bytes at the dense decode efficiency.
+EXPERT_BATCH_FULL = 16
+
+
+def _touched_bytes(expert_bytes: float, share: float, ubatch: int) -> float:
+    """The bytes of the routed experts a micro-batch of `ubatch` tokens sends at least one token to, each token
+    choosing `share` of them (taken as uniform and independent: 1 - (1 - share)^ubatch of them). Pure."""
+    return expert_bytes * (1 - (1 - share) ** ubatch)
+
+
+def expert_pass_s(
+    expert_bytes: float, share: float, ubatch: int, bandwidth: float, eta: float, pass_eff: float
+) -> float:
+    """Seconds a micro-batch of `ubatch` prompt tokens spends passing over an MoE's routed experts (`expert_bytes` of
+    them, `share` of them a token) beyond their FLOPs, on a device of `bandwidth` bytes/s: the experts it routes to
+    at `pass_eff` of the bandwidth, in proportion under EXPERT_BATCH_FULL tokens an expert, never faster than their
+    bytes at `eta`. Pure."""
+    full = min(1.0, ubatch * share / EXPERT_BATCH_FULL)
+    return _touched_bytes(expert_bytes, share, ubatch) / bandwidth * max(1 / eta, full / pass_eff)
+
+
+def _row_prefill_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, n_prompt: int | None = None) -> float:
+    """Seconds per prompt token of a published row priced as a dense model: its active parameters at the fitted
+    slope and fixed cost, its attention over a prompt of `n_prompt` tokens (the row's own by default) from an empty
+    context. Pure."""
+    assert fit.pp_slope is not None and device.flops
+    slope, fixed = fit.pp_slope, fit.pp_t0_s
+    if row["weights"] == "float" and fit.pp_slope_float is not None:
+        slope, fixed = fit.pp_slope_float, fit.pp_t0_float_s
+    seconds = slope * 2 * row["active_params"] / device.flops + fixed
+    positions = (n_prompt or row.get("pp_tokens", PP_TOKENS)) / 2
+    eff = fit.attention_eff if fit.attention_eff else 1 / slope
+    return seconds + row["attention_flops"] * positions / (eff * device.flops)
 
 
 def _eras(backend: str) -> list[str | None]:
@@ -482,20 +546,20 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) ->
     fit = fitted(device.backend, row.get("era"))
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
-        reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
-        reads += row["expert_bytes_per_token"] / (fit.eta_moe_of(device) * device.bandwidth_bytes_per_s)
+        reads = (row["bytes_per_token"] + row["expert_bytes_per_token"]) / (
+            fit.eta_of(device) * device.bandwidth_bytes_per_s
+        )
         if fit.kquant_ops and device.flops and row["weights"] == "kquant":
             reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
-        tg = 1 / (reads + fit.t0_s)
+        tg = 1 / (reads + row["expert_matrices"] * (fit.expert_matrix_s or 0.0) + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
-        slope, fixed = fit.pp_slope, fit.pp_t0_s
-        if row["weights"] == "float" and fit.pp_slope_float is not None:
-            slope, fixed = fit.pp_slope_float, fit.pp_t0_float_s
-        seconds = slope * 2 * row["active_params"] / device.flops + fixed
-        positions = n_prompt / 2
-        eff = fit.attention_eff if fit.attention_eff else 1 / slope
-        seconds += row["attention_flops"] * positions / (eff * device.flops)
+        seconds = _row_prefill_s(row, device, fit, n_prompt)
+        if row.get("experts") and fit.expert_pass_eff:
+            ubatch = min(n_prompt, row.get("n_ubatch", DEFAULT_UBATCH))
+            share = row["experts_used"] / row["experts"]
+            seconds += expert_pass_s(row["expert_bytes"], share, ubatch, device.bandwidth_bytes_per_s,
+                                     fit.eta_of(device), fit.expert_pass_eff) / ubatch  # fmt: skip
         pp = 1 / seconds
     return Speed(tg, pp)
 
@@ -560,6 +624,25 @@ def _expert_bytes_per_token(option: Option) -> dict[str, int]:
     for layer in facts.layers:
         experts_on = "CPU" if option.cpu_moe else device_of.get(layer.index, "CPU")
         out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
+    return out
+
+
+def _expert_matrices(option: Option) -> dict[str, int]:
+    """Routed expert matrices a decoded token multiplies by on each device: each layer's stacked expert weights
+    (gate, up and down, `ffn_*_exps.weight`, or a fused gate-up) times the experts a token uses, where the layer's
+    experts are kept. Pure."""
+    facts = option.facts
+    if not facts.expert_count:
+        return {}
+    device_of = _device_of_layers(option)
+    out: dict[str, int] = {}
+    for layer in facts.layers:
+        stacks = sum(
+            1 for name, shape, _ in layer.tensors if "_exps." in name and name.endswith(".weight") and len(shape) == 3
+        )
+        if stacks:
+            kept = "CPU" if option.cpu_moe else device_of.get(layer.index, "CPU")
+            out[kept] = out.get(kept, 0) + stacks * facts.expert_used_count
     return out
 
 
@@ -780,7 +863,7 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
     `depth`; None when a device it uses has no figures (unknown, never guessed). Pure."""
     kv = _kv_bytes_per_token(option, round(depth))
     per_device = _added(_weight_bytes_per_token(option), kv)  # bytes_per_token, its KV part kept apart
-    experts = _expert_bytes_per_token(option)  # and its routed experts' part
+    expert_matrices = _expert_matrices(option)
     settings = option.estimate.settings
     types = (settings.type_k, settings.type_v)
     fused = settings.flash_attn != "off"  # a measured rate is flash attention's: without it, attention is matmuls
@@ -802,11 +885,10 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         if timed is not None:
             reads = timed + kv.get(name, 0) / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
         else:
-            expert = experts.get(name, 0)
-            reads = (nbytes - expert) / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
-            reads += expert / (fit.eta_moe_of(device) * device.bandwidth_bytes_per_s)
+            reads = nbytes / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
             if fit.kquant_ops and device.flops and kquant.get(name):
                 reads = max(reads, kquant[name] * fit.kquant_ops / device.flops)
+            reads += expert_matrices.get(name, 0) * (fit.expert_matrix_s or 0.0)
         seconds += reads + (device.tensor_overhead_s or 0.0) * tensors_on.get(name, 0)
         if fit.attention_eff or (fused and device.kernel_rates):
             mine = [layer for layer in decode_layers if layer[0] == name]
@@ -845,6 +927,16 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
         if main.backend != "cpu":
             trip = host_weights_trip_s(option, main, n_prompt)
             prefill_s = None if trip is None else prefill_s + trip
+            facts = option.facts
+            if prefill_s is not None and facts.expert_count and fit.expert_pass_eff:
+                # the micro-batch's pass over the routed experts, wherever they are kept (host-kept ones are copied
+                # over for the batch, host_weights_trip_s, and multiplied here)
+                ubatch = max(1, min(n_prompt, settings.n_ubatch))
+                share = facts.expert_used_count / facts.expert_count
+                stored = sum(layer.expert_bytes for layer in facts.layers)
+                pass_s = expert_pass_s(stored, share, ubatch, main.bandwidth_bytes_per_s, fit.eta_of(main),
+                                       fit.expert_pass_eff)  # fmt: skip
+                prefill_s += pass_s / ubatch
     return Times(seconds + t0, attention_s, prefill_s, prefill_attention_s, as_decode and prefill_attention_s > 0)
 
 

@@ -72,6 +72,8 @@ def published() -> None:
                 errors.append(tg / row["tg"] - 1)
             if row.get("pp"):
                 pp_test = f"pp{row.get('pp_tokens', 512)}"
+                if row.get("n_ubatch"):  # a micro-batch other than llama-bench's 512
+                    pp_test += f" -ub {row['n_ubatch']}"
                 pp = f"{s.pp_per_s:.4g} | {s.pp_per_s / row['pp'] - 1:+.0%}" if s.pp_per_s else "- | -"
                 pp_error = (s.pp_per_s or 0.0) / row["pp"] - 1
                 if row.get("prefill_held_out"):  # a row fitted for its decode only: its prefill is held out
