@@ -75,9 +75,11 @@ def test_run_answers_a_piped_prompt_verifies_cpu_only_and_leaves_nothing(
 def test_serve_ps_stop_and_signals_leave_no_child(tmp_path: Path, gemma3_270m_path: Path) -> None:
     env = _env(tmp_path, FITQUANT_LLAMA_SERVER=str(built_llama_server()))
     for how in ("stop", signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        # started with SIGINT ignored, as a script's background job is (`fitquant run --serve &`): SIGINT still stops it
         proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(gemma3_270m_path), "--ctx", "1024",
                                  "--no-engine", "--serve", "--json", "--warmup", "none"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
@@ -92,7 +94,12 @@ def test_serve_ps_stop_and_signals_leave_no_child(tmp_path: Path, gemma3_270m_pa
                 assert stopped.returncode == 0, stopped.stderr
             else:
                 proc.send_signal(how)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # say which way of stopping hung, and what fitquant said last
+                proc.kill()
+                _, err = proc.communicate()
+                pytest.fail(f"{how}: fitquant did not exit within 30 s; its stderr ends: {err[-2000:]}")
             assert gone(server_pid), f"{how}: the server outlived fitquant"
             assert json.loads(_fitquant(["ps", "--json"], env).stdout)["instances"] == []
         finally:

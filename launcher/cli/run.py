@@ -236,11 +236,14 @@ def _wait_while_running(result: RunResult) -> None:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (systemd, `fitquant stop`) unwinds like Ctrl-C, so every `finally` stops its server."""
+    """SIGTERM (systemd, `fitquant stop`) unwinds like Ctrl-C, so every `finally` stops its server. SIGINT does too
+    where whatever started fitquant ignored it: a script's background job (`fitquant run --serve &`) inherits SIGINT
+    ignored, and Python then leaves it so; `kill -INT` must still stop the server."""
 
     def handler(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, handler)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, handler)
