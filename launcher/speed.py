@@ -11,7 +11,7 @@ kernels of then (an RTX 4090 prefilled Llama-3-8B at 0.56 of today's rate; decod
 three times today's), so they fit constants of their own, which predict only them. A card with HBM (a data-centre
 A100, H100, H200) reads at its own η: in May 2024's builds llama.cpp's batch-1 kernels read about half of an HBM
 card's specified bandwidth where GDDR cards read 0.9 (fitted on the A100 SXM with that era's t0, held out on the
-A100 and H100 PCIe); today's rows hold no HBM card, so today's η for HBM keeps that ratio to today's GDDR η.
+A100 and H100 PCIe); today's rows hold no HBM card's decode, so today's η for HBM keeps that ratio to today's GDDR η.
 Bytes read per token: every block weight on the device (MoE routed experts x used / total), the output layer where
 it lives, no token embeddings (one row is read), and the KV cache at the depth (a sliding-window layer reads at
 most its window). An MoE's routed experts are read at the same share, and each routed expert matrix a token

@@ -80,7 +80,7 @@ def test_hbm_cards_decode_at_their_own_fitted_efficiency() -> None:
 
     old, cuda = fitted("cuda", ERA_2024), fitted("cuda")
     assert old.eta_hbm is not None and 0.35 < old.eta_hbm < 0.65 < 0.8 < old.eta
-    # today's rows have no HBM card: May 2024's HBM/GDDR ratio applied to today's eta
+    # today's rows have no HBM card's decode: May 2024's HBM/GDDR ratio applied to today's eta
     assert cuda.eta_hbm is not None and cuda.eta_hbm / cuda.eta == pytest.approx(old.eta_hbm / old.eta)
     assert fitted("rocm").eta_hbm is None and fitted("metal").eta_hbm is None
     table = device_table()
