@@ -260,20 +260,17 @@ def _with_counts(row: Mapping[str, Any]) -> dict[str, Any]:
     prompt_params = row["params"] - row["embd_params"] * (1 if tied else 2)
     decode_params = row["params"] - (0 if tied else row["embd_params"])
     # an MoE row: its routed experts' tensors (`expert_bytes`, `expert_params`; `expert_tensors` of them, gate, up and
-    # down per layer), `experts_used` of `experts` a token
-    expert_read = 0.0
+    # down per layer), `experts_used` of `experts` a token: it reads and multiplies by that share of them
     expert_matrices = 0
     if row.get("experts"):
         expert_matrices = row["expert_tensors"] * row["experts_used"]
         share = row["experts_used"] / row["experts"]
         unused = row["expert_params"] * (1 - share)
         prompt_params, decode_params = prompt_params - unused, decode_params - unused
-        expert_read = row["expert_bytes"] * share
-        read = None if read is None else read - row["expert_bytes"]
+        read = None if read is None else read - row["expert_bytes"] + row["expert_bytes"] * share
     attention = 2 * row["layers"] * row["heads"] * 2 * row["head_dim"] if row.get("heads") else 0
-    return {**row, "bytes_per_token": read, "expert_bytes_per_token": expert_read, "expert_matrices": expert_matrices,
-            "active_params": prompt_params, "decode_params": decode_params, "attention_flops": attention,
-            "weights": _row_weights(row)}  # fmt: skip
+    return {**row, "bytes_per_token": read, "expert_matrices": expert_matrices, "active_params": prompt_params,
+            "decode_params": decode_params, "attention_flops": attention, "weights": _row_weights(row)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -426,7 +423,7 @@ def fitted(backend: str, era: str | None = None) -> Fit:
         device, share = table[r["device"]], r["experts_used"] / r["experts"]
         bandwidth = device.bandwidth_bytes_per_s
         if r.get("tg"):
-            reads = (r["bytes_per_token"] + r["expert_bytes_per_token"]) / (dense_fit.eta_of(device) * bandwidth)
+            reads = r["bytes_per_token"] / (dense_fit.eta_of(device) * bandwidth)
             per_matrix.append(max(0.0, 1 / r["tg"] - t0 - reads) / r["expert_matrices"])
         ubatch = min(r.get("pp_tokens", PP_TOKENS), r.get("n_ubatch", DEFAULT_UBATCH))
         if prefillable(r) and dense_fit.pp_slope is not None and ubatch * share >= EXPERT_BATCH_FULL:
@@ -546,9 +543,7 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) ->
     fit = fitted(device.backend, row.get("era"))
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
-        reads = (row["bytes_per_token"] + row["expert_bytes_per_token"]) / (
-            fit.eta_of(device) * device.bandwidth_bytes_per_s
-        )
+        reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
         if fit.kquant_ops and device.flops and row["weights"] == "kquant":
             reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
         tg = 1 / (reads + row["expert_matrices"] * (fit.expert_matrix_s or 0.0) + fit.t0_s)
@@ -602,28 +597,20 @@ def _added(first: Mapping[str, int], second: Mapping[str, int]) -> dict[str, int
 
 def _weight_bytes_per_token(option: Option) -> dict[str, int]:
     """Weight bytes a decoded token reads on each device (bytes_per_token without the KV cache): the blocks' dense
-    weights and the output layer where they live, and the routed experts a token uses. Pure."""
+    weights and the output layer where they live, and the share of the routed experts a token uses where they are
+    kept (on the CPU with --cpu-moe). Pure."""
     facts, est = option.facts, option.estimate
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 0.0
     device_of = _device_of_layers(option)
     out: dict[str, int] = {d.name: 0 for d in est.devices}
     for layer in facts.layers:
-        out[device_of.get(layer.index, "CPU")] += layer.weight_bytes - layer.expert_bytes
+        on = device_of.get(layer.index, "CPU")
+        out[on] += layer.weight_bytes - layer.expert_bytes
+        if layer.expert_bytes:
+            kept = "CPU" if option.cpu_moe else on
+            out[kept] = out.get(kept, 0) + round(layer.expert_bytes * share)
     output_device = _output_device(option)
     out[output_device] = out.get(output_device, 0) + facts.output_bytes
-    return _added(out, _expert_bytes_per_token(option))
-
-
-def _expert_bytes_per_token(option: Option) -> dict[str, int]:
-    """The routed experts' part of _weight_bytes_per_token, per device. Pure."""
-    facts = option.facts
-    if not facts.expert_count:
-        return {}
-    share = facts.expert_used_count / facts.expert_count
-    device_of = _device_of_layers(option)
-    out: dict[str, int] = {}
-    for layer in facts.layers:
-        experts_on = "CPU" if option.cpu_moe else device_of.get(layer.index, "CPU")
-        out[experts_on] = out.get(experts_on, 0) + round(layer.expert_bytes * share)
     return out
 
 
