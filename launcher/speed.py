@@ -311,7 +311,8 @@ PP_TOKENS = 512  # llama-bench's pp512: the prompt a plan's prefill figure is fo
 # 7: CUDA fitted on today's llama.cpp rows, May 2024's builds apart (ERA_2024)
 # 8: an MoE's routed experts decode at their own fitted efficiency
 # 9: an MoE's routed expert matrices cost a fixed time each in decode, its micro-batches a pass over them in prefill
-MODEL_VERSION = 9
+# 10: Metal's MoE expert terms (fitted on an M1 Max row), after its K-quant floor
+MODEL_VERSION = 10
 FLOAT_WEIGHTS = frozenset({"F32", "F16", "BF16"})
 
 
@@ -408,36 +409,37 @@ def fitted(backend: str, era: str | None = None) -> Fit:
     prefill = fit(prefill_point, lambda r: dense(r) and (prefill_float is None or r["weights"] != "float"))
     from statistics import median
 
+    kquant_ops = None
+    if backend in bound:  # each dense K-quant row's decode beyond the fixed cost, as FLOPs per weight it multiplies by
+        found = [(1 / r["tg"] - t0) * (table[r["device"]].flops or 0) / r["decode_params"]
+                 for r in every if r["backend"] == backend and r["weights"] == "kquant" and r.get("tg")
+                 and not r.get("experts")]  # fmt: skip
+        kquant_ops = median(found) if found and min(found) > 0 else None
     dense_fit = Fit(eta, t0, prefill[0] if prefill else None, prefill[1] if prefill else 0.0, attention,
                     pp_slope_float=prefill_float[0] if prefill_float else None,
-                    pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, eta_hbm=eta_hbm)  # fmt: skip
-    # an MoE's routed experts, on the backend's MoE rows: in decode, what a row's time per token leaves once every
-    # weight it reads (its experts' included) is read at eta and t0 is paid, per routed expert matrix it multiplies
-    # by; in prefill, what a row's time leaves once its active parameters and attention are priced as a dense
-    # model's is its micro-batch's pass over the experts, whose bytes over that time and the bandwidth are the pass's
-    # efficiency (rows whose experts average EXPERT_BATCH_FULL tokens a micro-batch or more). The medians.
+                    pp_t0_float_s=prefill_float[1] if prefill_float else 0.0, kquant_ops=kquant_ops,
+                    eta_hbm=eta_hbm)  # fmt: skip
+    # an MoE's routed experts, on the backend's MoE rows (its K-quant ones included: they fit nothing above): in
+    # decode, what a row's time per token leaves once every weight it reads (its experts' included) is read at eta,
+    # or multiplied at the K-quant kernel's pace where that is slower, and t0 is paid, per routed expert matrix it
+    # multiplies by; in prefill, what a row's time leaves once its active parameters and attention are priced as a
+    # dense model's is its micro-batch's pass over the experts, whose bytes over that time and the bandwidth are the
+    # pass's efficiency (rows whose experts average EXPERT_BATCH_FULL tokens a micro-batch or more). The medians.
     per_matrix, passes = [], []
-    for r in rows:
+    for r in every:
         if r["backend"] != backend or not r.get("experts"):
             continue
         device, share = table[r["device"]], r["experts_used"] / r["experts"]
         bandwidth = device.bandwidth_bytes_per_s
         if r.get("tg"):
-            reads = r["bytes_per_token"] / (dense_fit.eta_of(device) * bandwidth)
-            per_matrix.append(max(0.0, 1 / r["tg"] - t0 - reads) / r["expert_matrices"])
+            per_matrix.append(max(0.0, 1 / r["tg"] - t0 - _row_reads_s(r, device, dense_fit)) / r["expert_matrices"])
         ubatch = min(r.get("pp_tokens", PP_TOKENS), r.get("n_ubatch", DEFAULT_UBATCH))
         if prefillable(r) and dense_fit.pp_slope is not None and ubatch * share >= EXPERT_BATCH_FULL:
             left = (1 / r["pp"] - _row_prefill_s(r, device, dense_fit)) * ubatch
             if left > 0:
                 passes.append(_touched_bytes(r["expert_bytes"], share, ubatch) / (left * bandwidth))
 
-    kquant_ops = None
-    if backend in bound:  # each K-quant row's decode beyond the fixed cost, as FLOPs per weight it multiplies by
-        found = [(1 / r["tg"] - t0) * (table[r["device"]].flops or 0) / r["decode_params"]
-                 for r in every if r["backend"] == backend and r["weights"] == "kquant" and r.get("tg")]  # fmt: skip
-        kquant_ops = median(found) if found and min(found) > 0 else None
-    return dataclasses.replace(dense_fit, kquant_ops=kquant_ops,
-                               expert_matrix_s=median(per_matrix) if per_matrix else None,
+    return dataclasses.replace(dense_fit, expert_matrix_s=median(per_matrix) if per_matrix else None,
                                expert_pass_eff=median(passes) if passes else None)  # fmt: skip
 
 
@@ -465,6 +467,15 @@ def expert_pass_s(
     bytes at `eta`. Pure."""
     full = min(1.0, ubatch * share / EXPERT_BATCH_FULL)
     return _touched_bytes(expert_bytes, share, ubatch) / bandwidth * max(1 / eta, full / pass_eff)
+
+
+def _row_reads_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit) -> float:
+    """Seconds a published row's decoded token spends on its weights and cache: its bytes at the device's share of
+    the bandwidth, or a K-quant kernel's arithmetic where the backend's is the slower (times() prices a plan so)."""
+    reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+    if fit.kquant_ops and device.flops and row["weights"] == "kquant":
+        reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
+    return float(reads)
 
 
 def _row_prefill_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, n_prompt: int | None = None) -> float:
@@ -543,9 +554,7 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) ->
     fit = fitted(device.backend, row.get("era"))
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
-        reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
-        if fit.kquant_ops and device.flops and row["weights"] == "kquant":
-            reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
+        reads = _row_reads_s(row, device, fit)
         tg = 1 / (reads + row["expert_matrices"] * (fit.expert_matrix_s or 0.0) + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
