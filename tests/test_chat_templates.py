@@ -161,7 +161,12 @@ def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_gemma_template_formats_the_users_message(
     server: str, gemma3_270m_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from launcher.gguf import read_header
+
     assert builtin_template(str(gemma3_270m_path)) == "gemma"
+    # the plan's header where it has one: the file is not read again (a path that does not exist proves it)
+    assert builtin_template(str(tmp_path / "absent.gguf"), read_header(gemma3_270m_path)) == "gemma"
+    assert builtin_template(str(tmp_path / "absent.gguf")) is None
     got = _ask(gemma3_270m_path, server, tmp_path, monkeypatch, max_tokens=4)
     # src/llama-chat.cpp LLM_CHAT_TEMPLATE_GEMMA
     expected = f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n"

@@ -277,3 +277,35 @@ def test_importing_it_imports_neither_httpx_nor_tenacity() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_clients_share_one_tls_context_so_none_reloads_the_ca_bundle(
+    server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building a TLS context loads the CA bundle (26 ms on the 2-core test machine): every client fitquant makes
+    shares the one built at first use, a server's readiness wait (a loopback poll every 50 ms) and the warm-up's
+    requests included, where each used to build its own."""
+    import ssl
+
+    from launcher.backends.base import Instance
+    from launcher.backends.llamacpp import LlamaCppBackend
+    from launcher.chat import ChatError, count_tokens
+
+    assert http.ssl_context(True) is http.ssl_context(True) and http.ssl_context(False) is http.ssl_context(False)
+    loaded: list[object] = []
+    real = ssl.SSLContext.load_verify_locations
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
+                        lambda self, *a, **k: loaded.append(a) or real(self, *a, **k))  # fmt: skip
+    for trust_env in (True, False):
+        with http.make_client(trust_env=trust_env) as client:
+            assert client.get(server.url("/x")).status_code == 200
+    server.script["/health"] = [503, 503, 200]  # loading, loading, ready
+    instance = Instance("llamacpp", "llama-server", None, server.url("/v1"), "m", None, port=server.port)
+    LlamaCppBackend().wait_ready(instance, timeout_s=10)
+    assert [p for p, _ in server.requests].count("/health") == 3
+    with pytest.raises(ChatError, match="answered 501"):  # the scripted server answers GETs only: the request was made
+        count_tokens(instance, "hello", timeout_s=5)
+    assert loaded == []
+    # a plain httpx client builds its own, which is what the shared one saves
+    httpx.Client().close()
+    assert loaded

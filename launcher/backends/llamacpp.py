@@ -28,6 +28,7 @@ from launcher.errors import BackendError
 if TYPE_CHECKING:
     from launcher.catalog.types import Candidate
     from launcher.estimate import GPU
+    from launcher.gguf import GGUFHeader
     from launcher.hardware.types import HardwareSnapshot
     from launcher.plan import Budget, Option, Plan
     from launcher.verify import Placement
@@ -58,14 +59,16 @@ def model_argument(candidate: Candidate) -> list[str]:
 BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma", "phi3": "phi3"}
 
 
-def builtin_template(model_path: str) -> str | None:
-    """The built-in template to name when the GGUF carries none and its architecture has one, else None."""
+def builtin_template(model_path: str, header: GGUFHeader | None = None) -> str | None:
+    """The built-in template to name when the GGUF carries none and its architecture has one, else None. `header`:
+    the file's header where the plan already read it (a big vocabulary's takes a tenth of a second to read again)."""
     from launcher.gguf import read_header
 
-    try:
-        header = read_header(model_path)
-    except Exception:  # the server reports an unreadable model itself, with its own words
-        return None
+    if header is None:
+        try:
+            header = read_header(model_path)
+        except Exception:  # the server reports an unreadable model itself, with its own words
+            return None
     if header.get("tokenizer.chat_template"):
         return None
     return BUILTIN_TEMPLATES.get(header.architecture or "")
@@ -391,7 +394,11 @@ class LlamaCppBackend:
             if request.alias:
                 argv += ["--alias", request.alias]
         first = option.candidate.files[0] if option.candidate.files else None
-        template = builtin_template(first.local_path) if first is not None and first.local_path else None
+        template = (
+            builtin_template(first.local_path, option.candidate.header)
+            if first is not None and first.local_path
+            else None
+        )
         if template:
             argv += chat_template_argv(template, program)
         return argv
@@ -435,21 +442,24 @@ class LlamaCppBackend:
         import httpx
 
         from launcher.backends.process import poll_until
+        from launcher.http import ssl_context
 
         base = instance.endpoint.removesuffix("/v1")
         path = "/health" if instance.server == "llama-server" else "/v1/models"
         proc = instance.process
 
-        def probe() -> str | None:
+        def probe(client: httpx.Client) -> str | None:
             if proc is not None and proc.poll() is not None:
                 raise _failed_start(instance, proc.returncode)
             try:
-                r = httpx.get(base + path, timeout=2.0, headers=instance.headers(), trust_env=False)
+                r = client.get(base + path, headers=instance.headers())
             except httpx.TransportError as exc:
                 return str(exc)
             return None if r.status_code == 200 else f"{path} answered {r.status_code}"
 
-        why = poll_until(probe, timeout_s=timeout_s)
+        # one client for the whole wait (a loopback poll every 50 ms: no client, TLS context or pool made per poll)
+        with httpx.Client(timeout=2.0, verify=ssl_context(False), trust_env=False) as client:
+            why = poll_until(lambda: probe(client), timeout_s=timeout_s)
         if why is not None:
             raise AttemptFailed(
                 "timeout",
