@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import BackendError
-from launcher.http import ssl_context
+from launcher.http import make_client
 
 if TYPE_CHECKING:
     from launcher.backends.base import Instance
@@ -36,10 +36,9 @@ def complete(
     import httpx
 
     url, body = _request(instance, messages, max_tokens=max_tokens, temperature=temperature, stream=True)
-    timeout = httpx.Timeout(timeout_s, connect=10.0)
     try:
         with (
-            httpx.Client(timeout=timeout, verify=ssl_context(False), trust_env=False) as client,
+            make_client(timeout_s=timeout_s, connect_timeout_s=10.0, trust_env=False) as client,
             client.stream("POST", url, json=body, headers=instance.headers()) as response,
         ):
             if response.status_code >= 400:
@@ -88,8 +87,8 @@ def reply(
     url, body = _request(instance, messages, max_tokens=max_tokens, temperature=temperature, stream=False)
     body.update(extra or {})  # server-specific fields (llama-server: cache_prompt, ignore_eos)
     try:
-        r = httpx.post(url, json=body, headers=instance.headers(), timeout=httpx.Timeout(timeout_s, connect=10.0),
-                       verify=ssl_context(False), trust_env=False)  # fmt: skip
+        with make_client(timeout_s=timeout_s, connect_timeout_s=10.0, trust_env=False) as client:
+            r = client.post(url, json=body, headers=instance.headers())
     except httpx.TimeoutException:
         raise ChatError(f"{url} timed out after {timeout_s:.0f} s") from None
     except httpx.HTTPError as exc:
@@ -178,8 +177,8 @@ def count_tokens(instance: Instance, text: str, *, timeout_s: float = 60.0) -> i
         else (base + "/extras/tokenize", {"input": text})
     )
     try:
-        r = httpx.post(url, json=body, headers=instance.headers(), timeout=timeout_s, verify=ssl_context(False),
-                       trust_env=False)  # fmt: skip
+        with make_client(timeout_s=timeout_s, connect_timeout_s=timeout_s, trust_env=False) as client:
+            r = client.post(url, json=body, headers=instance.headers())
     except httpx.HTTPError as exc:
         raise ChatError(f"{url}: {type(exc).__name__}: {exc}") from None
     if r.status_code >= 400:

@@ -101,7 +101,7 @@ def ssl_context(trust_env: bool = True) -> ssl.SSLContext:
     """httpx's default TLS context (certifi's CAs; SSL_CERT_FILE and SSL_CERT_DIR too where `trust_env`), built once
     and shared by every client (httpx's advice): building one loads the CA bundle, 26 ms on this project's 2-core
     test machine, which each new client paid, even one that only ever speaks plain HTTP to 127.0.0.1 (a load's
-    readiness poll made one every 50 ms, a quarter of a second of every start)."""
+    readiness poll made one every 50 ms)."""
     import httpx
 
     return httpx.create_ssl_context(trust_env=trust_env)

@@ -469,6 +469,18 @@ def expert_pass_s(
     return _touched_bytes(expert_bytes, share, ubatch) / bandwidth * max(1 / eta, full / pass_eff)
 
 
+def _expert_pass_per_token_s(
+    expert_bytes: float, share: float, n_prompt: int, n_ubatch: int, device: DeviceSpeed, fit: Fit
+) -> float:
+    """expert_pass_s per prompt token, for a prompt of `n_prompt` tokens in micro-batches of `n_ubatch` on `device`,
+    with `fit`'s efficiencies (a published row and a plan are priced by the same). Pure."""
+    assert fit.expert_pass_eff is not None
+    ubatch = max(1, min(n_prompt, n_ubatch))
+    pass_s = expert_pass_s(expert_bytes, share, ubatch, device.bandwidth_bytes_per_s, fit.eta_of(device),
+                           fit.expert_pass_eff)  # fmt: skip
+    return pass_s / ubatch
+
+
 def _row_reads_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit) -> float:
     """Seconds a published row's decoded token spends on its weights and cache: its bytes at the device's share of
     the bandwidth, or a K-quant kernel's arithmetic where the backend's is the slower (times() prices a plan so)."""
@@ -560,10 +572,9 @@ def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) ->
     if fit.pp_slope is not None and device.flops:
         seconds = _row_prefill_s(row, device, fit, n_prompt)
         if row.get("experts") and fit.expert_pass_eff:
-            ubatch = min(n_prompt, row.get("n_ubatch", DEFAULT_UBATCH))
             share = row["experts_used"] / row["experts"]
-            seconds += expert_pass_s(row["expert_bytes"], share, ubatch, device.bandwidth_bytes_per_s,
-                                     fit.eta_of(device), fit.expert_pass_eff) / ubatch  # fmt: skip
+            seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt,
+                                                row.get("n_ubatch", DEFAULT_UBATCH), device, fit)  # fmt: skip
         pp = 1 / seconds
     return Speed(tg, pp)
 
@@ -927,12 +938,9 @@ def times(option: Option, devices: Mapping[str, DeviceSpeed], depth: float = 0, 
             if prefill_s is not None and facts.expert_count and fit.expert_pass_eff:
                 # the micro-batch's pass over the routed experts, wherever they are kept (host-kept ones are copied
                 # over for the batch, host_weights_trip_s, and multiplied here)
-                ubatch = max(1, min(n_prompt, settings.n_ubatch))
                 share = facts.expert_used_count / facts.expert_count
                 stored = sum(layer.expert_bytes for layer in facts.layers)
-                pass_s = expert_pass_s(stored, share, ubatch, main.bandwidth_bytes_per_s, fit.eta_of(main),
-                                       fit.expert_pass_eff)  # fmt: skip
-                prefill_s += pass_s / ubatch
+                prefill_s += _expert_pass_per_token_s(stored, share, n_prompt, settings.n_ubatch, main, fit)
     return Times(seconds + t0, attention_s, prefill_s, prefill_attention_s, as_decode and prefill_attention_s > 0)
 
 

@@ -442,7 +442,7 @@ class LlamaCppBackend:
         import httpx
 
         from launcher.backends.process import poll_until
-        from launcher.http import ssl_context
+        from launcher.http import make_client
 
         base = instance.endpoint.removesuffix("/v1")
         path = "/health" if instance.server == "llama-server" else "/v1/models"
@@ -457,8 +457,8 @@ class LlamaCppBackend:
                 return str(exc)
             return None if r.status_code == 200 else f"{path} answered {r.status_code}"
 
-        # one client for the whole wait (a loopback poll every 50 ms: no client, TLS context or pool made per poll)
-        with httpx.Client(timeout=2.0, verify=ssl_context(False), trust_env=False) as client:
+        # one client for the whole wait (a loopback poll every 50 ms: no client or pool made per poll)
+        with make_client(timeout_s=2.0, connect_timeout_s=2.0, trust_env=False) as client:
             why = poll_until(lambda: probe(client), timeout_s=timeout_s)
         if why is not None:
             raise AttemptFailed(
