@@ -11,7 +11,6 @@ Usage: .venv/bin/python scripts/bench_plan.py [--runs N]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import shutil
 import subprocess
 import sys
@@ -46,10 +45,7 @@ def twelve_quants() -> Path:
         target = folder / f"tiny-llama-{label}.gguf"
         if target.exists():
             continue
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype)
-        params.nthread = 0
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        if corpus_mod.quantize_file(source, target, getattr(llama_cpp, ftype)) != 0:
             raise SystemExit(f"quantizing {label} failed")
     files = sorted(folder.glob("*.gguf"))
     if len(files) < 12:

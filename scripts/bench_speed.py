@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -118,16 +117,13 @@ def quantize(source: Path, label: str, folder: Path) -> Path:
     """`source` requantized to `label` (kept in `folder`, reused when there)."""
     import llama_cpp
 
+    from tests.corpus import quantize_file
+
     out = folder / f"{source.stem.split('.')[0]}-{label}.gguf"
     if out.is_file():
         return out
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{label}" if label != "F16" else "LLAMA_FTYPE_MOSTLY_F16")
-    params.allow_requantize = True
-    partial = out.with_suffix(".partial")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+    if quantize_file(source, out, getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{label}"), allow_requantize=True) != 0:
         raise SystemExit(f"bench_speed: quantizing {source.name} to {label} failed")
-    partial.rename(out)
     return out
 
 

@@ -680,6 +680,29 @@ def _add_kv(writer: Any, key: str, val: Any) -> None:
 # quantizing (in a child process: a refused or crashing quantization must not take the caller down)
 
 
+def quantize_file(
+    source: str | Path, target: str | Path, ftype: int, *, nthread: int = 0, allow_requantize: bool = False
+) -> int:
+    """llama-cpp-python's llama_model_quantize of `source` to `target` at llama_ftype `ftype`; its return code (0:
+    done). It writes `target`.partial and renames it only when done, so a failed or killed run leaves no file that
+    looks finished."""
+    import ctypes
+
+    import llama_cpp
+
+    partial = Path(f"{target}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread
+    params.allow_requantize = allow_requantize
+    rc = int(llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)))
+    if rc == 0 and partial.exists():
+        partial.replace(target)
+    else:
+        partial.unlink(missing_ok=True)
+    return rc
+
+
 def _quantize_main(src: str, jobs_json: str) -> int:
     """Child entry: quantize `src` to each (label, ftype_const, dst); print one JSON line per job."""
     import ctypes
@@ -699,10 +722,7 @@ def _quantize_main(src: str, jobs_json: str) -> int:
         if ftype is None:
             print(json.dumps({"quant": label, "ok": False, "why": f"llama_cpp has no {const}"}), flush=True)
             continue
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = 1
-        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        rc = quantize_file(src, dst, ftype, nthread=1)
         ok = rc == 0 and os.path.exists(dst)
         why = "" if ok else "".join(log)[-2000:]
         print(json.dumps({"quant": label, "ok": ok, "rc": int(rc), "why": why}), flush=True)
