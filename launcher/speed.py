@@ -481,27 +481,55 @@ def _expert_pass_per_token_s(
     return pass_s / ubatch
 
 
-def _row_reads_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit) -> float:
-    """Seconds a published row's decoded token spends on its weights and cache: its bytes at the device's share of
-    the bandwidth, or a K-quant kernel's arithmetic where the backend's is the slower (times() prices a plan so)."""
-    reads = row["bytes_per_token"] / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
+def _row_kv_bytes(row: Mapping[str, Any], depth: float) -> float:
+    """KV cache bytes a published row's decoded token reads at `depth` (0 for a row that gives no `kv_cache`): every
+    full-attention layer's cells up to the depth, a sliding-window layer's at most its cache's, which llama.cpp sizes
+    at the window plus a micro-batch, padded to 256 cells (launcher.estimate's SWA cache)."""
+    kv = row.get("kv_cache")
+    if not kv or depth <= 0:
+        return 0.0
+    swa_layers = kv.get("swa_layers", 0)
+    swa_cells = -(-(kv.get("window", 0) + row.get("n_ubatch", DEFAULT_UBATCH)) // 256) * 256
+    full = (row["layers"] - swa_layers) * depth
+    return float(kv["bytes_per_layer_position"] * (full + swa_layers * min(depth, swa_cells)))
+
+
+def _row_attention_flops(row: Mapping[str, Any], positions: float) -> float:
+    """Attention FLOPs of one token of a published row with `positions` cached before it: every layer's, a
+    sliding-window layer's over at most its window (`kv_cache`)."""
+    kv = row.get("kv_cache") or {}
+    swa_layers = kv.get("swa_layers", 0)
+    if not swa_layers:
+        return float(row["attention_flops"] * positions)
+    per_layer = row["attention_flops"] / row["layers"]
+    return float(per_layer * ((row["layers"] - swa_layers) * positions + swa_layers * min(positions, kv["window"])))
+
+
+def _row_reads_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, depth: float = 0) -> float:
+    """Seconds a published row's decoded token spends on its weights and cache at `depth`: their bytes at the
+    device's share of the bandwidth, or a K-quant kernel's arithmetic where the backend's is the slower (times()
+    prices a plan so)."""
+    nbytes = row["bytes_per_token"] + _row_kv_bytes(row, depth)
+    reads = nbytes / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
     if fit.kquant_ops and device.flops and row["weights"] == "kquant":
         reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
     return float(reads)
 
 
-def _row_prefill_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, n_prompt: int | None = None) -> float:
+def _row_prefill_s(
+    row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, n_prompt: int | None = None, depth: float = 0
+) -> float:
     """Seconds per prompt token of a published row priced as a dense model: its active parameters at the fitted
-    slope and fixed cost, its attention over a prompt of `n_prompt` tokens (the row's own by default) from an empty
-    context. Pure."""
+    slope and fixed cost, its attention over a prompt of `n_prompt` tokens (the row's own by default) after `depth`
+    cached ones. Pure."""
     assert fit.pp_slope is not None and device.flops
     slope, fixed = fit.pp_slope, fit.pp_t0_s
     if row["weights"] == "float" and fit.pp_slope_float is not None:
         slope, fixed = fit.pp_slope_float, fit.pp_t0_float_s
     seconds = slope * 2 * row["active_params"] / device.flops + fixed
-    positions = (n_prompt or row.get("pp_tokens", PP_TOKENS)) / 2
+    positions = depth + (n_prompt or row.get("pp_tokens", PP_TOKENS)) / 2
     eff = fit.attention_eff if fit.attention_eff else 1 / slope
-    return seconds + row["attention_flops"] * positions / (eff * device.flops)
+    return seconds + _row_attention_flops(row, positions) / (eff * device.flops)
 
 
 def _eras(backend: str) -> list[str | None]:
@@ -557,20 +585,20 @@ def _fit_slope(points: list[tuple[float, float]], fixed: float) -> float:
     return sum(x * (y - fixed) / (y * y) for x, y in points) / sum(x * x / (y * y) for x, y in points)
 
 
-def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None) -> Speed:
-    """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at an
-    empty context, prefill of `n_prompt` tokens from an empty one (None: the row's own prompt, `pp_tokens`, else
-    llama-bench's 512)."""
+def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None, depth: float = 0) -> Speed:
+    """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at
+    `depth` (llama-bench's tg @ d; the cache it reads from the row's `kv_cache`), prefill of `n_prompt` tokens after
+    `depth` cached ones (None: the row's own prompt, `pp_tokens`, else llama-bench's 512)."""
     n_prompt = n_prompt or row.get("pp_tokens", PP_TOKENS)
     device = device_table()[row["device"]]
     fit = fitted(device.backend, row.get("era"))
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
-        reads = _row_reads_s(row, device, fit)
+        reads = _row_reads_s(row, device, fit, depth)
         tg = 1 / (reads + row["expert_matrices"] * (fit.expert_matrix_s or 0.0) + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
-        seconds = _row_prefill_s(row, device, fit, n_prompt)
+        seconds = _row_prefill_s(row, device, fit, n_prompt, depth)
         if row.get("experts") and fit.expert_pass_eff:
             share = row["experts_used"] / row["experts"]
             seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt,

@@ -87,11 +87,18 @@ def published() -> None:
                 else:
                     print(f"| {name} | {pp_test} | {row['pp']} | {pp} | - | - |")
                     errors.append(pp_error)
-            for deep in row.get("deep", ()):
-                d = predict_published(row, n_prompt=deep["n_prompt"])
-                pp = f"{d.pp_per_s:.1f} | {d.pp_per_s / deep['t_per_s'] - 1:+.0%}" if d.pp_per_s else "- | -"
-                print(f"| {name} | pp{deep['n_prompt']} | {deep['t_per_s']} | {pp} | - | - |")
-                errors.append((d.pp_per_s or 0.0) / deep["t_per_s"] - 1)
+            for deep in row.get("deep", ()):  # the same model at depth (llama-bench -d), or a longer prompt
+                at = f" @ d{deep['depth']}" if deep.get("depth") else ""
+                if deep["test"] == "tg":
+                    d = predict_published(row, depth=deep["depth"])
+                    label, value = f"{test}{at}", d.tg_per_s
+                else:
+                    d = predict_published(row, n_prompt=deep["n_prompt"], depth=deep.get("depth", 0))
+                    ub = f" -ub {row['n_ubatch']}" if row.get("n_ubatch") else ""
+                    label, value = f"pp{deep['n_prompt']}{ub}{at}", d.pp_per_s
+                shown = f"{value:.4g} | {value / deep['t_per_s'] - 1:+.0%}" if value else "- | -"
+                print(f"| {name} | {label} | {deep['t_per_s']} | {shown} | - | - |")
+                errors.append((value or 0.0) / deep["t_per_s"] - 1)
             if row.get("suspect"):
                 notes.append(f"suspect: {row['device']} {row['model']}{era}: {row['suspect']}")
             else:

@@ -114,7 +114,7 @@ def test_held_out_published_rows_are_predicted_within_a_quarter(row: dict) -> No
 def test_held_out_rows_the_model_misses_say_why_and_do_miss(row: dict) -> None:
     """A held-out row the model is known to miss (`miss`: why, printed by scripts/bench_speed.py) misses it as said:
     every known miss is prefill's (May 2024's build on a card of 300+ TFLOPS: a 70B's prefill, or F16's; Turing's
-    int8 kernels today; an MoE on Metal), decode stays within a quarter where the row has it. A change to the model that closes a miss
+    int8 kernels today; an MoE on Metal; the DGX Spark's GB10), decode stays within a quarter where the row has it. A change to the model that closes a miss
     fails here, so the marker cannot outlive it."""
     speed = predict_published(row)
     assert speed.pp_per_s is not None and len(row["miss"]) > 40
@@ -374,6 +374,47 @@ def test_published_rows_at_depth_are_predicted_within_a_quarter(row: dict) -> No
     for deep in row["deep"]:
         speed = predict_published(row, n_prompt=deep["n_prompt"])
         assert speed.pp_per_s is not None and abs(speed.pp_per_s / deep["t_per_s"] - 1) <= 0.25, (speed, deep)
+
+
+@pytest.mark.parametrize("row", [r for r in validation_rows() if r.get("deep")],
+                         ids=lambda r: f"{r['device']} {r['model']}")  # fmt: skip
+def test_held_out_rows_at_depth_are_predicted_within_a_quarter(row: dict) -> None:
+    """llama-bench's tg and pp @ d (DGX Spark's GB10, ggerganov's tables to depth 32768): decode at depth reads the
+    cache as well, and stays within a quarter; prefill at depth too, but on a row the model is known to miss at depth 0
+    (`miss`), where it misses at every depth."""
+    for deep in row["deep"]:
+        if deep["test"] == "tg":
+            tg = predict_published(row, depth=deep["depth"]).tg_per_s
+            assert tg is not None and abs(tg / deep["t_per_s"] - 1) <= 0.25, (deep, tg)
+            continue
+        pp = predict_published(row, n_prompt=deep["n_prompt"], depth=deep.get("depth", 0)).pp_per_s
+        assert pp is not None
+        assert (abs(pp / deep["t_per_s"] - 1) > 0.25) == bool(row.get("miss")), (deep, pp)
+
+
+def test_a_rows_cache_at_depth_is_the_plans(tmp_path: Path) -> None:
+    """A published row's KV cache read at depth (`kv_cache`: K+V bytes per layer and position, its sliding-window
+    layers capped at their cache) is what the plan counts for the real model at llama-bench's settings (an f16 cache,
+    micro-batches of 2048): gpt-oss-20b, half its layers sliding over 128 positions, and Qwen3-30B-A3B."""
+    from launcher.catalog.types import Candidate, CandidateFile
+    from launcher.gguf import read_header
+    from launcher.plan import Policy, budgets_for, make_plan
+    from launcher.speed import _row_kv_bytes  # the row's count, checked against the plan's
+
+    budgets = budgets_for(describe_machine(vram=[96 * GiB]).devices, ram_available_bytes=None, reserve_bytes=GiB)
+    rows = {r["model"]: r for r in validation_rows() if r["device"] == "NVIDIA GB10"}
+    for model, label in ((corpus_real.real_gpt_oss_20b(), "gpt-oss-20b MXFP4"),
+                         (corpus_real.real_qwen3_30b_a3b("Q4_K_M"), "Qwen3-Coder-30B-A3B Q8_0")):  # fmt: skip
+        path = tmp_path / f"{model.name}-{model.quant}.gguf"
+        size = corpus_real.write_sparse(model, path)
+        candidate = Candidate(model.name, "local", model.quant, (CandidateFile(path.name, size, local_path=str(path)),),
+                              header=read_header(path))  # fmt: skip
+        for depth in (1000, 4096, 32768):
+            policy = Policy(n_ctx=depth + 32, type_k="f16", type_v="f16", flash_attn="on", n_ubatch=2048)
+            option = make_plan("gb10", [candidate], budgets, policy).chosen
+            assert option is not None
+            kv = bytes_per_token(option, depth)["GPU0"] - bytes_per_token(option, 0)["GPU0"]
+            assert _row_kv_bytes(rows[label], depth) == pytest.approx(kv, rel=0.01), (label, depth)
 
 
 def test_attention_grows_with_depth_and_is_paid_on_the_cpu(tmp_path: Path) -> None:

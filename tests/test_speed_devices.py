@@ -107,6 +107,25 @@ def test_nvml_figures_a_driver_declines_stay_unknown() -> None:
     assert spark.unified and spark.memory_bandwidth_bytes_per_s is None  # reads host RAM: NVML's bus says nothing
 
 
+def test_a_dgx_sparks_gb10_reads_host_memory_at_the_tables_bandwidth_and_computes_at_its_own_rate() -> None:
+    """GB10 (compute capability 12.1, 48 SMs at 2418 MHz) has no memory of its own: NVML declines to size it, so its
+    budget is the host's RAM and its bandwidth the table's 273 GB/s of LPDDR5X (no PCIe link: nothing crosses one);
+    its FP16 rate is NVML's SMs x clock x Blackwell RTX's 1024, the table's 118.8 TFLOPS."""
+    import pynvml
+
+    gb10 = {**RTX_4090, "name": "NVIDIA GB10", "memory_error": pynvml.NVMLError_NotSupported, "compute_capability": (12, 1),
+            "gpu_cores": None, "multiprocessor_count": 48, "boost_sm_clock_mhz": 2418, "max_memory_clock_mhz": 8533,
+            "memory_bus_width_bits": 256}  # fmt: skip
+    (spark,) = nvml_devices(FakeGpu(**gb10), ram=128 * GiB)
+    assert spark.unified and spark.total_bytes == 128 * GiB and spark.memory_bandwidth_bytes_per_s is None
+    table = device_table()["NVIDIA GB10"]
+    assert spark.fp16_flops == pytest.approx(table.flops, rel=1e-3) and table.flops == 118.8 * TFLOPS
+    described = describe_machine(vram=[24 * GiB])
+    speeds = machine_speeds(described.model_copy(update={"devices": (spark.model_copy(update={"index": 0}),)}))
+    assert speeds["GPU0"] == type(table)(273 * GB, spark.fp16_flops, "cuda", None)
+    assert not table.hbm and table.link_bytes_per_s is None
+
+
 # --- machine_speeds: a device's own figures, then the table ------------------------------------------------------
 
 

@@ -80,10 +80,12 @@ FP16_TENSOR_FLOPS_PER_SM_CLOCK = {
     "8.9": 1024,  # Ada whitepaper: RTX 4090 330.3 = 128 x 2520 MHz x 1024
     "9.0": 4096,  # H100 whitepaper: H100 SXM5 989.4 = 132 x 1830 MHz x 4096
     "12.0": 1024,  # Blackwell RTX whitepaper: RTX 5090 419 = 170 x 2407 MHz x 1024
+    # GB10 (DGX Spark): 48 SMs x 2418 MHz x 1024 = 118.8; x 8, 951 TFLOPS of sparse FP4, NVIDIA's "1 PFLOP"
+    "12.1": 1024,
 }
 # CUDA cores (FP32 lanes) per SM by compute capability: the CUDA C++ Programming Guide's "Arithmetic
 # Instructions" throughput table (32-bit floating-point add, multiply, multiply-add per clock per SM).
-CUDA_CORES_PER_SM = {"7.0": 64, "7.5": 64, "8.0": 64, "8.6": 128, "8.9": 128, "9.0": 128, "12.0": 128}
+CUDA_CORES_PER_SM = {"7.0": 64, "7.5": 64, "8.0": 64, "8.6": 128, "8.9": 128, "9.0": 128, "12.0": 128, "12.1": 128}
 
 
 def nvml_bandwidth_bytes_per_s(max_memory_clock_mhz: int | None, bus_width_bits: int | None) -> float | None:
