@@ -61,11 +61,11 @@ def published() -> None:
             era = f" [{row['era']} build]" if row.get("era") else ""
             name = f"{kind} | {row['device']} | {row['model']}{era}{mark}"
             errors = []
+            named = re.search(r"\btg(\d+)\b", row.get("source", ""))  # the source's test, else llama-bench's
+            test = f"tg{named.group(1)}" if named else "tg128"
             if row.get("tg"):  # a prefill-only row has none
                 peer = llmfit_published(row)
                 tg = s.tg_per_s or 0.0
-                named = re.search(r"\btg(\d+)\b", row.get("source", ""))  # the source's test, else llama-bench's
-                test = f"tg{named.group(1)}" if named else "tg128"
                 print(f"| {name} | {test} | {row['tg']} | {tg:.1f} | {tg / row['tg'] - 1:+.0%} | "
                       f"{peer:.1f} | {peer / row['tg'] - 1:+.0%} |")  # fmt: skip
                 errors.append(tg / row["tg"] - 1)
@@ -91,7 +91,7 @@ def published() -> None:
                 at = f" @ d{deep['depth']}" if deep.get("depth") else ""
                 if deep["test"] == "tg":
                     d = predict_published(row, depth=deep["depth"])
-                    label, value = f"{test}{at}", d.tg_per_s
+                    label, value = f"tg{deep['n_gen']}{at}" if deep.get("n_gen") else f"{test}{at}", d.tg_per_s
                 else:
                     d = predict_published(row, n_prompt=deep["n_prompt"], depth=deep.get("depth", 0))
                     ub = f" -ub {row['n_ubatch']}" if row.get("n_ubatch") else ""
