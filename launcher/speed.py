@@ -481,15 +481,17 @@ def _expert_pass_per_token_s(
     return pass_s / ubatch
 
 
-def _row_kv_bytes(row: Mapping[str, Any], depth: float) -> float:
+def _row_kv_bytes(row: Mapping[str, Any], depth: float, n_ubatch: int | None = None) -> float:
     """KV cache bytes a published row's decoded token reads at `depth` (0 for a row that gives no `kv_cache`): every
     full-attention layer's cells up to the depth, a sliding-window layer's at most its cache's, which llama.cpp sizes
-    at the window plus a micro-batch, padded to 256 cells (launcher.estimate's SWA cache)."""
+    at the window plus a micro-batch (`n_ubatch`, else the row's), padded to 256 cells (launcher.estimate's SWA
+    cache)."""
     kv = row.get("kv_cache")
     if not kv or depth <= 0:
         return 0.0
     swa_layers = kv.get("swa_layers", 0)
-    swa_cells = -(-(kv.get("window", 0) + row.get("n_ubatch", DEFAULT_UBATCH)) // 256) * 256
+    ubatch = n_ubatch or row.get("n_ubatch", DEFAULT_UBATCH)
+    swa_cells = -(-(kv.get("window", 0) + ubatch) // 256) * 256
     full = (row["layers"] - swa_layers) * depth
     return float(kv["bytes_per_layer_position"] * (full + swa_layers * min(depth, swa_cells)))
 
@@ -505,11 +507,13 @@ def _row_attention_flops(row: Mapping[str, Any], positions: float) -> float:
     return float(per_layer * ((row["layers"] - swa_layers) * positions + swa_layers * min(positions, kv["window"])))
 
 
-def _row_reads_s(row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, depth: float = 0) -> float:
+def _row_reads_s(
+    row: Mapping[str, Any], device: DeviceSpeed, fit: Fit, depth: float = 0, n_ubatch: int | None = None
+) -> float:
     """Seconds a published row's decoded token spends on its weights and cache at `depth`: their bytes at the
     device's share of the bandwidth, or a K-quant kernel's arithmetic where the backend's is the slower (times()
     prices a plan so)."""
-    nbytes = row["bytes_per_token"] + _row_kv_bytes(row, depth)
+    nbytes = row["bytes_per_token"] + _row_kv_bytes(row, depth, n_ubatch)
     reads = nbytes / (fit.eta_of(device) * device.bandwidth_bytes_per_s)
     if fit.kquant_ops and device.flops and row["weights"] == "kquant":
         reads = max(reads, row["decode_params"] * fit.kquant_ops / device.flops)
@@ -585,24 +589,27 @@ def _fit_slope(points: list[tuple[float, float]], fixed: float) -> float:
     return sum(x * (y - fixed) / (y * y) for x, y in points) / sum(x * x / (y * y) for x, y in points)
 
 
-def predict_published(row: Mapping[str, Any], *, n_prompt: int | None = None, depth: float = 0) -> Speed:
+def predict_published(
+    row: Mapping[str, Any], *, n_prompt: int | None = None, depth: float = 0, n_ubatch: int | None = None
+) -> Speed:
     """The uncalibrated prediction for one published row (what the accuracy test and bench compare): decode at
     `depth` (llama-bench's tg @ d; the cache it reads from the row's `kv_cache`), prefill of `n_prompt` tokens after
-    `depth` cached ones (None: the row's own prompt, `pp_tokens`, else llama-bench's 512)."""
+    `depth` cached ones (None: the row's own prompt, `pp_tokens`, else llama-bench's 512), in micro-batches of
+    `n_ubatch` (None: the row's own, else llama-bench's 512)."""
     n_prompt = n_prompt or row.get("pp_tokens", PP_TOKENS)
     device = device_table()[row["device"]]
     fit = fitted(device.backend, row.get("era"))
     tg = None
     if row["bytes_per_token"] is not None:  # a prefill-only row gives no size
-        reads = _row_reads_s(row, device, fit, depth)
+        reads = _row_reads_s(row, device, fit, depth, n_ubatch)
         tg = 1 / (reads + row["expert_matrices"] * (fit.expert_matrix_s or 0.0) + fit.t0_s)
     pp = None
     if fit.pp_slope is not None and device.flops:
         seconds = _row_prefill_s(row, device, fit, n_prompt, depth)
         if row.get("experts") and fit.expert_pass_eff:
             share = row["experts_used"] / row["experts"]
-            seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt,
-                                                row.get("n_ubatch", DEFAULT_UBATCH), device, fit)  # fmt: skip
+            ubatch = n_ubatch or row.get("n_ubatch", DEFAULT_UBATCH)
+            seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt, ubatch, device, fit)
         pp = 1 / seconds
     return Speed(tg, pp)
 

@@ -90,11 +90,13 @@ def published() -> None:
             for deep in row.get("deep", ()):  # the same model at depth (llama-bench -d), or a longer prompt
                 at = f" @ d{deep['depth']}" if deep.get("depth") else ""
                 if deep["test"] == "tg":
-                    d = predict_published(row, depth=deep["depth"])
+                    d = predict_published(row, depth=deep["depth"], n_ubatch=deep.get("n_ubatch"))
                     label, value = f"tg{deep['n_gen']}{at}" if deep.get("n_gen") else f"{test}{at}", d.tg_per_s
                 else:
-                    d = predict_published(row, n_prompt=deep["n_prompt"], depth=deep.get("depth", 0))
-                    ub = f" -ub {row['n_ubatch']}" if row.get("n_ubatch") else ""
+                    d = predict_published(row, n_prompt=deep["n_prompt"], depth=deep.get("depth", 0),
+                                          n_ubatch=deep.get("n_ubatch"))  # fmt: skip
+                    ubatch = deep.get("n_ubatch") or row.get("n_ubatch")
+                    ub = f" -ub {ubatch}" if ubatch else ""
                     label, value = f"pp{deep['n_prompt']}{ub}{at}", d.pp_per_s
                 shown = f"{value:.4g} | {value / deep['t_per_s'] - 1:+.0%}" if value else "- | -"
                 print(f"| {name} | {label} | {deep['t_per_s']} | {shown} | - | - |")

@@ -326,6 +326,27 @@ def test_amd_card_without_a_product_name_is_named_by_libdrms_table(tmp_path):
     assert amd_devices(read_amd(named, ids_files=[ids]), env={})[0][0].name == "AMD Radeon RX 7900 XTX"
 
 
+def test_strix_halos_gpu_is_named_as_the_speed_table_knows_it_by_either_libdrm(tmp_path):
+    """Strix Halo (Ryzen AI Max+ 395): device 1586, an APU whose GTT the kernel may raise to most of the RAM. libdrm
+    named its GPU "Radeon 8060S Graphics" until December 2025 and "AMD Radeon 8060S Graphics" since: either way it is
+    the table's AMD Radeon 8060S, which predicts its speed from 256 GB/s of unified LPDDR5X."""
+    from launcher.speed import device_table, machine_speeds
+
+    halo = FakeAmdGpu(gfx_target_version=110501, device_id=0x1586, render_minor=128, pci_slot="0000:c5:00.0",
+                      vram_total_bytes=512 * MiB, vram_used_bytes=64 * MiB, gtt_total_bytes=124 * GiB,
+                      gtt_used_bytes=0, revision=0xC1)  # fmt: skip
+    sysfs = write_amd_sysfs(tmp_path / "sys", [halo])
+    for name in ("Radeon 8060S Graphics", "AMD Radeon 8060S Graphics"):
+        ids = tmp_path / "amdgpu.ids"
+        ids.write_text(f"1.0.0\n1586,\tC1,\t{name}\n")
+        (apu,) = amd_devices(read_amd(sysfs, ids_files=[ids]), env={})[0]
+        assert apu.name == "AMD Radeon 8060S Graphics" and apu.integrated and apu.compute_capability == "gfx1151"
+        described = describe_machine(vram=[24 * GiB])
+        speed = machine_speeds(described.model_copy(update={"devices": (apu,)}))["GPU0"]
+        assert speed == device_table()["AMD Radeon 8060S"] and speed.bandwidth_bytes_per_s == 256e9
+        assert (speed.backend, speed.link_bytes_per_s) == ("rocm", None)
+
+
 def test_amdgpu_ids_parser():
     names = parse_amdgpu_ids(AMDGPU_IDS)
     assert names[(0x744C, 0xC8)] == "AMD Radeon RX 7900 XTX" and names[(0x744C, 0xCE)] == "AMD Radeon RX 7900 GRE"

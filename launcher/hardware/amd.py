@@ -185,6 +185,8 @@ def _device(
     uevent = dict(line.partition("=")[::2] for line in drm.get("uevent", "").splitlines())
     ids = f", {vendor:04x}:{device_id:04x}" if vendor is not None and device_id is not None else ""
     name = drm.get("product_name") or gpu.marketing_name or f"AMD Radeon GPU ({gfx}{ids})"
+    if name.startswith("Radeon "):  # libdrm before December 2025 named Strix Halo's GPU "Radeon 8060S Graphics"
+        name = f"AMD {name}"
     vram_total, vram_used = _int(drm.get("mem_info_vram_total")), _int(drm.get("mem_info_vram_used"))
     gtt_total, gtt_used = _int(drm.get("mem_info_gtt_total")), _int(drm.get("mem_info_gtt_used"))
     notes = []
