@@ -87,9 +87,9 @@ def test_hw_gpu_name_errors_name_the_choices():
     result = invoke("--unified", "16GiB", "--gpu-name", "M1")  # the M1 itself, not also the M1 Pro, Max and Ultra
     assert result.exit_code == 2
     assert "matches 2 chips (Apple M1 (7-core GPU); Apple M1 (8-core GPU)); name one of them" in result.output
-    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 5060")  # not the RTX 5060 Ti's figures
+    result = invoke("--vram", "8GiB", "--gpu-name", "RTX 2080")  # not the RTX 2080 Ti's figures
     assert result.exit_code == 2 and (
-        "GPU name 'RTX 5060' is not in the chip table, only another chip's name holds it (NVIDIA GeForce RTX 5060 Ti) "
+        "GPU name 'RTX 2080' is not in the chip table, only another chip's name holds it (NVIDIA GeForce RTX 2080 Ti) "
         "(`fitquant hw --chips` lists all "
     ) in " ".join(result.output.split())
     result = invoke("--vram", "48GiB", "--gpu-name", "A40")  # another number, not a sibling of the RTX A4000

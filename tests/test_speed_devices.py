@@ -126,6 +126,30 @@ def test_a_dgx_sparks_gb10_reads_host_memory_at_the_tables_bandwidth_and_compute
     assert not table.hbm and table.link_bytes_per_s is None
 
 
+def test_rdna4_and_the_smaller_rtx_50_cards_are_in_the_table_by_their_drivers_names() -> None:
+    """libdrm's amdgpu.ids names RDNA4 "AMD Radeon RX 9070 XT" (7550 C0), "... RX 9070" (7550 C3), "... RX 9060 XT"
+    (7590 C0); NVIDIA's driver the GeForce RTX 5060 and 5050. RDNA4's matrix rate is twice RDNA3's per CU and clock
+    (1024 FP16 FLOPs), its bandwidth 20 Gbps GDDR6 x its bus; a name that another card's starts with is that card."""
+    from launcher.speed import table_gpu
+
+    table = device_table()
+    for name, cus, mhz, bus in (
+        ("RX 9070 XT", 64, 2970, 256),
+        ("RX 9070", 56, 2520, 256),
+        ("RX 9060 XT", 32, 3130, 128),
+    ):
+        speed = table[table_gpu(name)]
+        assert table_gpu(name) == f"AMD Radeon {name}" and speed.backend == "rocm"
+        assert speed.flops == pytest.approx(cus * mhz * 1e6 * 1024, rel=1e-3)
+        assert speed.bandwidth_bytes_per_s == 20e9 * bus / 8
+    assert table["AMD Radeon RX 9070 XT"].flops == pytest.approx(2 * 64 / 96 * 2970 / 2500 * 122.88e12, rel=1e-2)
+    for name, sms, mhz, gbps in (("RTX 5060", 30, 2497, 28), ("RTX 5050", 20, 2572, 20)):
+        speed = table[f"NVIDIA GeForce {name}"]
+        assert table_gpu(name) == f"NVIDIA GeForce {name}"
+        assert speed.flops == pytest.approx(sms * mhz * 1e6 * 1024, rel=1e-3)
+        assert speed.bandwidth_bytes_per_s == gbps * 1e9 * 128 / 8
+
+
 # --- machine_speeds: a device's own figures, then the table ------------------------------------------------------
 
 
