@@ -310,6 +310,12 @@ def _check_types(facts: ModelFacts, settings: Settings, flash_attn: bool) -> Non
             raise EstimateError(f"quantized K cache with flash attention needs a head size divisible by 32, not {head}")
 
 
+def swa_cache_cells(n_ctx_seq: int, window: int, n_ubatch: int) -> int:
+    """Cells of a sliding-window layer's cache (src/llama-kv-cache-iswa.cpp): its window (times the sequences it
+    holds) plus a micro-batch, padded to 256, at most the context's."""
+    return _pad(min(n_ctx_seq, window + n_ubatch), 256)
+
+
 def kv_caches(facts: ModelFacts, settings: Settings, *, flash_attn: bool) -> tuple[list[KVCache], int, int]:
     """The KV caches llama.cpp creates, and (n_ctx, n_ctx_seq) as llama_context sets them.
 
@@ -355,8 +361,7 @@ def kv_caches(facts: ModelFacts, settings: Settings, *, flash_attn: bool) -> tup
         return [build("full", kv_layers, n_ctx_seq)], n_ctx, n_ctx_seq
     size_swa = n_ctx_seq
     if not settings.swa_full:
-        window = facts.sliding_window * (np_ if settings.kv_unified else 1) + n_ubatch
-        size_swa = _pad(min(n_ctx_seq, window), 256)
+        size_swa = swa_cache_cells(n_ctx_seq, facts.sliding_window * (np_ if settings.kv_unified else 1), n_ubatch)
     caches = [
         build("non-SWA", [layer for layer in kv_layers if not layer.swa], n_ctx_seq),
         build("SWA", [layer for layer in kv_layers if layer.swa], size_swa),

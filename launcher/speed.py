@@ -486,12 +486,15 @@ def _row_kv_bytes(row: Mapping[str, Any], depth: float, n_ubatch: int | None = N
     full-attention layer's cells up to the depth, a sliding-window layer's at most its cache's, which llama.cpp sizes
     at the window plus a micro-batch (`n_ubatch`, else the row's), padded to 256 cells (launcher.estimate's SWA
     cache)."""
+    from launcher.estimate import swa_cache_cells
+
     kv = row.get("kv_cache")
     if not kv or depth <= 0:
         return 0.0
     swa_layers = kv.get("swa_layers", 0)
     ubatch = n_ubatch or row.get("n_ubatch", DEFAULT_UBATCH)
-    swa_cells = -(-(kv.get("window", 0) + ubatch) // 256) * 256
+    # the estimate's own rule, for a context of the depth and one micro-batch (llama-bench's tg @ d, pp @ d)
+    swa_cells = swa_cache_cells(math.ceil(depth) + ubatch, kv.get("window", 0), ubatch)
     full = (row["layers"] - swa_layers) * depth
     return float(kv["bytes_per_layer_position"] * (full + swa_layers * min(depth, swa_cells)))
 
