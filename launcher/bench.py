@@ -80,10 +80,13 @@ def find_instance(name: str | None) -> RunningInstance:
 
 
 def as_instance(running: RunningInstance, api_key: str | None) -> Instance:
+    """`running` as an instance to send requests to: with the user's key, else the one its record keeps (a
+    router's private server, whose key is fitquant's own)."""
     from launcher.backends.base import Instance
 
     return Instance(backend=running.backend, server=running.server, version=None, endpoint=running.endpoint,
-                    model_name=running.model_name or running.model, pid=running.pid, api_key=api_key)  # fmt: skip
+                    model_name=running.model_name or running.model, pid=running.pid,
+                    api_key=api_key or running.api_key)  # fmt: skip
 
 
 def measure(instance: Instance, depth: int, tokens: int, *, run: int, timeout_s: float = 600.0) -> BenchRow:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import InitVar, asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,9 @@ class RunningInstance:
     predicted_tg_per_s: float | None = None
     speed_finding: str | None = None
     version: str | None = None  # the server build's version (what its speed calibration is keyed by)
+    # the key of a server whose key is fitquant's own (a router's private server; LaunchRequest.own_key), so
+    # `fitquant bench` can reach it: in this 0600 record only, never in `ps` or any output
+    api_key: str | None = field(default=None, repr=False)
     identify: InitVar[bool] = True  # fill the four above from the live processes (False: as read from a record)
 
     def __post_init__(self, identify: bool) -> None:
@@ -93,7 +96,8 @@ class RunningInstance:
         return max(0.0, time.time() - self.started)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "uptime_s": round(self.uptime_s, 1)}
+        shown = {k: v for k, v in asdict(self).items() if k != "api_key"}
+        return {**shown, "uptime_s": round(self.uptime_s, 1)}
 
 
 def instances_dir() -> Path:

@@ -496,7 +496,8 @@ def start_planned(
         if spec.warmup != "none":
             result.speed = speed_report(result, machine)
         remember(machine, result, record.model_key(spec.model))
-        result.instance_name = register(result, spec.shown_name, reference=spec.model or "")
+        result.instance_name = register(result, spec.shown_name, reference=spec.model or "",
+                                        own_key=spec.request.own_key)  # fmt: skip
     except BaseException:
         backend.stop(result.instance)
         raise
@@ -515,8 +516,9 @@ def stop(result: RunResult, backend: Backend) -> None:
             result.instance_name = None
 
 
-def register(result: RunResult, name: str, *, reference: str | None = None) -> str:
-    """Write the instance record `fitquant ps` and `fitquant stop` read; returns its name."""
+def register(result: RunResult, name: str, *, reference: str | None = None, own_key: bool = False) -> str:
+    """Write the instance record `fitquant ps` and `fitquant stop` read; returns its name. `own_key`: the server's
+    key is fitquant's own (a router's private server), kept in the record; a user's key never is."""
     from launcher import instances
 
     inst = result.instance
@@ -529,7 +531,7 @@ def register(result: RunResult, name: str, *, reference: str | None = None) -> s
             log_path=str(inst.log_path) if inst.log_path else None,
             model_name=inst.model_name, reference=reference, measured_tg_per_s=result.speed.get("measured_tg_per_s"),
             predicted_tg_per_s=_planned_tg(result.speed), speed_finding=result.speed.get("finding"),
-            version=inst.version,
+            version=inst.version, api_key=inst.api_key if own_key else None,
         )
     )  # fmt: skip
     return instance_name

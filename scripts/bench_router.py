@@ -364,6 +364,10 @@ def measure(args: argparse.Namespace, serve: Serve, base: str, pids: list[int]) 
             one_request(router, "/v1/chat/completions", chat("small", max_tokens=1, stream=False))
         row = running(router, base, "small")
         url = row["endpoint"] + "/chat/completions"
+        # the model's private server takes only its own key, which only the router (and its process) holds
+        key = psutil.Process(row["pid"]).environ().get("LLAMA_API_KEY")
+        if key:
+            direct.headers["Authorization"] = f"Bearer {key}"
         body = chat("small", max_tokens=1, stream=False)
         one_request(direct, url, body)
         via: list[float] = []

@@ -463,3 +463,52 @@ def test_a_proxied_request_is_counted_once_in_the_metrics(tmp_path: Path, smollm
         assert re.search(rf"^fitquant_requests_total\{{{labels},status=\"200\"\}} 2\.0$", text, re.M), text
         assert re.search(rf"^fitquant_request_duration_seconds_count\{{{labels}\}} 2\.0$", text, re.M), text
         _stopped_cleanly(serve, set())
+
+
+# --- the private servers -----------------------------------------------------------------------------------------
+
+
+def test_a_model_server_answers_only_with_its_own_key_which_no_output_shows(tmp_path: Path, smollm2: Path) -> None:
+    """127.0.0.1 alone is not private: every local process, and any web page a browser on this machine opens
+    (llama-server allows every CORS origin), can reach it, past the router's own key. Each model server takes a key
+    of its own that only the router holds, and `fitquant bench` finds in the 0600 instance record."""
+    import psutil
+
+    profile = _llamacpp_profile(tmp_path / "private.yaml", f"model: {smollm2}, context: 1024, alias: smol",
+                                ram="2GiB")  # fmt: skip
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        assert _chat(serve, "smol").status_code == 200
+        row = serve.model_row("smol")
+        server = psutil.Process(row["pid"])
+        key = server.environ()["LLAMA_API_KEY"]
+        assert len(key) >= 40
+        body = {"model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+        url = row["endpoint"] + "/chat/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        wrong = httpx.post(url, json=body, timeout=60, headers={"Authorization": "Bearer not-the-key"})
+        assert wrong.status_code == 401
+        assert httpx.post(url, json=body, timeout=60, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # a key of its own per server, in no argv (`ps` shows argv to every user) and no listing
+        assert key not in " ".join(server.cmdline())
+        assert key not in httpx.get(serve.url + "/running", timeout=10).text
+        env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "FITQUANT_API_KEY")}
+        env["FITQUANT_HOME"] = str(serve.home)
+
+        def fitquant(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
+                                  env=env, cwd=ROOT, timeout=300)  # fmt: skip
+
+        listed = fitquant("ps", "--json")
+        assert listed.returncode == 0 and '"smol"' in listed.stdout, listed.stderr
+        assert key not in listed.stdout + listed.stderr
+        # fitquant's own tools reach it with no key given: `fitquant bench` reads the record's
+        measured = fitquant("bench", "smol", "--depth", "0", "--tokens", "4", "--reps", "1", "--no-predict", "--json")
+        assert measured.returncode == 0, measured.stderr
+        assert key not in measured.stdout + measured.stderr
+        [record] = (serve.home / "state" / "instances").glob("*.json")
+        assert record.stat().st_mode & 0o777 == 0o600
+        _stopped_cleanly(serve, {row["pid"]})
+        assert key not in serve.log()
+        logs = list((serve.home / "state" / "logs").glob("*.log"))
+        assert logs and not [log for log in logs if key in log.read_text(errors="replace")]

@@ -53,6 +53,9 @@ class LaunchRequest:
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port
     api_key: str | None = field(default=None, repr=False)  # passed to the server, never printed
+    # the key is fitquant's own (a router's private server), not the user's: the instance record keeps it, so
+    # fitquant's own tools (`fitquant bench`) can reach the server, while no one else on the machine can
+    own_key: bool = False
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, host:port
     ready_timeout_s: float = 600.0
     keep_alive: str = "-1"  # Ollama: keep the model loaded while fitquant runs it

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -206,10 +207,14 @@ class Pool:
         from launcher.run import RunSpec
 
         policy = profile_policy(self.profile, entry, reserve_bytes=self.reserve)
-        # a private server: loopback only, no key (nothing else can reach it; the router checks the clients' key)
-        # a load that neither comes up nor fails holds the one load slot: bounded like a queued request's wait
-        request = LaunchRequest(host="127.0.0.1", port=entry.port, rpc=tuple(self.profile.rpc),
-                                embeddings=entry.embeddings, alias=entry.name,
+        # a private server: loopback only, with a key of its own that only the router (and fitquant's instance
+        # record, 0600) holds. Loopback alone does not keep it private: every local user and process, and any web
+        # page a browser on this machine opens (llama-server allows every CORS origin), can reach 127.0.0.1, and
+        # would bypass the router's own key. Ollama takes no key: its server is the user's, shared, as it is.
+        # A load that neither comes up nor fails holds the one load slot: bounded like a queued request's wait.
+        key = secrets.token_urlsafe(32) if self.backend.name == "llamacpp" else None
+        request = LaunchRequest(host="127.0.0.1", port=entry.port, api_key=key, own_key=key is not None,
+                                rpc=tuple(self.profile.rpc), embeddings=entry.embeddings, alias=entry.name,
                                 ready_timeout_s=self.settings.max_wait)  # fmt: skip
         return RunSpec(entry.model, policy, request, name=entry.name, warmup=self.profile.defaults.warmup,
                        max_attempts=1)  # fmt: skip
