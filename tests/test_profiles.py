@@ -305,6 +305,20 @@ BAD = {
                                 "and _, not first a digit), got 'my key'"),
     "peer without url": ("machine: box\npeers:\n  - api_key_env: K\n",
                          "line 3: 'peers[0].url' is required"),
+    "origin with a path": ("machine: box\norigins:\n  - https://chat.example.com/app\n",
+                           "line 3: 'origins[0]' must be a web page's origin like https://chat.example.com or "
+                           "http://localhost:3000 (scheme://host[:port], no path; * matches any part), got "
+                           "'https://chat.example.com/app'"),
+    "origin without a scheme": ("machine: box\norigins: [chat.example.com]\n",
+                                "line 2: 'origins[0]' must be a web page's origin like https://chat.example.com or "
+                                "http://localhost:3000 (scheme://host[:port], no path; * matches any part), got "
+                                "'chat.example.com'"),
+    "host with a port": ("machine: box\nhosts:\n  - llm.home.arpa:8080\n",
+                         "line 3: 'hosts[0]' must be a host name like llm.home.arpa or *.home.arpa (no scheme, no "
+                         "port), got 'llm.home.arpa:8080'"),
+    "host with a scheme": ("machine: box\nhosts:\n  - http://llm.home.arpa\n",
+                           "line 3: 'hosts[0]' must be a host name like llm.home.arpa or *.home.arpa (no scheme, no "
+                           "port), got 'http://llm.home.arpa'"),
     "nested 400 levels": ("machine: box\nx:\n" + "".join("  " * i + "  a:\n" for i in range(400)) + "  " * 401 + "1\n",
                           "line 51: nests more than 50 levels deep; a profile needs a few"),
     "nested 400 lists": ("machine: box\nx:\n" + "".join("  " * i + "- \n" for i in range(400)),

@@ -490,7 +490,7 @@ def test_a_whole_chunk_passes_to_the_client_as_it_came_and_any_other_read_is_par
     async def test(url: str, _pool: OneModelPool) -> None:
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({**BODY, "stream": True}).encode()
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(10)

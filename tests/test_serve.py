@@ -7,6 +7,7 @@ load on the RPC stand-in GPU that runs out of memory handled as `run` handles it
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -512,3 +513,117 @@ def test_a_model_server_answers_only_with_its_own_key_which_no_output_shows(tmp_
         assert key not in serve.log()
         logs = list((serve.home / "state" / "logs").glob("*.log"))
         assert logs and not [log for log in logs if key in log.read_text(errors="replace")]
+
+
+# --- web pages ---------------------------------------------------------------------------------------------------
+
+
+def test_web_pages_and_rebound_names_are_kept_out_and_an_allowed_page_gets_cors(tmp_path: Path, smollm2: Path) -> None:
+    """A page a browser on the machine opens can send requests to 127.0.0.1 (a foreign Origin), and with DNS
+    rebinding read the answers (a foreign Host): both get 403 before the key or the body is read, so such a page
+    cannot even start a load. A page the profile allows gets CORS headers on every answer, spliced streams
+    included, and its preflight is answered without the key, which browsers do not send on it."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    chat = f"http://{listen}/v1/chat/completions"
+    head = "api_key_env: FQ_TEST_KEY\norigins: [https://chat.example.com]\nhosts: [llm.home.arpa]"
+    profile = _llamacpp_profile(tmp_path / "pages.yaml", f"model: {smollm2}, context: 1024, alias: smol",
+                                ram="2GiB", port=port, extra=head)  # fmt: skip
+    key = {"Authorization": "Bearer k-123"}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+    with _serve(profile, tmp_path, FQ_TEST_KEY="k-123") as serve:
+        serve.wait_healthy()
+        # DNS rebinding: evil.example re-pointed at 127.0.0.1; the key would not help it, nor does it pass with one
+        rebound = httpx.get(f"http://{listen}/api/tags", headers={"Host": f"evil.example:{port}", **key}, timeout=10)
+        assert rebound.status_code == 403, rebound.text
+        assert rebound.json()["error"] == (
+            "Host 'evil.example' does not name this loopback server (the DNS rebinding guard): call it as localhost "
+            f"or 127.0.0.1; a reverse proxy in front must pass Host: {listen}, or list the name under the "
+            "profile's hosts:"
+        )
+        # a reverse proxy's name the profile lists, and localhost, pass
+        for host in ("llm.home.arpa", f"localhost:{port}"):
+            assert httpx.get(f"http://{listen}/api/tags", headers={"Host": host, **key}, timeout=10).status_code == 200
+        # a foreign page: refused before the key is read (403, not 401), its preflight too; nothing loads
+        foreign = {"Origin": "https://evil.example"}
+        posted = httpx.post(chat, content=json.dumps(body), timeout=10,
+                            headers={**foreign, "Content-Type": "text/plain", **key})  # fmt: skip
+        assert posted.status_code == 403, posted.text
+        assert posted.json()["error"]["message"] == (
+            "a web page of https://evil.example may not use this server; to allow it, list the origin under the "
+            "profile's origins:"
+        )
+        assert "access-control-allow-origin" not in posted.headers
+        asked = httpx.options(chat, headers={**foreign, "Access-Control-Request-Method": "POST"}, timeout=10)
+        assert asked.status_code == 403 and "access-control-allow-origin" not in asked.headers
+        assert not serve.events("loading"), serve.log()
+        # an allowed page: its preflight answered without the key, naming what it may send
+        page = {"Origin": "https://chat.example.com"}
+        asked = httpx.options(chat, timeout=10, headers={**page, "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "authorization, x-stainless-os"})  # fmt: skip
+        assert asked.status_code == 204, asked.text
+        assert asked.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert asked.headers["access-control-allow-headers"] == "authorization, x-stainless-os"
+        assert "POST" in asked.headers["access-control-allow-methods"]
+        # without the key it reads the 401; with it, the answer, streamed through the splice, with CORS headers
+        refused = httpx.post(chat, json=body, headers=page, timeout=10)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == page["Origin"]
+        local = {"Origin": "http://localhost:3000"}  # a page served on this machine: allowed by default
+        with httpx.stream("POST", chat, json={**body, "stream": True}, headers={**local, **key}, timeout=120) as s:
+            assert s.status_code == 200 and s.headers["access-control-allow-origin"] == local["Origin"]
+            assert s.headers["vary"] == "Origin"
+            assert "data: [DONE]" in list(s.iter_lines())
+        with httpx.stream("POST", f"http://{listen}/api/chat", json={**body, "stream": True}, timeout=120,
+                          headers={**page, **key}) as s:  # fmt: skip
+            assert s.status_code == 200 and s.headers["access-control-allow-origin"] == page["Origin"]
+            assert json.loads(list(s.iter_lines())[-1])["done"] is True
+        # a request with no Origin (curl, the SDKs, a server) gets no CORS headers at all
+        plain = httpx.post(chat, json=body, headers=key, timeout=120)
+        assert plain.status_code == 200 and not [h for h in plain.headers if h.startswith("access-control-")]
+        # SIGHUP: the profile's new origins apply to the running server
+        mark = serve.mark()
+        profile.write_text(profile.read_text().replace("https://chat.example.com", "https://notes.example.org"))
+        serve.send_signal(signal.SIGHUP)
+        serve.wait_for(r'reload change="origins and hosts" origins=1 hosts=1', after=mark, timeout=30)
+        moved = httpx.get(
+            f"http://{listen}/api/tags", headers={"Origin": "https://notes.example.org", **key}, timeout=10
+        )
+        assert moved.status_code == 200
+        assert httpx.get(f"http://{listen}/api/tags", headers={**page, **key}, timeout=10).status_code == 403
+        assert not serve.events("unloading", after=mark), "the models do not depend on the pages it answers"
+        _stopped_cleanly(serve, set())
+
+
+def test_sighup_reads_a_rotated_key_and_keeps_the_old_one_when_the_new_does_not_read(
+    tmp_path: Path, smollm2: Path
+) -> None:
+    """`systemctl reload` after writing a new key file: the new key is required from the next request, no model
+    reloads for it (a key is not what a model's memory depends on), and the key never reaches the log."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("first-key-0123456789\n")
+    key_file.chmod(0o600)
+    profile = _llamacpp_profile(tmp_path / "key.yaml", f"model: {smollm2}, context: 1024, alias: smol",
+                                ram="2GiB", extra=f"api_key_file: {key_file}")  # fmt: skip
+
+    def tags(key: str) -> int:
+        return httpx.get(serve.url + "/api/tags", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+    with _serve(profile, tmp_path) as serve:
+        serve.wait_healthy()
+        assert _chat(serve, "smol").status_code == 401
+        assert tags("first-key-0123456789") == 200
+        key_file.write_text("second-key-9876543210\n")
+        mark = serve.mark()
+        serve.send_signal(signal.SIGHUP)
+        serve.wait_for(r'reload change="api key" auth="api key"', after=mark, timeout=30)
+        assert (tags("first-key-0123456789"), tags("second-key-9876543210")) == (401, 200)
+        assert not serve.events("unloading", after=mark) and not serve.events("planned", after=mark), serve.log()
+        # a key file that no longer reads: reported, and the key in force stays
+        key_file.write_text("")
+        mark = serve.mark()
+        serve.send_signal(signal.SIGHUP)
+        serve.wait_for(r"reload-refused .*api-key is empty", after=mark, timeout=30)
+        assert tags("second-key-9876543210") == 200
+        log = serve.log()
+        assert "first-key" not in log and "second-key" not in log
+        _stopped_cleanly(serve, set())

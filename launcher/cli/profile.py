@@ -200,6 +200,10 @@ def _render_profile(loaded: Profile, machine: HardwareSnapshot, records: list[di
         console.print(f"API key: from the environment variable {loaded.api_key_env}")
     elif loaded.api_key_file:
         console.print(f"API key: from the file {escape(loaded.api_key_file)}")
+    if loaded.origins:
+        console.print(f"web pages: local ones and apps', and {escape(', '.join(loaded.origins))}")
+    if loaded.hosts:
+        console.print(f"host names: localhost, addresses, this machine's, and {escape(', '.join(loaded.hosts))}")
     d = loaded.defaults
     console.print(f"defaults: KV {d.kv}, flash attention {d.flash_attn or 'by KV type'}, {d.parallel} slot(s), "
                   f"floor {d.min_quant or 'by model size'}, warm-up {d.warmup}")  # fmt: skip

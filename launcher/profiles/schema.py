@@ -171,6 +171,27 @@ def _split_host_port(value: str) -> tuple[str | None, int | None]:
     return host, port
 
 
+# the profile's `origins:` (launcher.service.browsers): a web page's origin as a browser writes it
+# (scheme://host[:port], no path), or a pattern of one, `*` matching any part
+ORIGIN_PATTERN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/\s?#]*", re.I)
+# the profile's `hosts:`: a host name as a Host header gives it (without the port), or a pattern of one
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", re.I)
+
+
+def _origin(value: Any) -> Any:
+    if not isinstance(value, str) or not ORIGIN_PATTERN.fullmatch(value):
+        raise ValueError("must be a web page's origin like https://chat.example.com or http://localhost:3000 "
+                         f"(scheme://host[:port], no path; * matches any part), got {_shown(value)}")  # fmt: skip
+    return value
+
+
+def _host_name(value: Any) -> Any:
+    if not isinstance(value, str) or not HOST_PATTERN.fullmatch(value):
+        raise ValueError("must be a host name like llm.home.arpa or *.home.arpa (no scheme, no port), "
+                         f"got {_shown(value)}")  # fmt: skip
+    return value
+
+
 def _peer(value: Any) -> Any:
     if isinstance(value, str):
         return {"url": value}  # `- http://host:8080` for `- url: http://host:8080`
@@ -236,6 +257,8 @@ EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Duration = Annotated[float, BeforeValidator(_duration), _number_or_text("10m", number="number")]
 Listen = Annotated[str, BeforeValidator(_listen)]
 PeerUrl = Annotated[str, BeforeValidator(_peer_url)]
+Origin = Annotated[str, BeforeValidator(_origin)]
+HostName = Annotated[str, BeforeValidator(_host_name)]
 
 ProfileDeviceKind = Literal["cuda", "rocm", "metal", "vulkan", "cpu", "rpc"]
 
@@ -349,6 +372,10 @@ class Profile(_Strict):
     models: list[ModelEntry] = Field(default_factory=list)
     listen: Listen = "127.0.0.1:8080"  # fitquant serve's one endpoint; model servers bind 127.0.0.1
     insecure: bool = False  # allows a listen address beyond loopback without an API key
+    # web pages allowed besides local ones and apps' (launcher.service.browsers); and, on a loopback listen, names
+    # a request may call the server by besides localhost, an address and this machine's name (a reverse proxy's)
+    origins: list[Origin] = Field(default_factory=list)
+    hosts: list[HostName] = Field(default_factory=list)
     api_key_env: EnvName | None = None
     api_key_file: Text | None = None
     peers: list[_PeerOrUrl] = Field(default_factory=list)

@@ -7,7 +7,10 @@ servers (launcher.service.pool), each on a private 127.0.0.1 port.
               /api/embeddings (NDJSON streams; keep_alive, 0 unloads); pull/push/create/delete/copy answer 501
     admin     GET /health, /running, /metrics; POST /models/load, /models/unload
 
-With an API key every route but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`. A model this
+Web pages are kept out first (BrowserCheck, launcher.service.browsers): on a loopback `listen` a request must name
+the server as this machine does (the DNS rebinding guard), and a page's Origin must be a local one, an app's, or one
+of the profile's `origins:` (403 otherwise; an allowed one gets CORS headers). With an API key every route but
+/health needs `Authorization: Bearer KEY` or `x-api-key: KEY`. A model this
 machine does not serve goes to the profile peer that lists it. Bodies are bounded (router.max_body, 413) and must
 arrive within `router.body_timeout` (408). Errors are one line: OpenAI's `{"error": {"message", "type", "code"}}` on its
 routes, Ollama's `{"error": "..."}` on its own.
@@ -31,9 +34,9 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from launcher.service import ollama_api, splice
+from launcher.service import browsers, ollama_api, splice
 from launcher.service.events import log_event
 from launcher.service.pool import Lease, Pool, Refused
 from launcher.units import shown_value
@@ -135,6 +138,75 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
+@dataclass
+class BrowserRules:
+    """What launcher.service.browsers checks, from the profile (a reload replaces them): `loopback`, whether
+    `listen` is (the Host check applies then only); the profile's own `origins:` and `hosts:`."""
+
+    listen: str = "127.0.0.1:8080"
+    loopback: bool = True
+    origins: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+
+
+class BrowserCheck:
+    """ASGI middleware, outside KeyCheck: a request whose Host does not name a loopback server (DNS rebinding), or
+    whose page's Origin is not allowed, gets 403 naming the fix, before the key or the body is read. An allowed
+    page's answers carry CORS headers, and its preflight (OPTIONS, sent without the key) is answered 204. A request
+    without Origin (curl, the SDKs, a server) passes as it came."""
+
+    def __init__(self, app: ASGIApp, rules: BrowserRules) -> None:
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = origin = preflight = requested = None
+        for name, value in scope["headers"]:  # ASGI gives the names lower-case
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                preflight = value
+            elif name == b"access-control-request-headers":
+                requested = value
+        rules, path = self.rules, str(scope.get("path", ""))
+        if rules.loopback and not browsers.host_allowed(host, rules.hosts):
+            message = (f"Host {browsers.host_name(host or '')!r} does not name this loopback server (the DNS "
+                       f"rebinding guard): call it as localhost or 127.0.0.1; a reverse proxy in front must pass "
+                       f"Host: {rules.listen}, or list the name under the profile's hosts:")  # fmt: skip
+            await _error(path, HTTPFailure(403, message, code="forbidden"))(scope, receive, send)
+            return
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        page = origin.decode("latin-1")
+        if not browsers.origin_allowed(page, rules.origins):
+            message = (f"a web page of {page} may not use this server; to allow it, list the origin under the "
+                       f"profile's origins:")  # fmt: skip
+            await _error(path, HTTPFailure(403, message, code="forbidden"))(scope, receive, send)
+            return
+        cors = [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        if scope.get("method") == "OPTIONS" and preflight is not None:
+            headers = [*cors, (b"access-control-allow-methods", b"GET, HEAD, POST, DELETE, OPTIONS"),
+                       (b"access-control-allow-headers", requested or b"authorization, content-type, x-api-key"),
+                       (b"access-control-max-age", b"600"), (b"content-length", b"0")]  # fmt: skip
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        cors.append((b"access-control-expose-headers", b"Retry-After"))
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
 # --------------------------------------------------------------------------------------------------- errors
 def _ollama_route(path: str) -> bool:
     return path.startswith("/api/") or path == "/"
@@ -158,10 +230,12 @@ def _refused(exc: Refused) -> HTTPFailure:
 # --------------------------------------------------------------------------------------------------- the app
 class Router:
     def __init__(self, pool: Pool, *, api_key: str | None, peers: list[Peer], metrics: RouterMetrics | None,
-                 max_body: int, body_timeout_s: float = 30.0,
-                 ready: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+                 max_body: int, body_timeout_s: float = 30.0, ready: Callable[[], bool] = lambda: True,
+                 browser_rules: BrowserRules | None = None) -> None:  # fmt: skip
         self.pool = pool
         self.api_key = api_key
+        self.browser_rules = browser_rules or BrowserRules()
+        self._key_check: KeyCheck | None = None
         self.metrics = metrics
         self.max_body = max_body
         self.body_timeout_s = body_timeout_s
@@ -196,7 +270,14 @@ class Router:
         for verb in ollama_api.NOT_IMPLEMENTED:
             routes.append(Route(f"/api/{verb}", self.ollama_not_implemented, methods=["POST", "DELETE"]))
         app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
-        return KeyCheck(app, self.api_key)
+        self._key_check = KeyCheck(app, self.api_key)
+        return BrowserCheck(self._key_check, self.browser_rules)
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """A reload's key (None: none); the next request is checked against it."""
+        self.api_key = api_key
+        if self._key_check is not None:
+            self._key_check.key = api_key.encode() if api_key else None
 
     async def aclose(self) -> None:
         await self.client.aclose()

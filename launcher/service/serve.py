@@ -35,7 +35,7 @@ from launcher.service.pool import Pool, ServeError, identity
 
 if TYPE_CHECKING:
     from launcher.profiles import Profile
-    from launcher.service.router import Peer, Router
+    from launcher.service.router import BrowserRules, Peer, Router
 
 __all__ = ["ServeError", "log_event", "serve"]
 
@@ -50,7 +50,7 @@ def serve(ref: str, *, api_key_file: Path | None = None) -> None:
     profile = load_profile(path)
     api_key = read_api_key(api_key_file) if api_key_file is not None else profile_api_key(profile)
     check_exposure(profile, api_key)
-    _run(_Service(path, profile, api_key).run())
+    _run(_Service(path, profile, api_key, api_key_file=api_key_file).run())
 
 
 UPKEEP_S = 1.0  # how often serve looks for crashed servers and idle models past their ttl (a wakeup each time)
@@ -73,6 +73,13 @@ def _freeze_heap() -> None:
     a full collection then scans only what requests made, not the whole heap (35 ms measured: a p99 spike)."""
     gc.collect()
     gc.freeze()
+
+
+def _browser_rules(profile: Profile) -> BrowserRules:
+    from launcher.service.router import BrowserRules
+
+    return BrowserRules(listen=profile.listen, loopback=profile.loopback, origins=tuple(profile.origins),
+                        hosts=tuple(profile.hosts))  # fmt: skip
 
 
 def check_exposure(profile: Profile, api_key: str | None) -> None:
@@ -112,10 +119,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class _Service:
-    def __init__(self, path: Path, profile: Profile, api_key: str | None) -> None:
+    def __init__(self, path: Path, profile: Profile, api_key: str | None, *, api_key_file: Path | None = None) -> None:
         self.path = path
         self.profile = profile
         self.api_key = api_key
+        self.api_key_file = api_key_file  # --api-key-file: read again on reload, as the profile's key is
         self.ready = False
         self.pool: Pool | None = None
         self.router: Router | None = None
@@ -146,7 +154,7 @@ class _Service:
         drain_s = self.profile.router.drain
         self.router = Router(self.pool, api_key=self.api_key, peers=_peers(self.profile), metrics=self.metrics,
                              max_body=self.profile.router.max_body, body_timeout_s=self.profile.router.body_timeout,
-                             ready=lambda: self.ready)  # fmt: skip
+                             ready=lambda: self.ready, browser_rules=_browser_rules(self.profile))  # fmt: skip
         host, port = self.profile.listen_host, self.profile.listen_port
         sock = _bind(host, port)
         # no proxy-header rewriting (nothing sits in front of it by default), no per-response Server/Date headers
@@ -212,15 +220,27 @@ class _Service:
 
     async def reload(self) -> None:
         """Read the profile again and apply what changed; a profile that no longer reads changes nothing."""
-        from launcher.profiles import load_profile
+        from launcher.errors import BackendError
+        from launcher.profiles import load_profile, profile_api_key
+        from launcher.run import read_api_key
 
         assert self.pool is not None and self.router is not None
         try:
             profile = load_profile(self.path)
-            check_exposure(profile, self.api_key)
-        except (ProfileError, ServeError) as exc:
+            # the key too (a rotated key file, another variable): a key that no longer reads changes nothing
+            api_key = read_api_key(self.api_key_file) if self.api_key_file is not None else profile_api_key(profile)
+            check_exposure(profile, api_key)
+        except (ProfileError, ServeError, BackendError) as exc:
             log_event("reload-refused", error=str(exc), action="keeping the running models")
             return
+        if api_key != self.api_key:
+            self.api_key = api_key
+            self.router.set_api_key(api_key)
+            log_event("reload", change="api key", auth="api key" if api_key else "none")
+        rules, current = _browser_rules(profile), self.router.browser_rules
+        if (rules.origins, rules.hosts) != (current.origins, current.hosts):
+            current.origins, current.hosts = rules.origins, rules.hosts
+            log_event("reload", change="origins and hosts", origins=len(rules.origins), hosts=len(rules.hosts))
         if profile.listen != self.profile.listen:
             log_event("reload-partial", change="listen", action=f"still on {self.profile.listen}; restart to move")
         old, new = _machine_wide(self.profile), _machine_wide(profile)
@@ -326,8 +346,9 @@ def _notify(send: Any, text: str) -> None:
 
 def _machine_wide(profile: Profile) -> str:
     """The settings every model depends on: anything but the model list, the machine's name, where it listens,
-    its peers and the router's own settings."""
-    exclude = {"models", "machine", "listen", "peers", "insecure", "router"}
+    its peers, the pages and names it answers, its key, and the router's own settings."""
+    exclude = {"models", "machine", "listen", "peers", "insecure", "origins", "hosts", "api_key_env", "api_key_file",
+               "router"}  # fmt: skip
     return json.dumps(profile.model_dump(mode="json", exclude=exclude), sort_keys=True)
 
 
