@@ -49,7 +49,8 @@ def test_the_name_a_host_header_gives(header: str, name: str) -> None:
 
 @pytest.mark.parametrize("header", [
     None, "", "localhost:8080", "LOCALHOST", "localhost.:8080", "app.localhost:8080", "127.0.0.1:8080",
-    "127.1.2.3", "[::1]:8080", "192.168.1.20:8080", socket.gethostname(),
+    "127.1.2.3", "[::1]:8080", "192.168.1.20:8080", socket.gethostname(), "host.docker.internal:8080",
+    "homeserver.local",
 ])  # fmt: skip
 def test_a_request_that_names_the_server_as_this_machine_does_passes(header: str | None) -> None:
     assert host_allowed(header)
@@ -57,6 +58,7 @@ def test_a_request_that_names_the_server_as_this_machine_does_passes(header: str
 
 @pytest.mark.parametrize("header", [
     "evil.example:8080", "localhost.evil.example", "rebind.127.0.0.1.nip.io:8080", "llm.home.arpa:8080", "[::1",
+    "internal.evil.example", "local.evil.example:8080",
 ])  # fmt: skip
 def test_a_name_that_is_not_this_machine_is_the_rebinding_guard_s_refusal(header: str) -> None:
     assert not host_allowed(header)

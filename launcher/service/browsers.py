@@ -9,7 +9,8 @@ and envconfig.AllowedOrigins, whose defaults these are):
   on evil.example whose name the attacker re-points at 127.0.0.1 is same-origin with the server for the browser,
   which then reads every answer; its requests still say `Host: evil.example`. Allowed: no Host, localhost and names
   under .localhost, an IP address (a rebinding page's Host is a name, never an address), this machine's host name,
-  and the profile's `hosts:`.
+  names under .local (mDNS, answered on the LAN only) and .internal (reserved for private use, never in public DNS:
+  host.docker.internal, a container's name for the host), and the profile's `hosts:`.
 - Origin, against cross-site requests: a browser marks a page's request with the page's Origin; curl, the SDKs and
   servers (Open WebUI's backend) send none and pass untouched. Allowed: local pages (http(s)://localhost, 127.0.0.1,
   [::1] or 0.0.0.0, any port), desktop apps (app://, file://, tauri://, vscode-webview://, vscode-file://), browser
@@ -29,6 +30,8 @@ LOCAL_PAGES = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
 APP_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
 EXTENSION_SCHEMES = ("chrome-extension", "moz-extension", "safari-web-extension", "safari-extension",
                      "ms-browser-extension")  # fmt: skip
+# names no public DNS answers, so no web page can re-point one at this machine
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 DEFAULT_ORIGINS = (
     *(f"{scheme}://{host}{port}" for host in LOCAL_PAGES for scheme in ("http", "https") for port in ("", ":*")),
     *(f"{scheme}://*" for scheme in APP_SCHEMES + EXTENSION_SCHEMES),
@@ -68,7 +71,7 @@ def host_allowed(host_header: str | None, extra: Iterable[str] = ()) -> bool:
     if not host_header:
         return True  # HTTP/1.0 sends none; a browser always does
     name = host_name(host_header)
-    if not name or name == "localhost" or name.endswith(".localhost") or name in _own_names():
+    if not name or name == "localhost" or name.endswith(LOCAL_SUFFIXES) or name in _own_names():
         return True
     try:
         ipaddress.ip_address(name)
