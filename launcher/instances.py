@@ -49,6 +49,7 @@ class RunningInstance:
     predicted_tg_per_s: float | None = None
     speed_finding: str | None = None
     version: str | None = None  # the server build's version (what its speed calibration is keyed by)
+    via: str | None = None  # the address clients use instead of `endpoint` (a router's private server: serve's)
     # the key of a server whose key is fitquant's own (a router's private server; LaunchRequest.own_key), so
     # `fitquant bench` can reach it: in this 0600 record only, never in `ps` or any output
     api_key: str | None = field(default=None, repr=False)

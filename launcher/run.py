@@ -70,6 +70,7 @@ class RunSpec:
     confirm: bool = True  # llama.cpp dry runs confirm the plan before download
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     warmup: Warmup = "short"
+    via: str | None = None  # the address clients use instead of the server's own (serve's one endpoint): `ps` shows it
 
     @property
     def shown_name(self) -> str:
@@ -497,7 +498,7 @@ def start_planned(
             result.speed = speed_report(result, machine)
         remember(machine, result, record.model_key(spec.model))
         result.instance_name = register(result, spec.shown_name, reference=spec.model or "",
-                                        own_key=spec.request.own_key)  # fmt: skip
+                                        own_key=spec.request.own_key, via=spec.via)  # fmt: skip
     except BaseException:
         backend.stop(result.instance)
         raise
@@ -516,9 +517,11 @@ def stop(result: RunResult, backend: Backend) -> None:
             result.instance_name = None
 
 
-def register(result: RunResult, name: str, *, reference: str | None = None, own_key: bool = False) -> str:
+def register(result: RunResult, name: str, *, reference: str | None = None, own_key: bool = False,
+             via: str | None = None) -> str:  # fmt: skip
     """Write the instance record `fitquant ps` and `fitquant stop` read; returns its name. `own_key`: the server's
-    key is fitquant's own (a router's private server), kept in the record; a user's key never is."""
+    key is fitquant's own (a router's private server), kept in the record; a user's key never is. `via`: the
+    address clients use instead of the server's own."""
     from launcher import instances
 
     inst = result.instance
@@ -531,7 +534,7 @@ def register(result: RunResult, name: str, *, reference: str | None = None, own_
             log_path=str(inst.log_path) if inst.log_path else None,
             model_name=inst.model_name, reference=reference, measured_tg_per_s=result.speed.get("measured_tg_per_s"),
             predicted_tg_per_s=_planned_tg(result.speed), speed_finding=result.speed.get("finding"),
-            version=inst.version, api_key=inst.api_key if own_key else None,
+            version=inst.version, via=via, api_key=inst.api_key if own_key else None,
         )
     )  # fmt: skip
     return instance_name

@@ -299,3 +299,14 @@ def test_a_vision_encoder_inside_the_gguf_is_counted_as_the_projector_ollama_loa
     assert encoder == 2 * (14 * 14 * 3 * 1024 + 1024 * 1024 + 1024 * n_embd)  # the three F16 tensors
     gained = with_encoder.chosen.needs["GPU0"] - without.chosen.needs["GPU0"]  # type: ignore[union-attr]
     assert gained == encoder + encoder // 2
+
+
+@pytest.mark.parametrize(("listen", "url"), [
+    ("127.0.0.1:8080", "http://127.0.0.1:8080/v1"), ("0.0.0.0:8080", "http://127.0.0.1:8080/v1"),
+    ("[::]:9000", "http://[::1]:9000/v1"), ("[::1]:9000", "http://[::1]:9000/v1"),
+    ("192.168.1.20:8080", "http://192.168.1.20:8080/v1"), ("localhost:8080", "http://localhost:8080/v1"),
+])  # fmt: skip
+def test_a_served_model_s_instance_names_serve_s_endpoint_a_client_on_this_machine_reaches(listen: str, url: str):
+    from launcher.service.pool import _client_url
+
+    assert _client_url(listen) == url

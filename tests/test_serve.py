@@ -503,6 +503,11 @@ def test_a_model_server_answers_only_with_its_own_key_which_no_output_shows(tmp_
         listed = fitquant("ps", "--json")
         assert listed.returncode == 0 and '"smol"' in listed.stdout, listed.stderr
         assert key not in listed.stdout + listed.stderr
+        # what a client should be given: serve's one endpoint, not the private server's (which refuses it)
+        [instance] = json.loads(listed.stdout)["instances"]
+        assert (instance["via"], instance["endpoint"]) == (serve.url + "/v1", row["endpoint"])
+        table = fitquant("ps")
+        assert serve.url + "/v1" in table.stdout and row["endpoint"] not in table.stdout, table.stdout
         # fitquant's own tools reach it with no key given: `fitquant bench` reads the record's
         measured = fitquant("bench", "smol", "--depth", "0", "--tokens", "4", "--reps", "1", "--no-predict", "--json")
         assert measured.returncode == 0, measured.stderr

@@ -311,7 +311,7 @@ def ps(as_json: bool) -> None:
     from rich.table import Table
 
     rows = [{"NAME": i.name, "MODEL": i.model, "QUANT": i.quant, "CONTEXT": str(i.n_ctx), "BACKEND": i.server,
-             "PID": str(i.pid or "-"), "ENDPOINT": i.endpoint, "VERDICT": _verdict(i), "T/S": _speed(i),
+             "PID": str(i.pid or "-"), "ENDPOINT": i.via or i.endpoint, "VERDICT": _verdict(i), "T/S": _speed(i),
              "UPTIME": _uptime(i.uptime_s)}
             for i in running]  # fmt: skip
     console = Console()

@@ -217,7 +217,7 @@ class Pool:
                                 rpc=tuple(self.profile.rpc), embeddings=entry.embeddings, alias=entry.name,
                                 ready_timeout_s=self.settings.max_wait)  # fmt: skip
         return RunSpec(entry.model, policy, request, name=entry.name, warmup=self.profile.defaults.warmup,
-                       max_attempts=1)  # fmt: skip
+                       max_attempts=1, via=_client_url(self.profile.listen))  # fmt: skip
 
     def _planned_cost(self, plan: Plan) -> dict[str, int]:
         assert plan.chosen is not None
@@ -719,6 +719,14 @@ def _info(entry: ModelEntry, plan: Plan) -> ModelInfo | None:
     except Exception as exc:  # a listing detail must not stop the service
         log_event("warning", model=entry.name, message=f"no Ollama listing details: {exc}")
         return None
+
+
+def _client_url(listen: str) -> str:
+    """The OpenAI base URL this machine's clients reach serve at: its `listen`, an unspecified address (all
+    interfaces) as loopback."""
+    host, _, port = listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    return f"http://{host}:{port}/v1"
 
 
 def _bytes_text(per_budget: Mapping[str, int]) -> str:
