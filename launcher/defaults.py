@@ -13,3 +13,7 @@ DEFAULT_RESERVE_BYTES = 1024**3  # kept free on every device (llama.cpp's --fit-
 DEFAULT_MIN_CONTEXT = 4096  # the smallest reduced context worth proposing
 DEFAULT_UBATCH = 512  # llama.cpp's n_ubatch
 DEFAULT_SERVER_PORT = 8080  # llama-server's port
+# the longest DNS name, and an origin around it (scheme, ://, the name, :port): a longer Host or Origin is no
+# browser's (launcher.service.browsers refuses it before any pattern reads it; a profile may not list one)
+MAX_HOST_NAME_CHARS = 253
+MAX_ORIGIN_CHARS = 300

@@ -69,3 +69,16 @@ def test_the_profile_adds_host_names_for_a_reverse_proxy() -> None:
     assert host_allowed("a.home.arpa", ["*.home.arpa"])
     assert not host_allowed("home.arpa.evil.example", ["*.home.arpa"])
     assert host_allowed("anything.example", ["*"])
+
+
+def test_a_header_longer_than_any_browser_sends_is_refused_before_a_pattern_reads_it() -> None:
+    # a pattern of several stars against a long name backtracks for ages: the length bound comes first
+    slow = ["*a*a*a*a*a*a*b"]
+    assert not host_allowed("a" * 100_000 + ":8080", slow)
+    assert not origin_allowed("http://" + "a" * 100_000, ["http://*a*a*a*a*a*a*b"])
+    assert host_allowed("a" * 250 + "b", slow)  # within the bound, the same pattern still matches
+
+
+@pytest.mark.parametrize("header", ["ev\xffil.example", "\x00", "evil.example\r\nX: y", "[evil.example]:80"])
+def test_odd_bytes_in_a_host_header_are_a_refusal_not_a_failure(header: str) -> None:
+    assert not host_allowed(header)

@@ -313,6 +313,21 @@ BAD = {
                                 "line 2: 'origins[0]' must be a web page's origin like https://chat.example.com or "
                                 "http://localhost:3000 (scheme://host[:port], no path; * matches any part), got "
                                 "'chat.example.com'"),
+    "origins not a list": ("machine: box\norigins: https://chat.example.com\n",
+                           "line 2: 'origins' must be a valid list, got 'https://chat.example.com'"),
+    "origin a number": ("machine: box\norigins: [42]\n",
+                        "line 2: 'origins[0]' must be a web page's origin like https://chat.example.com or "
+                        "http://localhost:3000 (scheme://host[:port], no path; * matches any part), got 42"),
+    "origin beyond any browser's": ("machine: box\norigins: [https://" + "a" * 300 + ".example]\n",
+                                    "line 2: 'origins[0]' must be a web page's origin like https://chat.example.com "
+                                    "or http://localhost:3000 (scheme://host[:port], no path; * matches any part), "
+                                    "got 'https://aaaaaaaaaaaaaaaaaaaaaaaaaaa...'"),
+    "origin of many stars": ("machine: box\norigins: ['http://*a*a*.example:*']\n",
+                             "line 2: 'origins[0]' may hold at most two *, as in http://*.example.com:*, got "
+                             "'http://*a*a*.example:*'"),
+    "host empty": ("machine: box\nhosts: ['']\n",
+                   "line 2: 'hosts[0]' must be a host name like llm.home.arpa or *.home.arpa (no scheme, no port), "
+                   "got ''"),
     "host with a port": ("machine: box\nhosts:\n  - llm.home.arpa:8080\n",
                          "line 3: 'hosts[0]' must be a host name like llm.home.arpa or *.home.arpa (no scheme, no "
                          "port), got 'llm.home.arpa:8080'"),

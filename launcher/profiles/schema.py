@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_RESERVE_BYTES
+from launcher.defaults import DEFAULT_KV_TYPE, DEFAULT_RESERVE_BYTES, MAX_HOST_NAME_CHARS, MAX_ORIGIN_CHARS
 from launcher.errors import BackendError, ProfileError
 from launcher.units import MAX_BYTES, MAX_CONTEXT, MiB, OutOfRange, parse_bytes, parse_context, parse_duration
 from launcher.units import shown_value as _shown
@@ -179,14 +179,16 @@ HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([
 
 
 def _origin(value: Any) -> Any:
-    if not isinstance(value, str) or not ORIGIN_PATTERN.fullmatch(value):
+    if not isinstance(value, str) or len(value) > MAX_ORIGIN_CHARS or not ORIGIN_PATTERN.fullmatch(value):
         raise ValueError("must be a web page's origin like https://chat.example.com or http://localhost:3000 "
                          f"(scheme://host[:port], no path; * matches any part), got {_shown(value)}")  # fmt: skip
+    if value.count("*") > 2:  # each * more multiplies the work of matching every page's request
+        raise ValueError(f"may hold at most two *, as in http://*.example.com:*, got {_shown(value)}")
     return value
 
 
 def _host_name(value: Any) -> Any:
-    if not isinstance(value, str) or not HOST_PATTERN.fullmatch(value):
+    if not isinstance(value, str) or len(value) > MAX_HOST_NAME_CHARS or not HOST_PATTERN.fullmatch(value):
         raise ValueError("must be a host name like llm.home.arpa or *.home.arpa (no scheme, no port), "
                          f"got {_shown(value)}")  # fmt: skip
     return value

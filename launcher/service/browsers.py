@@ -26,6 +26,8 @@ import re
 import socket
 from collections.abc import Iterable
 
+from launcher.defaults import MAX_HOST_NAME_CHARS, MAX_ORIGIN_CHARS
+
 LOCAL_PAGES = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
 APP_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
 EXTENSION_SCHEMES = ("chrome-extension", "moz-extension", "safari-web-extension", "safari-extension",
@@ -47,6 +49,8 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 def origin_allowed(origin: str, extra: Iterable[str] = ()) -> bool:
     """Whether a page of `origin` (the Origin header) may use the server: a default one or a profile's."""
+    if len(origin) > MAX_ORIGIN_CHARS:
+        return False
     return any(p == "*" or _glob(p).fullmatch(origin) for p in (*DEFAULT_ORIGINS, *extra))
 
 
@@ -71,6 +75,8 @@ def host_allowed(host_header: str | None, extra: Iterable[str] = ()) -> bool:
     if not host_header:
         return True  # HTTP/1.0 sends none; a browser always does
     name = host_name(host_header)
+    if len(name) > MAX_HOST_NAME_CHARS:
+        return False
     if not name or name == "localhost" or name.endswith(LOCAL_SUFFIXES) or name in _own_names():
         return True
     try:
