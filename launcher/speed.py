@@ -600,6 +600,7 @@ def predict_published(
     `depth` cached ones (None: the row's own prompt, `pp_tokens`, else llama-bench's 512), in micro-batches of
     `n_ubatch` (None: the row's own, else llama-bench's 512)."""
     n_prompt = n_prompt or row.get("pp_tokens", PP_TOKENS)
+    n_ubatch = n_ubatch or row.get("n_ubatch", DEFAULT_UBATCH)
     device = device_table()[row["device"]]
     fit = fitted(device.backend, row.get("era"))
     tg = None
@@ -611,8 +612,7 @@ def predict_published(
         seconds = _row_prefill_s(row, device, fit, n_prompt, depth)
         if row.get("experts") and fit.expert_pass_eff:
             share = row["experts_used"] / row["experts"]
-            ubatch = n_ubatch or row.get("n_ubatch", DEFAULT_UBATCH)
-            seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt, ubatch, device, fit)
+            seconds += _expert_pass_per_token_s(row["expert_bytes"], share, n_prompt, n_ubatch, device, fit)
         pp = 1 / seconds
     return Speed(tg, pp)
 
